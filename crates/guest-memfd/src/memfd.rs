@@ -1,0 +1,214 @@
+//! The guest_memfd file: creation, file space and the host mapping.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
+use std::sync::Arc;
+
+use kvm_bindings::kvm_create_guest_memfd;
+use kvm_ioctls::{Cap, VmFd};
+use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
+use vm_memory::FileOffset;
+use vmm_sys_util::fallocate::{fallocate, FallocateMode};
+
+use crate::error::{Error, Result, SpaceOp};
+use crate::flags::GuestMemfdFlags;
+use crate::range::{is_page_aligned, PageRange};
+use crate::uapi::KVM_CAP_GUEST_MEMFD_FLAGS;
+
+/// A KVM guest_memfd: a file of guest memory that belongs to one VM.
+///
+/// The value owns the file descriptor and closes it on drop (the kernel keeps the file
+/// alive while a memslot is bound to it). It can be cloned cheaply; clones share the file.
+///
+/// ```no_run
+/// use guest_memfd::{GuestMemfd, GuestMemfdFlags, PageRange, PAGE_SIZE};
+///
+/// let kvm = kvm_ioctls::Kvm::new().unwrap();
+/// let vm = kvm.create_vm().unwrap();
+/// let gmem = GuestMemfd::create(&vm, 2 << 20, GuestMemfdFlags::empty()).unwrap();
+/// let first_page = PageRange::new(0, PAGE_SIZE).unwrap();
+/// gmem.allocate(first_page).unwrap();
+/// gmem.discard(first_page).unwrap();
+/// ```
+#[derive(Clone, Debug)]
+pub struct GuestMemfd {
+    file: Arc<File>,
+    size: u64,
+    flags: GuestMemfdFlags,
+}
+
+/// The guest_memfd flags `vm` accepts (`KVM_CAP_GUEST_MEMFD_FLAGS`; none on hosts that
+/// predate the capability).
+pub fn supported_flags(vm: &VmFd) -> GuestMemfdFlags {
+    let mask = vm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS.into());
+    GuestMemfdFlags::from_bits_retain(u64::try_from(mask).unwrap_or(0))
+}
+
+impl GuestMemfd {
+    /// Creates a guest_memfd of `size` bytes on `vm`.
+    ///
+    /// Checks, before asking the kernel, that the VM supports guest_memfd, that `size` is a
+    /// non-zero multiple of the page size and that `flags` are among those the VM accepts.
+    pub fn create(vm: &VmFd, size: u64, flags: GuestMemfdFlags) -> Result<Self> {
+        if !vm.check_extension(Cap::GuestMemfd) {
+            return Err(Error::GuestMemfdUnsupported);
+        }
+        if size == 0 || !is_page_aligned(size) {
+            return Err(Error::InvalidSize { size });
+        }
+        let supported = supported_flags(vm);
+        if !supported.contains(flags) {
+            return Err(Error::UnsupportedFlags {
+                requested: flags,
+                supported,
+                unsupported: flags.difference(supported),
+            });
+        }
+        let request = kvm_create_guest_memfd {
+            size,
+            flags: flags.bits(),
+            ..Default::default()
+        };
+        let fd = vm
+            .create_guest_memfd(request)
+            .map_err(|source| Error::Create {
+                size,
+                flags,
+                source,
+            })?;
+        // SAFETY: KVM_CREATE_GUEST_MEMFD returned a new file descriptor that nothing else
+        // owns; the `File` takes sole ownership of it and closes it on drop.
+        let file = unsafe { File::from_raw_fd(fd) };
+        Ok(GuestMemfd {
+            file: Arc::new(file),
+            size,
+            flags,
+        })
+    }
+
+    /// The file's size in bytes (fixed at creation: guest_memfd cannot be resized).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The flags the file was created with.
+    pub fn flags(&self) -> GuestMemfdFlags {
+        self.flags
+    }
+
+    /// The whole file as a range.
+    pub fn whole(&self) -> PageRange {
+        PageRange::new(0, self.size).expect("a guest_memfd's size is checked at creation")
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// A vm-memory [`FileOffset`] for this file at `start`.
+    pub fn file_offset(&self, start: u64) -> FileOffset {
+        FileOffset::from_arc(Arc::clone(&self.file), start)
+    }
+
+    /// Checks that `range` lies inside the file.
+    pub fn check_range(&self, range: PageRange) -> Result<()> {
+        if range.end() > self.size {
+            return Err(Error::OutOfBounds {
+                range,
+                file_size: self.size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Backs `range` with memory (`fallocate(FALLOC_FL_KEEP_SIZE)`).
+    pub fn allocate(&self, range: PageRange) -> Result<()> {
+        self.check_range(range)?;
+        space_op(&self.file, SpaceOp::Allocate, range)
+    }
+
+    /// Frees `range` (`fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)`).
+    ///
+    /// KVM first invalidates every guest mapping of these pages; a later guest access
+    /// faults in a fresh, zeroed page. This is the seed's `invalidate_page_range`.
+    pub fn discard(&self, range: PageRange) -> Result<()> {
+        self.check_range(range)?;
+        space_op(&self.file, SpaceOp::Discard, range)
+    }
+
+    /// Maps the whole file into the host, shared and read-write.
+    pub fn map(&self) -> Result<MmapRegion> {
+        self.map_range(self.whole())
+    }
+
+    /// Maps `range` of the file into the host, shared and read-write (`MAP_PRIVATE` is never
+    /// used: guest_memfd refuses copy-on-write). Unmapped when the region is dropped.
+    ///
+    /// Needs a file created with `MMAP | INIT_SHARED`: without `MMAP` the kernel refuses
+    /// the mapping, and without `INIT_SHARED` every access through it raises SIGBUS.
+    pub fn map_range(&self, range: PageRange) -> Result<MmapRegion> {
+        if !self.flags.contains(GuestMemfdFlags::MMAP) {
+            return Err(Error::NotMappable { flags: self.flags });
+        }
+        if !self.flags.contains(GuestMemfdFlags::INIT_SHARED) {
+            return Err(Error::NotShared { flags: self.flags });
+        }
+        self.check_range(range)?;
+        map_shared(&self.file, range)
+    }
+}
+
+/// Runs one `fallocate` over a range already checked against the file.
+pub(crate) fn space_op(file: &File, op: SpaceOp, range: PageRange) -> Result<()> {
+    let mode = match op {
+        SpaceOp::Allocate => None,
+        SpaceOp::Discard => Some(FallocateMode::PunchHole),
+    };
+    let result = match mode {
+        Some(mode) => fallocate(file, mode, true, range.start(), range.len()),
+        None => allocate_keep_size(file, range),
+    };
+    result.map_err(|source| Error::FileSpace { op, range, source })
+}
+
+/// `fallocate(FALLOC_FL_KEEP_SIZE)`. Hand-written: vmm-sys-util's `fallocate` offers only
+/// punch-hole and zero-range modes, and guest_memfd refuses zero-range.
+fn allocate_keep_size(file: &File, range: PageRange) -> vmm_sys_util::errno::Result<()> {
+    let (Ok(offset), Ok(len)) = (i64::try_from(range.start()), i64::try_from(range.len())) else {
+        return Err(vmm_sys_util::errno::Error::new(libc::EINVAL));
+    };
+    // SAFETY: fallocate reads only its integer arguments; the fd is owned by `file`, which
+    // outlives the call, and the return value is checked.
+    let ret =
+        unsafe { libc::fallocate64(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len) };
+    if ret < 0 {
+        return vmm_sys_util::errno::errno_result();
+    }
+    Ok(())
+}
+
+/// Maps `range` of `file` with `MAP_SHARED`, read-write, through vm-memory.
+pub(crate) fn map_shared(file: &Arc<File>, range: PageRange) -> Result<MmapRegion> {
+    let map_err = |source| Error::Map { range, source };
+    let len = usize::try_from(range.len())
+        .map_err(|_| map_err(vm_memory::mmap::MmapRegionError::InvalidOffsetLength))?;
+    MmapRegionBuilder::new(len)
+        .with_file_offset(FileOffset::from_arc(Arc::clone(file), range.start()))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+        .build()
+        .map_err(map_err)
+}
+
+impl AsRawFd for GuestMemfd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl AsFd for GuestMemfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}

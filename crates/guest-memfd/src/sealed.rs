@@ -1,0 +1,147 @@
+//! A sealed memfd: the shared half of guest memory in the dual backing strategy.
+//!
+//! Its size is fixed by seals (`F_SEAL_SHRINK | F_SEAL_GROW`), and the seal set itself is
+//! sealed (`F_SEAL_SEAL`), so nobody holding the fd can shrink it under a mapping (which
+//! would turn accesses into SIGBUS) or grow it.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::FileOffset;
+
+use crate::error::{Error, Result, SpaceOp};
+use crate::memfd::{map_shared, space_op};
+use crate::range::{is_page_aligned, PageRange};
+
+/// The seals a [`SealedMemfd`] carries.
+pub const SHARED_MEMORY_SEALS: i32 = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// A memfd of fixed size, sealed against shrinking, growing and further sealing.
+///
+/// ```
+/// use guest_memfd::{PageRange, SealedMemfd, PAGE_SIZE, SHARED_MEMORY_SEALS};
+///
+/// let shared = SealedMemfd::create("guest-shared", 16 * PAGE_SIZE).unwrap();
+/// assert_eq!(shared.seals().unwrap(), SHARED_MEMORY_SEALS);
+/// let mapping = shared.map().unwrap();
+/// assert_eq!(mapping.size(), 16 * 4096);
+/// shared.discard(PageRange::new(0, PAGE_SIZE).unwrap()).unwrap();
+/// ```
+#[derive(Clone, Debug)]
+pub struct SealedMemfd {
+    file: Arc<File>,
+    size: u64,
+}
+
+impl SealedMemfd {
+    /// Creates a memfd named `name` of `size` bytes and seals it.
+    ///
+    /// `memfd_create` is called through libc: neither std nor vmm-sys-util wraps it.
+    pub fn create(name: &str, size: u64) -> Result<Self> {
+        if size == 0 || !is_page_aligned(size) {
+            return Err(Error::InvalidSize { size });
+        }
+        let c_name = CString::new(name).map_err(|_| Error::InvalidName {
+            name: name.to_owned(),
+        })?;
+        let fail = |step: &'static str, source: io::Error| Error::SealedMemfd {
+            step,
+            name: name.to_owned(),
+            size,
+            source,
+        };
+        // SAFETY: `c_name` is a valid NUL-terminated string that outlives the call, the
+        // flags are valid, and the return value is checked.
+        let fd = unsafe {
+            libc::memfd_create(c_name.as_ptr(), libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC)
+        };
+        if fd < 0 {
+            return Err(fail("memfd_create", io::Error::last_os_error()));
+        }
+        // SAFETY: memfd_create returned a new fd that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).map_err(|e| fail("ftruncate", e))?;
+        // SAFETY: F_ADD_SEALS takes an integer argument; the fd is owned by `file`.
+        let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, SHARED_MEMORY_SEALS) };
+        if ret < 0 {
+            return Err(fail("F_ADD_SEALS", io::Error::last_os_error()));
+        }
+        Ok(SealedMemfd {
+            file: Arc::new(file),
+            size,
+        })
+    }
+
+    /// The seals now on the file (`F_GET_SEALS`).
+    pub fn seals(&self) -> Result<i32> {
+        // SAFETY: F_GET_SEALS takes no argument; the fd is owned by `self.file`.
+        let seals = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 {
+            return Err(Error::Stat(io::Error::last_os_error()));
+        }
+        Ok(seals)
+    }
+
+    /// The size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The whole file as a range.
+    pub fn whole(&self) -> PageRange {
+        PageRange::new(0, self.size).expect("the size is checked at creation")
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// A vm-memory [`FileOffset`] for this file at `start`.
+    pub fn file_offset(&self, start: u64) -> FileOffset {
+        FileOffset::from_arc(Arc::clone(&self.file), start)
+    }
+
+    fn check_range(&self, range: PageRange) -> Result<()> {
+        if range.end() > self.size {
+            return Err(Error::OutOfBounds {
+                range,
+                file_size: self.size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Frees `range`: the pages read as zeros afterwards, in every mapping.
+    pub fn discard(&self, range: PageRange) -> Result<()> {
+        self.check_range(range)?;
+        space_op(&self.file, SpaceOp::Discard, range)
+    }
+
+    /// Maps the whole file, shared and read-write.
+    pub fn map(&self) -> Result<MmapRegion> {
+        self.map_range(self.whole())
+    }
+
+    /// Maps `range` of the file, shared and read-write.
+    pub fn map_range(&self, range: PageRange) -> Result<MmapRegion> {
+        self.check_range(range)?;
+        map_shared(&self.file, range)
+    }
+}
+
+impl AsRawFd for SealedMemfd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl AsFd for SealedMemfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}

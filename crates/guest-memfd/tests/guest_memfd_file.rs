@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use common::{flag_sets, raw_fallocate, raw_mmap, require_mmap, vm};
-use guest_memfd::{Error, GuestMemfd, GuestMemfdFlags, PageRange, SpaceOp, PAGE_SIZE};
+use guest_memfd::{Error, GuestMemfd, GuestMemfdFlags, PageRange, PAGE_SIZE};
 use kvm_bindings::kvm_create_guest_memfd;
 
 const TOTAL: u64 = 4 * PAGE_SIZE;

@@ -1,1 +1,32 @@
-//! stub
+//! A minimal VMM for the tests of this workspace: it boots small x86-64 guest programs
+//! on real KVM, with their memory in guest_memfd.
+//!
+//! Guest programs live in `fixtures/guest/*.S` and are assembled by this crate's build
+//! script; [`programs`] holds the results. Each starts at CPL3 in 64-bit mode (guest
+//! CPL0 code is emulated on our hosts, CPL3 runs natively) with its arguments in `rdi`,
+//! `rsi`, `rdx`, `rcx`, `r8`, `r9`, and talks to the host by writing to ports: see
+//! `fixtures/guest/ports.inc` and [`TestVm::run`].
+//!
+//! ```no_run
+//! use integration::{programs, TestVm};
+//!
+//! // The round-trip program checks that 16 bytes at 0x180000 are 0xaa; they are not.
+//! let mut vm = TestVm::new(programs::ROUND_TRIP, &[0x18_0000, 16]).unwrap();
+//! assert!(vm.run_to_done().is_err());
+//! ```
+
+#![deny(missing_docs)]
+
+mod cpu;
+mod error;
+pub mod layout;
+mod vm;
+
+pub use cpu::enter_user_mode;
+pub use error::{Error, Result};
+pub use vm::{Stop, StopReason, TestVm, BOOT_SLOT, PORT_DONE, PORT_FAIL, PORT_PAUSE};
+
+/// The guest programs of `fixtures/guest`, assembled.
+pub mod programs {
+    include!(concat!(env!("OUT_DIR"), "/programs.rs"));
+}

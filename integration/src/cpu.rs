@@ -1,0 +1,104 @@
+//! Puts a vCPU into 64-bit mode at CPL3, ready to run a guest program.
+//!
+//! Guest CPL0 code is emulated on our hosts (about 2 us an instruction), CPL3 code runs
+//! natively, so the vCPU starts directly in user mode: long mode with paging, user code
+//! and data segments, IOPL 3 so the program may use port I/O to talk to the harness.
+
+use kvm_bindings::{kvm_regs, kvm_segment};
+use kvm_ioctls::{Kvm, VcpuFd};
+
+use crate::error::{Error, Result};
+use crate::layout::{selector, GDT_ADDR, PML4_ADDR, STACK_TOP, TSS_ADDR};
+
+const CR0_PE: u64 = 1 << 0;
+const CR0_MP: u64 = 1 << 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_WP: u64 = 1 << 16;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const RFLAGS_RESERVED: u64 = 1 << 1;
+const RFLAGS_IOPL3: u64 = 3 << 12;
+
+fn segment(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        ..Default::default()
+    }
+}
+
+/// Sets CPUID (the host's supported set), the special registers for long mode at CPL3,
+/// and the general registers: `rip` = `entry`, `rsp` = the top of the boot stack, and the
+/// six argument registers (`rdi`, `rsi`, `rdx`, `rcx`, `r8`, `r9`) from `args`.
+pub fn enter_user_mode(kvm: &Kvm, vcpu: &VcpuFd, entry: u64, args: &[u64]) -> Result<()> {
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+
+    let mut sregs = vcpu
+        .get_sregs()
+        .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
+    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+    sregs.cr3 = PML4_ADDR;
+    sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+    sregs.efer = EFER_LME | EFER_LMA;
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (crate::layout::gdt_entries().len() * 8 - 1) as u16;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cs = segment(selector::USER_CODE, 0xb, 3, true);
+    let data = segment(selector::USER_DATA, 0x3, 3, false);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = kvm_segment {
+        base: TSS_ADDR,
+        limit: 0x67,
+        selector: selector::TSS,
+        type_: 0xb,
+        present: 1,
+        ..Default::default()
+    };
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
+
+    let mut regs = kvm_regs {
+        rip: entry,
+        rsp: STACK_TOP,
+        rflags: RFLAGS_RESERVED | RFLAGS_IOPL3,
+        ..Default::default()
+    };
+    let slots = [
+        &mut regs.rdi,
+        &mut regs.rsi,
+        &mut regs.rdx,
+        &mut regs.rcx,
+        &mut regs.r8,
+        &mut regs.r9,
+    ];
+    if args.len() > slots.len() {
+        return Err(Error::TooManyArguments(args.len()));
+    }
+    for (slot, value) in slots.into_iter().zip(args) {
+        *slot = *value;
+    }
+    vcpu.set_regs(&regs)
+        .map_err(|e| Error::Kvm("KVM_SET_REGS", e))
+}

@@ -1,0 +1,42 @@
+//! The harness's errors.
+
+use vmm_sys_util::errno;
+
+/// Everything that can stop a test guest.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A KVM ioctl failed.
+    #[error("{0} failed: {1}")]
+    Kvm(&'static str, #[source] errno::Error),
+    /// The memory layer refused something.
+    #[error(transparent)]
+    Memory(#[from] guest_memfd::Error),
+    /// The boot region could not be written.
+    #[error("writing the boot region failed: {0}")]
+    BootWrite(#[source] vm_memory::VolatileMemoryError),
+    /// The guest program does not fit its slot.
+    #[error("the guest program has {0} bytes, more than the {max} the layout reserves", max = crate::layout::CODE_MAX)]
+    ProgramTooLarge(usize),
+    /// More arguments than the six argument registers.
+    #[error("{0} arguments given, the guest takes at most six")]
+    TooManyArguments(usize),
+    /// The vCPU stopped in a way the protocol does not allow.
+    #[error("the guest stopped unexpectedly: {exit} at rip {rip:#x}")]
+    UnexpectedExit {
+        /// The exit, described.
+        exit: String,
+        /// The guest's instruction pointer then.
+        rip: u64,
+    },
+    /// The guest reported a failed check (`PORT_FAIL`).
+    #[error("the guest reported a failure: rax = {rax:#x}, rbx = {rbx:#x}")]
+    GuestFailed {
+        /// What failed (program-defined).
+        rax: u64,
+        /// Where or what was found (program-defined).
+        rbx: u64,
+    },
+}
+
+/// The harness's result type.
+pub type Result<T> = std::result::Result<T, Error>;

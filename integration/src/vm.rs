@@ -1,0 +1,171 @@
+//! A one-vCPU test VM whose boot memory is itself a guest_memfd.
+
+use guest_memfd::{GuestMemfd, GuestMemfdFlags, Memslot, PageRange};
+use kvm_bindings::kvm_regs;
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, MmapRegion, VolatileMemory};
+
+use crate::cpu::enter_user_mode;
+use crate::error::{Error, Result};
+use crate::layout::{gdt_entries, page_table_entries, BOOT_SIZE, CODE_ADDR, CODE_MAX, GDT_ADDR};
+
+/// The memslot the boot region uses; tests use the others.
+pub const BOOT_SLOT: u32 = 0;
+
+/// Port a guest writes to when it has finished (`rax` holds the result).
+pub const PORT_DONE: u16 = 0x10;
+/// Port a guest writes to when the host should act before the guest goes on.
+pub const PORT_PAUSE: u16 = 0x11;
+/// Port a guest writes to when one of its checks failed.
+pub const PORT_FAIL: u16 = 0x12;
+
+/// Why the guest stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// `PORT_DONE`.
+    Done,
+    /// `PORT_PAUSE`: call [`TestVm::run`] again to resume.
+    Pause,
+}
+
+/// The guest stopped at a protocol port, with its registers.
+#[derive(Clone, Copy, Debug)]
+pub struct Stop {
+    /// Why.
+    pub reason: StopReason,
+    /// The general registers then.
+    pub regs: kvm_regs,
+}
+
+/// A VM with one vCPU that runs one guest program at CPL3.
+///
+/// Guest-physical `[0, 2 MiB)` is the boot region (GDT, page tables, the program, its
+/// stack), a guest_memfd mapped by the host (`MMAP | INIT_SHARED`), bound at slot 0 with
+/// its own mapping as `userspace_addr`. The first 64 GiB are identity-mapped.
+pub struct TestVm {
+    kvm: Kvm,
+    vm: VmFd,
+    vcpu: VcpuFd,
+    _boot: GuestMemfd,
+    boot_map: MmapRegion,
+}
+
+impl TestVm {
+    /// Creates the VM, loads `program` and points the vCPU at it with `args` in the
+    /// argument registers (`rdi`, `rsi`, `rdx`, `rcx`, `r8`, `r9`).
+    pub fn new(program: &[u8], args: &[u64]) -> Result<Self> {
+        if program.len() as u64 > CODE_MAX {
+            return Err(Error::ProgramTooLarge(program.len()));
+        }
+        let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        let flags = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+        let boot = GuestMemfd::create(&vm, BOOT_SIZE, flags)?;
+        let boot_map = boot.map()?;
+        let slot = Memslot::new(BOOT_SLOT, PageRange::new(0, BOOT_SIZE)?, &boot, 0)?
+            .with_userspace_mapping(&boot_map)?;
+        // SAFETY: `boot_map` is owned by the returned `TestVm`, which also owns `vm`;
+        // fields drop in order, so the VM (and its slot) goes before the mapping.
+        unsafe { slot.bind(&vm) }?;
+        let vcpu = vm
+            .create_vcpu(0)
+            .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+        let test_vm = TestVm {
+            kvm,
+            vm,
+            vcpu,
+            _boot: boot,
+            boot_map,
+        };
+        test_vm.write_boot_tables()?;
+        test_vm.write_boot(CODE_ADDR, program)?;
+        enter_user_mode(&test_vm.kvm, &test_vm.vcpu, CODE_ADDR, args)?;
+        Ok(test_vm)
+    }
+
+    fn write_boot(&self, addr: u64, bytes: &[u8]) -> Result<()> {
+        let slice = self
+            .boot_map
+            .get_slice(addr as usize, bytes.len())
+            .map_err(Error::BootWrite)?;
+        slice.copy_from(bytes);
+        Ok(())
+    }
+
+    fn write_boot_tables(&self) -> Result<()> {
+        let region = self.boot_map.as_volatile_slice();
+        for (i, entry) in gdt_entries().iter().enumerate() {
+            region
+                .write_obj(*entry, GDT_ADDR as usize + i * 8)
+                .map_err(Error::BootWrite)?;
+        }
+        for (addr, entry) in page_table_entries() {
+            region
+                .write_obj(entry, addr as usize)
+                .map_err(Error::BootWrite)?;
+        }
+        Ok(())
+    }
+
+    /// The VM, to bind further memory.
+    pub fn vm(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// The vCPU.
+    pub fn vcpu(&self) -> &VcpuFd {
+        &self.vcpu
+    }
+
+    /// Runs the guest until it writes to a protocol port. `PORT_FAIL` becomes
+    /// [`Error::GuestFailed`]; any other exit becomes [`Error::UnexpectedExit`].
+    pub fn run(&mut self) -> Result<Stop> {
+        let port = loop {
+            match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(port, _)) => break port,
+                Ok(exit) => {
+                    let exit = format!("{exit:?}");
+                    let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    return Err(Error::UnexpectedExit { exit, rip });
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
+            }
+        };
+        let regs = self
+            .vcpu
+            .get_regs()
+            .map_err(|e| Error::Kvm("KVM_GET_REGS", e))?;
+        let reason = match port {
+            PORT_DONE => StopReason::Done,
+            PORT_PAUSE => StopReason::Pause,
+            PORT_FAIL => {
+                return Err(Error::GuestFailed {
+                    rax: regs.rax,
+                    rbx: regs.rbx,
+                })
+            }
+            other => {
+                return Err(Error::UnexpectedExit {
+                    exit: format!("port write to {other:#x}"),
+                    rip: regs.rip,
+                })
+            }
+        };
+        Ok(Stop { reason, regs })
+    }
+
+    /// Runs until the guest reports `PORT_DONE`; a pause is an error here.
+    pub fn run_to_done(&mut self) -> Result<kvm_regs> {
+        let stop = self.run()?;
+        match stop.reason {
+            StopReason::Done => Ok(stop.regs),
+            StopReason::Pause => Err(Error::UnexpectedExit {
+                exit: "PORT_PAUSE where PORT_DONE was expected".into(),
+                rip: stop.regs.rip,
+            }),
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The guest cases of the kernel's `guest_memfd_test.c`, and the seed's invalidation,
+//! shown on a running guest on the real `/dev/kvm`.
+
+use guest_memfd::{supported_flags, GuestMemfd, GuestMemfdFlags, Memslot, PageRange, PAGE_SIZE};
+use integration::{programs, Error, StopReason, TestVm};
+
+const GIB4: u64 = 4 << 30;
+
+fn mappable(vm: &TestVm, test: &str) -> bool {
+    let wanted = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+    let ok = supported_flags(vm.vm()).contains(wanted);
+    if !ok {
+        println!("SKIPPED {test}: this host lacks GUEST_MEMFD_FLAG_MMAP | INIT_SHARED");
+    }
+    ok
+}
+
+/// Host writes 0xaa through the guest_memfd's mapping, the guest (CPL3) checks every byte
+/// and writes 0xff, the host reads 0xff back: the selftest's `test_guest_memfd_guest`.
+#[test]
+fn guest_round_trip_through_a_memslot_at_4_gib() {
+    let size = PAGE_SIZE;
+    let mut vm = TestVm::new(programs::ROUND_TRIP, &[GIB4, size]).unwrap();
+    if !mappable(&vm, "guest_round_trip_through_a_memslot_at_4_gib") {
+        return;
+    }
+    let gmem = GuestMemfd::create(
+        vm.vm(),
+        size,
+        GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED,
+    )
+    .unwrap();
+    let map = gmem.map().unwrap();
+    let slot = Memslot::new(1, PageRange::new(GIB4, size).unwrap(), &gmem, 0)
+        .unwrap()
+        .with_userspace_mapping(&map)
+        .unwrap();
+    // SAFETY: `map` lives until the end of the test, after the VM stops running.
+    unsafe { slot.bind(vm.vm()) }.unwrap();
+
+    // SAFETY: `map` is a live mapping of `size` bytes; the guest is not running.
+    let mem = unsafe { std::slice::from_raw_parts_mut(map.as_ptr(), size as usize) };
+    mem.fill(0xaa);
+    vm.run_to_done().unwrap();
+    assert!(
+        mem.iter().all(|&b| b == 0xff),
+        "the guest's writes reach the file"
+    );
+
+    // A fresh mapping of the file sees the same bytes.
+    let again = gmem.map().unwrap();
+    // SAFETY: as above.
+    let mem2 = unsafe { std::slice::from_raw_parts(again.as_ptr(), size as usize) };
+    assert!(mem2.iter().all(|&b| b == 0xff));
+}
+
+/// The guest program's check can fail: without the host's 0xaa it reports the offset.
+#[test]
+fn guest_round_trip_detects_wrong_content() {
+    let size = 2 * PAGE_SIZE;
+    let mut vm = TestVm::new(programs::ROUND_TRIP, &[GIB4, size]).unwrap();
+    if !mappable(&vm, "guest_round_trip_detects_wrong_content") {
+        return;
+    }
+    let gmem = GuestMemfd::create(
+        vm.vm(),
+        size,
+        GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED,
+    )
+    .unwrap();
+    let map = gmem.map().unwrap();
+    let slot = Memslot::new(1, PageRange::new(GIB4, size).unwrap(), &gmem, 0)
+        .unwrap()
+        .with_userspace_mapping(&map)
+        .unwrap();
+    // SAFETY: `map` outlives the VM's use of it.
+    unsafe { slot.bind(vm.vm()) }.unwrap();
+    // SAFETY: as above.
+    let mem = unsafe { std::slice::from_raw_parts_mut(map.as_ptr(), size as usize) };
+    mem.fill(0xaa);
+    mem[5000] = 0x12;
+    match vm.run_to_done() {
+        Err(Error::GuestFailed { rax, rbx }) => assert_eq!((rax, rbx), (5000, 0x12)),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The seed's `invalidate_page_range`: the guest writes a pattern at CPL3, the host
+/// punches a hole in the guest_memfd while the guest has those pages mapped, and the
+/// guest then reads zeros there (and its pattern everywhere else).
+#[test]
+fn a_running_guest_reads_zeros_after_the_host_punches_a_hole() {
+    const SIZE: u64 = 2 << 20;
+    const PATTERN: u64 = 0x5a5a_0123_4567_89ab;
+    let mut vm = TestVm::new(programs::FILL_THEN_SUM, &[GIB4, SIZE, PATTERN]).unwrap();
+    if !mappable(
+        &vm,
+        "a_running_guest_reads_zeros_after_the_host_punches_a_hole",
+    ) {
+        return;
+    }
+    let gmem = GuestMemfd::create(
+        vm.vm(),
+        SIZE,
+        GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED,
+    )
+    .unwrap();
+    let map = gmem.map().unwrap();
+    let slot = Memslot::new(1, PageRange::new(GIB4, SIZE).unwrap(), &gmem, 0)
+        .unwrap()
+        .with_userspace_mapping(&map)
+        .unwrap();
+    // SAFETY: `map` outlives the VM's use of it.
+    unsafe { slot.bind(vm.vm()) }.unwrap();
+
+    let stop = vm.run().unwrap();
+    assert_eq!(stop.reason, StopReason::Pause);
+    // Punch pages 1 and 2 and the last page while the guest has them mapped.
+    gmem.discard(PageRange::new(PAGE_SIZE, 2 * PAGE_SIZE).unwrap())
+        .unwrap();
+    gmem.discard(PageRange::new(SIZE - PAGE_SIZE, PAGE_SIZE).unwrap())
+        .unwrap();
+    let done = vm.run_to_done().unwrap();
+
+    let words = SIZE / 8;
+    let punched_words = 3 * PAGE_SIZE / 8;
+    assert_eq!(done.rbx, punched_words, "words the guest read as zero");
+    assert_eq!(
+        done.rax,
+        words - punched_words,
+        "words still holding the pattern"
+    );
+}

@@ -28,6 +28,17 @@ pub enum Error {
         /// The guest's instruction pointer then.
         rip: u64,
     },
+    /// KVM could not serve a guest access from the memslot's memory and exited with
+    /// `KVM_EXIT_MEMORY_FAULT` (`KVM_RUN` answered EFAULT).
+    #[error("KVM_EXIT_MEMORY_FAULT at gpa {gpa:#x}, {size:#x} bytes, flags {flags:#x}")]
+    MemoryFault {
+        /// `KVM_MEMORY_EXIT_FLAG_PRIVATE` (8) when the access was private.
+        flags: u64,
+        /// The guest-physical address.
+        gpa: u64,
+        /// The size of the access's page.
+        size: u64,
+    },
     /// The guest reported a failed check (`PORT_FAIL`).
     #[error("the guest reported a failure: rax = {rax:#x}, rbx = {rbx:#x}")]
     GuestFailed {

@@ -125,6 +125,9 @@ impl TestVm {
         let port = loop {
             match self.vcpu.run() {
                 Ok(VcpuExit::IoOut(port, _)) => break port,
+                Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
+                    return Err(Error::MemoryFault { flags, gpa, size })
+                }
                 Ok(exit) => {
                     let exit = format!("{exit:?}");
                     let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);

@@ -131,3 +131,37 @@ fn a_running_guest_reads_zeros_after_the_host_punches_a_hole() {
         "words still holding the pattern"
     );
 }
+
+/// Closing a bound guest_memfd (dropping the last `GuestMemfd`, with no host mapping left)
+/// does not keep the memory alive behind the guest's back: KVM unbinds the file, and the
+/// guest's next access fails `KVM_RUN` with EFAULT and a `KVM_EXIT_MEMORY_FAULT` (shared,
+/// flags 0) naming the page. Before the close, the same guest uses the slot normally.
+#[test]
+fn a_guest_touching_a_closed_guest_memfd_gets_a_memory_fault_exit() {
+    const SIZE: u64 = 4 * PAGE_SIZE;
+    let mut vm = TestVm::new(programs::FILL_THEN_SUM, &[GIB4, SIZE, 0x77]).unwrap();
+    if !mappable(
+        &vm,
+        "a_guest_touching_a_closed_guest_memfd_gets_a_memory_fault_exit",
+    ) {
+        return;
+    }
+    let flags = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+    let gmem = GuestMemfd::create(vm.vm(), SIZE, flags).unwrap();
+    // A gmem-only slot: CPL3 guest accesses go to the guest_memfd itself.
+    let slot = Memslot::new(1, PageRange::new(GIB4, SIZE).unwrap(), &gmem, 0).unwrap();
+    // SAFETY: no userspace address is set.
+    unsafe { slot.bind(vm.vm()) }.unwrap();
+    assert_eq!(
+        vm.run().unwrap().reason,
+        StopReason::Pause,
+        "the slot works"
+    );
+    drop(gmem);
+    match vm.run_to_done() {
+        Err(Error::MemoryFault { flags, gpa, size }) => {
+            assert_eq!((flags, gpa, size), (0, GIB4, PAGE_SIZE));
+        }
+        other => panic!("{other:?}"),
+    }
+}

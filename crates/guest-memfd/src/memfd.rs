@@ -8,7 +8,7 @@ use kvm_bindings::kvm_create_guest_memfd;
 use kvm_ioctls::{Cap, VmFd};
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::FileOffset;
-use vmm_sys_util::fallocate::{fallocate, FallocateMode};
+use vmm_sys_util::errno;
 
 use crate::error::{Error, Result, SpaceOp};
 use crate::flags::GuestMemfdFlags;
@@ -17,8 +17,10 @@ use crate::uapi::KVM_CAP_GUEST_MEMFD_FLAGS;
 
 /// A KVM guest_memfd: a file of guest memory that belongs to one VM.
 ///
-/// The value owns the file descriptor and closes it on drop (the kernel keeps the file
-/// alive while a memslot is bound to it). It can be cloned cheaply; clones share the file.
+/// The value owns the file descriptor and closes it when the last clone is dropped.
+/// Keep one alive for as long as a memslot is bound to the file: a memslot does not keep
+/// the file open, and once it is closed KVM unbinds it, so the guest's next access to
+/// that memory makes `KVM_RUN` fail with `EFAULT`.
 ///
 /// ```no_run
 /// use guest_memfd::{GuestMemfd, GuestMemfdFlags, PageRange, PAGE_SIZE};
@@ -160,30 +162,33 @@ impl GuestMemfd {
 }
 
 /// Runs one `fallocate` over a range already checked against the file.
+///
+/// Hand-written over libc: vmm-sys-util's `fallocate` offers only punch-hole and
+/// zero-range modes (guest_memfd refuses zero-range and needs plain `KEEP_SIZE`
+/// allocation), so one call site serves both operations.
 pub(crate) fn space_op(file: &File, op: SpaceOp, range: PageRange) -> Result<()> {
     let mode = match op {
-        SpaceOp::Allocate => None,
-        SpaceOp::Discard => Some(FallocateMode::PunchHole),
+        SpaceOp::Allocate => libc::FALLOC_FL_KEEP_SIZE,
+        SpaceOp::Discard => libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,
     };
-    let result = match mode {
-        Some(mode) => fallocate(file, mode, true, range.start(), range.len()),
-        None => allocate_keep_size(file, range),
+    let fail = |errno| Error::FileSpace {
+        op,
+        range,
+        source: errno::Error::new(errno),
     };
-    result.map_err(|source| Error::FileSpace { op, range, source })
-}
-
-/// `fallocate(FALLOC_FL_KEEP_SIZE)`. Hand-written: vmm-sys-util's `fallocate` offers only
-/// punch-hole and zero-range modes, and guest_memfd refuses zero-range.
-fn allocate_keep_size(file: &File, range: PageRange) -> vmm_sys_util::errno::Result<()> {
+    // Ranges inside a file fit in off_t: the kernel caps file sizes below i64::MAX.
     let (Ok(offset), Ok(len)) = (i64::try_from(range.start()), i64::try_from(range.len())) else {
-        return Err(vmm_sys_util::errno::Error::new(libc::EINVAL));
+        return Err(fail(libc::EFBIG));
     };
     // SAFETY: fallocate reads only its integer arguments; the fd is owned by `file`, which
     // outlives the call, and the return value is checked.
-    let ret =
-        unsafe { libc::fallocate64(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len) };
+    let ret = unsafe { libc::fallocate64(file.as_raw_fd(), mode, offset, len) };
     if ret < 0 {
-        return vmm_sys_util::errno::errno_result();
+        return Err(Error::FileSpace {
+            op,
+            range,
+            source: errno::Error::last(),
+        });
     }
     Ok(())
 }

@@ -11,8 +11,8 @@ pub enum Error {
     /// The memory layer refused something.
     #[error(transparent)]
     Memory(#[from] guest_memfd::Error),
-    /// The boot region could not be written.
-    #[error("writing the boot region failed: {0}")]
+    /// Host access to the harness's own mappings failed.
+    #[error("host access to test memory failed: {0}")]
     BootWrite(#[source] vm_memory::VolatileMemoryError),
     /// The guest program does not fit its slot.
     #[error("the guest program has {0} bytes, more than the {max} the layout reserves", max = crate::layout::CODE_MAX)]

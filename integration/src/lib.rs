@@ -24,7 +24,7 @@ mod vm;
 
 pub use cpu::enter_user_mode;
 pub use error::{Error, Result};
-pub use vm::{Stop, StopReason, TestVm, BOOT_SLOT, PORT_DONE, PORT_FAIL, PORT_PAUSE};
+pub use vm::{BoundMemory, Stop, StopReason, TestVm, BOOT_SLOT, PORT_DONE, PORT_FAIL, PORT_PAUSE};
 
 /// The guest programs of `fixtures/guest`, assembled.
 pub mod programs {

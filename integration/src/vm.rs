@@ -1,5 +1,7 @@
 //! A one-vCPU test VM whose boot memory is itself a guest_memfd.
 
+use std::sync::Arc;
+
 use guest_memfd::{GuestMemfd, GuestMemfdFlags, Memslot, PageRange};
 use kvm_bindings::kvm_regs;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -48,6 +50,51 @@ pub struct TestVm {
     vcpu: VcpuFd,
     _boot: GuestMemfd,
     boot_map: MmapRegion,
+    // Host mappings bound as `userspace_addr` of test memory; kept until the VM is gone.
+    test_maps: Vec<Arc<MmapRegion>>,
+}
+
+/// Test memory bound into a [`TestVm`]: a mappable guest_memfd and its host mapping.
+pub struct BoundMemory {
+    gmem: GuestMemfd,
+    map: Arc<MmapRegion>,
+}
+
+impl BoundMemory {
+    /// The guest_memfd behind the memory.
+    pub fn gmem(&self) -> &GuestMemfd {
+        &self.gmem
+    }
+
+    /// Sets every byte to `byte`, through the host mapping.
+    pub fn fill(&self, byte: u8) {
+        let slice = self.map.as_volatile_slice();
+        let chunk = [byte; 4096];
+        for offset in (0..slice.len()).step_by(chunk.len()) {
+            let len = chunk.len().min(slice.len() - offset);
+            slice
+                .write_slice(&chunk[..len], offset)
+                .expect("inside the mapping");
+        }
+    }
+
+    /// Writes `bytes` at `offset`, through the host mapping.
+    pub fn write(&self, offset: usize, bytes: &[u8]) -> Result<()> {
+        self.map
+            .as_volatile_slice()
+            .write_slice(bytes, offset)
+            .map_err(Error::BootWrite)
+    }
+
+    /// Reads `len` bytes at `offset`, through the host mapping.
+    pub fn read(&self, offset: usize, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0; len];
+        self.map
+            .as_volatile_slice()
+            .read_slice(&mut buf, offset)
+            .map_err(Error::BootWrite)?;
+        Ok(buf)
+    }
 }
 
 impl TestVm {
@@ -78,6 +125,7 @@ impl TestVm {
             vcpu,
             _boot: boot,
             boot_map,
+            test_maps: Vec::new(),
         };
         test_vm.write_boot_tables()?;
         test_vm.write_boot(CODE_ADDR, program)?;
@@ -107,6 +155,19 @@ impl TestVm {
                 .map_err(Error::BootWrite)?;
         }
         Ok(())
+    }
+
+    /// Creates a guest_memfd (`MMAP | INIT_SHARED`) of `guest.len()` bytes, maps it, and
+    /// binds it at `slot` over `guest` with the mapping as `userspace_addr`.
+    pub fn add_memory(&mut self, slot: u32, guest: PageRange) -> Result<BoundMemory> {
+        let flags = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+        let gmem = GuestMemfd::create(&self.vm, guest.len(), flags)?;
+        let map = Arc::new(gmem.map()?);
+        let memslot = Memslot::new(slot, guest, &gmem, 0)?.with_userspace_mapping(&map)?;
+        // SAFETY: `self.test_maps` keeps the mapping alive as long as the VM.
+        unsafe { memslot.bind(&self.vm) }?;
+        self.test_maps.push(Arc::clone(&map));
+        Ok(BoundMemory { gmem, map })
     }
 
     /// The VM, to bind further memory.

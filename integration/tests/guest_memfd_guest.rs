@@ -3,6 +3,7 @@
 
 use guest_memfd::{supported_flags, GuestMemfd, GuestMemfdFlags, Memslot, PageRange, PAGE_SIZE};
 use integration::{programs, Error, StopReason, TestVm};
+use vm_memory::{Bytes, VolatileMemory};
 
 const GIB4: u64 = 4 << 30;
 
@@ -24,34 +25,22 @@ fn guest_round_trip_through_a_memslot_at_4_gib() {
     if !mappable(&vm, "guest_round_trip_through_a_memslot_at_4_gib") {
         return;
     }
-    let gmem = GuestMemfd::create(
-        vm.vm(),
-        size,
-        GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED,
-    )
-    .unwrap();
-    let map = gmem.map().unwrap();
-    let slot = Memslot::new(1, PageRange::new(GIB4, size).unwrap(), &gmem, 0)
-        .unwrap()
-        .with_userspace_mapping(&map)
+    let mem = vm
+        .add_memory(1, PageRange::new(GIB4, size).unwrap())
         .unwrap();
-    // SAFETY: `map` lives until the end of the test, after the VM stops running.
-    unsafe { slot.bind(vm.vm()) }.unwrap();
-
-    // SAFETY: `map` is a live mapping of `size` bytes; the guest is not running.
-    let mem = unsafe { std::slice::from_raw_parts_mut(map.as_ptr(), size as usize) };
     mem.fill(0xaa);
     vm.run_to_done().unwrap();
+    let back = mem.read(0, size as usize).unwrap();
     assert!(
-        mem.iter().all(|&b| b == 0xff),
+        back.iter().all(|&b| b == 0xff),
         "the guest's writes reach the file"
     );
 
     // A fresh mapping of the file sees the same bytes.
-    let again = gmem.map().unwrap();
-    // SAFETY: as above.
-    let mem2 = unsafe { std::slice::from_raw_parts(again.as_ptr(), size as usize) };
-    assert!(mem2.iter().all(|&b| b == 0xff));
+    let again = mem.gmem().map().unwrap();
+    let mut buf = vec![0u8; size as usize];
+    again.as_volatile_slice().read_slice(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0xff));
 }
 
 /// The guest program's check can fail: without the host's 0xaa it reports the offset.
@@ -62,23 +51,11 @@ fn guest_round_trip_detects_wrong_content() {
     if !mappable(&vm, "guest_round_trip_detects_wrong_content") {
         return;
     }
-    let gmem = GuestMemfd::create(
-        vm.vm(),
-        size,
-        GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED,
-    )
-    .unwrap();
-    let map = gmem.map().unwrap();
-    let slot = Memslot::new(1, PageRange::new(GIB4, size).unwrap(), &gmem, 0)
-        .unwrap()
-        .with_userspace_mapping(&map)
+    let mem = vm
+        .add_memory(1, PageRange::new(GIB4, size).unwrap())
         .unwrap();
-    // SAFETY: `map` outlives the VM's use of it.
-    unsafe { slot.bind(vm.vm()) }.unwrap();
-    // SAFETY: as above.
-    let mem = unsafe { std::slice::from_raw_parts_mut(map.as_ptr(), size as usize) };
     mem.fill(0xaa);
-    mem[5000] = 0x12;
+    mem.write(5000, &[0x12]).unwrap();
     match vm.run_to_done() {
         Err(Error::GuestFailed { rax, rbx }) => assert_eq!((rax, rbx), (5000, 0x12)),
         other => panic!("{other:?}"),
@@ -99,23 +76,14 @@ fn a_running_guest_reads_zeros_after_the_host_punches_a_hole() {
     ) {
         return;
     }
-    let gmem = GuestMemfd::create(
-        vm.vm(),
-        SIZE,
-        GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED,
-    )
-    .unwrap();
-    let map = gmem.map().unwrap();
-    let slot = Memslot::new(1, PageRange::new(GIB4, SIZE).unwrap(), &gmem, 0)
-        .unwrap()
-        .with_userspace_mapping(&map)
+    let mem = vm
+        .add_memory(1, PageRange::new(GIB4, SIZE).unwrap())
         .unwrap();
-    // SAFETY: `map` outlives the VM's use of it.
-    unsafe { slot.bind(vm.vm()) }.unwrap();
 
     let stop = vm.run().unwrap();
     assert_eq!(stop.reason, StopReason::Pause);
     // Punch pages 1 and 2 and the last page while the guest has them mapped.
+    let gmem = mem.gmem();
     gmem.discard(PageRange::new(PAGE_SIZE, 2 * PAGE_SIZE).unwrap())
         .unwrap();
     gmem.discard(PageRange::new(SIZE - PAGE_SIZE, PAGE_SIZE).unwrap())

@@ -60,6 +60,7 @@
 
 mod caps;
 mod error;
+mod file;
 mod flags;
 mod memfd;
 mod memslot;

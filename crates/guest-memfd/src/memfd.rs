@@ -2,15 +2,14 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
-use std::sync::Arc;
 
 use kvm_bindings::kvm_create_guest_memfd;
 use kvm_ioctls::{Cap, VmFd};
-use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
+use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
-use vmm_sys_util::errno;
 
 use crate::error::{Error, Result, SpaceOp};
+use crate::file::MemoryFile;
 use crate::flags::GuestMemfdFlags;
 use crate::range::{is_page_aligned, PageRange};
 use crate::uapi::KVM_CAP_GUEST_MEMFD_FLAGS;
@@ -34,8 +33,7 @@ use crate::uapi::KVM_CAP_GUEST_MEMFD_FLAGS;
 /// ```
 #[derive(Clone, Debug)]
 pub struct GuestMemfd {
-    file: Arc<File>,
-    size: u64,
+    file: MemoryFile,
     flags: GuestMemfdFlags,
 }
 
@@ -82,15 +80,14 @@ impl GuestMemfd {
         // owns; the `File` takes sole ownership of it and closes it on drop.
         let file = unsafe { File::from_raw_fd(fd) };
         Ok(GuestMemfd {
-            file: Arc::new(file),
-            size,
+            file: MemoryFile::new(file, size),
             flags,
         })
     }
 
     /// The file's size in bytes (fixed at creation: guest_memfd cannot be resized).
     pub fn size(&self) -> u64 {
-        self.size
+        self.file.size()
     }
 
     /// The flags the file was created with.
@@ -100,34 +97,27 @@ impl GuestMemfd {
 
     /// The whole file as a range.
     pub fn whole(&self) -> PageRange {
-        PageRange::new(0, self.size).expect("a guest_memfd's size is checked at creation")
+        self.file.whole()
     }
 
     /// The underlying file.
     pub fn file(&self) -> &File {
-        &self.file
+        self.file.file()
     }
 
     /// A vm-memory [`FileOffset`] for this file at `start`.
     pub fn file_offset(&self, start: u64) -> FileOffset {
-        FileOffset::from_arc(Arc::clone(&self.file), start)
+        self.file.file_offset(start)
     }
 
     /// Checks that `range` lies inside the file.
     pub fn check_range(&self, range: PageRange) -> Result<()> {
-        if range.end() > self.size {
-            return Err(Error::OutOfBounds {
-                range,
-                file_size: self.size,
-            });
-        }
-        Ok(())
+        self.file.check_range(range)
     }
 
     /// Backs `range` with memory (`fallocate(FALLOC_FL_KEEP_SIZE)`).
     pub fn allocate(&self, range: PageRange) -> Result<()> {
-        self.check_range(range)?;
-        space_op(&self.file, SpaceOp::Allocate, range)
+        self.file.fallocate(SpaceOp::Allocate, range)
     }
 
     /// Frees `range` (`fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)`).
@@ -135,8 +125,7 @@ impl GuestMemfd {
     /// KVM first invalidates every guest mapping of these pages; a later guest access
     /// faults in a fresh, zeroed page. This is the seed's `invalidate_page_range`.
     pub fn discard(&self, range: PageRange) -> Result<()> {
-        self.check_range(range)?;
-        space_op(&self.file, SpaceOp::Discard, range)
+        self.file.fallocate(SpaceOp::Discard, range)
     }
 
     /// Maps the whole file into the host, shared and read-write.
@@ -156,64 +145,18 @@ impl GuestMemfd {
         if !self.flags.contains(GuestMemfdFlags::INIT_SHARED) {
             return Err(Error::NotShared { flags: self.flags });
         }
-        self.check_range(range)?;
-        map_shared(&self.file, range)
+        self.file.map_shared(range)
     }
-}
-
-/// Runs one `fallocate` over a range already checked against the file.
-///
-/// Hand-written over libc: vmm-sys-util's `fallocate` offers only punch-hole and
-/// zero-range modes (guest_memfd refuses zero-range and needs plain `KEEP_SIZE`
-/// allocation), so one call site serves both operations.
-pub(crate) fn space_op(file: &File, op: SpaceOp, range: PageRange) -> Result<()> {
-    let mode = match op {
-        SpaceOp::Allocate => libc::FALLOC_FL_KEEP_SIZE,
-        SpaceOp::Discard => libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,
-    };
-    let fail = |errno| Error::FileSpace {
-        op,
-        range,
-        source: errno::Error::new(errno),
-    };
-    // Ranges inside a file fit in off_t: the kernel caps file sizes below i64::MAX.
-    let (Ok(offset), Ok(len)) = (i64::try_from(range.start()), i64::try_from(range.len())) else {
-        return Err(fail(libc::EFBIG));
-    };
-    // SAFETY: fallocate reads only its integer arguments; the fd is owned by `file`, which
-    // outlives the call, and the return value is checked.
-    let ret = unsafe { libc::fallocate64(file.as_raw_fd(), mode, offset, len) };
-    if ret < 0 {
-        return Err(Error::FileSpace {
-            op,
-            range,
-            source: errno::Error::last(),
-        });
-    }
-    Ok(())
-}
-
-/// Maps `range` of `file` with `MAP_SHARED`, read-write, through vm-memory.
-pub(crate) fn map_shared(file: &Arc<File>, range: PageRange) -> Result<MmapRegion> {
-    let map_err = |source| Error::Map { range, source };
-    let len = usize::try_from(range.len())
-        .map_err(|_| map_err(vm_memory::mmap::MmapRegionError::InvalidOffsetLength))?;
-    MmapRegionBuilder::new(len)
-        .with_file_offset(FileOffset::from_arc(Arc::clone(file), range.start()))
-        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
-        .build()
-        .map_err(map_err)
 }
 
 impl AsRawFd for GuestMemfd {
     fn as_raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+        self.file.file().as_raw_fd()
     }
 }
 
 impl AsFd for GuestMemfd {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
+        self.file.file().as_fd()
     }
 }

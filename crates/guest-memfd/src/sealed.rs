@@ -8,13 +8,12 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
-use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 
 use crate::error::{Error, Result, SpaceOp};
-use crate::memfd::{map_shared, space_op};
+use crate::file::MemoryFile;
 use crate::range::{is_page_aligned, PageRange};
 
 /// The seals a [`SealedMemfd`] carries.
@@ -33,8 +32,7 @@ pub const SHARED_MEMORY_SEALS: i32 = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | l
 /// ```
 #[derive(Clone, Debug)]
 pub struct SealedMemfd {
-    file: Arc<File>,
-    size: u64,
+    file: MemoryFile,
 }
 
 impl SealedMemfd {
@@ -71,15 +69,14 @@ impl SealedMemfd {
             return Err(fail("F_ADD_SEALS", io::Error::last_os_error()));
         }
         Ok(SealedMemfd {
-            file: Arc::new(file),
-            size,
+            file: MemoryFile::new(file, size),
         })
     }
 
     /// The seals now on the file (`F_GET_SEALS`).
     pub fn seals(&self) -> Result<i32> {
         // SAFETY: F_GET_SEALS takes no argument; the fd is owned by `self.file`.
-        let seals = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_GET_SEALS) };
+        let seals = unsafe { libc::fcntl(self.file.file().as_raw_fd(), libc::F_GET_SEALS) };
         if seals < 0 {
             return Err(Error::Stat(io::Error::last_os_error()));
         }
@@ -88,38 +85,27 @@ impl SealedMemfd {
 
     /// The size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.file.size()
     }
 
     /// The whole file as a range.
     pub fn whole(&self) -> PageRange {
-        PageRange::new(0, self.size).expect("the size is checked at creation")
+        self.file.whole()
     }
 
     /// The underlying file.
     pub fn file(&self) -> &File {
-        &self.file
+        self.file.file()
     }
 
     /// A vm-memory [`FileOffset`] for this file at `start`.
     pub fn file_offset(&self, start: u64) -> FileOffset {
-        FileOffset::from_arc(Arc::clone(&self.file), start)
-    }
-
-    fn check_range(&self, range: PageRange) -> Result<()> {
-        if range.end() > self.size {
-            return Err(Error::OutOfBounds {
-                range,
-                file_size: self.size,
-            });
-        }
-        Ok(())
+        self.file.file_offset(start)
     }
 
     /// Frees `range`: the pages read as zeros afterwards, in every mapping.
     pub fn discard(&self, range: PageRange) -> Result<()> {
-        self.check_range(range)?;
-        space_op(&self.file, SpaceOp::Discard, range)
+        self.file.fallocate(SpaceOp::Discard, range)
     }
 
     /// Maps the whole file, shared and read-write.
@@ -129,19 +115,18 @@ impl SealedMemfd {
 
     /// Maps `range` of the file, shared and read-write.
     pub fn map_range(&self, range: PageRange) -> Result<MmapRegion> {
-        self.check_range(range)?;
-        map_shared(&self.file, range)
+        self.file.map_shared(range)
     }
 }
 
 impl AsRawFd for SealedMemfd {
     fn as_raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+        self.file.file().as_raw_fd()
     }
 }
 
 impl AsFd for SealedMemfd {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
+        self.file.file().as_fd()
     }
 }

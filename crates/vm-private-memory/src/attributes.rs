@@ -1,0 +1,214 @@
+//! One bit per 4 KiB page: private (1) or shared (0).
+//!
+//! Readers (every host access) load whole 64-page words with `Acquire` and never lock.
+//! Only the conversion engine writes, under the memory's conversion lock, with `Release`
+//! stores, so a reader sees each word either before or after a change, never torn.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+/// The state of a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PageState {
+    /// Only the guest may access it (KVM serves it from guest_memfd).
+    Private,
+    /// The host may access it too (device emulation, bounce buffers).
+    Shared,
+}
+
+impl PageState {
+    /// The other state.
+    pub fn flipped(self) -> PageState {
+        match self {
+            PageState::Private => PageState::Shared,
+            PageState::Shared => PageState::Private,
+        }
+    }
+}
+
+impl std::fmt::Display for PageState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PageState::Private => "private",
+            PageState::Shared => "shared",
+        })
+    }
+}
+
+/// The private/shared bits of one region's pages.
+#[derive(Debug)]
+pub struct PageAttributes {
+    words: Box<[AtomicU64]>,
+    pages: u64,
+}
+
+/// A run of consecutive pages in one state: `(first page, page count, state)`.
+pub type Run = (u64, u64, PageState);
+
+impl PageAttributes {
+    /// `pages` pages, all in `initial` state. Memory: one bit per page, rounded up to 64.
+    pub fn new(pages: u64, initial: PageState) -> Self {
+        let words = pages.div_ceil(64) as usize;
+        let words: Box<[AtomicU64]> = match initial {
+            PageState::Shared => (0..words).map(|_| AtomicU64::new(0)).collect(),
+            PageState::Private => (0..words)
+                .map(|i| AtomicU64::new(Self::mask_of_word(i as u64, 0, pages)))
+                .collect(),
+        };
+        PageAttributes { words, pages }
+    }
+
+    /// The bits of word `word` that belong to pages `[first, end)`.
+    fn mask_of_word(word: u64, first: u64, end: u64) -> u64 {
+        let lo = (word * 64).max(first);
+        let hi = ((word + 1) * 64).min(end);
+        if lo >= hi {
+            return 0;
+        }
+        let width = hi - lo;
+        let ones = if width == 64 {
+            u64::MAX
+        } else {
+            (1u64 << width) - 1
+        };
+        ones << (lo - word * 64)
+    }
+
+    /// How many pages.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Bytes of metadata held.
+    pub fn metadata_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.words)
+    }
+
+    /// The state of page `page` (`page < pages()`).
+    pub fn get(&self, page: u64) -> PageState {
+        let word = self.words[(page / 64) as usize].load(Ordering::Acquire);
+        if word & (1 << (page % 64)) != 0 {
+            PageState::Private
+        } else {
+            PageState::Shared
+        }
+    }
+
+    /// The first page in `[first, first + count)` that is in `state`, if any.
+    pub fn find(&self, first: u64, count: u64, state: PageState) -> Option<u64> {
+        let end = first.checked_add(count)?.min(self.pages);
+        let mut word = first / 64;
+        while word * 64 < end {
+            let bits = self.words[word as usize].load(Ordering::Acquire);
+            let bits = match state {
+                PageState::Private => bits,
+                PageState::Shared => !bits,
+            } & Self::mask_of_word(word, first, end);
+            if bits != 0 {
+                return Some(word * 64 + u64::from(bits.trailing_zeros()));
+            }
+            word += 1;
+        }
+        None
+    }
+
+    /// Whether every page of `[first, first + count)` is in `state`.
+    pub fn all(&self, first: u64, count: u64, state: PageState) -> bool {
+        self.find(first, count, state.flipped()).is_none()
+    }
+
+    /// Puts pages `[first, first + count)` in `state`. Only the conversion engine calls this,
+    /// under the conversion lock, so read-modify-write of a word cannot race with another
+    /// writer.
+    pub(crate) fn set(&self, first: u64, count: u64, state: PageState) {
+        let end = (first + count).min(self.pages);
+        let mut word = first / 64;
+        while word * 64 < end {
+            let mask = Self::mask_of_word(word, first, end);
+            let cell = &self.words[word as usize];
+            match state {
+                PageState::Private => cell.fetch_or(mask, Ordering::Release),
+                PageState::Shared => cell.fetch_and(!mask, Ordering::Release),
+            };
+            word += 1;
+        }
+    }
+
+    /// The runs of equal state covering `[first, first + count)`, in order.
+    pub fn runs(&self, first: u64, count: u64) -> Vec<Run> {
+        let end = first.saturating_add(count).min(self.pages);
+        let mut runs = Vec::new();
+        let mut start = first;
+        while start < end {
+            let state = self.get(start);
+            let next = self
+                .find(start, end - start, state.flipped())
+                .unwrap_or(end);
+            runs.push((start, next - start, state));
+            start = next;
+        }
+        runs
+    }
+
+    /// How many pages are private.
+    pub fn count_private(&self) -> u64 {
+        self.words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_state_is_exact_at_the_edges() {
+        let a = PageAttributes::new(130, PageState::Private);
+        assert_eq!(a.count_private(), 130);
+        assert_eq!(a.get(129), PageState::Private);
+        let b = PageAttributes::new(130, PageState::Shared);
+        assert_eq!(b.count_private(), 0);
+        assert!(b.all(0, 130, PageState::Shared));
+    }
+
+    #[test]
+    fn set_find_and_runs_across_words() {
+        let a = PageAttributes::new(200, PageState::Shared);
+        a.set(60, 10, PageState::Private);
+        assert_eq!(a.find(0, 200, PageState::Private), Some(60));
+        assert_eq!(a.find(61, 200, PageState::Shared), Some(70));
+        assert!(a.all(60, 10, PageState::Private));
+        assert!(!a.all(59, 2, PageState::Private));
+        assert_eq!(
+            a.runs(50, 30),
+            vec![
+                (50, 10, PageState::Shared),
+                (60, 10, PageState::Private),
+                (70, 10, PageState::Shared)
+            ]
+        );
+        a.set(0, 200, PageState::Private);
+        assert_eq!(a.count_private(), 200);
+        a.set(64, 64, PageState::Shared);
+        assert_eq!(a.count_private(), 136);
+        assert_eq!(a.runs(0, 200).len(), 3);
+    }
+
+    #[test]
+    fn queries_past_the_end_are_clipped() {
+        let a = PageAttributes::new(10, PageState::Private);
+        assert_eq!(a.find(5, u64::MAX, PageState::Shared), None);
+        assert_eq!(a.runs(8, 100), vec![(8, 2, PageState::Private)]);
+    }
+
+    #[test]
+    fn metadata_is_one_bit_per_page() {
+        let gib_pages = (1u64 << 30) / 4096;
+        let a = PageAttributes::new(gib_pages, PageState::Shared);
+        assert_eq!(a.metadata_bytes() as u64, gib_pages / 8);
+    }
+}

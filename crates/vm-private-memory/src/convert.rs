@@ -1,0 +1,322 @@
+//! The conversion engine: pages between private and shared, all or nothing.
+
+use guest_memfd::{PageRange, PAGE_SIZE};
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestAddressSpace;
+
+use crate::attributes::PageState;
+use crate::error::{Error, Result};
+use crate::listener::{in_callback, Listeners};
+use crate::memory::{gpa, Engine, PrivateMemory};
+use crate::region::PrivateRegion;
+use crate::strategy::Strategy;
+
+/// The steps of a conversion, in the order they can run; named by fault injection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Step {
+    /// Listeners hear `discard` (conversion to private).
+    NotifyDiscard,
+    /// The bits change.
+    Bits,
+    /// `KVM_SET_MEMORY_ATTRIBUTES` (dual strategy).
+    KvmAttributes,
+    /// Listeners are offered the range (conversion to shared).
+    NotifyPopulate,
+    /// The side no longer used is punched.
+    DiscardOldSide,
+}
+
+/// What happens to a page's content when it changes side.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContentMode {
+    /// The page arrives empty (zero), as TDX and SEV-SNP guests expect; the old side is
+    /// freed, so memory is never held twice.
+    #[default]
+    Discard,
+    /// The page keeps its content (pKVM-style sharing). In-place strategy only.
+    Preserve,
+}
+
+/// What a conversion did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversionReport {
+    /// Pages whose state changed (pages already in the target state are not counted).
+    pub pages_changed: u64,
+    /// Bytes of backing memory punched.
+    pub bytes_discarded: u64,
+    /// The guest-physical ranges that changed, in order.
+    pub changed: Vec<PageRange>,
+}
+
+/// One contiguous run of pages to change, inside one region.
+struct Piece<'a> {
+    region: &'a PrivateRegion,
+    first_page: u64,
+    pages: u64,
+}
+
+impl Piece<'_> {
+    fn guest(&self) -> PageRange {
+        PageRange::from_pages(self.first_page, self.pages)
+            .and_then(|r| r.checked_add(self.region.guest_range().start()))
+            .expect("inside a region")
+    }
+
+    fn region_range(&self) -> PageRange {
+        PageRange::from_pages(self.first_page, self.pages).expect("inside a region")
+    }
+
+    /// Punches the side that `to` no longer uses.
+    fn discard_old_side(&self, to: PageState) -> Result<u64> {
+        let in_region = self.region_range();
+        match (self.region.strategy(), to) {
+            (Strategy::Dual, PageState::Private) => {
+                let memfd = self.region.shared_memfd().expect("dual regions have one");
+                memfd.discard(in_region)?;
+            }
+            _ => {
+                let in_file = in_region.checked_add(self.region.gmem_offset())?;
+                self.region.gmem().discard(in_file)?;
+            }
+        }
+        Ok(in_region.len())
+    }
+}
+
+/// What has been done, to undo in reverse.
+enum Done {
+    Discarded(Vec<PageRange>),
+    Bits(PageState),
+    Kvm(PageState),
+    Populated(Vec<crate::listener::Accepted>),
+}
+
+impl PrivateMemory {
+    /// Converts `range` to `to`, discarding content ([`ContentMode::Discard`]).
+    ///
+    /// `range` may span regions but must lie wholly inside guest memory. Pages already in
+    /// state `to` are left alone. On any failure (a listener refusing, an ioctl or
+    /// fallocate error) the bits, KVM's view and the listeners' view are as before.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use guest_memfd::PageRange;
+    /// use vm_memory::{Bytes, GuestAddress};
+    /// use vm_private_memory::{MemoryBuilder, PageState};
+    ///
+    /// let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+    /// let memory = MemoryBuilder::new(vm).region_at(0, 4 << 20).build().unwrap();
+    /// let view = memory.memory();
+    /// // Everything starts private: the host cannot read it.
+    /// assert!(view.memory().read_obj::<u64>(GuestAddress(0x1000)).is_err());
+    ///
+    /// let report = memory.convert(PageRange::new(0, 2 << 20).unwrap(), PageState::Shared).unwrap();
+    /// assert_eq!(report.pages_changed, 512);
+    /// view.memory().write_obj(7u64, GuestAddress(0x1000)).unwrap();
+    /// assert_eq!(view.memory().read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 7);
+    /// ```
+    pub fn convert(&self, range: PageRange, to: PageState) -> Result<ConversionReport> {
+        self.convert_with(range, to, ContentMode::Discard)
+    }
+
+    /// Converts `range` to `to` with the given content mode.
+    pub fn convert_with(
+        &self,
+        range: PageRange,
+        to: PageState,
+        mode: ContentMode,
+    ) -> Result<ConversionReport> {
+        if in_callback() {
+            return Err(Error::Reentrant { range: gpa(range) });
+        }
+        if mode == ContentMode::Preserve && self.strategy != Strategy::InPlace {
+            return Err(Error::StrategyUnavailable {
+                strategy: self.strategy,
+                reason: "content-preserving conversion needs the in-place strategy: the dual strategy keeps private and shared pages in different files".into(),
+            });
+        }
+        let engine = self.lock_engine();
+        let snapshot = self.memory.memory();
+        let mut pieces = Vec::new();
+        for (region, offset, len) in Self::split(&snapshot, range)? {
+            let first = offset / PAGE_SIZE;
+            for (start, count, state) in region.attributes().runs(first, len / PAGE_SIZE) {
+                if state != to {
+                    pieces.push(Piece {
+                        region,
+                        first_page: start,
+                        pages: count,
+                    });
+                }
+            }
+        }
+        let mut report = ConversionReport {
+            pages_changed: pieces.iter().map(|p| p.pages).sum(),
+            changed: pieces.iter().map(Piece::guest).collect(),
+            ..Default::default()
+        };
+        if pieces.is_empty() {
+            return Ok(report);
+        }
+        let mut done = Vec::new();
+        match self.run_steps(&engine, &pieces, to, mode, &mut done, &mut report) {
+            Ok(()) => Ok(report),
+            Err(e) => {
+                self.undo(&pieces, done);
+                Err(e)
+            }
+        }
+    }
+
+    /// Frees `range` (balloon, free page reporting): listeners hear `discard`, every
+    /// page is punched from the side that backs it, and the guest re-faults fresh zeroed
+    /// pages. States do not change. Returns the bytes punched.
+    pub fn discard(&self, range: PageRange) -> Result<u64> {
+        if in_callback() {
+            return Err(Error::Reentrant { range: gpa(range) });
+        }
+        let _engine = self.lock_engine();
+        let snapshot = self.memory.memory();
+        let pieces = Self::split(&snapshot, range)?;
+        self.listeners.discard(&[range]);
+        let mut bytes = 0;
+        for (region, offset, len) in pieces {
+            for (start, count, state) in region
+                .attributes()
+                .runs(offset / PAGE_SIZE, len / PAGE_SIZE)
+            {
+                let piece = Piece {
+                    region,
+                    first_page: start,
+                    pages: count,
+                };
+                // The side that backs a page is the one a conversion *to* the other
+                // state would punch.
+                bytes += piece.discard_old_side(state.flipped())?;
+            }
+        }
+        Ok(bytes)
+    }
+
+    #[allow(unused_variables)]
+    fn check_fault(&self, engine: &Engine, step: Step) -> Result<()> {
+        #[cfg(feature = "fault-injection")]
+        if engine.fail_at == Some(step) {
+            return Err(Error::Injected(step));
+        }
+        Ok(())
+    }
+
+    fn run_steps(
+        &self,
+        engine: &Engine,
+        pieces: &[Piece<'_>],
+        to: PageState,
+        mode: ContentMode,
+        done: &mut Vec<Done>,
+        report: &mut ConversionReport,
+    ) -> Result<()> {
+        let guest: Vec<PageRange> = pieces.iter().map(Piece::guest).collect();
+        let dual = self.strategy == Strategy::Dual;
+        let discard = mode == ContentMode::Discard;
+        let punch = |engine: &Engine, report: &mut ConversionReport| -> Result<()> {
+            self.check_fault(engine, Step::DiscardOldSide)?;
+            for piece in pieces {
+                report.bytes_discarded += piece.discard_old_side(to)?;
+            }
+            Ok(())
+        };
+        match to {
+            PageState::Private => {
+                self.check_fault(engine, Step::NotifyDiscard)?;
+                self.listeners.discard(&guest);
+                done.push(Done::Discarded(guest.clone()));
+                self.check_fault(engine, Step::Bits)?;
+                set_bits(pieces, PageState::Private);
+                done.push(Done::Bits(PageState::Private));
+                if dual {
+                    self.check_fault(engine, Step::KvmAttributes)?;
+                    self.set_kvm(&guest, PageState::Private, done)?;
+                }
+                if discard {
+                    punch(engine, report)?;
+                }
+            }
+            PageState::Shared => {
+                // In-place, the page the host will see is the very page the guest had
+                // private: punch it before the host can look.
+                if !dual && discard {
+                    punch(engine, report)?;
+                }
+                if dual {
+                    self.check_fault(engine, Step::KvmAttributes)?;
+                    self.set_kvm(&guest, PageState::Shared, done)?;
+                }
+                self.check_fault(engine, Step::Bits)?;
+                set_bits(pieces, PageState::Shared);
+                done.push(Done::Bits(PageState::Shared));
+                self.check_fault(engine, Step::NotifyPopulate)?;
+                let accepted = self.listeners.populate(&guest).map_err(|(range, reason)| {
+                    Error::ListenerRefused {
+                        range: gpa(range),
+                        reason,
+                    }
+                })?;
+                done.push(Done::Populated(accepted));
+                // Dual: the private side is punched last, so a refusal above loses nothing.
+                if dual {
+                    punch(engine, report)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_kvm(&self, guest: &[PageRange], state: PageState, done: &mut Vec<Done>) -> Result<()> {
+        for (i, range) in guest.iter().enumerate() {
+            if let Err(e) = self.kvm_view.set(*range, state) {
+                // Put back the ranges already changed, then report.
+                for changed in &guest[..i] {
+                    let _ = self.kvm_view.set(*changed, state.flipped());
+                }
+                return Err(e);
+            }
+        }
+        done.push(Done::Kvm(state));
+        Ok(())
+    }
+
+    fn undo(&self, pieces: &[Piece<'_>], done: Vec<Done>) {
+        let guest: Vec<PageRange> = pieces.iter().map(Piece::guest).collect();
+        for step in done.into_iter().rev() {
+            match step {
+                Done::Discarded(ranges) => self.listeners.restore(&ranges),
+                Done::Bits(state) => set_bits(pieces, state.flipped()),
+                Done::Kvm(state) => {
+                    for range in &guest {
+                        let _ = self.kvm_view.set(*range, state.flipped());
+                    }
+                }
+                Done::Populated(accepted) => Listeners::withdraw(accepted),
+            }
+        }
+    }
+}
+
+fn set_bits(pieces: &[Piece<'_>], state: PageState) {
+    for piece in pieces {
+        piece
+            .region
+            .attributes()
+            .set(piece.first_page, piece.pages, state);
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+impl PrivateMemory {
+    /// Makes every following conversion fail just before `step` (or never, with `None`).
+    /// For tests of the rollback only.
+    pub fn inject_failure(&self, step: Option<Step>) {
+        self.lock_engine().fail_at = step;
+    }
+}

@@ -1,0 +1,127 @@
+//! The errors of the backend: one enum, each variant naming the range, the step and,
+//! where the kernel answered, its errno.
+
+use vm_memory::GuestAddress;
+use vmm_sys_util::errno;
+
+use crate::attributes::PageState;
+use crate::strategy::Strategy;
+
+/// The result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A guest-physical range, for messages: `[start, end)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpaRange {
+    /// First byte.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl std::fmt::Display for GpaRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "[{:#x}, {:#x})",
+            self.start,
+            self.start.saturating_add(self.len)
+        )
+    }
+}
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file layer refused (bad range, ioctl or fallocate failure).
+    #[error(transparent)]
+    File(#[from] guest_memfd::Error),
+    /// The requested strategy cannot run on this host or VM.
+    #[error("the {strategy} strategy is not available: {reason}")]
+    StrategyUnavailable {
+        /// The strategy asked for.
+        strategy: Strategy,
+        /// Why, in terms of the missing capability.
+        reason: String,
+    },
+    /// Regions overlap, or a region does not fit the guest-physical layout.
+    #[error("region {range} cannot be placed: {reason}")]
+    Layout {
+        /// The region.
+        range: GpaRange,
+        /// vm-allocator's or vm-memory's reason.
+        reason: String,
+    },
+    /// The builder was given no region.
+    #[error("no memory region was added: add at least one with MemoryBuilder::region")]
+    NoRegions,
+    /// A guest-physical range that touches an address outside every region.
+    #[error(
+        "the range {range} is not inside guest memory (first address outside: {first_outside:#x})"
+    )]
+    OutsideGuestMemory {
+        /// The range given.
+        range: GpaRange,
+        /// The first address that belongs to no region.
+        first_outside: u64,
+    },
+    /// A host access touched a private page.
+    #[error("host access to {range} refused: page {page:#x} is private to the guest")]
+    PrivatePage {
+        /// The range accessed.
+        range: GpaRange,
+        /// The guest-physical address of the first private page in it.
+        page: u64,
+    },
+    /// A listener refused to take a range that became shared; the conversion was undone.
+    #[error("listener refused to populate {range}: {reason}; the conversion was rolled back")]
+    ListenerRefused {
+        /// The range offered to the listener (clipped to its subscription).
+        range: GpaRange,
+        /// The listener's reason.
+        reason: String,
+    },
+    /// A listener (or anything it called) tried to convert or discard memory while being
+    /// notified of a conversion.
+    #[error("conversion of {range} requested from inside a listener callback: listeners must not convert or discard memory")]
+    Reentrant {
+        /// The range asked for.
+        range: GpaRange,
+    },
+    /// `KVM_SET_MEMORY_ATTRIBUTES` failed.
+    #[error("KVM_SET_MEMORY_ATTRIBUTES({state}) of {range} failed: {source}")]
+    SetAttributes {
+        /// The range.
+        range: GpaRange,
+        /// The state asked for.
+        state: PageState,
+        /// The kernel's answer.
+        source: errno::Error,
+    },
+    /// The region at an address does not exist (remove, resize).
+    #[error("no region starts at {:#x}", .0 .0)]
+    NoSuchRegion(GuestAddress),
+    /// All memslot numbers are in use.
+    #[error("no memslot number is free (this host has {limit})")]
+    NoFreeSlot {
+        /// The host's limit.
+        limit: u32,
+    },
+    /// A state document does not match the memory it is restored into.
+    #[error("the saved state does not match: {0}")]
+    StateMismatch(String),
+    /// An injected failure (feature `fault-injection`).
+    #[error("injected failure at step {0:?}")]
+    Injected(crate::convert::Step),
+}
+
+impl Error {
+    /// The errno the kernel answered with, if the error came from a system call.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::File(e) => e.errno(),
+            Error::SetAttributes { source, .. } => Some(source.errno()),
+            _ => None,
+        }
+    }
+}

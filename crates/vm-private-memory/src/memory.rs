@@ -1,0 +1,318 @@
+//! The guest's RAM: regions, memslots, the conversion lock and the listeners.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use guest_memfd::{GuestMemfd, PageRange};
+
+use crate::builder::{gmem_flags, make_region};
+use kvm_ioctls::VmFd;
+use vm_allocator::IdAllocator;
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestRegionCollection,
+};
+
+use crate::attributes::PageState;
+use crate::error::{Error, GpaRange, Result};
+use crate::kvm_view::KvmView;
+use crate::listener::{Listeners, MemoryListener, Subscription};
+use crate::region::PrivateRegion;
+use crate::strategy::Strategy;
+
+/// The vm-memory view of the guest's RAM: use it wherever `GuestMemoryMmap` was used.
+pub type GuestMemoryPrivate = GuestRegionCollection<PrivateRegion>;
+
+/// State that only changes under the conversion lock.
+pub(crate) struct Engine {
+    pub(crate) slots: IdAllocator,
+    pub(crate) slot_limit: u32,
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fail_at: Option<crate::convert::Step>,
+}
+
+impl Engine {
+    pub(crate) fn new(slots: IdAllocator, slot_limit: u32) -> Self {
+        Engine {
+            slots,
+            slot_limit,
+            #[cfg(feature = "fault-injection")]
+            fail_at: None,
+        }
+    }
+}
+
+/// Guest RAM with private and shared pages, on one VM.
+///
+/// [`PrivateMemory::memory`] gives the vm-memory view (a [`GuestMemoryAtomic`] over
+/// [`GuestMemoryPrivate`]) for device emulation, loaders and vCPU set-up; this type owns
+/// the memslots and changes pages between private and shared ([`PrivateMemory::convert`]).
+/// Dropping it unbinds every memslot.
+pub struct PrivateMemory {
+    pub(crate) vm: Arc<VmFd>,
+    pub(crate) strategy: Strategy,
+    pub(crate) memory: GuestMemoryAtomic<GuestMemoryPrivate>,
+    pub(crate) engine: Mutex<Engine>,
+    pub(crate) listeners: Listeners,
+    pub(crate) kvm_view: Arc<dyn KvmView>,
+}
+
+impl std::fmt::Debug for PrivateMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrivateMemory")
+            .field("strategy", &self.strategy)
+            .field("regions", &self.regions())
+            .finish()
+    }
+}
+
+impl PrivateMemory {
+    pub(crate) fn assemble(
+        vm: Arc<VmFd>,
+        strategy: Strategy,
+        memory: GuestMemoryAtomic<GuestMemoryPrivate>,
+        engine: Mutex<Engine>,
+        kvm_view: Arc<dyn KvmView>,
+    ) -> Self {
+        PrivateMemory {
+            vm,
+            strategy,
+            memory,
+            engine,
+            listeners: Listeners::default(),
+            kvm_view,
+        }
+    }
+
+    pub(crate) fn lock_engine(&self) -> MutexGuard<'_, Engine> {
+        // The engine's state is only changed by whole, undoable steps; a panic in a
+        // listener leaves it consistent.
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn bind_all(&self) -> Result<()> {
+        let snapshot = self.memory.memory();
+        for region in snapshot.iter() {
+            let slot = region.memslot()?;
+            // SAFETY: the slot's userspace memory is the region's host mapping, owned by
+            // the region, which this memory keeps alive (in its collection) until the slot
+            // is unbound by `remove_region` or `Drop`.
+            unsafe { slot.bind(&self.vm) }?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn set_kvm_view_all(&self, state: PageState) -> Result<()> {
+        for region in self.memory.memory().iter() {
+            self.kvm_view.set(region.guest_range(), state)?;
+        }
+        Ok(())
+    }
+
+    /// The vm-memory view, shared: clone it into device threads, loaders, vCPU set-up.
+    pub fn memory(&self) -> GuestMemoryAtomic<GuestMemoryPrivate> {
+        self.memory.clone()
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    /// The backing strategy in use.
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    /// The guest-physical range of every region, in address order.
+    pub fn regions(&self) -> Vec<PageRange> {
+        self.memory
+            .memory()
+            .iter()
+            .map(PrivateRegion::guest_range)
+            .collect()
+    }
+
+    /// The state of the page holding `gpa`, or `None` outside guest memory.
+    pub fn state_of(&self, gpa: u64) -> Option<PageState> {
+        let snapshot = self.memory.memory();
+        let region = snapshot.find_region(GuestAddress(gpa))?;
+        region.state_at(gpa - region.guest_range().start())
+    }
+
+    /// How many pages are private, over all regions.
+    pub fn private_pages(&self) -> u64 {
+        self.memory
+            .memory()
+            .iter()
+            .map(|r| r.attributes().count_private())
+            .sum()
+    }
+
+    /// Bytes of per-page metadata held, over all regions.
+    pub fn metadata_bytes(&self) -> usize {
+        self.memory
+            .memory()
+            .iter()
+            .map(|r| r.attributes().metadata_bytes())
+            .sum()
+    }
+
+    /// Subscribes `listener` to `range`; it hears of every conversion, discard and
+    /// removal that touches it, clipped to it, until the returned handle is dropped.
+    pub fn subscribe(&self, range: PageRange, listener: Arc<dyn MemoryListener>) -> Subscription {
+        self.listeners.subscribe(range, listener)
+    }
+
+    /// How many listeners are subscribed.
+    pub fn listener_count(&self) -> usize {
+        self.listeners.count()
+    }
+
+    /// Splits `range` by region: `(region, offset in the region, length)` for each piece,
+    /// or an error naming the first address outside guest memory.
+    pub(crate) fn split(
+        snapshot: &GuestMemoryPrivate,
+        range: PageRange,
+    ) -> Result<Vec<(&PrivateRegion, u64, u64)>> {
+        let mut pieces = Vec::new();
+        let mut at = range.start();
+        while at < range.end() {
+            let region =
+                snapshot
+                    .find_region(GuestAddress(at))
+                    .ok_or(Error::OutsideGuestMemory {
+                        range: gpa(range),
+                        first_outside: at,
+                    })?;
+            let offset = at - region.guest_range().start();
+            let len = (region.guest_range().end() - at).min(range.end() - at);
+            pieces.push((region, offset, len));
+            at += len;
+        }
+        Ok(pieces)
+    }
+
+    /// Adds a region over `guest`, bound to a new memslot, its pages in `initial` state.
+    /// It is backed by `backing`: a file and offset (for example the file of a region
+    /// removed before, to keep its content), or `None` for a new guest_memfd.
+    pub fn add_region(
+        &self,
+        guest: PageRange,
+        backing: Option<(GuestMemfd, u64)>,
+        initial: PageState,
+    ) -> Result<()> {
+        let mut engine = self.lock_engine();
+        let (gmem, offset) = match backing {
+            Some(b) => b,
+            None => (
+                GuestMemfd::create(&self.vm, guest.len(), gmem_flags(self.strategy))?,
+                0,
+            ),
+        };
+        let limit = engine.slot_limit;
+        let slot = engine
+            .slots
+            .allocate_id()
+            .map_err(|_| Error::NoFreeSlot { limit })?;
+        let result = self.insert_region(guest, gmem, offset, initial, slot);
+        if result.is_err() {
+            let _ = engine.slots.free_id(slot);
+        }
+        result
+    }
+
+    fn insert_region(
+        &self,
+        guest: PageRange,
+        gmem: GuestMemfd,
+        offset: u64,
+        initial: PageState,
+        slot: u32,
+    ) -> Result<()> {
+        let region = Arc::new(make_region(
+            self.strategy,
+            guest,
+            gmem,
+            offset,
+            initial,
+            slot,
+        )?);
+        let snapshot = self.memory.memory();
+        let with = snapshot
+            .insert_region(Arc::clone(&region))
+            .map_err(|e| Error::Layout {
+                range: gpa(guest),
+                reason: e.to_string(),
+            })?;
+        let memslot = region.memslot()?;
+        // SAFETY: the slot's userspace memory is the region's host mapping, which the
+        // collection installed below keeps alive until `remove_region` or `Drop` unbinds.
+        unsafe { memslot.bind(&self.vm) }?;
+        if self.strategy == Strategy::Dual && initial == PageState::Private {
+            if let Err(e) = self.kvm_view.set(guest, PageState::Private) {
+                let _ = memslot.unbind(&self.vm);
+                return Err(e);
+            }
+        }
+        let guard = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+        guard.replace(with);
+        Ok(())
+    }
+
+    /// Removes the region that starts at `start`: listeners hear `discard` for its
+    /// shared pages, its memslot is deleted (KVM drops its mappings; guest accesses to
+    /// the range then exit as MMIO), and it leaves the vm-memory view. vCPUs may run.
+    /// Returns the range and the file and offset that backed it, so it can be re-added.
+    pub fn remove_region(&self, start: u64) -> Result<(PageRange, GuestMemfd, u64)> {
+        let mut engine = self.lock_engine();
+        let snapshot = self.memory.memory();
+        let region = snapshot
+            .iter()
+            .find(|r| r.guest_range().start() == start)
+            .ok_or(Error::NoSuchRegion(GuestAddress(start)))?;
+        let guest = region.guest_range();
+        let shared: Vec<PageRange> = shared_runs(region);
+        self.listeners.discard(&shared);
+        region.memslot()?.unbind(&self.vm)?;
+        let guard = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+        let (without, _removed) = snapshot
+            .remove_region(GuestAddress(start), guest.len())
+            .map_err(|e| Error::Layout {
+                range: gpa(guest),
+                reason: e.to_string(),
+            })?;
+        guard.replace(without);
+        let _ = engine.slots.free_id(region.slot());
+        Ok((guest, region.gmem().clone(), region.gmem_offset()))
+    }
+}
+
+/// The shared pages of a region, as guest-physical ranges.
+pub(crate) fn shared_runs(region: &PrivateRegion) -> Vec<PageRange> {
+    let base = region.guest_range().start();
+    region
+        .attributes()
+        .runs(0, region.attributes().pages())
+        .into_iter()
+        .filter(|(_, _, s)| *s == PageState::Shared)
+        .filter_map(|(first, count, _)| PageRange::from_pages(first, count).ok())
+        .filter_map(|r| r.checked_add(base).ok())
+        .collect()
+}
+
+pub(crate) fn gpa(range: PageRange) -> GpaRange {
+    GpaRange {
+        start: range.start(),
+        len: range.len(),
+    }
+}
+
+impl Drop for PrivateMemory {
+    fn drop(&mut self) {
+        for region in self.memory.memory().iter() {
+            if let Ok(slot) = region.memslot() {
+                // Failure here means the VM is already gone, and the slot with it.
+                let _ = slot.unbind(&self.vm);
+            }
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! A guest memory region backed by guest_memfd, with per-page host access control.
+
+use std::io;
+use std::sync::atomic::Ordering;
+
+use guest_memfd::{GuestMemfd, Memslot, PageRange, SealedMemfd, PAGE_SIZE};
+use vm_memory::bitmap::BS;
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{
+    AtomicAccess, Bytes, FileOffset, GuestAddress, GuestMemoryError, GuestMemoryRegion, GuestUsize,
+    MemoryRegionAddress, ReadVolatile, VolatileMemory, VolatileSlice, WriteVolatile,
+};
+
+use crate::attributes::{PageAttributes, PageState};
+use crate::error::{Error, GpaRange};
+use crate::strategy::Strategy;
+
+type GuestResult<T> = std::result::Result<T, GuestMemoryError>;
+
+/// One region of guest RAM: a page-aligned guest-physical range backed by a guest_memfd
+/// (and, in the dual strategy, a sealed memfd for its shared pages), with one
+/// private/shared bit per page.
+///
+/// It implements vm-memory's [`GuestMemoryRegion`] and [`Bytes`], so a
+/// `GuestRegionCollection<PrivateRegion>` is a [`vm_memory::GuestMemory`]. Every host
+/// access path (`Bytes`, `get_slice`, `get_host_address`, and through them
+/// `GuestMemory::get_slices`) checks the pages it would touch and refuses, without
+/// touching memory, if any of them is private. The error is a
+/// `GuestMemoryError::IOError` of kind `PermissionDenied` that wraps
+/// [`Error::PrivatePage`]; [`private_page_refusal`] reads it back.
+#[derive(Debug)]
+pub struct PrivateRegion {
+    guest: PageRange,
+    strategy: Strategy,
+    gmem: GuestMemfd,
+    gmem_offset: u64,
+    shared: Option<SealedMemfd>,
+    host: MmapRegion,
+    attributes: PageAttributes,
+    slot: u32,
+}
+
+/// The parts a region is made of (see [`crate::MemoryBuilder`]).
+pub(crate) struct RegionParts {
+    pub guest: PageRange,
+    pub strategy: Strategy,
+    pub gmem: GuestMemfd,
+    pub gmem_offset: u64,
+    pub shared: Option<SealedMemfd>,
+    pub host: MmapRegion,
+    pub initial: PageState,
+    pub slot: u32,
+}
+
+impl PrivateRegion {
+    pub(crate) fn new(parts: RegionParts) -> Self {
+        PrivateRegion {
+            attributes: PageAttributes::new(parts.guest.page_count(), parts.initial),
+            guest: parts.guest,
+            strategy: parts.strategy,
+            gmem: parts.gmem,
+            gmem_offset: parts.gmem_offset,
+            shared: parts.shared,
+            host: parts.host,
+            slot: parts.slot,
+        }
+    }
+
+    /// The guest-physical range.
+    pub fn guest_range(&self) -> PageRange {
+        self.guest
+    }
+
+    /// The backing strategy.
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    /// The per-page bits.
+    pub fn attributes(&self) -> &PageAttributes {
+        &self.attributes
+    }
+
+    /// The guest_memfd holding the region's (private) pages.
+    pub fn gmem(&self) -> &GuestMemfd {
+        &self.gmem
+    }
+
+    /// Where in the guest_memfd the region starts.
+    pub fn gmem_offset(&self) -> u64 {
+        self.gmem_offset
+    }
+
+    /// The sealed memfd holding the shared pages (dual strategy only).
+    pub fn shared_memfd(&self) -> Option<&SealedMemfd> {
+        self.shared.as_ref()
+    }
+
+    /// The memslot number the region is bound at.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// The region's memslot, with the host mapping as `userspace_addr`.
+    pub fn memslot(&self) -> guest_memfd::Result<Memslot<'_>> {
+        Memslot::new(self.slot, self.guest, &self.gmem, self.gmem_offset)?
+            .with_userspace_mapping(&self.host)
+    }
+
+    /// The state of the page holding region offset `offset`.
+    pub fn state_at(&self, offset: u64) -> Option<PageState> {
+        (offset < self.guest.len()).then(|| self.attributes.get(offset / PAGE_SIZE))
+    }
+
+    /// Refuses `[offset, offset + count)` if it touches a private page.
+    fn check_shared(&self, offset: u64, count: usize) -> GuestResult<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        let first = offset / PAGE_SIZE;
+        let last = (offset + count as u64 - 1) / PAGE_SIZE;
+        match self
+            .attributes
+            .find(first, last - first + 1, PageState::Private)
+        {
+            None => Ok(()),
+            Some(page) => Err(refusal(
+                GpaRange {
+                    start: self.guest.start() + offset,
+                    len: count as u64,
+                },
+                self.guest.start() + page * PAGE_SIZE,
+            )),
+        }
+    }
+
+    /// The checked slice `[offset, offset + count)`: inside the region and all shared.
+    fn checked_slice(
+        &self,
+        offset: u64,
+        count: usize,
+    ) -> GuestResult<VolatileSlice<'_, BS<'_, ()>>> {
+        let end = offset
+            .checked_add(count as u64)
+            .ok_or(GuestMemoryError::GuestAddressOverflow)?;
+        if end > self.guest.len() {
+            return Err(GuestMemoryError::InvalidBackendAddress);
+        }
+        self.check_shared(offset, count)?;
+        Ok(self.host.get_slice(offset as usize, count)?)
+    }
+
+    /// The bytes from `offset` to the end of the region, at most `want`.
+    fn clamp(&self, offset: MemoryRegionAddress, want: usize) -> GuestResult<usize> {
+        let left = self
+            .guest
+            .len()
+            .checked_sub(offset.0)
+            .ok_or(GuestMemoryError::InvalidBackendAddress)?;
+        Ok(want.min(usize::try_from(left).unwrap_or(usize::MAX)))
+    }
+}
+
+/// The `GuestMemoryError` for a refused access, wrapping [`Error::PrivatePage`].
+fn refusal(range: GpaRange, page: u64) -> GuestMemoryError {
+    GuestMemoryError::IOError(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        Error::PrivatePage { range, page },
+    ))
+}
+
+/// If `err` is this crate's refusal of a private page, the range accessed and the first
+/// private page.
+pub fn private_page_refusal(err: &GuestMemoryError) -> Option<(GpaRange, u64)> {
+    match err {
+        GuestMemoryError::IOError(e) => match e.get_ref()?.downcast_ref::<Error>()? {
+            Error::PrivatePage { range, page } => Some((*range, *page)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+impl GuestMemoryRegion for PrivateRegion {
+    type B = ();
+
+    fn len(&self) -> GuestUsize {
+        self.guest.len()
+    }
+
+    fn start_addr(&self) -> GuestAddress {
+        GuestAddress(self.guest.start())
+    }
+
+    fn bitmap(&self) {}
+
+    /// The host address of `addr`, if its page is shared. The pointer is valid for the
+    /// rest of that page only as long as the page stays shared: subscribe a listener to
+    /// learn when it stops being so.
+    fn get_host_address(&self, addr: MemoryRegionAddress) -> GuestResult<*mut u8> {
+        self.checked_slice(addr.0, 1)
+            .map(|s| s.ptr_guard_mut().as_ptr())
+    }
+
+    /// The shared file behind the region's host mapping, in the dual strategy (its
+    /// private pages hold nothing there). `None` in-place: that file is the guest_memfd,
+    /// whose private pages another process must not map.
+    fn file_offset(&self) -> Option<&FileOffset> {
+        match self.strategy {
+            Strategy::Dual => self.host.file_offset(),
+            Strategy::InPlace => None,
+        }
+    }
+
+    fn get_slice(
+        &self,
+        offset: MemoryRegionAddress,
+        count: usize,
+    ) -> GuestResult<VolatileSlice<'_, BS<'_, ()>>> {
+        self.checked_slice(offset.0, count)
+    }
+}
+
+/// Implemented by hand rather than through `GuestMemoryRegionBytes`: that trait's
+/// methods go through `as_volatile_slice()`, a slice of the whole region, so one private
+/// page anywhere would refuse every access. Here each access checks exactly its bytes.
+impl Bytes<MemoryRegionAddress> for PrivateRegion {
+    type E = GuestMemoryError;
+
+    fn write(&self, buf: &[u8], addr: MemoryRegionAddress) -> GuestResult<usize> {
+        let count = self.clamp(addr, buf.len())?;
+        Ok(self.checked_slice(addr.0, count)?.write(&buf[..count], 0)?)
+    }
+
+    fn read(&self, buf: &mut [u8], addr: MemoryRegionAddress) -> GuestResult<usize> {
+        let count = self.clamp(addr, buf.len())?;
+        Ok(self
+            .checked_slice(addr.0, count)?
+            .read(&mut buf[..count], 0)?)
+    }
+
+    fn write_slice(&self, buf: &[u8], addr: MemoryRegionAddress) -> GuestResult<()> {
+        Ok(self.checked_slice(addr.0, buf.len())?.write_slice(buf, 0)?)
+    }
+
+    fn read_slice(&self, buf: &mut [u8], addr: MemoryRegionAddress) -> GuestResult<()> {
+        Ok(self.checked_slice(addr.0, buf.len())?.read_slice(buf, 0)?)
+    }
+
+    fn read_volatile_from<F: ReadVolatile>(
+        &self,
+        addr: MemoryRegionAddress,
+        src: &mut F,
+        count: usize,
+    ) -> GuestResult<usize> {
+        let count = self.clamp(addr, count)?;
+        Ok(self
+            .checked_slice(addr.0, count)?
+            .read_volatile_from(0, src, count)?)
+    }
+
+    fn read_exact_volatile_from<F: ReadVolatile>(
+        &self,
+        addr: MemoryRegionAddress,
+        src: &mut F,
+        count: usize,
+    ) -> GuestResult<()> {
+        Ok(self
+            .checked_slice(addr.0, count)?
+            .read_exact_volatile_from(0, src, count)?)
+    }
+
+    fn write_volatile_to<F: WriteVolatile>(
+        &self,
+        addr: MemoryRegionAddress,
+        dst: &mut F,
+        count: usize,
+    ) -> GuestResult<usize> {
+        let count = self.clamp(addr, count)?;
+        Ok(self
+            .checked_slice(addr.0, count)?
+            .write_volatile_to(0, dst, count)?)
+    }
+
+    fn write_all_volatile_to<F: WriteVolatile>(
+        &self,
+        addr: MemoryRegionAddress,
+        dst: &mut F,
+        count: usize,
+    ) -> GuestResult<()> {
+        Ok(self
+            .checked_slice(addr.0, count)?
+            .write_all_volatile_to(0, dst, count)?)
+    }
+
+    fn store<T: AtomicAccess>(
+        &self,
+        val: T,
+        addr: MemoryRegionAddress,
+        order: Ordering,
+    ) -> GuestResult<()> {
+        Ok(self
+            .checked_slice(addr.0, std::mem::size_of::<T>())?
+            .store(val, 0, order)?)
+    }
+
+    fn load<T: AtomicAccess>(&self, addr: MemoryRegionAddress, order: Ordering) -> GuestResult<T> {
+        Ok(self
+            .checked_slice(addr.0, std::mem::size_of::<T>())?
+            .load(0, order)?)
+    }
+}

@@ -101,7 +101,7 @@ impl PrivateMemory {
     /// ```
     /// use std::sync::Arc;
     /// use guest_memfd::PageRange;
-    /// use vm_memory::{Bytes, GuestAddress};
+    /// use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
     /// use vm_private_memory::{MemoryBuilder, PageState};
     ///
     /// let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());

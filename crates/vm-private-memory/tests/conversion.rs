@@ -1,0 +1,377 @@
+//! The conversion engine on the real `/dev/kvm`: what changes, what listeners hear, and
+//! that every failure leaves bits, KVM's view and listeners as they were.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, Mutex};
+
+use common::{dual, in_place, in_place_or_skip, pr, Heard, Recorder};
+use guest_memfd::{PageRange, PAGE_SIZE};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
+use vm_private_memory::{
+    ContentMode, Error, GuestMemoryPrivate, MemoryListener, PageState, PrivateMemory, Step,
+};
+
+const MIB2: u64 = 2 << 20;
+
+fn states(m: &PrivateMemory, size: u64) -> Vec<PageState> {
+    (0..size / PAGE_SIZE)
+        .map(|p| m.state_of(p * PAGE_SIZE).unwrap())
+        .collect()
+}
+
+#[test]
+fn converting_changes_only_pages_in_the_other_state_and_reports_them() {
+    if !in_place_or_skip("converting_changes_only_pages_in_the_other_state_and_reports_them") {
+        return;
+    }
+    let m = in_place(2 * MIB2, PageState::Private);
+    assert_eq!(m.private_pages(), 1024);
+    let r = m.convert(pr(0, MIB2), PageState::Shared).unwrap();
+    assert_eq!(r.pages_changed, 512);
+    assert_eq!(r.bytes_discarded, MIB2);
+    assert_eq!(r.changed, vec![pr(0, MIB2)]);
+    // Again: nothing to do.
+    let again = m.convert(pr(0, MIB2), PageState::Shared).unwrap();
+    assert_eq!(again.pages_changed, 0);
+    assert!(again.changed.is_empty());
+    // A range that is half shared, half private changes only the private half.
+    let r = m
+        .convert(pr(MIB2 - 4 * PAGE_SIZE, 8 * PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    assert_eq!(r.pages_changed, 4);
+    assert_eq!(r.changed, vec![pr(MIB2, 4 * PAGE_SIZE)]);
+    assert_eq!(m.private_pages(), 1024 - 516);
+}
+
+#[test]
+fn content_is_discarded_on_conversion_unless_preserved() {
+    if !in_place_or_skip("content_is_discarded_on_conversion_unless_preserved") {
+        return;
+    }
+    let m = in_place(MIB2, PageState::Shared);
+    let mem = m.memory().memory();
+    mem.write_obj(0xdead_beefu32, GuestAddress(0)).unwrap();
+    mem.write_obj(0xcafe_f00du32, GuestAddress(PAGE_SIZE))
+        .unwrap();
+    let page0 = pr(0, PAGE_SIZE);
+    let page1 = pr(PAGE_SIZE, PAGE_SIZE);
+    m.convert(page0, PageState::Private).unwrap();
+    m.convert(page0, PageState::Shared).unwrap();
+    assert_eq!(
+        mem.read_obj::<u32>(GuestAddress(0)).unwrap(),
+        0,
+        "a fresh page"
+    );
+    let r = m
+        .convert_with(page1, PageState::Private, ContentMode::Preserve)
+        .unwrap();
+    assert_eq!(r.bytes_discarded, 0);
+    m.convert_with(page1, PageState::Shared, ContentMode::Preserve)
+        .unwrap();
+    assert_eq!(
+        mem.read_obj::<u32>(GuestAddress(PAGE_SIZE)).unwrap(),
+        0xcafe_f00d
+    );
+}
+
+#[test]
+fn ranges_outside_guest_memory_are_refused() {
+    if !in_place_or_skip("ranges_outside_guest_memory_are_refused") {
+        return;
+    }
+    let m = vm_private_memory::MemoryBuilder::new(common::vm())
+        .region_at(0, MIB2)
+        .region_at(2 * MIB2, MIB2) // a hole at [2 MiB, 4 MiB)
+        .build()
+        .unwrap();
+    for (range, outside) in [
+        (pr(MIB2 - PAGE_SIZE, 2 * PAGE_SIZE), MIB2),
+        (pr(0, 3 * MIB2), MIB2),
+        (pr(3 * MIB2, PAGE_SIZE), 3 * MIB2),
+        (pr(1 << 40, PAGE_SIZE), 1 << 40),
+    ] {
+        match m.convert(range, PageState::Shared) {
+            Err(Error::OutsideGuestMemory { first_outside, .. }) => {
+                assert_eq!(first_outside, outside, "{range}")
+            }
+            other => panic!("{range}: {other:?}"),
+        }
+        assert!(m.discard(range).is_err());
+    }
+    // Nothing changed on the way.
+    assert_eq!(m.private_pages(), 1024);
+}
+
+#[test]
+fn listeners_hear_clipped_ranges_in_order_while_access_is_still_allowed() {
+    if !in_place_or_skip("listeners_hear_clipped_ranges_in_order_while_access_is_still_allowed") {
+        return;
+    }
+    // A listener that, as a DMA user would, touches its range in every callback.
+    struct Toucher {
+        view: GuestMemoryAtomic<GuestMemoryPrivate>,
+        log: Mutex<Vec<(Heard, bool)>>,
+    }
+    impl MemoryListener for Toucher {
+        fn discard(&self, range: PageRange) {
+            let ok = self
+                .view
+                .memory()
+                .read_obj::<u8>(GuestAddress(range.start()))
+                .is_ok();
+            self.log.lock().unwrap().push((Heard::Discard(range), ok));
+        }
+        fn populate(&self, range: PageRange) -> Result<(), String> {
+            let ok = self
+                .view
+                .memory()
+                .read_obj::<u8>(GuestAddress(range.start()))
+                .is_ok();
+            self.log.lock().unwrap().push((Heard::Populate(range), ok));
+            Ok(())
+        }
+    }
+    let m = in_place(2 * MIB2, PageState::Private);
+    let toucher = Arc::new(Toucher {
+        view: m.memory(),
+        log: Mutex::new(Vec::new()),
+    });
+    let other = Arc::new(Recorder::default());
+    let _a = m.subscribe(pr(PAGE_SIZE, 3 * PAGE_SIZE), toucher.clone());
+    let b = m.subscribe(pr(0, 2 * MIB2), other.clone());
+
+    m.convert(pr(0, 8 * PAGE_SIZE), PageState::Shared).unwrap();
+    m.convert(pr(2 * PAGE_SIZE, PAGE_SIZE), PageState::Private)
+        .unwrap();
+    assert_eq!(
+        *toucher.log.lock().unwrap(),
+        vec![
+            (Heard::Populate(pr(PAGE_SIZE, 3 * PAGE_SIZE)), true),
+            (Heard::Discard(pr(2 * PAGE_SIZE, PAGE_SIZE)), true),
+        ],
+        "populate after access is granted, discard before it is revoked"
+    );
+    assert_eq!(
+        *other.heard.lock().unwrap(),
+        vec![
+            Heard::Populate(pr(0, 8 * PAGE_SIZE)),
+            Heard::Discard(pr(2 * PAGE_SIZE, PAGE_SIZE))
+        ]
+    );
+    // Unsubscribed: hears nothing more.
+    drop(b);
+    assert_eq!(m.listener_count(), 1);
+    m.convert(pr(0, PAGE_SIZE), PageState::Private).unwrap();
+    assert_eq!(other.heard.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn a_listener_that_converts_gets_an_error() {
+    if !in_place_or_skip("a_listener_that_converts_gets_an_error") {
+        return;
+    }
+    struct Converter {
+        memory: Mutex<Option<Arc<PrivateMemory>>>,
+        result: Mutex<Option<String>>,
+    }
+    impl MemoryListener for Converter {
+        fn discard(&self, _: PageRange) {}
+        fn populate(&self, range: PageRange) -> Result<(), String> {
+            let memory = self.memory.lock().unwrap().clone().unwrap();
+            let r = memory.convert(range, PageState::Private);
+            let d = memory.discard(range);
+            *self.result.lock().unwrap() = Some(format!("{r:?} {d:?}"));
+            Ok(())
+        }
+    }
+    let m = Arc::new(in_place(MIB2, PageState::Private));
+    let converter = Arc::new(Converter {
+        memory: Mutex::new(Some(m.clone())),
+        result: Mutex::new(None),
+    });
+    let _s = m.subscribe(pr(0, MIB2), converter.clone());
+    m.convert(pr(0, PAGE_SIZE), PageState::Shared).unwrap();
+    let result = converter.result.lock().unwrap().clone().unwrap();
+    assert_eq!(result.matches("Reentrant").count(), 2, "{result}");
+    assert_eq!(m.state_of(0), Some(PageState::Shared));
+    converter.memory.lock().unwrap().take(); // break the cycle
+}
+
+#[test]
+fn a_refusing_listener_rolls_the_conversion_back() {
+    if !in_place_or_skip("a_refusing_listener_rolls_the_conversion_back") {
+        return;
+    }
+    let (m, view) = dual(MIB2, PageState::Private);
+    let accepting = Arc::new(Recorder::default());
+    let refusing = Arc::new(Recorder::default());
+    *refusing.refuse.lock().unwrap() = true;
+    let _a = m.subscribe(pr(0, MIB2), accepting.clone());
+    let _r = m.subscribe(pr(PAGE_SIZE, PAGE_SIZE), refusing.clone());
+    let before = states(&m, MIB2);
+    view.calls.lock().unwrap().clear();
+
+    let err = m
+        .convert(pr(0, 4 * PAGE_SIZE), PageState::Shared)
+        .unwrap_err();
+    assert!(matches!(err, Error::ListenerRefused { .. }), "{err}");
+    assert!(err.to_string().contains("[0x1000, 0x2000)"), "{err}");
+    assert_eq!(states(&m, MIB2), before);
+    // KVM's view went shared and came back private.
+    assert_eq!(
+        *view.calls.lock().unwrap(),
+        vec![
+            (pr(0, 4 * PAGE_SIZE), PageState::Shared),
+            (pr(0, 4 * PAGE_SIZE), PageState::Private)
+        ]
+    );
+    // The listener that had accepted got its range taken back.
+    assert_eq!(
+        *accepting.heard.lock().unwrap(),
+        vec![
+            Heard::Populate(pr(0, 4 * PAGE_SIZE)),
+            Heard::Discard(pr(0, 4 * PAGE_SIZE))
+        ]
+    );
+}
+
+/// Every step of both directions, on both strategies, made to fail: bits, KVM's view
+/// and the listeners' view end as they began.
+#[test]
+fn a_failure_at_any_step_leaves_everything_as_it_was() {
+    if !in_place_or_skip("a_failure_at_any_step_leaves_everything_as_it_was") {
+        return;
+    }
+    let steps = [
+        Step::NotifyDiscard,
+        Step::Bits,
+        Step::KvmAttributes,
+        Step::NotifyPopulate,
+        Step::DiscardOldSide,
+    ];
+    let range = pr(4 * PAGE_SIZE, 8 * PAGE_SIZE);
+    for dual_strategy in [false, true] {
+        for to in [PageState::Private, PageState::Shared] {
+            for step in steps {
+                let initial = to.flipped();
+                let (m, view) = if dual_strategy {
+                    let (m, v) = dual(MIB2, initial);
+                    (m, Some(v))
+                } else {
+                    (in_place(MIB2, initial), None)
+                };
+                let listener = Arc::new(Recorder::default());
+                let _s = m.subscribe(pr(0, MIB2), listener.clone());
+                let before = states(&m, MIB2);
+                if let Some(v) = &view {
+                    v.calls.lock().unwrap().clear();
+                }
+                m.inject_failure(Some(step));
+                let result = m.convert(range, to);
+                let what = format!("dual={dual_strategy} to={to} step={step:?}");
+                let step_runs = !matches!(
+                    (step, to, dual_strategy),
+                    (Step::KvmAttributes, _, false)
+                        | (Step::NotifyDiscard, PageState::Shared, _)
+                        | (Step::NotifyPopulate, PageState::Private, _)
+                );
+                if !step_runs {
+                    assert!(result.is_ok(), "{what}: {result:?}");
+                    continue;
+                }
+                assert!(
+                    matches!(result, Err(Error::Injected(s)) if s == step),
+                    "{what}: {result:?}"
+                );
+                assert_eq!(states(&m, MIB2), before, "{what}: bits");
+                if let Some(v) = &view {
+                    let calls = v.calls.lock().unwrap();
+                    let net: i64 = calls
+                        .iter()
+                        .map(|(_, s)| if *s == to { 1 } else { -1 })
+                        .sum();
+                    assert_eq!(net, 0, "{what}: KVM's view {calls:?}");
+                }
+                let heard = listener.heard.lock().unwrap();
+                let discards = heard
+                    .iter()
+                    .filter(|h| matches!(h, Heard::Discard(_)))
+                    .count();
+                let populates = heard.len() - discards;
+                assert_eq!(discards, populates, "{what}: listeners {heard:?}");
+                // And once the fault is gone, the same conversion goes through.
+                drop(heard);
+                m.inject_failure(None);
+                assert_eq!(m.convert(range, to).unwrap().pages_changed, 8, "{what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn dual_frees_the_shared_side_when_pages_go_private() {
+    let (m, view) = dual(MIB2, PageState::Shared);
+    let region_memfd_blocks = |m: &PrivateMemory| {
+        let snap = m.memory().memory();
+        let region = snap.iter().next().unwrap();
+        region
+            .shared_memfd()
+            .unwrap()
+            .file()
+            .metadata()
+            .unwrap()
+            .blocks()
+    };
+    let mem = m.memory().memory();
+    mem.write_slice(&vec![0x5a; MIB2 as usize], GuestAddress(0))
+        .unwrap();
+    assert_eq!(
+        region_memfd_blocks(&m) * 512,
+        MIB2,
+        "written pages are held"
+    );
+    let r = m.convert(pr(0, MIB2 / 2), PageState::Private).unwrap();
+    assert_eq!(r.bytes_discarded, MIB2 / 2);
+    assert_eq!(
+        region_memfd_blocks(&m) * 512,
+        MIB2 / 2,
+        "the private half is freed"
+    );
+    assert_eq!(
+        view.calls.lock().unwrap().last(),
+        Some(&(pr(0, MIB2 / 2), PageState::Private))
+    );
+    // Preserving content across sides is impossible with two files.
+    assert!(matches!(
+        m.convert_with(pr(0, PAGE_SIZE), PageState::Shared, ContentMode::Preserve),
+        Err(Error::StrategyUnavailable { .. })
+    ));
+    // Back to shared: the page is fresh.
+    m.convert(pr(0, PAGE_SIZE), PageState::Shared).unwrap();
+    assert_eq!(mem.read_obj::<u64>(GuestAddress(0)).unwrap(), 0);
+}
+
+#[test]
+fn discard_frees_pages_tells_listeners_and_keeps_states() {
+    if !in_place_or_skip("discard_frees_pages_tells_listeners_and_keeps_states") {
+        return;
+    }
+    let m = in_place(MIB2, PageState::Shared);
+    let listener = Arc::new(Recorder::default());
+    let _s = m.subscribe(pr(0, MIB2), listener.clone());
+    let mem = m.memory().memory();
+    mem.write_obj(0x77u64, GuestAddress(PAGE_SIZE)).unwrap();
+    m.convert(pr(3 * PAGE_SIZE, PAGE_SIZE), PageState::Private)
+        .unwrap();
+    let before = states(&m, MIB2);
+    let bytes = m.discard(pr(0, 4 * PAGE_SIZE)).unwrap();
+    assert_eq!(bytes, 4 * PAGE_SIZE);
+    assert_eq!(states(&m, MIB2), before);
+    assert_eq!(mem.read_obj::<u64>(GuestAddress(PAGE_SIZE)).unwrap(), 0);
+    assert_eq!(
+        listener.heard.lock().unwrap().last(),
+        Some(&Heard::Discard(pr(0, 4 * PAGE_SIZE)))
+    );
+}

@@ -110,6 +110,9 @@ pub enum Error {
     /// A state document does not match the memory it is restored into.
     #[error("the saved state does not match: {0}")]
     StateMismatch(String),
+    /// A guest's conversion request was malformed.
+    #[error("malformed conversion request from the guest: {0}")]
+    BadRequest(String),
     /// An injected failure (feature `fault-injection`).
     #[error("injected failure at step {0:?}")]
     Injected(crate::convert::Step),

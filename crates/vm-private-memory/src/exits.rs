@@ -1,0 +1,168 @@
+//! Conversion requests that arrive from the guest: `KVM_EXIT_MEMORY_FAULT` and the
+//! `KVM_HC_MAP_GPA_RANGE` hypercall (TDX MapGPA and SEV-SNP page-state changes reach
+//! userspace this way). Guest input is untrusted: every field is checked, and a bad
+//! request gets the error code KVM's ABI defines, never a panic.
+
+use guest_memfd::{PageRange, PAGE_SIZE};
+use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
+
+use crate::attributes::PageState;
+use crate::convert::ConversionReport;
+use crate::error::{Error, Result};
+use crate::memory::PrivateMemory;
+
+/// `KVM_MAP_GPA_RANGE_PAGE_SZ_2M` (`include/uapi/linux/kvm_para.h`).
+pub const MAP_GPA_RANGE_PAGE_SZ_2M: u64 = 1 << 0;
+/// `KVM_MAP_GPA_RANGE_PAGE_SZ_1G` (`include/uapi/linux/kvm_para.h`).
+pub const MAP_GPA_RANGE_PAGE_SZ_1G: u64 = 1 << 1;
+/// `KVM_MAP_GPA_RANGE_ENCRYPTED` (`include/uapi/linux/kvm_para.h`): make the range private.
+pub const MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
+/// Every attribute bit the ABI defines.
+pub const MAP_GPA_RANGE_KNOWN: u64 =
+    MAP_GPA_RANGE_PAGE_SZ_2M | MAP_GPA_RANGE_PAGE_SZ_1G | MAP_GPA_RANGE_ENCRYPTED;
+
+/// `KVM_EINVAL` (`include/uapi/linux/kvm_para.h`): the hypercall's arguments are invalid.
+pub const KVM_EINVAL: u64 = libc::EINVAL as u64;
+/// `KVM_EFAULT` (`include/uapi/linux/kvm_para.h`): the hypercall could not be carried out.
+pub const KVM_EFAULT: u64 = libc::EFAULT as u64;
+
+/// Why a guest's request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The address is not page-aligned.
+    #[error("gpa {0:#x} is not page-aligned")]
+    Unaligned(u64),
+    /// Zero pages (or a zero-size fault).
+    #[error("the request covers no page")]
+    Empty,
+    /// The range wraps around the address space.
+    #[error("gpa {gpa:#x} plus {pages:#x} pages overflows")]
+    Overflow {
+        /// The address.
+        gpa: u64,
+        /// The page count.
+        pages: u64,
+    },
+    /// Attribute bits the ABI does not define, or both page-size bits.
+    #[error("attributes {0:#x} are not defined by KVM_HC_MAP_GPA_RANGE")]
+    BadAttributes(u64),
+    /// Memory-fault flags other than `KVM_MEMORY_EXIT_FLAG_PRIVATE`.
+    #[error("memory-fault flags {0:#x} are unknown")]
+    BadFlags(u64),
+}
+
+impl RequestError {
+    /// The error code a guest's `KVM_HC_MAP_GPA_RANGE` returns for this (a negative
+    /// errno in `rax`, as KVM itself answers).
+    pub fn hypercall_code(&self) -> u64 {
+        KVM_EINVAL.wrapping_neg()
+    }
+}
+
+/// A checked request: make `range` `to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConversionRequest {
+    /// The guest-physical range.
+    pub range: PageRange,
+    /// The state asked for.
+    pub to: PageState,
+}
+
+fn range_of(
+    gpa: u64,
+    bytes_or_pages: u64,
+    pages: bool,
+) -> std::result::Result<PageRange, RequestError> {
+    if gpa % PAGE_SIZE != 0 {
+        return Err(RequestError::Unaligned(gpa));
+    }
+    if bytes_or_pages == 0 {
+        return Err(RequestError::Empty);
+    }
+    let overflow = RequestError::Overflow {
+        gpa,
+        pages: bytes_or_pages,
+    };
+    let len = if pages {
+        bytes_or_pages.checked_mul(PAGE_SIZE).ok_or(overflow)?
+    } else {
+        // A fault's size is a page (or a huge page): round up to whole pages.
+        bytes_or_pages
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or(overflow)?
+    };
+    PageRange::new(gpa, len).map_err(|_| overflow)
+}
+
+impl ConversionRequest {
+    /// From a `KVM_EXIT_MEMORY_FAULT` exit (`VcpuExit::MemoryFault { flags, gpa, size }`):
+    /// the guest accessed `[gpa, gpa + size)` as private (flag set) or shared (clear),
+    /// and KVM's view disagreed, so the range should become what the guest used.
+    pub fn from_memory_fault(
+        flags: u64,
+        gpa: u64,
+        size: u64,
+    ) -> std::result::Result<Self, RequestError> {
+        let private = u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE);
+        if flags & !private != 0 {
+            return Err(RequestError::BadFlags(flags));
+        }
+        Ok(ConversionRequest {
+            range: range_of(gpa, size, false)?,
+            to: if flags & private != 0 {
+                PageState::Private
+            } else {
+                PageState::Shared
+            },
+        })
+    }
+
+    /// From `KVM_HC_MAP_GPA_RANGE` arguments: `gpa` (rbx), `pages` (rcx, 4 KiB pages
+    /// whatever the page-size hint), `attributes` (rdx: bit 4 encrypted, bits 0-1 the
+    /// page-size hint, which is checked but not needed).
+    pub fn from_map_gpa_range(
+        gpa: u64,
+        pages: u64,
+        attributes: u64,
+    ) -> std::result::Result<Self, RequestError> {
+        let both_sizes = MAP_GPA_RANGE_PAGE_SZ_2M | MAP_GPA_RANGE_PAGE_SZ_1G;
+        if attributes & !MAP_GPA_RANGE_KNOWN != 0 || attributes & both_sizes == both_sizes {
+            return Err(RequestError::BadAttributes(attributes));
+        }
+        Ok(ConversionRequest {
+            range: range_of(gpa, pages, true)?,
+            to: if attributes & MAP_GPA_RANGE_ENCRYPTED != 0 {
+                PageState::Private
+            } else {
+                PageState::Shared
+            },
+        })
+    }
+}
+
+impl PrivateMemory {
+    /// Serves a `KVM_EXIT_MEMORY_FAULT`: converts the faulting range to what the guest
+    /// used. Then re-enter the vCPU.
+    pub fn handle_memory_fault(&self, flags: u64, gpa: u64, size: u64) -> Result<ConversionReport> {
+        let request = ConversionRequest::from_memory_fault(flags, gpa, size)
+            .map_err(|e| Error::BadRequest(e.to_string()))?;
+        self.convert(request.range, request.to)
+    }
+
+    /// Serves a `KVM_HC_MAP_GPA_RANGE` hypercall and returns the value for the guest's
+    /// `rax` (`KVM_EXIT_HYPERCALL`'s `ret`): 0 on success, `-KVM_EINVAL` for a malformed
+    /// or out-of-memory request, `-KVM_EFAULT` if the conversion itself failed (it was
+    /// rolled back).
+    pub fn handle_map_gpa_range(&self, gpa: u64, pages: u64, attributes: u64) -> u64 {
+        match ConversionRequest::from_map_gpa_range(gpa, pages, attributes) {
+            Err(e) => e.hypercall_code(),
+            Ok(request) => match self.convert(request.range, request.to) {
+                Ok(_) => 0,
+                Err(Error::OutsideGuestMemory { .. }) | Err(Error::Reentrant { .. }) => {
+                    KVM_EINVAL.wrapping_neg()
+                }
+                Err(_) => KVM_EFAULT.wrapping_neg(),
+            },
+        }
+    }
+}

@@ -3,6 +3,10 @@
 //! Readers (every host access) load whole 64-page words with `Acquire` and never lock.
 //! Only the conversion engine writes, under the memory's conversion lock, with `Release`
 //! stores, so a reader sees each word either before or after a change, never torn.
+//!
+//! A set bit means "not in the initial state", so a new map is all zeros whatever the
+//! initial state, and its memory comes from zeroed, lazily backed allocator pages: a
+//! sparse 1 TiB guest costs nothing until its pages change.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -42,6 +46,7 @@ impl std::fmt::Display for PageState {
 pub struct PageAttributes {
     words: Box<[AtomicU64]>,
     pages: u64,
+    initial: PageState,
 }
 
 /// A run of consecutive pages in one state: `(first page, page count, state)`.
@@ -50,14 +55,16 @@ pub type Run = (u64, u64, PageState);
 impl PageAttributes {
     /// `pages` pages, all in `initial` state. Memory: one bit per page, rounded up to 64.
     pub fn new(pages: u64, initial: PageState) -> Self {
-        let words = pages.div_ceil(64) as usize;
-        let words: Box<[AtomicU64]> = match initial {
-            PageState::Shared => (0..words).map(|_| AtomicU64::new(0)).collect(),
-            PageState::Private => (0..words)
-                .map(|i| AtomicU64::new(Self::mask_of_word(i as u64, 0, pages)))
-                .collect(),
-        };
-        PageAttributes { words, pages }
+        PageAttributes {
+            words: zeroed_words(pages.div_ceil(64) as usize),
+            pages,
+            initial,
+        }
+    }
+
+    /// The stored bit pattern that means `state`.
+    fn stored(&self, state: PageState) -> bool {
+        state != self.initial
     }
 
     /// The bits of word `word` that belong to pages `[first, end)`.
@@ -90,9 +97,9 @@ impl PageAttributes {
     pub fn get(&self, page: u64) -> PageState {
         let word = self.words[(page / 64) as usize].load(Ordering::Acquire);
         if word & (1 << (page % 64)) != 0 {
-            PageState::Private
+            self.initial.flipped()
         } else {
-            PageState::Shared
+            self.initial
         }
     }
 
@@ -102,10 +109,8 @@ impl PageAttributes {
         let mut word = first / 64;
         while word * 64 < end {
             let bits = self.words[word as usize].load(Ordering::Acquire);
-            let bits = match state {
-                PageState::Private => bits,
-                PageState::Shared => !bits,
-            } & Self::mask_of_word(word, first, end);
+            let bits = if self.stored(state) { bits } else { !bits }
+                & Self::mask_of_word(word, first, end);
             if bits != 0 {
                 return Some(word * 64 + u64::from(bits.trailing_zeros()));
             }
@@ -128,10 +133,11 @@ impl PageAttributes {
         while word * 64 < end {
             let mask = Self::mask_of_word(word, first, end);
             let cell = &self.words[word as usize];
-            match state {
-                PageState::Private => cell.fetch_or(mask, Ordering::Release),
-                PageState::Shared => cell.fetch_and(!mask, Ordering::Release),
-            };
+            if self.stored(state) {
+                cell.fetch_or(mask, Ordering::Release);
+            } else {
+                cell.fetch_and(!mask, Ordering::Release);
+            }
             word += 1;
         }
     }
@@ -154,11 +160,29 @@ impl PageAttributes {
 
     /// How many pages are private.
     pub fn count_private(&self) -> u64 {
-        self.words
+        let flipped: u64 = self
+            .words
             .iter()
             .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
-            .sum()
+            .sum();
+        match self.initial {
+            PageState::Private => self.pages - flipped,
+            PageState::Shared => flipped,
+        }
     }
+}
+
+/// `count` zeroed atomic words, from a zeroed allocation (`calloc`, which the kernel
+/// backs lazily for large sizes) instead of a loop that writes every word.
+fn zeroed_words(count: usize) -> Box<[AtomicU64]> {
+    const { assert!(std::mem::align_of::<AtomicU64>() == std::mem::align_of::<u64>()) };
+    let plain: Box<[u64]> = vec![0u64; count].into_boxed_slice();
+    let raw = Box::into_raw(plain) as *mut [AtomicU64];
+    // SAFETY: `AtomicU64` has the same size and bit validity as `u64` (std's documented
+    // guarantee) and, as asserted above, the same alignment on this target, so the
+    // allocation is a valid `[AtomicU64]` of the same length; ownership moves from one
+    // box to the other and the allocation is freed with the same layout.
+    unsafe { Box::from_raw(raw) }
 }
 
 #[cfg(test)]

@@ -165,6 +165,10 @@ impl MemoryBuilder {
         let mut requests: Vec<Request> = holes.chain(regions).collect();
         requests.sort_by_key(|r| r.at.is_none());
         let mut placed = vec![None; self.regions.len()];
+        // vm-allocator 0.1.4's ExactMatch finds the node holding the start address
+        // without checking that it is free, so a fixed range wholly inside one already
+        // taken is granted; every range taken is kept here to check fixed ones against.
+        let mut taken: Vec<PageRange> = Vec::new();
         for request in requests {
             let layout_err = |reason: String| Error::Layout {
                 range: GpaRange {
@@ -174,6 +178,12 @@ impl MemoryBuilder {
                 reason,
             };
             let range = PageRange::new(request.at.unwrap_or(0), request.size)?;
+            if let Some(other) = request
+                .at
+                .and_then(|_| taken.iter().find(|t| t.intersection(&range).is_some()))
+            {
+                return Err(layout_err(format!("it overlaps {other}")));
+            }
             let (policy, align) = match request.at {
                 Some(gpa) => (AllocPolicy::ExactMatch(gpa), guest_memfd::PAGE_SIZE),
                 None => (AllocPolicy::FirstMatch, REGION_ALIGNMENT),
@@ -181,8 +191,10 @@ impl MemoryBuilder {
             let got = space
                 .allocate(range.len(), align, policy)
                 .map_err(|e| layout_err(e.to_string()))?;
+            let got = PageRange::new(got.start(), range.len())?;
+            taken.push(got);
             if let Some(i) = request.region {
-                placed[i] = Some(PageRange::new(got.start(), range.len())?);
+                placed[i] = Some(got);
             }
         }
         Ok(placed
@@ -219,7 +231,7 @@ impl MemoryBuilder {
         } else {
             None
         };
-        let mut regions = Vec::with_capacity(layout.len());
+        let mut regions: Vec<Arc<PrivateRegion>> = Vec::with_capacity(layout.len());
         let mut offset = 0;
         for guest in layout {
             let (gmem, gmem_offset) = match &shared_file {
@@ -233,6 +245,7 @@ impl MemoryBuilder {
             let region = make_region(strategy, guest, gmem, gmem_offset, self.initial, slot)?;
             regions.push(Arc::new(region));
         }
+        regions.sort_by_key(|r| r.guest_range().start());
         let collection =
             GuestRegionCollection::from_arc_regions(regions).map_err(|e| Error::Layout {
                 range: GpaRange { start: 0, len: 0 },

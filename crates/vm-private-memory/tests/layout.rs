@@ -1,0 +1,237 @@
+//! Laying out guest RAM, choosing a strategy, and memslots on a real VM.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{in_place_or_skip, pr, vm, Heard, Recorder};
+use guest_memfd::{Capabilities, GuestMemfd, GuestMemfdFlags, Memslot, PageRange, PAGE_SIZE};
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
+use vm_private_memory::{Error, MemoryBuilder, PageState, Strategy};
+
+const MIB2: u64 = 2 << 20;
+const GIB: u64 = 1 << 30;
+
+#[test]
+fn floating_regions_go_around_the_mmio_hole() {
+    if !in_place_or_skip("floating_regions_go_around_the_mmio_hole") {
+        return;
+    }
+    let m = MemoryBuilder::new(vm())
+        .x86_mmio_hole()
+        .region(2 * GIB)
+        .region(2 * GIB)
+        .region(MIB2)
+        .build()
+        .unwrap();
+    assert_eq!(
+        m.regions(),
+        vec![pr(0, 2 * GIB), pr(2 * GIB, MIB2), pr(4 * GIB, 2 * GIB)]
+    );
+}
+
+#[test]
+fn bad_layouts_are_refused_with_the_region_named() {
+    let cases: Vec<(MemoryBuilder, &str)> = vec![
+        (MemoryBuilder::new(vm()), "no memory region"),
+        (
+            MemoryBuilder::new(vm())
+                .region_at(0, MIB2)
+                .region_at(MIB2 / 2, MIB2),
+            "[0x100000, 0x300000)",
+        ),
+        (
+            MemoryBuilder::new(vm())
+                .x86_mmio_hole()
+                .region_at(3 * GIB + MIB2, MIB2),
+            "[0xc0200000, 0xc0400000)",
+        ),
+        (
+            MemoryBuilder::new(vm()).region_at(0x800, MIB2),
+            "not page-aligned",
+        ),
+        (
+            MemoryBuilder::new(vm()).region(MIB2 + 1),
+            "not page-aligned",
+        ),
+        (MemoryBuilder::new(vm()).region(0), "empty"),
+        (
+            MemoryBuilder::new(vm()).region_at(1 << 48, MIB2),
+            "[0x1000000000000, 0x1000000200000)",
+        ),
+        (
+            MemoryBuilder::new(vm())
+                .slots(5, 5)
+                .region(MIB2)
+                .region(MIB2),
+            "no memslot number is free",
+        ),
+    ];
+    for (builder, needle) in cases {
+        let err = builder.build().unwrap_err();
+        assert!(err.to_string().contains(needle), "{needle}: {err}");
+    }
+}
+
+#[test]
+fn the_strategy_follows_the_vm_and_an_impossible_one_is_explained() {
+    let vm = vm();
+    let caps = Capabilities::of_vm(&vm);
+    let auto = MemoryBuilder::new(vm.clone()).region(MIB2).build();
+    let expected = if caps.dual_capable() {
+        Some(Strategy::Dual)
+    } else if caps.in_place_capable() {
+        Some(Strategy::InPlace)
+    } else {
+        None
+    };
+    assert_eq!(auto.as_ref().ok().map(|m| m.strategy()), expected);
+    drop(auto);
+    for strategy in [Strategy::Dual, Strategy::InPlace] {
+        let result = MemoryBuilder::new(vm.clone())
+            .region(MIB2)
+            .strategy(strategy)
+            .build();
+        match strategy.unavailable_because(&caps) {
+            None => assert_eq!(result.unwrap().strategy(), strategy),
+            Some(reason) => match result {
+                Err(Error::StrategyUnavailable {
+                    strategy: s,
+                    reason: r,
+                }) => {
+                    assert_eq!((s, &r), (strategy, &reason));
+                    if strategy == Strategy::Dual {
+                        assert!(r.contains("KVM_CAP_MEMORY_ATTRIBUTES"), "{r}");
+                    }
+                }
+                other => panic!("{strategy}: {other:?}"),
+            },
+        }
+    }
+}
+
+#[test]
+fn one_file_can_back_every_region() {
+    if !in_place_or_skip("one_file_can_back_every_region") {
+        return;
+    }
+    let m = MemoryBuilder::new(vm())
+        .region_at(0, MIB2)
+        .region_at(4 * GIB, 2 * MIB2)
+        .single_file(true)
+        .build()
+        .unwrap();
+    let snapshot = m.memory().memory();
+    let regions: Vec<_> = snapshot.iter().collect();
+    assert_eq!(regions[0].gmem().size(), 3 * MIB2);
+    assert_eq!(regions[0].gmem().file().metadata().unwrap().len(), 3 * MIB2);
+    assert_eq!(
+        (regions[0].gmem_offset(), regions[1].gmem_offset()),
+        (0, MIB2)
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        regions[0].gmem().file().metadata().unwrap().ino(),
+        regions[1].gmem().file().metadata().unwrap().ino()
+    );
+}
+
+#[test]
+fn a_sparse_terabyte_costs_one_bit_per_page() {
+    if !in_place_or_skip("a_sparse_terabyte_costs_one_bit_per_page") {
+        return;
+    }
+    let tib = 1u64 << 40;
+    let m = MemoryBuilder::new(vm())
+        .region_at(4 * GIB, tib)
+        .initial_state(PageState::Private)
+        .build()
+        .unwrap();
+    assert_eq!(m.private_pages(), tib / PAGE_SIZE);
+    let per_gib = m.metadata_bytes() as u64 / (tib / GIB);
+    assert!(per_gib <= 40 << 10, "{per_gib} bytes per GiB");
+    assert_eq!(per_gib, 32 << 10);
+}
+
+/// Whether guest-physical `range` is free in `vm`: a probe slot binds there only then.
+fn gpa_is_free(vm: &kvm_ioctls::VmFd, range: PageRange) -> bool {
+    let probe = GuestMemfd::create(vm, range.len(), GuestMemfdFlags::empty()).unwrap();
+    let slot = Memslot::new(4000, range, &probe, 0).unwrap();
+    // SAFETY: no userspace address is set.
+    let free = unsafe { slot.bind(vm) }.is_ok();
+    if free {
+        slot.unbind(vm).unwrap();
+    }
+    free
+}
+
+#[test]
+fn regions_are_bound_removed_and_re_added_at_another_offset_while_a_vcpu_exists() {
+    if !in_place_or_skip(
+        "regions_are_bound_removed_and_re_added_at_another_offset_while_a_vcpu_exists",
+    ) {
+        return;
+    }
+    let vm = vm();
+    let _vcpu = vm.create_vcpu(0).unwrap();
+    let m = MemoryBuilder::new(vm.clone())
+        .region_at(0, MIB2)
+        .region_at(MIB2, MIB2)
+        .single_file(true)
+        .initial_state(PageState::Shared)
+        .build()
+        .unwrap();
+    assert!(
+        !gpa_is_free(&vm, pr(MIB2, MIB2)),
+        "the region's slot is bound"
+    );
+
+    let listener = Arc::new(Recorder::default());
+    let _s = m.subscribe(pr(0, 2 * MIB2), listener.clone());
+    m.convert(pr(MIB2, PAGE_SIZE), PageState::Private).unwrap();
+    let (range, gmem, offset) = m.remove_region(MIB2).unwrap();
+    assert_eq!((range, offset), (pr(MIB2, MIB2), MIB2));
+    assert_eq!(
+        listener.heard.lock().unwrap().last(),
+        Some(&Heard::Discard(pr(MIB2 + PAGE_SIZE, MIB2 - PAGE_SIZE))),
+        "listeners hear of the shared pages first"
+    );
+    assert!(gpa_is_free(&vm, pr(MIB2, MIB2)), "the slot is gone");
+    assert_eq!(m.regions(), vec![pr(0, MIB2)]);
+    assert!(matches!(m.remove_region(MIB2), Err(Error::NoSuchRegion(_))));
+
+    // Re-add the range backed by the *first* half of the same file, once the region
+    // that used that half is gone too (one file range may back one slot only).
+    let (low, _, low_offset) = m.remove_region(0).unwrap();
+    assert_eq!((low, low_offset), (pr(0, MIB2), 0));
+    m.add_region(pr(MIB2, MIB2), Some((gmem.clone(), 0)), PageState::Shared)
+        .unwrap();
+    m.add_region(pr(0, MIB2), None, PageState::Shared).unwrap();
+    assert!(!gpa_is_free(&vm, pr(MIB2, MIB2)));
+    assert_eq!(m.regions(), vec![pr(0, MIB2), pr(MIB2, MIB2)]);
+    // Overlapping regions, and offsets past the file, are refused.
+    assert!(m
+        .add_region(pr(MIB2, MIB2), None, PageState::Shared)
+        .is_err());
+    assert!(matches!(
+        m.add_region(
+            pr(8 * MIB2, MIB2),
+            Some((gmem, 2 * MIB2)),
+            PageState::Shared
+        ),
+        Err(Error::File(guest_memfd::Error::OutOfBounds { .. }))
+    ));
+    assert_eq!(m.regions().len(), 2);
+}
+
+#[test]
+fn dropping_the_memory_unbinds_its_slots() {
+    let vm = vm();
+    let m = MemoryBuilder::new(vm.clone())
+        .region_at(0, MIB2)
+        .build()
+        .unwrap();
+    assert!(!gpa_is_free(&vm, pr(0, MIB2)));
+    drop(m);
+    assert!(gpa_is_free(&vm, pr(0, MIB2)));
+}

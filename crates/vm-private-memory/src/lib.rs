@@ -13,6 +13,7 @@ mod kvm_view;
 mod listener;
 mod memory;
 mod region;
+mod state;
 mod strategy;
 
 pub use attributes::{PageAttributes, PageState, Run};
@@ -27,4 +28,5 @@ pub use kvm_view::{KvmView, VmAttributes};
 pub use listener::{MemoryListener, Subscription};
 pub use memory::{GuestMemoryPrivate, PrivateMemory};
 pub use region::{private_page_refusal, PrivateRegion};
+pub use state::{MemoryState, PageRun, RegionState, STATE_VERSION};
 pub use strategy::Strategy;

@@ -47,6 +47,9 @@ pub struct PageAttributes {
     words: Box<[AtomicU64]>,
     pages: u64,
     initial: PageState,
+    /// XOR a stored word with this to get its private bits: all ones when pages start
+    /// private (a clear bit then means private), zero when they start shared.
+    to_private: u64,
 }
 
 /// A run of consecutive pages in one state: `(first page, page count, state)`.
@@ -59,6 +62,10 @@ impl PageAttributes {
             words: zeroed_words(pages.div_ceil(64) as usize),
             pages,
             initial,
+            to_private: match initial {
+                PageState::Private => u64::MAX,
+                PageState::Shared => 0,
+            },
         }
     }
 
@@ -81,6 +88,22 @@ impl PageAttributes {
             (1u64 << width) - 1
         };
         ones << (lo - word * 64)
+    }
+
+    /// The first private page among pages `first..=last` (`last < pages()`), if any.
+    /// This is the check on every host access: most accesses fall within one 64-page
+    /// word, which costs one load.
+    #[inline]
+    pub fn first_private(&self, first: u64, last: u64) -> Option<u64> {
+        let (w0, w1) = (first / 64, last / 64);
+        if w0 == w1 {
+            let width = last - first + 1;
+            let mask = (u64::MAX >> (64 - width)) << (first % 64);
+            let private =
+                (self.words[w0 as usize].load(Ordering::Acquire) ^ self.to_private) & mask;
+            return (private != 0).then(|| w0 * 64 + u64::from(private.trailing_zeros()));
+        }
+        self.find(first, last - first + 1, PageState::Private)
     }
 
     /// How many pages.
@@ -143,19 +166,12 @@ impl PageAttributes {
     }
 
     /// The runs of equal state covering `[first, first + count)`, in order.
-    pub fn runs(&self, first: u64, count: u64) -> Vec<Run> {
-        let end = first.saturating_add(count).min(self.pages);
-        let mut runs = Vec::new();
-        let mut start = first;
-        while start < end {
-            let state = self.get(start);
-            let next = self
-                .find(start, end - start, state.flipped())
-                .unwrap_or(end);
-            runs.push((start, next - start, state));
-            start = next;
+    pub fn runs(&self, first: u64, count: u64) -> Runs<'_> {
+        Runs {
+            attributes: self,
+            next: first,
+            end: first.saturating_add(count).min(self.pages),
         }
-        runs
     }
 
     /// How many pages are private.
@@ -169,6 +185,31 @@ impl PageAttributes {
             PageState::Private => self.pages - flipped,
             PageState::Shared => flipped,
         }
+    }
+}
+
+/// Iterator over the runs of equal state in a page range ([`PageAttributes::runs`]).
+pub struct Runs<'a> {
+    attributes: &'a PageAttributes,
+    next: u64,
+    end: u64,
+}
+
+impl Iterator for Runs<'_> {
+    type Item = Run;
+
+    fn next(&mut self) -> Option<Run> {
+        if self.next >= self.end {
+            return None;
+        }
+        let start = self.next;
+        let state = self.attributes.get(start);
+        let stop = self
+            .attributes
+            .find(start, self.end - start, state.flipped())
+            .unwrap_or(self.end);
+        self.next = stop;
+        Some((start, stop - start, state))
     }
 }
 
@@ -208,7 +249,7 @@ mod tests {
         assert!(a.all(60, 10, PageState::Private));
         assert!(!a.all(59, 2, PageState::Private));
         assert_eq!(
-            a.runs(50, 30),
+            a.runs(50, 30).collect::<Vec<_>>(),
             vec![
                 (50, 10, PageState::Shared),
                 (60, 10, PageState::Private),
@@ -219,14 +260,37 @@ mod tests {
         assert_eq!(a.count_private(), 200);
         a.set(64, 64, PageState::Shared);
         assert_eq!(a.count_private(), 136);
-        assert_eq!(a.runs(0, 200).len(), 3);
+        assert_eq!(a.runs(0, 200).count(), 3);
     }
 
     #[test]
     fn queries_past_the_end_are_clipped() {
         let a = PageAttributes::new(10, PageState::Private);
         assert_eq!(a.find(5, u64::MAX, PageState::Shared), None);
-        assert_eq!(a.runs(8, 100), vec![(8, 2, PageState::Private)]);
+        assert_eq!(
+            a.runs(8, 100).collect::<Vec<_>>(),
+            vec![(8, 2, PageState::Private)]
+        );
+    }
+
+    #[test]
+    fn the_fast_check_agrees_with_the_general_search() {
+        for initial in [PageState::Private, PageState::Shared] {
+            let a = PageAttributes::new(200, initial);
+            // A pattern with runs of both states across word boundaries.
+            for (first, count) in [(3, 1), (62, 5), (64, 64), (130, 9), (199, 1)] {
+                a.set(first, count, initial.flipped());
+            }
+            for first in 0..200 {
+                for last in first..(first + 70).min(200) {
+                    assert_eq!(
+                        a.first_private(first, last),
+                        a.find(first, last - first + 1, PageState::Private),
+                        "{initial} {first}..={last}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

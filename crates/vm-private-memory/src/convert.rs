@@ -83,12 +83,17 @@ impl Piece<'_> {
     }
 }
 
-/// What has been done, to undo in reverse.
-enum Done {
-    Discarded(Vec<PageRange>),
-    Bits(PageState),
-    Kvm(PageState),
-    Populated(Vec<crate::listener::Accepted>),
+/// What a conversion has done so far, to undo in reverse order on failure.
+#[derive(Default)]
+struct Progress {
+    /// Listeners were told `discard`.
+    notified_discard: bool,
+    /// The bits were set to this state.
+    bits: Option<PageState>,
+    /// KVM's view was set to this state.
+    kvm: Option<PageState>,
+    /// What listeners accepted in `populate`.
+    populated: Vec<crate::listener::Accepted>,
 }
 
 impl PrivateMemory {
@@ -139,16 +144,16 @@ impl PrivateMemory {
         let snapshot = self.memory.memory();
         let mut pieces = Vec::new();
         for (region, offset, len) in Self::split(&snapshot, range)? {
-            let first = offset / PAGE_SIZE;
-            for (start, count, state) in region.attributes().runs(first, len / PAGE_SIZE) {
-                if state != to {
-                    pieces.push(Piece {
-                        region,
-                        first_page: start,
-                        pages: count,
-                    });
-                }
-            }
+            let runs = region
+                .attributes()
+                .runs(offset / PAGE_SIZE, len / PAGE_SIZE);
+            pieces.extend(runs.filter(|(_, _, state)| *state != to).map(
+                |(first_page, pages, _)| Piece {
+                    region,
+                    first_page,
+                    pages,
+                },
+            ));
         }
         let mut report = ConversionReport {
             pages_changed: pieces.iter().map(|p| p.pages).sum(),
@@ -158,11 +163,11 @@ impl PrivateMemory {
         if pieces.is_empty() {
             return Ok(report);
         }
-        let mut done = Vec::new();
+        let mut done = Progress::default();
         match self.run_steps(&engine, &pieces, to, mode, &mut done, &mut report) {
             Ok(()) => Ok(report),
             Err(e) => {
-                self.undo(&pieces, done);
+                self.undo(&pieces, &report.changed, done);
                 Err(e)
             }
         }
@@ -213,10 +218,26 @@ impl PrivateMemory {
         pieces: &[Piece<'_>],
         to: PageState,
         mode: ContentMode,
-        done: &mut Vec<Done>,
+        done: &mut Progress,
         report: &mut ConversionReport,
     ) -> Result<()> {
-        let guest: Vec<PageRange> = pieces.iter().map(Piece::guest).collect();
+        let guest = std::mem::take(&mut report.changed);
+        let result = self.run_steps_on(engine, pieces, &guest, to, mode, done, report);
+        report.changed = guest;
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_steps_on(
+        &self,
+        engine: &Engine,
+        pieces: &[Piece<'_>],
+        guest: &[PageRange],
+        to: PageState,
+        mode: ContentMode,
+        done: &mut Progress,
+        report: &mut ConversionReport,
+    ) -> Result<()> {
         let dual = self.strategy == Strategy::Dual;
         let discard = mode == ContentMode::Discard;
         let punch = |engine: &Engine, report: &mut ConversionReport| -> Result<()> {
@@ -229,14 +250,14 @@ impl PrivateMemory {
         match to {
             PageState::Private => {
                 self.check_fault(engine, Step::NotifyDiscard)?;
-                self.listeners.discard(&guest);
-                done.push(Done::Discarded(guest.clone()));
+                self.listeners.discard(guest);
+                done.notified_discard = true;
                 self.check_fault(engine, Step::Bits)?;
                 set_bits(pieces, PageState::Private);
-                done.push(Done::Bits(PageState::Private));
+                done.bits = Some(PageState::Private);
                 if dual {
                     self.check_fault(engine, Step::KvmAttributes)?;
-                    self.set_kvm(&guest, PageState::Private, done)?;
+                    self.set_kvm(guest, PageState::Private, done)?;
                 }
                 if discard {
                     punch(engine, report)?;
@@ -250,19 +271,18 @@ impl PrivateMemory {
                 }
                 if dual {
                     self.check_fault(engine, Step::KvmAttributes)?;
-                    self.set_kvm(&guest, PageState::Shared, done)?;
+                    self.set_kvm(guest, PageState::Shared, done)?;
                 }
                 self.check_fault(engine, Step::Bits)?;
                 set_bits(pieces, PageState::Shared);
-                done.push(Done::Bits(PageState::Shared));
+                done.bits = Some(PageState::Shared);
                 self.check_fault(engine, Step::NotifyPopulate)?;
-                let accepted = self.listeners.populate(&guest).map_err(|(range, reason)| {
+                done.populated = self.listeners.populate(guest).map_err(|(range, reason)| {
                     Error::ListenerRefused {
                         range: gpa(range),
                         reason,
                     }
                 })?;
-                done.push(Done::Populated(accepted));
                 // Dual: the private side is punched last, so a refusal above loses nothing.
                 if dual {
                     punch(engine, report)?;
@@ -272,7 +292,7 @@ impl PrivateMemory {
         Ok(())
     }
 
-    fn set_kvm(&self, guest: &[PageRange], state: PageState, done: &mut Vec<Done>) -> Result<()> {
+    fn set_kvm(&self, guest: &[PageRange], state: PageState, done: &mut Progress) -> Result<()> {
         for (i, range) in guest.iter().enumerate() {
             if let Err(e) = self.kvm_view.set(*range, state) {
                 // Put back the ranges already changed, then report.
@@ -282,23 +302,22 @@ impl PrivateMemory {
                 return Err(e);
             }
         }
-        done.push(Done::Kvm(state));
+        done.kvm = Some(state);
         Ok(())
     }
 
-    fn undo(&self, pieces: &[Piece<'_>], done: Vec<Done>) {
-        let guest: Vec<PageRange> = pieces.iter().map(Piece::guest).collect();
-        for step in done.into_iter().rev() {
-            match step {
-                Done::Discarded(ranges) => self.listeners.restore(&ranges),
-                Done::Bits(state) => set_bits(pieces, state.flipped()),
-                Done::Kvm(state) => {
-                    for range in &guest {
-                        let _ = self.kvm_view.set(*range, state.flipped());
-                    }
-                }
-                Done::Populated(accepted) => Listeners::withdraw(accepted),
+    fn undo(&self, pieces: &[Piece<'_>], guest: &[PageRange], done: Progress) {
+        Listeners::withdraw(done.populated);
+        if let Some(state) = done.kvm {
+            for range in guest {
+                let _ = self.kvm_view.set(*range, state.flipped());
             }
+        }
+        if let Some(state) = done.bits {
+            set_bits(pieces, state.flipped());
+        }
+        if done.notified_discard {
+            self.listeners.restore(guest);
         }
     }
 }

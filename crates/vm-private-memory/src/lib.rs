@@ -16,7 +16,7 @@ mod region;
 mod state;
 mod strategy;
 
-pub use attributes::{PageAttributes, PageState, Run};
+pub use attributes::{PageAttributes, PageState, Run, Runs};
 pub use builder::{MemoryBuilder, GUEST_PHYS_LIMIT, REGION_ALIGNMENT, X86_MMIO_HOLE};
 pub use convert::{ContentMode, ConversionReport, Step};
 pub use error::{Error, GpaRange, Result};

@@ -292,7 +292,6 @@ pub(crate) fn shared_runs(region: &PrivateRegion) -> Vec<PageRange> {
     region
         .attributes()
         .runs(0, region.attributes().pages())
-        .into_iter()
         .filter(|(_, _, s)| *s == PageState::Shared)
         .filter_map(|(first, count, _)| PageRange::from_pages(first, count).ok())
         .filter_map(|r| r.checked_add(base).ok())

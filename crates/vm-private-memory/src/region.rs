@@ -135,6 +135,7 @@ impl PrivateRegion {
     }
 
     /// The checked slice `[offset, offset + count)`: inside the region and all shared.
+    #[inline]
     fn checked_slice(
         &self,
         offset: u64,
@@ -162,6 +163,7 @@ impl PrivateRegion {
 }
 
 /// The `GuestMemoryError` for a refused access, wrapping [`Error::PrivatePage`].
+#[cold]
 fn refusal(range: GpaRange, page: u64) -> GuestMemoryError {
     GuestMemoryError::IOError(io::Error::new(
         io::ErrorKind::PermissionDenied,
@@ -184,10 +186,12 @@ pub fn private_page_refusal(err: &GuestMemoryError) -> Option<(GpaRange, u64)> {
 impl GuestMemoryRegion for PrivateRegion {
     type B = ();
 
+    #[inline]
     fn len(&self) -> GuestUsize {
         self.guest.len()
     }
 
+    #[inline]
     fn start_addr(&self) -> GuestAddress {
         GuestAddress(self.guest.start())
     }
@@ -212,6 +216,7 @@ impl GuestMemoryRegion for PrivateRegion {
         }
     }
 
+    #[inline]
     fn get_slice(
         &self,
         offset: MemoryRegionAddress,

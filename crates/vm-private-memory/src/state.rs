@@ -102,7 +102,6 @@ impl PrivateMemory {
                 private: region
                     .attributes()
                     .runs(0, region.attributes().pages())
-                    .into_iter()
                     .filter(|(_, _, state)| *state == PageState::Private)
                     .map(|(first, count, _)| PageRun { first, count })
                     .collect(),

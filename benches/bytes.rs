@@ -1,0 +1,86 @@
+//! vm-memory `Bytes` on shared pages of a `PrivateMemory` (in-place strategy), against
+//! vm-memory's own `GuestMemoryMmap` over anonymous memory of the same size, in the same
+//! run: `read_slice` / `write_slice` of 4 KiB, 64 KiB and 1 MiB, and `read_obj::<u64>`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
+use vm_private_memory::{MemoryBuilder, PageState, Strategy};
+
+const SIZE: u64 = 64 << 20;
+
+fn bytes(c: &mut Criterion) {
+    let vm = Arc::new(benches::vm());
+    let private = MemoryBuilder::new(vm)
+        .region_at(0, SIZE)
+        .strategy(Strategy::InPlace)
+        .initial_state(PageState::Shared)
+        .build()
+        .expect("in-place memory (Linux 6.18+)");
+    let atomic = private.memory();
+    let ours = atomic.memory();
+    let peer = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), SIZE as usize)]).unwrap();
+    // Touch every page of both, so no benchmark pays for first faults.
+    let ones = vec![1u8; SIZE as usize];
+    ours.write_slice(&ones, GuestAddress(0)).unwrap();
+    peer.write_slice(&ones, GuestAddress(0)).unwrap();
+
+    for len in [4usize << 10, 64 << 10, 1 << 20] {
+        let mut group = c.benchmark_group(format!("bytes_{}KiB", len >> 10));
+        group.throughput(Throughput::Bytes(len as u64));
+        let mut buf = vec![0u8; len];
+        // Walk the 64 MiB so the working set is not one cache-resident buffer.
+        let steps = (SIZE as usize / len) as u64;
+        let mut i = 0u64;
+        group.bench_function(BenchmarkId::new("read_slice", "GuestMemoryMmap"), |b| {
+            b.iter(|| {
+                i = (i + 1) % steps;
+                peer.read_slice(&mut buf, GuestAddress(i * len as u64))
+                    .unwrap();
+            })
+        });
+        group.bench_function(BenchmarkId::new("read_slice", "PrivateMemory"), |b| {
+            b.iter(|| {
+                i = (i + 1) % steps;
+                ours.read_slice(&mut buf, GuestAddress(i * len as u64))
+                    .unwrap();
+            })
+        });
+        group.bench_function(BenchmarkId::new("write_slice", "GuestMemoryMmap"), |b| {
+            b.iter(|| {
+                i = (i + 1) % steps;
+                peer.write_slice(&buf, GuestAddress(i * len as u64))
+                    .unwrap();
+            })
+        });
+        group.bench_function(BenchmarkId::new("write_slice", "PrivateMemory"), |b| {
+            b.iter(|| {
+                i = (i + 1) % steps;
+                ours.write_slice(&buf, GuestAddress(i * len as u64))
+                    .unwrap();
+            })
+        });
+        group.finish();
+    }
+
+    let mut group = c.benchmark_group("read_obj_u64");
+    let mut addr = 0u64;
+    group.bench_function("GuestMemoryMmap", |b| {
+        b.iter(|| {
+            addr = (addr + 4104) % (SIZE - 8);
+            black_box(peer.read_obj::<u64>(GuestAddress(addr)).unwrap())
+        })
+    });
+    group.bench_function("PrivateMemory", |b| {
+        b.iter(|| {
+            addr = (addr + 4104) % (SIZE - 8);
+            black_box(ours.read_obj::<u64>(GuestAddress(addr)).unwrap())
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bytes);
+criterion_main!(benches);

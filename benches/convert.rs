@@ -1,0 +1,109 @@
+//! Converting 1 GiB between private and shared (in-place strategy, content discarded),
+//! in one call and in 4 KiB steps, against the raw system calls the conversion must make
+//! (one punch-hole `fallocate` per changed range) on a guest_memfd of the same size.
+//! Before each timed pass the file is fully allocated again (untimed), so each pass frees
+//! real memory, like the conversion of pages a guest had touched.
+
+use std::num::NonZeroU64;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use benches::slow_criterion;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use guest_memfd::{GuestMemfd, GuestMemfdFlags, PageRange, PAGE_SIZE};
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
+use vm_private_memory::{MemoryBuilder, PageState, Strategy};
+
+const GIB: u64 = 1 << 30;
+
+fn raw_punch(fd: i32, range: PageRange) {
+    // SAFETY: fallocate takes only integers; the fd belongs to a live GuestMemfd.
+    let ret = unsafe {
+        libc::fallocate64(
+            fd,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            range.start() as i64,
+            range.len() as i64,
+        )
+    };
+    assert_eq!(ret, 0, "{}", std::io::Error::last_os_error());
+}
+
+fn convert_1gib(c: &mut Criterion) {
+    let vm = Arc::new(benches::vm());
+    let memory = MemoryBuilder::new(vm.clone())
+        .region_at(0, GIB)
+        .strategy(Strategy::InPlace)
+        .initial_state(PageState::Private)
+        .build()
+        .expect("in-place memory (Linux 6.18+)");
+    let gmem = memory
+        .memory()
+        .memory()
+        .iter()
+        .next()
+        .unwrap()
+        .gmem()
+        .clone();
+    let peer = GuestMemfd::create(
+        &vm,
+        GIB,
+        GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED,
+    )
+    .unwrap();
+    let whole = PageRange::new(0, GIB).unwrap();
+
+    let mut group = c.benchmark_group("convert_1GiB");
+    group.throughput(Throughput::Bytes(GIB));
+    for (name, step_pages) in [("one_call", GIB / PAGE_SIZE), ("4KiB_steps", 1)] {
+        let step = NonZeroU64::new(step_pages).unwrap();
+        group.bench_function(BenchmarkId::new("raw_fallocate", name), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    peer.allocate(whole).unwrap();
+                    let start = Instant::now();
+                    for piece in whole.chunks(step) {
+                        raw_punch(peer.as_raw_fd(), piece);
+                    }
+                    total += start.elapsed();
+                }
+                total
+            })
+        });
+        group.bench_function(BenchmarkId::new("PrivateMemory::convert", name), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for i in 0..iters {
+                    gmem.allocate(whole).unwrap();
+                    // Alternate directions so every pass changes every page.
+                    let to = if i % 2 == 0 {
+                        PageState::Shared
+                    } else {
+                        PageState::Private
+                    };
+                    let to = if memory.state_of(0) == Some(to) {
+                        to.flipped()
+                    } else {
+                        to
+                    };
+                    let start = Instant::now();
+                    for piece in whole.chunks(step) {
+                        memory.convert(piece, to).unwrap();
+                    }
+                    total += start.elapsed();
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = slow_criterion();
+    targets = convert_1gib
+}
+criterion_main!(benches);

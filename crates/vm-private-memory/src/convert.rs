@@ -2,12 +2,12 @@
 
 use guest_memfd::{PageRange, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestAddressSpace;
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use crate::attributes::PageState;
 use crate::error::{Error, Result};
 use crate::listener::{in_callback, Listeners};
-use crate::memory::{gpa, Engine, PrivateMemory};
+use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemory};
 use crate::region::PrivateRegion;
 use crate::strategy::Strategy;
 
@@ -55,11 +55,17 @@ struct Piece<'a> {
     pages: u64,
 }
 
-impl Piece<'_> {
-    fn guest(&self) -> PageRange {
-        PageRange::from_pages(self.first_page, self.pages)
-            .and_then(|r| r.checked_add(self.region.guest_range().start()))
-            .expect("inside a region")
+impl<'a> Piece<'a> {
+    /// The piece for `guest`, a range that lies inside one region of `snapshot`.
+    fn of(snapshot: &'a GuestMemoryPrivate, guest: PageRange) -> Self {
+        let region = snapshot
+            .find_region(GuestAddress(guest.start()))
+            .expect("planned ranges lie inside a region");
+        Piece {
+            region,
+            first_page: (guest.start() - region.guest_range().start()) / PAGE_SIZE,
+            pages: guest.page_count(),
+        }
     }
 
     fn region_range(&self) -> PageRange {
@@ -81,6 +87,28 @@ impl Piece<'_> {
         }
         Ok(in_region.len())
     }
+
+    fn set_bits(&self, state: PageState) {
+        self.region
+            .attributes()
+            .set(self.first_page, self.pages, state);
+    }
+}
+
+/// The ranges one conversion changes, each inside one region, in address order.
+struct Plan<'a> {
+    snapshot: &'a GuestMemoryPrivate,
+    changed: Vec<PageRange>,
+}
+
+impl<'a> Plan<'a> {
+    fn pieces(&self) -> impl Iterator<Item = Piece<'a>> + '_ {
+        self.changed.iter().map(|r| Piece::of(self.snapshot, *r))
+    }
+
+    fn set_bits(&self, state: PageState) {
+        self.pieces().for_each(|p| p.set_bits(state));
+    }
 }
 
 /// What a conversion has done so far, to undo in reverse order on failure.
@@ -94,6 +122,8 @@ struct Progress {
     kvm: Option<PageState>,
     /// What listeners accepted in `populate`.
     populated: Vec<crate::listener::Accepted>,
+    /// Bytes punched.
+    discarded: u64,
 }
 
 impl PrivateMemory {
@@ -142,35 +172,35 @@ impl PrivateMemory {
         }
         let engine = self.lock_engine();
         let snapshot = self.memory.memory();
-        let mut pieces = Vec::new();
-        for (region, offset, len) in Self::split(&snapshot, range)? {
-            let runs = region
+        let mut changed = Vec::new();
+        for piece in Self::split(&snapshot, range) {
+            let (region, offset, len) = piece?;
+            let base = region.guest_range().start();
+            for (first, count, state) in region
                 .attributes()
-                .runs(offset / PAGE_SIZE, len / PAGE_SIZE);
-            pieces.extend(runs.filter(|(_, _, state)| *state != to).map(
-                |(first_page, pages, _)| Piece {
-                    region,
-                    first_page,
-                    pages,
-                },
-            ));
-        }
-        let mut report = ConversionReport {
-            pages_changed: pieces.iter().map(|p| p.pages).sum(),
-            changed: pieces.iter().map(Piece::guest).collect(),
-            ..Default::default()
-        };
-        if pieces.is_empty() {
-            return Ok(report);
-        }
-        let mut done = Progress::default();
-        match self.run_steps(&engine, &pieces, to, mode, &mut done, &mut report) {
-            Ok(()) => Ok(report),
-            Err(e) => {
-                self.undo(&pieces, &report.changed, done);
-                Err(e)
+                .runs(offset / PAGE_SIZE, len / PAGE_SIZE)
+            {
+                if state != to {
+                    changed.push(PageRange::from_pages(first, count)?.checked_add(base)?);
+                }
             }
         }
+        let plan = Plan {
+            snapshot: &snapshot,
+            changed,
+        };
+        let mut done = Progress::default();
+        if !plan.changed.is_empty() {
+            if let Err(e) = self.run_steps(&engine, &plan, to, mode, &mut done) {
+                self.undo(&plan, done);
+                return Err(e);
+            }
+        }
+        Ok(ConversionReport {
+            pages_changed: plan.changed.iter().map(PageRange::page_count).sum(),
+            bytes_discarded: done.discarded,
+            changed: plan.changed,
+        })
     }
 
     /// Frees `range` (balloon, free page reporting): listeners hear `discard`, every
@@ -182,7 +212,7 @@ impl PrivateMemory {
         }
         let _engine = self.lock_engine();
         let snapshot = self.memory.memory();
-        let pieces = Self::split(&snapshot, range)?;
+        let pieces = Self::split(&snapshot, range).collect::<Result<Vec<_>>>()?;
         self.listeners.discard(&[range]);
         let mut bytes = 0;
         for (region, offset, len) in pieces {
@@ -215,35 +245,18 @@ impl PrivateMemory {
     fn run_steps(
         &self,
         engine: &Engine,
-        pieces: &[Piece<'_>],
+        plan: &Plan<'_>,
         to: PageState,
         mode: ContentMode,
         done: &mut Progress,
-        report: &mut ConversionReport,
     ) -> Result<()> {
-        let guest = std::mem::take(&mut report.changed);
-        let result = self.run_steps_on(engine, pieces, &guest, to, mode, done, report);
-        report.changed = guest;
-        result
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn run_steps_on(
-        &self,
-        engine: &Engine,
-        pieces: &[Piece<'_>],
-        guest: &[PageRange],
-        to: PageState,
-        mode: ContentMode,
-        done: &mut Progress,
-        report: &mut ConversionReport,
-    ) -> Result<()> {
+        let guest = &plan.changed;
         let dual = self.strategy == Strategy::Dual;
         let discard = mode == ContentMode::Discard;
-        let punch = |engine: &Engine, report: &mut ConversionReport| -> Result<()> {
+        let punch = |done: &mut Progress| -> Result<()> {
             self.check_fault(engine, Step::DiscardOldSide)?;
-            for piece in pieces {
-                report.bytes_discarded += piece.discard_old_side(to)?;
+            for piece in plan.pieces() {
+                done.discarded += piece.discard_old_side(to)?;
             }
             Ok(())
         };
@@ -253,28 +266,28 @@ impl PrivateMemory {
                 self.listeners.discard(guest);
                 done.notified_discard = true;
                 self.check_fault(engine, Step::Bits)?;
-                set_bits(pieces, PageState::Private);
+                plan.set_bits(PageState::Private);
                 done.bits = Some(PageState::Private);
                 if dual {
                     self.check_fault(engine, Step::KvmAttributes)?;
                     self.set_kvm(guest, PageState::Private, done)?;
                 }
                 if discard {
-                    punch(engine, report)?;
+                    punch(done)?;
                 }
             }
             PageState::Shared => {
                 // In-place, the page the host will see is the very page the guest had
                 // private: punch it before the host can look.
                 if !dual && discard {
-                    punch(engine, report)?;
+                    punch(done)?;
                 }
                 if dual {
                     self.check_fault(engine, Step::KvmAttributes)?;
                     self.set_kvm(guest, PageState::Shared, done)?;
                 }
                 self.check_fault(engine, Step::Bits)?;
-                set_bits(pieces, PageState::Shared);
+                plan.set_bits(PageState::Shared);
                 done.bits = Some(PageState::Shared);
                 self.check_fault(engine, Step::NotifyPopulate)?;
                 done.populated = self.listeners.populate(guest).map_err(|(range, reason)| {
@@ -285,7 +298,7 @@ impl PrivateMemory {
                 })?;
                 // Dual: the private side is punched last, so a refusal above loses nothing.
                 if dual {
-                    punch(engine, report)?;
+                    punch(done)?;
                 }
             }
         }
@@ -306,28 +319,19 @@ impl PrivateMemory {
         Ok(())
     }
 
-    fn undo(&self, pieces: &[Piece<'_>], guest: &[PageRange], done: Progress) {
+    fn undo(&self, plan: &Plan<'_>, done: Progress) {
         Listeners::withdraw(done.populated);
         if let Some(state) = done.kvm {
-            for range in guest {
+            for range in &plan.changed {
                 let _ = self.kvm_view.set(*range, state.flipped());
             }
         }
         if let Some(state) = done.bits {
-            set_bits(pieces, state.flipped());
+            plan.set_bits(state.flipped());
         }
         if done.notified_discard {
-            self.listeners.restore(guest);
+            self.listeners.restore(&plan.changed);
         }
-    }
-}
-
-fn set_bits(pieces: &[Piece<'_>], state: PageState) {
-    for piece in pieces {
-        piece
-            .region
-            .attributes()
-            .set(piece.first_page, piece.pages, state);
     }
 }
 

@@ -42,6 +42,15 @@ pub(crate) struct Listeners {
     next_id: Mutex<u64>,
 }
 
+/// Whether `entries` is empty, without taking the lock when it is: conversions on memory
+/// without listeners skip the notifications entirely. A subscription racing with a
+/// conversion hears the next one.
+fn is_empty(entries: &Arc<Mutex<Vec<Entry>>>) -> bool {
+    // One strong reference (ours) and no weak ones: no subscription was ever handed out
+    // or all were dropped.
+    Arc::weak_count(entries) == 0
+}
+
 /// Keeps a listener subscribed; dropping it unsubscribes.
 #[must_use = "dropping the subscription unsubscribes the listener at once"]
 pub struct Subscription {
@@ -127,6 +136,9 @@ impl Listeners {
 
     /// The listeners overlapping `range`, with the clipped range each should hear.
     fn audience(&self, range: PageRange) -> Vec<(Arc<dyn MemoryListener>, PageRange)> {
+        if is_empty(&self.entries) {
+            return Vec::new();
+        }
         lock(&self.entries)
             .iter()
             .filter_map(|e| {

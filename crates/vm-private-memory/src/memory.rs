@@ -168,27 +168,13 @@ impl PrivateMemory {
     }
 
     /// Splits `range` by region: `(region, offset in the region, length)` for each piece,
-    /// or an error naming the first address outside guest memory.
-    pub(crate) fn split(
-        snapshot: &GuestMemoryPrivate,
-        range: PageRange,
-    ) -> Result<Vec<(&PrivateRegion, u64, u64)>> {
-        let mut pieces = Vec::new();
-        let mut at = range.start();
-        while at < range.end() {
-            let region =
-                snapshot
-                    .find_region(GuestAddress(at))
-                    .ok_or(Error::OutsideGuestMemory {
-                        range: gpa(range),
-                        first_outside: at,
-                    })?;
-            let offset = at - region.guest_range().start();
-            let len = (region.guest_range().end() - at).min(range.end() - at);
-            pieces.push((region, offset, len));
-            at += len;
+    /// in order; an item is an error naming the first address outside guest memory.
+    pub(crate) fn split(snapshot: &GuestMemoryPrivate, range: PageRange) -> Split<'_> {
+        Split {
+            snapshot,
+            range,
+            at: range.start(),
         }
-        Ok(pieces)
     }
 
     /// Adds a region over `guest`, bound to a new memslot, its pages in `initial` state.
@@ -313,5 +299,34 @@ impl Drop for PrivateMemory {
                 let _ = slot.unbind(&self.vm);
             }
         }
+    }
+}
+
+/// Iterator over the pieces of a range, region by region ([`PrivateMemory::split`]).
+pub(crate) struct Split<'a> {
+    snapshot: &'a GuestMemoryPrivate,
+    range: PageRange,
+    at: u64,
+}
+
+impl<'a> Iterator for Split<'a> {
+    type Item = Result<(&'a PrivateRegion, u64, u64)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.at >= self.range.end() {
+            return None;
+        }
+        let Some(region) = self.snapshot.find_region(GuestAddress(self.at)) else {
+            let first_outside = self.at;
+            self.at = self.range.end();
+            return Some(Err(Error::OutsideGuestMemory {
+                range: gpa(self.range),
+                first_outside,
+            }));
+        };
+        let offset = self.at - region.guest_range().start();
+        let len = (region.guest_range().end() - self.at).min(self.range.end() - self.at);
+        self.at += len;
+        Some(Ok((region, offset, len)))
     }
 }

@@ -254,11 +254,12 @@ impl MemoryBuilder {
         let kvm_view = self
             .kvm_view
             .unwrap_or_else(|| Arc::new(VmAttributes(Arc::clone(&self.vm))));
+        let collection = Arc::new(collection);
         let memory = PrivateMemory::assemble(
             self.vm,
             strategy,
-            GuestMemoryAtomic::new(collection),
-            Mutex::new(Engine::new(slot_ids, limit)),
+            GuestMemoryAtomic::from(Arc::clone(&collection)),
+            Mutex::new(Engine::new(collection, slot_ids, limit)),
             kvm_view,
         );
         memory.bind_all()?;

@@ -2,7 +2,7 @@
 
 use guest_memfd::{PageRange, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::attributes::PageState;
 use crate::error::{Error, Result};
@@ -171,9 +171,9 @@ impl PrivateMemory {
             });
         }
         let engine = self.lock_engine();
-        let snapshot = self.memory.memory();
+        let snapshot = &*engine.current;
         let mut changed = Vec::new();
-        for piece in Self::split(&snapshot, range) {
+        for piece in Self::split(snapshot, range) {
             let (region, offset, len) = piece?;
             let base = region.guest_range().start();
             for (first, count, state) in region
@@ -185,10 +185,7 @@ impl PrivateMemory {
                 }
             }
         }
-        let plan = Plan {
-            snapshot: &snapshot,
-            changed,
-        };
+        let plan = Plan { snapshot, changed };
         let mut done = Progress::default();
         if !plan.changed.is_empty() {
             if let Err(e) = self.run_steps(&engine, &plan, to, mode, &mut done) {
@@ -210,9 +207,8 @@ impl PrivateMemory {
         if in_callback() {
             return Err(Error::Reentrant { range: gpa(range) });
         }
-        let _engine = self.lock_engine();
-        let snapshot = self.memory.memory();
-        let pieces = Self::split(&snapshot, range).collect::<Result<Vec<_>>>()?;
+        let engine = self.lock_engine();
+        let pieces = Self::split(&engine.current, range).collect::<Result<Vec<_>>>()?;
         self.listeners.discard(&[range]);
         let mut bytes = 0;
         for (region, offset, len) in pieces {

@@ -1,6 +1,83 @@
 //! A vm-memory backend for KVM guest private memory.
 //!
-//! (Crate documentation is completed below.)
+//! Confidential guests (Intel TDX, AMD SEV-SNP) keep most of their RAM *private*: KVM
+//! serves it from a guest_memfd, and the host must not read or write it. A few pages are
+//! *shared* for I/O (bounce buffers, virtio rings), and the guest converts pages between
+//! the two at run time. This crate is the VMM's side of that: guest RAM made of
+//! guest_memfd regions, with one private/shared bit per page, that plugs into vm-memory
+//! so device emulation, loaders and vCPU set-up keep working, and that refuses every host
+//! access to a private page.
+//!
+//! # Pieces
+//!
+//! - [`MemoryBuilder`] lays regions out in guest-physical space (vm-allocator), chooses a
+//!   [`Strategy`] from the VM's capabilities, creates the files and binds each region to
+//!   a memslot (`KVM_SET_USER_MEMORY_REGION2`, slot numbers from vm-allocator).
+//! - [`PrivateMemory`] owns it all. [`PrivateMemory::memory`] is the vm-memory view, a
+//!   `GuestMemoryAtomic<GuestRegionCollection<PrivateRegion>>`: `Bytes`, `GuestMemory`
+//!   (with `Permissions`), `GuestMemoryBackend` and linux-loader work on it unchanged.
+//! - [`PrivateMemory::convert`] changes pages between private and shared, all or nothing;
+//!   [`PrivateMemory::discard`] frees pages (balloon, free page reporting).
+//! - [`MemoryListener`]s (VFIO DMA maps, vhost-user tables, queue caches) hear `discard`
+//!   before host access to a range is revoked and `populate` after it is granted.
+//! - [`ConversionRequest`], [`PrivateMemory::handle_memory_fault`] and
+//!   [`PrivateMemory::handle_map_gpa_range`] serve the guest's requests
+//!   (`KVM_EXIT_MEMORY_FAULT`, `KVM_HC_MAP_GPA_RANGE`), checking every field.
+//! - [`MemoryState`] saves and restores the layout and the private/shared map.
+//!
+//! # Strategies
+//!
+//! - **In-place** (Linux 6.18+, default VM type): one guest_memfd per region, created
+//!   `MMAP | INIT_SHARED`, bound as a gmem-only slot and mapped by the host. KVM treats
+//!   every page as shared; "private" is this crate's host access policy. Conversions
+//!   punch the page so it arrives fresh, or keep it with [`ContentMode::Preserve`].
+//! - **Dual** (TDX, SEV-SNP, `KVM_X86_SW_PROTECTED_VM`): a guest_memfd without `MMAP`
+//!   for private pages and a sealed memfd for shared ones; `KVM_SET_MEMORY_ATTRIBUTES`
+//!   tells KVM which side serves each page, and the side no longer used is punched, so
+//!   memory is never held twice.
+//!
+//! # Host access policy
+//!
+//! Every host access path of the vm-memory view (`Bytes`, `get_slice`,
+//! `get_host_address`, `GuestMemory::get_slices`) checks the bits of exactly the pages it
+//! would touch, without locks, and fails with a `PermissionDenied` error wrapping
+//! [`Error::PrivatePage`] if any is private; memory is not touched. A conversion changes
+//! the bits atomically with respect to these checks; a slice or host address obtained
+//! earlier stays usable by its holder, which is why consumers that keep them subscribe a
+//! listener. One vm-memory behaviour to know: an access that spans two regions is done
+//! region by region, and a refusal in the second surfaces as a short access
+//! (`PartialBuffer`) after the first region's part was done.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use guest_memfd::PageRange;
+//! use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+//! use vm_private_memory::{private_page_refusal, MemoryBuilder, PageState};
+//!
+//! let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+//! // 4 MiB of guest RAM at 0, all private, as a TDX or SNP guest starts.
+//! let memory = MemoryBuilder::new(vm)
+//!     .region_at(0, 4 << 20)
+//!     .initial_state(PageState::Private)
+//!     .build()
+//!     .unwrap();
+//! let guest_ram = memory.memory();
+//!
+//! // The host cannot read private memory.
+//! let err = guest_ram.memory().read_obj::<u64>(GuestAddress(0x1000)).unwrap_err();
+//! assert!(private_page_refusal(&err).is_some());
+//!
+//! // The guest asks (KVM_HC_MAP_GPA_RANGE) for 16 pages at 1 MiB to become shared.
+//! assert_eq!(memory.handle_map_gpa_range(1 << 20, 16, 0), 0);
+//! guest_ram.memory().write_obj(0xfeed_u64, GuestAddress(1 << 20)).unwrap();
+//!
+//! // And back to private: the host is locked out again, and the page will be fresh.
+//! let back = PageRange::new(1 << 20, 16 * 4096).unwrap();
+//! memory.convert(back, PageState::Private).unwrap();
+//! assert!(guest_ram.memory().read_obj::<u64>(GuestAddress(1 << 20)).is_err());
+//! ```
 
 #![deny(missing_docs)]
 

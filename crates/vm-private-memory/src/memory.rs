@@ -23,6 +23,9 @@ pub type GuestMemoryPrivate = GuestRegionCollection<PrivateRegion>;
 
 /// State that only changes under the conversion lock.
 pub(crate) struct Engine {
+    /// The collection now published in the `GuestMemoryAtomic`: the engine replaces it
+    /// only under this lock, so conversions read it here without an atomic load.
+    pub(crate) current: Arc<GuestMemoryPrivate>,
     pub(crate) slots: IdAllocator,
     pub(crate) slot_limit: u32,
     #[cfg(feature = "fault-injection")]
@@ -30,8 +33,13 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
-    pub(crate) fn new(slots: IdAllocator, slot_limit: u32) -> Self {
+    pub(crate) fn new(
+        current: Arc<GuestMemoryPrivate>,
+        slots: IdAllocator,
+        slot_limit: u32,
+    ) -> Self {
         Engine {
+            current,
             slots,
             slot_limit,
             #[cfg(feature = "fault-injection")]
@@ -199,7 +207,7 @@ impl PrivateMemory {
             .slots
             .allocate_id()
             .map_err(|_| Error::NoFreeSlot { limit })?;
-        let result = self.insert_region(guest, gmem, offset, initial, slot);
+        let result = self.insert_region(&mut engine, guest, gmem, offset, initial, slot);
         if result.is_err() {
             let _ = engine.slots.free_id(slot);
         }
@@ -208,6 +216,7 @@ impl PrivateMemory {
 
     fn insert_region(
         &self,
+        engine: &mut Engine,
         guest: PageRange,
         gmem: GuestMemfd,
         offset: u64,
@@ -241,6 +250,7 @@ impl PrivateMemory {
         }
         let guard = self.memory.lock().unwrap_or_else(|p| p.into_inner());
         guard.replace(with);
+        engine.current = self.memory.memory().into_inner();
         Ok(())
     }
 
@@ -250,7 +260,7 @@ impl PrivateMemory {
     /// Returns the range and the file and offset that backed it, so it can be re-added.
     pub fn remove_region(&self, start: u64) -> Result<(PageRange, GuestMemfd, u64)> {
         let mut engine = self.lock_engine();
-        let snapshot = self.memory.memory();
+        let snapshot = Arc::clone(&engine.current);
         let region = snapshot
             .iter()
             .find(|r| r.guest_range().start() == start)
@@ -267,6 +277,7 @@ impl PrivateMemory {
                 reason: e.to_string(),
             })?;
         guard.replace(without);
+        engine.current = self.memory.memory().into_inner();
         let _ = engine.slots.free_id(region.slot());
         Ok((guest, region.gmem().clone(), region.gmem_offset()))
     }

@@ -46,7 +46,7 @@ pub struct Stop {
 /// its own mapping as `userspace_addr`. The first 64 GiB are identity-mapped.
 pub struct TestVm {
     kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     vcpu: VcpuFd,
     _boot: GuestMemfd,
     boot_map: MmapRegion,
@@ -105,16 +105,19 @@ impl TestVm {
             return Err(Error::ProgramTooLarge(program.len()));
         }
         let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        let vm = Arc::new(
+            kvm.create_vm()
+                .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?,
+        );
         let flags = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
         let boot = GuestMemfd::create(&vm, BOOT_SIZE, flags)?;
         let boot_map = boot.map()?;
         let slot = Memslot::new(BOOT_SLOT, PageRange::new(0, BOOT_SIZE)?, &boot, 0)?
             .with_userspace_mapping(&boot_map)?;
-        // SAFETY: `boot_map` is owned by the returned `TestVm`, which also owns `vm`;
-        // fields drop in order, so the VM (and its slot) goes before the mapping.
+        // SAFETY: KVM touches a slot's memory only for a vCPU of the VM. The only vCPU
+        // is owned by the returned `TestVm`, whose fields drop in order: the vCPU goes
+        // before the mapping (even if a clone of the VM fd lives on). Before the `TestVm`
+        // exists no vCPU runs.
         unsafe { slot.bind(&vm) }?;
         let vcpu = vm
             .create_vcpu(0)
@@ -173,6 +176,12 @@ impl TestVm {
     /// The VM, to bind further memory.
     pub fn vm(&self) -> &VmFd {
         &self.vm
+    }
+
+    /// The VM, shared: for a `vm_private_memory::MemoryBuilder`. Its memslots must avoid
+    /// [`BOOT_SLOT`] and guest-physical `[0, 2 MiB)`.
+    pub fn shared_vm(&self) -> Arc<VmFd> {
+        Arc::clone(&self.vm)
     }
 
     /// The vCPU.

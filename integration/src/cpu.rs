@@ -8,7 +8,7 @@ use kvm_bindings::{kvm_regs, kvm_segment};
 use kvm_ioctls::{Kvm, VcpuFd};
 
 use crate::error::{Error, Result};
-use crate::layout::{selector, GDT_ADDR, PML4_ADDR, STACK_TOP, TSS_ADDR};
+use crate::layout::{selector, GDT_ADDR, PML4_ADDR, TSS_ADDR};
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_MP: u64 = 1 << 1;
@@ -41,9 +41,15 @@ fn segment(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
 }
 
 /// Sets CPUID (the host's supported set), the special registers for long mode at CPL3,
-/// and the general registers: `rip` = `entry`, `rsp` = the top of the boot stack, and the
-/// six argument registers (`rdi`, `rsi`, `rdx`, `rcx`, `r8`, `r9`) from `args`.
-pub fn enter_user_mode(kvm: &Kvm, vcpu: &VcpuFd, entry: u64, args: &[u64]) -> Result<()> {
+/// and the general registers: `rip` = `entry`, `rsp` = `stack_top`, and the six argument
+/// registers (`rdi`, `rsi`, `rdx`, `rcx`, `r8`, `r9`) from `args`.
+pub fn enter_user_mode(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    entry: u64,
+    stack_top: u64,
+    args: &[u64],
+) -> Result<()> {
     let cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -81,7 +87,7 @@ pub fn enter_user_mode(kvm: &Kvm, vcpu: &VcpuFd, entry: u64, args: &[u64]) -> Re
 
     let mut regs = kvm_regs {
         rip: entry,
-        rsp: STACK_TOP,
+        rsp: stack_top,
         rflags: RFLAGS_RESERVED | RFLAGS_IOPL3,
         ..Default::default()
     };

@@ -8,9 +8,15 @@ pub enum Error {
     /// A KVM ioctl failed.
     #[error("{0} failed: {1}")]
     Kvm(&'static str, #[source] errno::Error),
-    /// The memory layer refused something.
+    /// The file layer refused something.
     #[error(transparent)]
     Memory(#[from] guest_memfd::Error),
+    /// The backend refused something.
+    #[error(transparent)]
+    Backend(#[from] vm_private_memory::Error),
+    /// Loading the guest through the backend failed.
+    #[error("loading the guest failed: {0}")]
+    Load(#[source] vm_memory::GuestMemoryError),
     /// Host access to the harness's own mappings failed.
     #[error("host access to test memory failed: {0}")]
     BootWrite(#[source] vm_memory::VolatileMemoryError),

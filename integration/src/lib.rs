@@ -19,12 +19,19 @@
 
 mod cpu;
 mod error;
+mod guest;
 pub mod layout;
 mod vm;
 
 pub use cpu::enter_user_mode;
 pub use error::{Error, Result};
-pub use vm::{BoundMemory, Stop, StopReason, TestVm, BOOT_SLOT, PORT_DONE, PORT_FAIL, PORT_PAUSE};
+pub use guest::{
+    Device, GuestConfig, GuestVcpu, NoDevice, PrivateGuest, SumDevice, DATA_ADDR, STACK_STRIDE,
+};
+pub use vm::{
+    BoundMemory, Stop, StopReason, TestVm, BOOT_SLOT, PORT_DEVICE, PORT_DONE, PORT_FAIL,
+    PORT_HCALL, PORT_PAUSE,
+};
 
 /// The guest programs of `fixtures/guest`, assembled.
 pub mod programs {

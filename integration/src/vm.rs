@@ -9,7 +9,9 @@ use vm_memory::{Bytes, MmapRegion, VolatileMemory};
 
 use crate::cpu::enter_user_mode;
 use crate::error::{Error, Result};
-use crate::layout::{gdt_entries, page_table_entries, BOOT_SIZE, CODE_ADDR, CODE_MAX, GDT_ADDR};
+use crate::layout::{
+    gdt_entries, page_table_entries, BOOT_SIZE, CODE_ADDR, CODE_MAX, GDT_ADDR, STACK_TOP,
+};
 
 /// The memslot the boot region uses; tests use the others.
 pub const BOOT_SLOT: u32 = 0;
@@ -20,6 +22,34 @@ pub const PORT_DONE: u16 = 0x10;
 pub const PORT_PAUSE: u16 = 0x11;
 /// Port a guest writes to when one of its checks failed.
 pub const PORT_FAIL: u16 = 0x12;
+/// Port a guest writes to for a hypercall by KVM's register ABI (rax = number, rbx, rcx,
+/// rdx = arguments, answer in rax): the transport of `KVM_HC_MAP_GPA_RANGE` on hosts
+/// whose hypercall exits do not reach userspace.
+pub const PORT_HCALL: u16 = 0x13;
+/// Port a guest writes to to kick the test device (rbx = request address, rcx = length).
+pub const PORT_DEVICE: u16 = 0x14;
+
+/// What a write to protocol port `port` with registers `regs` means: a stop, a guest
+/// failure, or an unknown port.
+pub(crate) fn stop_at(port: u16, regs: kvm_regs) -> Result<Stop> {
+    let reason = match port {
+        PORT_DONE => StopReason::Done,
+        PORT_PAUSE => StopReason::Pause,
+        PORT_FAIL => {
+            return Err(Error::GuestFailed {
+                rax: regs.rax,
+                rbx: regs.rbx,
+            })
+        }
+        other => {
+            return Err(Error::UnexpectedExit {
+                exit: format!("port write to {other:#x}"),
+                rip: regs.rip,
+            })
+        }
+    };
+    Ok(Stop { reason, regs })
+}
 
 /// Why the guest stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,7 +162,7 @@ impl TestVm {
         };
         test_vm.write_boot_tables()?;
         test_vm.write_boot(CODE_ADDR, program)?;
-        enter_user_mode(&test_vm.kvm, &test_vm.vcpu, CODE_ADDR, args)?;
+        enter_user_mode(&test_vm.kvm, &test_vm.vcpu, CODE_ADDR, STACK_TOP, args)?;
         Ok(test_vm)
     }
 
@@ -211,23 +241,7 @@ impl TestVm {
             .vcpu
             .get_regs()
             .map_err(|e| Error::Kvm("KVM_GET_REGS", e))?;
-        let reason = match port {
-            PORT_DONE => StopReason::Done,
-            PORT_PAUSE => StopReason::Pause,
-            PORT_FAIL => {
-                return Err(Error::GuestFailed {
-                    rax: regs.rax,
-                    rbx: regs.rbx,
-                })
-            }
-            other => {
-                return Err(Error::UnexpectedExit {
-                    exit: format!("port write to {other:#x}"),
-                    rip: regs.rip,
-                })
-            }
-        };
-        Ok(Stop { reason, regs })
+        stop_at(port, regs)
     }
 
     /// Runs until the guest reports `PORT_DONE`; a pause is an error here.

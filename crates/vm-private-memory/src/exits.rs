@@ -25,6 +25,8 @@ pub const MAP_GPA_RANGE_KNOWN: u64 =
 pub const KVM_EINVAL: u64 = libc::EINVAL as u64;
 /// `KVM_EFAULT` (`include/uapi/linux/kvm_para.h`): the hypercall could not be carried out.
 pub const KVM_EFAULT: u64 = libc::EFAULT as u64;
+/// `KVM_ENOSYS` (`include/uapi/linux/kvm_para.h`): no such hypercall.
+pub const KVM_ENOSYS: u64 = 1000;
 
 /// Why a guest's request was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -147,6 +149,22 @@ impl PrivateMemory {
         let request = ConversionRequest::from_memory_fault(flags, gpa, size)
             .map_err(|e| Error::BadRequest(e.to_string()))?;
         self.convert(request.range, request.to)
+    }
+
+    /// Serves a hypercall by the KVM register ABI: `nr` (rax) and its first three
+    /// arguments (rbx, rcx, rdx). Returns the value for the guest's rax:
+    /// `KVM_HC_MAP_GPA_RANGE` is served by [`PrivateMemory::handle_map_gpa_range`], any
+    /// other number answers `-KVM_ENOSYS`.
+    ///
+    /// This is the one entry point for conversion requests however they arrive: a
+    /// `KVM_EXIT_HYPERCALL` exit (`nr` and `args` of `VcpuExit::Hypercall`, the answer
+    /// into its `ret`), or the same registers carried over another transport (port I/O
+    /// on hosts whose hypercall exits do not reach userspace).
+    pub fn handle_hypercall(&self, nr: u64, args: [u64; 3]) -> u64 {
+        if nr != guest_memfd::uapi::KVM_HC_MAP_GPA_RANGE {
+            return KVM_ENOSYS.wrapping_neg();
+        }
+        self.handle_map_gpa_range(args[0], args[1], args[2])
     }
 
     /// Serves a `KVM_HC_MAP_GPA_RANGE` hypercall and returns the value for the guest's

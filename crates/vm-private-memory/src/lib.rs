@@ -98,7 +98,7 @@ pub use builder::{MemoryBuilder, GUEST_PHYS_LIMIT, REGION_ALIGNMENT, X86_MMIO_HO
 pub use convert::{ContentMode, ConversionReport, Step};
 pub use error::{Error, GpaRange, Result};
 pub use exits::{
-    ConversionRequest, RequestError, KVM_EFAULT, KVM_EINVAL, MAP_GPA_RANGE_ENCRYPTED,
+    ConversionRequest, RequestError, KVM_EFAULT, KVM_EINVAL, KVM_ENOSYS, MAP_GPA_RANGE_ENCRYPTED,
     MAP_GPA_RANGE_KNOWN, MAP_GPA_RANGE_PAGE_SZ_1G, MAP_GPA_RANGE_PAGE_SZ_2M,
 };
 pub use kvm_view::{KvmView, VmAttributes};

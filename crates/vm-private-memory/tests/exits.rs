@@ -9,8 +9,8 @@ use common::{in_place, in_place_or_skip, pr, Recorder};
 use guest_memfd::PAGE_SIZE;
 use proptest::prelude::*;
 use vm_private_memory::{
-    ConversionRequest, PageState, RequestError, KVM_EFAULT, KVM_EINVAL, MAP_GPA_RANGE_ENCRYPTED,
-    MAP_GPA_RANGE_PAGE_SZ_1G, MAP_GPA_RANGE_PAGE_SZ_2M,
+    ConversionRequest, PageState, RequestError, KVM_EFAULT, KVM_EINVAL, KVM_ENOSYS,
+    MAP_GPA_RANGE_ENCRYPTED, MAP_GPA_RANGE_PAGE_SZ_1G, MAP_GPA_RANGE_PAGE_SZ_2M,
 };
 
 const MIB2: u64 = 2 << 20;
@@ -115,6 +115,14 @@ fn hypercalls_convert_real_memory_and_answer_the_guest() {
     let _s = m.subscribe(pr(MIB2, PAGE_SIZE), refusing);
     assert_eq!(m.handle_map_gpa_range(MIB2, 1, 0), EFAULT);
     assert_eq!(m.state_of(MIB2), Some(PageState::Private));
+    // The hypercall entry point: MAP_GPA_RANGE by number, anything else ENOSYS.
+    assert_eq!(m.handle_hypercall(12, [0, 1, 0]), 0);
+    assert_eq!(m.state_of(0), Some(PageState::Shared));
+    assert_eq!(m.handle_hypercall(11, [0, 1, 0]), KVM_ENOSYS.wrapping_neg());
+    assert_eq!(
+        m.handle_hypercall(u64::MAX, [u64::MAX; 3]),
+        KVM_ENOSYS.wrapping_neg()
+    );
     // A memory fault converts to what the guest used.
     m.handle_memory_fault(0, 3 * PAGE_SIZE, PAGE_SIZE).unwrap();
     assert_eq!(m.state_of(3 * PAGE_SIZE), Some(PageState::Shared));

@@ -1,0 +1,250 @@
+//! A guest whose every page (code, tables, stack, data) lives in `vm-private-memory`,
+//! with any number of vCPUs, a hypercall transport and a test device.
+
+use std::sync::Arc;
+
+use guest_memfd::PageRange;
+use kvm_bindings::kvm_regs;
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_private_memory::{ContentMode, GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemory};
+
+use crate::cpu::enter_user_mode;
+use crate::error::{Error, Result};
+use crate::layout::{
+    gdt_entries, page_table_entries, BOOT_SIZE, CODE_ADDR, CODE_MAX, GDT_ADDR, STACK_TOP,
+};
+use crate::vm::{stop_at, Stop, PORT_DEVICE, PORT_HCALL};
+
+/// Where the guest's data region starts: 4 GiB, above the MMIO hole.
+pub const DATA_ADDR: u64 = 4 << 30;
+/// Each vCPU's stack is this far below the previous one's.
+pub const STACK_STRIDE: u64 = 64 << 10;
+
+/// A device model on the host side: it sees the guest only through the backend's `Bytes`
+/// (so only through shared pages), as a virtio device sees a TDX guest's SWIOTLB.
+pub trait Device: Send {
+    /// The guest kicked the device with a request of `len` bytes at `addr`; the answer
+    /// goes into the guest's `rax` (0 for success).
+    fn kick(&mut self, memory: &GuestMemoryPrivate, addr: u64, len: u64) -> u64;
+}
+
+/// A device that answers a request with the sum of its bytes, written as a little-endian
+/// u64 right after the request. Answers 1 if it cannot read or write (a private page).
+#[derive(Debug, Default)]
+pub struct SumDevice {
+    /// Requests served.
+    pub served: u64,
+    /// Requests it could not serve because the backend refused the access.
+    pub refused: u64,
+}
+
+impl Device for SumDevice {
+    fn kick(&mut self, memory: &GuestMemoryPrivate, addr: u64, len: u64) -> u64 {
+        let Ok(len) = usize::try_from(len) else {
+            self.refused += 1;
+            return 1;
+        };
+        let mut request = vec![0u8; len];
+        let answer = memory
+            .read_slice(&mut request, GuestAddress(addr))
+            .map(|()| request.iter().map(|&b| u64::from(b)).sum::<u64>())
+            .and_then(|sum| memory.write_obj(sum, GuestAddress(addr.wrapping_add(len as u64))));
+        match answer {
+            Ok(()) => {
+                self.served += 1;
+                0
+            }
+            Err(_) => {
+                self.refused += 1;
+                1
+            }
+        }
+    }
+}
+
+/// A device for guests that have none.
+pub struct NoDevice;
+
+impl Device for NoDevice {
+    fn kick(&mut self, _: &GuestMemoryPrivate, _: u64, _: u64) -> u64 {
+        u64::MAX
+    }
+}
+
+/// How to build a [`PrivateGuest`].
+#[derive(Clone, Copy, Debug)]
+pub struct GuestConfig {
+    /// The size of the data region at [`DATA_ADDR`].
+    pub data_size: u64,
+    /// How many vCPUs.
+    pub vcpus: usize,
+    /// Whether every page (boot region included) is private once the guest is loaded.
+    pub all_private: bool,
+}
+
+/// A guest on private memory: the boot region `[0, 2 MiB)` and a data region at
+/// [`DATA_ADDR`], both in one [`PrivateMemory`] (in-place strategy), with vCPUs that
+/// all start at the same program, at CPL3, each with its own stack.
+pub struct PrivateGuest {
+    kvm: Kvm,
+    memory: Arc<PrivateMemory>,
+    vcpus: Vec<GuestVcpu>,
+}
+
+/// One vCPU of a [`PrivateGuest`]; it can be moved to its own thread.
+pub struct GuestVcpu {
+    index: usize,
+    fd: VcpuFd,
+    memory: Arc<PrivateMemory>,
+}
+
+impl PrivateGuest {
+    /// Builds the memory, loads `program`, and creates the vCPUs (not yet started).
+    pub fn new(program: &[u8], config: GuestConfig) -> Result<Self> {
+        if program.len() as u64 > CODE_MAX {
+            return Err(Error::ProgramTooLarge(program.len()));
+        }
+        let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
+        let vm: Arc<VmFd> = Arc::new(
+            kvm.create_vm()
+                .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?,
+        );
+        let memory = MemoryBuilder::new(Arc::clone(&vm))
+            .x86_mmio_hole()
+            .region_at(0, BOOT_SIZE)
+            .region_at(DATA_ADDR, config.data_size)
+            .initial_state(PageState::Shared)
+            .build()?;
+        let ram = memory.memory();
+        let ram = ram.memory();
+        for (i, entry) in gdt_entries().iter().enumerate() {
+            ram.write_obj(*entry, GuestAddress(GDT_ADDR + i as u64 * 8))
+                .map_err(Error::Load)?;
+        }
+        for (addr, entry) in page_table_entries() {
+            ram.write_obj(entry, GuestAddress(addr))
+                .map_err(Error::Load)?;
+        }
+        ram.write_slice(program, GuestAddress(CODE_ADDR))
+            .map_err(Error::Load)?;
+        if config.all_private {
+            for region in memory.regions() {
+                memory.convert_with(region, PageState::Private, ContentMode::Preserve)?;
+            }
+        }
+        let memory = Arc::new(memory);
+        let vcpus = (0..config.vcpus)
+            .map(|index| {
+                let fd = vm
+                    .create_vcpu(index as u64)
+                    .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+                Ok(GuestVcpu {
+                    index,
+                    fd,
+                    memory: Arc::clone(&memory),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PrivateGuest { kvm, memory, vcpus })
+    }
+
+    /// The guest's memory.
+    pub fn memory(&self) -> &Arc<PrivateMemory> {
+        &self.memory
+    }
+
+    /// Points vCPU `index` at the program with `args` in its argument registers.
+    pub fn start(&mut self, index: usize, args: &[u64]) -> Result<()> {
+        let vcpu = &self.vcpus[index];
+        let stack = STACK_TOP - index as u64 * STACK_STRIDE;
+        enter_user_mode(&self.kvm, &vcpu.fd, CODE_ADDR, stack, args)
+    }
+
+    /// vCPU `index`.
+    pub fn vcpu(&mut self, index: usize) -> &mut GuestVcpu {
+        &mut self.vcpus[index]
+    }
+
+    /// Takes the vCPUs out, to run them on threads of their own.
+    pub fn take_vcpus(&mut self) -> Vec<GuestVcpu> {
+        std::mem::take(&mut self.vcpus)
+    }
+
+    /// The guest-physical range of the data region.
+    pub fn data(&self) -> PageRange {
+        self.memory.regions()[1]
+    }
+}
+
+impl GuestVcpu {
+    /// Its index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Runs until the guest stops at `PORT_DONE` or `PORT_PAUSE`, serving on the way:
+    /// hypercalls by the register ABI over `PORT_HCALL`, real `KVM_EXIT_HYPERCALL` and
+    /// `KVM_EXIT_MEMORY_FAULT` exits (all three through `vm-private-memory`'s one
+    /// handler), and device kicks.
+    pub fn run(&mut self, device: &mut dyn Device) -> Result<Stop> {
+        loop {
+            let port = match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, _)) => port,
+                Ok(VcpuExit::Hypercall(exit)) => {
+                    *exit.ret = self
+                        .memory
+                        .handle_hypercall(exit.nr, [exit.args[0], exit.args[1], exit.args[2]]);
+                    continue;
+                }
+                Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
+                    self.memory
+                        .handle_memory_fault(flags, gpa, size)
+                        .map_err(|_| Error::MemoryFault { flags, gpa, size })?;
+                    continue;
+                }
+                Ok(exit) => {
+                    let exit = format!("{exit:?}");
+                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                    return Err(Error::UnexpectedExit { exit, rip });
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
+            };
+            let mut regs = self.regs()?;
+            match port {
+                PORT_HCALL => {
+                    regs.rax = self
+                        .memory
+                        .handle_hypercall(regs.rax, [regs.rbx, regs.rcx, regs.rdx]);
+                }
+                PORT_DEVICE => {
+                    let ram = self.memory.memory();
+                    regs.rax = device.kick(&ram.memory(), regs.rbx, regs.rcx);
+                }
+                other => return stop_at(other, regs),
+            }
+            self.fd
+                .set_regs(&regs)
+                .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+        }
+    }
+
+    /// Runs until `PORT_DONE`; a pause is an error here.
+    pub fn run_to_done(&mut self, device: &mut dyn Device) -> Result<kvm_regs> {
+        let stop = self.run(device)?;
+        match stop.reason {
+            crate::StopReason::Done => Ok(stop.regs),
+            crate::StopReason::Pause => Err(Error::UnexpectedExit {
+                exit: "PORT_PAUSE where PORT_DONE was expected".into(),
+                rip: stop.regs.rip,
+            }),
+        }
+    }
+
+    fn regs(&self) -> Result<kvm_regs> {
+        self.fd
+            .get_regs()
+            .map_err(|e| Error::Kvm("KVM_GET_REGS", e))
+    }
+}

@@ -2,6 +2,7 @@
 //! with any number of vCPUs, a hypercall transport and a test device.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use guest_memfd::PageRange;
 use kvm_bindings::kvm_regs;
@@ -18,6 +19,8 @@ use crate::vm::{stop_at, Stop, PORT_DEVICE, PORT_HCALL};
 
 /// Where the guest's data region starts: 4 GiB, above the MMIO hole.
 pub const DATA_ADDR: u64 = 4 << 30;
+/// How many served hypercalls a vCPU remembers ([`GuestVcpu::served`]).
+pub const SERVED_LOG: usize = 1024;
 /// Each vCPU's stack is this far below the previous one's.
 pub const STACK_STRIDE: u64 = 64 << 10;
 
@@ -97,6 +100,20 @@ pub struct GuestVcpu {
     index: usize,
     fd: VcpuFd,
     memory: Arc<PrivateMemory>,
+    served: Vec<Served>,
+}
+
+/// A hypercall the harness served for a vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// The hypercall number (rax).
+    pub nr: u64,
+    /// Its arguments (rbx, rcx, rdx).
+    pub args: [u64; 3],
+    /// The answer put in rax.
+    pub answer: u64,
+    /// How long serving it took (the conversion, not the exit).
+    pub elapsed: Duration,
 }
 
 impl PrivateGuest {
@@ -143,6 +160,7 @@ impl PrivateGuest {
                     index,
                     fd,
                     memory: Arc::clone(&memory),
+                    served: Vec::new(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -214,9 +232,7 @@ impl GuestVcpu {
             let mut regs = self.regs()?;
             match port {
                 PORT_HCALL => {
-                    regs.rax = self
-                        .memory
-                        .handle_hypercall(regs.rax, [regs.rbx, regs.rcx, regs.rdx]);
+                    regs.rax = self.serve(regs.rax, [regs.rbx, regs.rcx, regs.rdx]);
                 }
                 PORT_DEVICE => {
                     let ram = self.memory.memory();
@@ -240,6 +256,25 @@ impl GuestVcpu {
                 rip: stop.regs.rip,
             }),
         }
+    }
+
+    /// The first hypercalls served (at most [`SERVED_LOG`]), in order.
+    pub fn served(&self) -> &[Served] {
+        &self.served
+    }
+
+    fn serve(&mut self, nr: u64, args: [u64; 3]) -> u64 {
+        let start = Instant::now();
+        let answer = self.memory.handle_hypercall(nr, args);
+        if self.served.len() < SERVED_LOG {
+            self.served.push(Served {
+                nr,
+                args,
+                answer,
+                elapsed: start.elapsed(),
+            });
+        }
+        answer
     }
 
     fn regs(&self) -> Result<kvm_regs> {

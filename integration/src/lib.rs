@@ -26,7 +26,8 @@ mod vm;
 pub use cpu::enter_user_mode;
 pub use error::{Error, Result};
 pub use guest::{
-    Device, GuestConfig, GuestVcpu, NoDevice, PrivateGuest, SumDevice, DATA_ADDR, STACK_STRIDE,
+    Device, GuestConfig, GuestVcpu, NoDevice, PrivateGuest, Served, SumDevice, DATA_ADDR,
+    SERVED_LOG, STACK_STRIDE,
 };
 pub use vm::{
     BoundMemory, Stop, StopReason, TestVm, BOOT_SLOT, PORT_DEVICE, PORT_DONE, PORT_FAIL,

@@ -7,29 +7,12 @@ use std::sync::Arc;
 
 use guest_memfd::PageRange;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vm_private_memory::{MemoryBuilder, PageState, Strategy};
+use vm_private_memory::{resident_guest_memfd_bytes, MemoryBuilder, PageState, Strategy};
 
 const GIB: u64 = 1 << 30;
 
-/// Resident KiB of all mappings of a guest_memfd ("[anon_inode:[kvm-gmem]]" in smaps).
 fn gmem_resident_kib() -> u64 {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let mut in_gmem = false;
-    let mut total = 0;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            in_gmem = line.contains("kvm-gmem");
-        } else if in_gmem && line.starts_with("Rss:") {
-            total += line
-                .split_whitespace()
-                .nth(1)
-                .unwrap()
-                .parse::<u64>()
-                .unwrap();
-        }
-    }
-    total
+    resident_guest_memfd_bytes().unwrap() / 1024
 }
 
 fn main() {

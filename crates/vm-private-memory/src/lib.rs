@@ -86,6 +86,7 @@ mod builder;
 mod convert;
 mod error;
 mod exits;
+mod footprint;
 mod kvm_view;
 mod listener;
 mod memory;
@@ -101,6 +102,7 @@ pub use exits::{
     ConversionRequest, RequestError, KVM_EFAULT, KVM_EINVAL, KVM_ENOSYS, MAP_GPA_RANGE_ENCRYPTED,
     MAP_GPA_RANGE_KNOWN, MAP_GPA_RANGE_PAGE_SZ_1G, MAP_GPA_RANGE_PAGE_SZ_2M,
 };
+pub use footprint::resident_guest_memfd_bytes;
 pub use kvm_view::{KvmView, VmAttributes};
 pub use listener::{MemoryListener, Subscription};
 pub use memory::{GuestMemoryPrivate, PrivateMemory};

@@ -258,6 +258,15 @@ impl GuestVcpu {
         }
     }
 
+    /// Changes the vCPU's general registers (while it is stopped).
+    pub fn update_regs(&mut self, change: impl FnOnce(&mut kvm_regs)) -> Result<()> {
+        let mut regs = self.regs()?;
+        change(&mut regs);
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| Error::Kvm("KVM_SET_REGS", e))
+    }
+
     /// The first hypercalls served (at most [`SERVED_LOG`]), in order.
     pub fn served(&self) -> &[Served] {
         &self.served

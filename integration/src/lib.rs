@@ -18,12 +18,14 @@
 #![deny(missing_docs)]
 
 mod cpu;
+mod driver;
 mod error;
 mod guest;
 pub mod layout;
 mod vm;
 
 pub use cpu::enter_user_mode;
+pub use driver::Driver;
 pub use error::{Error, Result};
 pub use guest::{
     Device, GuestConfig, GuestVcpu, NoDevice, PrivateGuest, Served, SumDevice, DATA_ADDR,

@@ -94,7 +94,8 @@ impl PageAttributes {
     /// This is the check on every host access: most accesses fall within one 64-page
     /// word, which costs one load.
     #[inline]
-    pub fn first_private(&self, first: u64, last: u64) -> Option<u64> {
+    pub(crate) fn first_private(&self, first: u64, last: u64) -> Option<u64> {
+        debug_assert!(first <= last && last < self.pages);
         let (w0, w1) = (first / 64, last / 64);
         if w0 == w1 {
             let width = last - first + 1;
@@ -128,7 +129,7 @@ impl PageAttributes {
 
     /// The first page in `[first, first + count)` that is in `state`, if any.
     pub fn find(&self, first: u64, count: u64, state: PageState) -> Option<u64> {
-        let end = first.checked_add(count)?.min(self.pages);
+        let end = first.saturating_add(count).min(self.pages);
         let mut word = first / 64;
         while word * 64 < end {
             let bits = self.words[word as usize].load(Ordering::Acquire);
@@ -267,6 +268,8 @@ mod tests {
     fn queries_past_the_end_are_clipped() {
         let a = PageAttributes::new(10, PageState::Private);
         assert_eq!(a.find(5, u64::MAX, PageState::Shared), None);
+        assert_eq!(a.find(1, u64::MAX, PageState::Private), Some(1));
+        assert!(!a.all(1, u64::MAX, PageState::Shared));
         assert_eq!(
             a.runs(8, 100).collect::<Vec<_>>(),
             vec![(8, 2, PageState::Private)]

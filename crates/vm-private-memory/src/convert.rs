@@ -130,8 +130,12 @@ impl PrivateMemory {
     /// Converts `range` to `to`, discarding content ([`ContentMode::Discard`]).
     ///
     /// `range` may span regions but must lie wholly inside guest memory. Pages already in
-    /// state `to` are left alone. On any failure (a listener refusing, an ioctl or
-    /// fallocate error) the bits, KVM's view and the listeners' view are as before.
+    /// state `to` are left alone. On any failure (a listener refusing or panicking, an
+    /// ioctl or fallocate error) the bits, KVM's view and the listeners' view are as
+    /// before. One thing is not undone: in-place, a page going shared is punched *before*
+    /// the host may see it (so the guest's private content never reaches the host), so a
+    /// refusal after that leaves the page private but empty. The dual strategy punches
+    /// the private side last and loses nothing.
     ///
     /// ```
     /// use std::sync::Arc;
@@ -171,6 +175,7 @@ impl PrivateMemory {
             });
         }
         let engine = self.lock_engine();
+        let _listeners = self.listeners.hold();
         let snapshot = &*engine.current;
         let mut changed = Vec::new();
         for piece in Self::split(snapshot, range) {
@@ -208,6 +213,7 @@ impl PrivateMemory {
             return Err(Error::Reentrant { range: gpa(range) });
         }
         let engine = self.lock_engine();
+        let _listeners = self.listeners.hold();
         let pieces = Self::split(&engine.current, range).collect::<Result<Vec<_>>>()?;
         self.listeners.discard(&[range]);
         let mut bytes = 0;

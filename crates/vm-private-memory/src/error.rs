@@ -81,9 +81,9 @@ pub enum Error {
         /// The listener's reason.
         reason: String,
     },
-    /// A listener (or anything it called) tried to convert or discard memory while being
-    /// notified of a conversion.
-    #[error("conversion of {range} requested from inside a listener callback: listeners must not convert or discard memory")]
+    /// A listener (or anything it called) tried to convert, discard, add or remove memory
+    /// while being notified.
+    #[error("a change to {range} was requested from inside a listener callback: listeners must not convert, discard, add or remove memory")]
     Reentrant {
         /// The range asked for.
         range: GpaRange,

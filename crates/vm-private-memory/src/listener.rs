@@ -9,7 +9,8 @@
 //! may refuse, which rolls the conversion back.
 
 use std::cell::Cell;
-use std::sync::{Arc, Mutex, Weak};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
 
 use guest_memfd::PageRange;
 
@@ -35,33 +36,40 @@ struct Entry {
     listener: Arc<dyn MemoryListener>,
 }
 
+/// What subscriptions and notifications share.
+#[derive(Default)]
+struct Registry {
+    entries: Mutex<Vec<Entry>>,
+    /// Held (shared) for a whole conversion, discard or removal ([`Listeners::hold`]);
+    /// taken exclusively by a dropped `Subscription`, so that once `drop` returns no
+    /// operation that might still call its listener is running.
+    gate: RwLock<()>,
+}
+
 /// The listeners of one memory, in subscription order.
 #[derive(Default)]
 pub(crate) struct Listeners {
-    entries: Arc<Mutex<Vec<Entry>>>,
+    registry: Arc<Registry>,
     next_id: Mutex<u64>,
 }
 
-/// Whether `entries` is empty, without taking the lock when it is: conversions on memory
-/// without listeners skip the notifications entirely. A subscription racing with a
-/// conversion hears the next one.
-fn is_empty(entries: &Arc<Mutex<Vec<Entry>>>) -> bool {
-    // One strong reference (ours) and no weak ones: no subscription was ever handed out
-    // or all were dropped.
-    Arc::weak_count(entries) == 0
-}
-
-/// Keeps a listener subscribed; dropping it unsubscribes.
+/// Keeps a listener subscribed; dropping it unsubscribes. Once `drop` returns the
+/// listener is not called again (a notification already running is waited for, unless
+/// the subscription is dropped from inside a listener callback).
 #[must_use = "dropping the subscription unsubscribes the listener at once"]
 pub struct Subscription {
     id: u64,
-    entries: Weak<Mutex<Vec<Entry>>>,
+    registry: Weak<Registry>,
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        if let Some(entries) = self.entries.upgrade() {
-            lock(&entries).retain(|e| e.id != self.id);
+        if let Some(registry) = self.registry.upgrade() {
+            lock(&registry.entries).retain(|e| e.id != self.id);
+            if !in_callback() {
+                // Wait for a notification pass that may hold a clone of our listener.
+                drop(registry.gate.write().unwrap_or_else(|p| p.into_inner()));
+            }
         }
     }
 }
@@ -75,8 +83,8 @@ impl std::fmt::Debug for Subscription {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A listener that panicked cannot leave the list half-changed: every critical
-    // section here is a single Vec operation.
+    // Every critical section here is a single Vec operation, so a panic elsewhere cannot
+    // leave the list half-changed.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -89,17 +97,20 @@ pub(crate) fn in_callback() -> bool {
     IN_CALLBACK.with(Cell::get)
 }
 
-/// Runs `f` marked as a listener callback.
-fn as_callback<R>(f: impl FnOnce() -> R) -> R {
+/// Runs a listener callback `f`, marked as such. A panic in it is caught and returned as
+/// `Err`, so that a misbehaving listener cannot leave a conversion half done.
+fn as_callback<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     IN_CALLBACK.with(|c| c.set(true));
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            IN_CALLBACK.with(|c| c.set(false));
-        }
-    }
-    let _reset = Reset;
-    f()
+    let result = panic::catch_unwind(AssertUnwindSafe(f));
+    IN_CALLBACK.with(|c| c.set(false));
+    result.map_err(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned());
+        format!("the listener panicked: {what}")
+    })
 }
 
 /// A listener's acceptance of a range, to undo on rollback.
@@ -119,83 +130,110 @@ impl Listeners {
             *next += 1;
             *next
         };
-        lock(&self.entries).push(Entry {
+        lock(&self.registry.entries).push(Entry {
             id,
             range,
             listener,
         });
         Subscription {
             id,
-            entries: Arc::downgrade(&self.entries),
+            registry: Arc::downgrade(&self.registry),
         }
+    }
+
+    /// Keeps dropped subscriptions waiting until the returned guard goes: hold it for the
+    /// whole of an operation that notifies listeners (including its rollback).
+    pub(crate) fn hold(&self) -> RwLockReadGuard<'_, ()> {
+        self.registry.gate.read().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn count(&self) -> usize {
-        lock(&self.entries).len()
+        lock(&self.registry.entries).len()
     }
 
-    /// The listeners overlapping `range`, with the clipped range each should hear.
-    fn audience(&self, range: PageRange) -> Vec<(Arc<dyn MemoryListener>, PageRange)> {
-        if is_empty(&self.entries) {
-            return Vec::new();
+    /// Runs a notification pass over the listeners overlapping `ranges`: `each` gets a
+    /// listener and the range clipped to its subscription, in range order, then
+    /// subscription order. Skips all locking when nothing was ever subscribed or every
+    /// subscription is gone (no `Subscription` holds a reference to the registry).
+    fn pass(
+        &self,
+        ranges: &[PageRange],
+        mut each: impl FnMut(&Arc<dyn MemoryListener>, PageRange) -> bool,
+    ) {
+        if Arc::weak_count(&self.registry) == 0 {
+            return;
         }
-        lock(&self.entries)
-            .iter()
-            .filter_map(|e| {
-                e.range
-                    .intersection(&range)
-                    .map(|clipped| (Arc::clone(&e.listener), clipped))
-            })
-            .collect()
-    }
-
-    /// Tells every listener overlapping each range, in order, that host access is going.
-    pub(crate) fn discard(&self, ranges: &[PageRange]) {
         for range in ranges {
-            for (listener, clipped) in self.audience(*range) {
-                as_callback(|| listener.discard(clipped));
+            let audience: Vec<_> = lock(&self.registry.entries)
+                .iter()
+                .filter_map(|e| {
+                    e.range
+                        .intersection(range)
+                        .map(|clipped| (Arc::clone(&e.listener), clipped))
+                })
+                .collect();
+            for (listener, clipped) in audience {
+                if !each(&listener, clipped) {
+                    return;
+                }
             }
         }
     }
 
-    /// Offers each range to the listeners overlapping it, in order. On a refusal, the
-    /// ranges already accepted are discarded again (in reverse) and the refusal returned.
+    /// Tells every listener overlapping each range, in order, that host access is going.
+    pub(crate) fn discard(&self, ranges: &[PageRange]) {
+        self.pass(ranges, |listener, range| {
+            let _ = as_callback(|| listener.discard(range));
+            true
+        });
+    }
+
+    /// Offers each range to the listeners overlapping it, in order. On a refusal (or a
+    /// panic), the ranges already accepted are discarded again (in reverse) and the
+    /// refusal returned.
     pub(crate) fn populate(
         &self,
         ranges: &[PageRange],
     ) -> Result<Vec<Accepted>, (PageRange, String)> {
         let mut accepted: Vec<Accepted> = Vec::new();
-        for range in ranges {
-            for (listener, clipped) in self.audience(*range) {
-                match as_callback(|| listener.populate(clipped)) {
-                    Ok(()) => accepted.push(Accepted {
-                        listener,
-                        range: clipped,
-                    }),
-                    Err(reason) => {
-                        Self::withdraw(accepted);
-                        return Err((clipped, reason));
-                    }
+        let mut refusal = None;
+        self.pass(ranges, |listener, range| {
+            match as_callback(|| listener.populate(range)).and_then(|r| r) {
+                Ok(()) => {
+                    accepted.push(Accepted {
+                        listener: Arc::clone(listener),
+                        range,
+                    });
+                    true
+                }
+                Err(reason) => {
+                    refusal = Some((range, reason));
+                    false
                 }
             }
+        });
+        match refusal {
+            None => Ok(accepted),
+            Some(refused) => {
+                Self::withdraw(accepted);
+                Err(refused)
+            }
         }
-        Ok(accepted)
     }
 
     /// Takes back what listeners accepted, newest first.
     pub(crate) fn withdraw(accepted: Vec<Accepted>) {
         for a in accepted.into_iter().rev() {
-            as_callback(|| a.listener.discard(a.range));
+            let _ = as_callback(|| a.listener.discard(a.range));
         }
     }
 
     /// Re-offers ranges after a rolled-back revocation; refusals are ignored, since the
     /// listener held these ranges before and the memory is back as it was.
     pub(crate) fn restore(&self, ranges: &[PageRange]) {
-        for range in ranges {
-            for (listener, clipped) in self.audience(*range) {
-                let _ = as_callback(|| listener.populate(clipped));
-            }
-        }
+        self.pass(ranges, |listener, range| {
+            let _ = as_callback(|| listener.populate(range));
+            true
+        });
     }
 }

@@ -14,7 +14,7 @@ use vm_memory::{
 use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, Result};
 use crate::kvm_view::KvmView;
-use crate::listener::{Listeners, MemoryListener, Subscription};
+use crate::listener::{in_callback, Listeners, MemoryListener, Subscription};
 use crate::region::PrivateRegion;
 use crate::strategy::Strategy;
 
@@ -188,12 +188,19 @@ impl PrivateMemory {
     /// Adds a region over `guest`, bound to a new memslot, its pages in `initial` state.
     /// It is backed by `backing`: a file and offset (for example the file of a region
     /// removed before, to keep its content), or `None` for a new guest_memfd.
+    ///
+    /// Re-using a file keeps its content: with `initial` shared and the in-place strategy,
+    /// whatever the guest had written there, private pages included, becomes readable by
+    /// the host. Discard ranges first if that is not wanted.
     pub fn add_region(
         &self,
         guest: PageRange,
         backing: Option<(GuestMemfd, u64)>,
         initial: PageState,
     ) -> Result<()> {
+        if in_callback() {
+            return Err(Error::Reentrant { range: gpa(guest) });
+        }
         let mut engine = self.lock_engine();
         let (gmem, offset) = match backing {
             Some(b) => b,
@@ -242,8 +249,10 @@ impl PrivateMemory {
         // SAFETY: the slot's userspace memory is the region's host mapping, which the
         // collection installed below keeps alive until `remove_region` or `Drop` unbinds.
         unsafe { memslot.bind(&self.vm) }?;
-        if self.strategy == Strategy::Dual && initial == PageState::Private {
-            if let Err(e) = self.kvm_view.set(guest, PageState::Private) {
+        // KVM keeps memory attributes per guest-physical address, across memslot
+        // deletion: set them for the new region whatever they were before.
+        if self.strategy == Strategy::Dual {
+            if let Err(e) = self.kvm_view.set(guest, initial) {
                 let _ = memslot.unbind(&self.vm);
                 return Err(e);
             }
@@ -259,7 +268,13 @@ impl PrivateMemory {
     /// the range then exit as MMIO), and it leaves the vm-memory view. vCPUs may run.
     /// Returns the range and the file and offset that backed it, so it can be re-added.
     pub fn remove_region(&self, start: u64) -> Result<(PageRange, GuestMemfd, u64)> {
+        if in_callback() {
+            return Err(Error::Reentrant {
+                range: GpaRange { start, len: 0 },
+            });
+        }
         let mut engine = self.lock_engine();
+        let _listeners = self.listeners.hold();
         let snapshot = Arc::clone(&engine.current);
         let region = snapshot
             .iter()
@@ -268,7 +283,10 @@ impl PrivateMemory {
         let guest = region.guest_range();
         let shared: Vec<PageRange> = shared_runs(region);
         self.listeners.discard(&shared);
-        region.memslot()?.unbind(&self.vm)?;
+        if let Err(e) = region.memslot().and_then(|slot| slot.unbind(&self.vm)) {
+            self.listeners.restore(&shared);
+            return Err(e.into());
+        }
         let guard = self.memory.lock().unwrap_or_else(|p| p.into_inner());
         let (without, _removed) = snapshot
             .remove_region(GuestAddress(start), guest.len())
@@ -303,14 +321,26 @@ pub(crate) fn gpa(range: PageRange) -> GpaRange {
 }
 
 impl Drop for PrivateMemory {
+    /// Unbinds every region this memory bound, from the engine's own list (not from the
+    /// `GuestMemoryAtomic`, which a caller may have replaced). A region whose slot cannot
+    /// be unbound (the kernel refused) is leaked, mapping and all: KVM may still use it.
     fn drop(&mut self) {
-        for region in self.memory.memory().iter() {
-            if let Ok(slot) = region.memslot() {
-                // Failure here means the VM is already gone, and the slot with it.
-                let _ = slot.unbind(&self.vm);
+        let engine = self.lock_engine();
+        for region in engine.current.iter() {
+            let unbound = region
+                .memslot()
+                .is_ok_and(|slot| slot.unbind(&self.vm).is_ok());
+            if !unbound {
+                leak(region);
             }
         }
     }
+}
+
+/// Keeps `region`'s host mapping alive for the rest of the process: its memslot could not
+/// be deleted, so KVM may still access that memory.
+fn leak(region: &PrivateRegion) {
+    std::mem::forget(region.host_mapping_owner());
 }
 
 /// Iterator over the pieces of a range, region by region ([`PrivateMemory::split`]).

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use guest_memfd::{GuestMemfd, Memslot, PageRange, SealedMemfd, PAGE_SIZE};
 use vm_memory::bitmap::BS;
@@ -35,7 +36,7 @@ pub struct PrivateRegion {
     gmem: GuestMemfd,
     gmem_offset: u64,
     shared: Option<SealedMemfd>,
-    host: MmapRegion,
+    host: Arc<MmapRegion>,
     attributes: PageAttributes,
     slot: u32,
 }
@@ -61,7 +62,7 @@ impl PrivateRegion {
             gmem: parts.gmem,
             gmem_offset: parts.gmem_offset,
             shared: parts.shared,
-            host: parts.host,
+            host: Arc::new(parts.host),
             slot: parts.slot,
         }
     }
@@ -107,22 +108,25 @@ impl PrivateRegion {
             .with_userspace_mapping(&self.host)
     }
 
+    /// A reference that keeps the host mapping alive (see `memory::leak`).
+    pub(crate) fn host_mapping_owner(&self) -> Arc<MmapRegion> {
+        Arc::clone(&self.host)
+    }
+
     /// The state of the page holding region offset `offset`.
     pub fn state_at(&self, offset: u64) -> Option<PageState> {
         (offset < self.guest.len()).then(|| self.attributes.get(offset / PAGE_SIZE))
     }
 
-    /// Refuses `[offset, offset + count)` if it touches a private page.
+    /// Refuses `[offset, offset + count)` (inside the region) if it touches a private page.
+    #[inline]
     fn check_shared(&self, offset: u64, count: usize) -> GuestResult<()> {
         if count == 0 {
             return Ok(());
         }
         let first = offset / PAGE_SIZE;
         let last = (offset + count as u64 - 1) / PAGE_SIZE;
-        match self
-            .attributes
-            .find(first, last - first + 1, PageState::Private)
-        {
+        match self.attributes.first_private(first, last) {
             None => Ok(()),
             Some(page) => Err(refusal(
                 GpaRange {

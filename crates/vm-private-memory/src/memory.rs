@@ -322,25 +322,21 @@ pub(crate) fn gpa(range: PageRange) -> GpaRange {
 
 impl Drop for PrivateMemory {
     /// Unbinds every region this memory bound, from the engine's own list (not from the
-    /// `GuestMemoryAtomic`, which a caller may have replaced). A region whose slot cannot
-    /// be unbound (the kernel refused) is leaked, mapping and all: KVM may still use it.
+    /// `GuestMemoryAtomic`, which a caller may have replaced). If a slot cannot be
+    /// unbound (the kernel refused), KVM may still use its memory: every region is then
+    /// leaked, mappings and all, rather than unmapped.
     fn drop(&mut self) {
         let engine = self.lock_engine();
+        let mut all_unbound = true;
         for region in engine.current.iter() {
-            let unbound = region
+            all_unbound &= region
                 .memslot()
                 .is_ok_and(|slot| slot.unbind(&self.vm).is_ok());
-            if !unbound {
-                leak(region);
-            }
+        }
+        if !all_unbound {
+            std::mem::forget(Arc::clone(&engine.current));
         }
     }
-}
-
-/// Keeps `region`'s host mapping alive for the rest of the process: its memslot could not
-/// be deleted, so KVM may still access that memory.
-fn leak(region: &PrivateRegion) {
-    std::mem::forget(region.host_mapping_owner());
 }
 
 /// Iterator over the pieces of a range, region by region ([`PrivateMemory::split`]).

@@ -2,7 +2,6 @@
 
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use guest_memfd::{GuestMemfd, Memslot, PageRange, SealedMemfd, PAGE_SIZE};
 use vm_memory::bitmap::BS;
@@ -36,7 +35,7 @@ pub struct PrivateRegion {
     gmem: GuestMemfd,
     gmem_offset: u64,
     shared: Option<SealedMemfd>,
-    host: Arc<MmapRegion>,
+    host: MmapRegion,
     attributes: PageAttributes,
     slot: u32,
 }
@@ -62,7 +61,7 @@ impl PrivateRegion {
             gmem: parts.gmem,
             gmem_offset: parts.gmem_offset,
             shared: parts.shared,
-            host: Arc::new(parts.host),
+            host: parts.host,
             slot: parts.slot,
         }
     }
@@ -108,18 +107,15 @@ impl PrivateRegion {
             .with_userspace_mapping(&self.host)
     }
 
-    /// A reference that keeps the host mapping alive (see `memory::leak`).
-    pub(crate) fn host_mapping_owner(&self) -> Arc<MmapRegion> {
-        Arc::clone(&self.host)
-    }
-
     /// The state of the page holding region offset `offset`.
     pub fn state_at(&self, offset: u64) -> Option<PageState> {
         (offset < self.guest.len()).then(|| self.attributes.get(offset / PAGE_SIZE))
     }
 
     /// Refuses `[offset, offset + count)` (inside the region) if it touches a private page.
-    #[inline]
+    /// Deliberately not `#[inline]`: kept out of line, it leaves the access path small
+    /// enough for vm-memory's generic code around it to be inlined (measured: 16 ns for
+    /// `read_obj::<u64>` out of line, 35 ns inlined).
     fn check_shared(&self, offset: u64, count: usize) -> GuestResult<()> {
         if count == 0 {
             return Ok(());

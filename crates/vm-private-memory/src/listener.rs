@@ -54,8 +54,9 @@ pub(crate) struct Listeners {
 }
 
 /// Keeps a listener subscribed; dropping it unsubscribes. Once `drop` returns the
-/// listener is not called again (a notification already running is waited for, unless
-/// the subscription is dropped from inside a listener callback).
+/// listener is not called again: a conversion, discard or removal already running is
+/// waited for (unless the subscription is dropped from inside a listener callback, or
+/// was made after that operation started).
 #[must_use = "dropping the subscription unsubscribes the listener at once"]
 pub struct Subscription {
     id: u64,
@@ -142,9 +143,12 @@ impl Listeners {
     }
 
     /// Keeps dropped subscriptions waiting until the returned guard goes: hold it for the
-    /// whole of an operation that notifies listeners (including its rollback).
-    pub(crate) fn hold(&self) -> RwLockReadGuard<'_, ()> {
-        self.registry.gate.read().unwrap_or_else(|p| p.into_inner())
+    /// whole of an operation that notifies listeners (including its rollback). Nothing
+    /// to hold (and no lock taken) while nothing is subscribed; a subscription made while
+    /// such an operation runs is not waited for by it.
+    pub(crate) fn hold(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        (Arc::weak_count(&self.registry) > 0)
+            .then(|| self.registry.gate.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub(crate) fn count(&self) -> usize {

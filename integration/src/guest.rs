@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::layout::{
     gdt_entries, page_table_entries, BOOT_SIZE, CODE_ADDR, CODE_MAX, GDT_ADDR, STACK_TOP,
 };
-use crate::vm::{stop_at, Stop, PORT_DEVICE, PORT_HCALL};
+use crate::vm::{stop_at, Stop, PORT_DEVICE, PORT_HCALL, PORT_NOP};
 
 /// Where the guest's data region starts: 4 GiB, above the MMIO hole.
 pub const DATA_ADDR: u64 = 4 << 30;
@@ -208,6 +208,7 @@ impl GuestVcpu {
     pub fn run(&mut self, device: &mut dyn Device) -> Result<Stop> {
         loop {
             let port = match self.fd.run() {
+                Ok(VcpuExit::IoOut(PORT_NOP, _)) => continue,
                 Ok(VcpuExit::IoOut(port, _)) => port,
                 Ok(VcpuExit::Hypercall(exit)) => {
                     *exit.ret = self

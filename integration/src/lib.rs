@@ -33,7 +33,7 @@ pub use guest::{
 };
 pub use vm::{
     BoundMemory, Stop, StopReason, TestVm, BOOT_SLOT, PORT_DEVICE, PORT_DONE, PORT_FAIL,
-    PORT_HCALL, PORT_PAUSE,
+    PORT_HCALL, PORT_NOP, PORT_PAUSE,
 };
 
 /// The guest programs of `fixtures/guest`, assembled.

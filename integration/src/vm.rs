@@ -28,6 +28,8 @@ pub const PORT_FAIL: u16 = 0x12;
 pub const PORT_HCALL: u16 = 0x13;
 /// Port a guest writes to to kick the test device (rbx = request address, rcx = length).
 pub const PORT_DEVICE: u16 = 0x14;
+/// Port a guest writes to for nothing: the harness resumes it at once (a bare exit).
+pub const PORT_NOP: u16 = 0x15;
 
 /// What a write to protocol port `port` with registers `regs` means: a stop, a guest
 /// failure, or an unknown port.
@@ -203,6 +205,31 @@ impl TestVm {
         Ok(BoundMemory { gmem, map })
     }
 
+    /// Binds anonymous host memory (the peer of guest_memfd in benchmarks) at `slot` over
+    /// `guest`, with `KVM_SET_USER_MEMORY_REGION`. The mapping lives as long as the VM.
+    pub fn add_anonymous_memory(&mut self, slot: u32, guest: PageRange) -> Result<()> {
+        let len = usize::try_from(guest.len()).map_err(|_| Error::TooManyArguments(0))?;
+        let map = Arc::new(MmapRegion::new(len).map_err(|e| {
+            Error::Memory(guest_memfd::Error::Map {
+                range: guest,
+                source: e,
+            })
+        })?);
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: guest.start(),
+            memory_size: guest.len(),
+            userspace_addr: map.as_ptr() as u64,
+        };
+        // SAFETY: the mapping is kept in `self.test_maps`, so it outlives the VM's vCPU
+        // (fields drop in order: the vCPU before the mappings).
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        self.test_maps.push(map);
+        Ok(())
+    }
+
     /// The VM, to bind further memory.
     pub fn vm(&self) -> &VmFd {
         &self.vm
@@ -224,6 +251,7 @@ impl TestVm {
     pub fn run(&mut self) -> Result<Stop> {
         let port = loop {
             match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(PORT_NOP, _)) => continue,
                 Ok(VcpuExit::IoOut(port, _)) => break port,
                 Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
                     return Err(Error::MemoryFault { flags, gpa, size })

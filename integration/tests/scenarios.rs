@@ -161,3 +161,56 @@ fn scenario_6_a_hostile_guest_gets_error_codes_and_changes_nothing() {
     }
     assert_eq!(memory.state(), before, "no page changed state");
 }
+
+/// The benchmark programs, small: first touch on private and on anonymous memory, and
+/// round trips (bare exits and conversions) that every one answered.
+#[test]
+fn the_benchmark_programs_work() {
+    if !in_place_or_skip("the_benchmark_programs_work") {
+        return;
+    }
+    let size = 4 * MIB2;
+    let mut guest = PrivateGuest::new(
+        programs::TOUCH,
+        GuestConfig {
+            data_size: size,
+            vcpus: 1,
+            all_private: true,
+        },
+    )
+    .unwrap();
+    guest.start(0, &[DATA_ADDR, size]).unwrap();
+    assert_eq!(
+        guest.vcpu(0).run_to_done(&mut NoDevice).unwrap().rax,
+        size / PAGE_SIZE
+    );
+
+    let mut vm = integration::TestVm::new(programs::TOUCH, &[DATA_ADDR, size]).unwrap();
+    vm.add_anonymous_memory(1, PageRange::new(DATA_ADDR, size).unwrap())
+        .unwrap();
+    assert_eq!(vm.run_to_done().unwrap().rax, size / PAGE_SIZE);
+
+    for (mode, trips) in [(0u64, 100u64), (1, 101)] {
+        let mut guest = PrivateGuest::new(
+            programs::EXIT_LOOP,
+            GuestConfig {
+                data_size: MIB2,
+                vcpus: 1,
+                all_private: false,
+            },
+        )
+        .unwrap();
+        guest.start(0, &[DATA_ADDR, 1, trips, mode]).unwrap();
+        let memory = guest.memory().clone();
+        let vcpu = guest.vcpu(0);
+        assert_eq!(vcpu.run_to_done(&mut NoDevice).unwrap().rax, trips);
+        assert_eq!(vcpu.served().len() as u64, mode * trips);
+        // An odd number of alternating conversions leaves the page private.
+        let expected = if mode == 1 {
+            PageState::Private
+        } else {
+            PageState::Shared
+        };
+        assert_eq!(memory.state_of(DATA_ADDR), Some(expected));
+    }
+}

@@ -2,7 +2,8 @@
 //! - first touch (CPL3) of 256 MiB of private memory (`PrivateGuest`, in-place) against
 //!   the same guest program on anonymous memory;
 //! - a conversion round trip (request by KVM_HC_MAP_GPA_RANGE, conversion, resume) of
-//!   4 KiB and 2 MiB against a bare port-I/O exit round trip;
+//!   4 KiB and 2 MiB against a bare port-I/O exit round trip, and against the same
+//!   hypercall register traffic for a number the host does not serve;
 //! - sustained conversions per second with two vCPUs converting their own 4 KiB pages.
 
 use std::time::{Duration, Instant};
@@ -77,6 +78,9 @@ fn round_trips(c: &mut Criterion) {
     let mut group = c.benchmark_group("round_trip");
     group.bench_function(BenchmarkId::new("bare_port_exit", "-"), |b| {
         b.iter_custom(|iters| exit_loop(1, iters, 0))
+    });
+    group.bench_function(BenchmarkId::new("unserved_hypercall", "-"), |b| {
+        b.iter_custom(|iters| exit_loop(1, iters, 2))
     });
     for (name, pages) in [("4KiB", 1), ("2MiB", 512)] {
         group.bench_function(BenchmarkId::new("conversion", name), |b| {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use guest_memfd::PageRange;
 use kvm_bindings::kvm_regs;
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vm_private_memory::{ContentMode, GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemory};
 
@@ -99,6 +99,7 @@ pub struct PrivateGuest {
 pub struct GuestVcpu {
     index: usize,
     fd: VcpuFd,
+    sync_regs: bool,
     memory: Arc<PrivateMemory>,
     served: Vec<Served>,
 }
@@ -153,12 +154,19 @@ impl PrivateGuest {
         let memory = Arc::new(memory);
         let vcpus = (0..config.vcpus)
             .map(|index| {
-                let fd = vm
+                let mut fd = vm
                     .create_vcpu(index as u64)
                     .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+                // With KVM_CAP_SYNC_REGS the registers travel in kvm_run on every exit,
+                // sparing the hypercall transport a KVM_GET_REGS and a KVM_SET_REGS.
+                let sync_regs = vm.check_extension(Cap::SyncRegs);
+                if sync_regs {
+                    fd.set_sync_valid_reg(SyncReg::Register);
+                }
                 Ok(GuestVcpu {
                     index,
                     fd,
+                    sync_regs,
                     memory: Arc::clone(&memory),
                     served: Vec::new(),
                 })
@@ -230,20 +238,28 @@ impl GuestVcpu {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
             };
-            let mut regs = self.regs()?;
-            match port {
-                PORT_HCALL => {
-                    regs.rax = self.serve(regs.rax, [regs.rbx, regs.rcx, regs.rdx]);
-                }
-                PORT_DEVICE => {
-                    let ram = self.memory.memory();
-                    regs.rax = device.kick(&ram.memory(), regs.rbx, regs.rcx);
-                }
-                other => return stop_at(other, regs),
+            if port != PORT_HCALL && port != PORT_DEVICE {
+                return stop_at(port, self.regs()?);
             }
-            self.fd
-                .set_regs(&regs)
-                .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+            let mut regs = if self.sync_regs {
+                self.fd.sync_regs().regs
+            } else {
+                self.regs()?
+            };
+            regs.rax = if port == PORT_HCALL {
+                self.serve(regs.rax, [regs.rbx, regs.rcx, regs.rdx])
+            } else {
+                let ram = self.memory.memory();
+                device.kick(&ram.memory(), regs.rbx, regs.rcx)
+            };
+            if self.sync_regs {
+                self.fd.sync_regs_mut().regs.rax = regs.rax;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+            } else {
+                self.fd
+                    .set_regs(&regs)
+                    .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+            }
         }
     }
 

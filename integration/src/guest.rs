@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::layout::{
     gdt_entries, page_table_entries, BOOT_SIZE, CODE_ADDR, CODE_MAX, GDT_ADDR, STACK_TOP,
 };
-use crate::vm::{stop_at, Stop, PORT_DEVICE, PORT_HCALL, PORT_NOP};
+use crate::vm::{stop_at, Stop, PORT_CONSOLE, PORT_DEVICE, PORT_HCALL, PORT_NOP};
 
 /// Where the guest's data region starts: 4 GiB, above the MMIO hole.
 pub const DATA_ADDR: u64 = 4 << 30;
@@ -100,6 +100,7 @@ pub struct GuestVcpu {
     index: usize,
     fd: VcpuFd,
     sync_regs: bool,
+    console: Vec<u8>,
     memory: Arc<PrivateMemory>,
     served: Vec<Served>,
 }
@@ -167,6 +168,7 @@ impl PrivateGuest {
                     index,
                     fd,
                     sync_regs,
+                    console: Vec::new(),
                     memory: Arc::clone(&memory),
                     served: Vec::new(),
                 })
@@ -217,6 +219,18 @@ impl GuestVcpu {
         loop {
             let port = match self.fd.run() {
                 Ok(VcpuExit::IoOut(PORT_NOP, _)) => continue,
+                Ok(VcpuExit::IoOut(PORT_CONSOLE, data)) => {
+                    self.console.extend_from_slice(data);
+                    continue;
+                }
+                // A CPL3 guest cannot halt (hlt faults); a guest that does reaches here
+                // only if it runs kernel code: a clean stop.
+                Ok(VcpuExit::Hlt) => {
+                    return Ok(Stop {
+                        reason: crate::StopReason::Done,
+                        regs: self.regs()?,
+                    })
+                }
                 Ok(VcpuExit::IoOut(port, _)) => port,
                 Ok(VcpuExit::Hypercall(exit)) => {
                     *exit.ret = self
@@ -273,6 +287,11 @@ impl GuestVcpu {
                 rip: stop.regs.rip,
             }),
         }
+    }
+
+    /// What the guest printed on the debug console so far.
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&self.console).into_owned()
     }
 
     /// Changes the vCPU's general registers (while it is stopped).

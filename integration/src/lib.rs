@@ -32,8 +32,8 @@ pub use guest::{
     SERVED_LOG, STACK_STRIDE,
 };
 pub use vm::{
-    BoundMemory, Stop, StopReason, TestVm, BOOT_SLOT, PORT_DEVICE, PORT_DONE, PORT_FAIL,
-    PORT_HCALL, PORT_NOP, PORT_PAUSE,
+    BoundMemory, Stop, StopReason, TestVm, BOOT_SLOT, PORT_CONSOLE, PORT_DEVICE, PORT_DONE,
+    PORT_FAIL, PORT_HCALL, PORT_NOP, PORT_PAUSE,
 };
 
 /// The guest programs of `fixtures/guest`, assembled.

@@ -30,6 +30,9 @@ pub const PORT_HCALL: u16 = 0x13;
 pub const PORT_DEVICE: u16 = 0x14;
 /// Port a guest writes to for nothing: the harness resumes it at once (a bare exit).
 pub const PORT_NOP: u16 = 0x15;
+/// The debug console (Bochs' port 0xe9): each byte written is appended to the vCPU's
+/// console text, and the guest resumes at once.
+pub const PORT_CONSOLE: u16 = 0xe9;
 
 /// What a write to protocol port `port` with registers `regs` means: a stop, a guest
 /// failure, or an unknown port.
@@ -84,6 +87,7 @@ pub struct TestVm {
     boot_map: MmapRegion,
     // Host mappings bound as `userspace_addr` of test memory; kept until the VM is gone.
     test_maps: Vec<Arc<MmapRegion>>,
+    console: Vec<u8>,
 }
 
 /// Test memory bound into a [`TestVm`]: a mappable guest_memfd and its host mapping.
@@ -161,6 +165,7 @@ impl TestVm {
             _boot: boot,
             boot_map,
             test_maps: Vec::new(),
+            console: Vec::new(),
         };
         test_vm.write_boot_tables()?;
         test_vm.write_boot(CODE_ADDR, program)?;
@@ -230,6 +235,11 @@ impl TestVm {
         Ok(())
     }
 
+    /// What the guest printed on the debug console so far.
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&self.console).into_owned()
+    }
+
     /// The VM, to bind further memory.
     pub fn vm(&self) -> &VmFd {
         &self.vm
@@ -252,6 +262,10 @@ impl TestVm {
         let port = loop {
             match self.vcpu.run() {
                 Ok(VcpuExit::IoOut(PORT_NOP, _)) => continue,
+                Ok(VcpuExit::IoOut(PORT_CONSOLE, data)) => {
+                    self.console.extend_from_slice(data);
+                    continue;
+                }
                 Ok(VcpuExit::IoOut(port, _)) => break port,
                 Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
                     return Err(Error::MemoryFault { flags, gpa, size })

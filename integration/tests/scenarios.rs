@@ -214,3 +214,27 @@ fn the_benchmark_programs_work() {
         assert_eq!(memory.state_of(DATA_ADDR), Some(expected));
     }
 }
+
+/// The debug console: a guest's bytes reach the host, on both harness VMs.
+#[test]
+fn the_debug_console_carries_the_guests_text() {
+    let mut vm = integration::TestVm::new(programs::HELLO, &[]).unwrap();
+    let done = vm.run_to_done().unwrap();
+    assert_eq!(vm.console(), "hello from CPL3 on guest_memfd\n");
+    assert_eq!(done.rax, vm.console().len() as u64);
+    if !in_place_or_skip("the_debug_console_carries_the_guests_text") {
+        return;
+    }
+    let mut guest = PrivateGuest::new(
+        programs::HELLO,
+        GuestConfig {
+            data_size: MIB2,
+            vcpus: 1,
+            all_private: true,
+        },
+    )
+    .unwrap();
+    guest.start(0, &[]).unwrap();
+    guest.vcpu(0).run_to_done(&mut NoDevice).unwrap();
+    assert_eq!(guest.vcpu(0).console(), "hello from CPL3 on guest_memfd\n");
+}

@@ -4,11 +4,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use guest_memfd::Capabilities;
 use guest_memfd::PageRange;
 use kvm_bindings::kvm_regs;
 use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vm_private_memory::{ContentMode, GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemory};
+use vm_private_memory::{
+    ContentMode, GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemory, Strategy,
+};
 
 use crate::cpu::enter_user_mode;
 use crate::error::{Error, Result};
@@ -82,7 +85,9 @@ pub struct GuestConfig {
     pub data_size: u64,
     /// How many vCPUs.
     pub vcpus: usize,
-    /// Whether every page (boot region included) is private once the guest is loaded.
+    /// Whether every page is private once the guest is loaded: the boot region too with
+    /// the in-place strategy, the data region only with the dual strategy (its host
+    /// cannot load content into private pages).
     pub all_private: bool,
 }
 
@@ -118,6 +123,25 @@ pub struct Served {
     pub elapsed: Duration,
 }
 
+/// A VM for private memory: of the first type this host offers with memory attributes
+/// (the dual strategy: `KVM_X86_SW_PROTECTED_VM` in the nested lab), else the default
+/// type if it has mappable guest_memfd (the in-place strategy, our hosts).
+pub fn private_memory_vm(kvm: &Kvm) -> Result<VmFd> {
+    let system = Capabilities::of_system(kvm);
+    let create = |vm_type: u32| {
+        kvm.create_vm_with_type(vm_type.into())
+            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))
+    };
+    for vm_type in (1..64).filter(|t| system.supports_vm_type(*t)) {
+        if let Ok(vm) = create(vm_type) {
+            if Capabilities::of_vm(&vm).dual_capable() {
+                return Ok(vm);
+            }
+        }
+    }
+    create(0)
+}
+
 impl PrivateGuest {
     /// Builds the memory, loads `program`, and creates the vCPUs (not yet started).
     pub fn new(program: &[u8], config: GuestConfig) -> Result<Self> {
@@ -125,10 +149,7 @@ impl PrivateGuest {
             return Err(Error::ProgramTooLarge(program.len()));
         }
         let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
-        let vm: Arc<VmFd> = Arc::new(
-            kvm.create_vm()
-                .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?,
-        );
+        let vm = Arc::new(private_memory_vm(&kvm)?);
         let memory = MemoryBuilder::new(Arc::clone(&vm))
             .x86_mmio_hole()
             .region_at(0, BOOT_SIZE)
@@ -148,8 +169,17 @@ impl PrivateGuest {
         ram.write_slice(program, GuestAddress(CODE_ADDR))
             .map_err(Error::Load)?;
         if config.all_private {
-            for region in memory.regions() {
-                memory.convert_with(region, PageState::Private, ContentMode::Preserve)?;
+            match memory.strategy() {
+                Strategy::InPlace => {
+                    for region in memory.regions() {
+                        memory.convert_with(region, PageState::Private, ContentMode::Preserve)?;
+                    }
+                }
+                // The host cannot put content into private pages of a dual-strategy VM
+                // (that is what a TDX or SNP launch does): only the data goes private.
+                Strategy::Dual => {
+                    memory.convert(memory.regions()[1], PageState::Private)?;
+                }
             }
         }
         let memory = Arc::new(memory);

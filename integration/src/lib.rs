@@ -28,8 +28,8 @@ pub use cpu::enter_user_mode;
 pub use driver::Driver;
 pub use error::{Error, Result};
 pub use guest::{
-    Device, GuestConfig, GuestVcpu, NoDevice, PrivateGuest, Served, SumDevice, DATA_ADDR,
-    SERVED_LOG, STACK_STRIDE,
+    private_memory_vm, Device, GuestConfig, GuestVcpu, NoDevice, PrivateGuest, Served, SumDevice,
+    DATA_ADDR, SERVED_LOG, STACK_STRIDE,
 };
 pub use vm::{
     BoundMemory, Stop, StopReason, TestVm, BOOT_SLOT, PORT_CONSOLE, PORT_DEVICE, PORT_DONE,

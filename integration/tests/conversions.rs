@@ -108,11 +108,21 @@ fn run_case(offset: u64, size: u64) {
     d.done(dev).unwrap();
 }
 
+fn private_memory_or_skip(test: &str) -> bool {
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let ok = integration::private_memory_vm(&kvm).is_ok_and(|vm| {
+        let caps = Capabilities::of_vm(&vm);
+        caps.in_place_capable() || caps.dual_capable()
+    });
+    if !ok {
+        println!("SKIPPED {test}: needs guest_memfd with MMAP | INIT_SHARED or a VM type with memory attributes");
+    }
+    ok
+}
+
 #[test]
 fn scenario_3_the_layouts_of_private_mem_conversions_test() {
-    let vm = kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap();
-    if !Capabilities::of_vm(&vm).in_place_capable() {
-        println!("SKIPPED scenario_3_the_layouts_of_private_mem_conversions_test: needs guest_memfd MMAP | INIT_SHARED");
+    if !private_memory_or_skip("scenario_3_the_layouts_of_private_mem_conversions_test") {
         return;
     }
     let (k4, m2) = (PAGE_SIZE, 2 << 20);
@@ -123,9 +133,7 @@ fn scenario_3_the_layouts_of_private_mem_conversions_test() {
 
 #[test]
 fn the_driver_reports_a_wrong_byte() {
-    let vm = kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap();
-    if !Capabilities::of_vm(&vm).in_place_capable() {
-        println!("SKIPPED the_driver_reports_a_wrong_byte: needs guest_memfd MMAP | INIT_SHARED");
+    if !private_memory_or_skip("the_driver_reports_a_wrong_byte") {
         return;
     }
     let mut guest = PrivateGuest::new(

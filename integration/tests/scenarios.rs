@@ -12,13 +12,14 @@ use vm_private_memory::{private_page_refusal, MemoryListener, PageState, KVM_EIN
 
 const MIB2: u64 = 2 << 20;
 
-fn in_place_or_skip(test: &str) -> bool {
-    let vm = kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap();
-    let ok = Capabilities::of_vm(&vm).in_place_capable();
+fn private_memory_or_skip(test: &str) -> bool {
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let ok = integration::private_memory_vm(&kvm).is_ok_and(|vm| {
+        let caps = Capabilities::of_vm(&vm);
+        caps.in_place_capable() || caps.dual_capable()
+    });
     if !ok {
-        println!(
-            "SKIPPED {test}: needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)"
-        );
+        println!("SKIPPED {test}: needs guest_memfd with MMAP | INIT_SHARED or a VM type with memory attributes");
     }
     ok
 }
@@ -35,7 +36,9 @@ fn expected_checksum(words: u64) -> u64 {
 /// host can read none of it.
 #[test]
 fn scenario_1_an_all_private_guest_computes_and_the_host_reads_nothing() {
-    if !in_place_or_skip("scenario_1_an_all_private_guest_computes_and_the_host_reads_nothing") {
+    if !private_memory_or_skip(
+        "scenario_1_an_all_private_guest_computes_and_the_host_reads_nothing",
+    ) {
         return;
     }
     let size = 4 * MIB2;
@@ -74,7 +77,7 @@ fn scenario_1_an_all_private_guest_computes_and_the_host_reads_nothing() {
 /// guest takes it back and finds it zeroed; the host can no longer read it.
 #[test]
 fn scenario_2_a_bounce_buffer_round_trip_through_shared_memory() {
-    if !in_place_or_skip("scenario_2_a_bounce_buffer_round_trip_through_shared_memory") {
+    if !private_memory_or_skip("scenario_2_a_bounce_buffer_round_trip_through_shared_memory") {
         return;
     }
     let mut guest = PrivateGuest::new(
@@ -128,7 +131,7 @@ fn scenario_2_a_bounce_buffer_round_trip_through_shared_memory() {
 /// serving it, and nothing changes in its memory.
 #[test]
 fn scenario_6_a_hostile_guest_gets_error_codes_and_changes_nothing() {
-    if !in_place_or_skip("scenario_6_a_hostile_guest_gets_error_codes_and_changes_nothing") {
+    if !private_memory_or_skip("scenario_6_a_hostile_guest_gets_error_codes_and_changes_nothing") {
         return;
     }
     let mut guest = PrivateGuest::new(
@@ -166,7 +169,7 @@ fn scenario_6_a_hostile_guest_gets_error_codes_and_changes_nothing() {
 /// round trips (bare exits and conversions) that every one answered.
 #[test]
 fn the_benchmark_programs_work() {
-    if !in_place_or_skip("the_benchmark_programs_work") {
+    if !private_memory_or_skip("the_benchmark_programs_work") {
         return;
     }
     let size = 4 * MIB2;
@@ -222,7 +225,7 @@ fn the_debug_console_carries_the_guests_text() {
     let done = vm.run_to_done().unwrap();
     assert_eq!(vm.console(), "hello from CPL3 on guest_memfd\n");
     assert_eq!(done.rax, vm.console().len() as u64);
-    if !in_place_or_skip("the_debug_console_carries_the_guests_text") {
+    if !private_memory_or_skip("the_debug_console_carries_the_guests_text") {
         return;
     }
     let mut guest = PrivateGuest::new(

@@ -40,12 +40,35 @@ fn segment(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
     }
 }
 
+/// The privilege level a guest program starts at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Privilege {
+    /// CPL3 with IOPL 3: native speed on our hosts, port I/O allowed, no hypercalls
+    /// (KVM answers a CPL3 hypercall with -KVM_EPERM).
+    User,
+    /// CPL0: what a hypercall (`vmmcall`) needs. On our hosts CPL0 code is emulated and
+    /// `vmmcall` never returns; use it in the nested lab only.
+    Kernel,
+}
+
 /// Sets CPUID (the host's supported set), the special registers for long mode at CPL3,
 /// and the general registers: `rip` = `entry`, `rsp` = `stack_top`, and the six argument
 /// registers (`rdi`, `rsi`, `rdx`, `rcx`, `r8`, `r9`) from `args`.
 pub fn enter_user_mode(
     kvm: &Kvm,
     vcpu: &VcpuFd,
+    entry: u64,
+    stack_top: u64,
+    args: &[u64],
+) -> Result<()> {
+    enter_long_mode(kvm, vcpu, Privilege::User, entry, stack_top, args)
+}
+
+/// As [`enter_user_mode`], at the given privilege level.
+pub fn enter_long_mode(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    privilege: Privilege,
     entry: u64,
     stack_top: u64,
     args: &[u64],
@@ -67,8 +90,12 @@ pub fn enter_user_mode(
     sregs.gdt.limit = (crate::layout::gdt_entries().len() * 8 - 1) as u16;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
-    sregs.cs = segment(selector::USER_CODE, 0xb, 3, true);
-    let data = segment(selector::USER_DATA, 0x3, 3, false);
+    let (code, data, dpl) = match privilege {
+        Privilege::User => (selector::USER_CODE, selector::USER_DATA, 3),
+        Privilege::Kernel => (selector::KERNEL_CODE, selector::KERNEL_DATA, 0),
+    };
+    sregs.cs = segment(code, 0xb, dpl, true);
+    let data = segment(data, 0x3, dpl, false);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;

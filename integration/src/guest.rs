@@ -13,7 +13,7 @@ use vm_private_memory::{
     ContentMode, GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemory, Strategy,
 };
 
-use crate::cpu::enter_user_mode;
+use crate::cpu::{enter_long_mode, Privilege};
 use crate::error::{Error, Result};
 use crate::layout::{
     gdt_entries, page_table_entries, BOOT_SIZE, CODE_ADDR, CODE_MAX, GDT_ADDR, STACK_TOP,
@@ -113,6 +113,8 @@ pub struct GuestVcpu {
 /// A hypercall the harness served for a vCPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Served {
+    /// Whether it arrived as a real `KVM_EXIT_HYPERCALL` (else over port I/O).
+    pub exit: bool,
     /// The hypercall number (rax).
     pub nr: u64,
     /// Its arguments (rbx, rcx, rdx).
@@ -212,11 +214,34 @@ impl PrivateGuest {
         &self.memory
     }
 
-    /// Points vCPU `index` at the program with `args` in its argument registers.
+    /// Points vCPU `index` at the program, at CPL3, with `args` in its argument registers.
     pub fn start(&mut self, index: usize, args: &[u64]) -> Result<()> {
+        self.start_at(index, Privilege::User, args)
+    }
+
+    /// Points vCPU `index` at the program at `privilege`, with `args`.
+    pub fn start_at(&mut self, index: usize, privilege: Privilege, args: &[u64]) -> Result<()> {
         let vcpu = &self.vcpus[index];
         let stack = STACK_TOP - index as u64 * STACK_STRIDE;
-        enter_user_mode(&self.kvm, &vcpu.fd, CODE_ADDR, stack, args)
+        enter_long_mode(&self.kvm, &vcpu.fd, privilege, CODE_ADDR, stack, args)
+    }
+
+    /// Asks KVM to let the guest's `KVM_HC_MAP_GPA_RANGE` hypercalls exit to us
+    /// (`KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)`), if the host offers it; returns whether
+    /// it does.
+    pub fn enable_map_gpa_range_exits(&self) -> Result<bool> {
+        let vm = self.memory.vm();
+        if !Capabilities::of_vm(vm).map_gpa_range_exit() {
+            return Ok(false);
+        }
+        let mut cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_EXIT_HYPERCALL,
+            ..Default::default()
+        };
+        cap.args[0] = 1 << guest_memfd::uapi::KVM_HC_MAP_GPA_RANGE;
+        vm.enable_cap(&cap)
+            .map_err(|e| Error::Kvm("KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)", e))?;
+        Ok(true)
     }
 
     /// vCPU `index`.
@@ -263,9 +288,8 @@ impl GuestVcpu {
                 }
                 Ok(VcpuExit::IoOut(port, _)) => port,
                 Ok(VcpuExit::Hypercall(exit)) => {
-                    *exit.ret = self
-                        .memory
-                        .handle_hypercall(exit.nr, [exit.args[0], exit.args[1], exit.args[2]]);
+                    let args = [exit.args[0], exit.args[1], exit.args[2]];
+                    *exit.ret = serve(&self.memory, &mut self.served, exit.nr, args, true);
                     continue;
                 }
                 Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
@@ -291,7 +315,8 @@ impl GuestVcpu {
                 self.regs()?
             };
             regs.rax = if port == PORT_HCALL {
-                self.serve(regs.rax, [regs.rbx, regs.rcx, regs.rdx])
+                let args = [regs.rbx, regs.rcx, regs.rdx];
+                serve(&self.memory, &mut self.served, regs.rax, args, false)
             } else {
                 let ram = self.memory.memory();
                 device.kick(&ram.memory(), regs.rbx, regs.rcx)
@@ -338,23 +363,31 @@ impl GuestVcpu {
         &self.served
     }
 
-    fn serve(&mut self, nr: u64, args: [u64; 3]) -> u64 {
-        let start = Instant::now();
-        let answer = self.memory.handle_hypercall(nr, args);
-        if self.served.len() < SERVED_LOG {
-            self.served.push(Served {
-                nr,
-                args,
-                answer,
-                elapsed: start.elapsed(),
-            });
-        }
-        answer
-    }
-
     fn regs(&self) -> Result<kvm_regs> {
         self.fd
             .get_regs()
             .map_err(|e| Error::Kvm("KVM_GET_REGS", e))
     }
+}
+
+/// Serves one hypercall through the memory's one entry point and logs it in `log`.
+fn serve(
+    memory: &PrivateMemory,
+    log: &mut Vec<Served>,
+    nr: u64,
+    args: [u64; 3],
+    exit: bool,
+) -> u64 {
+    let start = Instant::now();
+    let answer = memory.handle_hypercall(nr, args);
+    if log.len() < SERVED_LOG {
+        log.push(Served {
+            exit,
+            nr,
+            args,
+            answer,
+            elapsed: start.elapsed(),
+        });
+    }
+    answer
 }

@@ -24,7 +24,7 @@ mod guest;
 pub mod layout;
 mod vm;
 
-pub use cpu::enter_user_mode;
+pub use cpu::{enter_long_mode, enter_user_mode, Privilege};
 pub use driver::Driver;
 pub use error::{Error, Result};
 pub use guest::{

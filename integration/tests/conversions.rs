@@ -3,8 +3,12 @@
 //! command at a time) fills, checks and converts by KVM_HC_MAP_GPA_RANGE; the host checks
 //! through the backend's `Bytes`. Every command's result is checked by the guest itself.
 
-use guest_memfd::{Capabilities, PAGE_SIZE};
-use integration::{programs, Driver, GuestConfig, NoDevice, PrivateGuest, DATA_ADDR};
+mod common;
+
+use common::private_memory_or_skip;
+
+use guest_memfd::PAGE_SIZE;
+use integration::{programs, Driver, NoDevice, DATA_ADDR};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vm_private_memory::{GuestMemoryPrivate, PageState, MAP_GPA_RANGE_ENCRYPTED};
 
@@ -20,15 +24,7 @@ fn host_byte(ram: &GuestMemoryPrivate, gpa: u64) -> Option<u8> {
 
 fn run_case(offset: u64, size: u64) {
     let what = format!("(offset {offset:#x}, size {size:#x})");
-    let mut guest = PrivateGuest::new(
-        programs::DRIVER,
-        GuestConfig {
-            data_size: AREA,
-            vcpus: 1,
-            all_private: false,
-        },
-    )
-    .unwrap();
+    let mut guest = common::guest(programs::DRIVER, AREA, 1, false);
     guest.start(0, &[]).unwrap();
     let memory = guest.memory().clone();
     let view = memory.memory();
@@ -108,18 +104,6 @@ fn run_case(offset: u64, size: u64) {
     d.done(dev).unwrap();
 }
 
-fn private_memory_or_skip(test: &str) -> bool {
-    let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let ok = integration::private_memory_vm(&kvm).is_ok_and(|vm| {
-        let caps = Capabilities::of_vm(&vm);
-        caps.in_place_capable() || caps.dual_capable()
-    });
-    if !ok {
-        println!("SKIPPED {test}: needs guest_memfd with MMAP | INIT_SHARED or a VM type with memory attributes");
-    }
-    ok
-}
-
 #[test]
 fn scenario_3_the_layouts_of_private_mem_conversions_test() {
     if !private_memory_or_skip("scenario_3_the_layouts_of_private_mem_conversions_test") {
@@ -136,15 +120,7 @@ fn the_driver_reports_a_wrong_byte() {
     if !private_memory_or_skip("the_driver_reports_a_wrong_byte") {
         return;
     }
-    let mut guest = PrivateGuest::new(
-        programs::DRIVER,
-        GuestConfig {
-            data_size: 2 << 20,
-            vcpus: 1,
-            all_private: false,
-        },
-    )
-    .unwrap();
+    let mut guest = common::guest(programs::DRIVER, 2 << 20, 1, false);
     guest.start(0, &[]).unwrap();
     let view = guest.memory().memory();
     let dev = &mut NoDevice;

@@ -1,27 +1,18 @@
 //! Scenario 4 (invalidation-driven remapping while the guest runs) and scenario 5 (two
 //! vCPUs converting at once while a device thread reads shared memory), on real KVM.
 
+mod common;
+
+use common::private_memory_or_skip;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use guest_memfd::{Capabilities, GuestMemfd, GuestMemfdFlags, PageRange, PAGE_SIZE};
-use integration::{programs, Driver, GuestConfig, NoDevice, PrivateGuest, DATA_ADDR};
+use guest_memfd::{GuestMemfd, GuestMemfdFlags, PageRange, PAGE_SIZE};
+use integration::{programs, Driver, NoDevice, DATA_ADDR};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vm_private_memory::{MemoryListener, PageState, MAP_GPA_RANGE_ENCRYPTED};
 
 const MIB: u64 = 1 << 20;
-
-fn private_memory_or_skip(test: &str) -> bool {
-    let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let ok = integration::private_memory_vm(&kvm).is_ok_and(|vm| {
-        let caps = Capabilities::of_vm(&vm);
-        caps.in_place_capable() || caps.dual_capable()
-    });
-    if !ok {
-        println!("SKIPPED {test}: needs guest_memfd with MMAP | INIT_SHARED or a VM type with memory attributes");
-    }
-    ok
-}
 
 /// Records what it hears, with a sequence number shared with the test's own steps.
 #[derive(Default)]
@@ -46,15 +37,7 @@ fn scenario_4_discard_and_remap_under_a_running_guest() {
         return;
     }
     let size = 2 * MIB;
-    let mut guest = PrivateGuest::new(
-        programs::DRIVER,
-        GuestConfig {
-            data_size: size,
-            vcpus: 1,
-            all_private: false,
-        },
-    )
-    .unwrap();
+    let mut guest = common::guest(programs::DRIVER, size, 1, false);
     guest.start(0, &[]).unwrap();
     let memory = guest.memory().clone();
     if memory.strategy() == vm_private_memory::Strategy::Dual {
@@ -132,15 +115,7 @@ fn scenario_5_two_vcpus_convert_while_a_device_reads() {
     }
     const ROUNDS: usize = 40;
     let size = 8 * MIB;
-    let mut guest = PrivateGuest::new(
-        programs::DRIVER,
-        GuestConfig {
-            data_size: size,
-            vcpus: 2,
-            all_private: false,
-        },
-    )
-    .unwrap();
+    let mut guest = common::guest(programs::DRIVER, size, 2, false);
     guest.start(0, &[]).unwrap();
     guest.start(1, &[]).unwrap();
     let memory = guest.memory().clone();

@@ -1,28 +1,17 @@
 //! The integration scenarios on real KVM (default VM type, in-place strategy): guests
 //! whose memory is `vm-private-memory`, converting pages by the KVM_HC_MAP_GPA_RANGE ABI.
 
+mod common;
+
+use common::private_memory_or_skip;
 use std::sync::{Arc, Mutex};
 
-use guest_memfd::{Capabilities, PageRange, PAGE_SIZE};
-use integration::{
-    layout, programs, GuestConfig, NoDevice, PrivateGuest, StopReason, SumDevice, DATA_ADDR,
-};
+use guest_memfd::{PageRange, PAGE_SIZE};
+use integration::{layout, programs, NoDevice, StopReason, SumDevice, DATA_ADDR};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vm_private_memory::{private_page_refusal, MemoryListener, PageState, KVM_EINVAL};
 
 const MIB2: u64 = 2 << 20;
-
-fn private_memory_or_skip(test: &str) -> bool {
-    let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let ok = integration::private_memory_vm(&kvm).is_ok_and(|vm| {
-        let caps = Capabilities::of_vm(&vm);
-        caps.in_place_capable() || caps.dual_capable()
-    });
-    if !ok {
-        println!("SKIPPED {test}: needs guest_memfd with MMAP | INIT_SHARED or a VM type with memory attributes");
-    }
-    ok
-}
 
 /// The checksum `checksum.S` computes over `words` words.
 fn expected_checksum(words: u64) -> u64 {
@@ -42,15 +31,7 @@ fn scenario_1_an_all_private_guest_computes_and_the_host_reads_nothing() {
         return;
     }
     let size = 4 * MIB2;
-    let mut guest = PrivateGuest::new(
-        programs::CHECKSUM,
-        GuestConfig {
-            data_size: size,
-            vcpus: 1,
-            all_private: true,
-        },
-    )
-    .unwrap();
+    let mut guest = common::guest(programs::CHECKSUM, size, 1, true);
     guest.start(0, &[DATA_ADDR, size]).unwrap();
     let memory = guest.memory().clone();
     if memory.strategy() == vm_private_memory::Strategy::Dual {
@@ -87,15 +68,7 @@ fn scenario_2_a_bounce_buffer_round_trip_through_shared_memory() {
     if !private_memory_or_skip("scenario_2_a_bounce_buffer_round_trip_through_shared_memory") {
         return;
     }
-    let mut guest = PrivateGuest::new(
-        programs::BOUNCE,
-        GuestConfig {
-            data_size: 2 * MIB2,
-            vcpus: 1,
-            all_private: true,
-        },
-    )
-    .unwrap();
+    let mut guest = common::guest(programs::BOUNCE, 2 * MIB2, 1, true);
     let buffer = DATA_ADDR + MIB2;
     guest.start(0, &[buffer, MIB2]).unwrap();
     let memory = guest.memory().clone();
@@ -141,15 +114,7 @@ fn scenario_6_a_hostile_guest_gets_error_codes_and_changes_nothing() {
     if !private_memory_or_skip("scenario_6_a_hostile_guest_gets_error_codes_and_changes_nothing") {
         return;
     }
-    let mut guest = PrivateGuest::new(
-        programs::HOSTILE,
-        GuestConfig {
-            data_size: MIB2,
-            vcpus: 1,
-            all_private: true,
-        },
-    )
-    .unwrap();
+    let mut guest = common::guest(programs::HOSTILE, MIB2, 1, true);
     guest.start(0, &[]).unwrap();
     let memory = guest.memory().clone();
     let before = memory.state();
@@ -180,15 +145,7 @@ fn the_benchmark_programs_work() {
         return;
     }
     let size = 4 * MIB2;
-    let mut guest = PrivateGuest::new(
-        programs::TOUCH,
-        GuestConfig {
-            data_size: size,
-            vcpus: 1,
-            all_private: true,
-        },
-    )
-    .unwrap();
+    let mut guest = common::guest(programs::TOUCH, size, 1, true);
     guest.start(0, &[DATA_ADDR, size]).unwrap();
     assert_eq!(
         guest.vcpu(0).run_to_done(&mut NoDevice).unwrap().rax,
@@ -201,15 +158,7 @@ fn the_benchmark_programs_work() {
     assert_eq!(vm.run_to_done().unwrap().rax, size / PAGE_SIZE);
 
     for (mode, trips) in [(0u64, 100u64), (1, 101)] {
-        let mut guest = PrivateGuest::new(
-            programs::EXIT_LOOP,
-            GuestConfig {
-                data_size: MIB2,
-                vcpus: 1,
-                all_private: false,
-            },
-        )
-        .unwrap();
+        let mut guest = common::guest(programs::EXIT_LOOP, MIB2, 1, false);
         guest.start(0, &[DATA_ADDR, 1, trips, mode]).unwrap();
         let memory = guest.memory().clone();
         let vcpu = guest.vcpu(0);
@@ -235,15 +184,7 @@ fn the_debug_console_carries_the_guests_text() {
     if !private_memory_or_skip("the_debug_console_carries_the_guests_text") {
         return;
     }
-    let mut guest = PrivateGuest::new(
-        programs::HELLO,
-        GuestConfig {
-            data_size: MIB2,
-            vcpus: 1,
-            all_private: true,
-        },
-    )
-    .unwrap();
+    let mut guest = common::guest(programs::HELLO, MIB2, 1, true);
     guest.start(0, &[]).unwrap();
     guest.vcpu(0).run_to_done(&mut NoDevice).unwrap();
     assert_eq!(guest.vcpu(0).console(), "hello from CPL3 on guest_memfd\n");

@@ -4,8 +4,8 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{in_place_or_skip, pr, vm, Heard, Recorder};
-use guest_memfd::{Capabilities, GuestMemfd, GuestMemfdFlags, Memslot, PageRange, PAGE_SIZE};
+use common::{gpa_is_free, in_place_or_skip, pr, vm, Heard, Recorder};
+use guest_memfd::{Capabilities, PAGE_SIZE};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 use vm_private_memory::{Error, MemoryBuilder, PageState, Strategy};
 
@@ -151,18 +151,6 @@ fn a_sparse_terabyte_costs_one_bit_per_page() {
     let per_gib = m.metadata_bytes() as u64 / (tib / GIB);
     assert!(per_gib <= 40 << 10, "{per_gib} bytes per GiB");
     assert_eq!(per_gib, 32 << 10);
-}
-
-/// Whether guest-physical `range` is free in `vm`: a probe slot binds there only then.
-fn gpa_is_free(vm: &kvm_ioctls::VmFd, range: PageRange) -> bool {
-    let probe = GuestMemfd::create(vm, range.len(), GuestMemfdFlags::empty()).unwrap();
-    let slot = Memslot::new(4000, range, &probe, 0).unwrap();
-    // SAFETY: no userspace address is set.
-    let free = unsafe { slot.bind(vm) }.is_ok();
-    if free {
-        slot.unbind(vm).unwrap();
-    }
-    free
 }
 
 #[test]

@@ -6,24 +6,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{dual, in_place, in_place_or_skip, pr, vm, Recorder};
-use guest_memfd::{GuestMemfd, GuestMemfdFlags, Memslot, PageRange, PAGE_SIZE};
+use common::{dual, gpa_is_free, in_place, in_place_or_skip, pr, vm, Recorder};
+use guest_memfd::{PageRange, PAGE_SIZE};
 use vm_private_memory::{
     GuestMemoryPrivate, MemoryBuilder, MemoryListener, PageState, PrivateMemory,
 };
 
 const MIB2: u64 = 2 << 20;
-
-fn gpa_is_free(vm: &kvm_ioctls::VmFd, range: PageRange) -> bool {
-    let probe = GuestMemfd::create(vm, range.len(), GuestMemfdFlags::empty()).unwrap();
-    let slot = Memslot::new(4000, range, &probe, 0).unwrap();
-    // SAFETY: no userspace address is set.
-    let free = unsafe { slot.bind(vm) }.is_ok();
-    if free {
-        slot.unbind(vm).unwrap();
-    }
-    free
-}
 
 /// Replacing the published collection behind the memory's back must not leave a slot
 /// bound to a mapping that drop then frees.

@@ -107,3 +107,17 @@ impl MemoryListener for Recorder {
 pub fn pr(start: u64, len: u64) -> PageRange {
     PageRange::new(start, len).unwrap()
 }
+
+/// Whether guest-physical `range` is free in `vm`: a probe slot binds there only then.
+pub fn gpa_is_free(vm: &kvm_ioctls::VmFd, range: PageRange) -> bool {
+    let probe =
+        guest_memfd::GuestMemfd::create(vm, range.len(), guest_memfd::GuestMemfdFlags::empty())
+            .unwrap();
+    let slot = guest_memfd::Memslot::new(4000, range, &probe, 0).unwrap();
+    // SAFETY: no userspace address is set.
+    let free = unsafe { slot.bind(vm) }.is_ok();
+    if free {
+        slot.unbind(vm).unwrap();
+    }
+    free
+}

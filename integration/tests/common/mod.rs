@@ -1,0 +1,33 @@
+//! Helpers shared by the integration tests.
+
+#![allow(dead_code)]
+
+use guest_memfd::Capabilities;
+use integration::{GuestConfig, PrivateGuest};
+
+/// Whether this host can give a guest private memory (mappable guest_memfd, or a VM type
+/// with memory attributes); prints a visible SKIPPED line for `test` if not.
+pub fn private_memory_or_skip(test: &str) -> bool {
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let ok = integration::private_memory_vm(&kvm).is_ok_and(|vm| {
+        let caps = Capabilities::of_vm(&vm);
+        caps.in_place_capable() || caps.dual_capable()
+    });
+    if !ok {
+        println!("SKIPPED {test}: needs guest_memfd with MMAP | INIT_SHARED or a VM type with memory attributes");
+    }
+    ok
+}
+
+/// A guest running `program` with a data region of `data_size` bytes.
+pub fn guest(program: &[u8], data_size: u64, vcpus: usize, all_private: bool) -> PrivateGuest {
+    PrivateGuest::new(
+        program,
+        GuestConfig {
+            data_size,
+            vcpus,
+            all_private,
+        },
+    )
+    .unwrap()
+}

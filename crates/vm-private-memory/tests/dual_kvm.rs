@@ -54,6 +54,52 @@ fn dual_strategy_converts_with_real_memory_attributes() {
     assert_eq!(view.memory().read_obj::<u64>(GuestAddress(0)).unwrap(), 0);
 }
 
+/// Memory is never held twice: pages written through the shared side are freed from the
+/// sealed memfd when they go private, with the real KVM attributes flipped.
+#[test]
+fn dual_strategy_frees_the_shared_side_with_real_memory_attributes() {
+    let Some(vm) = vm_with_memory_attributes(
+        "dual_strategy_frees_the_shared_side_with_real_memory_attributes",
+    ) else {
+        return;
+    };
+    let size = 2u64 << 20;
+    let memory = MemoryBuilder::new(vm)
+        .region_at(0, size)
+        .initial_state(PageState::Shared)
+        .build()
+        .unwrap();
+    let shared_bytes = || {
+        use std::os::unix::fs::MetadataExt;
+        use vm_memory::GuestMemoryBackend;
+        let snapshot = memory.memory().memory();
+        let region = snapshot.iter().next().unwrap();
+        region
+            .shared_memfd()
+            .unwrap()
+            .file()
+            .metadata()
+            .unwrap()
+            .blocks()
+            * 512
+    };
+    let view = memory.memory();
+    view.memory()
+        .write_slice(&vec![0x5a; size as usize], GuestAddress(0))
+        .unwrap();
+    assert_eq!(shared_bytes(), size);
+    let half = PageRange::new(0, size / 2).unwrap();
+    let report = memory.convert(half, PageState::Private).unwrap();
+    assert_eq!(report.bytes_discarded, size / 2);
+    assert_eq!(
+        shared_bytes(),
+        size / 2,
+        "the private half left the shared file"
+    );
+    memory.convert(half, PageState::Shared).unwrap();
+    assert_eq!(view.memory().read_obj::<u64>(GuestAddress(0)).unwrap(), 0);
+}
+
 #[test]
 fn memory_fault_requests_convert_with_real_memory_attributes() {
     let Some(vm) =

@@ -23,6 +23,9 @@ pub enum Error {
     /// The guest program does not fit its slot.
     #[error("the guest program has {0} bytes, more than the {max} the layout reserves", max = crate::layout::CODE_MAX)]
     ProgramTooLarge(usize),
+    /// More vCPUs than the layout has stacks for, or a vCPU index that does not exist.
+    #[error("{0} vCPUs asked for: the guest layout has stacks for {max}", max = crate::guest::MAX_VCPUS)]
+    TooManyVcpus(usize),
     /// More arguments than the six argument registers.
     #[error("{0} arguments given, the guest takes at most six")]
     TooManyArguments(usize),

@@ -26,6 +26,8 @@ pub const DATA_ADDR: u64 = 4 << 30;
 pub const SERVED_LOG: usize = 1024;
 /// Each vCPU's stack is this far below the previous one's.
 pub const STACK_STRIDE: u64 = 64 << 10;
+/// The most vCPUs whose stacks fit between the program and the end of the boot region.
+pub const MAX_VCPUS: usize = ((STACK_TOP - CODE_ADDR - CODE_MAX) / STACK_STRIDE) as usize;
 
 /// A device model on the host side: it sees the guest only through the backend's `Bytes`
 /// (so only through shared pages), as a virtio device sees a TDX guest's SWIOTLB.
@@ -125,20 +127,20 @@ pub struct Served {
     pub elapsed: Duration,
 }
 
-/// A VM for private memory: of the first type this host offers with memory attributes
-/// (the dual strategy: `KVM_X86_SW_PROTECTED_VM` in the nested lab), else the default
-/// type if it has mappable guest_memfd (the in-place strategy, our hosts).
+/// A VM for private memory: `KVM_X86_SW_PROTECTED_VM` if this host offers it with memory
+/// attributes (the dual strategy: the nested lab), else the default type (the in-place
+/// strategy where guest_memfd is mappable: our hosts). SEV-SNP and TDX VM types are not
+/// used: this plain harness cannot launch their guests.
 pub fn private_memory_vm(kvm: &Kvm) -> Result<VmFd> {
-    let system = Capabilities::of_system(kvm);
     let create = |vm_type: u32| {
         kvm.create_vm_with_type(vm_type.into())
             .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))
     };
-    for vm_type in (1..64).filter(|t| system.supports_vm_type(*t)) {
-        if let Ok(vm) = create(vm_type) {
-            if Capabilities::of_vm(&vm).dual_capable() {
-                return Ok(vm);
-            }
+    let sw_protected = kvm_bindings::KVM_X86_SW_PROTECTED_VM;
+    if Capabilities::of_system(kvm).supports_vm_type(sw_protected) {
+        let vm = create(sw_protected)?;
+        if Capabilities::of_vm(&vm).dual_capable() {
+            return Ok(vm);
         }
     }
     create(0)
@@ -149,6 +151,9 @@ impl PrivateGuest {
     pub fn new(program: &[u8], config: GuestConfig) -> Result<Self> {
         if program.len() as u64 > CODE_MAX {
             return Err(Error::ProgramTooLarge(program.len()));
+        }
+        if config.vcpus > MAX_VCPUS {
+            return Err(Error::TooManyVcpus(config.vcpus));
         }
         let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
         let vm = Arc::new(private_memory_vm(&kvm)?);
@@ -221,7 +226,10 @@ impl PrivateGuest {
 
     /// Points vCPU `index` at the program at `privilege`, with `args`.
     pub fn start_at(&mut self, index: usize, privilege: Privilege, args: &[u64]) -> Result<()> {
-        let vcpu = &self.vcpus[index];
+        let vcpu = self
+            .vcpus
+            .get(index)
+            .ok_or(Error::TooManyVcpus(index + 1))?;
         let stack = STACK_TOP - index as u64 * STACK_STRIDE;
         enter_long_mode(&self.kvm, &vcpu.fd, privilege, CODE_ADDR, stack, args)
     }
@@ -293,9 +301,7 @@ impl GuestVcpu {
                     continue;
                 }
                 Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
-                    self.memory
-                        .handle_memory_fault(flags, gpa, size)
-                        .map_err(|_| Error::MemoryFault { flags, gpa, size })?;
+                    self.memory.handle_memory_fault(flags, gpa, size)?;
                     continue;
                 }
                 Ok(exit) => {

@@ -84,10 +84,33 @@ pub struct TestVm {
     vm: Arc<VmFd>,
     vcpu: VcpuFd,
     _boot: GuestMemfd,
-    boot_map: MmapRegion,
-    // Host mappings bound as `userspace_addr` of test memory; kept until the VM is gone.
-    test_maps: Vec<Arc<MmapRegion>>,
+    // Host mappings bound as `userspace_addr` (the boot region's first); `Drop` deletes
+    // the slots in `slots` before they are unmapped.
+    maps: Vec<Arc<MmapRegion>>,
+    slots: Vec<u32>,
     console: Vec<u8>,
+}
+
+impl Drop for TestVm {
+    /// Deletes every memslot this VM bound before its mappings go: another vCPU of the VM
+    /// (made through `vm()`) could otherwise still reach them. If a slot cannot be
+    /// deleted, the mappings are leaked rather than unmapped.
+    fn drop(&mut self) {
+        let mut all_deleted = true;
+        for &slot in &self.slots {
+            let delete = kvm_bindings::kvm_userspace_memory_region {
+                slot,
+                ..Default::default()
+            };
+            // SAFETY: deleting a slot makes KVM stop using its memory.
+            all_deleted &= unsafe { self.vm.set_user_memory_region(delete) }.is_ok();
+        }
+        if !all_deleted {
+            for map in &self.maps {
+                std::mem::forget(Arc::clone(map));
+            }
+        }
+    }
 }
 
 /// Test memory bound into a [`TestVm`]: a mappable guest_memfd and its host mapping.
@@ -147,13 +170,12 @@ impl TestVm {
         );
         let flags = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
         let boot = GuestMemfd::create(&vm, BOOT_SIZE, flags)?;
-        let boot_map = boot.map()?;
+        let boot_map = Arc::new(boot.map()?);
         let slot = Memslot::new(BOOT_SLOT, PageRange::new(0, BOOT_SIZE)?, &boot, 0)?
             .with_userspace_mapping(&boot_map)?;
-        // SAFETY: KVM touches a slot's memory only for a vCPU of the VM. The only vCPU
-        // is owned by the returned `TestVm`, whose fields drop in order: the vCPU goes
-        // before the mapping (even if a clone of the VM fd lives on). Before the `TestVm`
-        // exists no vCPU runs.
+        // SAFETY: the mapping is owned by the returned `TestVm`, whose `Drop` deletes the
+        // slot before the mapping goes (or leaks the mapping). Should an error return
+        // early below, the VM, which no vCPU has run, is dropped with it.
         unsafe { slot.bind(&vm) }?;
         let vcpu = vm
             .create_vcpu(0)
@@ -163,8 +185,8 @@ impl TestVm {
             vm,
             vcpu,
             _boot: boot,
-            boot_map,
-            test_maps: Vec::new(),
+            maps: vec![boot_map],
+            slots: vec![BOOT_SLOT],
             console: Vec::new(),
         };
         test_vm.write_boot_tables()?;
@@ -174,8 +196,7 @@ impl TestVm {
     }
 
     fn write_boot(&self, addr: u64, bytes: &[u8]) -> Result<()> {
-        let slice = self
-            .boot_map
+        let slice = self.maps[0]
             .get_slice(addr as usize, bytes.len())
             .map_err(Error::BootWrite)?;
         slice.copy_from(bytes);
@@ -183,7 +204,7 @@ impl TestVm {
     }
 
     fn write_boot_tables(&self) -> Result<()> {
-        let region = self.boot_map.as_volatile_slice();
+        let region = self.maps[0].as_volatile_slice();
         for (i, entry) in gdt_entries().iter().enumerate() {
             region
                 .write_obj(*entry, GDT_ADDR as usize + i * 8)
@@ -204,9 +225,10 @@ impl TestVm {
         let gmem = GuestMemfd::create(&self.vm, guest.len(), flags)?;
         let map = Arc::new(gmem.map()?);
         let memslot = Memslot::new(slot, guest, &gmem, 0)?.with_userspace_mapping(&map)?;
-        // SAFETY: `self.test_maps` keeps the mapping alive as long as the VM.
+        // SAFETY: `self.maps` keeps the mapping alive until `Drop` has deleted the slot.
         unsafe { memslot.bind(&self.vm) }?;
-        self.test_maps.push(Arc::clone(&map));
+        self.maps.push(Arc::clone(&map));
+        self.slots.push(slot);
         Ok(BoundMemory { gmem, map })
     }
 
@@ -227,11 +249,11 @@ impl TestVm {
             memory_size: guest.len(),
             userspace_addr: map.as_ptr() as u64,
         };
-        // SAFETY: the mapping is kept in `self.test_maps`, so it outlives the VM's vCPU
-        // (fields drop in order: the vCPU before the mappings).
+        // SAFETY: `self.maps` keeps the mapping alive until `Drop` has deleted the slot.
         unsafe { self.vm.set_user_memory_region(region) }
             .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
-        self.test_maps.push(map);
+        self.maps.push(map);
+        self.slots.push(slot);
         Ok(())
     }
 

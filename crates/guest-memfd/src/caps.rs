@@ -182,10 +182,23 @@ impl Report {
             .iter()
             .filter_map(|r| r.capabilities.as_ref().ok().map(|c| (r.name.as_str(), c)))
             .collect();
-        let default_vm = vms
+        // What the host offers on its best VM type for each capability.
+        let best = vms
             .iter()
-            .find(|(name, _)| *name == "DEFAULT")
-            .map_or(&system, |(_, c)| *c);
+            .map(|(_, c)| (*c).clone())
+            .reduce(|a, b| Capabilities {
+                user_memory2: a.user_memory2 || b.user_memory2,
+                memory_fault_info: a.memory_fault_info || b.memory_fault_info,
+                guest_memfd: a.guest_memfd || b.guest_memfd,
+                guest_memfd_flags: a.guest_memfd_flags | b.guest_memfd_flags,
+                memory_attributes: a.memory_attributes | b.memory_attributes,
+                vm_types: a.vm_types | b.vm_types,
+                exit_hypercall: a.exit_hypercall | b.exit_hypercall,
+                pre_fault_memory: a.pre_fault_memory || b.pre_fault_memory,
+                nr_memslots: a.nr_memslots.max(b.nr_memslots),
+            })
+            .unwrap_or_else(|| system.clone());
+        let default_vm = &best;
         let in_place = vms.iter().any(|(_, c)| c.in_place_capable());
         let dual_on: Vec<String> = vms
             .iter()
@@ -368,6 +381,36 @@ mod tests {
         assert!(c.supports_vm_type(0));
         assert!(!c.supports_vm_type(1));
         assert!(!c.supports_vm_type(200));
+    }
+
+    #[test]
+    fn guest_memfd_counts_on_any_vm_type() {
+        // Linux 6.12: the default VM type has no guest_memfd, SW_PROTECTED has.
+        let none = Capabilities::from_checker(|_| 0);
+        let report = Report::from_parts(
+            "6.12".into(),
+            none.clone(),
+            vec![
+                VmTypeReport {
+                    vm_type: 0,
+                    name: "DEFAULT".into(),
+                    capabilities: Ok(none),
+                },
+                VmTypeReport {
+                    vm_type: 1,
+                    name: "SW_PROTECTED".into(),
+                    capabilities: Ok(caps(0, 8, 0b11)),
+                },
+            ],
+        );
+        assert!(report.finding("guest_memfd").unwrap().available);
+        assert!(
+            report
+                .finding("memslots with guest_memfd")
+                .unwrap()
+                .available
+        );
+        assert!(report.dual_strategy);
     }
 
     #[test]

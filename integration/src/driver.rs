@@ -53,6 +53,19 @@ impl<'a> Driver<'a> {
         }
     }
 
+    /// Resumes a command that stopped with an error (for example an exit the harness
+    /// could not serve) after the host has fixed its cause; returns like the command.
+    pub fn resume(&mut self, device: &mut dyn Device) -> Result<u64> {
+        let stop = self.vcpu.run(device)?;
+        match stop.reason {
+            StopReason::Pause => Ok(stop.regs.r12),
+            StopReason::Done => Err(Error::UnexpectedExit {
+                exit: "the driver finished while commands were pending".into(),
+                rip: stop.regs.rip,
+            }),
+        }
+    }
+
     /// The guest writes `byte` over `[addr, addr + len)`.
     pub fn fill(&mut self, addr: u64, len: u64, byte: u8, device: &mut dyn Device) -> Result<()> {
         self.command(FILL, addr, len, byte.into(), device).map(drop)

@@ -74,3 +74,55 @@ fn real_hypercall_exits_convert_memory_and_answer_the_guest() {
         "our refusal, not KVM's"
     );
 }
+
+/// A real KVM_EXIT_MEMORY_FAULT: the guest touches a private page whose region the host
+/// has removed. KVM cannot serve a private access without a guest_memfd slot and exits;
+/// the run loop hands the exit to `PrivateMemory::handle_memory_fault`, which refuses it
+/// (the range is no longer guest memory). Once the host re-adds the region, backed by
+/// the same file, the guest's access completes and reads what it had written.
+///
+/// (On KVM_X86_SW_PROTECTED_VM the private bit of a fault comes from the attributes
+/// themselves, so the implicit conversions of TDX and SNP guests do not occur; this
+/// error path is how such exits show up here.)
+#[test]
+fn a_real_memory_fault_exit_reaches_the_handler() {
+    let test = "a_real_memory_fault_exit_reaches_the_handler";
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let dual = integration::private_memory_vm(&kvm)
+        .is_ok_and(|vm| Capabilities::of_vm(&vm).dual_capable());
+    if !dual {
+        println!(
+            "SKIPPED {test}: needs a VM type with KVM_MEMORY_ATTRIBUTE_PRIVATE (the nested lab)"
+        );
+        return;
+    }
+    let size = 2u64 << 20;
+    let mut guest = PrivateGuest::new(
+        programs::DRIVER,
+        GuestConfig {
+            data_size: size,
+            vcpus: 1,
+            all_private: true,
+        },
+    )
+    .unwrap();
+    guest.start(0, &[]).unwrap();
+    let memory = guest.memory().clone();
+    let dev = &mut NoDevice;
+    let mut d = integration::Driver::new(guest.vcpu(0), dev).unwrap();
+    d.fill(DATA_ADDR, size, 0x3c, dev).unwrap();
+
+    let (range, gmem, offset) = memory.remove_region(DATA_ADDR).unwrap();
+    match d.check(DATA_ADDR, size, 0x3c, dev) {
+        Err(integration::Error::Backend(vm_private_memory::Error::OutsideGuestMemory {
+            first_outside,
+            ..
+        })) => assert!(range.contains_addr(first_outside), "{first_outside:#x}"),
+        other => panic!("expected the memory fault to reach the handler: {other:?}"),
+    }
+    memory
+        .add_region(range, Some((gmem, offset)), PageState::Private)
+        .unwrap();
+    d.resume(dev).unwrap();
+    d.check(DATA_ADDR, size, 0x3c, dev).unwrap();
+}

@@ -1,30 +1,19 @@
 //! The backend seen from a running guest: pages discarded or converted by
 //! `vm-private-memory` read as fresh zeros in the guest, and listeners hear first.
 
-use std::sync::{Arc, Mutex};
+mod common;
 
+use std::sync::Arc;
+
+use common::Log;
 use guest_memfd::{PageRange, PAGE_SIZE};
 use integration::{programs, StopReason, TestVm};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vm_private_memory::{MemoryBuilder, MemoryListener, PageState, PrivateMemory, Strategy};
+use vm_private_memory::{MemoryBuilder, PageState, PrivateMemory, Strategy};
 
 const GIB4: u64 = 4 << 30;
 const SIZE: u64 = 2 << 20;
 const PATTERN: u64 = 0x0123_4567_89ab_cdef;
-
-/// A listener that logs what it hears, to check it heard before the guest saw anything.
-#[derive(Default)]
-struct Log(Mutex<Vec<String>>);
-
-impl MemoryListener for Log {
-    fn discard(&self, range: PageRange) {
-        self.0.lock().unwrap().push(format!("discard {range}"));
-    }
-    fn populate(&self, range: PageRange) -> Result<(), String> {
-        self.0.lock().unwrap().push(format!("populate {range}"));
-        Ok(())
-    }
-}
 
 fn guest_on_private_memory(test: &str) -> Option<(TestVm, PrivateMemory)> {
     let vm = TestVm::new(programs::FILL_THEN_SUM, &[GIB4, SIZE, PATTERN]).unwrap();

@@ -3,30 +3,16 @@
 
 mod common;
 
-use common::private_memory_or_skip;
+use common::{private_memory_or_skip, Log};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use guest_memfd::{GuestMemfd, GuestMemfdFlags, PageRange, PAGE_SIZE};
 use integration::{programs, Driver, NoDevice, DATA_ADDR};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vm_private_memory::{MemoryListener, PageState, MAP_GPA_RANGE_ENCRYPTED};
+use vm_private_memory::{PageState, MAP_GPA_RANGE_ENCRYPTED};
 
 const MIB: u64 = 1 << 20;
-
-/// Records what it hears, with a sequence number shared with the test's own steps.
-#[derive(Default)]
-struct Log(Mutex<Vec<String>>);
-
-impl MemoryListener for Log {
-    fn discard(&self, range: PageRange) {
-        self.0.lock().unwrap().push(format!("discard {range}"));
-    }
-    fn populate(&self, range: PageRange) -> Result<(), String> {
-        self.0.lock().unwrap().push(format!("populate {range}"));
-        Ok(())
-    }
-}
 
 /// Scenario 4: the host discards a range under a running guest (the guest then reads
 /// zeros, a listener heard first), then removes the data region and re-adds it backed by

@@ -3,12 +3,11 @@
 
 mod common;
 
-use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 
 use common::{dual, in_place, in_place_or_skip, pr, Heard, Recorder};
 use guest_memfd::{PageRange, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vm_private_memory::{
     ContentMode, Error, GuestMemoryPrivate, MemoryListener, PageState, PrivateMemory, Step,
 };
@@ -313,29 +312,18 @@ fn a_failure_at_any_step_leaves_everything_as_it_was() {
 #[test]
 fn dual_frees_the_shared_side_when_pages_go_private() {
     let (m, view) = dual(MIB2, PageState::Shared);
-    let region_memfd_blocks = |m: &PrivateMemory| {
-        let snap = m.memory().memory();
-        let region = snap.iter().next().unwrap();
-        region
-            .shared_memfd()
-            .unwrap()
-            .file()
-            .metadata()
-            .unwrap()
-            .blocks()
-    };
     let mem = m.memory().memory();
     mem.write_slice(&vec![0x5a; MIB2 as usize], GuestAddress(0))
         .unwrap();
     assert_eq!(
-        region_memfd_blocks(&m) * 512,
+        common::shared_side_bytes(&m),
         MIB2,
         "written pages are held"
     );
     let r = m.convert(pr(0, MIB2 / 2), PageState::Private).unwrap();
     assert_eq!(r.bytes_discarded, MIB2 / 2);
     assert_eq!(
-        region_memfd_blocks(&m) * 512,
+        common::shared_side_bytes(&m),
         MIB2 / 2,
         "the private half is freed"
     );

@@ -2,6 +2,8 @@
 //! with memory attributes (KVM_X86_SW_PROTECTED_VM, SEV-SNP, TDX); where the host has
 //! none, each test prints a SKIPPED line naming the missing capability and returns.
 
+mod common;
+
 use std::sync::Arc;
 
 use guest_memfd::{Capabilities, PageRange, PAGE_SIZE};
@@ -69,30 +71,16 @@ fn dual_strategy_frees_the_shared_side_with_real_memory_attributes() {
         .initial_state(PageState::Shared)
         .build()
         .unwrap();
-    let shared_bytes = || {
-        use std::os::unix::fs::MetadataExt;
-        use vm_memory::GuestMemoryBackend;
-        let snapshot = memory.memory().memory();
-        let region = snapshot.iter().next().unwrap();
-        region
-            .shared_memfd()
-            .unwrap()
-            .file()
-            .metadata()
-            .unwrap()
-            .blocks()
-            * 512
-    };
     let view = memory.memory();
     view.memory()
         .write_slice(&vec![0x5a; size as usize], GuestAddress(0))
         .unwrap();
-    assert_eq!(shared_bytes(), size);
+    assert_eq!(common::shared_side_bytes(&memory), size);
     let half = PageRange::new(0, size / 2).unwrap();
     let report = memory.convert(half, PageState::Private).unwrap();
     assert_eq!(report.bytes_discarded, size / 2);
     assert_eq!(
-        shared_bytes(),
+        common::shared_side_bytes(&memory),
         size / 2,
         "the private half left the shared file"
     );

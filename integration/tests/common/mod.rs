@@ -2,8 +2,11 @@
 
 #![allow(dead_code)]
 
-use guest_memfd::Capabilities;
+use std::sync::Mutex;
+
+use guest_memfd::{Capabilities, PageRange};
 use integration::{GuestConfig, PrivateGuest};
+use vm_private_memory::MemoryListener;
 
 /// Whether this host can give a guest private memory (mappable guest_memfd, or a VM type
 /// with memory attributes); prints a visible SKIPPED line for `test` if not.
@@ -30,4 +33,18 @@ pub fn guest(program: &[u8], data_size: u64, vcpus: usize, all_private: bool) ->
         },
     )
     .unwrap()
+}
+
+/// A listener that logs what it hears, in order ("discard [a, b)", "populate [a, b)").
+#[derive(Default)]
+pub struct Log(pub Mutex<Vec<String>>);
+
+impl MemoryListener for Log {
+    fn discard(&self, range: PageRange) {
+        self.0.lock().unwrap().push(format!("discard {range}"));
+    }
+    fn populate(&self, range: PageRange) -> Result<(), String> {
+        self.0.lock().unwrap().push(format!("populate {range}"));
+        Ok(())
+    }
 }

@@ -56,6 +56,39 @@ pub enum Error {
         /// Where or what was found (program-defined).
         rbx: u64,
     },
+    /// A system call outside KVM failed.
+    #[error("{0} failed: {1}")]
+    Io(&'static str, #[source] std::io::Error),
+    /// A kernel or initramfs file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    BootFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Something to load does not fit the guest's layout.
+    #[error("{0} ({1} bytes or entries) does not fit the guest's memory layout; give the guest more RAM or a smaller image")]
+    DoesNotFit(&'static str, u64),
+    /// linux-loader refused the kernel.
+    #[error("loading the kernel failed: {0}")]
+    KernelLoad(#[source] linux_loader::loader::Error),
+    /// The kernel command line is invalid or too long.
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The boot parameters could not be written.
+    #[error("writing the boot parameters failed: {0}")]
+    BootParams(#[source] linux_loader::configurator::Error),
+    /// The guest did not stop before its deadline.
+    #[error(
+        "the guest was still running after {seconds} s; its console ended with:\n{console_tail}"
+    )]
+    Timeout {
+        /// The deadline.
+        seconds: u64,
+        /// The last part of its console.
+        console_tail: String,
+    },
 }
 
 /// The harness's result type.

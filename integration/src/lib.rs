@@ -22,6 +22,7 @@ mod driver;
 mod error;
 mod guest;
 pub mod layout;
+pub mod linux;
 mod vm;
 
 pub use cpu::{enter_long_mode, enter_user_mode, Privilege};

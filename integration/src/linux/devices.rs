@@ -1,0 +1,193 @@
+//! The legacy devices a Linux guest talks to over port I/O: the 16550 console
+//! (vm-superio), the i8042's reset line and the PCI reset register.
+//!
+//! Every other port reads as all ones (no device there) and ignores writes, the way an
+//! empty ISA bus behaves, so the guest's probes find nothing and move on.
+
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// The first COM port.
+pub const COM1: u16 = 0x3f8;
+/// COM1's interrupt line.
+pub const COM1_IRQ: u32 = 4;
+/// The i8042 command port: `0xfe` pulses the CPU reset line (`reboot=k`).
+const I8042_COMMAND: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
+/// The PCI reset control register (`reboot=p`): bit 2 asks for a reset.
+const RESET_CONTROL: u16 = 0xcf9;
+const RESET_CONTROL_RESET: u8 = 1 << 2;
+
+/// What a port write asks of the machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortEffect {
+    /// Nothing beyond the device itself.
+    None,
+    /// The guest asked for a reset (reboot).
+    Reset,
+}
+
+/// Raises COM1's interrupt through an irqfd of the in-kernel irqchip.
+pub struct IrqTrigger(EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// What the guest wrote to its console, shared with whoever watches the boot.
+#[derive(Clone, Default)]
+pub struct ConsoleLog {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    echo: bool,
+}
+
+impl ConsoleLog {
+    /// A log that also copies the guest's console to our standard output if `echo`.
+    pub fn new(echo: bool) -> Self {
+        ConsoleLog {
+            bytes: Arc::default(),
+            echo,
+        }
+    }
+
+    /// Everything written so far, lossily decoded.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    /// How many bytes were written so far.
+    pub fn len(&self) -> usize {
+        self.bytes.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Write for ConsoleLog {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.bytes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        if self.echo {
+            // The console copy is best effort; the log above is what tests read.
+            let _ = io::stdout().write_all(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The guest's port-I/O devices.
+pub struct LegacyDevices {
+    serial: Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleLog>,
+}
+
+impl LegacyDevices {
+    /// COM1 writing to `console`, interrupting through `irq` (an irqfd for
+    /// [`COM1_IRQ`]).
+    pub fn new(irq: EventFd, console: ConsoleLog) -> Self {
+        LegacyDevices {
+            serial: Serial::new(IrqTrigger(irq), console),
+        }
+    }
+
+    /// A port read of `data.len()` bytes.
+    pub fn read(&mut self, port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+        match port {
+            COM1..=0x3ff if data.len() == 1 => data[0] = self.serial.read((port - COM1) as u8),
+            // Status: output and input buffers empty, so a kernel waiting to send the
+            // reset command does not spin.
+            I8042_COMMAND => data[0] = 0,
+            _ => {}
+        }
+    }
+
+    /// A port write; returns what it asks of the machine.
+    pub fn write(&mut self, port: u16, data: &[u8]) -> PortEffect {
+        let Some(&value) = data.first() else {
+            return PortEffect::None;
+        };
+        match port {
+            COM1..=0x3ff if data.len() == 1 => {
+                // A serial write can fail only to raise the interrupt; the guest's driver
+                // times out and polls then, so the console still works.
+                let _ = self.serial.write((port - COM1) as u8, value);
+                PortEffect::None
+            }
+            I8042_COMMAND if value == I8042_RESET => PortEffect::Reset,
+            RESET_CONTROL if value & RESET_CONTROL_RESET != 0 => PortEffect::Reset,
+            _ => PortEffect::None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn devices() -> (LegacyDevices, ConsoleLog, EventFd) {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let console = ConsoleLog::new(false);
+        let devices = LegacyDevices::new(irq.try_clone().unwrap(), console.clone());
+        (devices, console, irq)
+    }
+
+    #[test]
+    fn the_console_keeps_what_the_guest_writes() {
+        let (mut devices, console, _irq) = devices();
+        for byte in b"hi\n" {
+            assert_eq!(devices.write(COM1, &[*byte]), PortEffect::None);
+        }
+        assert_eq!(console.text(), "hi\n");
+    }
+
+    #[test]
+    fn an_enabled_transmit_interrupt_reaches_the_irqfd() {
+        let (mut devices, _console, irq) = devices();
+        // IER: transmitter-holding-register-empty interrupt on.
+        devices.write(COM1 + 1, &[0x02]);
+        devices.write(COM1, b"x");
+        assert!(irq.read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn reset_requests_are_recognised_and_nothing_else_is() {
+        let (mut devices, _console, _irq) = devices();
+        assert_eq!(devices.write(I8042_COMMAND, &[0xfe]), PortEffect::Reset);
+        assert_eq!(devices.write(I8042_COMMAND, &[0xaa]), PortEffect::None);
+        assert_eq!(devices.write(RESET_CONTROL, &[0x06]), PortEffect::Reset);
+        assert_eq!(devices.write(RESET_CONTROL, &[0x02]), PortEffect::None);
+        assert_eq!(devices.write(0x80, &[0xfe]), PortEffect::None);
+        assert_eq!(devices.write(I8042_COMMAND, &[]), PortEffect::None);
+    }
+
+    #[test]
+    fn empty_ports_read_as_all_ones_and_the_i8042_as_idle() {
+        let (mut devices, _console, _irq) = devices();
+        let mut data = [0u8; 4];
+        devices.read(0xcf8, &mut data);
+        assert_eq!(data, [0xff; 4]);
+        let mut status = [0xffu8];
+        devices.read(I8042_COMMAND, &mut status);
+        assert_eq!(status, [0]);
+        // A 16550's line status register says "transmitter empty".
+        let mut lsr = [0u8];
+        devices.read(COM1 + 5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0);
+    }
+}

@@ -1,0 +1,354 @@
+//! A stock Linux kernel booted on private memory: the VMM side of what a TDX or SEV-SNP
+//! launch does with guest RAM, minus the attestation.
+//!
+//! [`LinuxVm::new`] builds one region of guest RAM at guest-physical 0 in
+//! `vm-private-memory`, makes shared only the pages linux-loader writes (boot and page
+//! tables, zero page, command line, kernel, initramfs) and leaves every other page
+//! private (with [`Ram::Private`]), so whatever the running kernel allocates is served
+//! from guest_memfd. The machine is the smallest a Linux guest boots on: one vCPU, the
+//! in-kernel irqchip and PIT, a 16550 console (vm-superio) on an irqfd, an e820 map of
+//! the memory's layout and no firmware tables. [`LinuxVm::run`] runs it until the guest
+//! resets (Linux's `reboot`, with `reboot=k` on the command line) or a deadline.
+//!
+//! Guest CPL0 code is emulated on our hosts, so a kernel boots only in the nested lab
+//! (`fixtures/lab`), on `KVM_X86_SW_PROTECTED_VM`.
+
+mod boot;
+mod devices;
+mod vcpu;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guest_memfd::PageRange;
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use vm_memory::GuestAddressSpace;
+use vm_private_memory::{MemoryBuilder, PageState, PrivateMemory};
+use vmm_sys_util::eventfd::EventFd;
+
+pub use boot::{
+    e820_map, BOOT_STACK, CMDLINE_ADDR, CMDLINE_MAX, HIGH_MEMORY, IDENTITY_MAPPED, ZERO_PAGE_ADDR,
+};
+pub use devices::{ConsoleLog, LegacyDevices, PortEffect, COM1, COM1_IRQ};
+pub use vcpu::guest_cpuid;
+
+use crate::error::{Error, Result};
+use crate::guest::private_memory_vm;
+
+/// What the lab's guest init (`fixtures/lab/guest-init`) prints once it runs, followed
+/// by `kernel=`, `total_kib=` and `used_kib=` (MemTotal - MemFree); then it reboots.
+pub const GUEST_UP_MARKER: &str = "PRIVMEM-GUEST-UP";
+
+/// The command line of the lab's guest: the console on COM1, `reboot` through the
+/// i8042, no PCI, no i8042 probing, one UART, quiet (every console byte is an exit).
+pub const LAB_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule \
+                               8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd quiet";
+
+/// The lab guest's kernel and initramfs, if present: `$PRIVMEM_LINUX_KERNEL` and
+/// `$PRIVMEM_LINUX_INITRD`, by default `/lab/guest/vmlinuz` and
+/// `/lab/guest/initrd.cpio.gz`, where `fixtures/lab/run.sh` puts them inside L1.
+pub fn lab_guest_images() -> Option<(PathBuf, PathBuf)> {
+    let path = |var: &str, default: &str| {
+        PathBuf::from(std::env::var_os(var).unwrap_or_else(|| default.into()))
+    };
+    let kernel = path("PRIVMEM_LINUX_KERNEL", "/lab/guest/vmlinuz");
+    let initrd = path("PRIVMEM_LINUX_INITRD", "/lab/guest/initrd.cpio.gz");
+    (kernel.exists() && initrd.exists()).then_some((kernel, initrd))
+}
+
+/// Where KVM may put the TSS it needs for real-mode emulation: three pages in the MMIO
+/// hole, below the IOAPIC and LAPIC.
+const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+
+/// How the guest's RAM starts out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ram {
+    /// Every page private except what the host loads: the confidential guest.
+    Private,
+    /// Every page shared: the same guest as an ordinary VM's, the peer to compare with.
+    Shared,
+}
+
+/// What to boot.
+#[derive(Clone, Copy, Debug)]
+pub struct LinuxConfig<'a> {
+    /// A bzImage.
+    pub kernel: &'a Path,
+    /// An initramfs (a compressed cpio archive).
+    pub initrd: &'a Path,
+    /// The kernel command line.
+    pub cmdline: &'a str,
+    /// Guest RAM in bytes, whole pages, at most 3 GiB (the MMIO hole starts there).
+    pub ram_size: u64,
+    /// Private or shared RAM.
+    pub ram: Ram,
+    /// Whether to copy the guest's console to our standard output as it comes.
+    pub echo_console: bool,
+}
+
+/// Why a guest stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinuxExit {
+    /// It asked for a reset through the i8042 or the PCI reset register: Linux's
+    /// `reboot`, and its power-off on a machine without ACPI (the kernel has no way to
+    /// power off there, so it halts init, panics and, with `panic=-1`, resets).
+    Reset,
+    /// `KVM_EXIT_SHUTDOWN`: a triple fault, Linux's last resort when a reset request is
+    /// not honoured.
+    TripleFault,
+    /// `KVM_EXIT_SYSTEM_EVENT` of the given type (`KVM_SYSTEM_EVENT_SHUTDOWN` = 1,
+    /// `_RESET` = 2, `_CRASH` = 3).
+    SystemEvent(u32),
+}
+
+/// How a run went.
+#[derive(Clone, Copy, Debug)]
+pub struct LinuxRun {
+    /// Why the guest stopped.
+    pub exit: LinuxExit,
+    /// From the first `KVM_RUN` to the stop.
+    pub elapsed: Duration,
+    /// How many exits the vCPU took.
+    pub exits: u64,
+    /// How many `KVM_EXIT_MEMORY_FAULT` exits were served (conversions the guest caused).
+    pub memory_faults: u64,
+}
+
+/// A one-vCPU Linux guest, loaded and ready to run.
+pub struct LinuxVm {
+    memory: Arc<PrivateMemory>,
+    vcpu: VcpuFd,
+    devices: LegacyDevices,
+    console: ConsoleLog,
+    host_written: Vec<PageRange>,
+}
+
+impl LinuxVm {
+    /// Creates the VM (`KVM_X86_SW_PROTECTED_VM` where the host has memory attributes),
+    /// its RAM, devices and vCPU, and loads the kernel.
+    pub fn new(config: &LinuxConfig) -> Result<Self> {
+        let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
+        let vm = Arc::new(private_memory_vm(&kvm)?);
+        vm.set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+
+        let state = match config.ram {
+            Ram::Private => PageState::Private,
+            Ram::Shared => PageState::Shared,
+        };
+        let memory = MemoryBuilder::new(Arc::clone(&vm))
+            .x86_mmio_hole()
+            .region_at(0, config.ram_size)
+            .initial_state(state)
+            .build()?;
+        let images = boot::BootImages::open(config.kernel, config.initrd, config.ram_size)?;
+        let host_written = images.host_written()?;
+        if config.ram == Ram::Private {
+            for range in &host_written {
+                memory.convert(*range, PageState::Shared)?;
+            }
+        }
+        let e820 = e820_map(&memory.regions());
+        let loaded = images.load(&*memory.memory().memory(), config.cmdline, &e820)?;
+
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e))?;
+        vm.register_irqfd(&irq, COM1_IRQ)
+            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        let console = ConsoleLog::new(config.echo_console);
+        let devices = LegacyDevices::new(irq, console.clone());
+
+        let vcpu = vm
+            .create_vcpu(0)
+            .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+        vcpu::enter_linux(&kvm, &vcpu, loaded.entry, BOOT_STACK)?;
+        Ok(LinuxVm {
+            memory: Arc::new(memory),
+            vcpu,
+            devices,
+            console,
+            host_written: loaded.host_written,
+        })
+    }
+
+    /// The guest's memory.
+    pub fn memory(&self) -> &Arc<PrivateMemory> {
+        &self.memory
+    }
+
+    /// The pages the host wrote while loading (made shared first with [`Ram::Private`]).
+    pub fn host_written(&self) -> &[PageRange] {
+        &self.host_written
+    }
+
+    /// The guest's console so far.
+    pub fn console(&self) -> &ConsoleLog {
+        &self.console
+    }
+
+    /// Runs the guest until it stops or `deadline` passes (then [`Error::Timeout`]).
+    /// `on_line` sees each complete console line as it arrives, while the vCPU waits:
+    /// the moment to look at the guest's memory from the host side.
+    pub fn run(
+        &mut self,
+        deadline: Duration,
+        mut on_line: impl FnMut(&str, &PrivateMemory),
+    ) -> Result<LinuxRun> {
+        let watchdog = Watchdog::start(deadline)?;
+        let start = Instant::now();
+        let (mut exits, mut memory_faults, mut seen) = (0u64, 0u64, 0usize);
+        let mut pending = String::new();
+        let exit = loop {
+            if watchdog.expired() {
+                return Err(Error::Timeout {
+                    seconds: deadline.as_secs(),
+                    console_tail: tail(&self.console.text(), 2000),
+                });
+            }
+            let exit = self.vcpu.run();
+            exits += 1;
+            let effect = match exit {
+                Ok(VcpuExit::IoOut(port, data)) => self.devices.write(port, data),
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    self.devices.read(port, data);
+                    PortEffect::None
+                }
+                // No MMIO devices: reads find nothing, writes go nowhere.
+                Ok(VcpuExit::MmioRead(_, data)) => {
+                    data.fill(0xff);
+                    PortEffect::None
+                }
+                Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) => PortEffect::None,
+                Ok(VcpuExit::Shutdown) => break LinuxExit::TripleFault,
+                Ok(VcpuExit::SystemEvent(kind, _)) => break LinuxExit::SystemEvent(kind),
+                Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
+                    self.memory.handle_memory_fault(flags, gpa, size)?;
+                    memory_faults += 1;
+                    PortEffect::None
+                }
+                Ok(other) => {
+                    let exit = format!("{other:?}");
+                    let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    return Err(Error::UnexpectedExit { exit, rip });
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => PortEffect::None,
+                Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
+            };
+            if effect == PortEffect::Reset {
+                break LinuxExit::Reset;
+            }
+            if self.console.len() > seen {
+                let text = self.console.text();
+                pending.push_str(text.get(seen..).unwrap_or(""));
+                seen = text.len();
+                while let Some(end) = pending.find('\n') {
+                    let line: String = pending.drain(..=end).collect();
+                    on_line(line.trim_end(), &self.memory);
+                }
+            }
+        };
+        Ok(LinuxRun {
+            exit,
+            elapsed: start.elapsed(),
+            exits,
+            memory_faults,
+        })
+    }
+}
+
+fn tail(text: &str, max: usize) -> String {
+    let mut from = text.len().saturating_sub(max);
+    while !text.is_char_boundary(from) {
+        from += 1;
+    }
+    text[from..].to_owned()
+}
+
+/// Interrupts `KVM_RUN` on the thread that started it once a deadline passes: it sends a
+/// real-time signal (with an empty handler, so the ioctl returns EINTR) every few
+/// milliseconds until the run loop notices, since a signal that lands between two
+/// `KVM_RUN`s is lost. vmm-sys-util registers the handler.
+struct Watchdog {
+    expired: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+impl Watchdog {
+    fn start(deadline: Duration) -> Result<Self> {
+        let signal = vmm_sys_util::signal::SIGRTMIN();
+        vmm_sys_util::signal::register_signal_handler(signal, ignore_signal)
+            .map_err(|e| Error::Kvm("sigaction", e))?;
+        // SAFETY: pthread_self has no preconditions and returns the calling thread's id.
+        let target = unsafe { libc::pthread_self() };
+        let expired = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (expired, done) = (Arc::clone(&expired), Arc::clone(&done));
+            std::thread::spawn(move || {
+                let end = Instant::now() + deadline;
+                while !done.load(Ordering::Acquire) {
+                    let now = Instant::now();
+                    if now < end {
+                        // Woken early by Drop, or spuriously: the loop checks again.
+                        std::thread::park_timeout(end - now);
+                        continue;
+                    }
+                    expired.store(true, Ordering::Release);
+                    // SAFETY: `target` is the thread that owns this watchdog; it joins
+                    // this thread before it can exit (Drop), so the id is valid, and the
+                    // signal has a handler that does nothing.
+                    unsafe { libc::pthread_kill(target, signal) };
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        Ok(Watchdog {
+            expired,
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    fn expired(&self) -> bool {
+        self.expired.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            // The thread only sleeps and signals; it cannot panic.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The host's `Unevictable` memory (`/proc/meminfo`), in bytes.
+///
+/// guest_memfd pages are unevictable, and with the dual strategy (no mapping of the
+/// guest_memfd, so no `/proc/self/smaps` entry) the growth of this system-wide count
+/// while a guest runs is how the host side sees its private memory being allocated.
+pub fn host_unevictable_bytes() -> std::io::Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("Unevictable:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kib| kib << 10)
+        .ok_or_else(|| std::io::Error::other("no Unevictable line in /proc/meminfo"))
+}

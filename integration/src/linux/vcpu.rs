@@ -1,0 +1,151 @@
+//! The boot vCPU's state for the 64-bit Linux boot protocol: CPUID, registers, FPU and
+//! local APIC.
+
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, CpuId};
+use kvm_ioctls::{Kvm, VcpuFd};
+
+use super::boot::{GDT, GDT_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
+use crate::error::{Error, Result};
+
+const CR0_PE: u64 = 1 << 0;
+const CR0_ET: u64 = 1 << 4;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const BOOT_CS: u16 = 0x10;
+const BOOT_DS: u16 = 0x18;
+
+/// CPUID leaf 1, ECX: XSAVE (26), OSXSAVE (27), AVX (28, which needs XSAVE).
+const LEAF1_ECX_XSAVE: u32 = (1 << 26) | (1 << 27) | (1 << 28);
+/// CPUID leaf 1, ECX bit 31: running under a hypervisor (the guest then looks for KVM's
+/// leaves and uses kvmclock).
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+
+/// KVM's paravirtual feature leaf, and its "no I/O delay" bit.
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+const KVM_FEATURE_NOP_IO_DELAY: u32 = 1 << 1;
+
+/// KVM's supported CPUID with XSAVE and the paravirtual memory structures hidden.
+///
+/// TCG's nested SVM, which runs our lab's L1, does not intercept XSETBV: a guest that
+/// sees XSAVE resets L1 now and then (HOST.md). Without XSAVE the guest clears AVX and
+/// what depends on it itself.
+pub fn guest_cpuid(kvm: &Kvm) -> Result<CpuId> {
+    let mut cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => {
+                entry.ecx &= !LEAF1_ECX_XSAVE;
+                entry.ecx |= LEAF1_ECX_HYPERVISOR;
+                // APIC ID 0 for the boot vCPU.
+                entry.ebx &= 0x00ff_ffff;
+            }
+            // KVM's paravirtual features: only "no I/O delay". kvmclock, steal time, PV
+            // EOI and async page faults are structures KVM writes into guest memory
+            // through the host mapping: for a private page, into the shared side, where
+            // the guest never looks (TDX and SNP guests do without them for the same
+            // reason). The peer on shared memory gets the same CPUID.
+            KVM_CPUID_FEATURES => {
+                entry.eax &= KVM_FEATURE_NOP_IO_DELAY;
+            }
+            // XSAVE state enumeration: nothing, as XSAVE is absent.
+            0xd => {
+                entry.eax = 0;
+                entry.ebx = 0;
+                entry.ecx = 0;
+                entry.edx = 0;
+            }
+            _ => {}
+        }
+    }
+    Ok(cpuid)
+}
+
+fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        ..Default::default()
+    }
+}
+
+/// Puts the vCPU where the 64-bit boot protocol wants it: CPUID set first (KVM refuses
+/// long mode before it on 6.12), paging on with the boot page tables, `__BOOT_CS` and
+/// `__BOOT_DS` loaded, interrupts off, `rsi` = the zero page, `rip` = `entry`.
+pub fn enter_linux(kvm: &Kvm, vcpu: &VcpuFd, entry: u64, stack: u64) -> Result<()> {
+    vcpu.set_cpuid2(&guest_cpuid(kvm)?)
+        .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+
+    let mut sregs = vcpu
+        .get_sregs()
+        .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cs = segment(BOOT_CS, 0xb, true);
+    let data = segment(BOOT_DS, 0x3, false);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
+    sregs.cr3 = PML4_ADDR;
+    sregs.cr4 = CR4_PAE;
+    sregs.efer = EFER_LME | EFER_LMA;
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
+
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu)
+        .map_err(|e| Error::Kvm("KVM_SET_FPU", e))?;
+
+    let regs = kvm_regs {
+        rip: entry,
+        rsp: stack,
+        rbp: stack,
+        rsi: ZERO_PAGE_ADDR,
+        rflags: 1 << 1,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs)
+        .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+    wire_lapic(vcpu)
+}
+
+/// LINT0 takes the PIC's interrupts (ExtINT), LINT1 is NMI: the virtual-wire setup a
+/// BIOS leaves for a kernel that finds no MP table.
+fn wire_lapic(vcpu: &VcpuFd) -> Result<()> {
+    const LVT_LINT0: usize = 0x350;
+    const LVT_LINT1: usize = 0x360;
+    const DELIVERY_EXTINT: u32 = 0b111 << 8;
+    const DELIVERY_NMI: u32 = 0b100 << 8;
+    let mut lapic = vcpu
+        .get_lapic()
+        .map_err(|e| Error::Kvm("KVM_GET_LAPIC", e))?;
+    for (offset, mode) in [(LVT_LINT0, DELIVERY_EXTINT), (LVT_LINT1, DELIVERY_NMI)] {
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
+        let value = (u32::from_le_bytes(bytes) & !(0b111 << 8)) | mode;
+        for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
+            lapic.regs[offset + i] = byte as _;
+        }
+    }
+    vcpu.set_lapic(&lapic)
+        .map_err(|e| Error::Kvm("KVM_SET_LAPIC", e))
+}

@@ -1,0 +1,255 @@
+//! The Linux-guest VMM (`integration::linux`) on our hosts' real KVM, with a tiny
+//! stand-in for a kernel: a bzImage header and a few instructions at the 64-bit entry
+//! point. A stock kernel cannot boot here (guest CPL0 code is emulated, HOST.md); the
+//! lab's `linux_boot` boots one. These tests cover what the host can show: the loader,
+//! the boot parameters, which pages are shared, the vCPU's entry state, the console,
+//! reset, the deadline, and refusals of bad input.
+
+use std::io::Write;
+use std::time::Duration;
+
+use guest_memfd::PAGE_SIZE;
+use integration::linux::{
+    LinuxConfig, LinuxExit, LinuxVm, Ram, CMDLINE_ADDR, CMDLINE_MAX, HIGH_MEMORY, ZERO_PAGE_ADDR,
+};
+use integration::Error;
+use linux_loader::loader::bootparam::boot_params;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_private_memory::{private_page_refusal, PageState};
+use vmm_sys_util::tempfile::TempFile;
+
+const RAM_SIZE: u64 = 64 << 20;
+const CMDLINE: &str = "console=ttyS0 reboot=k";
+/// `setup_sects` of the stand-in: one sector of setup after the boot sector.
+const SETUP_SIZE: usize = 2 * 512;
+
+/// A bzImage with a valid setup header whose protected-mode part runs `code` at its
+/// 64-bit entry point (offset 0x200).
+fn bzimage(code: &[u8]) -> Vec<u8> {
+    let mut image = vec![0u8; SETUP_SIZE + 0x1000];
+    image[0x1f1] = (SETUP_SIZE / 512 - 1) as u8;
+    image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    image[0x211] = 1; // LOADED_HIGH
+    image[0x214..0x218].copy_from_slice(&(HIGH_MEMORY as u32).to_le_bytes());
+    image[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+    image[0x238..0x23c].copy_from_slice(&(CMDLINE_MAX as u32 - 1).to_le_bytes());
+    let entry = SETUP_SIZE + 0x200;
+    image[entry..entry + code.len()].copy_from_slice(code);
+    image
+}
+
+/// Writes `text` to COM1, then `tail`.
+fn print_then(text: &[u8], tail: &[u8]) -> Vec<u8> {
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for &byte in text {
+        code.extend_from_slice(&[0xb0, byte, 0xee]); // mov al, byte; out dx, al
+    }
+    code.extend_from_slice(tail);
+    code
+}
+
+/// mov al, 0xfe; out 0x64, al: the i8042's reset command, as Linux's `reboot=k`.
+const RESET: [u8; 4] = [0xb0, 0xfe, 0xe6, 0x64];
+/// jmp $
+const SPIN: [u8; 2] = [0xeb, 0xfe];
+
+fn file(bytes: &[u8]) -> TempFile {
+    let file = TempFile::new().unwrap();
+    file.as_file().write_all(bytes).unwrap();
+    file
+}
+
+struct Images {
+    kernel: TempFile,
+    initrd: TempFile,
+}
+
+fn images(code: &[u8], initrd_len: usize) -> Images {
+    Images {
+        kernel: file(&bzimage(code)),
+        initrd: file(&vec![0x5a; initrd_len]),
+    }
+}
+
+fn config<'a>(images: &'a Images, ram: Ram, cmdline: &'a str) -> LinuxConfig<'a> {
+    LinuxConfig {
+        kernel: images.kernel.as_path(),
+        initrd: images.initrd.as_path(),
+        cmdline,
+        ram_size: RAM_SIZE,
+        ram,
+        echo_console: false,
+    }
+}
+
+#[test]
+fn the_guest_prints_on_its_console_and_its_reset_stops_the_vm() {
+    let images = images(&print_then(b"hello\nworld\n", &RESET), 4096);
+    let mut vm = LinuxVm::new(&config(&images, Ram::Private, CMDLINE)).unwrap();
+    let mut lines = Vec::new();
+    let run = vm
+        .run(Duration::from_secs(60), |line, memory| {
+            // The vCPU waits while we look: its memory is the VM's.
+            assert_eq!(memory.regions().len(), 1);
+            lines.push(line.to_owned());
+        })
+        .unwrap();
+    assert_eq!(run.exit, LinuxExit::Reset);
+    assert_eq!(lines, ["hello", "world"]);
+    assert_eq!(vm.console().text(), "hello\nworld\n");
+    assert_eq!(run.memory_faults, 0);
+    assert!(run.exits >= 12, "one exit per console byte at least");
+}
+
+#[test]
+fn a_guest_that_never_stops_ends_at_the_deadline_with_its_console() {
+    let images = images(&print_then(b"still here\n", &SPIN), 4096);
+    let mut vm = LinuxVm::new(&config(&images, Ram::Shared, CMDLINE)).unwrap();
+    let err = vm.run(Duration::from_secs(2), |_, _| {}).unwrap_err();
+    match err {
+        Error::Timeout {
+            seconds,
+            console_tail,
+        } => {
+            assert_eq!(seconds, 2);
+            assert!(console_tail.contains("still here"), "{console_tail:?}");
+        }
+        other => panic!("expected a timeout, got {other}"),
+    }
+    // The VM is still usable afterwards: the deadline did not poison anything.
+    assert!(vm.run(Duration::from_millis(200), |_, _| {}).is_err());
+}
+
+#[test]
+fn only_what_the_loader_writes_is_shared_and_the_boot_parameters_describe_it() {
+    let images = images(&RESET, 3 * 4096 + 17);
+    let vm = LinuxVm::new(&config(&images, Ram::Private, CMDLINE)).unwrap();
+    let memory = vm.memory();
+    let written = vm.host_written();
+    assert_eq!(written.len(), 3, "boot pages, kernel, initramfs");
+    let mut shared = 0;
+    for gpa in (0..RAM_SIZE).step_by(PAGE_SIZE as usize) {
+        let expected = if written.iter().any(|r| r.contains_addr(gpa)) {
+            shared += 1;
+            PageState::Shared
+        } else {
+            PageState::Private
+        };
+        assert_eq!(memory.state_of(gpa), Some(expected), "page {gpa:#x}");
+    }
+    assert_eq!(memory.private_pages(), RAM_SIZE / PAGE_SIZE - shared);
+
+    let ram = memory.memory();
+    let ram = ram.memory();
+    let params: boot_params = ram.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+    let hdr = params.hdr;
+    assert_eq!({ hdr.boot_flag }, 0xaa55);
+    assert_eq!({ hdr.type_of_loader }, 0xff);
+    assert_eq!({ hdr.cmd_line_ptr } as u64, CMDLINE_ADDR);
+    assert_eq!({ hdr.cmdline_size } as usize, CMDLINE.len());
+    let initrd = written[2];
+    assert_eq!({ hdr.ramdisk_image } as u64, initrd.start());
+    assert_eq!({ hdr.ramdisk_size }, 3 * 4096 + 17);
+    assert_eq!(
+        initrd.end(),
+        RAM_SIZE,
+        "the initramfs sits at the top of RAM"
+    );
+    let ramdisk_byte: u8 = ram.read_obj(GuestAddress(initrd.start() + 4096)).unwrap();
+    assert_eq!(ramdisk_byte, 0x5a);
+
+    // RAM, the legacy BIOS hole, RAM: nothing else, nothing past the end.
+    let e820: Vec<_> = params.e820_table[..params.e820_entries as usize]
+        .iter()
+        .map(|e| ({ e.addr }, { e.size }, { e.r#type }))
+        .collect();
+    assert_eq!(
+        e820,
+        [
+            (0, 0x9_fc00, 1),
+            (0x9_fc00, 0x10_0000 - 0x9_fc00, 2),
+            (0x10_0000, RAM_SIZE - 0x10_0000, 1)
+        ]
+    );
+    let mut line = vec![0u8; CMDLINE.len() + 1];
+    ram.read_slice(&mut line, GuestAddress(CMDLINE_ADDR))
+        .unwrap();
+    assert_eq!(&line[..CMDLINE.len()], CMDLINE.as_bytes());
+    assert_eq!(line[CMDLINE.len()], 0, "NUL-terminated");
+
+    // A page nobody loaded is private: the host cannot read it.
+    let err = ram.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap_err();
+    assert!(private_page_refusal(&err).is_some(), "{err}");
+}
+
+#[test]
+fn with_shared_ram_nothing_is_private() {
+    let images = images(&RESET, 4096);
+    let vm = LinuxVm::new(&config(&images, Ram::Shared, CMDLINE)).unwrap();
+    assert_eq!(vm.memory().private_pages(), 0);
+}
+
+#[test]
+fn bad_inputs_are_errors_that_say_what_is_wrong() {
+    let good = images(&RESET, 4096);
+
+    let missing = std::path::Path::new("/nonexistent/privmem/vmlinuz");
+    let err = LinuxVm::new(&LinuxConfig {
+        kernel: missing,
+        ..config(&good, Ram::Private, CMDLINE)
+    })
+    .err()
+    .expect("a missing kernel is an error");
+    assert!(matches!(err, Error::BootFile { .. }));
+    assert!(
+        err.to_string().contains("/nonexistent/privmem/vmlinuz"),
+        "{err}"
+    );
+
+    let not_a_kernel = file(&[0x11; 8192]);
+    let err = LinuxVm::new(&LinuxConfig {
+        kernel: not_a_kernel.as_path(),
+        ..config(&good, Ram::Private, CMDLINE)
+    })
+    .err()
+    .expect("a file without a setup header is refused");
+    assert!(matches!(err, Error::KernelLoad(_)), "{err}");
+
+    let huge = images(&RESET, RAM_SIZE as usize);
+    let err = LinuxVm::new(&config(&huge, Ram::Private, CMDLINE))
+        .err()
+        .expect("an initramfs as large as RAM does not fit");
+    assert!(
+        matches!(err, Error::DoesNotFit("the initramfs", _)),
+        "{err}"
+    );
+
+    let long = "x".repeat(CMDLINE_MAX + 1);
+    let err = LinuxVm::new(&config(&good, Ram::Private, &long))
+        .err()
+        .expect("an overlong command line is refused");
+    assert!(matches!(err, Error::Cmdline(_)), "{err}");
+
+    let err = LinuxVm::new(&config(&good, Ram::Private, "quiet\u{1}"))
+        .err()
+        .expect("a control character in the command line is refused");
+    assert!(matches!(err, Error::Cmdline(_)), "{err}");
+
+    let err = LinuxVm::new(&LinuxConfig {
+        ram_size: RAM_SIZE + 100,
+        ..config(&good, Ram::Private, CMDLINE)
+    })
+    .err()
+    .expect("RAM that is not a whole number of pages is refused");
+    assert!(matches!(err, Error::Backend(_)), "{err}");
+
+    let err = LinuxVm::new(&LinuxConfig {
+        ram_size: 0,
+        ..config(&good, Ram::Private, CMDLINE)
+    })
+    .err()
+    .expect("no RAM is refused");
+    assert!(matches!(err, Error::Backend(_)), "{err}");
+}

@@ -1,0 +1,70 @@
+//! Boot time of a stock Linux kernel on private memory against the same kernel on
+//! shared memory: from `LinuxVm::new` (VM, memory, loading) to the guest's marker line.
+//!
+//! Runs inside the nested lab (`bash fixtures/lab/run.sh --bench`), the only place our
+//! machines boot Linux; elsewhere it prints SKIPPED and measures nothing.
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
+use guest_memfd::Capabilities;
+use integration::linux::{
+    lab_guest_images, LinuxConfig, LinuxVm, Ram, GUEST_UP_MARKER, LAB_CMDLINE,
+};
+
+const RAM_SIZE: u64 = 256 << 20;
+
+fn boot_to_marker(config: &LinuxConfig) -> Duration {
+    let start = Instant::now();
+    let mut vm = LinuxVm::new(config).expect("the guest loads");
+    let mut marker = None;
+    vm.run(Duration::from_secs(300), |line, _| {
+        if marker.is_none() && line.contains(GUEST_UP_MARKER) {
+            marker = Some(start.elapsed());
+        }
+    })
+    .expect("the guest runs to its reboot");
+    marker.unwrap_or_else(|| panic!("no marker; console:\n{}", vm.console().text()))
+}
+
+fn linux_boot(c: &mut Criterion) {
+    let kvm = kvm_ioctls::Kvm::new().expect("the benchmarks need /dev/kvm");
+    let dual = integration::private_memory_vm(&kvm)
+        .is_ok_and(|vm| Capabilities::of_vm(&vm).dual_capable());
+    let images = lab_guest_images();
+    let (Some((kernel, initrd)), true) = (images, dual) else {
+        println!(
+            "SKIPPED linux_boot: needs the nested lab (a VM type with memory attributes and \
+             a guest kernel in /lab/guest): bash fixtures/lab/run.sh --bench"
+        );
+        return;
+    };
+    let mut group = c.benchmark_group("linux_boot_256MiB");
+    group.sampling_mode(SamplingMode::Flat);
+    for (name, ram) in [("private", Ram::Private), ("shared", Ram::Shared)] {
+        let config = LinuxConfig {
+            kernel: &kernel,
+            initrd: &initrd,
+            cmdline: LAB_CMDLINE,
+            ram_size: RAM_SIZE,
+            ram,
+            echo_console: false,
+        };
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| boot_to_marker(&config)).sum())
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    // One boot per sample, ten samples a side: each boot takes seconds.
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(1))
+        .measurement_time(Duration::from_secs(1))
+        .configure_from_args();
+    targets = linux_boot
+}
+criterion_main!(benches);

@@ -1,0 +1,191 @@
+//! A stock Linux kernel (Debian's cloud kernel) booted by our harness with linux-loader,
+//! its RAM in guest_memfd: private except for the pages the host loads, as a TDX or
+//! SEV-SNP guest's is. And the same guest on all-shared memory, the peer.
+//!
+//! Runs in the nested lab, which puts the kernel and a busybox initramfs at
+//! `/lab/guest/` (or `$PRIVMEM_LINUX_KERNEL`, `$PRIVMEM_LINUX_INITRD`). On our hosts it
+//! prints SKIPPED: their KVM emulates guest CPL0 code, and has no memory attributes.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use guest_memfd::{Capabilities, PAGE_SIZE};
+use integration::linux::{
+    host_unevictable_bytes, lab_guest_images, LinuxConfig, LinuxExit, LinuxVm, Ram,
+    GUEST_UP_MARKER, LAB_CMDLINE,
+};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_private_memory::{private_page_refusal, PageState, PrivateMemory, Strategy};
+
+const RAM_SIZE: u64 = 256 << 20;
+const DEADLINE: Duration = Duration::from_secs(240);
+
+/// The kernel and initramfs, if this host can boot them on private memory.
+fn lab_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let dual = integration::private_memory_vm(&kvm)
+        .is_ok_and(|vm| Capabilities::of_vm(&vm).dual_capable());
+    if !dual {
+        println!(
+            "SKIPPED {test}: needs a VM type with KVM_MEMORY_ATTRIBUTE_PRIVATE and a KVM that \
+             runs guest kernels natively (the nested lab: bash fixtures/lab/run.sh)"
+        );
+        return None;
+    }
+    let Some((kernel, initrd)) = lab_guest_images() else {
+        println!(
+            "SKIPPED {test}: no guest kernel and initramfs at $PRIVMEM_LINUX_KERNEL and \
+             $PRIVMEM_LINUX_INITRD or in /lab/guest (the nested lab puts them there)"
+        );
+        return None;
+    };
+    Some((kernel, initrd))
+}
+
+/// What the guest's marker line says: `PRIVMEM-GUEST-UP ... used_kib=N`.
+fn used_kib(line: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix("used_kib="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no used_kib= in the marker line {line:?}"))
+}
+
+/// Bytes the shared side (the sealed memfd) holds.
+fn shared_side_bytes(memory: &PrivateMemory) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let snapshot = memory.memory().memory();
+    let region = snapshot.iter().next().expect("one region");
+    let memfd = region.shared_memfd().expect("a dual-strategy region");
+    memfd.file().metadata().unwrap().blocks() * 512
+}
+
+/// What the host saw while the guest waited on its marker line.
+#[derive(Debug, Default)]
+struct AtMarker {
+    seconds: f64,
+    used_kib: u64,
+    unevictable_growth: u64,
+    shared_side: u64,
+    private_pages: u64,
+    refused_reads: u64,
+    readable_pages: u64,
+}
+
+fn boot(ram: Ram, kernel: &PathBuf, initrd: &PathBuf) -> (LinuxVm, AtMarker, LinuxExit) {
+    let config = LinuxConfig {
+        kernel,
+        initrd,
+        cmdline: LAB_CMDLINE,
+        ram_size: RAM_SIZE,
+        ram,
+        echo_console: true,
+    };
+    let unevictable_before = host_unevictable_bytes().unwrap();
+    let mut vm = LinuxVm::new(&config).unwrap();
+    assert_eq!(vm.memory().strategy(), Strategy::Dual);
+    let start = Instant::now();
+    let mut seen: Option<AtMarker> = None;
+    let run = vm
+        .run(DEADLINE, |line, memory| {
+            if !line.contains(GUEST_UP_MARKER) || seen.is_some() {
+                return;
+            }
+            let mut at = AtMarker {
+                seconds: start.elapsed().as_secs_f64(),
+                used_kib: used_kib(line),
+                unevictable_growth: host_unevictable_bytes()
+                    .unwrap()
+                    .saturating_sub(unevictable_before),
+                shared_side: shared_side_bytes(memory),
+                private_pages: memory.private_pages(),
+                ..AtMarker::default()
+            };
+            // Every page of guest RAM, read by the host through the backend's Bytes.
+            let ram = memory.memory();
+            let ram = ram.memory();
+            for gpa in (0..RAM_SIZE).step_by(PAGE_SIZE as usize) {
+                match ram.read_obj::<u64>(GuestAddress(gpa)) {
+                    Ok(_) => at.readable_pages += 1,
+                    Err(e) => {
+                        assert!(
+                            private_page_refusal(&e).is_some(),
+                            "page {gpa:#x}: {e} is not a private-page refusal"
+                        );
+                        assert_eq!(memory.state_of(gpa), Some(PageState::Private));
+                        at.refused_reads += 1;
+                    }
+                }
+            }
+            seen = Some(at);
+        })
+        .unwrap();
+    let at = seen.unwrap_or_else(|| {
+        panic!(
+            "the guest stopped ({:?}) without printing {GUEST_UP_MARKER}; console:\n{}",
+            run.exit,
+            vm.console().text()
+        )
+    });
+    println!(
+        "LINUX-BOOT ram={ram:?} marker_s={:.2} stop_s={:.2} exits={} used_kib={} \
+         unevictable_growth_kib={} shared_side_kib={} private_pages={} refused_reads={}",
+        at.seconds,
+        run.elapsed.as_secs_f64(),
+        run.exits,
+        at.used_kib,
+        at.unevictable_growth >> 10,
+        at.shared_side >> 10,
+        at.private_pages,
+        at.refused_reads,
+    );
+    assert_eq!(run.memory_faults, 0, "a stock kernel converts nothing");
+    (vm, at, run.exit)
+}
+
+#[test]
+fn a_stock_linux_kernel_boots_on_private_memory() {
+    let test = "a_stock_linux_kernel_boots_on_private_memory";
+    let Some((kernel, initrd)) = lab_or_skip(test) else {
+        return;
+    };
+    let (vm, at, exit) = boot(Ram::Private, &kernel, &initrd);
+    assert_eq!(exit, LinuxExit::Reset, "the guest's reboot is a clean stop");
+
+    // Only the pages linux-loader wrote are shared; the host reads those, nothing else.
+    let host_written: u64 = vm.host_written().iter().map(|r| r.len()).sum();
+    assert_eq!(at.readable_pages * PAGE_SIZE, host_written);
+    assert_eq!(at.refused_reads, at.private_pages);
+    assert_eq!(at.private_pages * PAGE_SIZE + host_written, RAM_SIZE);
+    // The shared side holds at most what the host loaded: no page the guest allocated
+    // outside the loader's ranges lives there.
+    assert!(
+        at.shared_side <= host_written,
+        "shared side {} bytes, loader wrote {host_written}",
+        at.shared_side
+    );
+    // guest_memfd grew by what the guest touched: at least what it reports in use,
+    // less what of that may sit in the loader's (shared) pages it reclaimed.
+    let used = at.used_kib << 10;
+    assert!(used > 0);
+    assert!(
+        at.unevictable_growth + host_written >= used,
+        "guest_memfd grew {} bytes, the guest uses {used}",
+        at.unevictable_growth
+    );
+    assert!(at.unevictable_growth <= RAM_SIZE + (8 << 20));
+}
+
+#[test]
+fn the_same_kernel_boots_on_shared_memory_the_peer() {
+    let test = "the_same_kernel_boots_on_shared_memory_the_peer";
+    let Some((kernel, initrd)) = lab_or_skip(test) else {
+        return;
+    };
+    let (_vm, at, exit) = boot(Ram::Shared, &kernel, &initrd);
+    assert_eq!(exit, LinuxExit::Reset);
+    assert_eq!(at.private_pages, 0);
+    assert_eq!(at.refused_reads, 0);
+    // Everything the guest touched is in the shared memfd, not in guest_memfd.
+    assert!(at.shared_side >= at.used_kib << 10);
+    assert!(at.unevictable_growth < at.shared_side / 4);
+}

@@ -80,12 +80,14 @@ pub enum Error {
     #[error("writing the boot parameters failed: {0}")]
     BootParams(#[source] linux_loader::configurator::Error),
     /// The guest did not stop before its deadline.
-    #[error(
-        "the guest was still running after {seconds} s; its console ended with:\n{console_tail}"
-    )]
+    #[error("the guest was still running after {seconds} s ({exits} exits, rip {rip:#x}); its console ended with:\n{console_tail}")]
     Timeout {
         /// The deadline.
         seconds: u64,
+        /// How many exits the vCPU had taken.
+        exits: u64,
+        /// Where the guest was when it was stopped.
+        rip: u64,
         /// The last part of its console.
         console_tail: String,
     },

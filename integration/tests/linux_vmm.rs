@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use guest_memfd::PAGE_SIZE;
 use integration::linux::{
-    LinuxConfig, LinuxExit, LinuxVm, Ram, CMDLINE_ADDR, CMDLINE_MAX, HIGH_MEMORY, ZERO_PAGE_ADDR,
+    LinuxConfig, LinuxExit, LinuxVm, Ram, ACPI_TABLES_ADDR, CMDLINE_ADDR, CMDLINE_MAX, HIGH_MEMORY,
+    PM1A_CNT_BLK, S5_SLEEP_TYPE, ZERO_PAGE_ADDR,
 };
 use integration::Error;
 use linux_loader::loader::bootparam::boot_params;
@@ -103,6 +104,26 @@ fn the_guest_prints_on_its_console_and_its_reset_stops_the_vm() {
     assert!(run.exits >= 12, "one exit per console byte at least");
 }
 
+/// mov dx, PM1A_CNT_BLK; mov ax, S5 | SLP_EN; out dx, ax: ACPI's power-off, as Linux's.
+fn acpi_power_off() -> Vec<u8> {
+    let value = (S5_SLEEP_TYPE << 10) | (1 << 13);
+    let mut code = vec![0x66, 0xba];
+    code.extend_from_slice(&PM1A_CNT_BLK.to_le_bytes());
+    code.extend_from_slice(&[0x66, 0xb8]);
+    code.extend_from_slice(&value.to_le_bytes());
+    code.extend_from_slice(&[0x66, 0xef]);
+    code
+}
+
+#[test]
+fn the_guests_acpi_power_off_stops_the_vm_as_a_power_off() {
+    let images = images(&print_then(b"bye\n", &acpi_power_off()), 4096);
+    let mut vm = LinuxVm::new(&config(&images, Ram::Private, CMDLINE)).unwrap();
+    let run = vm.run(Duration::from_secs(60), |_, _| {}).unwrap();
+    assert_eq!(run.exit, LinuxExit::PowerOff);
+    assert_eq!(vm.console().text(), "bye\n");
+}
+
 #[test]
 fn a_guest_that_never_stops_ends_at_the_deadline_with_its_console() {
     let images = images(&print_then(b"still here\n", &SPIN), 4096);
@@ -112,7 +133,10 @@ fn a_guest_that_never_stops_ends_at_the_deadline_with_its_console() {
         Error::Timeout {
             seconds,
             console_tail,
+            exits,
+            ..
         } => {
+            assert!(exits >= 11, "{exits} exits: one per console byte at least");
             assert_eq!(seconds, 2);
             assert!(console_tail.contains("still here"), "{console_tail:?}");
         }
@@ -128,7 +152,11 @@ fn only_what_the_loader_writes_is_shared_and_the_boot_parameters_describe_it() {
     let vm = LinuxVm::new(&config(&images, Ram::Private, CMDLINE)).unwrap();
     let memory = vm.memory();
     let written = vm.host_written();
-    assert_eq!(written.len(), 3, "boot pages, kernel, initramfs");
+    assert_eq!(
+        written.len(),
+        4,
+        "boot pages, ACPI tables, kernel, initramfs"
+    );
     let mut shared = 0;
     for gpa in (0..RAM_SIZE).step_by(PAGE_SIZE as usize) {
         let expected = if written.iter().any(|r| r.contains_addr(gpa)) {
@@ -148,8 +176,19 @@ fn only_what_the_loader_writes_is_shared_and_the_boot_parameters_describe_it() {
     assert_eq!({ hdr.boot_flag }, 0xaa55);
     assert_eq!({ hdr.type_of_loader }, 0xff);
     assert_eq!({ hdr.cmd_line_ptr } as u64, CMDLINE_ADDR);
-    assert_eq!({ hdr.cmdline_size } as usize, CMDLINE.len());
-    let initrd = written[2];
+    let mut line = vec![0u8; { hdr.cmdline_size } as usize + 1];
+    ram.read_slice(&mut line, GuestAddress(CMDLINE_ADDR))
+        .unwrap();
+    assert_eq!(line.pop(), Some(0), "NUL-terminated");
+    let line = String::from_utf8(line).unwrap();
+    // Ours, then the TSC frequency the VMM adds (the guest has no kvmclock).
+    let khz = line
+        .strip_prefix(CMDLINE)
+        .and_then(|rest| rest.strip_prefix(" tsc_early_khz="))
+        .and_then(|khz| khz.parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("unexpected command line {line:?}"));
+    assert!(khz > 100_000, "a TSC of {khz} kHz");
+    let initrd = written[3];
     assert_eq!({ hdr.ramdisk_image } as u64, initrd.start());
     assert_eq!({ hdr.ramdisk_size }, 3 * 4096 + 17);
     assert_eq!(
@@ -159,6 +198,13 @@ fn only_what_the_loader_writes_is_shared_and_the_boot_parameters_describe_it() {
     );
     let ramdisk_byte: u8 = ram.read_obj(GuestAddress(initrd.start() + 4096)).unwrap();
     assert_eq!(ramdisk_byte, 0x5a);
+
+    // The ACPI tables: the RSDP where the kernel scans for it, and in the zero page.
+    assert_eq!({ params.acpi_rsdp_addr }, ACPI_TABLES_ADDR);
+    let mut signature = [0u8; 8];
+    ram.read_slice(&mut signature, GuestAddress(ACPI_TABLES_ADDR))
+        .unwrap();
+    assert_eq!(&signature, b"RSD PTR ");
 
     // RAM, the legacy BIOS hole, RAM: nothing else, nothing past the end.
     let e820: Vec<_> = params.e820_table[..params.e820_entries as usize]
@@ -173,15 +219,23 @@ fn only_what_the_loader_writes_is_shared_and_the_boot_parameters_describe_it() {
             (0x10_0000, RAM_SIZE - 0x10_0000, 1)
         ]
     );
-    let mut line = vec![0u8; CMDLINE.len() + 1];
-    ram.read_slice(&mut line, GuestAddress(CMDLINE_ADDR))
-        .unwrap();
-    assert_eq!(&line[..CMDLINE.len()], CMDLINE.as_bytes());
-    assert_eq!(line[CMDLINE.len()], 0, "NUL-terminated");
-
     // A page nobody loaded is private: the host cannot read it.
     let err = ram.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap_err();
     assert!(private_page_refusal(&err).is_some(), "{err}");
+}
+
+#[test]
+fn a_tsc_frequency_on_the_command_line_is_kept() {
+    let images = images(&RESET, 4096);
+    let cmdline = format!("{CMDLINE} tsc_early_khz=1234567");
+    let vm = LinuxVm::new(&config(&images, Ram::Shared, &cmdline)).unwrap();
+    let ram = vm.memory().memory();
+    let mut line = vec![0u8; cmdline.len() + 1];
+    ram.memory()
+        .read_slice(&mut line, GuestAddress(CMDLINE_ADDR))
+        .unwrap();
+    assert_eq!(&line[..cmdline.len()], cmdline.as_bytes());
+    assert_eq!(line[cmdline.len()], 0);
 }
 
 #[test]

@@ -18,6 +18,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use linux_loader::loader::{load_cmdline, BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::acpi::{self, ACPI_TABLES_ADDR};
 use crate::error::{Error, Result};
 
 /// The GDT the vCPU starts with: null, null, 64-bit code (0x10), flat data (0x18), the
@@ -72,7 +73,8 @@ pub struct BootImages {
 pub struct Loaded {
     /// The 64-bit entry point.
     pub entry: u64,
-    /// The pages the host wrote, each made shared before: boot pages, kernel, initramfs.
+    /// The pages the host wrote, each made shared before: boot pages, ACPI tables,
+    /// kernel, initramfs.
     pub host_written: Vec<PageRange>,
 }
 
@@ -115,11 +117,13 @@ impl BootImages {
         })
     }
 
-    /// The pages the host will write: make these shared before [`BootImages::load`]. The
+    /// The pages the host will write: make these shared before [`BootImages::load`]. In
+    /// order: boot pages, ACPI tables, kernel, initramfs. The
     /// kernel's span covers the whole bzImage, a little more than its protected-mode part.
     pub fn host_written(&self) -> Result<Vec<PageRange>> {
         Ok(vec![
             boot_pages(),
+            PageRange::new(ACPI_TABLES_ADDR, PAGE_SIZE)?,
             page_span(HIGH_MEMORY, self.kernel_len)?,
             page_span(self.initrd_addr, self.initrd_len)?,
         ])
@@ -166,6 +170,7 @@ impl BootImages {
         )
         .map_err(Error::BootParams)?;
         write_tables(memory)?;
+        acpi::write_tables(memory)?;
         Ok(Loaded {
             entry: kernel.kernel_load.0 + STARTUP_64_OFFSET,
             host_written,
@@ -196,6 +201,7 @@ fn boot_params_for(
         return Err(Error::DoesNotFit("the initramfs", images.initrd_len));
     }
     params.hdr = header;
+    params.acpi_rsdp_addr = ACPI_TABLES_ADDR;
     params.e820_table[..e820.len()].copy_from_slice(e820);
     params.e820_entries = e820.len() as u8;
     Ok(params)

@@ -1,22 +1,31 @@
-//! The legacy devices a Linux guest talks to over port I/O: the 16550 console
-//! (vm-superio), the i8042's reset line and the PCI reset register.
+//! The legacy devices a Linux guest talks to over port I/O: the 16550 console and the
+//! i8042's reset line (both vm-superio), the CMOS clock, ACPI's PM1 registers and the
+//! PCI reset register.
 //!
 //! Every other port reads as all ones (no device there) and ignores writes, the way an
 //! empty ISA bus behaves, so the guest's probes find nothing and move on.
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vm_superio::{Serial, Trigger};
+use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
+
+use super::acpi::{Pm1, SleepRequest};
+use super::cmos::Cmos;
 
 /// The first COM port.
 pub const COM1: u16 = 0x3f8;
 /// COM1's interrupt line.
 pub const COM1_IRQ: u32 = 4;
-/// The i8042 command port: `0xfe` pulses the CPU reset line (`reboot=k`).
+/// The i8042's data port; its command port is 0x64, where `0xfe` pulses the CPU reset
+/// line (`reboot=k`).
+const I8042_DATA: u16 = 0x60;
 const I8042_COMMAND: u16 = 0x64;
-const I8042_RESET: u8 = 0xfe;
+/// The CMOS index and data ports.
+const CMOS_INDEX: u16 = 0x70;
+const CMOS_DATA: u16 = 0x71;
 /// The PCI reset control register (`reboot=p`): bit 2 asks for a reset.
 const RESET_CONTROL: u16 = 0xcf9;
 const RESET_CONTROL_RESET: u8 = 1 << 2;
@@ -28,6 +37,8 @@ pub enum PortEffect {
     None,
     /// The guest asked for a reset (reboot).
     Reset,
+    /// The guest asked to be powered off (ACPI S5).
+    PowerOff,
 }
 
 /// Raises COM1's interrupt through an irqfd of the in-kernel irqchip.
@@ -38,6 +49,25 @@ impl Trigger for IrqTrigger {
 
     fn trigger(&self) -> io::Result<()> {
         self.0.write(1)
+    }
+}
+
+/// Remembers that the i8042 asked for a reset, for the run loop to act on.
+#[derive(Clone, Default)]
+pub struct ResetLatch(Arc<AtomicBool>);
+
+impl Trigger for ResetLatch {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl ResetLatch {
+    fn take(&self) -> bool {
+        self.0.swap(false, Ordering::AcqRel)
     }
 }
 
@@ -94,25 +124,41 @@ impl Write for ConsoleLog {
 /// The guest's port-I/O devices.
 pub struct LegacyDevices {
     serial: Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleLog>,
+    i8042: I8042Device<ResetLatch>,
+    reset: ResetLatch,
+    cmos: Cmos,
+    pm1: Pm1,
 }
 
 impl LegacyDevices {
     /// COM1 writing to `console`, interrupting through `irq` (an irqfd for
-    /// [`COM1_IRQ`]).
+    /// [`COM1_IRQ`]), the i8042 and the CMOS clock.
     pub fn new(irq: EventFd, console: ConsoleLog) -> Self {
+        let reset = ResetLatch::default();
         LegacyDevices {
             serial: Serial::new(IrqTrigger(irq), console),
+            i8042: I8042Device::new(reset.clone()),
+            reset,
+            cmos: Cmos::default(),
+            pm1: Pm1::default(),
         }
     }
 
     /// A port read of `data.len()` bytes.
     pub fn read(&mut self, port: u16, data: &mut [u8]) {
         data.fill(0xff);
+        if Pm1::serves(port) {
+            return self.pm1.read(port, data);
+        }
+        if data.len() != 1 {
+            return;
+        }
         match port {
-            COM1..=0x3ff if data.len() == 1 => data[0] = self.serial.read((port - COM1) as u8),
-            // Status: output and input buffers empty, so a kernel waiting to send the
+            COM1..=0x3ff => data[0] = self.serial.read((port - COM1) as u8),
+            // Reads 0: output and input buffers empty, so a kernel waiting to send the
             // reset command does not spin.
-            I8042_COMMAND => data[0] = 0,
+            I8042_DATA..=I8042_COMMAND => data[0] = self.i8042.read((port - I8042_DATA) as u8),
+            CMOS_INDEX..=CMOS_DATA => data[0] = self.cmos.read((port - CMOS_INDEX) as u8),
             _ => {}
         }
     }
@@ -122,17 +168,30 @@ impl LegacyDevices {
         let Some(&value) = data.first() else {
             return PortEffect::None;
         };
+        if Pm1::serves(port) {
+            return match self.pm1.write(port, data) {
+                SleepRequest::PowerOff => PortEffect::PowerOff,
+                SleepRequest::None => PortEffect::None,
+            };
+        }
         match port {
             COM1..=0x3ff if data.len() == 1 => {
                 // A serial write can fail only to raise the interrupt; the guest's driver
                 // times out and polls then, so the console still works.
                 let _ = self.serial.write((port - COM1) as u8, value);
-                PortEffect::None
             }
-            I8042_COMMAND if value == I8042_RESET => PortEffect::Reset,
-            RESET_CONTROL if value & RESET_CONTROL_RESET != 0 => PortEffect::Reset,
-            _ => PortEffect::None,
+            I8042_DATA..=I8042_COMMAND => {
+                // The reset trigger is a latch: it cannot fail.
+                let _ = self.i8042.write((port - I8042_DATA) as u8, value);
+                if self.reset.take() {
+                    return PortEffect::Reset;
+                }
+            }
+            CMOS_INDEX..=CMOS_DATA => self.cmos.write((port - CMOS_INDEX) as u8, value),
+            RESET_CONTROL if value & RESET_CONTROL_RESET != 0 => return PortEffect::Reset,
+            _ => {}
         }
+        PortEffect::None
     }
 }
 
@@ -185,6 +244,11 @@ mod tests {
         let mut status = [0xffu8];
         devices.read(I8042_COMMAND, &mut status);
         assert_eq!(status, [0]);
+        // The CMOS clock answers: status A without "update in progress".
+        devices.write(CMOS_INDEX, &[0x0a]);
+        let mut status_a = [0xffu8];
+        devices.read(CMOS_DATA, &mut status_a);
+        assert_eq!(status_a[0] & 0x80, 0);
         // A 16550's line status register says "transmitter empty".
         let mut lsr = [0u8];
         devices.read(COM1 + 5, &mut lsr);

@@ -6,14 +6,17 @@
 //! tables, zero page, command line, kernel, initramfs) and leaves every other page
 //! private (with [`Ram::Private`]), so whatever the running kernel allocates is served
 //! from guest_memfd. The machine is the smallest a Linux guest boots on: one vCPU, the
-//! in-kernel irqchip and PIT, a 16550 console (vm-superio) on an irqfd, an e820 map of
+//! in-kernel irqchip and PIT, a 16550 console and the i8042 reset line (vm-superio), a
+//! CMOS clock, an e820 map of
 //! the memory's layout and no firmware tables. [`LinuxVm::run`] runs it until the guest
 //! resets (Linux's `reboot`, with `reboot=k` on the command line) or a deadline.
 //!
 //! Guest CPL0 code is emulated on our hosts, so a kernel boots only in the nested lab
 //! (`fixtures/lab`), on `KVM_X86_SW_PROTECTED_VM`.
 
+mod acpi;
 mod boot;
+mod cmos;
 mod devices;
 mod vcpu;
 
@@ -29,10 +32,11 @@ use vm_memory::GuestAddressSpace;
 use vm_private_memory::{MemoryBuilder, PageState, PrivateMemory};
 use vmm_sys_util::eventfd::EventFd;
 
+pub use acpi::{ACPI_TABLES_ADDR, PM1A_CNT_BLK, PM1A_EVT_BLK, S5_SLEEP_TYPE};
 pub use boot::{
     e820_map, BOOT_STACK, CMDLINE_ADDR, CMDLINE_MAX, HIGH_MEMORY, IDENTITY_MAPPED, ZERO_PAGE_ADDR,
 };
-pub use devices::{ConsoleLog, LegacyDevices, PortEffect, COM1, COM1_IRQ};
+pub use devices::{ConsoleLog, LegacyDevices, PortEffect, ResetLatch, COM1, COM1_IRQ};
 pub use vcpu::guest_cpuid;
 
 use crate::error::{Error, Result};
@@ -43,9 +47,12 @@ use crate::guest::private_memory_vm;
 pub const GUEST_UP_MARKER: &str = "PRIVMEM-GUEST-UP";
 
 /// The command line of the lab's guest: the console on COM1, `reboot` through the
-/// i8042, no PCI, no i8042 probing, one UART, quiet (every console byte is an exit).
+/// i8042, no PCI, no i8042 probing, one UART, the TSC trusted (there is no other
+/// clocksource for the watchdog to compare it with but jiffies, which a nested guest's
+/// timer interrupts make drift), quiet (every console byte is an exit).
 pub const LAB_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule \
-                               8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd quiet";
+                               8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd \
+                               tsc=reliable quiet";
 
 /// The lab guest's kernel and initramfs, if present: `$PRIVMEM_LINUX_KERNEL` and
 /// `$PRIVMEM_LINUX_INITRD`, by default `/lab/guest/vmlinuz` and
@@ -93,9 +100,10 @@ pub struct LinuxConfig<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LinuxExit {
     /// It asked for a reset through the i8042 or the PCI reset register: Linux's
-    /// `reboot`, and its power-off on a machine without ACPI (the kernel has no way to
-    /// power off there, so it halts init, panics and, with `panic=-1`, resets).
+    /// `reboot` (with `reboot=k` or `reboot=p`), or `panic=-1` after a panic.
     Reset,
+    /// It powered off through ACPI (S5): Linux's `poweroff`.
+    PowerOff,
     /// `KVM_EXIT_SHUTDOWN`: a triple fault, Linux's last resort when a reset request is
     /// not honoured.
     TripleFault,
@@ -143,6 +151,12 @@ impl LinuxVm {
         vm.create_pit2(pit)
             .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
 
+        // The vCPU comes first: its TSC frequency goes on the command line.
+        let vcpu = vm
+            .create_vcpu(0)
+            .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+        let cmdline = with_tsc_khz(config.cmdline, &vcpu)?;
+
         let state = match config.ram {
             Ram::Private => PageState::Private,
             Ram::Shared => PageState::Shared,
@@ -160,7 +174,7 @@ impl LinuxVm {
             }
         }
         let e820 = e820_map(&memory.regions());
-        let loaded = images.load(&*memory.memory().memory(), config.cmdline, &e820)?;
+        let loaded = images.load(&*memory.memory().memory(), &cmdline, &e820)?;
 
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e))?;
         vm.register_irqfd(&irq, COM1_IRQ)
@@ -168,9 +182,6 @@ impl LinuxVm {
         let console = ConsoleLog::new(config.echo_console);
         let devices = LegacyDevices::new(irq, console.clone());
 
-        let vcpu = vm
-            .create_vcpu(0)
-            .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
         vcpu::enter_linux(&kvm, &vcpu, loaded.entry, BOOT_STACK)?;
         Ok(LinuxVm {
             memory: Arc::new(memory),
@@ -212,6 +223,8 @@ impl LinuxVm {
             if watchdog.expired() {
                 return Err(Error::Timeout {
                     seconds: deadline.as_secs(),
+                    exits,
+                    rip: self.vcpu.get_regs().map_or(0, |regs| regs.rip),
                     console_tail: tail(&self.console.text(), 2000),
                 });
             }
@@ -244,8 +257,10 @@ impl LinuxVm {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => PortEffect::None,
                 Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
             };
-            if effect == PortEffect::Reset {
-                break LinuxExit::Reset;
+            match effect {
+                PortEffect::Reset => break LinuxExit::Reset,
+                PortEffect::PowerOff => break LinuxExit::PowerOff,
+                PortEffect::None => {}
             }
             if self.console.len() > seen {
                 let text = self.console.text();
@@ -264,6 +279,24 @@ impl LinuxVm {
             memory_faults,
         })
     }
+}
+
+/// `cmdline` with `tsc_early_khz=` set to the vCPU's TSC frequency, unless it sets one.
+///
+/// The guest gets no kvmclock (see [`guest_cpuid`]); calibrating the TSC against the PIT
+/// fails often in a nested guest, and a guest without a TSC frequency can hang. A TDX
+/// guest learns the frequency from CPUID leaf 0x15; a VMM for a plain guest says it here.
+fn with_tsc_khz(cmdline: &str, vcpu: &VcpuFd) -> Result<String> {
+    if cmdline
+        .split_whitespace()
+        .any(|w| w.starts_with("tsc_early_khz="))
+    {
+        return Ok(cmdline.to_owned());
+    }
+    let khz = vcpu
+        .get_tsc_khz()
+        .map_err(|e| Error::Kvm("KVM_GET_TSC_KHZ", e))?;
+    Ok(format!("{cmdline} tsc_early_khz={khz}"))
 }
 
 fn tail(text: &str, max: usize) -> String {

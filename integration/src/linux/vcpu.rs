@@ -2,7 +2,7 @@
 //! local APIC.
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, CpuId};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
 
 use super::boot::{GDT, GDT_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
 use crate::error::{Error, Result};
@@ -19,8 +19,11 @@ const BOOT_DS: u16 = 0x18;
 /// CPUID leaf 1, ECX: XSAVE (26), OSXSAVE (27), AVX (28, which needs XSAVE).
 const LEAF1_ECX_XSAVE: u32 = (1 << 26) | (1 << 27) | (1 << 28);
 /// CPUID leaf 1, ECX bit 31: running under a hypervisor (the guest then looks for KVM's
-/// leaves and uses kvmclock).
+/// leaves).
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID leaf 1, ECX bit 24: the local APIC timer has TSC-deadline mode. KVM emulates it
+/// but leaves it out of KVM_GET_SUPPORTED_CPUID (KVM_CAP_TSC_DEADLINE_TIMER says).
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 
 /// KVM's paravirtual feature leaf, and its "no I/O delay" bit.
 const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
@@ -35,11 +38,15 @@ pub fn guest_cpuid(kvm: &Kvm) -> Result<CpuId> {
     let mut cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {
                 entry.ecx &= !LEAF1_ECX_XSAVE;
                 entry.ecx |= LEAF1_ECX_HYPERVISOR;
+                if tsc_deadline {
+                    entry.ecx |= LEAF1_ECX_TSC_DEADLINE;
+                }
                 // APIC ID 0 for the boot vCPU.
                 entry.ebx &= 0x00ff_ffff;
             }
@@ -47,7 +54,9 @@ pub fn guest_cpuid(kvm: &Kvm) -> Result<CpuId> {
             // EOI and async page faults are structures KVM writes into guest memory
             // through the host mapping: for a private page, into the shared side, where
             // the guest never looks (TDX and SNP guests do without them for the same
-            // reason). The peer on shared memory gets the same CPUID.
+            // reason). Without kvmclock the guest learns the TSC's frequency from
+            // `tsc_early_khz=` (LinuxVm::new adds it). The peer on shared memory gets
+            // the same CPUID.
             KVM_CPUID_FEATURES => {
                 entry.eax &= KVM_FEATURE_NOP_IO_DELAY;
             }

@@ -11,20 +11,34 @@ use guest_memfd::Capabilities;
 use integration::linux::{
     lab_guest_images, LinuxConfig, LinuxVm, Ram, GUEST_UP_MARKER, LAB_CMDLINE,
 };
+use integration::Error;
 
 const RAM_SIZE: u64 = 256 << 20;
 
+/// Boots once to the marker; a boot that hangs (about one in five in the lab: its timer
+/// interrupts stop, on shared memory as on private, see tests/linux_boot.rs) is not
+/// timed, reported on stderr, and tried again, up to three times.
 fn boot_to_marker(config: &LinuxConfig) -> Duration {
-    let start = Instant::now();
-    let mut vm = LinuxVm::new(config).expect("the guest loads");
-    let mut marker = None;
-    vm.run(Duration::from_secs(300), |line, _| {
-        if marker.is_none() && line.contains(GUEST_UP_MARKER) {
-            marker = Some(start.elapsed());
+    for attempt in 1..=3 {
+        let start = Instant::now();
+        let mut vm = LinuxVm::new(config).expect("the guest loads");
+        let mut marker = None;
+        match vm.run(Duration::from_secs(90), |line, _| {
+            if marker.is_none() && line.contains(GUEST_UP_MARKER) {
+                marker = Some(start.elapsed());
+            }
+        }) {
+            Ok(_) => {
+                return marker
+                    .unwrap_or_else(|| panic!("no marker; console:\n{}", vm.console().text()))
+            }
+            Err(Error::Timeout { rip, .. }) if attempt < 3 => {
+                eprintln!("LINUX-BOOT-HUNG attempt={attempt} rip={rip:#x}, not timed")
+            }
+            Err(e) => panic!("the guest did not run to its stop: {e}"),
         }
-    })
-    .expect("the guest runs to its reboot");
-    marker.unwrap_or_else(|| panic!("no marker; console:\n{}", vm.console().text()))
+    }
+    unreachable!("the last attempt returns or panics")
 }
 
 fn linux_boot(c: &mut Criterion) {

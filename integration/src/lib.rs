@@ -1,5 +1,6 @@
 //! A minimal VMM for the tests of this workspace: it boots small x86-64 guest programs
-//! on real KVM, with their memory in guest_memfd.
+//! on real KVM, with their memory in guest_memfd; and, with [`linux`], a stock Linux
+//! kernel on private memory (in the nested lab, where guest kernels run natively).
 //!
 //! Guest programs live in `fixtures/guest/*.S` and are assembled by this crate's build
 //! script; [`programs`] holds the results. Each starts at CPL3 in 64-bit mode (guest

@@ -2,17 +2,40 @@
 //! launch does with guest RAM, minus the attestation.
 //!
 //! [`LinuxVm::new`] builds one region of guest RAM at guest-physical 0 in
-//! `vm-private-memory`, makes shared only the pages linux-loader writes (boot and page
-//! tables, zero page, command line, kernel, initramfs) and leaves every other page
-//! private (with [`Ram::Private`]), so whatever the running kernel allocates is served
-//! from guest_memfd. The machine is the smallest a Linux guest boots on: one vCPU, the
-//! in-kernel irqchip and PIT, a 16550 console and the i8042 reset line (vm-superio), a
-//! CMOS clock, an e820 map of
-//! the memory's layout and no firmware tables. [`LinuxVm::run`] runs it until the guest
-//! resets (Linux's `reboot`, with `reboot=k` on the command line) or a deadline.
+//! `vm-private-memory`, makes shared only the pages the host writes (boot and page
+//! tables, zero page, command line, ACPI tables, kernel, initramfs) and leaves every
+//! other page private (with [`Ram::Private`]), so whatever the running kernel allocates
+//! is served from guest_memfd. The machine is the smallest a Linux guest boots and
+//! powers off on: one vCPU, the in-kernel irqchip and PIT, a 16550 console and the i8042
+//! reset line (vm-superio), a CMOS clock, ACPI tables (acpi_tables) with just enough for
+//! S5, and an e820 map of the memory's layout. CPUID hides XSAVE and KVM's paravirtual
+//! structures ([`guest_cpuid`]); the TSC's frequency goes on the command line.
+//! [`LinuxVm::run`] runs the guest until it resets or powers off, or a deadline passes.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use std::time::Duration;
+//! use integration::linux::{LinuxConfig, LinuxExit, LinuxVm, Ram, LAB_CMDLINE};
+//!
+//! let config = LinuxConfig {
+//!     kernel: Path::new("/lab/guest/vmlinuz"),
+//!     initrd: Path::new("/lab/guest/initrd.cpio.gz"),
+//!     cmdline: LAB_CMDLINE,
+//!     ram_size: 256 << 20,
+//!     ram: Ram::Private,
+//!     echo_console: true,
+//! };
+//! let mut vm = LinuxVm::new(&config)?;
+//! let run = vm.run(Duration::from_secs(90), |line, memory| {
+//!     // Each console line, while the vCPU waits: look at the guest's memory here.
+//!     println!("{line} ({} private pages)", memory.private_pages());
+//! })?;
+//! assert!(matches!(run.exit, LinuxExit::PowerOff | LinuxExit::Reset));
+//! # Ok::<(), integration::Error>(())
+//! ```
 //!
 //! Guest CPL0 code is emulated on our hosts, so a kernel boots only in the nested lab
-//! (`fixtures/lab`), on `KVM_X86_SW_PROTECTED_VM`.
+//! (`fixtures/lab`), on `KVM_X86_SW_PROTECTED_VM`; the host's tests use a stand-in.
 
 mod acpi;
 mod boot;

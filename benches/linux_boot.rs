@@ -15,9 +15,9 @@ use integration::Error;
 
 const RAM_SIZE: u64 = 256 << 20;
 
-/// Boots once to the marker; a boot that hangs (about one in five in the lab: its timer
-/// interrupts stop, on shared memory as on private, see tests/linux_boot.rs) is not
-/// timed, reported on stderr, and tried again, up to three times.
+/// Boots once to the marker; a boot that hangs (its timer interrupts stop, now and then
+/// in the lab, on shared memory as on private, see tests/linux_boot.rs) is not timed,
+/// reported on stderr, and tried again, up to three times.
 fn boot_to_marker(config: &LinuxConfig) -> Duration {
     for attempt in 1..=3 {
         let start = Instant::now();

@@ -10,21 +10,22 @@ use kvm_ioctls::{Kvm, VcpuFd};
 use crate::error::{Error, Result};
 use crate::layout::{selector, GDT_ADDR, PML4_ADDR, TSS_ADDR};
 
-const CR0_PE: u64 = 1 << 0;
+pub(crate) const CR0_PE: u64 = 1 << 0;
 const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
+pub(crate) const CR0_ET: u64 = 1 << 4;
 const CR0_NE: u64 = 1 << 5;
 const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
+pub(crate) const CR0_PG: u64 = 1 << 31;
+pub(crate) const CR4_PAE: u64 = 1 << 5;
 const CR4_OSFXSR: u64 = 1 << 9;
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const RFLAGS_RESERVED: u64 = 1 << 1;
+pub(crate) const EFER_LME: u64 = 1 << 8;
+pub(crate) const EFER_LMA: u64 = 1 << 10;
+pub(crate) const RFLAGS_RESERVED: u64 = 1 << 1;
 const RFLAGS_IOPL3: u64 = 3 << 12;
 
-fn segment(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
+/// A flat segment: base 0, 4 GiB, present, code or data (`type_`), 64-bit if `long`.
+pub(crate) fn segment(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,

@@ -1,18 +1,13 @@
 //! The boot vCPU's state for the 64-bit Linux boot protocol: CPUID, registers, FPU and
 //! local APIC.
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, CpuId};
+use kvm_bindings::{kvm_fpu, kvm_regs, CpuId};
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
 
 use super::boot::{GDT, GDT_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
+use crate::cpu::{segment, CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED};
 use crate::error::{Error, Result};
 
-const CR0_PE: u64 = 1 << 0;
-const CR0_ET: u64 = 1 << 4;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
 const BOOT_CS: u16 = 0x10;
 const BOOT_DS: u16 = 0x18;
 
@@ -73,22 +68,6 @@ pub fn guest_cpuid(kvm: &Kvm) -> Result<CpuId> {
     Ok(cpuid)
 }
 
-fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: u8::from(!long),
-        s: 1,
-        l: u8::from(long),
-        g: 1,
-        ..Default::default()
-    }
-}
-
 /// Puts the vCPU where the 64-bit boot protocol wants it: CPUID set first (KVM refuses
 /// long mode before it on 6.12), paging on with the boot page tables, `__BOOT_CS` and
 /// `__BOOT_DS` loaded, interrupts off, `rsi` = the zero page, `rip` = `entry`.
@@ -103,8 +82,8 @@ pub fn enter_linux(kvm: &Kvm, vcpu: &VcpuFd, entry: u64, stack: u64) -> Result<(
     sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
-    sregs.cs = segment(BOOT_CS, 0xb, true);
-    let data = segment(BOOT_DS, 0x3, false);
+    sregs.cs = segment(BOOT_CS, 0xb, 0, true);
+    let data = segment(BOOT_DS, 0x3, 0, false);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
@@ -130,7 +109,7 @@ pub fn enter_linux(kvm: &Kvm, vcpu: &VcpuFd, entry: u64, stack: u64) -> Result<(
         rsp: stack,
         rbp: stack,
         rsi: ZERO_PAGE_ADDR,
-        rflags: 1 << 1,
+        rflags: RFLAGS_RESERVED,
         ..Default::default()
     };
     vcpu.set_regs(&regs)

@@ -70,6 +70,31 @@ pub enum Error {
     /// Something to load does not fit the guest's layout.
     #[error("{0} ({1} bytes or entries) does not fit the guest's memory layout; give the guest more RAM or a smaller image")]
     DoesNotFit(&'static str, u64),
+    /// The kernel image has no 64-bit entry point this loader can use.
+    #[error("{} is not a 64-bit bzImage: boot protocol {version:#06x}, xloadflags {xloadflags:#x} (needs 2.12 or later with XLF_KERNEL_64)", path.display())]
+    NotA64BitKernel {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Its boot protocol version.
+        version: u16,
+        /// Its `xloadflags`.
+        xloadflags: u16,
+    },
+    /// The initramfs file is empty.
+    #[error("the initramfs {} is empty", .0.display())]
+    EmptyInitramfs(std::path::PathBuf),
+    /// Copying a file into guest memory failed.
+    #[error("loading {} into guest memory [{start:#x}, {end:#x}) failed: {source}", what.display(), end = start + len)]
+    LoadInto {
+        /// The file.
+        what: std::path::PathBuf,
+        /// Where it goes.
+        start: u64,
+        /// How long it is.
+        len: u64,
+        /// Why it failed (a private page, a short file, an I/O error).
+        source: vm_memory::GuestMemoryError,
+    },
     /// linux-loader refused the kernel.
     #[error("loading the kernel failed: {0}")]
     KernelLoad(#[source] linux_loader::loader::Error),
@@ -80,10 +105,10 @@ pub enum Error {
     #[error("writing the boot parameters failed: {0}")]
     BootParams(#[source] linux_loader::configurator::Error),
     /// The guest did not stop before its deadline.
-    #[error("the guest was still running after {seconds} s ({exits} exits, rip {rip:#x}); its console ended with:\n{console_tail}")]
+    #[error("the guest was still running after {deadline:?} ({exits} exits, rip {rip:#x}); its console ended with:\n{console_tail}")]
     Timeout {
         /// The deadline.
-        seconds: u64,
+        deadline: std::time::Duration,
         /// How many exits the vCPU had taken.
         exits: u64,
         /// Where the guest was when it was stopped.

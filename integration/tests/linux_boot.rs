@@ -33,8 +33,9 @@ fn lab_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
         .is_ok_and(|vm| Capabilities::of_vm(&vm).dual_capable());
     if !dual {
         println!(
-            "SKIPPED {test}: needs a VM type with KVM_MEMORY_ATTRIBUTE_PRIVATE and a KVM that \
-             runs guest kernels natively (the nested lab: bash fixtures/lab/run.sh)"
+            "SKIPPED {test}: needs a VM type with KVM_MEMORY_ATTRIBUTE_PRIVATE; of our machines \
+             only the nested lab has one, and only its KVM runs guest kernels natively \
+             (bash fixtures/lab/run.sh)"
         );
         return None;
     }

@@ -21,6 +21,12 @@ use vmm_sys_util::tempfile::TempFile;
 
 const RAM_SIZE: u64 = 64 << 20;
 const CMDLINE: &str = "console=ttyS0 reboot=k";
+/// The stand-in's header: a 64-bit entry point, Linux's command-line limit, and where
+/// it would decompress itself (16 MiB, 1 MiB of it).
+const XLF_KERNEL_64: u16 = 1;
+const KERNEL_CMDLINE_SIZE: usize = 2047;
+const PREF_ADDRESS: u64 = 16 << 20;
+const INIT_SIZE: u32 = 1 << 20;
 /// `setup_sects` of the stand-in: one sector of setup after the boot sector.
 const SETUP_SIZE: usize = 2 * 512;
 
@@ -35,7 +41,10 @@ fn bzimage(code: &[u8]) -> Vec<u8> {
     image[0x211] = 1; // LOADED_HIGH
     image[0x214..0x218].copy_from_slice(&(HIGH_MEMORY as u32).to_le_bytes());
     image[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
-    image[0x238..0x23c].copy_from_slice(&(CMDLINE_MAX as u32 - 1).to_le_bytes());
+    image[0x236..0x238].copy_from_slice(&XLF_KERNEL_64.to_le_bytes());
+    image[0x238..0x23c].copy_from_slice(&(KERNEL_CMDLINE_SIZE as u32).to_le_bytes());
+    image[0x258..0x260].copy_from_slice(&PREF_ADDRESS.to_le_bytes());
+    image[0x260..0x264].copy_from_slice(&INIT_SIZE.to_le_bytes());
     let entry = SETUP_SIZE + 0x200;
     image[entry..entry + code.len()].copy_from_slice(code);
     image
@@ -131,19 +140,25 @@ fn a_guest_that_never_stops_ends_at_the_deadline_with_its_console() {
     let err = vm.run(Duration::from_secs(2), |_, _| {}).unwrap_err();
     match err {
         Error::Timeout {
-            seconds,
+            deadline,
             console_tail,
             exits,
-            ..
+            rip,
         } => {
             assert!(exits >= 11, "{exits} exits: one per console byte at least");
-            assert_eq!(seconds, 2);
+            assert_eq!(deadline, Duration::from_secs(2));
             assert!(console_tail.contains("still here"), "{console_tail:?}");
+            // Where it spins: the `jmp $` right after the output, in the kernel's span.
+            assert!(
+                (HIGH_MEMORY..HIGH_MEMORY + 0x2000).contains(&rip),
+                "{rip:#x}"
+            );
         }
         other => panic!("expected a timeout, got {other}"),
     }
-    // The VM is still usable afterwards: the deadline did not poison anything.
-    assert!(vm.run(Duration::from_millis(200), |_, _| {}).is_err());
+    // The VM can run again afterwards, and meets its next deadline the same way.
+    let again = vm.run(Duration::from_millis(200), |_, _| {});
+    assert!(matches!(again, Err(Error::Timeout { .. })), "{again:?}");
 }
 
 #[test]
@@ -176,10 +191,12 @@ fn only_what_the_loader_writes_is_shared_and_the_boot_parameters_describe_it() {
     assert_eq!({ hdr.boot_flag }, 0xaa55);
     assert_eq!({ hdr.type_of_loader }, 0xff);
     assert_eq!({ hdr.cmd_line_ptr } as u64, CMDLINE_ADDR);
-    let mut line = vec![0u8; { hdr.cmdline_size } as usize + 1];
+    // The kernel's limit stays what the image says; the line fits it, NUL-terminated.
+    assert_eq!({ hdr.cmdline_size } as usize, KERNEL_CMDLINE_SIZE);
+    let mut line = vec![0u8; KERNEL_CMDLINE_SIZE + 1];
     ram.read_slice(&mut line, GuestAddress(CMDLINE_ADDR))
         .unwrap();
-    assert_eq!(line.pop(), Some(0), "NUL-terminated");
+    line.truncate(line.iter().position(|&b| b == 0).expect("NUL-terminated"));
     let line = String::from_utf8(line).unwrap();
     // Ours, then the TSC frequency the VMM adds (the guest has no kvmclock).
     let khz = line
@@ -239,6 +256,26 @@ fn a_tsc_frequency_on_the_command_line_is_kept() {
 }
 
 #[test]
+fn the_tsc_frequency_goes_before_the_init_arguments() {
+    let images = images(&RESET, 4096);
+    let cmdline = format!("{CMDLINE} -- init-arg");
+    let vm = LinuxVm::new(&config(&images, Ram::Shared, &cmdline)).unwrap();
+    let ram = vm.memory().memory();
+    let mut line = vec![0u8; 200];
+    ram.memory()
+        .read_slice(&mut line, GuestAddress(CMDLINE_ADDR))
+        .unwrap();
+    let end = line.iter().position(|&b| b == 0).unwrap();
+    let line = String::from_utf8_lossy(&line[..end]).into_owned();
+    let (boot, init) = line.split_once(" -- ").expect("init arguments kept");
+    assert!(
+        boot.starts_with(CMDLINE) && boot.contains(" tsc_early_khz="),
+        "{line}"
+    );
+    assert_eq!(init, "init-arg");
+}
+
+#[test]
 fn with_shared_ram_nothing_is_private() {
     let images = images(&RESET, 4096);
     let vm = LinuxVm::new(&config(&images, Ram::Shared, CMDLINE)).unwrap();
@@ -275,16 +312,44 @@ fn bad_inputs_are_errors_that_say_what_is_wrong() {
     let err = LinuxVm::new(&config(&huge, Ram::Private, CMDLINE))
         .err()
         .expect("an initramfs as large as RAM does not fit");
-    assert!(
-        matches!(err, Error::DoesNotFit("the initramfs", _)),
-        "{err}"
-    );
+    assert!(matches!(err, Error::DoesNotFit(..)), "{err}");
 
+    // The kernel's limit (2047 bytes), with the VMM's own tsc_early_khz= counted.
+    let long = "x".repeat(KERNEL_CMDLINE_SIZE - 10);
+    let err = LinuxVm::new(&config(&good, Ram::Private, &long))
+        .err()
+        .expect("a command line over the kernel's limit is refused");
+    assert!(matches!(err, Error::Cmdline(_)), "{err}");
     let long = "x".repeat(CMDLINE_MAX + 1);
     let err = LinuxVm::new(&config(&good, Ram::Private, &long))
         .err()
         .expect("an overlong command line is refused");
     assert!(matches!(err, Error::Cmdline(_)), "{err}");
+
+    // A 32-bit-only kernel (no XLF_KERNEL_64) has no entry point for us.
+    let mut old_kernel = bzimage(&RESET);
+    old_kernel[0x236] = 0;
+    let old_kernel = file(&old_kernel);
+    let err = LinuxVm::new(&LinuxConfig {
+        kernel: old_kernel.as_path(),
+        ..config(&good, Ram::Private, CMDLINE)
+    })
+    .err()
+    .expect("a kernel without a 64-bit entry point is refused");
+    assert!(matches!(err, Error::NotA64BitKernel { .. }), "{err}");
+
+    // An initramfs that would reach down into where the kernel decompresses itself.
+    let low = images(&RESET, (RAM_SIZE - (16 << 20)) as usize);
+    let err = LinuxVm::new(&config(&low, Ram::Private, CMDLINE))
+        .err()
+        .expect("an initramfs over the decompression area does not fit");
+    assert!(matches!(err, Error::DoesNotFit(..)), "{err}");
+
+    let empty = images(&RESET, 0);
+    let err = LinuxVm::new(&config(&empty, Ram::Private, CMDLINE))
+        .err()
+        .expect("an empty initramfs is refused");
+    assert!(matches!(err, Error::EmptyInitramfs(_)), "{err}");
 
     let err = LinuxVm::new(&config(&good, Ram::Private, "quiet\u{1}"))
         .err()

@@ -42,7 +42,9 @@ const SLP_TYP_MASK: u16 = 0b111 << SLP_TYP_SHIFT;
 const SLP_EN: u16 = 1 << 13;
 /// PM1 control: SCI_EN, the platform is in ACPI mode (no SMI command to switch).
 const SCI_EN: u16 = 1;
-/// IA-PC boot architecture flags: legacy devices, no VGA.
+/// IA-PC boot architecture flags: legacy devices, no VGA. The 8042 bit (1) stays clear:
+/// the machine's i8042 is a reset line only, so Linux's i8042 driver need not probe it
+/// (`reboot=k` writes the reset command all the same).
 const IAPC_LEGACY_DEVICES: u16 = 1 << 0;
 const IAPC_NO_VGA: u16 = 1 << 2;
 
@@ -132,46 +134,57 @@ impl Pm1 {
             || (PM1A_CNT_BLK..PM1A_CNT_BLK + u16::from(PM1_CNT_LEN)).contains(&port)
     }
 
-    fn register(&self, port: u16) -> u16 {
-        match port {
-            p if p == PM1A_EVT_BLK + 2 => self.enable,
-            PM1A_CNT_BLK => self.control | SCI_EN,
-            _ => 0,
+    /// The 16-bit register holding byte `port`, if any.
+    fn register(&mut self, port: u16) -> Option<&mut u16> {
+        if !Pm1::serves(port) {
+            return None;
+        }
+        match port & !1 {
+            p if p == PM1A_EVT_BLK => None, // status: always 0, writes clear nothing
+            p if p == PM1A_EVT_BLK + 2 => Some(&mut self.enable),
+            _ => Some(&mut self.control),
         }
     }
 
-    /// A read of `data.len()` bytes at `port`, little-endian across registers.
-    pub fn read(&self, port: u16, data: &mut [u8]) {
+    /// A read of `data.len()` bytes at `port`, little-endian across registers; bytes
+    /// outside the PM1a registers read as all ones.
+    pub fn read(&mut self, port: u16, data: &mut [u8]) {
         for (i, byte) in data.iter_mut().enumerate() {
             let at = port.wrapping_add(i as u16);
-            let register = at & !1;
-            *byte = self.register(register).to_le_bytes()[usize::from(at & 1)];
+            let value = match self.register(at) {
+                Some(control) if at & !1 == PM1A_CNT_BLK => *control | SCI_EN,
+                Some(register) => *register,
+                None if Pm1::serves(at) => 0,
+                None => 0xffff,
+            };
+            *byte = value.to_le_bytes()[usize::from(at & 1)];
         }
     }
 
-    /// A write of `data` at `port`; a write to PM1a control with SLP_EN and `\_S5_`'s
-    /// sleep type is a power-off request.
+    /// A write of `data` at `port`; a write that reaches PM1a control with SLP_EN and
+    /// `\_S5_`'s sleep type is a power-off request.
     pub fn write(&mut self, port: u16, data: &[u8]) -> SleepRequest {
-        let mut request = SleepRequest::None;
+        let mut wrote_control = false;
         for (i, &byte) in data.iter().enumerate() {
             let at = port.wrapping_add(i as u16);
-            let slot = match at & !1 {
-                p if p == PM1A_EVT_BLK + 2 => &mut self.enable,
-                PM1A_CNT_BLK => &mut self.control,
-                _ => continue,
-            };
-            let mut bytes = slot.to_le_bytes();
-            bytes[usize::from(at & 1)] = byte;
-            *slot = u16::from_le_bytes(bytes);
-        }
-        if Pm1::serves(port) && port & !1 == PM1A_CNT_BLK {
-            let sleep_type = (self.control & SLP_TYP_MASK) >> SLP_TYP_SHIFT;
-            if self.control & SLP_EN != 0 && sleep_type == S5_SLEEP_TYPE {
-                request = SleepRequest::PowerOff;
+            wrote_control |= at & !1 == PM1A_CNT_BLK;
+            if let Some(register) = self.register(at) {
+                let mut bytes = register.to_le_bytes();
+                bytes[usize::from(at & 1)] = byte;
+                *register = u16::from_le_bytes(bytes);
             }
-            // SLP_EN is write-only: it never reads back.
-            self.control &= !SLP_EN;
         }
+        if !wrote_control {
+            return SleepRequest::None;
+        }
+        let sleep_type = (self.control & SLP_TYP_MASK) >> SLP_TYP_SHIFT;
+        let request = if self.control & SLP_EN != 0 && sleep_type == S5_SLEEP_TYPE {
+            SleepRequest::PowerOff
+        } else {
+            SleepRequest::None
+        };
+        // SLP_EN is write-only: it never reads back.
+        self.control &= !SLP_EN;
         request
     }
 }
@@ -236,6 +249,12 @@ mod tests {
             pm1.write(PM1A_EVT_BLK, &(s5 | SLP_EN).to_le_bytes()),
             SleepRequest::None
         );
+        // A 4-byte write from the enable register reaches control too.
+        let value = u32::from(s5 | SLP_EN) << 16;
+        assert_eq!(
+            pm1.write(PM1A_EVT_BLK + 2, &value.to_le_bytes()),
+            SleepRequest::PowerOff
+        );
         // Byte-wide writes assemble the register.
         pm1.write(PM1A_CNT_BLK, &[0]);
         assert_eq!(
@@ -253,5 +272,9 @@ mod tests {
         assert_eq!(evt, [0, 0, 0x20, 0x01]);
         assert!(Pm1::serves(PM1A_EVT_BLK + 3) && Pm1::serves(PM1A_CNT_BLK + 1));
         assert!(!Pm1::serves(PM1A_CNT_BLK + 2) && !Pm1::serves(PM1A_EVT_BLK - 1));
+        // A 4-byte read from control runs past the block: those bytes are all ones.
+        let mut wide = [0u8; 4];
+        pm1.read(PM1A_CNT_BLK, &mut wide);
+        assert_eq!(wide, [SCI_EN as u8, 0, 0xff, 0xff]);
     }
 }

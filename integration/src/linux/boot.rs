@@ -62,10 +62,46 @@ pub fn boot_pages() -> PageRange {
 pub struct BootImages {
     kernel: File,
     kernel_len: u64,
+    header: setup_header,
     initrd: File,
+    initrd_path: std::path::PathBuf,
     initrd_len: u64,
     /// Where the initramfs goes.
     pub initrd_addr: u64,
+}
+
+/// The boot protocol version that brought `xloadflags` (2.12).
+const PROTOCOL_XLOADFLAGS: u16 = 0x020c;
+/// `xloadflags`: the kernel has the 64-bit entry point at 0x200.
+const XLF_KERNEL_64: u16 = 1 << 0;
+/// Where the setup header starts in a bzImage.
+const SETUP_HEADER_OFFSET: u64 = 0x1f1;
+
+/// The bzImage's setup header, checked for what this loader needs: the `HdrS` magic and
+/// a 64-bit entry point (boot protocol 2.12 or later with `XLF_KERNEL_64`).
+fn read_header(file: &mut File, path: &Path) -> Result<setup_header> {
+    use std::io::{Read, Seek, SeekFrom};
+    use vm_memory::ByteValued;
+    let mut header = setup_header::default();
+    file.seek(SeekFrom::Start(SETUP_HEADER_OFFSET))
+        .and_then(|_| file.read_exact(header.as_mut_slice()))
+        .map_err(|source| Error::BootFile {
+            path: path.to_owned(),
+            source,
+        })?;
+    if header.header != KERNEL_HDR_MAGIC {
+        return Err(Error::KernelLoad(linux_loader::loader::Error::Bzimage(
+            linux_loader::loader::bzimage::Error::InvalidBzImage,
+        )));
+    }
+    if header.version < PROTOCOL_XLOADFLAGS || header.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(Error::NotA64BitKernel {
+            path: path.to_owned(),
+            version: header.version,
+            xloadflags: header.xloadflags,
+        });
+    }
+    Ok(header)
 }
 
 /// What was loaded: where the vCPU starts, which pages the host wrote.
@@ -88,30 +124,48 @@ fn open(path: &Path) -> Result<(File, u64)> {
     Ok((file, len))
 }
 
-fn page_span(start: u64, len: u64) -> Result<PageRange> {
+fn page_span(what: &'static str, start: u64, len: u64) -> Result<PageRange> {
     let end = start
         .checked_add(len)
         .and_then(|end| end.checked_next_multiple_of(PAGE_SIZE))
-        .ok_or(Error::DoesNotFit("the kernel", len))?;
-    Ok(PageRange::new(start, end - start)?)
+        .ok_or(Error::DoesNotFit(what, len))?;
+    PageRange::new(start, end - start).map_err(|_| Error::DoesNotFit(what, len))
 }
 
 impl BootImages {
-    /// Opens the bzImage and the initramfs, and places the initramfs at the top of the
-    /// first `ram_end` bytes (and of the identity-mapped GiB), page-aligned.
-    pub fn open(kernel: &Path, initrd: &Path, ram_end: u64) -> Result<Self> {
-        let (kernel, kernel_len) = open(kernel)?;
-        let (initrd, initrd_len) = open(initrd)?;
-        let top = ram_end.min(IDENTITY_MAPPED);
+    /// Opens the bzImage (checking its header) and the initramfs, and places the
+    /// initramfs at the top of the first `ram_end` bytes (and of the identity-mapped GiB,
+    /// and of the kernel's `initrd_addr_max`), page-aligned, above both the bzImage and
+    /// the area the kernel decompresses itself into (`init_size` bytes at its preferred
+    /// address).
+    pub fn open(kernel_path: &Path, initrd_path: &Path, ram_end: u64) -> Result<Self> {
+        let (mut kernel, kernel_len) = open(kernel_path)?;
+        let header = read_header(&mut kernel, kernel_path)?;
+        let (initrd, initrd_len) = open(initrd_path)?;
+        if initrd_len == 0 {
+            return Err(Error::EmptyInitramfs(initrd_path.to_owned()));
+        }
+        let addr_max = match u64::from(header.initrd_addr_max) {
+            0 => u64::MAX,
+            max => max + 1,
+        };
+        let top = ram_end.min(IDENTITY_MAPPED).min(addr_max) & !(PAGE_SIZE - 1);
         let kernel_end = HIGH_MEMORY + kernel_len.next_multiple_of(PAGE_SIZE);
+        let decompressed_end = header.pref_address.max(HIGH_MEMORY) + u64::from(header.init_size);
+        let lowest = kernel_end.max(decompressed_end);
         let initrd_addr = top
             .checked_sub(initrd_len.next_multiple_of(PAGE_SIZE))
-            .filter(|&addr| addr >= kernel_end)
-            .ok_or(Error::DoesNotFit("the initramfs", initrd_len))?;
+            .filter(|&addr| addr >= lowest)
+            .ok_or(Error::DoesNotFit(
+                "the initramfs, above the kernel and its decompression area,",
+                initrd_len,
+            ))?;
         Ok(BootImages {
             kernel,
             kernel_len,
+            header,
             initrd,
+            initrd_path: initrd_path.to_owned(),
             initrd_len,
             initrd_addr,
         })
@@ -124,17 +178,19 @@ impl BootImages {
         Ok(vec![
             boot_pages(),
             PageRange::new(ACPI_TABLES_ADDR, PAGE_SIZE)?,
-            page_span(HIGH_MEMORY, self.kernel_len)?,
-            page_span(self.initrd_addr, self.initrd_len)?,
+            page_span("the kernel", HIGH_MEMORY, self.kernel_len)?,
+            page_span("the initramfs", self.initrd_addr, self.initrd_len)?,
         ])
     }
 
-    /// Loads kernel, initramfs, command line, boot parameters with `e820`, descriptor and
-    /// page tables into `memory`.
+    /// Loads kernel, initramfs, command line (`cmdline`, with `boot_args` added before
+    /// any `--` and the init arguments after it), boot parameters with `e820`,
+    /// descriptor and page tables into `memory`.
     pub fn load<M: GuestMemoryBackend>(
         mut self,
         memory: &M,
         cmdline: &str,
+        boot_args: &[String],
         e820: &[boot_e820_entry],
     ) -> Result<Loaded> {
         let host_written = self.host_written()?;
@@ -157,13 +213,33 @@ impl BootImages {
                 &mut self.initrd,
                 self.initrd_len as usize,
             )
-            .map_err(Error::Load)?;
+            .map_err(|source| Error::LoadInto {
+                what: self.initrd_path.clone(),
+                start: self.initrd_addr,
+                len: self.initrd_len,
+                source,
+            })?;
 
-        let mut line = Cmdline::new(CMDLINE_MAX).map_err(Error::Cmdline)?;
-        line.insert_str(cmdline).map_err(Error::Cmdline)?;
+        // The kernel's own limit, terminator included (2048 on x86-64 Linux), within
+        // the room the layout leaves.
+        let limit = match self.header.cmdline_size as usize {
+            0 => 256,
+            size => (size + 1).min(CMDLINE_MAX),
+        };
+        let (boot, init) = match cmdline.split_once(" -- ") {
+            Some((boot, init)) => (boot, Some(init)),
+            None => (cmdline, None),
+        };
+        let mut line = Cmdline::new(limit).map_err(Error::Cmdline)?;
+        for arg in std::iter::once(boot).chain(boot_args.iter().map(String::as_str)) {
+            line.insert_str(arg).map_err(Error::Cmdline)?;
+        }
+        if let Some(init) = init {
+            line.insert_init_args(init).map_err(Error::Cmdline)?;
+        }
         load_cmdline(memory, GuestAddress(CMDLINE_ADDR), &line).map_err(Error::KernelLoad)?;
 
-        let params = boot_params_for(header, cmdline.len(), &self, e820)?;
+        let params = boot_params_for(header, &self, e820)?;
         LinuxBootConfigurator::write_bootparams(
             &BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)),
             memory,
@@ -180,7 +256,6 @@ impl BootImages {
 
 fn boot_params_for(
     mut header: setup_header,
-    cmdline_len: usize,
     images: &BootImages,
     e820: &[boot_e820_entry],
 ) -> Result<boot_params> {
@@ -192,14 +267,9 @@ fn boot_params_for(
     header.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     header.header = KERNEL_HDR_MAGIC;
     header.cmd_line_ptr = CMDLINE_ADDR as u32;
-    header.cmdline_size = cmdline_len as u32;
+    // Below 1 GiB (BootImages::open), so both fit the 32-bit fields.
     header.ramdisk_image = images.initrd_addr as u32;
     header.ramdisk_size = images.initrd_len as u32;
-    if header.initrd_addr_max != 0
-        && images.initrd_addr + images.initrd_len > u64::from(header.initrd_addr_max) + 1
-    {
-        return Err(Error::DoesNotFit("the initramfs", images.initrd_len));
-    }
     params.hdr = header;
     params.acpi_rsdp_addr = ACPI_TABLES_ADDR;
     params.e820_table[..e820.len()].copy_from_slice(e820);

@@ -92,6 +92,24 @@ impl ConsoleLog {
         String::from_utf8_lossy(&self.bytes.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
     }
 
+    /// The complete lines written since byte `*from` (each decoded on its own, lossily,
+    /// without its line ending); moves `*from` past the last one.
+    pub fn lines_since(&self, from: &mut usize) -> Vec<String> {
+        let bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(new) = bytes.get(*from..) else {
+            return Vec::new();
+        };
+        let Some(last) = new.iter().rposition(|&b| b == b'\n') else {
+            return Vec::new();
+        };
+        let lines = new[..last]
+            .split(|&b| b == b'\n')
+            .map(|line| String::from_utf8_lossy(line).trim_end().to_owned())
+            .collect();
+        *from += last + 1;
+        lines
+    }
+
     /// How many bytes were written so far.
     pub fn len(&self) -> usize {
         self.bytes.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -213,6 +231,22 @@ mod tests {
             assert_eq!(devices.write(COM1, &[*byte]), PortEffect::None);
         }
         assert_eq!(console.text(), "hi\n");
+    }
+
+    #[test]
+    fn lines_come_whole_even_when_a_character_arrives_byte_by_byte() {
+        let (mut devices, console, _irq) = devices();
+        let mut from = 0;
+        let mut lines = Vec::new();
+        for byte in "ab\u{e9}\r\nMARK x\npartial".bytes() {
+            devices.write(COM1, &[byte]);
+            lines.extend(console.lines_since(&mut from));
+        }
+        assert_eq!(lines, ["ab\u{e9}", "MARK x"]);
+        assert_eq!(from, "ab\u{e9}\r\nMARK x\n".len());
+        devices.write(COM1, b"\n");
+        assert_eq!(console.lines_since(&mut from), ["partial"]);
+        assert!(console.lines_since(&mut from).is_empty());
     }
 
     #[test]

@@ -70,12 +70,11 @@ use crate::guest::private_memory_vm;
 pub const GUEST_UP_MARKER: &str = "PRIVMEM-GUEST-UP";
 
 /// The command line of the lab's guest: the console on COM1, `reboot` through the
-/// i8042, no PCI, no i8042 probing, one UART, the TSC trusted (there is no other
-/// clocksource for the watchdog to compare it with but jiffies, which a nested guest's
-/// timer interrupts make drift), quiet (every console byte is an exit).
+/// i8042's reset line, no PCI, one UART, the TSC trusted (there is no other clocksource
+/// for the watchdog to compare it with but jiffies, which a nested guest's timer
+/// interrupts make drift), quiet (every console byte is an exit).
 pub const LAB_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule \
-                               8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd \
-                               tsc=reliable quiet";
+                               8250.nr_uarts=1 tsc=reliable quiet";
 
 /// The lab guest's kernel and initramfs, if present: `$PRIVMEM_LINUX_KERNEL` and
 /// `$PRIVMEM_LINUX_INITRD`, by default `/lab/guest/vmlinuz` and
@@ -89,8 +88,8 @@ pub fn lab_guest_images() -> Option<(PathBuf, PathBuf)> {
     (kernel.exists() && initrd.exists()).then_some((kernel, initrd))
 }
 
-/// Where KVM may put the TSS it needs for real-mode emulation: three pages in the MMIO
-/// hole, below the IOAPIC and LAPIC.
+/// Where KVM may put the TSS it needs for real-mode emulation: three pages at the top of
+/// the MMIO hole, above the IOAPIC and local APIC, below the BIOS ROM.
 const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 
 /// How the guest's RAM starts out.
@@ -178,7 +177,7 @@ impl LinuxVm {
         let vcpu = vm
             .create_vcpu(0)
             .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
-        let cmdline = with_tsc_khz(config.cmdline, &vcpu)?;
+        let boot_args = tsc_khz_arg(config.cmdline, &vcpu)?;
 
         let state = match config.ram {
             Ram::Private => PageState::Private,
@@ -197,7 +196,12 @@ impl LinuxVm {
             }
         }
         let e820 = e820_map(&memory.regions());
-        let loaded = images.load(&*memory.memory().memory(), &cmdline, &e820)?;
+        let loaded = images.load(
+            &*memory.memory().memory(),
+            config.cmdline,
+            &boot_args,
+            &e820,
+        )?;
 
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e))?;
         vm.register_irqfd(&irq, COM1_IRQ)
@@ -213,6 +217,51 @@ impl LinuxVm {
             console,
             host_written: loaded.host_written,
         })
+    }
+
+    /// Runs the vCPU to its next exit and serves it; `Some` when the guest stopped.
+    fn step(&mut self, memory_faults: &mut u64) -> Result<Option<LinuxExit>> {
+        let effect = match self.vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => self.devices.write(port, data),
+            Ok(VcpuExit::IoIn(port, data)) => {
+                self.devices.read(port, data);
+                PortEffect::None
+            }
+            // No MMIO devices: reads find nothing, writes go nowhere.
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(0xff);
+                PortEffect::None
+            }
+            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) => PortEffect::None,
+            Ok(VcpuExit::Shutdown) => return Ok(Some(LinuxExit::TripleFault)),
+            Ok(VcpuExit::SystemEvent(kind, _)) => return Ok(Some(LinuxExit::SystemEvent(kind))),
+            Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
+                self.memory.handle_memory_fault(flags, gpa, size)?;
+                *memory_faults += 1;
+                PortEffect::None
+            }
+            Ok(other) => {
+                let exit = format!("{other:?}");
+                let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                return Err(Error::UnexpectedExit { exit, rip });
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => PortEffect::None,
+            Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
+        };
+        Ok(match effect {
+            PortEffect::Reset => Some(LinuxExit::Reset),
+            PortEffect::PowerOff => Some(LinuxExit::PowerOff),
+            PortEffect::None => None,
+        })
+    }
+
+    fn timeout(&self, deadline: Duration, exits: u64) -> Error {
+        Error::Timeout {
+            deadline,
+            exits,
+            rip: self.vcpu.get_regs().map_or(0, |regs| regs.rip),
+            console_tail: tail(&self.console.text(), 2000),
+        }
     }
 
     /// The guest's memory.
@@ -241,58 +290,21 @@ impl LinuxVm {
         let watchdog = Watchdog::start(deadline)?;
         let start = Instant::now();
         let (mut exits, mut memory_faults, mut seen) = (0u64, 0u64, 0usize);
-        let mut pending = String::new();
         let exit = loop {
             if watchdog.expired() {
-                return Err(Error::Timeout {
-                    seconds: deadline.as_secs(),
-                    exits,
-                    rip: self.vcpu.get_regs().map_or(0, |regs| regs.rip),
-                    console_tail: tail(&self.console.text(), 2000),
-                });
+                return Err(self.timeout(deadline, exits));
             }
-            let exit = self.vcpu.run();
             exits += 1;
-            let effect = match exit {
-                Ok(VcpuExit::IoOut(port, data)) => self.devices.write(port, data),
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    self.devices.read(port, data);
-                    PortEffect::None
-                }
-                // No MMIO devices: reads find nothing, writes go nowhere.
-                Ok(VcpuExit::MmioRead(_, data)) => {
-                    data.fill(0xff);
-                    PortEffect::None
-                }
-                Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) => PortEffect::None,
-                Ok(VcpuExit::Shutdown) => break LinuxExit::TripleFault,
-                Ok(VcpuExit::SystemEvent(kind, _)) => break LinuxExit::SystemEvent(kind),
-                Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
-                    self.memory.handle_memory_fault(flags, gpa, size)?;
-                    memory_faults += 1;
-                    PortEffect::None
-                }
-                Ok(other) => {
-                    let exit = format!("{other:?}");
-                    let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                    return Err(Error::UnexpectedExit { exit, rip });
-                }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => PortEffect::None,
-                Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
-            };
-            match effect {
-                PortEffect::Reset => break LinuxExit::Reset,
-                PortEffect::PowerOff => break LinuxExit::PowerOff,
-                PortEffect::None => {}
+            match self.step(&mut memory_faults) {
+                Ok(Some(exit)) => break exit,
+                Ok(None) => {}
+                // Past the deadline the watchdog's signals can interrupt any system
+                // call: whatever failed then, the guest's time is up.
+                Err(_) if watchdog.expired() => return Err(self.timeout(deadline, exits)),
+                Err(e) => return Err(e),
             }
-            if self.console.len() > seen {
-                let text = self.console.text();
-                pending.push_str(text.get(seen..).unwrap_or(""));
-                seen = text.len();
-                while let Some(end) = pending.find('\n') {
-                    let line: String = pending.drain(..=end).collect();
-                    on_line(line.trim_end(), &self.memory);
-                }
+            for line in self.console.lines_since(&mut seen) {
+                on_line(&line, &self.memory);
             }
         };
         Ok(LinuxRun {
@@ -304,22 +316,23 @@ impl LinuxVm {
     }
 }
 
-/// `cmdline` with `tsc_early_khz=` set to the vCPU's TSC frequency, unless it sets one.
+/// `tsc_early_khz=` with the vCPU's TSC frequency, unless `cmdline` sets it.
 ///
 /// The guest gets no kvmclock (see [`guest_cpuid`]); calibrating the TSC against the PIT
 /// fails often in a nested guest, and a guest without a TSC frequency can hang. A TDX
 /// guest learns the frequency from CPUID leaf 0x15; a VMM for a plain guest says it here.
-fn with_tsc_khz(cmdline: &str, vcpu: &VcpuFd) -> Result<String> {
-    if cmdline
+fn tsc_khz_arg(cmdline: &str, vcpu: &VcpuFd) -> Result<Vec<String>> {
+    let boot_args = cmdline.split(" -- ").next().unwrap_or("");
+    if boot_args
         .split_whitespace()
         .any(|w| w.starts_with("tsc_early_khz="))
     {
-        return Ok(cmdline.to_owned());
+        return Ok(Vec::new());
     }
     let khz = vcpu
         .get_tsc_khz()
         .map_err(|e| Error::Kvm("KVM_GET_TSC_KHZ", e))?;
-    Ok(format!("{cmdline} tsc_early_khz={khz}"))
+    Ok(vec![format!("tsc_early_khz={khz}")])
 }
 
 fn tail(text: &str, max: usize) -> String {
@@ -346,7 +359,7 @@ impl Watchdog {
     fn start(deadline: Duration) -> Result<Self> {
         let signal = vmm_sys_util::signal::SIGRTMIN();
         vmm_sys_util::signal::register_signal_handler(signal, ignore_signal)
-            .map_err(|e| Error::Kvm("sigaction", e))?;
+            .map_err(|e| Error::Io("sigaction", std::io::Error::from_raw_os_error(e.errno())))?;
         // SAFETY: pthread_self has no preconditions and returns the calling thread's id.
         let target = unsafe { libc::pthread_self() };
         let expired = Arc::new(AtomicBool::new(false));

@@ -24,11 +24,21 @@ const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
 const KVM_FEATURE_NOP_IO_DELAY: u32 = 1 << 1;
 
+/// Leaf 7 (subleaf 0) features that need XSAVE-managed state: EBX AVX2 (5) and the
+/// AVX-512 family (16, 17, 21, 26-28, 30, 31); ECX AVX-512 VBMI (1), VBMI2 (6), GFNI (8),
+/// VAES (9), VPCLMULQDQ (10), VNNI (11), BITALG (12), VPOPCNTDQ (14); EDX AVX-512
+/// 4VNNIW (2), 4FMAPS (3), VP2INTERSECT (8), AMX-BF16 (22), AVX-512 FP16 (23), AMX-TILE
+/// (24), AMX-INT8 (25).
+const LEAF7_EBX_XSAVE_STATE: u32 =
+    (1 << 5) | (1 << 16) | (1 << 17) | (1 << 21) | (0b111 << 26) | (1 << 30) | (1 << 31);
+const LEAF7_ECX_XSAVE_STATE: u32 = (1 << 1) | (1 << 6) | (0b11111 << 8) | (1 << 14);
+const LEAF7_EDX_XSAVE_STATE: u32 = (1 << 2) | (1 << 3) | (1 << 8) | (0b1111 << 22);
+
 /// KVM's supported CPUID with XSAVE and the paravirtual memory structures hidden.
 ///
 /// TCG's nested SVM, which runs our lab's L1, does not intercept XSETBV: a guest that
-/// sees XSAVE resets L1 now and then (HOST.md). Without XSAVE the guest clears AVX and
-/// what depends on it itself.
+/// sees XSAVE resets L1 now and then (HOST.md). What needs XSAVE-managed state (AVX and
+/// its successors, AMX) goes with it.
 pub fn guest_cpuid(kvm: &Kvm) -> Result<CpuId> {
     let mut cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -37,6 +47,8 @@ pub fn guest_cpuid(kvm: &Kvm) -> Result<CpuId> {
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {
+                // AVX's fused multiply-add (12) and F16C (29) need its state too.
+                entry.ecx &= !((1 << 12) | (1 << 29));
                 entry.ecx &= !LEAF1_ECX_XSAVE;
                 entry.ecx |= LEAF1_ECX_HYPERVISOR;
                 if tsc_deadline {
@@ -55,6 +67,13 @@ pub fn guest_cpuid(kvm: &Kvm) -> Result<CpuId> {
             KVM_CPUID_FEATURES => {
                 entry.eax &= KVM_FEATURE_NOP_IO_DELAY;
             }
+            7 if entry.index == 0 => {
+                entry.ebx &= !LEAF7_EBX_XSAVE_STATE;
+                entry.ecx &= !LEAF7_ECX_XSAVE_STATE;
+                entry.edx &= !LEAF7_EDX_XSAVE_STATE;
+            }
+            // AVX-VNNI (4), AVX-512 BF16 (5).
+            7 if entry.index == 1 => entry.eax &= !((1 << 4) | (1 << 5)),
             // XSAVE state enumeration: nothing, as XSAVE is absent.
             0xd => {
                 entry.eax = 0;

@@ -82,7 +82,7 @@ struct AtMarker {
 /// hang printed as a `LINUX-BOOT-HUNG` line.
 ///
 /// In the nested lab a boot sometimes stops getting timer interrupts after its kernel
-/// has booted (one in five with a verbose console, none in 24 with this quiet one; on
+/// has booted (one in five with a verbose console, none in 50 with this quiet one; on
 /// shared memory as on private; the vCPU sits in the idle loop with nothing left to wake
 /// it). That is the lab's TCG-emulated SVM, not the memory under test; any other
 /// failure, and a guest that hangs every time, fails the test.

@@ -104,16 +104,6 @@ fn read_header(file: &mut File, path: &Path) -> Result<setup_header> {
     Ok(header)
 }
 
-/// What was loaded: where the vCPU starts, which pages the host wrote.
-#[derive(Debug, Clone)]
-pub struct Loaded {
-    /// The 64-bit entry point.
-    pub entry: u64,
-    /// The pages the host wrote, each made shared before: boot pages, ACPI tables,
-    /// kernel, initramfs.
-    pub host_written: Vec<PageRange>,
-}
-
 fn open(path: &Path) -> Result<(File, u64)> {
     let failed = |source| Error::BootFile {
         path: path.to_owned(),
@@ -185,15 +175,14 @@ impl BootImages {
 
     /// Loads kernel, initramfs, command line (`cmdline`, with `boot_args` added before
     /// any `--` and the init arguments after it), boot parameters with `e820`,
-    /// descriptor and page tables into `memory`.
+    /// descriptor and page tables into `memory`; returns the 64-bit entry point.
     pub fn load<M: GuestMemoryBackend>(
         mut self,
         memory: &M,
         cmdline: &str,
         boot_args: &[String],
         e820: &[boot_e820_entry],
-    ) -> Result<Loaded> {
-        let host_written = self.host_written()?;
+    ) -> Result<u64> {
         let kernel = BzImage::load(
             memory,
             None,
@@ -247,10 +236,7 @@ impl BootImages {
         .map_err(Error::BootParams)?;
         write_tables(memory)?;
         acpi::write_tables(memory)?;
-        Ok(Loaded {
-            entry: kernel.kernel_load.0 + STARTUP_64_OFFSET,
-            host_written,
-        })
+        Ok(kernel.kernel_load.0 + STARTUP_64_OFFSET)
     }
 }
 

@@ -196,7 +196,7 @@ impl LinuxVm {
             }
         }
         let e820 = e820_map(&memory.regions());
-        let loaded = images.load(
+        let entry = images.load(
             &*memory.memory().memory(),
             config.cmdline,
             &boot_args,
@@ -209,13 +209,13 @@ impl LinuxVm {
         let console = ConsoleLog::new(config.echo_console);
         let devices = LegacyDevices::new(irq, console.clone());
 
-        vcpu::enter_linux(&kvm, &vcpu, loaded.entry, BOOT_STACK)?;
+        vcpu::enter_linux(&kvm, &vcpu, entry, BOOT_STACK)?;
         Ok(LinuxVm {
             memory: Arc::new(memory),
             vcpu,
             devices,
             console,
-            host_written: loaded.host_written,
+            host_written,
         })
     }
 

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use benches::slow_criterion;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use guest_memfd::{GuestMemfd, GuestMemfdFlags, Memslot, PageRange, PAGE_SIZE};
-use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 use vm_private_memory::{MemoryBuilder, PageState, Strategy};
 
 const GIB: u64 = 1 << 30;
@@ -40,14 +39,12 @@ fn convert_1gib(c: &mut Criterion) {
         .initial_state(PageState::Private)
         .build()
         .expect("in-place memory (Linux 6.18+)");
-    let gmem = memory
-        .memory()
-        .memory()
-        .iter()
-        .next()
-        .unwrap()
-        .gmem()
-        .clone();
+    // The owner's way to the region's file: take the region out and put it back on the
+    // same file, keeping a handle to allocate it again before each pass.
+    let (range, gmem, offset) = memory.remove_region(0).unwrap();
+    memory
+        .add_region(range, Some((gmem.clone(), offset)), PageState::Private)
+        .unwrap();
     let peer = GuestMemfd::create(
         &vm,
         GIB,

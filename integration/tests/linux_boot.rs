@@ -17,7 +17,7 @@ use integration::linux::{
     GUEST_UP_MARKER, LAB_CMDLINE,
 };
 use integration::Error;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vm_private_memory::{private_page_refusal, PageState, PrivateMemory, Strategy};
 
 const RAM_SIZE: u64 = 256 << 20;
@@ -59,11 +59,12 @@ fn used_kib(line: &str) -> u64 {
 
 /// Bytes the shared side (the sealed memfd) holds.
 fn shared_side_bytes(memory: &PrivateMemory) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let snapshot = memory.memory().memory();
-    let region = snapshot.iter().next().expect("one region");
-    let memfd = region.shared_memfd().expect("a dual-strategy region");
-    memfd.file().metadata().unwrap().blocks() * 512
+    let first = memory.regions()[0].start();
+    memory
+        .backing(first)
+        .expect("one region")
+        .shared_bytes_held
+        .expect("a dual-strategy region")
 }
 
 /// What the host saw while the guest waited on its marker line.

@@ -8,7 +8,7 @@
 //! initial state, and its memory comes from zeroed, lazily backed allocator pages: a
 //! sparse 1 TiB guest costs nothing until its pages change.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -214,8 +214,15 @@ impl Iterator for Runs<'_> {
     }
 }
 
+/// `count` zeroed atomic words (loom's atomics are built one by one).
+#[cfg(loom)]
+fn zeroed_words(count: usize) -> Box<[AtomicU64]> {
+    (0..count).map(|_| AtomicU64::new(0)).collect()
+}
+
 /// `count` zeroed atomic words, from a zeroed allocation (`calloc`, which the kernel
 /// backs lazily for large sizes) instead of a loop that writes every word.
+#[cfg(not(loom))]
 fn zeroed_words(count: usize) -> Box<[AtomicU64]> {
     const { assert!(std::mem::align_of::<AtomicU64>() == std::mem::align_of::<u64>()) };
     let plain: Box<[u64]> = vec![0u64; count].into_boxed_slice();

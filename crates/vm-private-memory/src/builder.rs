@@ -18,6 +18,9 @@ use crate::strategy::Strategy;
 pub const GUEST_PHYS_LIMIT: u64 = 1 << 48;
 /// Regions placed by the builder start on this boundary (2 MiB, a huge page).
 pub const REGION_ALIGNMENT: u64 = 2 << 20;
+/// How long a conversion to private waits, by default, for host accesses still touching
+/// its pages before it fails ([`MemoryBuilder::access_patience`]).
+pub const DEFAULT_ACCESS_PATIENCE: std::time::Duration = std::time::Duration::from_millis(20);
 /// The x86 MMIO hole below 4 GiB, which [`MemoryBuilder::x86_mmio_hole`] reserves.
 pub const X86_MMIO_HOLE: (u64, u64) = (3 << 30, 1 << 30);
 
@@ -53,6 +56,7 @@ pub struct MemoryBuilder {
     single_file: bool,
     slots: (u32, Option<u32>),
     kvm_view: Option<Arc<dyn KvmView>>,
+    patience: std::time::Duration,
 }
 
 impl MemoryBuilder {
@@ -68,6 +72,7 @@ impl MemoryBuilder {
             single_file: false,
             slots: (0, None),
             kvm_view: None,
+            patience: DEFAULT_ACCESS_PATIENCE,
         }
     }
 
@@ -117,6 +122,15 @@ impl MemoryBuilder {
     /// Uses memslot numbers `first..=last` only (default: all the host offers, from 0).
     pub fn slots(mut self, first: u32, last: u32) -> Self {
         self.slots = (first, Some(last));
+        self
+    }
+
+    /// How long a conversion to private waits for host accesses (a `Bytes` call, a
+    /// `VolatileSlice` still held) that touch its pages before it fails, rolled back, with
+    /// [`Error::HostAccessInFlight`] ([`DEFAULT_ACCESS_PATIENCE`] by default). A guest
+    /// cannot stall its vCPU longer than this through a device that holds a slice.
+    pub fn access_patience(mut self, patience: std::time::Duration) -> Self {
+        self.patience = patience;
         self
     }
 
@@ -262,6 +276,7 @@ impl MemoryBuilder {
             Mutex::new(Engine::new(collection, slot_ids, limit)),
             kvm_view,
         );
+        memory.lock_engine().patience = self.patience;
         memory.bind_all()?;
         if strategy == Strategy::Dual && self.initial == PageState::Private {
             memory.set_kvm_view_all(PageState::Private)?;

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::attributes::PageState;
-use crate::error::{Error, Result};
+use crate::error::{Error, GpaRange, Result};
 use crate::listener::{in_callback, Listeners};
 use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemory};
 use crate::region::PrivateRegion;
@@ -18,6 +18,8 @@ pub enum Step {
     NotifyDiscard,
     /// The bits change.
     Bits,
+    /// Host accesses still in flight on the pages are waited for (conversion to private).
+    WaitForAccesses,
     /// `KVM_SET_MEMORY_ATTRIBUTES` (dual strategy).
     KvmAttributes,
     /// Listeners are offered the range (conversion to shared).
@@ -89,15 +91,23 @@ impl<'a> Piece<'a> {
     }
 
     fn set_bits(&self, state: PageState) {
-        self.region
-            .attributes()
-            .set(self.first_page, self.pages, state);
+        self.region.flip(self.first_page, self.pages, state);
+    }
+
+    /// Punches the shared side (dual strategy) of pages that are private now: whatever
+    /// reached it while they were private must not greet the host once they are shared.
+    fn clear_shared_side(&self) -> Result<()> {
+        if let Some(memfd) = self.region.shared_memfd() {
+            memfd.discard(self.region_range())?;
+        }
+        Ok(())
     }
 }
 
 /// The ranges one conversion changes, each inside one region, in address order.
 struct Plan<'a> {
     snapshot: &'a GuestMemoryPrivate,
+    requested: PageRange,
     changed: Vec<PageRange>,
 }
 
@@ -120,6 +130,9 @@ struct Progress {
     bits: Option<PageState>,
     /// KVM's view was set to this state.
     kvm: Option<PageState>,
+    /// KVM's view of the first `n` changed ranges was set to this state, then a call
+    /// failed.
+    kvm_partial: Option<(PageState, usize)>,
     /// What listeners accepted in `populate`.
     populated: Vec<crate::listener::Accepted>,
     /// Bytes punched.
@@ -190,11 +203,21 @@ impl PrivateMemory {
                 }
             }
         }
-        let plan = Plan { snapshot, changed };
+        let plan = Plan {
+            snapshot,
+            requested: range,
+            changed,
+        };
         let mut done = Progress::default();
         if !plan.changed.is_empty() {
             if let Err(e) = self.run_steps(&engine, &plan, to, mode, &mut done) {
-                self.undo(&plan, done);
+                let unknown = self.undo(&plan, done);
+                if !unknown.is_empty() {
+                    return Err(Error::RollbackFailed {
+                        cause: Box::new(e),
+                        unknown,
+                    });
+                }
                 return Err(e);
             }
         }
@@ -270,6 +293,8 @@ impl PrivateMemory {
                 self.check_fault(engine, Step::Bits)?;
                 plan.set_bits(PageState::Private);
                 done.bits = Some(PageState::Private);
+                self.check_fault(engine, Step::WaitForAccesses)?;
+                self.wait_for_accesses(engine, plan)?;
                 if dual {
                     self.check_fault(engine, Step::KvmAttributes)?;
                     self.set_kvm(guest, PageState::Private, done)?;
@@ -283,6 +308,15 @@ impl PrivateMemory {
                 // private: punch it before the host can look.
                 if !dual && discard {
                     punch(done)?;
+                }
+                // Dual: the shared side should be empty, but bytes may have reached it
+                // while the page was private (through a mapping of the shared file);
+                // the page must still arrive empty.
+                if dual && discard {
+                    self.check_fault(engine, Step::DiscardOldSide)?;
+                    for piece in plan.pieces() {
+                        piece.clear_shared_side()?;
+                    }
                 }
                 if dual {
                     self.check_fault(engine, Step::KvmAttributes)?;
@@ -310,10 +344,8 @@ impl PrivateMemory {
     fn set_kvm(&self, guest: &[PageRange], state: PageState, done: &mut Progress) -> Result<()> {
         for (i, range) in guest.iter().enumerate() {
             if let Err(e) = self.kvm_view.set(*range, state) {
-                // Put back the ranges already changed, then report.
-                for changed in &guest[..i] {
-                    let _ = self.kvm_view.set(*changed, state.flipped());
-                }
+                // The undo puts back the ranges already changed.
+                done.kvm_partial = Some((state, i));
                 return Err(e);
             }
         }
@@ -321,11 +353,48 @@ impl PrivateMemory {
         Ok(())
     }
 
-    fn undo(&self, plan: &Plan<'_>, done: Progress) {
+    /// Waits until no host access that passed its check before the bits changed is still
+    /// touching a page that is private now (see the `inflight` module).
+    fn wait_for_accesses(&self, engine: &Engine, plan: &Plan<'_>) -> Result<()> {
+        #[cfg(not(loom))]
+        {
+            use crate::inflight::Patience;
+            let snapshot = plan.snapshot;
+            let blocked = |start: usize, end: usize| {
+                snapshot
+                    .iter()
+                    .any(|r| r.host_range_touches_private(start, end))
+            };
+            crate::guard::TRACKER
+                .quiesce(
+                    crate::guard::current_slot(),
+                    blocked,
+                    Patience::new(engine.patience),
+                )
+                .map_err(|waited| Error::HostAccessInFlight {
+                    range: gpa(plan.requested),
+                    waited,
+                })?;
+        }
+        #[cfg(loom)]
+        let _ = (engine, plan);
+        Ok(())
+    }
+
+    /// Undoes what `done` says was done, newest first, and returns the ranges whose
+    /// state in KVM could not be put back (its view of them is unknown).
+    fn undo(&self, plan: &Plan<'_>, done: Progress) -> Vec<GpaRange> {
         Listeners::withdraw(done.populated);
-        if let Some(state) = done.kvm {
-            for range in &plan.changed {
-                let _ = self.kvm_view.set(*range, state.flipped());
+        let mut unknown = Vec::new();
+        let kvm_changed = match (done.kvm, done.kvm_partial) {
+            (Some(state), _) => Some((state, plan.changed.len())),
+            (None, partial) => partial,
+        };
+        if let Some((state, count)) = kvm_changed {
+            for range in &plan.changed[..count] {
+                if self.kvm_view.set(*range, state.flipped()).is_err() {
+                    unknown.push(gpa(*range));
+                }
             }
         }
         if let Some(state) = done.bits {
@@ -334,6 +403,7 @@ impl PrivateMemory {
         if done.notified_discard {
             self.listeners.restore(&plan.changed);
         }
+        unknown
     }
 }
 

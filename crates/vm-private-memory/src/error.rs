@@ -107,6 +107,31 @@ pub enum Error {
         /// The host's limit.
         limit: u32,
     },
+    /// A host access through the vm-memory view (a `Bytes` call, or a `VolatileSlice`
+    /// still held) was still touching a page of the conversion when the memory's
+    /// patience ran out. The conversion was rolled back; retry it once the holder has
+    /// dropped its slice (listeners hear `discard` first, so a well-behaved holder does).
+    /// A guest's request gets a retryable answer ([`crate::KVM_EAGAIN`]).
+    #[error("converting {range} to private waited {waited:?} for a host access still touching it; the conversion was rolled back and may be retried")]
+    HostAccessInFlight {
+        /// The range asked for.
+        range: GpaRange,
+        /// How long the conversion waited.
+        waited: std::time::Duration,
+    },
+    /// A conversion failed, and so did part of its rollback: KVM's view of `unknown` may
+    /// be either state (the bits and listeners were put back). Treat the VM as broken:
+    /// stop it, or convert those ranges again explicitly.
+    #[error("{cause}; rolling back KVM's view of {} range(s) failed too (first {}): their state in KVM is unknown", unknown.len(), unknown.first().map(ToString::to_string).unwrap_or_default())]
+    RollbackFailed {
+        /// Why the conversion failed.
+        cause: Box<Error>,
+        /// The ranges whose state in KVM is unknown.
+        unknown: Vec<GpaRange>,
+    },
+    /// `fstat` of one of a region's files failed.
+    #[error("fstat of a region's file failed: {0}")]
+    Stat(#[source] std::io::Error),
     /// A state document does not match the memory it is restored into.
     #[error("the saved state does not match: {0}")]
     StateMismatch(String),
@@ -124,6 +149,7 @@ impl Error {
         match self {
             Error::File(e) => e.errno(),
             Error::SetAttributes { source, .. } => Some(source.errno()),
+            Error::RollbackFailed { cause, .. } => cause.errno(),
             _ => None,
         }
     }

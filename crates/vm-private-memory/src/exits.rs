@@ -27,6 +27,10 @@ pub const KVM_EINVAL: u64 = libc::EINVAL as u64;
 pub const KVM_EFAULT: u64 = libc::EFAULT as u64;
 /// `KVM_ENOSYS` (`include/uapi/linux/kvm_para.h`): no such hypercall.
 pub const KVM_ENOSYS: u64 = 1000;
+/// `EAGAIN`: the conversion could not be done now and was rolled back; the guest should
+/// retry. `kvm_para.h` defines no such code; it is the errno, as KVM's own hypercall
+/// answers are (a TDX VMM maps it to `TDG.VP.VMCALL_RETRY`).
+pub const KVM_EAGAIN: u64 = libc::EAGAIN as u64;
 
 /// Why a guest's request was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -169,8 +173,9 @@ impl PrivateMemory {
 
     /// Serves a `KVM_HC_MAP_GPA_RANGE` hypercall and returns the value for the guest's
     /// `rax` (`KVM_EXIT_HYPERCALL`'s `ret`): 0 on success, `-KVM_EINVAL` for a malformed
-    /// or out-of-memory request, `-KVM_EFAULT` if the conversion itself failed (it was
-    /// rolled back).
+    /// or out-of-memory request, `-KVM_EAGAIN` if a host access still held the pages (the
+    /// conversion was rolled back; the guest may retry), `-KVM_EFAULT` if the conversion
+    /// itself failed (it was rolled back).
     pub fn handle_map_gpa_range(&self, gpa: u64, pages: u64, attributes: u64) -> u64 {
         match ConversionRequest::from_map_gpa_range(gpa, pages, attributes) {
             Err(e) => e.hypercall_code(),
@@ -179,6 +184,7 @@ impl PrivateMemory {
                 Err(Error::OutsideGuestMemory { .. }) | Err(Error::Reentrant { .. }) => {
                     KVM_EINVAL.wrapping_neg()
                 }
+                Err(Error::HostAccessInFlight { .. }) => KVM_EAGAIN.wrapping_neg(),
                 Err(_) => KVM_EFAULT.wrapping_neg(),
             },
         }

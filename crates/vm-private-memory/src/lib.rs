@@ -80,29 +80,40 @@
 //! ```
 
 #![deny(missing_docs)]
+// Under `--cfg loom` only the model of the access protocol is built for real.
+#![cfg_attr(loom, allow(dead_code, unused_imports, unused_variables))]
 
 mod attributes;
+mod backing;
 mod builder;
 mod convert;
 mod error;
 mod exits;
 mod footprint;
+mod guard;
+mod inflight;
 mod kvm_view;
 mod listener;
 mod memory;
 mod region;
 mod state;
 mod strategy;
+mod sync;
 
 pub use attributes::{PageAttributes, PageState, Run, Runs};
-pub use builder::{MemoryBuilder, GUEST_PHYS_LIMIT, REGION_ALIGNMENT, X86_MMIO_HOLE};
+pub use backing::RegionBacking;
+pub use builder::{
+    MemoryBuilder, DEFAULT_ACCESS_PATIENCE, GUEST_PHYS_LIMIT, REGION_ALIGNMENT, X86_MMIO_HOLE,
+};
 pub use convert::{ContentMode, ConversionReport, Step};
 pub use error::{Error, GpaRange, Result};
 pub use exits::{
-    ConversionRequest, RequestError, KVM_EFAULT, KVM_EINVAL, KVM_ENOSYS, MAP_GPA_RANGE_ENCRYPTED,
-    MAP_GPA_RANGE_KNOWN, MAP_GPA_RANGE_PAGE_SZ_1G, MAP_GPA_RANGE_PAGE_SZ_2M,
+    ConversionRequest, RequestError, KVM_EAGAIN, KVM_EFAULT, KVM_EINVAL, KVM_ENOSYS,
+    MAP_GPA_RANGE_ENCRYPTED, MAP_GPA_RANGE_KNOWN, MAP_GPA_RANGE_PAGE_SZ_1G,
+    MAP_GPA_RANGE_PAGE_SZ_2M,
 };
 pub use footprint::resident_guest_memfd_bytes;
+pub use guard::{AccessGuard, HostAccess};
 pub use kvm_view::{KvmView, VmAttributes};
 pub use listener::{MemoryListener, Subscription};
 pub use memory::{GuestMemoryPrivate, PrivateMemory};

@@ -28,6 +28,8 @@ pub(crate) struct Engine {
     pub(crate) current: Arc<GuestMemoryPrivate>,
     pub(crate) slots: IdAllocator,
     pub(crate) slot_limit: u32,
+    /// How long a conversion to private waits for host accesses in flight.
+    pub(crate) patience: std::time::Duration,
     #[cfg(feature = "fault-injection")]
     pub(crate) fail_at: Option<crate::convert::Step>,
 }
@@ -42,6 +44,7 @@ impl Engine {
             current,
             slots,
             slot_limit,
+            patience: crate::builder::DEFAULT_ACCESS_PATIENCE,
             #[cfg(feature = "fault-injection")]
             fail_at: None,
         }

@@ -1,18 +1,18 @@
 //! A guest memory region backed by guest_memfd, with per-page host access control.
 
 use std::io;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use guest_memfd::{GuestMemfd, Memslot, PageRange, SealedMemfd, PAGE_SIZE};
-use vm_memory::bitmap::BS;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{
     AtomicAccess, Bytes, FileOffset, GuestAddress, GuestMemoryError, GuestMemoryRegion, GuestUsize,
-    MemoryRegionAddress, ReadVolatile, VolatileMemory, VolatileSlice, WriteVolatile,
+    MemoryRegionAddress, ReadVolatile, VolatileSlice, WriteVolatile,
 };
 
 use crate::attributes::{PageAttributes, PageState};
 use crate::error::{Error, GpaRange};
+use crate::guard::{AccessGuard, HostAccess};
 use crate::strategy::Strategy;
 
 type GuestResult<T> = std::result::Result<T, GuestMemoryError>;
@@ -37,6 +37,9 @@ pub struct PrivateRegion {
     shared: Option<SealedMemfd>,
     host: MmapRegion,
     attributes: PageAttributes,
+    /// How many pages are private: kept by the conversion engine with the bits, so that
+    /// "is the whole region shared" costs one load.
+    private_pages: AtomicU64,
     slot: u32,
 }
 
@@ -56,6 +59,10 @@ impl PrivateRegion {
     pub(crate) fn new(parts: RegionParts) -> Self {
         PrivateRegion {
             attributes: PageAttributes::new(parts.guest.page_count(), parts.initial),
+            private_pages: AtomicU64::new(match parts.initial {
+                PageState::Private => parts.guest.page_count(),
+                PageState::Shared => 0,
+            }),
             guest: parts.guest,
             strategy: parts.strategy,
             gmem: parts.gmem,
@@ -81,8 +88,10 @@ impl PrivateRegion {
         &self.attributes
     }
 
-    /// The guest_memfd holding the region's (private) pages.
-    pub fn gmem(&self) -> &GuestMemfd {
+    /// The guest_memfd holding the region's (private) pages. Crate-internal: a safe
+    /// `GuestMemfd::map` of it would reach private pages (see [`crate::PrivateMemory`]
+    /// for what the owner may learn of its files).
+    pub(crate) fn gmem(&self) -> &GuestMemfd {
         &self.gmem
     }
 
@@ -92,7 +101,7 @@ impl PrivateRegion {
     }
 
     /// The sealed memfd holding the shared pages (dual strategy only).
-    pub fn shared_memfd(&self) -> Option<&SealedMemfd> {
+    pub(crate) fn shared_memfd(&self) -> Option<&SealedMemfd> {
         self.shared.as_ref()
     }
 
@@ -101,10 +110,51 @@ impl PrivateRegion {
         self.slot
     }
 
-    /// The region's memslot, with the host mapping as `userspace_addr`.
-    pub fn memslot(&self) -> guest_memfd::Result<Memslot<'_>> {
+    /// The region's memslot, with the host mapping as `userspace_addr`. Crate-internal:
+    /// unbinding it is the owner's job.
+    pub(crate) fn memslot(&self) -> guest_memfd::Result<Memslot<'_>> {
         Memslot::new(self.slot, self.guest, &self.gmem, self.gmem_offset)?
             .with_userspace_mapping(&self.host)
+    }
+
+    /// Puts pages `[first, first + count)` of the region, all now in `state.flipped()`,
+    /// in `state`: the bits and the private-page count. Conversion engine only.
+    pub(crate) fn flip(&self, first: u64, count: u64, state: PageState) {
+        // The count goes first towards private and last towards shared, so that it is
+        // never zero while a page is private.
+        match state {
+            PageState::Private => {
+                self.private_pages.fetch_add(count, Ordering::AcqRel);
+                self.attributes.set(first, count, state);
+            }
+            PageState::Shared => {
+                self.attributes.set(first, count, state);
+                self.private_pages.fetch_sub(count, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Whether every page of the region is shared.
+    pub fn all_shared(&self) -> bool {
+        self.private_pages.load(Ordering::Acquire) == 0
+    }
+
+    /// The host addresses of the region's mapping: `[start, end)`.
+    pub(crate) fn host_range(&self) -> (usize, usize) {
+        let start = self.host.as_ptr() as usize;
+        (start, start + self.host.size())
+    }
+
+    /// Whether host addresses `[start, end)` overlap a private page of this region.
+    pub(crate) fn host_range_touches_private(&self, start: usize, end: usize) -> bool {
+        let (base, limit) = self.host_range();
+        let (lo, hi) = (start.max(base), end.min(limit));
+        if lo >= hi {
+            return false;
+        }
+        let first = ((lo - base) as u64) / PAGE_SIZE;
+        let last = ((hi - 1 - base) as u64) / PAGE_SIZE;
+        self.attributes.first_private(first, last).is_some()
     }
 
     /// The state of the page holding region offset `offset`.
@@ -135,20 +185,32 @@ impl PrivateRegion {
     }
 
     /// The checked slice `[offset, offset + count)`: inside the region and all shared.
+    /// The slice's guard publishes the access before the bits are checked, so a
+    /// conversion to private waits for the slice to be dropped (see `guard`).
     #[inline]
     fn checked_slice(
         &self,
         offset: u64,
         count: usize,
-    ) -> GuestResult<VolatileSlice<'_, BS<'_, ()>>> {
+    ) -> GuestResult<VolatileSlice<'_, AccessGuard>> {
         let end = offset
             .checked_add(count as u64)
             .ok_or(GuestMemoryError::GuestAddressOverflow)?;
         if end > self.guest.len() {
             return Err(GuestMemoryError::InvalidBackendAddress);
         }
+        // The region's length fits its mapping, so `offset` and `end` fit in usize.
+        let ptr = self.host.as_ptr().wrapping_add(offset as usize);
+        let guard = if count == 0 {
+            AccessGuard::nothing()
+        } else {
+            AccessGuard::publish(ptr as usize, ptr as usize + count)
+        };
         self.check_shared(offset, count)?;
-        Ok(self.host.get_slice(offset as usize, count)?)
+        // SAFETY: `[offset, end)` lies inside the region, whose mapping is `guest.len()`
+        // bytes long and lives as long as `self`, which the slice borrows; guest memory
+        // is only ever accessed volatile (by the guest, KVM and vm-memory's slices).
+        Ok(unsafe { VolatileSlice::with_bitmap(ptr, count, guard, None) })
     }
 
     /// The bytes from `offset` to the end of the region, at most `want`.
@@ -184,7 +246,7 @@ pub fn private_page_refusal(err: &GuestMemoryError) -> Option<(GpaRange, u64)> {
 }
 
 impl GuestMemoryRegion for PrivateRegion {
-    type B = ();
+    type B = HostAccess;
 
     #[inline]
     fn len(&self) -> GuestUsize {
@@ -196,14 +258,36 @@ impl GuestMemoryRegion for PrivateRegion {
         GuestAddress(self.guest.start())
     }
 
-    fn bitmap(&self) {}
+    fn bitmap(&self) -> AccessGuard {
+        AccessGuard::nothing()
+    }
 
-    /// The host address of `addr`, if its page is shared. The pointer is valid for the
-    /// rest of that page only as long as the page stays shared: subscribe a listener to
-    /// learn when it stops being so.
+    /// The host address of `addr`, only while *every* page of the region is shared.
+    ///
+    /// rust-vmm code takes `get_host_address(0)` plus the region's length to map a whole
+    /// region (vfio-ioctls' `vfio_map_guest_memory`, vhost-user memory tables), so an
+    /// address is only handed out when that whole span is shared; a region with any
+    /// private page refuses, naming its first private page. Device code that needs the
+    /// shared parts of a partly private region takes slices (`get_slice`) instead. The
+    /// pointer stays valid while the pages stay shared: subscribe a listener to hear
+    /// `discard` before they stop being so.
     fn get_host_address(&self, addr: MemoryRegionAddress) -> GuestResult<*mut u8> {
-        self.checked_slice(addr.0, 1)
-            .map(|s| s.ptr_guard_mut().as_ptr())
+        if addr.0 >= self.guest.len() {
+            return Err(GuestMemoryError::InvalidBackendAddress);
+        }
+        if !self.all_shared() {
+            let page = self
+                .attributes
+                .find(0, self.attributes.pages(), PageState::Private);
+            return Err(refusal(
+                GpaRange {
+                    start: self.guest.start(),
+                    len: self.guest.len(),
+                },
+                self.guest.start() + page.unwrap_or(0) * PAGE_SIZE,
+            ));
+        }
+        Ok(self.host.as_ptr().wrapping_add(addr.0 as usize))
     }
 
     /// The shared file behind the region's host mapping, in the dual strategy (its
@@ -221,7 +305,7 @@ impl GuestMemoryRegion for PrivateRegion {
         &self,
         offset: MemoryRegionAddress,
         count: usize,
-    ) -> GuestResult<VolatileSlice<'_, BS<'_, ()>>> {
+    ) -> GuestResult<VolatileSlice<'_, AccessGuard>> {
         self.checked_slice(offset.0, count)
     }
 }

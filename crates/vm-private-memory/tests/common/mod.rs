@@ -124,10 +124,10 @@ pub fn gpa_is_free(vm: &kvm_ioctls::VmFd, range: PageRange) -> bool {
 
 /// Bytes the first region's sealed memfd (the dual strategy's shared side) holds.
 pub fn shared_side_bytes(memory: &vm_private_memory::PrivateMemory) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
-    let snapshot = memory.memory().memory();
-    let region = snapshot.iter().next().expect("a region");
-    let memfd = region.shared_memfd().expect("a dual-strategy region");
-    memfd.file().metadata().unwrap().blocks() * 512
+    let first = memory.regions()[0].start();
+    memory
+        .backing(first)
+        .unwrap()
+        .shared_bytes_held
+        .expect("a dual-strategy region")
 }

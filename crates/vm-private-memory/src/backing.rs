@@ -1,0 +1,60 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! What the owner may learn of the files behind its regions.
+//!
+//! The files themselves stay inside the crate: a `GuestMemfd` handed to safe code could be
+//! mapped whole (`GuestMemfd::map`), private pages included. The owner gets their
+//! identity, sizes and the memory they hold, which is what accounting, live update and
+//! tests need.
+
+use std::os::unix::fs::MetadataExt;
+
+use guest_memfd::PageRange;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::error::{Error, Result};
+use crate::memory::PrivateMemory;
+
+/// The files behind one region, as the owner sees them ([`PrivateMemory::backing`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionBacking {
+    /// The region's guest-physical range.
+    pub guest: PageRange,
+    /// The guest_memfd's inode number: regions backed by one file share it.
+    pub gmem_inode: u64,
+    /// The guest_memfd's size.
+    pub gmem_size: u64,
+    /// Where in the guest_memfd the region starts.
+    pub gmem_offset: u64,
+    /// Bytes of memory the shared side holds (dual strategy: the sealed memfd's
+    /// allocated blocks); `None` in-place, whose shared pages live in the guest_memfd.
+    pub shared_bytes_held: Option<u64>,
+}
+
+impl PrivateMemory {
+    /// The files behind the region that starts at `start`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoSuchRegion`] if no region starts there; [`Error::Stat`] if `fstat` of
+    /// one of its files fails.
+    pub fn backing(&self, start: u64) -> Result<RegionBacking> {
+        let engine = self.lock_engine();
+        let region = engine
+            .current
+            .iter()
+            .find(|r| r.guest_range().start() == start)
+            .ok_or(Error::NoSuchRegion(GuestAddress(start)))?;
+        let gmem = region.gmem().file().metadata().map_err(Error::Stat)?;
+        let shared_bytes_held = match region.shared_memfd() {
+            Some(memfd) => Some(memfd.file().metadata().map_err(Error::Stat)?.blocks() * 512),
+            None => None,
+        };
+        Ok(RegionBacking {
+            guest: region.guest_range(),
+            gmem_inode: gmem.ino(),
+            gmem_size: region.gmem().size(),
+            gmem_offset: region.gmem_offset(),
+            shared_bytes_held,
+        })
+    }
+}

@@ -1,0 +1,413 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Host accesses in flight, and waiting them out before a page goes private.
+//!
+//! Every host access through the vm-memory view *publishes* the host address range it is
+//! about to touch, then checks the page bits, then copies, then withdraws the range. A
+//! conversion to private first sets the bits, then waits until no published range that
+//! overlaps a private page remains. Either the access published before the conversion
+//! looked (and the conversion waits for it), or the access checked the bits after they
+//! changed (and refused): this is the classic store-buffering pattern, which needs a full
+//! barrier between each side's store and its load.
+//!
+//! The barrier is asymmetric, as in userspace RCU: the access side, which runs on every
+//! `Bytes` call, only stops the compiler from reordering; the conversion side makes every
+//! thread of the process execute a full barrier with `membarrier(2)`
+//! (`MEMBARRIER_CMD_PRIVATE_EXPEDITED`). Where `membarrier` is not available both sides
+//! use a full fence. Under `--cfg loom` both sides use a full fence, which is the
+//! semantics `membarrier` gives the pair.
+//!
+//! Each thread publishes into a [`Slot`] of its own (a few entries, one per access it
+//! holds at once: a `VolatileSlice` keeps its entry until dropped); accesses beyond the
+//! entries are counted in the slot's `overflow`, which a conversion treats as overlapping
+//! everything.
+
+use std::time::Duration;
+
+use crate::sync::{fence, lock, AtomicUsize, Mutex, Ordering};
+
+/// Entries per thread: accesses one thread can hold at once before they are counted
+/// conservatively in its slot's `overflow`.
+pub(crate) const ENTRIES: usize = 8;
+
+/// One published access: host addresses `[start, end)`; `end == 0` when free.
+#[derive(Debug)]
+struct Entry {
+    start: AtomicUsize,
+    end: AtomicUsize,
+}
+
+/// One thread's accesses in flight, as conversions see them. Only the owning thread
+/// publishes; any thread may read.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    entries: [Entry; ENTRIES],
+    overflow: AtomicUsize,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Slot {
+            entries: std::array::from_fn(|_| Entry {
+                start: AtomicUsize::new(0),
+                end: AtomicUsize::new(0),
+            }),
+            overflow: AtomicUsize::new(0),
+        }
+    }
+
+    /// Publishes `[start, end)` (`end > start`) in entry `index`. Owner thread only;
+    /// follow it with [`access_barrier`] before checking the page bits.
+    pub(crate) fn publish(&self, index: usize, start: usize, end: usize) {
+        let entry = &self.entries[index];
+        entry.start.store(start, Ordering::Relaxed);
+        // Release: a conversion that reads this `end` (Acquire) reads this `start` too.
+        entry.end.store(end, Ordering::Release);
+    }
+
+    /// Withdraws entry `index`: its access is over.
+    pub(crate) fn withdraw(&self, index: usize) {
+        self.entries[index].end.store(0, Ordering::Release);
+    }
+
+    /// Counts one more access that has no entry. Owner thread only; follow it with
+    /// [`access_barrier`].
+    pub(crate) fn add_overflow(&self) {
+        let n = self.overflow.load(Ordering::Relaxed);
+        self.overflow.store(n + 1, Ordering::Relaxed);
+    }
+
+    /// Ends one access counted by [`Slot::add_overflow`]. Owner thread only.
+    pub(crate) fn remove_overflow(&self) {
+        let n = self.overflow.load(Ordering::Relaxed);
+        self.overflow.store(n.saturating_sub(1), Ordering::Release);
+    }
+
+    /// Whether nothing is published.
+    fn idle(&self) -> bool {
+        self.overflow.load(Ordering::Acquire) == 0
+            && self
+                .entries
+                .iter()
+                .all(|e| e.end.load(Ordering::Acquire) == 0)
+    }
+}
+
+/// Whether the two sides of the barrier are asymmetric (`membarrier` works), decided
+/// when the first slot is registered, before any access can run.
+#[cfg(not(loom))]
+static ASYMMETRIC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The access side's barrier, between publishing and checking the bits.
+#[inline]
+pub(crate) fn access_barrier() {
+    #[cfg(not(loom))]
+    if ASYMMETRIC.load(std::sync::atomic::Ordering::Relaxed) {
+        std::sync::atomic::compiler_fence(Ordering::SeqCst);
+        return;
+    }
+    fence(Ordering::SeqCst);
+}
+
+/// The conversion side's barrier, between changing the bits and reading the slots: every
+/// thread of the process executes a full barrier before it returns.
+fn conversion_barrier() {
+    #[cfg(not(loom))]
+    if ASYMMETRIC.load(std::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: membarrier takes integer arguments only; the process registered for
+        // MEMBARRIER_CMD_PRIVATE_EXPEDITED in `decide_barrier`, so the command succeeds.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_membarrier,
+                libc::MEMBARRIER_CMD_PRIVATE_EXPEDITED,
+                0,
+                0,
+            )
+        };
+        if ret == 0 {
+            return;
+        }
+        // Cannot happen after a successful registration. The access side only has a
+        // compiler barrier, so no fence here could make up for it: the slots read next
+        // may miss an access, which is why the registration is checked up front.
+    }
+    fence(Ordering::SeqCst);
+}
+
+/// Registers the process for expedited private `membarrier`, once; where that fails the
+/// access side falls back to a full fence.
+#[cfg(not(loom))]
+fn decide_barrier() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: membarrier takes integer arguments only; the return value is checked.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_membarrier,
+                libc::MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+                0,
+                0,
+            )
+        };
+        ASYMMETRIC.store(ret == 0, std::sync::atomic::Ordering::SeqCst);
+    });
+}
+
+/// A slot and whether a live thread owns it.
+#[derive(Debug)]
+struct SlotRecord {
+    slot: &'static Slot,
+    owned: bool,
+}
+
+/// Every thread's slot. Slots are never freed, only handed to the next new thread once
+/// their owner has exited with nothing published.
+#[derive(Debug)]
+pub(crate) struct Tracker {
+    slots: Mutex<Vec<SlotRecord>>,
+    /// Accesses made by threads that could not get a slot (while exiting).
+    unregistered: AtomicUsize,
+}
+
+/// How long a conversion waits for accesses in flight.
+pub(crate) struct Patience {
+    #[cfg(not(loom))]
+    deadline: Option<std::time::Instant>,
+    #[cfg(not(loom))]
+    limit: Duration,
+    spins: u32,
+}
+
+impl Patience {
+    pub(crate) fn new(limit: Duration) -> Self {
+        let _ = limit;
+        Patience {
+            #[cfg(not(loom))]
+            deadline: None,
+            #[cfg(not(loom))]
+            limit,
+            spins: 0,
+        }
+    }
+
+    /// Waits a little; false once patience has run out.
+    fn wait(&mut self) -> bool {
+        self.spins = self.spins.saturating_add(1);
+        #[cfg(loom)]
+        {
+            loom::thread::yield_now();
+            self.spins < 3
+        }
+        #[cfg(not(loom))]
+        {
+            let now = std::time::Instant::now();
+            let deadline = *self.deadline.get_or_insert(now + self.limit);
+            if now >= deadline {
+                return false;
+            }
+            if self.spins < 64 {
+                std::hint::spin_loop();
+            } else if self.spins < 128 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(20).min(deadline - now));
+            }
+            true
+        }
+    }
+}
+
+impl Tracker {
+    /// An empty tracker.
+    #[cfg(not(loom))]
+    pub(crate) const fn new() -> Self {
+        Tracker {
+            slots: Mutex::new(Vec::new()),
+            unregistered: AtomicUsize::new(0),
+        }
+    }
+
+    /// An empty tracker.
+    #[cfg(loom)]
+    pub(crate) fn new() -> Self {
+        Tracker {
+            slots: Mutex::new(Vec::new()),
+            unregistered: AtomicUsize::new(0),
+        }
+    }
+
+    /// A slot for the calling thread, which owns it until [`Tracker::release`].
+    pub(crate) fn register(&self) -> &'static Slot {
+        #[cfg(not(loom))]
+        decide_barrier();
+        let mut slots = lock(&self.slots);
+        if let Some(record) = slots.iter_mut().find(|r| !r.owned) {
+            record.owned = true;
+            return record.slot;
+        }
+        let slot: &'static Slot = Box::leak(Box::new(Slot::new()));
+        slots.push(SlotRecord { slot, owned: true });
+        slot
+    }
+
+    /// Gives `slot` back (its thread is exiting) and says whether it did. A slot with
+    /// something still published stays owned for good, so that its late withdrawals
+    /// cannot reach another thread's accesses.
+    pub(crate) fn release(&self, slot: &'static Slot) -> bool {
+        if !slot.idle() {
+            return false;
+        }
+        let mut slots = lock(&self.slots);
+        match slots.iter_mut().find(|r| std::ptr::eq(r.slot, slot)) {
+            Some(record) => {
+                record.owned = false;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Counts an access by a thread without a slot (a full barrier follows).
+    pub(crate) fn add_unregistered(&self) {
+        self.unregistered.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Ends an access counted by [`Tracker::add_unregistered`].
+    pub(crate) fn remove_unregistered(&self) {
+        self.unregistered.fetch_sub(1, Ordering::Release);
+    }
+
+    /// Waits until no access that may have passed its check is in flight on a range that
+    /// `blocked` says is private now. Call it after the bits changed. `own` is the calling
+    /// thread's slot, if it has one: when no other thread owns a slot the barrier is
+    /// skipped, since any thread registering later synchronises through the slot list's
+    /// lock with this call. Fails, with the time waited, once `patience` runs out.
+    pub(crate) fn quiesce(
+        &self,
+        own: Option<&'static Slot>,
+        blocked: impl Fn(usize, usize) -> bool,
+        mut patience: Patience,
+    ) -> Result<(), Duration> {
+        let slots = lock(&self.slots);
+        let others = slots
+            .iter()
+            .any(|r| r.owned && !own.is_some_and(|own| std::ptr::eq(own, r.slot)));
+        if others || self.unregistered.load(Ordering::SeqCst) > 0 {
+            conversion_barrier();
+        }
+        #[cfg(not(loom))]
+        let started = std::time::Instant::now();
+        #[cfg(loom)]
+        let started = ();
+        let timed_out = || {
+            #[cfg(not(loom))]
+            return Err(started.elapsed());
+            #[cfg(loom)]
+            {
+                let _ = started;
+                Err(Duration::ZERO)
+            }
+        };
+        for record in slots.iter() {
+            for entry in &record.slot.entries {
+                loop {
+                    let end = entry.end.load(Ordering::Acquire);
+                    if end == 0 || !blocked(entry.start.load(Ordering::Relaxed), end) {
+                        break;
+                    }
+                    if !patience.wait() {
+                        return timed_out();
+                    }
+                }
+            }
+            while record.slot.overflow.load(Ordering::Acquire) > 0 {
+                if !patience.wait() {
+                    return timed_out();
+                }
+            }
+        }
+        while self.unregistered.load(Ordering::Acquire) > 0 {
+            if !patience.wait() {
+                return timed_out();
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_model {
+    //! The protocol, model-checked: a host access racing a conversion to private never
+    //! touches the page once the conversion has returned.
+
+    use std::sync::Arc;
+
+    use loom::cell::UnsafeCell;
+
+    use super::*;
+    use crate::attributes::{PageAttributes, PageState};
+
+    /// The guest's page: the access and the conversion's follow-up (the punch, the
+    /// guest's private writes) both write it; loom reports any unsynchronised pair.
+    struct Page(UnsafeCell<u64>);
+    // SAFETY: every access to the cell is checked by loom's causality tracking, which is
+    // what this model is for.
+    unsafe impl Sync for Page {}
+
+    /// Runs the model; `check_first` breaks the protocol (the access checks the bits
+    /// before publishing), which the model must catch.
+    fn model(check_first: bool) {
+        loom::model(move || {
+            let tracker: &'static Tracker = Box::leak(Box::new(Tracker::new()));
+            let bits = Arc::new(PageAttributes::new(1, PageState::Shared));
+            let page = Arc::new(Page(UnsafeCell::new(0)));
+            let host = 0x1000usize;
+
+            let reader = {
+                let (bits, page) = (Arc::clone(&bits), Arc::clone(&page));
+                loom::thread::spawn(move || {
+                    let slot = tracker.register();
+                    let shared = if check_first {
+                        let shared = bits.first_private(0, 0).is_none();
+                        slot.publish(0, host, host + 8);
+                        shared
+                    } else {
+                        slot.publish(0, host, host + 8);
+                        access_barrier();
+                        bits.first_private(0, 0).is_none()
+                    };
+                    if shared {
+                        // SAFETY: loom checks this write against the conversion's.
+                        page.0.with_mut(|p| unsafe { *p = 1 });
+                    }
+                    slot.withdraw(0);
+                })
+            };
+
+            bits.set(0, 1, PageState::Private);
+            let done = tracker.quiesce(
+                None,
+                |s, e| s < host + 4096 && e > host,
+                Patience::new(Duration::ZERO),
+            );
+            if done.is_ok() {
+                // The conversion went through: the guest (or the punch) now owns the page.
+                // SAFETY: loom checks this write against the access's.
+                page.0.with_mut(|p| unsafe { *p = 2 });
+            } else {
+                bits.set(0, 1, PageState::Shared);
+            }
+            reader.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn an_access_racing_a_conversion_never_touches_the_page_after_it() {
+        model(false);
+    }
+
+    #[test]
+    #[should_panic]
+    fn the_model_catches_an_access_that_checks_before_it_publishes() {
+        model(true);
+    }
+}

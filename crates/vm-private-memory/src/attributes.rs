@@ -139,10 +139,7 @@ impl PageAttributes {
         let mut word = first / 64;
         while word * 64 < end {
             // `word * 64 < end <= pages`, so the word exists.
-            let Some(cell) = self.words.get(word as usize) else {
-                return None;
-            };
-            let bits = cell.load(Ordering::Acquire);
+            let bits = self.words.get(word as usize)?.load(Ordering::Acquire);
             let bits = if self.stored(state) { bits } else { !bits }
                 & Self::mask_of_word(word, first, end);
             if bits != 0 {

@@ -11,6 +11,9 @@ use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemory};
 use crate::region::PrivateRegion;
 use crate::strategy::Strategy;
 
+mod batch;
+pub(crate) use batch::Retarget;
+
 /// The steps of a conversion, in the order they can run; named by fault injection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Step {

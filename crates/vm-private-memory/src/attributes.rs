@@ -117,22 +117,29 @@ impl PageAttributes {
         std::mem::size_of_val(&*self.words)
     }
 
-    /// The state of page `page` (`page < pages()`).
-    pub fn get(&self, page: u64) -> PageState {
-        let word = self.words[(page / 64) as usize].load(Ordering::Acquire);
-        if word & (1 << (page % 64)) != 0 {
+    /// The state of page `page`, or `None` if the map has no such page
+    /// (`page >= pages()`).
+    pub fn get(&self, page: u64) -> Option<PageState> {
+        if page >= self.pages {
+            return None;
+        }
+        let word = self.words.get(usize::try_from(page / 64).ok()?)?;
+        Some(if word.load(Ordering::Acquire) & (1 << (page % 64)) != 0 {
             self.initial.flipped()
         } else {
             self.initial
-        }
+        })
     }
 
-    /// The first page in `[first, first + count)` that is in `state`, if any.
+    /// The first page in `[first, first + count)` that is in `state`, if any. Pages past
+    /// the end of the map are not searched (any `first` and `count` may be given, their
+    /// sum may overflow: the range is clipped to `[0, pages())`).
     pub fn find(&self, first: u64, count: u64, state: PageState) -> Option<u64> {
         let end = first.saturating_add(count).min(self.pages);
         let mut word = first / 64;
         while word * 64 < end {
-            let bits = self.words[word as usize].load(Ordering::Acquire);
+            // `word * 64 < end <= pages`, so the word exists.
+            let bits = self.words.get(word as usize)?.load(Ordering::Acquire);
             let bits = if self.stored(state) { bits } else { !bits }
                 & Self::mask_of_word(word, first, end);
             if bits != 0 {
@@ -143,20 +150,28 @@ impl PageAttributes {
         None
     }
 
-    /// Whether every page of `[first, first + count)` is in `state`.
+    /// Whether every page of `[first, first + count)` exists and is in `state`: `false`
+    /// if the range reaches past the end of the map (or `first + count` overflows), since
+    /// a page the map does not have is in no state. An empty range inside the map
+    /// (`count == 0`, `first <= pages()`) is `true`.
     pub fn all(&self, first: u64, count: u64, state: PageState) -> bool {
-        self.find(first, count, state.flipped()).is_none()
+        match first.checked_add(count) {
+            Some(end) if end <= self.pages => self.find(first, count, state.flipped()).is_none(),
+            _ => false,
+        }
     }
 
     /// Puts pages `[first, first + count)` in `state`. Only the conversion engine calls this,
     /// under the conversion lock, so read-modify-write of a word cannot race with another
     /// writer.
     pub(crate) fn set(&self, first: u64, count: u64, state: PageState) {
-        let end = (first + count).min(self.pages);
+        let end = first.saturating_add(count).min(self.pages);
         let mut word = first / 64;
         while word * 64 < end {
             let mask = Self::mask_of_word(word, first, end);
-            let cell = &self.words[word as usize];
+            let Some(cell) = self.words.get(word as usize) else {
+                return;
+            };
             if self.stored(state) {
                 cell.fetch_or(mask, Ordering::Release);
             } else {
@@ -166,7 +181,8 @@ impl PageAttributes {
         }
     }
 
-    /// The runs of equal state covering `[first, first + count)`, in order.
+    /// The runs of equal state covering `[first, first + count)`, in order, clipped to the
+    /// map like [`PageAttributes::find`] (nothing at all if `first >= pages()`).
     pub fn runs(&self, first: u64, count: u64) -> Runs<'_> {
         Runs {
             attributes: self,
@@ -204,7 +220,7 @@ impl Iterator for Runs<'_> {
             return None;
         }
         let start = self.next;
-        let state = self.attributes.get(start);
+        let state = self.attributes.get(start)?;
         let stop = self
             .attributes
             .find(start, self.end - start, state.flipped())
@@ -242,7 +258,7 @@ mod tests {
     fn initial_state_is_exact_at_the_edges() {
         let a = PageAttributes::new(130, PageState::Private);
         assert_eq!(a.count_private(), 130);
-        assert_eq!(a.get(129), PageState::Private);
+        assert_eq!(a.get(129), Some(PageState::Private));
         let b = PageAttributes::new(130, PageState::Shared);
         assert_eq!(b.count_private(), 0);
         assert!(b.all(0, 130, PageState::Shared));
@@ -308,5 +324,103 @@ mod tests {
         let gib_pages = (1u64 << 30) / 4096;
         let a = PageAttributes::new(gib_pages, PageState::Shared);
         assert_eq!(a.metadata_bytes() as u64, gib_pages / 8);
+    }
+
+    #[test]
+    fn get_answers_none_outside_the_map() {
+        for initial in [PageState::Private, PageState::Shared] {
+            let a = PageAttributes::new(130, initial);
+            assert_eq!(a.get(129), Some(initial));
+            assert_eq!(a.get(130), None, "the page just past the end");
+            assert_eq!(a.get(191), None, "a page in the last word's padding");
+            assert_eq!(a.get(192), None);
+            assert_eq!(a.get(u64::MAX), None);
+        }
+        assert_eq!(PageAttributes::new(0, PageState::Shared).get(0), None);
+    }
+
+    #[test]
+    fn all_is_false_for_pages_past_the_end() {
+        let a = PageAttributes::new(10, PageState::Shared);
+        assert!(a.all(0, 10, PageState::Shared));
+        assert!(a.all(10, 0, PageState::Shared), "an empty range at the end");
+        assert!(!a.all(10, 1, PageState::Shared));
+        assert!(!a.all(9, 2, PageState::Shared));
+        assert!(!a.all(11, 0, PageState::Shared));
+        assert!(!a.all(u64::MAX, 1, PageState::Shared));
+        assert!(!a.all(1, u64::MAX, PageState::Shared));
+        assert!(!a.all(u64::MAX, u64::MAX, PageState::Private));
+    }
+
+    /// The state of page `p` after setting `ops` on a map in `initial` state, the simple way.
+    fn model(initial: PageState, ops: &[(u64, u64, bool)], p: u64) -> PageState {
+        ops.iter()
+            .rev()
+            .find(|(first, count, _)| p >= *first && p - first < *count)
+            .map_or(initial, |&(_, _, private)| {
+                if private {
+                    PageState::Private
+                } else {
+                    PageState::Shared
+                }
+            })
+    }
+
+    fn any_u64() -> impl proptest::strategy::Strategy<Value = u64> {
+        use proptest::prelude::*;
+        prop_oneof![
+            0u64..300,
+            Just(u64::MAX),
+            Just(u64::MAX - 1),
+            Just(u64::MAX / 64),
+            any::<u64>(),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Every public query answers, for any input, what a page-by-page model answers.
+        #[test]
+        fn queries_are_total_and_agree_with_a_model(
+            pages in 0u64..260,
+            initial_private in proptest::bool::ANY,
+            ops in proptest::collection::vec((0u64..280, 0u64..150, proptest::bool::ANY), 0..6),
+            first in any_u64(),
+            count in any_u64(),
+        ) {
+            let initial = if initial_private { PageState::Private } else { PageState::Shared };
+            let a = PageAttributes::new(pages, initial);
+            for &(f, c, private) in &ops {
+                a.set(f, c, if private { PageState::Private } else { PageState::Shared });
+            }
+            let state = |p: u64| model(initial, &ops, p);
+            for p in [first, count, pages, pages.wrapping_sub(1)] {
+                let expected = (p < pages).then(|| state(p));
+                proptest::prop_assert_eq!(a.get(p), expected);
+            }
+            let end = first.saturating_add(count).min(pages);
+            let in_map = first..end.max(first);
+            for s in [PageState::Private, PageState::Shared] {
+                proptest::prop_assert_eq!(
+                    a.find(first, count, s),
+                    in_map.clone().find(|&p| state(p) == s)
+                );
+                let exists = first.checked_add(count).is_some_and(|e| e <= pages);
+                proptest::prop_assert_eq!(
+                    a.all(first, count, s),
+                    exists && in_map.clone().all(|p| state(p) == s)
+                );
+            }
+            let runs: Vec<Run> = a.runs(first, count).collect();
+            let mut expected: Vec<Run> = Vec::new();
+            for p in in_map {
+                match expected.last_mut() {
+                    Some((start, n, s)) if *s == state(p) && *start + *n == p => *n += 1,
+                    _ => expected.push((p, 1, state(p))),
+                }
+            }
+            proptest::prop_assert_eq!(runs, expected);
+            let private = (0..pages).filter(|&p| state(p) == PageState::Private).count();
+            proptest::prop_assert_eq!(a.count_private(), private as u64);
+        }
     }
 }

@@ -11,6 +11,9 @@ use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemory};
 use crate::region::PrivateRegion;
 use crate::strategy::Strategy;
 
+mod batch;
+pub(crate) use batch::Retarget;
+
 /// The steps of a conversion, in the order they can run; named by fault injection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Step {
@@ -107,7 +110,7 @@ impl<'a> Piece<'a> {
 /// The ranges one conversion changes, each inside one region, in address order.
 struct Plan<'a> {
     snapshot: &'a GuestMemoryPrivate,
-    requested: PageRange,
+    requested: GpaRange,
     changed: Vec<PageRange>,
 }
 
@@ -205,7 +208,7 @@ impl PrivateMemory {
         }
         let plan = Plan {
             snapshot,
-            requested: range,
+            requested: gpa(range),
             changed,
         };
         let mut done = Progress::default();
@@ -372,7 +375,7 @@ impl PrivateMemory {
                     Patience::new(engine.patience),
                 )
                 .map_err(|waited| Error::HostAccessInFlight {
-                    range: gpa(plan.requested),
+                    range: plan.requested,
                     waited,
                 })?;
         }

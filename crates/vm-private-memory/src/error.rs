@@ -132,9 +132,10 @@ pub enum Error {
     /// `fstat` of one of a region's files failed.
     #[error("fstat of a region's file failed: {0}")]
     Stat(#[source] std::io::Error),
-    /// A state document does not match the memory it is restored into.
-    #[error("the saved state does not match: {0}")]
-    StateMismatch(String),
+    /// A saved state is damaged, of another version, or does not describe the memory it
+    /// is restored into; nothing was changed.
+    #[error("the saved state is refused: {0}")]
+    StateMismatch(#[from] crate::state::StateError),
     /// A guest's conversion request was malformed.
     #[error("malformed conversion request from the guest: {0}")]
     BadRequest(String),

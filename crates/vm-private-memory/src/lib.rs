@@ -118,5 +118,7 @@ pub use kvm_view::{KvmView, VmAttributes};
 pub use listener::{MemoryListener, Subscription};
 pub use memory::{GuestMemoryPrivate, PrivateMemory};
 pub use region::{private_page_refusal, PrivateRegion};
-pub use state::{MemoryState, PageRun, RegionState, STATE_VERSION};
+pub use state::{
+    MemoryState, PageRun, PrivatePages, RegionState, SharedContent, StateError, STATE_VERSION,
+};
 pub use strategy::Strategy;

@@ -159,7 +159,7 @@ impl PrivateRegion {
 
     /// The state of the page holding region offset `offset`.
     pub fn state_at(&self, offset: u64) -> Option<PageState> {
-        (offset < self.guest.len()).then(|| self.attributes.get(offset / PAGE_SIZE))
+        self.attributes.get(offset / PAGE_SIZE)
     }
 
     /// Refuses `[offset, offset + count)` (inside the region) if it touches a private page.

@@ -5,7 +5,14 @@ mod common;
 use common::{in_place_or_skip, pr, vm};
 use guest_memfd::PAGE_SIZE;
 use proptest::prelude::*;
-use vm_private_memory::{Error, MemoryBuilder, MemoryState, PageRun, PageState, PrivateMemory};
+use std::sync::Arc;
+
+use common::{Heard, Recorder};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_private_memory::{
+    ContentMode, Error, MemoryBuilder, MemoryState, PageRun, PageState, PrivateMemory,
+    PrivatePages, SharedContent, StateError, Strategy, Subscription,
+};
 
 const MIB2: u64 = 2 << 20;
 
@@ -41,17 +48,17 @@ fn state_round_trips_through_json_into_fresh_memory() {
     let state = m.state();
     assert_eq!(
         state.regions[0].private,
-        vec![
+        PrivatePages::Runs(vec![
             PageRun { first: 0, count: 1 },
             PageRun {
                 first: 4,
                 count: 508
             }
-        ]
+        ])
     );
     assert_eq!(
         state.regions[1].private,
-        vec![PageRun { first: 8, count: 1 }]
+        PrivatePages::Runs(vec![PageRun { first: 8, count: 1 }])
     );
     let json = serde_json::to_string(&state).unwrap();
     let back: MemoryState = serde_json::from_str(&json).unwrap();
@@ -72,52 +79,90 @@ fn corrupted_or_mismatched_states_are_errors() {
     let m = source();
     let good = m.state();
     let before = states(&m);
-    let mut cases: Vec<(MemoryState, &str)> = Vec::new();
+    /// A damaged state, and what its refusal must say.
+    type Case = (MemoryState, fn(&StateError) -> bool);
+    let mut cases: Vec<Case> = Vec::new();
     let mut s = good.clone();
     s.version = 99;
-    cases.push((s, "version"));
+    cases.push((s, |e| {
+        matches!(
+            e,
+            StateError::Version {
+                found: 99,
+                supported: 2
+            }
+        )
+    }));
+    let mut s = good.clone();
+    s.checksum ^= 1;
+    cases.push((s, |e| matches!(e, StateError::Checksum { .. })));
     let mut s = good.clone();
     s.strategy = match s.strategy {
         vm_private_memory::Strategy::InPlace => vm_private_memory::Strategy::Dual,
         vm_private_memory::Strategy::Dual => vm_private_memory::Strategy::InPlace,
     };
-    cases.push((s, "strategy"));
+    cases.push((s, |e| matches!(e, StateError::Strategy { .. })));
     let mut s = good.clone();
     s.regions.pop();
-    cases.push((s, "regions"));
+    cases.push((s, |e| {
+        matches!(
+            e,
+            StateError::RegionCount {
+                saved: 1,
+                actual: 2
+            }
+        )
+    }));
     let mut s = good.clone();
     s.regions[1].gmem_size *= 2;
-    cases.push((s, "does not match"));
+    cases.push((s, |e| matches!(e, StateError::Region { index: 1, .. })));
     let mut s = good.clone();
     s.regions[1].guest = pr(8 << 30, MIB2);
-    cases.push((s, "does not match"));
+    cases.push((s, |e| matches!(e, StateError::Region { index: 1, .. })));
+    // Overlapping, past the region, overflowing, empty.
+    for runs in [
+        vec![(4, 2), (5, 1)],
+        vec![(500, 100)],
+        vec![(u64::MAX, 2)],
+        vec![(3, 0)],
+    ] {
+        let mut s = good.clone();
+        s.regions[0].private = PrivatePages::Runs(
+            runs.iter()
+                .map(|&(first, count)| PageRun { first, count })
+                .collect(),
+        );
+        cases.push((s, |e| matches!(e, StateError::BadRun { .. })));
+    }
     let mut s = good.clone();
-    s.regions[0].private = vec![
-        PageRun { first: 4, count: 2 },
-        PageRun { first: 5, count: 1 },
-    ];
-    cases.push((s, "overlapping"));
+    s.regions[0].private = PrivatePages::Bitmap(vec![0xff; 63]);
+    cases.push((s, |e| {
+        matches!(
+            e,
+            StateError::BitmapLength {
+                len: 63,
+                expected: 64,
+                ..
+            }
+        )
+    }));
     let mut s = good.clone();
-    s.regions[0].private = vec![PageRun {
-        first: 500,
-        count: 100,
-    }];
-    cases.push((s, "past the region"));
-    let mut s = good.clone();
-    s.regions[0].private = vec![PageRun {
-        first: u64::MAX,
-        count: 2,
-    }];
-    cases.push((s, "past the region"));
-    let mut s = good.clone();
-    s.regions[0].private = vec![PageRun { first: 3, count: 0 }];
-    cases.push((s, "empty"));
-    for (state, needle) in cases {
-        match m.restore_state(&state) {
-            Err(Error::StateMismatch(why)) => assert!(why.contains(needle), "{needle}: {why}"),
-            other => panic!("{needle}: {other:?}"),
+    s.regions[1].guest = pr(4 << 30, MIB2 - PAGE_SIZE);
+    s.regions[1].private = PrivatePages::Bitmap(vec![0xff; 64]);
+    cases.push((s, |e| {
+        matches!(e, StateError::BitmapPadding { pages: 511, .. })
+    }));
+    for (i, (mut state, expected)) in cases.into_iter().enumerate() {
+        if i > 1 {
+            // The first two cases are about the version and the checksum; the others
+            // are edited by hand on purpose and carry a matching checksum.
+            state.update_checksum();
         }
-        assert_eq!(states(&m), before, "{needle}: nothing changed");
+        match m.restore_state(&state) {
+            Err(Error::StateMismatch(why)) => assert!(expected(&why), "case {i}: {why}"),
+            other => panic!("case {i}: {other:?}"),
+        }
+        assert_eq!(states(&m), before, "case {i}: nothing changed");
     }
     // Malformed documents do not even deserialize.
     let json = serde_json::to_string(&good).unwrap();
@@ -142,7 +187,8 @@ proptest! {
         }
         let m = MemoryBuilder::new(vm()).region_at(0, MIB2).build().unwrap();
         let mut state = m.state();
-        state.regions[0].private = runs.iter().map(|&(first, count)| PageRun { first, count }).collect();
+        state.regions[0].private = PrivatePages::Runs(runs.iter().map(|&(first, count)| PageRun { first, count }).collect());
+        state.update_checksum();
         let before = states(&m);
         match m.restore_state(&state) {
             Ok(()) => {
@@ -160,4 +206,166 @@ proptest! {
             Err(_) => prop_assert_eq!(states(&m), before),
         }
     }
+}
+
+/// Two 2 MiB in-place regions, all private, with a listener on each; the second refuses
+/// `populate` while its `refuse` is set.
+fn two_regions_with_listeners() -> (PrivateMemory, Vec<Arc<Recorder>>, Vec<Subscription>) {
+    let m = MemoryBuilder::new(vm())
+        .region_at(0, MIB2)
+        .region_at(4 << 30, MIB2)
+        .strategy(Strategy::InPlace)
+        .initial_state(PageState::Private)
+        .build()
+        .unwrap();
+    let recorders = vec![Arc::new(Recorder::default()), Arc::new(Recorder::default())];
+    let subscriptions = m
+        .regions()
+        .into_iter()
+        .zip(&recorders)
+        .map(|(range, r)| m.subscribe(range, r.clone()))
+        .collect();
+    (m, recorders, subscriptions)
+}
+
+fn runs(list: &[(u64, u64)]) -> PrivatePages {
+    PrivatePages::Runs(
+        list.iter()
+            .map(|&(first, count)| PageRun { first, count })
+            .collect(),
+    )
+}
+
+#[test]
+fn a_restore_refused_on_a_later_region_changes_no_region() {
+    if !in_place_or_skip("a_restore_refused_on_a_later_region_changes_no_region") {
+        return;
+    }
+    let (m, recorders, _subscriptions) = two_regions_with_listeners();
+    m.convert(pr(8 * PAGE_SIZE, 4 * PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    let before = states(&m);
+    recorders[0].heard.lock().unwrap().clear();
+    // Region 0: pages 0-3 become shared and 8-11 private; region 1: pages 0-3 shared,
+    // which its listener refuses.
+    let mut target = m.state();
+    target.regions[0].private = runs(&[(4, 508)]);
+    target.regions[1].private = runs(&[(4, 508)]);
+    target.update_checksum();
+    *recorders[1].refuse.lock().unwrap() = true;
+    let err = m.restore_state(&target).unwrap_err();
+    assert!(matches!(err, Error::ListenerRefused { .. }), "{err}");
+    assert_eq!(states(&m), before, "no region changed");
+    // Region 0's listener got back what it had: 8-11 were taken and given back, 0-3
+    // offered and taken back.
+    assert_eq!(
+        *recorders[0].heard.lock().unwrap(),
+        vec![
+            Heard::Discard(pr(8 * PAGE_SIZE, 4 * PAGE_SIZE)),
+            Heard::Populate(pr(0, 4 * PAGE_SIZE)),
+            Heard::Discard(pr(0, 4 * PAGE_SIZE)),
+            Heard::Populate(pr(8 * PAGE_SIZE, 4 * PAGE_SIZE)),
+        ]
+    );
+    // Accepted, the same state applies whole.
+    *recorders[1].refuse.lock().unwrap() = false;
+    m.restore_state(&target).unwrap();
+    let state = m.state();
+    assert_eq!(state.regions[0].private, runs(&[(4, 508)]));
+    assert_eq!(state.regions[1].private, runs(&[(4, 508)]));
+}
+
+/// In-place memory whose page 1 is private and holds `SECRET`, and a state saved when
+/// that page was shared.
+fn a_secret_hidden_after_a_save() -> (PrivateMemory, MemoryState) {
+    let m = MemoryBuilder::new(vm())
+        .region_at(0, MIB2)
+        .strategy(Strategy::InPlace)
+        .initial_state(PageState::Private)
+        .build()
+        .unwrap();
+    let page = pr(PAGE_SIZE, PAGE_SIZE);
+    m.convert(page, PageState::Shared).unwrap();
+    let saved = m.state();
+    m.memory()
+        .memory()
+        .write_obj(SECRET, GuestAddress(PAGE_SIZE))
+        .unwrap();
+    m.convert_with(page, PageState::Private, ContentMode::Preserve)
+        .unwrap();
+    (m, saved)
+}
+
+const SECRET: u64 = 0x5ec2_e75e_c2e7_5ec2;
+
+#[test]
+fn a_restore_onto_live_memory_does_not_reveal_private_content() {
+    if !in_place_or_skip("a_restore_onto_live_memory_does_not_reveal_private_content") {
+        return;
+    }
+    let (m, saved) = a_secret_hidden_after_a_save();
+    m.restore_state(&saved).unwrap();
+    assert_eq!(m.state_of(PAGE_SIZE), Some(PageState::Shared));
+    let seen: u64 = m
+        .memory()
+        .memory()
+        .read_obj(GuestAddress(PAGE_SIZE))
+        .unwrap();
+    assert_eq!(seen, 0, "the page became shared empty");
+}
+
+#[test]
+fn a_live_update_keeps_shared_content_when_asked() {
+    if !in_place_or_skip("a_live_update_keeps_shared_content_when_asked") {
+        return;
+    }
+    let (m, saved) = a_secret_hidden_after_a_save();
+    m.restore_state_with(&saved, SharedContent::Keep).unwrap();
+    let seen: u64 = m
+        .memory()
+        .memory()
+        .read_obj(GuestAddress(PAGE_SIZE))
+        .unwrap();
+    assert_eq!(seen, SECRET);
+}
+
+#[test]
+fn pages_a_restore_makes_private_keep_their_content() {
+    if !in_place_or_skip("pages_a_restore_makes_private_keep_their_content") {
+        return;
+    }
+    // A snapshot restored into fresh memory: built shared, content written, map applied.
+    let m = common::in_place(MIB2, PageState::Shared);
+    m.memory()
+        .memory()
+        .write_obj(SECRET, GuestAddress(3 * PAGE_SIZE))
+        .unwrap();
+    let mut target = m.state();
+    target.regions[0].private = runs(&[(2, 4)]);
+    target.update_checksum();
+    m.restore_state(&target).unwrap();
+    assert_eq!(m.state_of(3 * PAGE_SIZE), Some(PageState::Private));
+    m.convert_with(
+        pr(3 * PAGE_SIZE, PAGE_SIZE),
+        PageState::Shared,
+        ContentMode::Preserve,
+    )
+    .unwrap();
+    let seen: u64 = m
+        .memory()
+        .memory()
+        .read_obj(GuestAddress(3 * PAGE_SIZE))
+        .unwrap();
+    assert_eq!(seen, SECRET);
+}
+
+#[test]
+fn keeping_shared_content_is_refused_by_the_dual_strategy() {
+    let (m, _view) = common::dual(MIB2, PageState::Private);
+    let before = states(&m);
+    let err = m
+        .restore_state_with(&m.state(), SharedContent::Keep)
+        .unwrap_err();
+    assert!(matches!(err, Error::StrategyUnavailable { .. }), "{err}");
+    assert_eq!(states(&m), before);
 }

@@ -129,6 +129,14 @@ pub enum Error {
         /// The ranges whose state in KVM is unknown.
         unknown: Vec<GpaRange>,
     },
+    /// Writing a loader's bytes into guest memory failed.
+    #[error("loading {range} failed: {source}")]
+    Load {
+        /// The bytes' guest-physical range.
+        range: GpaRange,
+        /// vm-memory's error.
+        source: vm_memory::GuestMemoryError,
+    },
     /// `fstat` of one of a region's files failed.
     #[error("fstat of a region's file failed: {0}")]
     Stat(#[source] std::io::Error),

@@ -94,6 +94,7 @@ mod guard;
 mod inflight;
 mod kvm_view;
 mod listener;
+mod load;
 mod memory;
 mod region;
 mod state;

@@ -195,6 +195,11 @@ impl LinuxVm {
                 memory.convert(*range, PageState::Shared)?;
             }
         }
+        // linux-loader reports a refused write as its own error without the range: check
+        // the ranges first, so a page left private is named.
+        for range in &host_written {
+            memory.check_host_access(range.start(), range.len())?;
+        }
         let e820 = e820_map(&memory.regions());
         let entry = images.load(
             &*memory.memory().memory(),

@@ -42,15 +42,50 @@ pub enum ContentMode {
     Preserve,
 }
 
-/// What a conversion did.
+/// What a conversion did. Its size does not grow with the request: a fragmented range
+/// is summarised, not listed (listeners hear each changed range).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ConversionReport {
     /// Pages whose state changed (pages already in the target state are not counted).
     pub pages_changed: u64,
     /// Bytes of backing memory punched.
     pub bytes_discarded: u64,
-    /// The guest-physical ranges that changed, in order.
-    pub changed: Vec<PageRange>,
+    /// Runs of consecutive pages that changed.
+    pub runs_changed: u64,
+    /// How many times the conversion lock was taken (1 for [`PrivateMemory::convert`];
+    /// guest requests are served in bounded steps).
+    pub lock_holds: u64,
+    /// The longest of those holds (measured for guest requests only).
+    pub longest_lock_hold: std::time::Duration,
+}
+
+impl ConversionReport {
+    /// Adds `step`'s counts to this report.
+    pub(crate) fn absorb(&mut self, step: &ConversionReport, held: std::time::Duration) {
+        self.pages_changed += step.pages_changed;
+        self.bytes_discarded += step.bytes_discarded;
+        self.runs_changed += step.runs_changed;
+        self.lock_holds += 1;
+        self.longest_lock_hold = self.longest_lock_hold.max(held);
+    }
+}
+
+/// Bounds on one hold of the conversion lock.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StepLimit {
+    /// Changed runs: each costs system calls (a punch; dual: KVM's attributes).
+    pub runs: u64,
+    /// Changed bytes: punching costs time per byte held.
+    pub bytes: u64,
+}
+
+impl StepLimit {
+    /// No bound.
+    pub const NONE: StepLimit = StepLimit {
+        runs: u64::MAX,
+        bytes: u64::MAX,
+    };
 }
 
 /// One contiguous run of pages to change, inside one region.
@@ -175,12 +210,31 @@ impl PrivateMemory {
     }
 
     /// Converts `range` to `to` with the given content mode.
+    ///
+    /// One call holds the conversion lock for as long as its system calls take, which
+    /// grows with the number of runs it changes; guest requests are served in bounded
+    /// steps instead ([`PrivateMemory::serve_request`]).
     pub fn convert_with(
         &self,
         range: PageRange,
         to: PageState,
         mode: ContentMode,
     ) -> Result<ConversionReport> {
+        self.convert_step(range, to, mode, StepLimit::NONE)
+            .map(|(report, _)| report)
+    }
+
+    /// Converts the start of `range` to `to`, all or nothing, under one hold of the
+    /// conversion lock: at most `limit.runs` changed runs and `limit.bytes` changed bytes
+    /// (at least one page). Returns the report and the end of the part converted
+    /// (`range.end()` once the whole range is done).
+    pub(crate) fn convert_step(
+        &self,
+        range: PageRange,
+        to: PageState,
+        mode: ContentMode,
+        limit: StepLimit,
+    ) -> Result<(ConversionReport, u64)> {
         if in_callback() {
             return Err(Error::Reentrant { range: gpa(range) });
         }
@@ -193,16 +247,31 @@ impl PrivateMemory {
         let engine = self.lock_engine();
         let _listeners = self.listeners.hold();
         let snapshot = &*engine.current;
-        let mut changed = Vec::new();
+        // The whole range must lie in guest memory before anything changes.
         for piece in Self::split(snapshot, range) {
+            piece?;
+        }
+        let (mut changed, mut bytes, mut next) = (Vec::new(), 0u64, range.end());
+        'plan: for piece in Self::split(snapshot, range) {
             let (region, offset, len) = piece?;
             let base = region.guest_range().start();
             for (first, count, state) in region
                 .attributes()
                 .runs(offset / PAGE_SIZE, len / PAGE_SIZE)
             {
-                if state != to {
-                    changed.push(PageRange::from_pages(first, count)?.checked_add(base)?);
+                if state == to {
+                    continue;
+                }
+                let left = limit.bytes.saturating_sub(bytes).max(PAGE_SIZE) / PAGE_SIZE;
+                let take = count.min(left);
+                let run = PageRange::from_pages(first, take)?.checked_add(base)?;
+                changed.push(run);
+                bytes += run.len();
+                if take < count || changed.len() as u64 >= limit.runs || bytes >= limit.bytes {
+                    if run.end() < range.end() {
+                        next = run.end();
+                        break 'plan;
+                    }
                 }
             }
         }
@@ -224,11 +293,14 @@ impl PrivateMemory {
                 return Err(e);
             }
         }
-        Ok(ConversionReport {
-            pages_changed: plan.changed.iter().map(PageRange::page_count).sum(),
+        let report = ConversionReport {
+            pages_changed: bytes / PAGE_SIZE,
             bytes_discarded: done.discarded,
-            changed: plan.changed,
-        })
+            runs_changed: plan.changed.len() as u64,
+            lock_holds: 1,
+            ..ConversionReport::default()
+        };
+        Ok((report, next))
     }
 
     /// Frees `range` (balloon, free page reporting): listeners hear `discard`, every

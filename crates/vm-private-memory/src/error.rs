@@ -146,7 +146,7 @@ pub enum Error {
     StateMismatch(#[from] crate::state::StateError),
     /// A guest's conversion request was malformed.
     #[error("malformed conversion request from the guest: {0}")]
-    BadRequest(String),
+    BadRequest(#[from] crate::exits::RequestError),
     /// An injected failure (feature `fault-injection`).
     #[error("injected failure at step {0:?}")]
     Injected(crate::convert::Step),

@@ -7,7 +7,7 @@ use guest_memfd::{PageRange, PAGE_SIZE};
 use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
 
 use crate::attributes::PageState;
-use crate::convert::ConversionReport;
+use crate::convert::{ContentMode, ConversionReport, StepLimit};
 use crate::error::{Error, Result};
 use crate::memory::PrivateMemory;
 
@@ -146,13 +146,55 @@ impl ConversionRequest {
     }
 }
 
+/// Changed runs one step of a guest's request may convert under one hold of the
+/// conversion lock: each costs a punch (and, dual, a `KVM_SET_MEMORY_ATTRIBUTES`), a few
+/// microseconds, so a step holds the lock for milliseconds at most.
+pub const GUEST_RUNS_PER_STEP: u64 = 1024;
+/// Changed bytes one step of a guest's request may convert: punching memory the guest
+/// touched costs time per byte (about 75 ms per GiB here).
+pub const GUEST_BYTES_PER_STEP: u64 = 256 << 20;
+
 impl PrivateMemory {
+    /// Serves a checked guest request: converts its range in steps of at most
+    /// [`GUEST_RUNS_PER_STEP`] changed runs and [`GUEST_BYTES_PER_STEP`] changed bytes,
+    /// each all or nothing under one hold of the conversion lock, so that a guest that
+    /// fragments its memory cannot hold the lock (and other vCPUs' conversions) for long,
+    /// and the host memory a request costs stays bounded whatever its size. The whole
+    /// range is checked to lie in guest memory before any step.
+    ///
+    /// # Errors
+    ///
+    /// As [`PrivateMemory::convert`]. A failing step is rolled back; the steps before
+    /// it stay done (each page is either converted or not), as a guest retrying its
+    /// request expects.
+    pub fn serve_request(&self, request: ConversionRequest) -> Result<ConversionReport> {
+        let mut report = ConversionReport::default();
+        let limit = StepLimit {
+            runs: GUEST_RUNS_PER_STEP,
+            bytes: GUEST_BYTES_PER_STEP,
+        };
+        let mut rest = request.range;
+        loop {
+            let started = std::time::Instant::now();
+            let (step, next) = self.convert_step(rest, request.to, ContentMode::Discard, limit)?;
+            report.absorb(&step, started.elapsed());
+            if next >= rest.end() {
+                return Ok(report);
+            }
+            rest = PageRange::new(next, rest.end() - next)?;
+        }
+    }
+
     /// Serves a `KVM_EXIT_MEMORY_FAULT`: converts the faulting range to what the guest
     /// used. Then re-enter the vCPU.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadRequest`] for flags or a range KVM's ABI does not allow; otherwise as
+    /// [`PrivateMemory::serve_request`].
     pub fn handle_memory_fault(&self, flags: u64, gpa: u64, size: u64) -> Result<ConversionReport> {
-        let request = ConversionRequest::from_memory_fault(flags, gpa, size)
-            .map_err(|e| Error::BadRequest(e.to_string()))?;
-        self.convert(request.range, request.to)
+        let request = ConversionRequest::from_memory_fault(flags, gpa, size)?;
+        self.serve_request(request)
     }
 
     /// Serves a hypercall by the KVM register ABI: `nr` (rax) and its first three
@@ -179,7 +221,7 @@ impl PrivateMemory {
     pub fn handle_map_gpa_range(&self, gpa: u64, pages: u64, attributes: u64) -> u64 {
         match ConversionRequest::from_map_gpa_range(gpa, pages, attributes) {
             Err(e) => e.hypercall_code(),
-            Ok(request) => match self.convert(request.range, request.to) {
+            Ok(request) => match self.serve_request(request) {
                 Ok(_) => 0,
                 Err(Error::OutsideGuestMemory { .. }) | Err(Error::Reentrant { .. }) => {
                     KVM_EINVAL.wrapping_neg()

@@ -123,7 +123,7 @@ impl AccessGuard {
 
     /// Publishes host addresses `[start, end)` (`end > start`), then executes the access
     /// side's barrier: check the page bits after this returns.
-    #[inline]
+    #[inline(never)]
     pub(crate) fn publish(start: usize, end: usize) -> Self {
         #[cfg(not(loom))]
         let held = LOCAL.with(|local| {
@@ -156,7 +156,24 @@ impl AccessGuard {
 }
 
 impl Clone for AccessGuard {
+    #[inline]
     fn clone(&self) -> Self {
+        if self.held != Held::Nothing {
+            self.share();
+        }
+        AccessGuard {
+            held: self.held,
+            _thread_bound: PhantomData,
+        }
+    }
+}
+
+impl AccessGuard {
+    /// Counts one more guard of this publication. Out of line, like [`AccessGuard::end`]:
+    /// the access path stays small enough for vm-memory's generic code around it to be
+    /// inlined (measured: `read_obj::<u64>` went from 14 ns to 70 ns with it inlined).
+    #[inline(never)]
+    fn share(&self) {
         #[cfg(not(loom))]
         match self.held {
             Held::Nothing => {}
@@ -171,16 +188,11 @@ impl Clone for AccessGuard {
             }),
             Held::Unregistered => TRACKER.add_unregistered(),
         }
-        AccessGuard {
-            held: self.held,
-            _thread_bound: PhantomData,
-        }
     }
-}
 
-impl Drop for AccessGuard {
-    #[inline]
-    fn drop(&mut self) {
+    /// Ends this guard's share of its publication.
+    #[inline(never)]
+    fn end(&self) {
         #[cfg(not(loom))]
         match self.held {
             Held::Nothing => {}
@@ -201,6 +213,15 @@ impl Drop for AccessGuard {
                 }
             }),
             Held::Unregistered => TRACKER.remove_unregistered(),
+        }
+    }
+}
+
+impl Drop for AccessGuard {
+    #[inline]
+    fn drop(&mut self) {
+        if self.held != Held::Nothing {
+            self.end();
         }
     }
 }

@@ -109,9 +109,9 @@ pub use builder::{
 pub use convert::{ContentMode, ConversionReport, Step};
 pub use error::{Error, GpaRange, Result};
 pub use exits::{
-    ConversionRequest, RequestError, KVM_EAGAIN, KVM_EFAULT, KVM_EINVAL, KVM_ENOSYS,
-    MAP_GPA_RANGE_ENCRYPTED, MAP_GPA_RANGE_KNOWN, MAP_GPA_RANGE_PAGE_SZ_1G,
-    MAP_GPA_RANGE_PAGE_SZ_2M,
+    ConversionRequest, RequestError, GUEST_BYTES_PER_STEP, GUEST_RUNS_PER_STEP, KVM_EAGAIN,
+    KVM_EFAULT, KVM_EINVAL, KVM_ENOSYS, MAP_GPA_RANGE_ENCRYPTED, MAP_GPA_RANGE_KNOWN,
+    MAP_GPA_RANGE_PAGE_SZ_1G, MAP_GPA_RANGE_PAGE_SZ_2M,
 };
 pub use footprint::resident_guest_memfd_bytes;
 pub use guard::{AccessGuard, HostAccess};

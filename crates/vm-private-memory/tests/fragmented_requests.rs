@@ -1,0 +1,82 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! A guest that fragments its memory cannot make one request cost the host much: its
+//! requests are served in steps of bounded size under the conversion lock (real
+//! `/dev/kvm`).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{in_place, in_place_or_skip, pr, Heard, Recorder};
+use guest_memfd::PAGE_SIZE;
+use vm_private_memory::{
+    ConversionRequest, Error, PageState, GUEST_BYTES_PER_STEP, GUEST_RUNS_PER_STEP,
+};
+
+#[test]
+fn an_alternating_range_is_served_in_steps_of_bounded_runs() {
+    if !in_place_or_skip("an_alternating_range_is_served_in_steps_of_bounded_runs") {
+        return;
+    }
+    let pages = 4 * GUEST_RUNS_PER_STEP + 10;
+    let size = (2 * pages * PAGE_SIZE).next_multiple_of(2 << 20);
+    let m = in_place(size, PageState::Shared);
+    for page in 0..pages {
+        m.convert(pr(2 * page * PAGE_SIZE, PAGE_SIZE), PageState::Private)
+            .unwrap();
+    }
+    let recorder = Arc::new(Recorder::default());
+    let _sub = m.subscribe(pr(0, size), recorder.clone());
+    // The guest asks for all of it to become shared: `pages` runs change.
+    let request = ConversionRequest::from_map_gpa_range(0, size / PAGE_SIZE, 0).unwrap();
+    let report = m.serve_request(request).unwrap();
+    assert_eq!(report.runs_changed, pages);
+    assert_eq!(report.pages_changed, pages);
+    assert_eq!(report.lock_holds, pages.div_ceil(GUEST_RUNS_PER_STEP));
+    assert_eq!(m.private_pages(), 0);
+    // Listeners heard every run, once, in order.
+    let heard = recorder.heard.lock().unwrap();
+    assert_eq!(heard.len() as u64, pages);
+    assert!(heard
+        .iter()
+        .enumerate()
+        .all(|(i, h)| *h == Heard::Populate(pr(2 * i as u64 * PAGE_SIZE, PAGE_SIZE))));
+}
+
+#[test]
+fn a_large_uniform_range_is_served_in_steps_of_bounded_bytes() {
+    if !in_place_or_skip("a_large_uniform_range_is_served_in_steps_of_bounded_bytes") {
+        return;
+    }
+    let size = 2 * GUEST_BYTES_PER_STEP + (2 << 20);
+    let m = in_place(size, PageState::Private);
+    let request = ConversionRequest::from_map_gpa_range(0, size / PAGE_SIZE, 0).unwrap();
+    let report = m.serve_request(request).unwrap();
+    assert_eq!(report.pages_changed, size / PAGE_SIZE);
+    assert_eq!(report.lock_holds, 3);
+    assert_eq!(report.runs_changed, 3);
+    assert_eq!(m.private_pages(), 0);
+    // The plain call stays one step.
+    let report = m.convert(pr(0, size), PageState::Private).unwrap();
+    assert_eq!((report.lock_holds, report.runs_changed), (1, 1));
+}
+
+#[test]
+fn a_request_reaching_outside_guest_memory_changes_nothing() {
+    if !in_place_or_skip("a_request_reaching_outside_guest_memory_changes_nothing") {
+        return;
+    }
+    let size = 4 << 20;
+    let m = in_place(size, PageState::Private);
+    let request = ConversionRequest::from_map_gpa_range(0, size / PAGE_SIZE + 1, 0).unwrap();
+    assert!(matches!(
+        m.serve_request(request),
+        Err(Error::OutsideGuestMemory { first_outside, .. }) if first_outside == size
+    ));
+    assert_eq!(m.private_pages(), size / PAGE_SIZE);
+    assert_eq!(
+        m.handle_map_gpa_range(0, size / PAGE_SIZE + 1, 0),
+        (libc::EINVAL as u64).wrapping_neg()
+    );
+    assert_eq!(m.private_pages(), size / PAGE_SIZE);
+}

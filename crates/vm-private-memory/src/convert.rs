@@ -267,11 +267,11 @@ impl PrivateMemory {
                 let run = PageRange::from_pages(first, take)?.checked_add(base)?;
                 changed.push(run);
                 bytes += run.len();
-                if take < count || changed.len() as u64 >= limit.runs || bytes >= limit.bytes {
-                    if run.end() < range.end() {
-                        next = run.end();
-                        break 'plan;
-                    }
+                let full =
+                    take < count || changed.len() as u64 >= limit.runs || bytes >= limit.bytes;
+                if full && run.end() < range.end() {
+                    next = run.end();
+                    break 'plan;
                 }
             }
         }

@@ -39,14 +39,36 @@
 //! # Host access policy
 //!
 //! Every host access path of the vm-memory view (`Bytes`, `get_slice`,
-//! `get_host_address`, `GuestMemory::get_slices`) checks the bits of exactly the pages it
-//! would touch, without locks, and fails with a `PermissionDenied` error wrapping
-//! [`Error::PrivatePage`] if any is private; memory is not touched. A conversion changes
-//! the bits atomically with respect to these checks; a slice or host address obtained
-//! earlier stays usable by its holder, which is why consumers that keep them subscribe a
-//! listener. One vm-memory behaviour to know: an access that spans two regions is done
-//! region by region, and a refusal in the second surfaces as a short access
-//! (`PartialBuffer`) after the first region's part was done.
+//! `GuestMemory::get_slices` and the helpers built on them) checks the bits of exactly
+//! the pages it would touch, without locks, and fails with a `PermissionDenied` error
+//! wrapping [`Error::PrivatePage`] if any is private; memory is not touched.
+//! `get_host_address` answers only while its *whole region* is shared, because rust-vmm
+//! code maps `get_host_address(0)` plus the region's length (VFIO, vhost-user).
+//!
+//! **The guarantee.** Once [`PrivateMemory::convert`] to private returns, no host access
+//! made through a vm-memory call can still read or write the page: every slice the view
+//! hands out carries an [`AccessGuard`] that publishes its host range before the bits are
+//! checked and withdraws it when the slice (and every slice cut from it) is dropped, and
+//! the conversion waits for the published ranges that touch its pages before it punches
+//! them or tells KVM. `Bytes` calls take a slice, copy and drop it, so they are covered
+//! whole. A `VolatileSlice` kept by a caller holds its pages: a conversion of them waits
+//! at most the memory's patience ([`MemoryBuilder::access_patience`], 20 ms by
+//! default), then fails, rolled back, with [`Error::HostAccessInFlight`] (a guest's
+//! request is answered `-EAGAIN`, so a guest cannot stall a vCPU through a device that
+//! holds a slice). Holders learn of the revocation from a [`MemoryListener`]'s `discard`,
+//! which runs before the bits change. A raw pointer (`get_host_address`, `as_ptr`) is
+//! not covered: its holder must subscribe a listener. Accesses never fault the process,
+//! and KVM's own accesses through the host mapping are untouched.
+//!
+//! The cost: the access side publishes with plain stores and a compiler barrier; the
+//! conversion side runs `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` (skipped while no
+//! other thread has accessed memory), which makes every running thread of the process
+//! execute a full barrier (see `BENCHMARKS.md` for both). The protocol is
+//! model-checked with loom (`RUSTFLAGS="--cfg loom"`).
+//!
+//! One vm-memory behaviour to know: an access that spans two regions is done region by
+//! region, and a refusal in the second surfaces as a short access (`PartialBuffer`)
+//! after the first region's part was done.
 //!
 //! # Example
 //!

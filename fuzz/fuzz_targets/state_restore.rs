@@ -14,9 +14,12 @@
 //! - after a success, `state()` restores onto the same memory without change, and
 //!   round-trips through the encoding.
 //!
-//! The target uses only the public surface (`serde_json::from_slice::<MemoryState>`,
-//! `restore_state`, `state()`, `state_of`), except [`expected_map`], the one function
-//! that reads the state's fields: adapt it when the encoding changes. The corpus seeds in
+//! Each input is tried twice: as decoded (`serde_json::from_slice::<MemoryState>`, which
+//! checks version and checksum), and read field by field with its checksum recomputed
+//! ([`rechecksummed`]), so that mutated maps reach `restore_state`'s own checks. Apart
+//! from [`expected_map`] and [`rechecksummed`], the two functions that know the state's
+//! fields (adapt them when the encoding changes), the target uses only the public
+//! surface: decoding, `restore_state`, `state()`, `state_of`. The corpus seeds in
 //! `corpus/state_restore/` are `state()` outputs (`cargo run --example state_seeds`).
 
 #![no_main]
@@ -25,7 +28,7 @@ use std::sync::OnceLock;
 
 use guest_memfd::{PageRange, PAGE_SIZE};
 use libfuzzer_sys::fuzz_target;
-use vm_private_memory::{MemoryState, PageState, PrivateMemory, STATE_VERSION};
+use vm_private_memory::{MemoryState, PageState, PrivateMemory, RegionState, Strategy};
 use vm_private_memory_fuzz::{in_place_memory, vm};
 
 /// `(first page, pages)` of each region.
@@ -58,12 +61,12 @@ fn page_map(memory: &PrivateMemory) -> Vec<PageState> {
 }
 
 /// The page map `state` describes, in the order of [`pages`], if it is consistent with
-/// this memory (whose own state is `current`): the version this crate writes, the same
-/// strategy, the same regions at the same file offsets of files of the same size, and
-/// private runs that are non-empty, in order, not overlapping and inside their region.
-/// `None` if it is not consistent.
+/// this memory (whose own state is `current`): intact (`verify`: version, checksum), the
+/// same strategy, the same regions at the same file offsets of files of the same size,
+/// and private pages that are runs non-empty, in order, not overlapping and inside their
+/// region. `None` if it is not consistent.
 fn expected_map(state: &MemoryState, current: &MemoryState) -> Option<Vec<PageState>> {
-    if state.version != STATE_VERSION
+    if state.verify().is_err()
         || state.strategy != current.strategy
         || state.regions.len() != current.regions.len()
     {
@@ -80,7 +83,7 @@ fn expected_map(state: &MemoryState, current: &MemoryState) -> Option<Vec<PageSt
         let pages = region.guest.page_count();
         let mut states = vec![PageState::Shared; pages as usize];
         let mut next_free = 0u64;
-        for run in &saved.private {
+        for run in saved.private_runs().ok()? {
             let end = run.first.checked_add(run.count)?;
             if run.count == 0 || run.first < next_free || end > pages {
                 return None;
@@ -91,6 +94,27 @@ fn expected_map(state: &MemoryState, current: &MemoryState) -> Option<Vec<PageSt
         map.extend(states);
     }
     Some(map)
+}
+
+/// `data` read field by field with a correct checksum put in, so that mutated states
+/// reach `restore_state` instead of stopping at the checksum (decoding checks it).
+#[derive(serde::Deserialize)]
+struct Fields {
+    version: u32,
+    strategy: Strategy,
+    regions: Vec<RegionState>,
+}
+
+fn rechecksummed(data: &[u8]) -> Option<MemoryState> {
+    let fields: Fields = serde_json::from_slice(data).ok()?;
+    let mut state = MemoryState {
+        version: fields.version,
+        strategy: fields.strategy,
+        regions: fields.regions,
+        checksum: 0,
+    };
+    state.update_checksum();
+    Some(state)
 }
 
 fn reset(memory: &PrivateMemory) {
@@ -113,15 +137,22 @@ fn reset(memory: &PrivateMemory) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(state) = serde_json::from_slice::<MemoryState>(data) else {
-        return;
-    };
+    if let Ok(state) = serde_json::from_slice::<MemoryState>(data) {
+        restore(&state);
+    }
+    if let Some(state) = rechecksummed(data) {
+        restore(&state);
+    }
+});
+
+/// Restores `state` from the baseline and checks the invariants.
+fn restore(state: &MemoryState) {
     let memory = memory();
     reset(memory);
     let before = memory.state();
     let map_before = page_map(memory);
-    let expected = expected_map(&state, &before);
-    match (memory.restore_state(&state), expected) {
+    let expected = expected_map(state, &before);
+    match (memory.restore_state(state), expected) {
         (Ok(()), Some(map)) => {
             assert_eq!(page_map(memory), map, "restored map differs from {state:?}");
             let after = memory.state();
@@ -144,4 +175,4 @@ fuzz_target!(|data: &[u8]| {
             );
         }
     }
-});
+}

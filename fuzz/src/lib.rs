@@ -1,0 +1,294 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Helpers shared by the fuzz targets in `fuzz_targets/`.
+//!
+//! - [`oracle`]: the conversion-request rules of KVM's ABI, written again from the ABI
+//!   (not from `vm_private_memory::exits`), for the targets to compare the crate against.
+//! - [`Num`]: an `Arbitrary` integer shaped towards the values that matter (page
+//!   multiples, small counts, values near `u64::MAX`), so inputs reach the interesting
+//!   branches more often than raw random `u64`s would.
+//! - [`vm`], [`in_place_memory`], [`dual_memory`]: real memory on `/dev/kvm`. Memslots
+//!   and VMs are limited, so every target builds its VM and memories once per process.
+//! - [`check_page`]: host readability through vm-memory's `Bytes` against `state_of`.
+
+#![deny(missing_docs)]
+
+use std::sync::{Arc, Mutex};
+
+use arbitrary::Arbitrary;
+use guest_memfd::{PageRange, PAGE_SIZE};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress};
+use vm_private_memory::{
+    private_page_refusal, GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemory, Strategy,
+};
+
+/// A `u64` shaped by its variant: the fuzzer picks the shape, then the value.
+#[derive(Arbitrary, Clone, Copy, Debug)]
+pub enum Num {
+    /// A small value, as is.
+    Small(u8),
+    /// `page * 4 KiB + offset`, the offset 0 unless `misalign` is non-zero.
+    Page {
+        /// The page number (small: the targets' memory lies in the first pages).
+        page: u8,
+        /// A byte offset added to it (0 keeps it aligned).
+        misalign: u16,
+    },
+    /// `u64::MAX - below`: ranges that wrap or end at the top of the address space.
+    NearMax(u16),
+    /// Any value.
+    Raw(u64),
+}
+
+impl Num {
+    /// The value.
+    pub fn get(self) -> u64 {
+        match self {
+            Num::Small(v) => u64::from(v),
+            Num::Page { page, misalign } => {
+                u64::from(page) * PAGE_SIZE + u64::from(misalign) % PAGE_SIZE
+            }
+            Num::NearMax(below) => u64::MAX - u64::from(below),
+            Num::Raw(v) => v,
+        }
+    }
+}
+
+/// The rules of guest conversion requests, from KVM's ABI.
+///
+/// - `KVM_HC_MAP_GPA_RANGE` (`Documentation/virt/kvm/x86/hypercalls.rst`,
+///   `include/uapi/linux/kvm_para.h`): `rbx` = gpa, `rcx` = number of 4 KiB pages
+///   (whatever the page-size hint), `rdx` = attributes: bit 4 `ENCRYPTED` (make private,
+///   else shared), bits 0 and 1 the 2 MiB / 1 GiB page-size hints (at most one of them);
+///   any other bit is invalid.
+/// - `KVM_EXIT_MEMORY_FAULT` (`Documentation/virt/kvm/api.rst`): `flags`, `gpa`, `size`;
+///   the only defined flag is `KVM_MEMORY_EXIT_FLAG_PRIVATE` (bit 3): set means the guest
+///   accessed the range as private. The crate rounds `size` up to whole pages (KVM itself
+///   reports page-sized faults), which this oracle follows.
+/// - Both: the gpa is 4 KiB-aligned, the range is not empty, and `gpa + length` does not
+///   pass `u64::MAX` (computed here in 128 bits, so no overflow can hide).
+pub mod oracle {
+    use super::PAGE_SIZE;
+
+    /// `KVM_MEMORY_EXIT_FLAG_PRIVATE` (`include/uapi/linux/kvm.h`).
+    pub const MEMORY_EXIT_FLAG_PRIVATE: u64 = 1 << 3;
+    /// `KVM_MAP_GPA_RANGE_ENCRYPTED` (`include/uapi/linux/kvm_para.h`).
+    pub const ENCRYPTED: u64 = 1 << 4;
+    /// `KVM_MAP_GPA_RANGE_PAGE_SZ_2M`.
+    pub const PAGE_SZ_2M: u64 = 1 << 0;
+    /// `KVM_MAP_GPA_RANGE_PAGE_SZ_1G`.
+    pub const PAGE_SZ_1G: u64 = 1 << 1;
+    /// `KVM_HC_MAP_GPA_RANGE` (`include/uapi/linux/kvm_para.h`).
+    pub const HC_MAP_GPA_RANGE: u64 = 12;
+
+    /// Why the oracle refuses a request. A request may break several rules at once;
+    /// the crate may report any one of them.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Rule {
+        /// The gpa is not 4 KiB-aligned.
+        Aligned,
+        /// No page.
+        NotEmpty,
+        /// The end passes `u64::MAX`.
+        NoOverflow,
+        /// Undefined attribute bits, or both page-size hints.
+        Attributes,
+        /// Undefined memory-fault flags.
+        Flags,
+    }
+
+    /// What a valid request asks: `[start, start + len)` private or not.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Verdict {
+        /// The first byte.
+        pub start: u64,
+        /// The length in bytes (a page multiple, not zero).
+        pub len: u64,
+        /// Private (else shared).
+        pub private: bool,
+    }
+
+    fn range(gpa: u64, len: u128, broken: &mut Vec<Rule>) -> Option<(u64, u64)> {
+        if !gpa.is_multiple_of(PAGE_SIZE) {
+            broken.push(Rule::Aligned);
+        }
+        if len == 0 {
+            broken.push(Rule::NotEmpty);
+        }
+        if u128::from(gpa) + len > u128::from(u64::MAX) {
+            broken.push(Rule::NoOverflow);
+        }
+        // When nothing is broken, `len` is at most `u64::MAX - gpa`.
+        Some((gpa, u64::try_from(len).ok()?))
+    }
+
+    /// `KVM_HC_MAP_GPA_RANGE(gpa, pages, attributes)`: the verdict, or every rule broken.
+    pub fn map_gpa_range(gpa: u64, pages: u64, attributes: u64) -> Result<Verdict, Vec<Rule>> {
+        let mut broken = Vec::new();
+        let known = ENCRYPTED | PAGE_SZ_2M | PAGE_SZ_1G;
+        let both = PAGE_SZ_2M | PAGE_SZ_1G;
+        if attributes & !known != 0 || attributes & both == both {
+            broken.push(Rule::Attributes);
+        }
+        let len = u128::from(pages) * u128::from(PAGE_SIZE);
+        let range = range(gpa, len, &mut broken);
+        match range {
+            Some((start, len)) if broken.is_empty() => Ok(Verdict {
+                start,
+                len,
+                private: attributes & ENCRYPTED != 0,
+            }),
+            _ => Err(broken),
+        }
+    }
+
+    /// `KVM_EXIT_MEMORY_FAULT(flags, gpa, size)`: the verdict, or every rule broken.
+    pub fn memory_fault(flags: u64, gpa: u64, size: u64) -> Result<Verdict, Vec<Rule>> {
+        let mut broken = Vec::new();
+        if flags & !MEMORY_EXIT_FLAG_PRIVATE != 0 {
+            broken.push(Rule::Flags);
+        }
+        let pages = u128::from(size).div_ceil(u128::from(PAGE_SIZE));
+        let range = range(gpa, pages * u128::from(PAGE_SIZE), &mut broken);
+        match range {
+            Some((start, len)) if broken.is_empty() => Ok(Verdict {
+                start,
+                len,
+                private: flags & MEMORY_EXIT_FLAG_PRIVATE != 0,
+            }),
+            _ => Err(broken),
+        }
+    }
+}
+
+/// A default-type VM on `/dev/kvm`.
+///
+/// # Panics
+///
+/// If `/dev/kvm` cannot be opened or the VM cannot be created: the targets need it.
+pub fn vm() -> Arc<VmFd> {
+    let kvm = Kvm::new().expect("/dev/kvm: the fuzz targets run on real KVM");
+    Arc::new(kvm.create_vm().expect("KVM_CREATE_VM"))
+}
+
+/// Builds in-place memory with `regions` (`(gpa, bytes)`), every page `initial`.
+///
+/// # Panics
+///
+/// If the host cannot build it (no in-place guest_memfd, no free memslot).
+pub fn in_place_memory(vm: Arc<VmFd>, regions: &[(u64, u64)], initial: PageState) -> PrivateMemory {
+    regions
+        .iter()
+        .fold(MemoryBuilder::new(vm), |b, &(gpa, len)| {
+            b.region_at(gpa, len)
+        })
+        .strategy(Strategy::InPlace)
+        .initial_state(initial)
+        .build()
+        .expect("in-place memory on this host")
+}
+
+/// KVM's private/shared view as the dual strategy set it, one entry per page of a
+/// window, recorded by the stand-in that [`dual_memory`] installs.
+#[derive(Debug)]
+pub struct AttributesRecord {
+    base: u64,
+    private: Mutex<Vec<bool>>,
+}
+
+impl AttributesRecord {
+    /// KVM's view of the page at `gpa`, if inside the recorded window.
+    pub fn is_private(&self, gpa: u64) -> Option<bool> {
+        let page = usize::try_from(gpa.checked_sub(self.base)? / PAGE_SIZE).ok()?;
+        self.private
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(page)
+            .copied()
+    }
+}
+
+/// Builds dual-strategy memory with `regions` (`(gpa, bytes)`), every page `initial`,
+/// and returns it with the record of what it told KVM about pages in
+/// `[base, base + window_pages * 4 KiB)`.
+///
+/// This host has no `KVM_SET_MEMORY_ATTRIBUTES`, so the dual strategy runs with the
+/// crate's test stand-in for that call (`MemoryBuilder::kvm_view`, feature
+/// `fault-injection`); memslots, files and mappings are real. This is the only function
+/// that knows how that stand-in is installed.
+///
+/// # Panics
+///
+/// If the host cannot build it.
+pub fn dual_memory(
+    vm: Arc<VmFd>,
+    regions: &[(u64, u64)],
+    initial: PageState,
+    base: u64,
+    window_pages: usize,
+) -> (PrivateMemory, Arc<AttributesRecord>) {
+    use vm_private_memory::KvmView;
+
+    struct Recorder(Arc<AttributesRecord>);
+
+    impl KvmView for Recorder {
+        fn set(&self, range: PageRange, state: PageState) -> vm_private_memory::Result<()> {
+            let mut map = self.0.private.lock().unwrap_or_else(|p| p.into_inner());
+            let first = range.start().saturating_sub(self.0.base) / PAGE_SIZE;
+            for page in first..first + range.page_count() {
+                if let Some(bit) = usize::try_from(page).ok().and_then(|p| map.get_mut(p)) {
+                    *bit = state == PageState::Private;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    let record = Arc::new(AttributesRecord {
+        base,
+        // KVM starts with every page shared.
+        private: Mutex::new(vec![false; window_pages]),
+    });
+    let memory = regions
+        .iter()
+        .fold(MemoryBuilder::new(vm), |b, &(gpa, len)| {
+            b.region_at(gpa, len)
+        })
+        .strategy(Strategy::Dual)
+        .kvm_view(Arc::new(Recorder(Arc::clone(&record))))
+        .initial_state(initial)
+        .build()
+        .expect("dual memory on this host (with the attribute stand-in)");
+    (memory, record)
+}
+
+/// Checks that the host can read the page at `gpa` through `view` exactly when
+/// `memory.state_of(gpa)` says shared, that a refusal is the crate's private-page
+/// refusal, and that an address outside memory is refused. Returns the state.
+///
+/// # Panics
+///
+/// When the check fails: that is the finding.
+pub fn check_page(
+    memory: &PrivateMemory,
+    view: &GuestMemoryPrivate,
+    gpa: u64,
+) -> Option<PageState> {
+    let state = memory.state_of(gpa);
+    let first = view.read_obj::<u64>(GuestAddress(gpa));
+    let last = view.read_obj::<u8>(GuestAddress(gpa + PAGE_SIZE - 1));
+    for (what, result) in [("first", first.map(|_| ())), ("last", last.map(|_| ()))] {
+        match (state, result) {
+            (Some(PageState::Shared), Ok(())) | (None, Err(_)) => {}
+            (Some(PageState::Private), Err(e)) => assert!(
+                private_page_refusal(&e).is_some(),
+                "page {gpa:#x} is private, reading its {what} byte failed with another error: {e:?}"
+            ),
+            (state, result) => panic!(
+                "page {gpa:#x}: state_of says {state:?}, reading its {what} byte gave {result:?}"
+            ),
+        }
+    }
+    state
+}

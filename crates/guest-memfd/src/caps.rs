@@ -6,11 +6,12 @@ use kvm_bindings::{
     KVM_CAP_MEMORY_FAULT_INFO, KVM_CAP_NR_MEMSLOTS, KVM_CAP_PRE_FAULT_MEMORY, KVM_CAP_USER_MEMORY2,
     KVM_CAP_VM_TYPES, KVM_MEMORY_ATTRIBUTE_PRIVATE,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 
 use crate::flags::GuestMemfdFlags;
 use crate::uapi::{KVM_CAP_GUEST_MEMFD_FLAGS, KVM_HC_MAP_GPA_RANGE};
+use crate::vm_ops::VmOps;
 
 /// The answers of `KVM_CHECK_EXTENSION` that matter for guest private memory, from the
 /// system fd (`/dev/kvm`) or from one VM fd (which may answer differently per VM type).
@@ -42,10 +43,10 @@ impl Capabilities {
         Self::from_checker(|cap| i64::from(kvm.check_extension_raw(cap.into())))
     }
 
-    /// Probes a VM fd; VM-specific answers (memory attributes, guest_memfd flags) depend
-    /// on the VM's type.
-    pub fn of_vm(vm: &VmFd) -> Self {
-        Self::from_checker(|cap| i64::from(vm.check_extension_raw(cap.into())))
+    /// Probes a VM (a kvm-ioctls `VmFd`, or any other [`VmOps`]); VM-specific answers
+    /// (memory attributes, guest_memfd flags) depend on the VM's type.
+    pub fn of_vm(vm: &(impl VmOps + ?Sized)) -> Self {
+        Self::from_checker(|cap| i64::from(vm.check_extension_raw(cap)))
     }
 
     /// Builds the answers from any `KVM_CHECK_EXTENSION` implementation: `check` takes a

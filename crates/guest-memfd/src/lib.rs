@@ -67,6 +67,7 @@ mod memslot;
 mod range;
 mod sealed;
 pub mod uapi;
+mod vm_ops;
 
 pub use caps::{vm_type_name, Capabilities, Finding, Report, VmTypeReport, VM_TYPE_NAMES};
 pub use error::{Error, Result, SpaceOp};
@@ -75,3 +76,4 @@ pub use memfd::{supported_flags, GuestMemfd};
 pub use memslot::Memslot;
 pub use range::{is_page_aligned, Chunks, PageRange, PAGE_SIZE};
 pub use sealed::{SealedMemfd, SHARED_MEMORY_SEALS};
+pub use vm_ops::VmOps;

@@ -1,10 +1,10 @@
 //! The guest_memfd file: creation, file space and the host mapping.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 use kvm_bindings::kvm_create_guest_memfd;
-use kvm_ioctls::{Cap, VmFd};
+use kvm_bindings::KVM_CAP_GUEST_MEMFD;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 
@@ -13,6 +13,7 @@ use crate::file::MemoryFile;
 use crate::flags::GuestMemfdFlags;
 use crate::range::{is_page_aligned, PageRange};
 use crate::uapi::KVM_CAP_GUEST_MEMFD_FLAGS;
+use crate::vm_ops::VmOps;
 
 /// A KVM guest_memfd: a file of guest memory that belongs to one VM.
 ///
@@ -39,18 +40,25 @@ pub struct GuestMemfd {
 
 /// The guest_memfd flags `vm` accepts (`KVM_CAP_GUEST_MEMFD_FLAGS`; none on hosts that
 /// predate the capability).
-pub fn supported_flags(vm: &VmFd) -> GuestMemfdFlags {
-    let mask = vm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS.into());
+pub fn supported_flags(vm: &(impl VmOps + ?Sized)) -> GuestMemfdFlags {
+    let mask = vm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS);
     GuestMemfdFlags::from_bits_retain(u64::try_from(mask).unwrap_or(0))
 }
 
 impl GuestMemfd {
-    /// Creates a guest_memfd of `size` bytes on `vm`.
+    /// Creates a guest_memfd of `size` bytes on `vm` (a kvm-ioctls `VmFd`, or any other
+    /// [`VmOps`]).
     ///
     /// Checks, before asking the kernel, that the VM supports guest_memfd, that `size` is a
     /// non-zero multiple of the page size and that `flags` are among those the VM accepts.
-    pub fn create(vm: &VmFd, size: u64, flags: GuestMemfdFlags) -> Result<Self> {
-        if !vm.check_extension(Cap::GuestMemfd) {
+    ///
+    /// # Errors
+    ///
+    /// [`Error::GuestMemfdUnsupported`], [`Error::InvalidSize`] and
+    /// [`Error::UnsupportedFlags`] before any system call; [`Error::Create`] with the
+    /// kernel's errno if `KVM_CREATE_GUEST_MEMFD` fails.
+    pub fn create(vm: &(impl VmOps + ?Sized), size: u64, flags: GuestMemfdFlags) -> Result<Self> {
+        if vm.check_extension_raw(KVM_CAP_GUEST_MEMFD) <= 0 {
             return Err(Error::GuestMemfdUnsupported);
         }
         if size == 0 || !is_page_aligned(size) {
@@ -76,11 +84,8 @@ impl GuestMemfd {
                 flags,
                 source,
             })?;
-        // SAFETY: KVM_CREATE_GUEST_MEMFD returned a new file descriptor that nothing else
-        // owns; the `File` takes sole ownership of it and closes it on drop.
-        let file = unsafe { File::from_raw_fd(fd) };
         Ok(GuestMemfd {
-            file: MemoryFile::new(file, size),
+            file: MemoryFile::new(File::from(fd), size),
             flags,
         })
     }

@@ -2,13 +2,13 @@
 
 use std::os::fd::AsRawFd;
 
-use kvm_bindings::{kvm_userspace_memory_region2, KVM_MEM_GUEST_MEMFD};
-use kvm_ioctls::{Cap, VmFd};
+use kvm_bindings::{kvm_userspace_memory_region2, KVM_CAP_NR_MEMSLOTS, KVM_MEM_GUEST_MEMFD};
 use vm_memory::mmap::MmapRegion;
 
 use crate::error::{Error, Result};
 use crate::memfd::GuestMemfd;
 use crate::range::{is_page_aligned, PageRange};
+use crate::vm_ops::VmOps;
 
 /// A checked memslot backed by a guest_memfd, ready to bind.
 ///
@@ -125,14 +125,20 @@ impl<'a> Memslot<'a> {
         }
     }
 
-    /// Creates the slot in `vm`.
+    /// Creates the slot in `vm` (a kvm-ioctls `VmFd`, or any other [`VmOps`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SlotOutOfRange`] if the slot number is at or above the VM's
+    /// `KVM_CAP_NR_MEMSLOTS`; [`Error::SetMemoryRegion`] with the kernel's errno if
+    /// `KVM_SET_USER_MEMORY_REGION2` fails (an overlapping slot, a foreign guest_memfd).
     ///
     /// # Safety
     ///
     /// If a userspace address was set, the host memory there must stay mapped, and must
     /// not be used for anything but this guest's memory, until the slot is unbound (or
     /// the VM is closed): the guest and KVM read and write it.
-    pub unsafe fn bind(&self, vm: &VmFd) -> Result<()> {
+    pub unsafe fn bind(&self, vm: &(impl VmOps + ?Sized)) -> Result<()> {
         self.check_slot_limit(vm)?;
         // SAFETY: the caller guarantees the userspace memory outlives the binding; the
         // guest_memfd is borrowed for the call, so its fd number is valid.
@@ -148,7 +154,11 @@ impl<'a> Memslot<'a> {
 
     /// Deletes the slot from `vm`. KVM first invalidates every guest mapping through it; a
     /// later guest access to the range exits to userspace as MMIO.
-    pub fn unbind(&self, vm: &VmFd) -> Result<()> {
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SetMemoryRegion`] with the kernel's errno if the deletion fails.
+    pub fn unbind(&self, vm: &(impl VmOps + ?Sized)) -> Result<()> {
         let region = kvm_userspace_memory_region2 {
             memory_size: 0,
             ..self.region()
@@ -163,8 +173,8 @@ impl<'a> Memslot<'a> {
         })
     }
 
-    fn check_slot_limit(&self, vm: &VmFd) -> Result<()> {
-        let limit = u32::try_from(vm.check_extension_int(Cap::NrMemslots)).unwrap_or(0);
+    fn check_slot_limit(&self, vm: &(impl VmOps + ?Sized)) -> Result<()> {
+        let limit = u32::try_from(vm.check_extension_raw(KVM_CAP_NR_MEMSLOTS)).unwrap_or(0);
         let id = self.slot & 0xffff;
         if limit > 0 && id >= limit {
             return Err(Error::SlotOutOfRange {

@@ -98,6 +98,8 @@ pub struct GuestConfig {
 /// all start at the same program, at CPL3, each with its own stack.
 pub struct PrivateGuest {
     kvm: Kvm,
+    /// The VM, for the calls the memory does not make (vCPUs, capabilities).
+    vm: Arc<VmFd>,
     memory: Arc<PrivateMemory>,
     vcpus: Vec<GuestVcpu>,
 }
@@ -157,7 +159,7 @@ impl PrivateGuest {
         }
         let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
         let vm = Arc::new(private_memory_vm(&kvm)?);
-        let memory = MemoryBuilder::new(Arc::clone(&vm))
+        let memory = MemoryBuilder::new(vm.clone())
             .x86_mmio_hole()
             .region_at(0, BOOT_SIZE)
             .region_at(DATA_ADDR, config.data_size)
@@ -211,7 +213,12 @@ impl PrivateGuest {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(PrivateGuest { kvm, memory, vcpus })
+        Ok(PrivateGuest {
+            kvm,
+            vm,
+            memory,
+            vcpus,
+        })
     }
 
     /// The guest's memory.
@@ -238,7 +245,7 @@ impl PrivateGuest {
     /// (`KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)`), if the host offers it; returns whether
     /// it does.
     pub fn enable_map_gpa_range_exits(&self) -> Result<bool> {
-        let vm = self.memory.vm();
+        let vm = &self.vm;
         if !Capabilities::of_vm(vm).map_gpa_range_exit() {
             return Ok(false);
         }

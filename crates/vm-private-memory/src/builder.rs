@@ -1,16 +1,15 @@
 //! Laying out guest RAM and creating its files.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use guest_memfd::{Capabilities, GuestMemfd, GuestMemfdFlags, PageRange, SealedMemfd};
-use kvm_ioctls::VmFd;
+use guest_memfd::{Capabilities, GuestMemfd, GuestMemfdFlags, PageRange, SealedMemfd, VmOps};
 use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
-use vm_memory::{GuestMemoryAtomic, GuestRegionCollection};
+use vm_memory::{GuestMemoryBackend, GuestRegionCollection};
 
 use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, Result};
-use crate::kvm_view::{KvmView, VmAttributes};
-use crate::memory::{Engine, PrivateMemory};
+use crate::kvm_view::set_kvm_view;
+use crate::memory::{bind_regions, unbind_regions, Engine, PrivateMemory};
 use crate::region::{PrivateRegion, RegionParts};
 use crate::strategy::Strategy;
 
@@ -32,13 +31,16 @@ enum Placement {
 /// Builds a [`PrivateMemory`]: where each region goes in guest-physical space, which
 /// strategy backs it, its initial state, and its memslots.
 ///
+/// The VM is anything that implements [`VmOps`]: a kvm-ioctls `VmFd`, or a VMM's own
+/// hypervisor wrapper.
+///
 /// ```
 /// use std::sync::Arc;
 /// use vm_private_memory::{MemoryBuilder, PageState};
 ///
 /// let kvm = kvm_ioctls::Kvm::new().unwrap();
 /// let vm = Arc::new(kvm.create_vm().unwrap());
-/// let memory = MemoryBuilder::new(Arc::clone(&vm))
+/// let memory = MemoryBuilder::new(vm.clone())
 ///     .x86_mmio_hole()
 ///     .region_at(0, 2 << 20)
 ///     .region(4 << 20) // placed after the first, below the hole
@@ -48,21 +50,25 @@ enum Placement {
 /// assert_eq!(memory.regions().len(), 2);
 /// ```
 pub struct MemoryBuilder {
-    vm: Arc<VmFd>,
+    vm: Arc<dyn VmOps>,
     regions: Vec<(Placement, u64)>,
     reserved: Vec<(u64, u64)>,
     strategy: Option<Strategy>,
     initial: PageState,
     single_file: bool,
     slots: (u32, Option<u32>),
-    kvm_view: Option<Arc<dyn KvmView>>,
     patience: std::time::Duration,
 }
 
 impl MemoryBuilder {
     /// Starts a layout for `vm`: no regions, strategy chosen from the VM's capabilities,
     /// pages initially private (as a TDX or SNP guest starts), one guest_memfd per region.
-    pub fn new(vm: Arc<VmFd>) -> Self {
+    ///
+    /// `vm` is an `Arc` of a kvm-ioctls `VmFd` or of any other [`VmOps`]; the memory
+    /// keeps it, and makes every VM call through it. From an `Arc<VmFd>` named `vm`, pass
+    /// `vm.clone()`: `Arc::clone(&vm)` would be inferred as `Arc<dyn VmOps>` and not
+    /// compile.
+    pub fn new(vm: Arc<dyn VmOps>) -> Self {
         MemoryBuilder {
             vm,
             regions: Vec::new(),
@@ -71,7 +77,6 @@ impl MemoryBuilder {
             initial: PageState::Private,
             single_file: false,
             slots: (0, None),
-            kvm_view: None,
             patience: DEFAULT_ACCESS_PATIENCE,
         }
     }
@@ -120,6 +125,8 @@ impl MemoryBuilder {
     }
 
     /// Uses memslot numbers `first..=last` only (default: all the host offers, from 0).
+    /// The range must lie inside the host's (`KVM_CAP_NR_MEMSLOTS`) and hold a number for
+    /// every region; `build` checks both before creating anything.
     pub fn slots(mut self, first: u32, last: u32) -> Self {
         self.slots = (first, Some(last));
         self
@@ -134,12 +141,23 @@ impl MemoryBuilder {
         self
     }
 
-    /// Replaces `KVM_SET_MEMORY_ATTRIBUTES` with `view`, and lets the dual strategy be
-    /// built on a VM without memory attributes. For tests only.
-    #[cfg(feature = "fault-injection")]
-    pub fn kvm_view(mut self, view: Arc<dyn KvmView>) -> Self {
-        self.kvm_view = Some(view);
-        self
+    /// The memslot numbers to use, after checking that they lie inside the host's
+    /// `host_limit` and that there is one for every region.
+    fn slot_range(&self, host_limit: u32) -> Result<(u32, u32)> {
+        let first = self.slots.0;
+        let last = self.slots.1.unwrap_or(host_limit.saturating_sub(1));
+        let fits = first <= last
+            && last < host_limit
+            && self.regions.len() as u64 <= u64::from(last - first) + 1;
+        if !fits {
+            return Err(Error::NotEnoughSlots {
+                regions: self.regions.len(),
+                first,
+                last,
+                host_limit,
+            });
+        }
+        Ok((first, last))
     }
 
     fn layout(&self) -> Result<Vec<PageRange>> {
@@ -219,29 +237,39 @@ impl MemoryBuilder {
 
     /// Lays the regions out, creates the files, maps the shared side and binds every
     /// region to a memslot.
+    ///
+    /// # Errors
+    ///
+    /// Before anything is created: [`Error::StrategyUnavailable`] if the VM cannot run
+    /// the strategy, [`Error::NotEnoughSlots`] if the memslot numbers (configured with
+    /// [`MemoryBuilder::slots`], inside the host's) are fewer than the regions,
+    /// [`Error::NoRegions`] and [`Error::Layout`] for a bad layout. Then the file layer's
+    /// or KVM's error if creating, mapping or binding a region fails; nothing stays
+    /// bound.
     pub fn build(self) -> Result<PrivateMemory> {
-        let caps = Capabilities::of_vm(&self.vm);
-        let strategy = match (&self.kvm_view, self.strategy) {
-            (Some(_), Some(Strategy::Dual)) => Strategy::Dual,
-            _ => Strategy::choose(self.strategy, &caps)?,
-        };
-        let layout = self.layout()?;
-        let limit = if caps.nr_memslots > 0 {
+        let caps = Capabilities::of_vm(&*self.vm);
+        let strategy = Strategy::choose(self.strategy, &caps)?;
+        let host_limit = if caps.nr_memslots > 0 {
             caps.nr_memslots
         } else {
             32764
         };
-        let last_slot = self.slots.1.unwrap_or(limit - 1).min(limit - 1);
-        let mut slot_ids =
-            IdAllocator::new(self.slots.0, last_slot).map_err(|e| Error::Layout {
-                range: GpaRange { start: 0, len: 0 },
-                reason: format!("memslot range {}..={last_slot}: {e}", self.slots.0),
-            })?;
+        let (first_slot, last_slot) = self.slot_range(host_limit)?;
+        let layout = self.layout()?;
+        let mut slot_ids = IdAllocator::new(first_slot, last_slot).map_err(|e| Error::Layout {
+            range: GpaRange { start: 0, len: 0 },
+            reason: format!("memslot range {first_slot}..={last_slot}: {e}"),
+        })?;
+        let no_free_slot = || Error::NoFreeSlot {
+            first: first_slot,
+            last: last_slot,
+            host_limit,
+        };
 
         let flags = gmem_flags(strategy);
         let shared_file = if self.single_file {
             let total = layout.iter().map(PageRange::len).sum();
-            Some(GuestMemfd::create(&self.vm, total, flags)?)
+            Some(GuestMemfd::create(&*self.vm, total, flags)?)
         } else {
             None
         };
@@ -250,12 +278,10 @@ impl MemoryBuilder {
         for guest in layout {
             let (gmem, gmem_offset) = match &shared_file {
                 Some(file) => (file.clone(), offset),
-                None => (GuestMemfd::create(&self.vm, guest.len(), flags)?, 0),
+                None => (GuestMemfd::create(&*self.vm, guest.len(), flags)?, 0),
             };
             offset += guest.len();
-            let slot = slot_ids
-                .allocate_id()
-                .map_err(|_| Error::NoFreeSlot { limit })?;
+            let slot = slot_ids.allocate_id().map_err(|_| no_free_slot())?;
             let region = make_region(strategy, guest, gmem, gmem_offset, self.initial, slot)?;
             regions.push(Arc::new(region));
         }
@@ -265,23 +291,26 @@ impl MemoryBuilder {
                 range: GpaRange { start: 0, len: 0 },
                 reason: e.to_string(),
             })?;
-        let kvm_view = self
-            .kvm_view
-            .unwrap_or_else(|| Arc::new(VmAttributes(Arc::clone(&self.vm))));
         let collection = Arc::new(collection);
-        let memory = PrivateMemory::assemble(
-            self.vm,
-            strategy,
-            GuestMemoryAtomic::from(Arc::clone(&collection)),
-            Mutex::new(Engine::new(collection, slot_ids, limit)),
-            kvm_view,
-        );
-        memory.lock_engine().patience = self.patience;
-        memory.bind_all()?;
+        bind_regions(&*self.vm, &collection)?;
         if strategy == Strategy::Dual && self.initial == PageState::Private {
-            memory.set_kvm_view_all(PageState::Private)?;
+            for region in collection.iter() {
+                if let Err(e) = set_kvm_view(&*self.vm, region.guest_range(), PageState::Private) {
+                    unbind_regions(&*self.vm, &collection, collection.num_regions());
+                    return Err(e);
+                }
+            }
         }
-        Ok(memory)
+        let mut engine = Engine::new(
+            Arc::clone(&collection),
+            slot_ids,
+            (first_slot, last_slot),
+            host_limit,
+        );
+        engine.patience = self.patience;
+        Ok(PrivateMemory::assemble(
+            self.vm, strategy, collection, engine,
+        ))
     }
 }
 

@@ -6,6 +6,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, Result};
+use crate::kvm_view::set_kvm_view;
 use crate::listener::{in_callback, Listeners};
 use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemory};
 use crate::region::PrivateRegion;
@@ -14,7 +15,7 @@ use crate::strategy::Strategy;
 mod batch;
 pub(crate) use batch::Retarget;
 
-/// The steps of a conversion, in the order they can run; named by fault injection.
+/// The steps of a conversion, in the order they can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Step {
     /// Listeners hear `discard` (conversion to private).
@@ -333,15 +334,6 @@ impl PrivateMemory {
         Ok(bytes)
     }
 
-    #[allow(unused_variables)]
-    fn check_fault(&self, engine: &Engine, step: Step) -> Result<()> {
-        #[cfg(feature = "fault-injection")]
-        if engine.fail_at == Some(step) {
-            return Err(Error::Injected(step));
-        }
-        Ok(())
-    }
-
     fn run_steps(
         &self,
         engine: &Engine,
@@ -354,7 +346,6 @@ impl PrivateMemory {
         let dual = self.strategy == Strategy::Dual;
         let discard = mode == ContentMode::Discard;
         let punch = |done: &mut Progress| -> Result<()> {
-            self.check_fault(engine, Step::DiscardOldSide)?;
             for piece in plan.pieces() {
                 done.discarded += piece.discard_old_side(to)?;
             }
@@ -362,16 +353,12 @@ impl PrivateMemory {
         };
         match to {
             PageState::Private => {
-                self.check_fault(engine, Step::NotifyDiscard)?;
                 self.listeners.discard(guest);
                 done.notified_discard = true;
-                self.check_fault(engine, Step::Bits)?;
                 plan.set_bits(PageState::Private);
                 done.bits = Some(PageState::Private);
-                self.check_fault(engine, Step::WaitForAccesses)?;
                 self.wait_for_accesses(engine, plan)?;
                 if dual {
-                    self.check_fault(engine, Step::KvmAttributes)?;
                     self.set_kvm(guest, PageState::Private, done)?;
                 }
                 if discard {
@@ -388,19 +375,15 @@ impl PrivateMemory {
                 // while the page was private (through a mapping of the shared file);
                 // the page must still arrive empty.
                 if dual && discard {
-                    self.check_fault(engine, Step::DiscardOldSide)?;
                     for piece in plan.pieces() {
                         piece.clear_shared_side()?;
                     }
                 }
                 if dual {
-                    self.check_fault(engine, Step::KvmAttributes)?;
                     self.set_kvm(guest, PageState::Shared, done)?;
                 }
-                self.check_fault(engine, Step::Bits)?;
                 plan.set_bits(PageState::Shared);
                 done.bits = Some(PageState::Shared);
-                self.check_fault(engine, Step::NotifyPopulate)?;
                 done.populated = self.listeners.populate(guest).map_err(|(range, reason)| {
                     Error::ListenerRefused {
                         range: gpa(range),
@@ -418,7 +401,7 @@ impl PrivateMemory {
 
     fn set_kvm(&self, guest: &[PageRange], state: PageState, done: &mut Progress) -> Result<()> {
         for (i, range) in guest.iter().enumerate() {
-            if let Err(e) = self.kvm_view.set(*range, state) {
+            if let Err(e) = set_kvm_view(&*self.vm, *range, state) {
                 // The undo puts back the ranges already changed.
                 done.kvm_partial = Some((state, i));
                 return Err(e);
@@ -467,7 +450,7 @@ impl PrivateMemory {
         };
         if let Some((state, count)) = kvm_changed {
             for range in &plan.changed[..count] {
-                if self.kvm_view.set(*range, state.flipped()).is_err() {
+                if set_kvm_view(&*self.vm, *range, state.flipped()).is_err() {
                     unknown.push(gpa(*range));
                 }
             }
@@ -479,14 +462,5 @@ impl PrivateMemory {
             self.listeners.restore(&plan.changed);
         }
         unknown
-    }
-}
-
-#[cfg(feature = "fault-injection")]
-impl PrivateMemory {
-    /// Makes every following conversion fail just before `step` (or never, with `None`).
-    /// For tests of the rollback only.
-    pub fn inject_failure(&self, step: Option<Step>) {
-        self.lock_engine().fail_at = step;
     }
 }

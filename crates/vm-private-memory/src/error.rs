@@ -101,11 +101,28 @@ pub enum Error {
     /// The region at an address does not exist (remove, resize).
     #[error("no region starts at {:#x}", .0 .0)]
     NoSuchRegion(GuestAddress),
-    /// All memslot numbers are in use.
-    #[error("no memslot number is free (this host has {limit})")]
+    /// All memslot numbers this memory may use are in use (adding a region).
+    #[error("no memslot number is free: memslots {first}..={last} (configured with MemoryBuilder::slots, or all the host offers) are all in use, and this host has {host_limit} per address space (KVM_CAP_NR_MEMSLOTS); remove a region first or configure more slots")]
     NoFreeSlot {
-        /// The host's limit.
-        limit: u32,
+        /// The first memslot number this memory may use.
+        first: u32,
+        /// The last memslot number this memory may use.
+        last: u32,
+        /// The host's memslots per address space.
+        host_limit: u32,
+    },
+    /// The builder was asked for more regions than it has memslot numbers, or for a
+    /// memslot range the host cannot offer; found before any file is created.
+    #[error("{regions} regions need {regions} memslots, but memslots {first}..={last} were configured (MemoryBuilder::slots; by default all the host offers) and this host has {host_limit} per address space (KVM_CAP_NR_MEMSLOTS), numbered 0..{host_limit}: use fewer, larger regions or a wider slot range inside the host's")]
+    NotEnoughSlots {
+        /// How many regions were asked for.
+        regions: usize,
+        /// The first memslot number configured.
+        first: u32,
+        /// The last memslot number configured.
+        last: u32,
+        /// The host's memslots per address space.
+        host_limit: u32,
     },
     /// A host access through the vm-memory view (a `Bytes` call, or a `VolatileSlice`
     /// still held) was still touching a page of the conversion when the memory's
@@ -147,9 +164,6 @@ pub enum Error {
     /// A guest's conversion request was malformed.
     #[error("malformed conversion request from the guest: {0}")]
     BadRequest(#[from] crate::exits::RequestError),
-    /// An injected failure (feature `fault-injection`).
-    #[error("injected failure at step {0:?}")]
-    Injected(crate::convert::Step),
 }
 
 impl Error {

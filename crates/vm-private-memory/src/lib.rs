@@ -137,7 +137,7 @@ pub use exits::{
 };
 pub use footprint::resident_guest_memfd_bytes;
 pub use guard::{AccessGuard, HostAccess};
-pub use kvm_view::{KvmView, VmAttributes};
+pub use guest_memfd::VmOps;
 pub use listener::{MemoryListener, Subscription};
 pub use memory::{GuestMemoryPrivate, PrivateMemory};
 pub use region::{private_page_refusal, PrivateRegion};

@@ -31,7 +31,7 @@ impl PrivateMemory {
         }
         let whole = page_span(gpa, len)?;
         let asked = GpaRange { start: gpa, len };
-        let snapshot = self.memory.memory();
+        let snapshot = self.listed();
         for piece in Self::split(&snapshot, whole) {
             let (region, offset, piece_len) = piece.map_err(|e| match e {
                 Error::OutsideGuestMemory { first_outside, .. } => Error::OutsideGuestMemory {

@@ -2,18 +2,18 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use guest_memfd::{GuestMemfd, PageRange};
+use guest_memfd::{GuestMemfd, PageRange, VmOps};
 
 use crate::builder::{gmem_flags, make_region};
-use kvm_ioctls::VmFd;
 use vm_allocator::IdAllocator;
+use vm_memory::atomic::GuestMemoryLoadGuard;
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestRegionCollection,
 };
 
 use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, Result};
-use crate::kvm_view::KvmView;
+use crate::kvm_view::set_kvm_view;
 use crate::listener::{in_callback, Listeners, MemoryListener, Subscription};
 use crate::region::PrivateRegion;
 use crate::strategy::Strategy;
@@ -23,30 +23,41 @@ pub type GuestMemoryPrivate = GuestRegionCollection<PrivateRegion>;
 
 /// State that only changes under the conversion lock.
 pub(crate) struct Engine {
-    /// The collection now published in the `GuestMemoryAtomic`: the engine replaces it
-    /// only under this lock, so conversions read it here without an atomic load.
+    /// The engine's list of regions: the single source of truth. Every region in it is
+    /// bound to its memslot, and a region's memslot is unbound exactly when the region
+    /// leaves it (`remove_region`, `Drop`). Conversions read it here without an atomic
+    /// load; the published views are copies of it.
     pub(crate) current: Arc<GuestMemoryPrivate>,
     pub(crate) slots: IdAllocator,
-    pub(crate) slot_limit: u32,
+    /// The memslot numbers this memory may use, `first..=last`.
+    pub(crate) slot_range: (u32, u32),
+    /// The host's memslots per address space (`KVM_CAP_NR_MEMSLOTS`).
+    pub(crate) host_limit: u32,
     /// How long a conversion to private waits for host accesses in flight.
     pub(crate) patience: std::time::Duration,
-    #[cfg(feature = "fault-injection")]
-    pub(crate) fail_at: Option<crate::convert::Step>,
 }
 
 impl Engine {
     pub(crate) fn new(
         current: Arc<GuestMemoryPrivate>,
         slots: IdAllocator,
-        slot_limit: u32,
+        slot_range: (u32, u32),
+        host_limit: u32,
     ) -> Self {
         Engine {
             current,
             slots,
-            slot_limit,
+            slot_range,
+            host_limit,
             patience: crate::builder::DEFAULT_ACCESS_PATIENCE,
-            #[cfg(feature = "fault-injection")]
-            fail_at: None,
+        }
+    }
+
+    fn no_free_slot(&self) -> Error {
+        Error::NoFreeSlot {
+            first: self.slot_range.0,
+            last: self.slot_range.1,
+            host_limit: self.host_limit,
         }
     }
 }
@@ -57,13 +68,26 @@ impl Engine {
 /// [`GuestMemoryPrivate`]) for device emulation, loaders and vCPU set-up; this type owns
 /// the memslots and changes pages between private and shared ([`PrivateMemory::convert`]).
 /// Dropping it unbinds every memslot.
+///
+/// # The published view belongs to this memory
+///
+/// vm-memory lets any holder of a [`GuestMemoryAtomic`] replace its collection
+/// (`GuestMemoryAtomic::lock`). Do not: this memory keeps its own list of regions, and
+/// that list alone decides which memslots are bound, what conversions, `remove_region`
+/// and `Drop` act on, and what [`PrivateMemory::regions`] and [`PrivateMemory::state`]
+/// report. A replaced collection is overwritten by the next `add_region` or
+/// `remove_region`, which publish this memory's list again; until then devices see the
+/// replacement. No replacement can make a region lose its memslot or keep one.
 pub struct PrivateMemory {
-    pub(crate) vm: Arc<VmFd>,
+    pub(crate) vm: Arc<dyn VmOps>,
     pub(crate) strategy: Strategy,
+    /// The view handed out by `memory()`.
     pub(crate) memory: GuestMemoryAtomic<GuestMemoryPrivate>,
+    /// The engine's list, readable without the conversion lock (listeners may query
+    /// while it is held); never handed out, so never replaced by anyone else.
+    listed: GuestMemoryAtomic<GuestMemoryPrivate>,
     pub(crate) engine: Mutex<Engine>,
     pub(crate) listeners: Listeners,
-    pub(crate) kvm_view: Arc<dyn KvmView>,
 }
 
 impl std::fmt::Debug for PrivateMemory {
@@ -75,21 +99,57 @@ impl std::fmt::Debug for PrivateMemory {
     }
 }
 
+/// Binds every region of `regions` to its memslot. On failure the slots bound so far are
+/// unbound again (see [`unbind_regions`]) and the error is returned.
+pub(crate) fn bind_regions(vm: &dyn VmOps, regions: &Arc<GuestMemoryPrivate>) -> Result<()> {
+    for (i, region) in regions.iter().enumerate() {
+        let bound = region.memslot().map_err(Error::from).and_then(|slot| {
+            // SAFETY: the slot's userspace memory is the region's host mapping, owned by
+            // the region; the collection keeps the region alive until the slot is
+            // unbound (by `unbind_regions`, `remove_region` or `Drop`), or leaks it.
+            unsafe { slot.bind(vm) }.map_err(Error::from)
+        });
+        if let Err(e) = bound {
+            unbind_regions(vm, regions, i);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Unbinds the memslots of the first `count` regions of `regions`. If KVM refuses one,
+/// it may still use that region's memory: the collection is then leaked, mappings and
+/// all, rather than unmapped. Returns whether every slot was unbound.
+pub(crate) fn unbind_regions(
+    vm: &dyn VmOps,
+    regions: &Arc<GuestMemoryPrivate>,
+    count: usize,
+) -> bool {
+    let mut all_unbound = true;
+    for region in regions.iter().take(count) {
+        all_unbound &= region.memslot().is_ok_and(|slot| slot.unbind(vm).is_ok());
+    }
+    if !all_unbound {
+        std::mem::forget(Arc::clone(regions));
+    }
+    all_unbound
+}
+
 impl PrivateMemory {
+    /// Assembles a memory over `current`, whose regions are all bound already.
     pub(crate) fn assemble(
-        vm: Arc<VmFd>,
+        vm: Arc<dyn VmOps>,
         strategy: Strategy,
-        memory: GuestMemoryAtomic<GuestMemoryPrivate>,
-        engine: Mutex<Engine>,
-        kvm_view: Arc<dyn KvmView>,
+        current: Arc<GuestMemoryPrivate>,
+        engine: Engine,
     ) -> Self {
         PrivateMemory {
             vm,
             strategy,
-            memory,
-            engine,
+            memory: GuestMemoryAtomic::new((*current).clone()),
+            listed: GuestMemoryAtomic::new((*current).clone()),
+            engine: Mutex::new(Engine { current, ..engine }),
             listeners: Listeners::default(),
-            kvm_view,
         }
     }
 
@@ -99,23 +159,23 @@ impl PrivateMemory {
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn bind_all(&self) -> Result<()> {
-        let snapshot = self.memory.memory();
-        for region in snapshot.iter() {
-            let slot = region.memslot()?;
-            // SAFETY: the slot's userspace memory is the region's host mapping, owned by
-            // the region, which this memory keeps alive (in its collection) until the slot
-            // is unbound by `remove_region` or `Drop`.
-            unsafe { slot.bind(&self.vm) }?;
-        }
-        Ok(())
+    /// The engine's list of regions, without taking the conversion lock.
+    pub(crate) fn listed(&self) -> GuestMemoryLoadGuard<GuestMemoryPrivate> {
+        self.listed.memory()
     }
 
-    pub(crate) fn set_kvm_view_all(&self, state: PageState) -> Result<()> {
-        for region in self.memory.memory().iter() {
-            self.kvm_view.set(region.guest_range(), state)?;
-        }
-        Ok(())
+    /// Makes `collection` the engine's list and publishes it, replacing whatever the
+    /// published view held. Called with the engine locked, after KVM's memslots match
+    /// `collection`.
+    fn publish(&self, engine: &mut Engine, collection: GuestMemoryPrivate) {
+        let replace = |view: &GuestMemoryAtomic<GuestMemoryPrivate>| {
+            view.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .replace(collection.clone());
+        };
+        replace(&self.listed);
+        replace(&self.memory);
+        engine.current = Arc::new(collection);
     }
 
     /// The vm-memory view, shared: clone it into device threads, loaders, vCPU set-up.
@@ -123,8 +183,9 @@ impl PrivateMemory {
         self.memory.clone()
     }
 
-    /// The VM.
-    pub fn vm(&self) -> &Arc<VmFd> {
+    /// The VM, as the operations this memory uses on it. A VMM that needs its own VM
+    /// type (a kvm-ioctls `VmFd` for vCPUs, for example) keeps its own handle.
+    pub fn vm(&self) -> &Arc<dyn VmOps> {
         &self.vm
     }
 
@@ -133,10 +194,10 @@ impl PrivateMemory {
         self.strategy
     }
 
-    /// The guest-physical range of every region, in address order.
+    /// The guest-physical range of every region, in address order: this memory's own
+    /// list, whatever the published view holds.
     pub fn regions(&self) -> Vec<PageRange> {
-        self.memory
-            .memory()
+        self.listed()
             .iter()
             .map(PrivateRegion::guest_range)
             .collect()
@@ -144,15 +205,14 @@ impl PrivateMemory {
 
     /// The state of the page holding `gpa`, or `None` outside guest memory.
     pub fn state_of(&self, gpa: u64) -> Option<PageState> {
-        let snapshot = self.memory.memory();
+        let snapshot = self.listed();
         let region = snapshot.find_region(GuestAddress(gpa))?;
         region.state_at(gpa - region.guest_range().start())
     }
 
     /// How many pages are private, over all regions.
     pub fn private_pages(&self) -> u64 {
-        self.memory
-            .memory()
+        self.listed()
             .iter()
             .map(|r| r.attributes().count_private())
             .sum()
@@ -160,8 +220,7 @@ impl PrivateMemory {
 
     /// Bytes of per-page metadata held, over all regions.
     pub fn metadata_bytes(&self) -> usize {
-        self.memory
-            .memory()
+        self.listed()
             .iter()
             .map(|r| r.attributes().metadata_bytes())
             .sum()
@@ -195,6 +254,16 @@ impl PrivateMemory {
     /// Re-using a file keeps its content: with `initial` shared and the in-place strategy,
     /// whatever the guest had written there, private pages included, becomes readable by
     /// the host. Discard ranges first if that is not wanted.
+    ///
+    /// The region joins this memory's own list of regions, which is then published in the
+    /// vm-memory view (replacing whatever a caller may have put there).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Layout`] if `guest` overlaps a region, [`Error::NoFreeSlot`] if every
+    /// memslot number this memory may use is taken, and the file layer's or KVM's error
+    /// if creating, mapping, binding or (dual) marking the region fails. On any error
+    /// nothing changed: no memslot is bound, the list and the view are as before.
     pub fn add_region(
         &self,
         guest: PageRange,
@@ -205,34 +274,55 @@ impl PrivateMemory {
             return Err(Error::Reentrant { range: gpa(guest) });
         }
         let mut engine = self.lock_engine();
-        let (gmem, offset) = match backing {
-            Some(b) => b,
-            None => (
-                GuestMemfd::create(&self.vm, guest.len(), gmem_flags(self.strategy))?,
-                0,
-            ),
-        };
-        let limit = engine.slot_limit;
+        if let Some(other) = engine
+            .current
+            .iter()
+            .find(|r| r.guest_range().intersection(&guest).is_some())
+        {
+            return Err(Error::Layout {
+                range: gpa(guest),
+                reason: format!("it overlaps region {}", other.guest_range()),
+            });
+        }
         let slot = engine
             .slots
             .allocate_id()
-            .map_err(|_| Error::NoFreeSlot { limit })?;
-        let result = self.insert_region(&mut engine, guest, gmem, offset, initial, slot);
-        if result.is_err() {
-            let _ = engine.slots.free_id(slot);
+            .map_err(|_| engine.no_free_slot())?;
+        let (region, with) = match self.new_region(&engine, guest, backing, initial, slot) {
+            Ok(made) => made,
+            Err(e) => {
+                let _ = engine.slots.free_id(slot);
+                return Err(e);
+            }
+        };
+        if let Err((e, still_bound)) = self.bind_new_region(guest, initial, &region) {
+            // Still bound (KVM refused to unbind): the slot number stays taken, and the
+            // region was leaked so its memory stays mapped.
+            if !still_bound {
+                let _ = engine.slots.free_id(slot);
+            }
+            return Err(e);
         }
-        result
+        self.publish(&mut engine, with);
+        Ok(())
     }
 
-    fn insert_region(
+    /// The region over `guest` and the engine's list with it, nothing bound yet.
+    fn new_region(
         &self,
-        engine: &mut Engine,
+        engine: &Engine,
         guest: PageRange,
-        gmem: GuestMemfd,
-        offset: u64,
+        backing: Option<(GuestMemfd, u64)>,
         initial: PageState,
         slot: u32,
-    ) -> Result<()> {
+    ) -> Result<(Arc<PrivateRegion>, GuestMemoryPrivate)> {
+        let (gmem, offset) = match backing {
+            Some(b) => b,
+            None => (
+                GuestMemfd::create(&*self.vm, guest.len(), gmem_flags(self.strategy))?,
+                0,
+            ),
+        };
         let region = Arc::new(make_region(
             self.strategy,
             guest,
@@ -241,35 +331,54 @@ impl PrivateMemory {
             initial,
             slot,
         )?);
-        let snapshot = self.memory.memory();
-        let with = snapshot
+        let with = engine
+            .current
             .insert_region(Arc::clone(&region))
             .map_err(|e| Error::Layout {
                 range: gpa(guest),
                 reason: e.to_string(),
             })?;
-        let memslot = region.memslot()?;
+        Ok((region, with))
+    }
+
+    /// Binds a new region's memslot and (dual) sets KVM's view of it. On error, says
+    /// whether the slot is still bound (KVM refused to unbind it; the region is leaked).
+    fn bind_new_region(
+        &self,
+        guest: PageRange,
+        initial: PageState,
+        region: &Arc<PrivateRegion>,
+    ) -> std::result::Result<(), (Error, bool)> {
+        let memslot = region.memslot().map_err(|e| (e.into(), false))?;
         // SAFETY: the slot's userspace memory is the region's host mapping, which the
-        // collection installed below keeps alive until `remove_region` or `Drop` unbinds.
-        unsafe { memslot.bind(&self.vm) }?;
+        // engine's list keeps alive until `remove_region` or `Drop` unbinds the slot; on
+        // an error below the slot is unbound again, or the region leaked.
+        unsafe { memslot.bind(&*self.vm) }.map_err(|e| (e.into(), false))?;
         // KVM keeps memory attributes per guest-physical address, across memslot
         // deletion: set them for the new region whatever they were before.
         if self.strategy == Strategy::Dual {
-            if let Err(e) = self.kvm_view.set(guest, initial) {
-                let _ = memslot.unbind(&self.vm);
-                return Err(e);
+            if let Err(e) = set_kvm_view(&*self.vm, guest, initial) {
+                let still_bound = memslot.unbind(&*self.vm).is_err();
+                if still_bound {
+                    std::mem::forget(Arc::clone(region));
+                }
+                return Err((e, still_bound));
             }
         }
-        let guard = self.memory.lock().unwrap_or_else(|p| p.into_inner());
-        guard.replace(with);
-        engine.current = self.memory.memory().into_inner();
         Ok(())
     }
 
     /// Removes the region that starts at `start`: listeners hear `discard` for its
     /// shared pages, its memslot is deleted (KVM drops its mappings; guest accesses to
-    /// the range then exit as MMIO), and it leaves the vm-memory view. vCPUs may run.
-    /// Returns the range and the file and offset that backed it, so it can be re-added.
+    /// the range then exit as MMIO), and it leaves this memory's list and the vm-memory
+    /// view. vCPUs may run. Returns the range and the file and offset that backed it, so
+    /// it can be re-added.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoSuchRegion`] if no region of this memory's list starts at `start`;
+    /// KVM's error if the memslot cannot be deleted, in which case listeners get the
+    /// shared pages back and nothing changed.
     pub fn remove_region(&self, start: u64) -> Result<(PageRange, GuestMemfd, u64)> {
         if in_callback() {
             return Err(Error::Reentrant {
@@ -278,27 +387,27 @@ impl PrivateMemory {
         }
         let mut engine = self.lock_engine();
         let _listeners = self.listeners.hold();
-        let snapshot = Arc::clone(&engine.current);
-        let region = snapshot
+        let current = Arc::clone(&engine.current);
+        let region = current
             .iter()
             .find(|r| r.guest_range().start() == start)
             .ok_or(Error::NoSuchRegion(GuestAddress(start)))?;
         let guest = region.guest_range();
-        let shared: Vec<PageRange> = shared_runs(region);
-        self.listeners.discard(&shared);
-        if let Err(e) = region.memslot().and_then(|slot| slot.unbind(&self.vm)) {
-            self.listeners.restore(&shared);
-            return Err(e.into());
-        }
-        let guard = self.memory.lock().unwrap_or_else(|p| p.into_inner());
-        let (without, _removed) = snapshot
+        // Everything that can fail without side effects comes first.
+        let memslot = region.memslot()?;
+        let (without, _removed) = current
             .remove_region(GuestAddress(start), guest.len())
             .map_err(|e| Error::Layout {
                 range: gpa(guest),
                 reason: e.to_string(),
             })?;
-        guard.replace(without);
-        engine.current = self.memory.memory().into_inner();
+        let shared: Vec<PageRange> = shared_runs(region);
+        self.listeners.discard(&shared);
+        if let Err(e) = memslot.unbind(&*self.vm) {
+            self.listeners.restore(&shared);
+            return Err(e.into());
+        }
+        self.publish(&mut engine, without);
         let _ = engine.slots.free_id(region.slot());
         Ok((guest, region.gmem().clone(), region.gmem_offset()))
     }
@@ -330,15 +439,7 @@ impl Drop for PrivateMemory {
     /// leaked, mappings and all, rather than unmapped.
     fn drop(&mut self) {
         let engine = self.lock_engine();
-        let mut all_unbound = true;
-        for region in engine.current.iter() {
-            all_unbound &= region
-                .memslot()
-                .is_ok_and(|slot| slot.unbind(&self.vm).is_ok());
-        }
-        if !all_unbound {
-            std::mem::forget(Arc::clone(&engine.current));
-        }
+        unbind_regions(&*self.vm, &engine.current, engine.current.num_regions());
     }
 }
 

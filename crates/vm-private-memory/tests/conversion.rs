@@ -9,7 +9,7 @@ use common::{dual, in_place, in_place_or_skip, pr, Heard, Recorder};
 use guest_memfd::{PageRange, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vm_private_memory::{
-    ContentMode, Error, GuestMemoryPrivate, MemoryListener, PageState, PrivateMemory, Step,
+    ContentMode, Error, GuestMemoryPrivate, MemoryListener, PageState, PrivateMemory,
 };
 
 const MIB2: u64 = 2 << 20;
@@ -236,24 +236,46 @@ fn a_refusing_listener_rolls_the_conversion_back() {
     );
 }
 
-/// Every step of both directions, on both strategies, made to fail: bits, KVM's view
-/// and the listeners' view end as they began.
+/// How a test makes a conversion fail, each through what a real conversion can meet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// `KVM_SET_MEMORY_ATTRIBUTES` fails (dual; the VM stand-in refuses it).
+    KvmAttributes,
+    /// A listener refuses to populate (conversion to shared).
+    ListenerRefuses,
+    /// Punching the side no longer used fails (the file refuses: `EIO`).
+    Punch,
+}
+
+/// Each step of both directions, on both strategies, that can fail, made to fail: bits,
+/// KVM's view and the listeners' view end as they began, and every step that had run is
+/// undone. The conversion's steps, in order, and where each is undone from:
+/// - to private: listeners hear `discard` and the bits change (neither can fail: both are
+///   undone by the failures after them), KVM's attributes (dual), the punch;
+/// - to shared: the punch (in-place, first), KVM's attributes (dual), the bits (cannot
+///   fail), listeners' `populate`, the punch (dual, last).
 #[test]
 fn a_failure_at_any_step_leaves_everything_as_it_was() {
     if !in_place_or_skip("a_failure_at_any_step_leaves_everything_as_it_was") {
         return;
     }
-    let steps = [
-        Step::NotifyDiscard,
-        Step::Bits,
-        Step::KvmAttributes,
-        Step::NotifyPopulate,
-        Step::DiscardOldSide,
-    ];
     let range = pr(4 * PAGE_SIZE, 8 * PAGE_SIZE);
     for dual_strategy in [false, true] {
         for to in [PageState::Private, PageState::Shared] {
-            for step in steps {
+            for failure in [
+                Failure::KvmAttributes,
+                Failure::ListenerRefuses,
+                Failure::Punch,
+            ] {
+                let applies = match failure {
+                    Failure::KvmAttributes => dual_strategy,
+                    Failure::ListenerRefuses => to == PageState::Shared,
+                    Failure::Punch => true,
+                };
+                if !applies {
+                    continue;
+                }
+                let what = format!("dual={dual_strategy} to={to} failure={failure:?}");
                 let initial = to.flipped();
                 let (m, view) = if dual_strategy {
                     let (m, v) = dual(MIB2, initial);
@@ -263,27 +285,28 @@ fn a_failure_at_any_step_leaves_everything_as_it_was() {
                 };
                 let listener = Arc::new(Recorder::default());
                 let _s = m.subscribe(pr(0, MIB2), listener.clone());
+                let refusing = Arc::new(Recorder::default());
+                *refusing.refuse.lock().unwrap() = failure == Failure::ListenerRefuses;
+                let _r = m.subscribe(pr(0, MIB2), refusing.clone());
                 let before = states(&m, MIB2);
                 if let Some(v) = &view {
                     v.calls.lock().unwrap().clear();
+                    *v.fail.lock().unwrap() = failure == Failure::KvmAttributes;
                 }
-                m.inject_failure(Some(step));
-                let result = m.convert(range, to);
-                let what = format!("dual={dual_strategy} to={to} step={step:?}");
-                let step_runs = !matches!(
-                    (step, to, dual_strategy),
-                    (Step::KvmAttributes, _, false)
-                        | (Step::NotifyDiscard, PageState::Shared, _)
-                        | (Step::NotifyPopulate, PageState::Private, _)
-                );
-                if !step_runs {
-                    assert!(result.is_ok(), "{what}: {result:?}");
-                    continue;
+
+                let result = if failure == Failure::Punch {
+                    common::with_failing_punch(|| m.convert(range, to))
+                } else {
+                    m.convert(range, to)
+                };
+                match (&result, failure) {
+                    (Err(Error::SetAttributes { .. }), Failure::KvmAttributes)
+                    | (Err(Error::ListenerRefused { .. }), Failure::ListenerRefuses) => {}
+                    (Err(e @ Error::File(_)), Failure::Punch) => {
+                        assert_eq!(e.errno(), Some(libc::EIO), "{what}: {e}")
+                    }
+                    _ => panic!("{what}: {result:?}"),
                 }
-                assert!(
-                    matches!(result, Err(Error::Injected(s)) if s == step),
-                    "{what}: {result:?}"
-                );
                 assert_eq!(states(&m, MIB2), before, "{what}: bits");
                 if let Some(v) = &view {
                     let calls = v.calls.lock().unwrap();
@@ -292,17 +315,45 @@ fn a_failure_at_any_step_leaves_everything_as_it_was() {
                         .map(|(_, s)| if *s == to { 1 } else { -1 })
                         .sum();
                     assert_eq!(net, 0, "{what}: KVM's view {calls:?}");
+                    // A refusal or a failed punch comes after KVM's view changed: it was
+                    // changed back.
+                    let kvm_changed = failure != Failure::KvmAttributes;
+                    assert_eq!(
+                        calls.len(),
+                        if kvm_changed { 2 } else { 0 },
+                        "{what}: {calls:?}"
+                    );
                 }
-                let heard = listener.heard.lock().unwrap();
+                let heard = listener.heard.lock().unwrap().clone();
                 let discards = heard
                     .iter()
                     .filter(|h| matches!(h, Heard::Discard(_)))
                     .count();
-                let populates = heard.len() - discards;
-                assert_eq!(discards, populates, "{what}: listeners {heard:?}");
-                // And once the fault is gone, the same conversion goes through.
-                drop(heard);
-                m.inject_failure(None);
+                assert_eq!(
+                    discards,
+                    heard.len() - discards,
+                    "{what}: listeners {heard:?}"
+                );
+                // To private, listeners heard `discard` before any step could fail, and
+                // got the range back; to shared, they were told only after KVM's view and
+                // the bits changed, and had it taken back.
+                let expected = match (to, failure, dual_strategy) {
+                    (PageState::Private, _, _) => {
+                        vec![Heard::Discard(range), Heard::Populate(range)]
+                    }
+                    (PageState::Shared, Failure::ListenerRefuses, _)
+                    | (PageState::Shared, Failure::Punch, true) => {
+                        vec![Heard::Populate(range), Heard::Discard(range)]
+                    }
+                    (PageState::Shared, _, _) => vec![],
+                };
+                assert_eq!(heard, expected, "{what}");
+
+                // And once the failure is gone, the same conversion goes through.
+                *refusing.refuse.lock().unwrap() = false;
+                if let Some(v) = &view {
+                    *v.fail.lock().unwrap() = false;
+                }
                 assert_eq!(m.convert(range, to).unwrap().pages_changed, 8, "{what}");
             }
         }

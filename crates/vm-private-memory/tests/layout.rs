@@ -63,7 +63,7 @@ fn bad_layouts_are_refused_with_the_region_named() {
                 .slots(5, 5)
                 .region(MIB2)
                 .region(MIB2),
-            "no memslot number is free",
+            "memslots 5..=5",
         ),
     ];
     for (builder, needle) in cases {

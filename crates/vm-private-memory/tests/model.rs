@@ -41,12 +41,18 @@ proptest! {
         if !common::in_place_or_skip("conversions_match_a_simple_model") {
             return Ok(());
         }
-        let mut builder = MemoryBuilder::new(common::vm())
+        // Dual runs on a VM that stands in for KVM's memory attributes.
+        let vm: std::sync::Arc<dyn vm_private_memory::VmOps> = if dual {
+            common::RecordingVm::new(common::vm())
+        } else {
+            common::vm()
+        };
+        let mut builder = MemoryBuilder::new(vm)
             .region_at(0, A_PAGES * PAGE_SIZE)
             .region_at(A_PAGES * PAGE_SIZE, B_PAGES * PAGE_SIZE)
             .initial_state(PageState::Private);
         builder = if dual {
-            builder.strategy(Backing::Dual).kvm_view(std::sync::Arc::new(common::RecordingView::default()))
+            builder.strategy(Backing::Dual)
         } else {
             builder.strategy(Backing::InPlace)
         };

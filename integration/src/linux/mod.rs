@@ -183,7 +183,7 @@ impl LinuxVm {
             Ram::Private => PageState::Private,
             Ram::Shared => PageState::Shared,
         };
-        let memory = MemoryBuilder::new(Arc::clone(&vm))
+        let memory = MemoryBuilder::new(vm.clone())
             .x86_mmio_hole()
             .region_at(0, config.ram_size)
             .initial_state(state)

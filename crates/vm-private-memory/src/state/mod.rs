@@ -16,10 +16,9 @@ mod restore;
 
 use std::sync::Arc;
 
-use guest_memfd::PageRange;
-use kvm_ioctls::VmFd;
+use guest_memfd::{PageRange, VmOps};
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::GuestMemoryBackend;
 
 use crate::builder::MemoryBuilder;
 use crate::listener::in_callback;
@@ -137,7 +136,7 @@ impl TryFrom<UncheckedState> for MemoryState {
 impl MemoryState {
     /// A builder for memory with this state's layout and strategy (no content): build it,
     /// then [`PrivateMemory::restore_state`].
-    pub fn builder(&self, vm: Arc<VmFd>) -> MemoryBuilder {
+    pub fn builder(&self, vm: Arc<dyn VmOps>) -> MemoryBuilder {
         self.regions
             .iter()
             .fold(MemoryBuilder::new(vm).strategy(self.strategy), |b, r| {
@@ -194,7 +193,7 @@ impl PrivateMemory {
         let engine = (!in_callback()).then(|| self.lock_engine());
         let current = match &engine {
             Some(engine) => Arc::clone(&engine.current),
-            None => self.memory.memory().into_inner(),
+            None => self.listed().into_inner(),
         };
         let regions = current
             .iter()

@@ -24,6 +24,9 @@
 //!   [`PrivateMemory::handle_map_gpa_range`] serve the guest's requests
 //!   (`KVM_EXIT_MEMORY_FAULT`, `KVM_HC_MAP_GPA_RANGE`), checking every field.
 //! - [`MemoryState`] saves and restores the layout and the private/shared map.
+//! - [`VmOps`] (from `guest-memfd`) is every VM call this crate makes: implemented for
+//!   kvm-ioctls' `VmFd`, and implementable by a VMM's own hypervisor wrapper, which
+//!   [`MemoryBuilder::new`] then takes instead.
 //!
 //! # Strategies
 //!

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use common::{dual, in_place, in_place_or_skip, pr, Heard, Recorder};
 use guest_memfd::{PageRange, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 use vm_private_memory::{
     ContentMode, Error, GuestMemoryPrivate, MemoryListener, PageState, PrivateMemory,
 };
@@ -243,17 +243,23 @@ enum Failure {
     KvmAttributes,
     /// A listener refuses to populate (conversion to shared).
     ListenerRefuses,
-    /// Punching the side no longer used fails (the file refuses: `EIO`).
+    /// Punching fails, on any file (`EIO`).
     Punch,
+    /// Punching the guest_memfd fails (`EIO`); the shared side's file still works.
+    PunchGuestMemfd,
+    /// A host access (a slice still held) keeps touching a page going private.
+    HostAccessHeld,
 }
 
 /// Each step of both directions, on both strategies, that can fail, made to fail: bits,
 /// KVM's view and the listeners' view end as they began, and every step that had run is
 /// undone. The conversion's steps, in order, and where each is undone from:
 /// - to private: listeners hear `discard` and the bits change (neither can fail: both are
-///   undone by the failures after them), KVM's attributes (dual), the punch;
-/// - to shared: the punch (in-place, first), KVM's attributes (dual), the bits (cannot
-///   fail), listeners' `populate`, the punch (dual, last).
+///   undone by the failures after them), host accesses in flight are waited for, KVM's
+///   attributes (dual), the punch;
+/// - to shared: the punch (in-place, first) or the shared side's clearing (dual, first),
+///   KVM's attributes (dual), the bits (cannot fail), listeners' `populate`, the
+///   guest_memfd's punch (dual, last).
 #[test]
 fn a_failure_at_any_step_leaves_everything_as_it_was() {
     if !in_place_or_skip("a_failure_at_any_step_leaves_everything_as_it_was") {
@@ -266,11 +272,17 @@ fn a_failure_at_any_step_leaves_everything_as_it_was() {
                 Failure::KvmAttributes,
                 Failure::ListenerRefuses,
                 Failure::Punch,
+                Failure::PunchGuestMemfd,
+                Failure::HostAccessHeld,
             ] {
                 let applies = match failure {
                     Failure::KvmAttributes => dual_strategy,
                     Failure::ListenerRefuses => to == PageState::Shared,
                     Failure::Punch => true,
+                    // Dual, to shared, the guest_memfd is punched last, after the shared
+                    // side was cleared (elsewhere it is the only file punched).
+                    Failure::PunchGuestMemfd => dual_strategy && to == PageState::Shared,
+                    Failure::HostAccessHeld => to == PageState::Private,
                 };
                 if !applies {
                     continue;
@@ -294,15 +306,25 @@ fn a_failure_at_any_step_leaves_everything_as_it_was() {
                     *v.fail.lock().unwrap() = failure == Failure::KvmAttributes;
                 }
 
-                let result = if failure == Failure::Punch {
-                    common::with_failing_punch(|| m.convert(range, to))
-                } else {
-                    m.convert(range, to)
+                let result = match failure {
+                    Failure::Punch => common::with_failing_punch(None, || m.convert(range, to)),
+                    Failure::PunchGuestMemfd => {
+                        let fd = view.as_ref().unwrap().guest_memfds.lock().unwrap()[0];
+                        common::with_failing_punch(Some(fd), || m.convert(range, to))
+                    }
+                    Failure::HostAccessHeld => {
+                        let view = m.memory();
+                        let mem = view.memory();
+                        let _held = mem.get_slice(GuestAddress(range.start()), 8).unwrap();
+                        m.convert(range, to)
+                    }
+                    _ => m.convert(range, to),
                 };
                 match (&result, failure) {
                     (Err(Error::SetAttributes { .. }), Failure::KvmAttributes)
-                    | (Err(Error::ListenerRefused { .. }), Failure::ListenerRefuses) => {}
-                    (Err(e @ Error::File(_)), Failure::Punch) => {
+                    | (Err(Error::ListenerRefused { .. }), Failure::ListenerRefuses)
+                    | (Err(Error::HostAccessInFlight { .. }), Failure::HostAccessHeld) => {}
+                    (Err(e @ Error::File(_)), Failure::Punch | Failure::PunchGuestMemfd) => {
                         assert_eq!(e.errno(), Some(libc::EIO), "{what}: {e}")
                     }
                     _ => panic!("{what}: {result:?}"),
@@ -315,9 +337,14 @@ fn a_failure_at_any_step_leaves_everything_as_it_was() {
                         .map(|(_, s)| if *s == to { 1 } else { -1 })
                         .sum();
                     assert_eq!(net, 0, "{what}: KVM's view {calls:?}");
-                    // A refusal or a failed punch comes after KVM's view changed: it was
-                    // changed back.
-                    let kvm_changed = failure != Failure::KvmAttributes;
+                    // A refusal or a failed punch comes after KVM's view changed (except
+                    // the shared side's clearing, first when going shared): it was changed
+                    // back.
+                    let kvm_changed = !matches!(
+                        (to, failure),
+                        (_, Failure::KvmAttributes | Failure::HostAccessHeld)
+                            | (PageState::Shared, Failure::Punch)
+                    );
                     assert_eq!(
                         calls.len(),
                         if kvm_changed { 2 } else { 0 },
@@ -342,7 +369,7 @@ fn a_failure_at_any_step_leaves_everything_as_it_was() {
                         vec![Heard::Discard(range), Heard::Populate(range)]
                     }
                     (PageState::Shared, Failure::ListenerRefuses, _)
-                    | (PageState::Shared, Failure::Punch, true) => {
+                    | (PageState::Shared, Failure::PunchGuestMemfd, _) => {
                         vec![Heard::Populate(range), Heard::Discard(range)]
                     }
                     (PageState::Shared, _, _) => vec![],

@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use guest_memfd::{PageRange, VmOps};
@@ -39,6 +39,8 @@ pub struct RecordingVm {
     pub inner: Arc<VmFd>,
     pub calls: Mutex<Vec<(PageRange, PageState)>>,
     pub fail: Mutex<bool>,
+    /// The descriptor number of every guest_memfd created through it.
+    pub guest_memfds: Mutex<Vec<i32>>,
 }
 
 impl RecordingVm {
@@ -47,6 +49,7 @@ impl RecordingVm {
             inner,
             calls: Mutex::default(),
             fail: Mutex::default(),
+            guest_memfds: Mutex::default(),
         })
     }
 }
@@ -60,7 +63,9 @@ impl VmOps for RecordingVm {
     }
 
     fn create_guest_memfd(&self, request: kvm_create_guest_memfd) -> Result<OwnedFd, errno::Error> {
-        VmOps::create_guest_memfd(&*self.inner, request)
+        let fd = VmOps::create_guest_memfd(&*self.inner, request)?;
+        self.guest_memfds.lock().unwrap().push(fd.as_raw_fd());
+        Ok(fd)
     }
 
     unsafe fn set_user_memory_region2(
@@ -89,13 +94,14 @@ impl VmOps for RecordingVm {
 }
 
 /// Runs `f` on a thread of its own on which every punch hole
-/// (`fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE)`) fails with `EIO`: a seccomp
-/// filter, which only that thread carries, makes the file refuse.
-pub fn with_failing_punch<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+/// (`fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE)`) fails with `EIO`, on any file
+/// or only on descriptor `only_fd`: a seccomp filter, which only that thread carries,
+/// makes the file refuse.
+pub fn with_failing_punch<R: Send>(only_fd: Option<i32>, f: impl FnOnce() -> R + Send) -> R {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                fail_punch_hole_on_this_thread();
+                fail_punch_hole_on_this_thread(only_fd);
                 f()
             })
             .join()
@@ -103,9 +109,11 @@ pub fn with_failing_punch<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     })
 }
 
-fn fail_punch_hole_on_this_thread() {
-    const SECCOMP_DATA_NR: u32 = 0;
-    const SECCOMP_DATA_ARG1: u32 = 24; // args[1] (the mode), low word on x86_64
+fn fail_punch_hole_on_this_thread(only_fd: Option<i32>) {
+    // Offsets into `struct seccomp_data`; arguments are 64-bit, low word first on x86_64.
+    const NR: u32 = 0;
+    const ARG0: u32 = 16;
+    const ARG1: u32 = 24;
     let punch = (libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) as u32;
     let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
         code: code as u16,
@@ -113,34 +121,36 @@ fn fail_punch_hole_on_this_thread() {
         jf,
         k,
     };
-    let mut filter = [
-        op(
-            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
-            0,
-            0,
-            SECCOMP_DATA_NR,
-        ),
-        op(
+    let load = |offset| op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, offset);
+    let mut checks = vec![(NR, libc::SYS_fallocate as u32), (ARG1, punch)];
+    if let Some(fd) = only_fd {
+        checks.push((ARG0, fd as u32));
+    }
+    // Each check: load the word, go on if it matches, else jump to the final ALLOW.
+    let mut filter = Vec::new();
+    let count = checks.len();
+    for (i, (offset, value)) in checks.into_iter().enumerate() {
+        let to_allow = (2 * (count - i - 1) + 1) as u8;
+        filter.push(load(offset));
+        filter.push(op(
             libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
             0,
-            3,
-            libc::SYS_fallocate as u32,
-        ),
-        op(
-            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
-            0,
-            0,
-            SECCOMP_DATA_ARG1,
-        ),
-        op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 1, punch),
-        op(
-            libc::BPF_RET | libc::BPF_K,
-            0,
-            0,
-            libc::SECCOMP_RET_ERRNO | libc::EIO as u32,
-        ),
-        op(libc::BPF_RET | libc::BPF_K, 0, 0, libc::SECCOMP_RET_ALLOW),
-    ];
+            to_allow,
+            value,
+        ));
+    }
+    filter.push(op(
+        libc::BPF_RET | libc::BPF_K,
+        0,
+        0,
+        libc::SECCOMP_RET_ERRNO | libc::EIO as u32,
+    ));
+    filter.push(op(
+        libc::BPF_RET | libc::BPF_K,
+        0,
+        0,
+        libc::SECCOMP_RET_ALLOW,
+    ));
     let program = libc::sock_fprog {
         len: filter.len() as u16,
         filter: filter.as_mut_ptr(),

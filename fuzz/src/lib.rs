@@ -16,7 +16,7 @@
 use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
-use guest_memfd::{PageRange, PAGE_SIZE};
+use guest_memfd::PAGE_SIZE;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 use vm_private_memory::{
@@ -213,10 +213,10 @@ impl AttributesRecord {
 /// and returns it with the record of what it told KVM about pages in
 /// `[base, base + window_pages * 4 KiB)`.
 ///
-/// This host has no `KVM_SET_MEMORY_ATTRIBUTES`, so the dual strategy runs with the
-/// crate's test stand-in for that call (`MemoryBuilder::kvm_view`, feature
-/// `fault-injection`); memslots, files and mappings are real. This is the only function
-/// that knows how that stand-in is installed.
+/// This host has no `KVM_SET_MEMORY_ATTRIBUTES`, so the dual strategy runs on a stand-in
+/// VM (a `VmOps` wrapping `vm`) that reports memory attributes and records that call
+/// instead of making it; memslots, files and mappings are real. This is the only
+/// function that knows how that stand-in is built.
 ///
 /// # Panics
 ///
@@ -228,17 +228,55 @@ pub fn dual_memory(
     base: u64,
     window_pages: usize,
 ) -> (PrivateMemory, Arc<AttributesRecord>) {
-    use vm_private_memory::KvmView;
+    use std::os::fd::OwnedFd;
 
-    struct Recorder(Arc<AttributesRecord>);
+    use kvm_bindings::{
+        kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region2,
+        KVM_CAP_MEMORY_ATTRIBUTES, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    };
+    use vm_private_memory::VmOps;
+    use vmm_sys_util::errno;
 
-    impl KvmView for Recorder {
-        fn set(&self, range: PageRange, state: PageState) -> vm_private_memory::Result<()> {
-            let mut map = self.0.private.lock().unwrap_or_else(|p| p.into_inner());
-            let first = range.start().saturating_sub(self.0.base) / PAGE_SIZE;
-            for page in first..first + range.page_count() {
-                if let Some(bit) = usize::try_from(page).ok().and_then(|p| map.get_mut(p)) {
-                    *bit = state == PageState::Private;
+    struct Recorder {
+        vm: Arc<VmFd>,
+        record: Arc<AttributesRecord>,
+    }
+
+    impl VmOps for Recorder {
+        fn check_extension_raw(&self, cap: u32) -> i32 {
+            if cap == KVM_CAP_MEMORY_ATTRIBUTES {
+                return KVM_MEMORY_ATTRIBUTE_PRIVATE as i32;
+            }
+            VmOps::check_extension_raw(&*self.vm, cap)
+        }
+
+        fn create_guest_memfd(
+            &self,
+            request: kvm_create_guest_memfd,
+        ) -> Result<OwnedFd, errno::Error> {
+            VmOps::create_guest_memfd(&*self.vm, request)
+        }
+
+        unsafe fn set_user_memory_region2(
+            &self,
+            region: kvm_userspace_memory_region2,
+        ) -> Result<(), errno::Error> {
+            // SAFETY: the caller upholds the trait's contract, the same for the VM this
+            // forwards to.
+            unsafe { VmOps::set_user_memory_region2(&*self.vm, region) }
+        }
+
+        fn set_memory_attributes(
+            &self,
+            attributes: kvm_memory_attributes,
+        ) -> Result<(), errno::Error> {
+            let private = attributes.attributes & u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0;
+            let mut map = self.record.private.lock().unwrap_or_else(|p| p.into_inner());
+            let first = attributes.address.saturating_sub(self.record.base) / PAGE_SIZE;
+            for page in first..first.saturating_add(attributes.size / PAGE_SIZE) {
+                match usize::try_from(page).ok().and_then(|p| map.get_mut(p)) {
+                    Some(bit) => *bit = private,
+                    None => break,
                 }
             }
             Ok(())
@@ -252,11 +290,14 @@ pub fn dual_memory(
     });
     let memory = regions
         .iter()
-        .fold(MemoryBuilder::new(vm), |b, &(gpa, len)| {
-            b.region_at(gpa, len)
-        })
+        .fold(
+            MemoryBuilder::new(Arc::new(Recorder {
+                vm,
+                record: Arc::clone(&record),
+            })),
+            |b, &(gpa, len)| b.region_at(gpa, len),
+        )
         .strategy(Strategy::Dual)
-        .kvm_view(Arc::new(Recorder(Arc::clone(&record))))
         .initial_state(initial)
         .build()
         .expect("dual memory on this host (with the attribute stand-in)");

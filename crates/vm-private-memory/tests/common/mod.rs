@@ -34,11 +34,13 @@ pub fn in_place_or_skip(test: &str) -> bool {
 /// A VM that stands in for KVM's memory attributes, so the dual strategy runs on hosts
 /// without them: it wraps a real VM and forwards every call to it, except that it reports
 /// `KVM_CAP_MEMORY_ATTRIBUTES` = PRIVATE and records `KVM_SET_MEMORY_ATTRIBUTES` calls
-/// instead of making them. While `fail` is set, those calls fail with `EIO`.
+/// instead of making them. While `fail` is set, those calls fail with `EIO`; with
+/// `fail_after` set to `Some(n)`, every call after the first `n` recorded ones fails.
 pub struct RecordingVm {
     pub inner: Arc<VmFd>,
     pub calls: Mutex<Vec<(PageRange, PageState)>>,
     pub fail: Mutex<bool>,
+    pub fail_after: Mutex<Option<usize>>,
     /// The descriptor number of every guest_memfd created through it.
     pub guest_memfds: Mutex<Vec<i32>>,
 }
@@ -49,6 +51,7 @@ impl RecordingVm {
             inner,
             calls: Mutex::default(),
             fail: Mutex::default(),
+            fail_after: Mutex::default(),
             guest_memfds: Mutex::default(),
         })
     }
@@ -85,10 +88,17 @@ impl VmOps for RecordingVm {
         } else {
             PageState::Shared
         };
-        if *self.fail.lock().unwrap() {
+        let mut calls = self.calls.lock().unwrap();
+        if *self.fail.lock().unwrap()
+            || self
+                .fail_after
+                .lock()
+                .unwrap()
+                .is_some_and(|n| calls.len() >= n)
+        {
             return Err(errno::Error::new(libc::EIO));
         }
-        self.calls.lock().unwrap().push((range, state));
+        calls.push((range, state));
         Ok(())
     }
 }

@@ -1,0 +1,86 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The dual strategy's edges, with KVM's attribute call stood in (real memslots, files
+//! and mappings on `/dev/kvm`): a rollback that fails is reported as such, and a page
+//! turned shared arrives empty whatever reached its shared side while it was private.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+
+use common::{dual, pr};
+use guest_memfd::PAGE_SIZE;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+use vm_private_memory::{Error, PageState};
+
+const SIZE: u64 = 2 << 20;
+
+#[test]
+fn a_failed_rollback_of_kvm_s_view_is_reported_with_the_ranges() {
+    let (m, vm) = dual(SIZE, PageState::Private);
+    // Pages 0 and 2 private, page 1 shared: converting [0, 3) changes two ranges.
+    m.convert(pr(PAGE_SIZE, PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    let before = vm.calls.lock().unwrap().len();
+    // KVM takes the first range, then refuses everything: the second range and the undo
+    // of the first.
+    *vm.fail_after.lock().unwrap() = Some(before + 1);
+    let err = m
+        .convert(pr(0, 3 * PAGE_SIZE), PageState::Shared)
+        .unwrap_err();
+    match &err {
+        Error::RollbackFailed { cause, unknown } => {
+            assert!(matches!(**cause, Error::SetAttributes { .. }), "{cause}");
+            assert_eq!(unknown.len(), 1);
+            assert_eq!((unknown[0].start, unknown[0].len), (0, PAGE_SIZE));
+            assert_eq!(err.errno(), Some(libc::EIO));
+        }
+        other => panic!("a failed rollback reported as {other}"),
+    }
+    assert!(err.to_string().contains("unknown"), "{err}");
+    // The bits went back; only KVM's view of page 0 is in doubt.
+    assert_eq!(m.state_of(0), Some(PageState::Private));
+    assert_eq!(m.state_of(2 * PAGE_SIZE), Some(PageState::Private));
+
+    // A failure whose undo succeeds is the plain error.
+    *vm.fail_after.lock().unwrap() = None;
+    *vm.fail.lock().unwrap() = true;
+    assert!(matches!(
+        m.convert(pr(0, 3 * PAGE_SIZE), PageState::Shared),
+        Err(Error::SetAttributes { .. })
+    ));
+}
+
+#[test]
+fn a_page_turned_shared_arrives_empty_whatever_reached_its_shared_side() {
+    let (m, _vm) = dual(SIZE, PageState::Private);
+    let view = m.memory();
+    let page = 5 * PAGE_SIZE;
+    // Something with the shared file (another process mapping it, a late write) puts
+    // bytes on the shared side of a private page.
+    let shared_file = {
+        let mem = view.memory();
+        let region = mem.find_region(GuestAddress(0)).unwrap();
+        let offset = region
+            .file_offset()
+            .expect("dual regions expose the shared file");
+        (offset.arc().clone(), offset.start())
+    };
+    shared_file
+        .0
+        .write_all_at(&[0xee; 64], shared_file.1 + page)
+        .unwrap();
+    m.convert(pr(page, PAGE_SIZE), PageState::Shared).unwrap();
+    assert_eq!(
+        view.memory().read_obj::<u64>(GuestAddress(page)).unwrap(),
+        0,
+        "stale shared-side bytes greeted the host"
+    );
+    // With content discarded either way, a round trip leaves the page empty too.
+    view.memory().write_obj(7u64, GuestAddress(page)).unwrap();
+    m.convert(pr(page, PAGE_SIZE), PageState::Private).unwrap();
+    m.convert(pr(page, PAGE_SIZE), PageState::Shared).unwrap();
+    assert_eq!(
+        view.memory().read_obj::<u64>(GuestAddress(page)).unwrap(),
+        0
+    );
+}

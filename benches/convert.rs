@@ -6,14 +6,17 @@
 //! Before each timed pass the file is fully allocated again (untimed), so each pass frees
 //! real memory, like the conversion of pages a guest had touched.
 
+use std::hint::black_box;
 use std::num::NonZeroU64;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use benches::slow_criterion;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use guest_memfd::{GuestMemfd, GuestMemfdFlags, Memslot, PageRange, PAGE_SIZE};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vm_private_memory::{MemoryBuilder, PageState, Strategy};
 
 const GIB: u64 = 1 << 30;
@@ -105,7 +108,89 @@ fn convert_1gib(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    // Conversions to private wait out host accesses in flight; while another thread of
+    // the process has accessed guest memory, that costs one membarrier(2) per
+    // conversion. Here a device thread keeps reading a page of another memory; the peer
+    // makes the same punches plus the same membarrier call, with the same thread running.
+    let device_memory = MemoryBuilder::new(vm.clone())
+        .region_at(1 << 41, 2 << 20)
+        .strategy(Strategy::InPlace)
+        .initial_state(PageState::Shared)
+        .build()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let device = {
+        let (view, stop) = (device_memory.memory(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                black_box(
+                    view.memory()
+                        .read_obj::<u64>(GuestAddress(1 << 41))
+                        .unwrap(),
+                );
+            }
+        })
+    };
+    let mut group = c.benchmark_group("convert_1GiB_to_private_device_thread_running");
+    group.throughput(Throughput::Bytes(GIB));
+    let step = NonZeroU64::new(1).unwrap();
+    group.bench_function(
+        BenchmarkId::new("raw_fallocate_and_membarrier", "4KiB_steps"),
+        |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    peer.allocate(whole).unwrap();
+                    let start = Instant::now();
+                    for piece in whole.chunks(step) {
+                        raw_punch(peer.as_raw_fd(), piece);
+                        raw_membarrier();
+                    }
+                    total += start.elapsed();
+                }
+                total
+            })
+        },
+    );
+    group.bench_function(
+        BenchmarkId::new("PrivateMemory::convert", "4KiB_steps"),
+        |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    memory.convert(whole, PageState::Shared).unwrap();
+                    gmem.allocate(whole).unwrap();
+                    let start = Instant::now();
+                    for piece in whole.chunks(step) {
+                        memory.convert(piece, PageState::Private).unwrap();
+                    }
+                    total += start.elapsed();
+                }
+                total
+            })
+        },
+    );
+    group.finish();
+    stop.store(true, Ordering::Relaxed);
+    device.join().unwrap();
     peer_slot.unbind(&vm).unwrap();
+}
+
+/// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, the call a conversion to private adds
+/// while other threads access guest memory (the process registered for it when the
+/// device thread made its first access).
+fn raw_membarrier() {
+    // SAFETY: integers only.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            libc::MEMBARRIER_CMD_PRIVATE_EXPEDITED,
+            0,
+            0,
+        )
+    };
+    assert_eq!(ret, 0, "{}", std::io::Error::last_os_error());
 }
 
 criterion_group! {

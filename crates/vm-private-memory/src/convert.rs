@@ -72,6 +72,9 @@ impl ConversionReport {
     }
 }
 
+/// The most ranges whose buffer the engine keeps between conversions.
+const SCRATCH_KEPT: usize = 64;
+
 /// Bounds on one hold of the conversion lock.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct StepLimit {
@@ -245,14 +248,19 @@ impl PrivateMemory {
                 reason: "content-preserving conversion needs the in-place strategy: the dual strategy keeps private and shared pages in different files".into(),
             });
         }
-        let engine = self.lock_engine();
+        let mut engine = self.lock_engine();
         let _listeners = self.listeners.hold();
+        // The plan's list reuses the engine's buffer: no allocation per small conversion.
+        let mut changed = std::mem::take(&mut engine.scratch);
         let snapshot = &*engine.current;
-        // The whole range must lie in guest memory before anything changes.
-        for piece in Self::split(snapshot, range) {
-            piece?;
+        // The whole range must lie in guest memory before anything changes (a whole
+        // plan finds any address outside before anything changes anyway).
+        if limit.runs != u64::MAX || limit.bytes != u64::MAX {
+            for piece in Self::split(snapshot, range) {
+                piece?;
+            }
         }
-        let (mut changed, mut bytes, mut next) = (Vec::new(), 0u64, range.end());
+        let (mut bytes, mut next) = (0u64, range.end());
         'plan: for piece in Self::split(snapshot, range) {
             let (region, offset, len) = piece?;
             let base = region.guest_range().start();
@@ -282,22 +290,33 @@ impl PrivateMemory {
             changed,
         };
         let mut done = Progress::default();
+        let mut result = Ok(());
         if !plan.changed.is_empty() {
             if let Err(e) = self.run_steps(&engine, &plan, to, mode, &mut done) {
                 let unknown = self.undo(&plan, done);
-                if !unknown.is_empty() {
-                    return Err(Error::RollbackFailed {
+                result = Err(if unknown.is_empty() {
+                    e
+                } else {
+                    Error::RollbackFailed {
                         cause: Box::new(e),
                         unknown,
-                    });
-                }
-                return Err(e);
+                    }
+                });
+                done = Progress::default();
             }
         }
+        let runs_changed = plan.changed.len() as u64;
+        let mut changed = plan.changed;
+        // Keep a small buffer for the next conversion; give a large one back.
+        if changed.capacity() <= SCRATCH_KEPT {
+            changed.clear();
+            engine.scratch = changed;
+        }
+        result?;
         let report = ConversionReport {
             pages_changed: bytes / PAGE_SIZE,
             bytes_discarded: done.discarded,
-            runs_changed: plan.changed.len() as u64,
+            runs_changed,
             lock_holds: 1,
             ..ConversionReport::default()
         };

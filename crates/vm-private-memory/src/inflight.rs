@@ -189,6 +189,15 @@ impl Patience {
         }
     }
 
+    /// How long it has waited so far.
+    fn waited(&self) -> Duration {
+        #[cfg(not(loom))]
+        if let Some(deadline) = self.deadline {
+            return std::time::Instant::now().saturating_duration_since(deadline - self.limit);
+        }
+        Duration::ZERO
+    }
+
     /// Waits a little; false once patience has run out.
     fn wait(&mut self) -> bool {
         self.spins = self.spins.saturating_add(1);
@@ -294,19 +303,8 @@ impl Tracker {
         if others || self.unregistered.load(Ordering::SeqCst) > 0 {
             conversion_barrier();
         }
-        #[cfg(not(loom))]
-        let started = std::time::Instant::now();
-        #[cfg(loom)]
-        let started = ();
-        let timed_out = || {
-            #[cfg(not(loom))]
-            return Err(started.elapsed());
-            #[cfg(loom)]
-            {
-                let _ = started;
-                Err(Duration::ZERO)
-            }
-        };
+        // The clock is read only once something has to be waited for.
+        let timed_out = |patience: &Patience| Err(patience.waited());
         for record in slots.iter() {
             for entry in &record.slot.entries {
                 loop {
@@ -315,19 +313,19 @@ impl Tracker {
                         break;
                     }
                     if !patience.wait() {
-                        return timed_out();
+                        return timed_out(&patience);
                     }
                 }
             }
             while record.slot.overflow.load(Ordering::Acquire) > 0 {
                 if !patience.wait() {
-                    return timed_out();
+                    return timed_out(&patience);
                 }
             }
         }
         while self.unregistered.load(Ordering::Acquire) > 0 {
             if !patience.wait() {
-                return timed_out();
+                return timed_out(&patience);
             }
         }
         Ok(())

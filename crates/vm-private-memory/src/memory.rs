@@ -35,6 +35,8 @@ pub(crate) struct Engine {
     pub(crate) host_limit: u32,
     /// How long a conversion to private waits for host accesses in flight.
     pub(crate) patience: std::time::Duration,
+    /// A conversion plan's buffer, kept between conversions (small ones only).
+    pub(crate) scratch: Vec<PageRange>,
 }
 
 impl Engine {
@@ -50,6 +52,7 @@ impl Engine {
             slot_range,
             host_limit,
             patience: crate::builder::DEFAULT_ACCESS_PATIENCE,
+            scratch: Vec::new(),
         }
     }
 

@@ -113,7 +113,7 @@ fn convert_1gib(c: &mut Criterion) {
     // the process has accessed guest memory, that costs one membarrier(2) per
     // conversion. Here a device thread keeps reading a page of another memory; the peer
     // makes the same punches plus the same membarrier call, with the same thread running.
-    let device_memory = MemoryBuilder::new(vm.clone())
+    let device_memory = MemoryBuilder::new(Arc::new(benches::vm()))
         .region_at(1 << 41, 2 << 20)
         .strategy(Strategy::InPlace)
         .initial_state(PageState::Shared)

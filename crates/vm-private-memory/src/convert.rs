@@ -433,29 +433,7 @@ impl PrivateMemory {
     /// Waits until no host access that passed its check before the bits changed is still
     /// touching a page that is private now (see the `inflight` module).
     fn wait_for_accesses(&self, engine: &Engine, plan: &Plan<'_>) -> Result<()> {
-        #[cfg(not(loom))]
-        {
-            use crate::inflight::Patience;
-            let snapshot = plan.snapshot;
-            let blocked = |start: usize, end: usize| {
-                snapshot
-                    .iter()
-                    .any(|r| r.host_range_touches_private(start, end))
-            };
-            crate::guard::TRACKER
-                .quiesce(
-                    crate::guard::current_slot(),
-                    blocked,
-                    Patience::new(engine.patience),
-                )
-                .map_err(|waited| Error::HostAccessInFlight {
-                    range: plan.requested,
-                    waited,
-                })?;
-        }
-        #[cfg(loom)]
-        let _ = (engine, plan);
-        Ok(())
+        wait_for_host_accesses(engine, plan.snapshot, plan.requested)
     }
 
     /// Undoes what `done` says was done, newest first, and returns the ranges whose
@@ -482,4 +460,33 @@ impl PrivateMemory {
         }
         unknown
     }
+}
+
+/// Waits until no host access that passed its check before the bits changed is still
+/// touching a page of `regions` that is private now (see the `inflight` module); fails
+/// with [`Error::HostAccessInFlight`] naming `range` once the memory's patience is out.
+pub(crate) fn wait_for_host_accesses(
+    engine: &Engine,
+    regions: &GuestMemoryPrivate,
+    range: GpaRange,
+) -> Result<()> {
+    #[cfg(not(loom))]
+    {
+        use crate::inflight::Patience;
+        let blocked = |start: usize, end: usize| {
+            regions
+                .iter()
+                .any(|r| r.host_range_touches_private(start, end))
+        };
+        crate::guard::TRACKER
+            .quiesce(
+                crate::guard::current_slot(),
+                blocked,
+                Patience::new(engine.patience),
+            )
+            .map_err(|waited| Error::HostAccessInFlight { range, waited })?;
+    }
+    #[cfg(loom)]
+    let _ = (engine, regions, range);
+    Ok(())
 }

@@ -377,11 +377,17 @@ impl PrivateMemory {
     /// view. vCPUs may run. Returns the range and the file and offset that backed it, so
     /// it can be re-added.
     ///
+    /// The host is locked out of the region for good before its memslot goes: every page
+    /// counts as private to a view taken earlier (which keeps the region alive), and host
+    /// accesses in flight on it are waited for, as for a conversion to private. So a file
+    /// re-added with private pages is never reachable through an old view.
+    ///
     /// # Errors
     ///
     /// [`Error::NoSuchRegion`] if no region of this memory's list starts at `start`;
-    /// KVM's error if the memslot cannot be deleted, in which case listeners get the
-    /// shared pages back and nothing changed.
+    /// [`Error::HostAccessInFlight`] if a slice of it was still held when the memory's
+    /// patience ran out; KVM's error if the memslot cannot be deleted. On an error
+    /// listeners get the shared pages back and nothing changed.
     pub fn remove_region(&self, start: u64) -> Result<(PageRange, GuestMemfd, u64)> {
         if in_callback() {
             return Err(Error::Reentrant {
@@ -406,9 +412,26 @@ impl PrivateMemory {
             })?;
         let shared: Vec<PageRange> = shared_runs(region);
         self.listeners.discard(&shared);
-        if let Err(e) = memslot.unbind(&*self.vm) {
+        // Lock the host out of the leaving region for good: a snapshot of the view taken
+        // earlier keeps the region, and its file may be re-added with private pages.
+        // Accesses already in flight are waited for, as for a conversion to private.
+        let lock_out = |state: PageState| {
+            for range in &shared {
+                let first = (range.start() - guest.start()) / guest_memfd::PAGE_SIZE;
+                region.flip(first, range.page_count(), state);
+            }
+        };
+        lock_out(PageState::Private);
+        let undo = |e: Error| {
+            lock_out(PageState::Shared);
             self.listeners.restore(&shared);
-            return Err(e.into());
+            Err(e)
+        };
+        if let Err(e) = crate::convert::wait_for_host_accesses(&engine, &current, gpa(guest)) {
+            return undo(e);
+        }
+        if let Err(e) = memslot.unbind(&*self.vm) {
+            return undo(e.into());
         }
         self.publish(&mut engine, without);
         let _ = engine.slots.free_id(region.slot());

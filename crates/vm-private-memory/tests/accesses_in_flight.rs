@@ -296,3 +296,47 @@ fn host_addresses_are_given_only_for_wholly_shared_regions() {
         base.wrapping_add(PAGE as usize)
     );
 }
+
+#[test]
+fn a_view_taken_before_a_region_was_removed_no_longer_reaches_it() {
+    if !in_place_or_skip("a_view_taken_before_a_region_was_removed_no_longer_reaches_it") {
+        return;
+    }
+    let memory = shared_memory(Duration::from_millis(10));
+    let old = memory.memory().memory();
+    old.write_obj(1u64, GuestAddress(PAGE)).unwrap();
+    // The region leaves, and its file comes back with every page private: what the guest
+    // writes there must not be readable through the view held from before.
+    let (range, file, offset) = memory.remove_region(0).unwrap();
+    memory
+        .add_region(range, Some((file, offset)), PageState::Private)
+        .unwrap();
+    let err = old.read_obj::<u64>(GuestAddress(PAGE)).unwrap_err();
+    assert!(
+        vm_private_memory::private_page_refusal(&err).is_some(),
+        "{err}"
+    );
+    assert!(old.write_obj(2u64, GuestAddress(0)).is_err());
+    assert!(old.get_slice(GuestAddress(SIZE - 8), 8).is_err());
+}
+
+#[test]
+fn a_held_slice_makes_removing_its_region_fail_with_nothing_changed() {
+    if !in_place_or_skip("a_held_slice_makes_removing_its_region_fail_with_nothing_changed") {
+        return;
+    }
+    let memory = shared_memory(Duration::from_millis(10));
+    let view = memory.memory();
+    let mem = view.memory();
+    let slice = mem.get_slice(GuestAddress(PAGE), 8).unwrap();
+    assert!(matches!(
+        memory.remove_region(0),
+        Err(Error::HostAccessInFlight { .. })
+    ));
+    assert_eq!(memory.regions().len(), 1);
+    assert_eq!(memory.private_pages(), 0);
+    slice.write_obj(3u64, 0).unwrap();
+    assert_eq!(mem.read_obj::<u64>(GuestAddress(PAGE)).unwrap(), 3);
+    drop(slice);
+    memory.remove_region(0).unwrap();
+}

@@ -95,8 +95,13 @@ enum Held {
     Nothing,
     /// Entry `i` of the thread's slot.
     Entry(u8),
-    /// Counted in the slot's overflow.
-    Overflow,
+    /// Counted in the slot's overflow, for host addresses `[start, end)`.
+    Overflow {
+        /// First byte.
+        start: usize,
+        /// One past the last byte.
+        end: usize,
+    },
     /// Counted in the tracker's unregistered accesses.
     Unregistered,
 }
@@ -133,8 +138,8 @@ impl AccessGuard {
             };
             let free = !local.used.get() & ((1u32 << ENTRIES) - 1);
             if free == 0 {
-                slot.add_overflow();
-                return Held::Overflow;
+                slot.add_overflow(start, end);
+                return Held::Overflow { start, end };
             }
             let index = free.trailing_zeros() as usize;
             local.used.set(local.used.get() | 1 << index);
@@ -181,9 +186,9 @@ impl AccessGuard {
                 let refs = &local.refs[usize::from(i)];
                 refs.set(refs.get() + 1);
             }),
-            Held::Overflow => LOCAL.with(|local| {
+            Held::Overflow { start, end } => LOCAL.with(|local| {
                 if let Some(slot) = local.slot.get() {
-                    slot.add_overflow();
+                    slot.add_overflow(start, end);
                 }
             }),
             Held::Unregistered => TRACKER.add_unregistered(),
@@ -207,7 +212,7 @@ impl AccessGuard {
                     }
                 }
             }),
-            Held::Overflow => LOCAL.with(|local| {
+            Held::Overflow { .. } => LOCAL.with(|local| {
                 if let Some(slot) = local.slot.get() {
                     slot.remove_overflow();
                 }

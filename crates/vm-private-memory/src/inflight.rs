@@ -18,15 +18,15 @@
 //!
 //! Each thread publishes into a [`Slot`] of its own (a few entries, one per access it
 //! holds at once: a `VolatileSlice` keeps its entry until dropped); accesses beyond the
-//! entries are counted in the slot's `overflow`, which a conversion treats as overlapping
-//! everything.
+//! entries are counted in the slot's `overflow`, whose range grows to cover all of them
+//! until the count is back to zero.
 
 use std::time::Duration;
 
 use crate::sync::{fence, lock, AtomicUsize, Mutex, Ordering};
 
 /// Entries per thread: accesses one thread can hold at once before they are counted
-/// conservatively in its slot's `overflow`.
+/// conservatively in its slot's `overflow`, under one range covering them all.
 pub(crate) const ENTRIES: usize = 8;
 
 /// One published access: host addresses `[start, end)`; `end == 0` when free.
@@ -41,7 +41,10 @@ struct Entry {
 #[derive(Debug)]
 pub(crate) struct Slot {
     entries: [Entry; ENTRIES],
+    /// How many accesses beyond the entries are held; while non-zero, `spill` covers
+    /// all of them.
     overflow: AtomicUsize,
+    spill: Entry,
 }
 
 impl Slot {
@@ -52,6 +55,10 @@ impl Slot {
                 end: AtomicUsize::new(0),
             }),
             overflow: AtomicUsize::new(0),
+            spill: Entry {
+                start: AtomicUsize::new(0),
+                end: AtomicUsize::new(0),
+            },
         }
     }
 
@@ -69,17 +76,35 @@ impl Slot {
         self.entries[index].end.store(0, Ordering::Release);
     }
 
-    /// Counts one more access that has no entry. Owner thread only; follow it with
-    /// [`access_barrier`].
-    pub(crate) fn add_overflow(&self) {
+    /// Counts one more access, to `[start, end)`, that has no entry: the spill range
+    /// grows to cover it. Owner thread only; follow it with [`access_barrier`]. (A clone
+    /// of a counted access passes its own range again, already covered.)
+    pub(crate) fn add_overflow(&self, start: usize, end: usize) {
         let n = self.overflow.load(Ordering::Relaxed);
+        let (old_start, old_end) = if n == 0 {
+            (usize::MAX, 0)
+        } else {
+            (
+                self.spill.start.load(Ordering::Relaxed),
+                self.spill.end.load(Ordering::Relaxed),
+            )
+        };
         self.overflow.store(n + 1, Ordering::Relaxed);
+        self.publish_spill(start.min(old_start), end.max(old_end));
+    }
+
+    fn publish_spill(&self, start: usize, end: usize) {
+        self.spill.start.store(start, Ordering::Relaxed);
+        self.spill.end.store(end, Ordering::Release);
     }
 
     /// Ends one access counted by [`Slot::add_overflow`]. Owner thread only.
     pub(crate) fn remove_overflow(&self) {
-        let n = self.overflow.load(Ordering::Relaxed);
-        self.overflow.store(n.saturating_sub(1), Ordering::Release);
+        let n = self.overflow.load(Ordering::Relaxed).saturating_sub(1);
+        self.overflow.store(n, Ordering::Release);
+        if n == 0 {
+            self.spill.end.store(0, Ordering::Release);
+        }
     }
 
     /// Whether nothing is published.
@@ -317,7 +342,12 @@ impl Tracker {
                     }
                 }
             }
-            while record.slot.overflow.load(Ordering::Acquire) > 0 {
+            loop {
+                let end = record.slot.spill.end.load(Ordering::Acquire);
+                let start = record.slot.spill.start.load(Ordering::Relaxed);
+                if end == 0 || !blocked(start, end) {
+                    break;
+                }
                 if !patience.wait() {
                     return timed_out(&patience);
                 }

@@ -199,19 +199,30 @@ fn many_slices_held_at_once_are_all_waited_for() {
     let memory = shared_memory(Duration::from_millis(10));
     let view = memory.memory();
     let mem = view.memory();
-    // More slices than a thread has entries: the last ones are counted conservatively.
+    // More slices than a thread has entries: the last ones are covered by one range.
     let slices: Vec<_> = (0..20)
         .map(|i| mem.get_slice(GuestAddress(i * PAGE_SIZE), 8).unwrap())
         .collect();
-    let far = pr(SIZE - PAGE_SIZE, PAGE_SIZE);
-    let first = pr(0, PAGE_SIZE);
-    assert!(matches!(
-        memory.convert(first, PageState::Private),
-        Err(Error::HostAccessInFlight { .. })
-    ));
+    for held in [0, 15, 19] {
+        assert!(
+            matches!(
+                memory.convert(pr(held * PAGE_SIZE, PAGE_SIZE), PageState::Private),
+                Err(Error::HostAccessInFlight { .. })
+            ),
+            "page {held} is held"
+        );
+    }
+    // Pages no slice touches still convert.
+    memory
+        .convert(pr(SIZE - PAGE_SIZE, PAGE_SIZE), PageState::Private)
+        .unwrap();
+    memory
+        .convert(pr(20 * PAGE_SIZE, PAGE_SIZE), PageState::Private)
+        .unwrap();
     drop(slices);
-    memory.convert(far, PageState::Private).unwrap();
-    memory.convert(first, PageState::Private).unwrap();
+    memory
+        .convert(pr(0, 20 * PAGE_SIZE), PageState::Private)
+        .unwrap();
 }
 
 #[test]

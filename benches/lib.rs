@@ -1,5 +1,8 @@
 //! Helpers shared by the benchmarks of this workspace.
 
+#![deny(missing_debug_implementations)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::time::Duration;
 
 use criterion::Criterion;

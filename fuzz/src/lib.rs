@@ -12,6 +12,8 @@
 //! - [`check_page`]: host readability through vm-memory's `Bytes` against `state_of`.
 
 #![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::sync::{Arc, Mutex};
 

@@ -11,6 +11,7 @@ const MAP: u64 = 3;
 const DONE: u64 = 4;
 
 /// A vCPU running the driver program, stopped at its command point.
+#[derive(Debug)]
 pub struct Driver<'a> {
     vcpu: &'a mut GuestVcpu,
 }

@@ -72,6 +72,7 @@ impl Device for SumDevice {
 }
 
 /// A device for guests that have none.
+#[derive(Debug)]
 pub struct NoDevice;
 
 impl Device for NoDevice {
@@ -96,6 +97,7 @@ pub struct GuestConfig {
 /// A guest on private memory: the boot region `[0, 2 MiB)` and a data region at
 /// [`DATA_ADDR`], both in one [`PrivateMemory`] (in-place strategy), with vCPUs that
 /// all start at the same program, at CPL3, each with its own stack.
+#[derive(Debug)]
 pub struct PrivateGuest {
     kvm: Kvm,
     /// The VM, for the calls the memory does not make (vCPUs, capabilities).
@@ -105,6 +107,7 @@ pub struct PrivateGuest {
 }
 
 /// One vCPU of a [`PrivateGuest`]; it can be moved to its own thread.
+#[derive(Debug)]
 pub struct GuestVcpu {
     index: usize,
     fd: VcpuFd,

@@ -17,6 +17,8 @@
 //! ```
 
 #![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod cpu;
 mod driver;

@@ -79,6 +79,7 @@ pub struct Stop {
 /// Guest-physical `[0, 2 MiB)` is the boot region (GDT, page tables, the program, its
 /// stack), a guest_memfd mapped by the host (`MMAP | INIT_SHARED`), bound at slot 0 with
 /// its own mapping as `userspace_addr`. The first 64 GiB are identity-mapped.
+#[derive(Debug)]
 pub struct TestVm {
     kvm: Kvm,
     vm: Arc<VmFd>,
@@ -114,6 +115,7 @@ impl Drop for TestVm {
 }
 
 /// Test memory bound into a [`TestVm`]: a mappable guest_memfd and its host mapping.
+#[derive(Debug)]
 pub struct BoundMemory {
     gmem: GuestMemfd,
     map: Arc<MmapRegion>,

@@ -291,8 +291,7 @@ fn bad_inputs_are_errors_that_say_what_is_wrong() {
         kernel: missing,
         ..config(&good, Ram::Private, CMDLINE)
     })
-    .err()
-    .expect("a missing kernel is an error");
+    .expect_err("a missing kernel is an error");
     assert!(matches!(err, Error::BootFile { .. }));
     assert!(
         err.to_string().contains("/nonexistent/privmem/vmlinuz"),
@@ -304,26 +303,22 @@ fn bad_inputs_are_errors_that_say_what_is_wrong() {
         kernel: not_a_kernel.as_path(),
         ..config(&good, Ram::Private, CMDLINE)
     })
-    .err()
-    .expect("a file without a setup header is refused");
+    .expect_err("a file without a setup header is refused");
     assert!(matches!(err, Error::KernelLoad(_)), "{err}");
 
     let huge = images(&RESET, RAM_SIZE as usize);
     let err = LinuxVm::new(&config(&huge, Ram::Private, CMDLINE))
-        .err()
-        .expect("an initramfs as large as RAM does not fit");
+        .expect_err("an initramfs as large as RAM does not fit");
     assert!(matches!(err, Error::DoesNotFit(..)), "{err}");
 
     // The kernel's limit (2047 bytes), with the VMM's own tsc_early_khz= counted.
     let long = "x".repeat(KERNEL_CMDLINE_SIZE - 10);
     let err = LinuxVm::new(&config(&good, Ram::Private, &long))
-        .err()
-        .expect("a command line over the kernel's limit is refused");
+        .expect_err("a command line over the kernel's limit is refused");
     assert!(matches!(err, Error::Cmdline(_)), "{err}");
     let long = "x".repeat(CMDLINE_MAX + 1);
     let err = LinuxVm::new(&config(&good, Ram::Private, &long))
-        .err()
-        .expect("an overlong command line is refused");
+        .expect_err("an overlong command line is refused");
     assert!(matches!(err, Error::Cmdline(_)), "{err}");
 
     // A 32-bit-only kernel (no XLF_KERNEL_64) has no entry point for us.
@@ -334,41 +329,35 @@ fn bad_inputs_are_errors_that_say_what_is_wrong() {
         kernel: old_kernel.as_path(),
         ..config(&good, Ram::Private, CMDLINE)
     })
-    .err()
-    .expect("a kernel without a 64-bit entry point is refused");
+    .expect_err("a kernel without a 64-bit entry point is refused");
     assert!(matches!(err, Error::NotA64BitKernel { .. }), "{err}");
 
     // An initramfs that would reach down into where the kernel decompresses itself.
     let low = images(&RESET, (RAM_SIZE - (16 << 20)) as usize);
     let err = LinuxVm::new(&config(&low, Ram::Private, CMDLINE))
-        .err()
-        .expect("an initramfs over the decompression area does not fit");
+        .expect_err("an initramfs over the decompression area does not fit");
     assert!(matches!(err, Error::DoesNotFit(..)), "{err}");
 
     let empty = images(&RESET, 0);
     let err = LinuxVm::new(&config(&empty, Ram::Private, CMDLINE))
-        .err()
-        .expect("an empty initramfs is refused");
+        .expect_err("an empty initramfs is refused");
     assert!(matches!(err, Error::EmptyInitramfs(_)), "{err}");
 
     let err = LinuxVm::new(&config(&good, Ram::Private, "quiet\u{1}"))
-        .err()
-        .expect("a control character in the command line is refused");
+        .expect_err("a control character in the command line is refused");
     assert!(matches!(err, Error::Cmdline(_)), "{err}");
 
     let err = LinuxVm::new(&LinuxConfig {
         ram_size: RAM_SIZE + 100,
         ..config(&good, Ram::Private, CMDLINE)
     })
-    .err()
-    .expect("RAM that is not a whole number of pages is refused");
+    .expect_err("RAM that is not a whole number of pages is refused");
     assert!(matches!(err, Error::Backend(_)), "{err}");
 
     let err = LinuxVm::new(&LinuxConfig {
         ram_size: 0,
         ..config(&good, Ram::Private, CMDLINE)
     })
-    .err()
-    .expect("no RAM is refused");
+    .expect_err("no RAM is refused");
     assert!(matches!(err, Error::Backend(_)), "{err}");
 }

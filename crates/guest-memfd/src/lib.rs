@@ -57,6 +57,15 @@
 //! ```
 
 #![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+// Guest-physical addresses, file offsets and lengths are `u64` and are cast to `usize`
+// for mappings and slices: on a narrower target those casts would truncate.
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!(
+    "guest-memfd needs a 64-bit target: it casts guest addresses and file offsets (u64) to usize"
+);
 
 mod caps;
 mod error;

@@ -6,6 +6,9 @@
 //! privmem demo           # a guest on private memory, as a story
 //! ```
 
+#![deny(missing_debug_implementations)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod demo;
 
 use std::io::{self, Write};

@@ -206,6 +206,7 @@ impl PageAttributes {
 }
 
 /// Iterator over the runs of equal state in a page range ([`PageAttributes::runs`]).
+#[derive(Debug)]
 pub struct Runs<'a> {
     attributes: &'a PageAttributes,
     next: u64,

@@ -23,6 +23,7 @@ pub const DEFAULT_ACCESS_PATIENCE: std::time::Duration = std::time::Duration::fr
 /// The x86 MMIO hole below 4 GiB, which [`MemoryBuilder::x86_mmio_hole`] reserves.
 pub const X86_MMIO_HOLE: (u64, u64) = (3 << 30, 1 << 30);
 
+#[derive(Debug)]
 enum Placement {
     At(u64),
     Anywhere,
@@ -58,6 +59,21 @@ pub struct MemoryBuilder {
     single_file: bool,
     slots: (u32, Option<u32>),
     patience: std::time::Duration,
+}
+
+// By hand: the VM is an `Arc<dyn VmOps>`, which has no `Debug`.
+impl std::fmt::Debug for MemoryBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBuilder")
+            .field("regions", &self.regions)
+            .field("reserved", &self.reserved)
+            .field("strategy", &self.strategy)
+            .field("initial", &self.initial)
+            .field("single_file", &self.single_file)
+            .field("slots", &self.slots)
+            .field("patience", &self.patience)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MemoryBuilder {

@@ -105,8 +105,17 @@
 //! ```
 
 #![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 // Under `--cfg loom` only the model of the access protocol is built for real.
 #![cfg_attr(loom, allow(dead_code, unused_imports, unused_variables))]
+
+// Guest-physical addresses and lengths are `u64` and are cast to `usize` for host
+// mappings, slices and bitmap indices: on a narrower target those casts would truncate.
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!(
+    "vm-private-memory needs a 64-bit target: it casts guest addresses and lengths (u64) to usize"
+);
 
 mod attributes;
 mod backing;

@@ -42,6 +42,7 @@ pub enum PortEffect {
 }
 
 /// Raises COM1's interrupt through an irqfd of the in-kernel irqchip.
+#[derive(Debug)]
 pub struct IrqTrigger(EventFd);
 
 impl Trigger for IrqTrigger {
@@ -53,7 +54,7 @@ impl Trigger for IrqTrigger {
 }
 
 /// Remembers that the i8042 asked for a reset, for the run loop to act on.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ResetLatch(Arc<AtomicBool>);
 
 impl Trigger for ResetLatch {
@@ -72,7 +73,7 @@ impl ResetLatch {
 }
 
 /// What the guest wrote to its console, shared with whoever watches the boot.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ConsoleLog {
     bytes: Arc<Mutex<Vec<u8>>>,
     echo: bool,
@@ -140,6 +141,7 @@ impl Write for ConsoleLog {
 }
 
 /// The guest's port-I/O devices.
+#[derive(Debug)]
 pub struct LegacyDevices {
     serial: Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleLog>,
     i8042: I8042Device<ResetLatch>,

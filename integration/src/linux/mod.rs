@@ -148,6 +148,7 @@ pub struct LinuxRun {
 }
 
 /// A one-vCPU Linux guest, loaded and ready to run.
+#[derive(Debug)]
 pub struct LinuxVm {
     memory: Arc<PrivateMemory>,
     vcpu: VcpuFd,

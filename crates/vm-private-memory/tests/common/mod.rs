@@ -165,8 +165,8 @@ fn fail_punch_hole_on_this_thread(only_fd: Option<i32>) {
         len: filter.len() as u16,
         filter: filter.as_mut_ptr(),
     };
-    // SAFETY: prctl reads only its integer arguments here.
     assert_eq!(
+        // SAFETY: prctl reads only its integer arguments here.
         unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
         0
     );

@@ -38,6 +38,8 @@ fn rule_of(error: &RequestError) -> Rule {
         RequestError::Overflow { .. } => Rule::NoOverflow,
         RequestError::BadAttributes(_) => Rule::Attributes,
         RequestError::BadFlags(_) => Rule::Flags,
+        // A rule added to the crate must be added to the oracle too.
+        other => panic!("a refusal the oracle does not know: {other:?}"),
     }
 }
 

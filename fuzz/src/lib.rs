@@ -273,7 +273,11 @@ pub fn dual_memory(
             attributes: kvm_memory_attributes,
         ) -> Result<(), errno::Error> {
             let private = attributes.attributes & u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0;
-            let mut map = self.record.private.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = self
+                .record
+                .private
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let first = attributes.address.saturating_sub(self.record.base) / PAGE_SIZE;
             for page in first..first.saturating_add(attributes.size / PAGE_SIZE) {
                 match usize::try_from(page).ok().and_then(|p| map.get_mut(p)) {

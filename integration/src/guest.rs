@@ -189,7 +189,8 @@ impl PrivateGuest {
                 }
                 // The host cannot put content into private pages of a dual-strategy VM
                 // (that is what a TDX or SNP launch does): only the data goes private.
-                Strategy::Dual => {
+                // So for any other strategy.
+                _ => {
                     memory.convert(memory.regions()[1], PageState::Private)?;
                 }
             }

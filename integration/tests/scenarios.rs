@@ -80,7 +80,10 @@ fn scenario_2_a_bounce_buffer_round_trip_through_shared_memory() {
         fn discard(&self, range: PageRange) {
             self.0.lock().unwrap().push((false, range));
         }
-        fn populate(&self, range: PageRange) -> Result<(), String> {
+        fn populate(
+            &self,
+            range: PageRange,
+        ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             self.0.lock().unwrap().push((true, range));
             Ok(())
         }

@@ -14,6 +14,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// Which file space operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SpaceOp {
     /// `fallocate(FALLOC_FL_KEEP_SIZE)`: back the range with memory.
     Allocate,
@@ -32,6 +33,7 @@ impl std::fmt::Display for SpaceOp {
 
 /// Everything that can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A range of length zero was given.
     #[error("the range at {start:#x} is empty: give a length of at least one page ({PAGE_SIZE:#x} bytes)")]

@@ -13,6 +13,9 @@ use crate::sync::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 /// The state of a page.
+///
+/// Exhaustive by design: a page is private or shared, and code matches on exactly these
+/// two (a third state would change every caller's meaning, not extend it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PageState {

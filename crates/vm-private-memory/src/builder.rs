@@ -7,7 +7,7 @@ use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
 use vm_memory::{GuestMemoryBackend, GuestRegionCollection};
 
 use crate::attributes::PageState;
-use crate::error::{Error, GpaRange, Result};
+use crate::error::{Error, GpaRange, LayoutError, Result};
 use crate::kvm_view::set_kvm_view;
 use crate::memory::{bind_regions, unbind_regions, Engine, PrivateMemory};
 use crate::region::{PrivateRegion, RegionParts};
@@ -185,7 +185,7 @@ impl MemoryBuilder {
                 start: 0,
                 len: GUEST_PHYS_LIMIT,
             },
-            reason: e.to_string(),
+            reason: LayoutError::Allocator(e),
         })?;
         // Reserved holes and fixed regions first, so floating regions fit around them.
         struct Request {
@@ -216,9 +216,9 @@ impl MemoryBuilder {
         // vm-allocator 0.1.4's ExactMatch finds the node holding the start address
         // without checking that it is free, so a fixed range wholly inside one already
         // taken is granted; every range taken is kept here to check fixed ones against.
-        let mut taken: Vec<PageRange> = Vec::new();
+        let mut taken: Vec<(PageRange, bool)> = Vec::new();
         for request in requests {
-            let layout_err = |reason: String| Error::Layout {
+            let layout_err = |reason: LayoutError| Error::Layout {
                 range: GpaRange {
                     start: request.at.unwrap_or(0),
                     len: request.size,
@@ -226,11 +226,15 @@ impl MemoryBuilder {
                 reason,
             };
             let range = PageRange::new(request.at.unwrap_or(0), request.size)?;
-            if let Some(other) = request
+            if let Some(&(other, reserved)) = request
                 .at
-                .and_then(|_| taken.iter().find(|t| t.intersection(&range).is_some()))
+                .and_then(|_| taken.iter().find(|t| t.0.intersection(&range).is_some()))
             {
-                return Err(layout_err(format!("it overlaps {other}")));
+                return Err(layout_err(if reserved {
+                    LayoutError::OverlapsReserved(other)
+                } else {
+                    LayoutError::OverlapsRegion(other)
+                }));
             }
             let (policy, align) = match request.at {
                 Some(gpa) => (AllocPolicy::ExactMatch(gpa), guest_memfd::PAGE_SIZE),
@@ -238,9 +242,9 @@ impl MemoryBuilder {
             };
             let got = space
                 .allocate(range.len(), align, policy)
-                .map_err(|e| layout_err(e.to_string()))?;
+                .map_err(|e| layout_err(LayoutError::Allocator(e)))?;
             let got = PageRange::new(got.start(), range.len())?;
-            taken.push(got);
+            taken.push((got, request.region.is_none()));
             if let Some(i) = request.region {
                 placed[i] = Some(got);
             }
@@ -274,7 +278,11 @@ impl MemoryBuilder {
         let layout = self.layout()?;
         let mut slot_ids = IdAllocator::new(first_slot, last_slot).map_err(|e| Error::Layout {
             range: GpaRange { start: 0, len: 0 },
-            reason: format!("memslot range {first_slot}..={last_slot}: {e}"),
+            reason: LayoutError::SlotRange {
+                first: first_slot,
+                last: last_slot,
+                source: e,
+            },
         })?;
         let no_free_slot = || Error::NoFreeSlot {
             first: first_slot,
@@ -305,7 +313,7 @@ impl MemoryBuilder {
         let collection =
             GuestRegionCollection::from_arc_regions(regions).map_err(|e| Error::Layout {
                 range: GpaRange { start: 0, len: 0 },
-                reason: e.to_string(),
+                reason: LayoutError::Collection(e),
             })?;
         let collection = Arc::new(collection);
         bind_regions(&*self.vm, &collection)?;

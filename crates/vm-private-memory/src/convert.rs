@@ -10,13 +10,14 @@ use crate::kvm_view::set_kvm_view;
 use crate::listener::{in_callback, Listeners};
 use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemory};
 use crate::region::PrivateRegion;
-use crate::strategy::Strategy;
+use crate::strategy::{Strategy, UnavailableReason};
 
 mod batch;
 pub(crate) use batch::Retarget;
 
 /// The steps of a conversion, in the order they can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum Step {
     /// Listeners hear `discard` (conversion to private).
     NotifyDiscard,
@@ -34,6 +35,7 @@ pub enum Step {
 
 /// What happens to a page's content when it changes side.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum ContentMode {
     /// The page arrives empty (zero), as TDX and SEV-SNP guests expect; the old side is
     /// freed, so memory is never held twice.
@@ -245,7 +247,7 @@ impl PrivateMemory {
         if mode == ContentMode::Preserve && self.strategy != Strategy::InPlace {
             return Err(Error::StrategyUnavailable {
                 strategy: self.strategy,
-                reason: "content-preserving conversion needs the in-place strategy: the dual strategy keeps private and shared pages in different files".into(),
+                reason: UnavailableReason::PreserveNeedsInPlace,
             });
         }
         let mut engine = self.lock_engine();

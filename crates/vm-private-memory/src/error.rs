@@ -1,11 +1,12 @@
 //! The errors of the backend: one enum, each variant naming the range, the step and,
 //! where the kernel answered, its errno.
 
-use vm_memory::GuestAddress;
+use guest_memfd::PageRange;
+use vm_memory::{GuestAddress, GuestRegionCollectionError};
 use vmm_sys_util::errno;
 
 use crate::attributes::PageState;
-use crate::strategy::Strategy;
+use crate::strategy::{Strategy, UnavailableReason};
 
 /// The result type of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -30,8 +31,57 @@ impl std::fmt::Display for GpaRange {
     }
 }
 
+/// Why a region cannot be placed ([`Error::Layout`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LayoutError {
+    /// The region overlaps a region already in the memory (or already placed by the
+    /// builder).
+    #[error("it overlaps region {0}")]
+    OverlapsRegion(PageRange),
+    /// The region overlaps a range reserved with [`crate::MemoryBuilder::reserve`] (or
+    /// [`crate::MemoryBuilder::x86_mmio_hole`]).
+    #[error("it overlaps the reserved range {0}")]
+    OverlapsReserved(PageRange),
+    /// vm-allocator could not manage the guest-physical space or place the region in it
+    /// (no free space large enough, a fixed address already taken, or past
+    /// [`crate::GUEST_PHYS_LIMIT`]).
+    #[error("{0}")]
+    Allocator(#[source] vm_allocator::Error),
+    /// vm-allocator refused the memslot number range.
+    #[error("memslot range {first}..={last}: {source}")]
+    SlotRange {
+        /// The first memslot number configured.
+        first: u32,
+        /// The last memslot number configured.
+        last: u32,
+        /// vm-allocator's error.
+        source: vm_allocator::Error,
+    },
+    /// vm-memory refused the region collection (regions overlapping, or no region at
+    /// the address to remove).
+    #[error("{0}")]
+    Collection(#[source] GuestRegionCollectionError),
+}
+
+/// Why a listener refused a range ([`Error::ListenerRefused`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ListenerRefusal {
+    /// [`crate::MemoryListener::populate`] returned this error.
+    #[error("{0}")]
+    Refused(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The listener panicked; the panic was caught.
+    #[error("the listener panicked: {message}")]
+    Panicked {
+        /// The panic's message (`"a panic"` if it was neither a `&str` nor a `String`).
+        message: String,
+    },
+}
+
 /// Everything that can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The file layer refused (bad range, ioctl or fallocate failure).
     #[error(transparent)]
@@ -41,16 +91,18 @@ pub enum Error {
     StrategyUnavailable {
         /// The strategy asked for.
         strategy: Strategy,
-        /// Why, in terms of the missing capability.
-        reason: String,
+        /// Why: the capability the VM lacks, or the operation the strategy cannot do.
+        #[source]
+        reason: UnavailableReason,
     },
     /// Regions overlap, or a region does not fit the guest-physical layout.
     #[error("region {range} cannot be placed: {reason}")]
     Layout {
         /// The region.
         range: GpaRange,
-        /// vm-allocator's or vm-memory's reason.
-        reason: String,
+        /// Why: an overlap, or vm-allocator's or vm-memory's error.
+        #[source]
+        reason: LayoutError,
     },
     /// The builder was given no region.
     #[error("no memory region was added: add at least one with MemoryBuilder::region")]
@@ -78,8 +130,9 @@ pub enum Error {
     ListenerRefused {
         /// The range offered to the listener (clipped to its subscription).
         range: GpaRange,
-        /// The listener's reason.
-        reason: String,
+        /// The listener's error, or its panic.
+        #[source]
+        reason: ListenerRefusal,
     },
     /// A listener (or anything it called) tried to convert, discard, add or remove memory
     /// while being notified.

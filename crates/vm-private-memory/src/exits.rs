@@ -34,6 +34,7 @@ pub const KVM_EAGAIN: u64 = libc::EAGAIN as u64;
 
 /// Why a guest's request was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RequestError {
     /// The address is not page-aligned.
     #[error("gpa {0:#x} is not page-aligned")]

@@ -141,7 +141,7 @@ pub use builder::{
     MemoryBuilder, DEFAULT_ACCESS_PATIENCE, GUEST_PHYS_LIMIT, REGION_ALIGNMENT, X86_MMIO_HOLE,
 };
 pub use convert::{ContentMode, ConversionReport, Step};
-pub use error::{Error, GpaRange, Result};
+pub use error::{Error, GpaRange, LayoutError, ListenerRefusal, Result};
 pub use exits::{
     ConversionRequest, RequestError, GUEST_BYTES_PER_STEP, GUEST_RUNS_PER_STEP, KVM_EAGAIN,
     KVM_EFAULT, KVM_EINVAL, KVM_ENOSYS, MAP_GPA_RANGE_ENCRYPTED, MAP_GPA_RANGE_KNOWN,
@@ -156,4 +156,4 @@ pub use region::{private_page_refusal, PrivateRegion};
 pub use state::{
     MemoryState, PageRun, PrivatePages, RegionState, SharedContent, StateError, STATE_VERSION,
 };
-pub use strategy::Strategy;
+pub use strategy::{Strategy, UnavailableReason};

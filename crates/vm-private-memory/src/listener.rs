@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
 
 use guest_memfd::PageRange;
 
+use crate::error::ListenerRefusal;
+
 /// A host-side consumer of guest memory.
 ///
 /// Callbacks run on the converting thread, while the conversion holds the memory's
@@ -24,10 +26,16 @@ pub trait MemoryListener: Send + Sync {
     /// or DMA mapping of it now.
     fn discard(&self, range: PageRange);
 
-    /// Host access to `range` has been granted. Return `Err(reason)` to refuse, which
-    /// rolls the conversion back (the listener then receives `discard` for what it had
-    /// accepted in the same conversion).
-    fn populate(&self, range: PageRange) -> Result<(), String>;
+    /// Host access to `range` has been granted. Return an error to refuse, which rolls
+    /// the conversion back (the listener then receives `discard` for what it had
+    /// accepted in the same conversion); the conversion's
+    /// [`crate::Error::ListenerRefused`] carries it. A `&str` or `String` converts with
+    /// `.into()`.
+    ///
+    /// # Errors
+    ///
+    /// Whatever the listener's reason for refusing the range is.
+    fn populate(&self, range: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
 
 struct Entry {
@@ -100,7 +108,7 @@ pub(crate) fn in_callback() -> bool {
 
 /// Runs a listener callback `f`, marked as such. A panic in it is caught and returned as
 /// `Err`, so that a misbehaving listener cannot leave a conversion half done.
-fn as_callback<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+fn as_callback<R>(f: impl FnOnce() -> R) -> Result<R, ListenerRefusal> {
     IN_CALLBACK.with(|c| c.set(true));
     let result = panic::catch_unwind(AssertUnwindSafe(f));
     IN_CALLBACK.with(|c| c.set(false));
@@ -110,7 +118,7 @@ fn as_callback<R>(f: impl FnOnce() -> R) -> Result<R, String> {
             .map(|s| (*s).to_owned())
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "a panic".to_owned());
-        format!("the listener panicked: {what}")
+        ListenerRefusal::Panicked { message: what }
     })
 }
 
@@ -198,11 +206,13 @@ impl Listeners {
     pub(crate) fn populate(
         &self,
         ranges: &[PageRange],
-    ) -> Result<Vec<Accepted>, (PageRange, String)> {
+    ) -> Result<Vec<Accepted>, (PageRange, ListenerRefusal)> {
         let mut accepted: Vec<Accepted> = Vec::new();
         let mut refusal = None;
         self.pass(ranges, |listener, range| {
-            match as_callback(|| listener.populate(range)).and_then(|r| r) {
+            match as_callback(|| listener.populate(range))
+                .and_then(|r| r.map_err(ListenerRefusal::Refused))
+            {
                 Ok(()) => {
                     accepted.push(Accepted {
                         listener: Arc::clone(listener),

@@ -14,7 +14,7 @@ use crate::attributes::PageState;
 use crate::convert::ContentMode;
 use crate::error::{Error, GpaRange, Result};
 use crate::memory::PrivateMemory;
-use crate::strategy::Strategy;
+use crate::strategy::{Strategy, UnavailableReason};
 
 impl PrivateMemory {
     /// Checks that the host may access `[gpa, gpa + len)`: every byte inside guest
@@ -72,7 +72,7 @@ impl PrivateMemory {
         if self.strategy != Strategy::InPlace {
             return Err(Error::StrategyUnavailable {
                 strategy: self.strategy,
-                reason: "the host can only load private pages in place; with the dual strategy private pages live in a guest_memfd no host process maps".into(),
+                reason: UnavailableReason::LoadNeedsInPlace,
             });
         }
         if bytes.is_empty() {

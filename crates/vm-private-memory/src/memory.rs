@@ -12,7 +12,7 @@ use vm_memory::{
 };
 
 use crate::attributes::PageState;
-use crate::error::{Error, GpaRange, Result};
+use crate::error::{Error, GpaRange, LayoutError, Result};
 use crate::kvm_view::set_kvm_view;
 use crate::listener::{in_callback, Listeners, MemoryListener, Subscription};
 use crate::region::PrivateRegion;
@@ -284,7 +284,7 @@ impl PrivateMemory {
         {
             return Err(Error::Layout {
                 range: gpa(guest),
-                reason: format!("it overlaps region {}", other.guest_range()),
+                reason: LayoutError::OverlapsRegion(other.guest_range()),
             });
         }
         let slot = engine
@@ -339,7 +339,7 @@ impl PrivateMemory {
             .insert_region(Arc::clone(&region))
             .map_err(|e| Error::Layout {
                 range: gpa(guest),
-                reason: e.to_string(),
+                reason: LayoutError::Collection(e),
             })?;
         Ok((region, with))
     }
@@ -408,7 +408,7 @@ impl PrivateMemory {
             .remove_region(GuestAddress(start), guest.len())
             .map_err(|e| Error::Layout {
                 range: gpa(guest),
-                reason: e.to_string(),
+                reason: LayoutError::Collection(e),
             })?;
         let shared: Vec<PageRange> = shared_runs(region);
         self.listeners.discard(&shared);

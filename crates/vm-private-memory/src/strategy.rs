@@ -1,13 +1,16 @@
 //! How private and shared pages are backed, and which way this host allows.
 
-use guest_memfd::Capabilities;
+use guest_memfd::{Capabilities, GuestMemfdFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 /// A backing strategy (see the crate documentation).
+///
+/// Not exhaustive: a platform with another way of backing private pages may add one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum Strategy {
     /// One guest_memfd created `MMAP | INIT_SHARED`, bound as a gmem-only slot and mapped
     /// by the host. KVM sees every page as shared; "private" is enforced by this crate's
@@ -28,32 +31,67 @@ impl std::fmt::Display for Strategy {
     }
 }
 
+/// Why a strategy cannot do what was asked ([`Error::StrategyUnavailable`]): a
+/// capability the VM lacks, or an operation the strategy cannot perform.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UnavailableReason {
+    /// The VM has no guest_memfd.
+    #[error("the VM has no guest_memfd (KVM_CAP_GUEST_MEMFD is 0)")]
+    NoGuestMemfd,
+    /// The VM has no `KVM_SET_USER_MEMORY_REGION2`.
+    #[error("the VM has no KVM_SET_USER_MEMORY_REGION2 (KVM_CAP_USER_MEMORY2 is 0)")]
+    NoUserMemory2,
+    /// In-place: guest_memfd does not accept `MMAP | INIT_SHARED` on this VM.
+    #[error("guest_memfd accepts flags {flags} on this VM, and in-place needs MMAP | INIT_SHARED (Linux 6.18+)")]
+    NotMappable {
+        /// The flags guest_memfd accepts on this VM (`KVM_CAP_GUEST_MEMFD_FLAGS`).
+        flags: GuestMemfdFlags,
+    },
+    /// Dual: the VM has no `PRIVATE` memory attribute.
+    #[error("KVM_CAP_MEMORY_ATTRIBUTES is {attributes:#x} on this VM, without PRIVATE (0x8): use a VM type with memory attributes (KVM_X86_SW_PROTECTED_VM, SEV-SNP, TDX)")]
+    NoPrivateAttribute {
+        /// The memory attributes the VM supports (`KVM_CAP_MEMORY_ATTRIBUTES`).
+        attributes: u64,
+    },
+    /// A content-preserving conversion ([`crate::ContentMode::Preserve`],
+    /// [`crate::SharedContent::Keep`]) was asked of the dual strategy.
+    #[error("content-preserving conversion needs the in-place strategy: the dual strategy keeps private and shared pages in different files")]
+    PreserveNeedsInPlace,
+    /// Loading bytes into private pages ([`crate::PrivateMemory::load_private`]) was
+    /// asked of the dual strategy.
+    #[error("the host can only load private pages in place; with the dual strategy private pages live in a guest_memfd no host process maps")]
+    LoadNeedsInPlace,
+}
+
 impl Strategy {
     /// Why this strategy cannot run with `caps`, or `None` if it can.
-    pub fn unavailable_because(self, caps: &Capabilities) -> Option<String> {
+    pub fn unavailable_because(self, caps: &Capabilities) -> Option<UnavailableReason> {
         if !caps.guest_memfd {
-            return Some("the VM has no guest_memfd (KVM_CAP_GUEST_MEMFD is 0)".into());
+            return Some(UnavailableReason::NoGuestMemfd);
         }
         if !caps.user_memory2 {
-            return Some(
-                "the VM has no KVM_SET_USER_MEMORY_REGION2 (KVM_CAP_USER_MEMORY2 is 0)".into(),
-            );
+            return Some(UnavailableReason::NoUserMemory2);
         }
         match self {
-            Strategy::InPlace if !caps.in_place_capable() => Some(format!(
-                "guest_memfd accepts flags {} on this VM, and in-place needs MMAP | INIT_SHARED (Linux 6.18+)",
-                caps.guest_memfd_flags
-            )),
-            Strategy::Dual if !caps.dual_capable() => Some(format!(
-                "KVM_CAP_MEMORY_ATTRIBUTES is {:#x} on this VM, without PRIVATE (0x8): use a VM type with memory attributes (KVM_X86_SW_PROTECTED_VM, SEV-SNP, TDX)",
-                caps.memory_attributes
-            )),
+            Strategy::InPlace if !caps.in_place_capable() => Some(UnavailableReason::NotMappable {
+                flags: caps.guest_memfd_flags,
+            }),
+            Strategy::Dual if !caps.dual_capable() => Some(UnavailableReason::NoPrivateAttribute {
+                attributes: caps.memory_attributes,
+            }),
             _ => None,
         }
     }
 
     /// Picks a strategy: `wanted` if given and possible, else the first of dual and
     /// in-place that the VM supports (dual gives KVM its own private view, so it wins).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StrategyUnavailable`] if `wanted` is given and the VM cannot run it
+    /// (with the reason), or if it is not and the VM can run neither (with in-place's
+    /// reason).
     pub fn choose(wanted: Option<Strategy>, caps: &Capabilities) -> Result<Strategy> {
         if let Some(strategy) = wanted {
             return match strategy.unavailable_because(caps) {
@@ -70,7 +108,7 @@ impl Strategy {
             strategy: Strategy::InPlace,
             reason: Strategy::InPlace
                 .unavailable_because(caps)
-                .unwrap_or_default(),
+                .unwrap_or(UnavailableReason::NoGuestMemfd),
         })
     }
 }

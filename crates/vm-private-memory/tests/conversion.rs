@@ -122,7 +122,10 @@ fn listeners_hear_clipped_ranges_in_order_while_access_is_still_allowed() {
                 .is_ok();
             self.log.lock().unwrap().push((Heard::Discard(range), ok));
         }
-        fn populate(&self, range: PageRange) -> Result<(), String> {
+        fn populate(
+            &self,
+            range: PageRange,
+        ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             let ok = self
                 .view
                 .memory()
@@ -177,7 +180,10 @@ fn a_listener_that_converts_gets_an_error() {
     }
     impl MemoryListener for Converter {
         fn discard(&self, _: PageRange) {}
-        fn populate(&self, range: PageRange) -> Result<(), String> {
+        fn populate(
+            &self,
+            range: PageRange,
+        ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             let memory = self.memory.lock().unwrap().clone().unwrap();
             let r = memory.convert(range, PageState::Private);
             let d = memory.discard(range);
@@ -215,8 +221,18 @@ fn a_refusing_listener_rolls_the_conversion_back() {
     let err = m
         .convert(pr(0, 4 * PAGE_SIZE), PageState::Shared)
         .unwrap_err();
-    assert!(matches!(err, Error::ListenerRefused { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::ListenerRefused {
+                reason: vm_private_memory::ListenerRefusal::Refused(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("[0x1000, 0x2000)"), "{err}");
+    assert!(err.to_string().contains("test refuses"), "{err}");
     assert_eq!(states(&m, MIB2), before);
     // KVM's view went shared and came back private.
     assert_eq!(
@@ -412,7 +428,10 @@ fn dual_frees_the_shared_side_when_pages_go_private() {
     // Preserving content across sides is impossible with two files.
     assert!(matches!(
         m.convert_with(pr(0, PAGE_SIZE), PageState::Shared, ContentMode::Preserve),
-        Err(Error::StrategyUnavailable { .. })
+        Err(Error::StrategyUnavailable {
+            reason: vm_private_memory::UnavailableReason::PreserveNeedsInPlace,
+            ..
+        })
     ));
     // Back to shared: the page is fresh.
     m.convert(pr(0, PAGE_SIZE), PageState::Shared).unwrap();

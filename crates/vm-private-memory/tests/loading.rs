@@ -111,7 +111,7 @@ fn the_dual_strategy_refuses_to_load_private_pages() {
         m.load_private(0, &[1; 8]),
         Err(Error::StrategyUnavailable {
             strategy: Strategy::Dual,
-            ..
+            reason: vm_private_memory::UnavailableReason::LoadNeedsInPlace,
         })
     ));
     assert_eq!(m.private_pages(), SIZE / PAGE_SIZE);

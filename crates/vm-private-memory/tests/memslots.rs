@@ -94,7 +94,16 @@ fn a_region_that_fails_to_be_added_leaves_no_memslot_and_no_trace() {
     let err = memory
         .add_region(pr(MIB2 / 2, MIB2), None, PageState::Private)
         .unwrap_err();
-    assert!(matches!(err, Error::Layout { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Layout {
+                reason: vm_private_memory::LayoutError::OverlapsRegion(r),
+                ..
+            } if r == pr(0, MIB2)
+        ),
+        "{err}"
+    );
     // The slot number was given back: the same add goes through once KVM agrees.
     *stand_in.fail.lock().unwrap() = false;
     memory

@@ -43,7 +43,7 @@ fn a_panicking_listener_is_contained() {
                 panic!("discard panics");
             }
         }
-        fn populate(&self, _: PageRange) -> Result<(), String> {
+        fn populate(&self, _: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             if self.in_populate {
                 panic!("populate panics");
             }
@@ -55,6 +55,16 @@ fn a_panicking_listener_is_contained() {
     let _a = m.subscribe(pr(0, MIB2), accepting.clone());
     let s = m.subscribe(pr(0, MIB2), Arc::new(Panics { in_populate: true }));
     let err = m.convert(pr(0, PAGE_SIZE), PageState::Shared).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            vm_private_memory::Error::ListenerRefused {
+                reason: vm_private_memory::ListenerRefusal::Panicked { message },
+                ..
+            } if message == "populate panics"
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("populate panics"), "{err}");
     assert_eq!(m.state_of(0), Some(PageState::Private));
     assert_eq!(
@@ -99,7 +109,7 @@ fn region_changes_from_a_listener_are_refused() {
     }
     impl MemoryListener for Remover {
         fn discard(&self, _: PageRange) {}
-        fn populate(&self, _: PageRange) -> Result<(), String> {
+        fn populate(&self, _: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             let m = self.memory.lock().unwrap().clone().unwrap();
             let r = m.remove_region(0).err().map(|e| e.to_string());
             let a = m
@@ -147,7 +157,7 @@ fn a_dropped_subscription_is_not_called_after_drop_returns() {
             std::thread::sleep(Duration::from_millis(200));
             self.calls_running.fetch_sub(1, Ordering::SeqCst);
         }
-        fn populate(&self, _: PageRange) -> Result<(), String> {
+        fn populate(&self, _: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }

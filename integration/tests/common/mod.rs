@@ -43,7 +43,7 @@ impl MemoryListener for Log {
     fn discard(&self, range: PageRange) {
         self.0.lock().unwrap().push(format!("discard {range}"));
     }
-    fn populate(&self, range: PageRange) -> Result<(), String> {
+    fn populate(&self, range: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         self.0.lock().unwrap().push(format!("populate {range}"));
         Ok(())
     }

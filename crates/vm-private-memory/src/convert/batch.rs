@@ -9,7 +9,7 @@ use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, Result};
 use crate::listener::in_callback;
 use crate::memory::{GuestMemoryPrivate, PrivateMemory};
-use crate::strategy::Strategy;
+use crate::strategy::{Strategy, UnavailableReason};
 
 /// The pages a whole change turns private and shared: guest-physical ranges, each inside
 /// one region, in address order, in the state they leave.
@@ -46,7 +46,7 @@ impl PrivateMemory {
         if dual && shared == ContentMode::Preserve {
             return Err(Error::StrategyUnavailable {
                 strategy: self.strategy,
-                reason: "content-preserving conversion needs the in-place strategy: the dual strategy keeps private and shared pages in different files".into(),
+                reason: UnavailableReason::PreserveNeedsInPlace,
             });
         }
         let engine = self.lock_engine();

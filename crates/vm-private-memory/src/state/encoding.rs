@@ -18,6 +18,7 @@ use crate::strategy::Strategy;
 /// whole bound), while a sparse map stays a few runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
+#[non_exhaustive]
 pub enum PrivatePages {
     /// Runs of private pages, in order, not empty, not overlapping, inside the region.
     Runs(Vec<PageRun>),

@@ -223,7 +223,7 @@ impl MemoryListener for Recorder {
         self.heard.lock().unwrap().push(Heard::Discard(range));
     }
 
-    fn populate(&self, range: PageRange) -> Result<(), String> {
+    fn populate(&self, range: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         self.heard.lock().unwrap().push(Heard::Populate(range));
         if *self.refuse.lock().unwrap() {
             return Err("test refuses".into());

@@ -59,6 +59,7 @@
 #![deny(missing_docs)]
 #![deny(missing_debug_implementations)]
 #![deny(clippy::undocumented_unsafe_blocks)]
+#![warn(clippy::missing_errors_doc, clippy::missing_panics_doc)]
 
 // Guest-physical addresses, file offsets and lengths are `u64` and are cast to `usize`
 // for mappings and slices: on a narrower target those casts would truncate.

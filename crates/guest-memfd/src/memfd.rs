@@ -116,11 +116,21 @@ impl GuestMemfd {
     }
 
     /// Checks that `range` lies inside the file.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfBounds`] if `range` reaches past the end of the file.
     pub fn check_range(&self, range: PageRange) -> Result<()> {
         self.file.check_range(range)
     }
 
     /// Backs `range` with memory (`fallocate(FALLOC_FL_KEEP_SIZE)`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfBounds`] if `range` reaches past the end of the file (nothing is
+    /// called); [`Error::FileSpace`] with the kernel's errno if `fallocate` fails (for
+    /// example `ENOMEM` or `ENOSPC` when the memory is not there).
     pub fn allocate(&self, range: PageRange) -> Result<()> {
         self.file.fallocate(SpaceOp::Allocate, range)
     }
@@ -129,11 +139,20 @@ impl GuestMemfd {
     ///
     /// KVM first invalidates every guest mapping of these pages; a later guest access
     /// faults in a fresh, zeroed page. This is the seed's `invalidate_page_range`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfBounds`] if `range` reaches past the end of the file (nothing is
+    /// called); [`Error::FileSpace`] with the kernel's errno if `fallocate` fails.
     pub fn discard(&self, range: PageRange) -> Result<()> {
         self.file.fallocate(SpaceOp::Discard, range)
     }
 
     /// Maps the whole file into the host, shared and read-write.
+    ///
+    /// # Errors
+    ///
+    /// As [`GuestMemfd::map_range`].
     pub fn map(&self) -> Result<MmapRegion> {
         self.map_range(self.whole())
     }
@@ -143,6 +162,13 @@ impl GuestMemfd {
     ///
     /// Needs a file created with `MMAP | INIT_SHARED`: without `MMAP` the kernel refuses
     /// the mapping, and without `INIT_SHARED` every access through it raises SIGBUS.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotMappable`] for a file created without `MMAP`, [`Error::NotShared`]
+    /// for one created without `INIT_SHARED`, [`Error::OutOfBounds`] if `range` reaches
+    /// past the end of the file (all before any system call); [`Error::Map`] with the
+    /// kernel's errno if `mmap` fails.
     pub fn map_range(&self, range: PageRange) -> Result<MmapRegion> {
         if !self.flags.contains(GuestMemfdFlags::MMAP) {
             return Err(Error::NotMappable { flags: self.flags });

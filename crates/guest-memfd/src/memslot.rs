@@ -38,15 +38,19 @@ pub struct Memslot<'a> {
     slot: u32,
     guest_range: PageRange,
     gmem: &'a GuestMemfd,
-    gmem_offset: u64,
+    /// The range of `gmem` the slot uses, checked to lie inside it.
+    gmem_range: PageRange,
     userspace_addr: u64,
 }
 
 impl<'a> Memslot<'a> {
     /// Describes slot `slot`: `guest_range` backed by `gmem` from `gmem_offset` on.
     ///
-    /// Fails with [`Error::UnalignedRange`] for an unaligned offset and with
-    /// [`Error::OutOfBounds`] if the slot would run past the end of the file.
+    /// # Errors
+    ///
+    /// [`Error::UnalignedRange`] for an unaligned offset, [`Error::RangeOverflow`] if
+    /// the file range would end past `u64::MAX`, and [`Error::OutOfBounds`] if the slot
+    /// would run past the end of the file.
     pub fn new(
         slot: u32,
         guest_range: PageRange,
@@ -59,13 +63,18 @@ impl<'a> Memslot<'a> {
             slot,
             guest_range,
             gmem,
-            gmem_offset,
+            gmem_range: file_range,
             userspace_addr: 0,
         })
     }
 
     /// Sets the host address that backs shared accesses (and KVM's emulator) to
     /// `mapping`, which must be at least as large as the slot.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MappingTooSmall`] if `mapping` is smaller than the slot;
+    /// [`Error::UnalignedUserspaceAddress`] if it does not start on a page boundary.
     pub fn with_userspace_mapping(self, mapping: &MmapRegion) -> Result<Self> {
         let mapping_len = mapping.size() as u64;
         if mapping_len < self.guest_range.len() {
@@ -80,6 +89,11 @@ impl<'a> Memslot<'a> {
 
     /// Sets the host address that backs shared accesses; it must be page-aligned. Zero
     /// (the default) means none.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnalignedUserspaceAddress`] if `addr` is not a multiple of
+    /// [`crate::PAGE_SIZE`].
     pub fn with_userspace_addr(mut self, addr: u64) -> Result<Self> {
         if !is_page_aligned(addr) {
             return Err(Error::UnalignedUserspaceAddress {
@@ -103,7 +117,7 @@ impl<'a> Memslot<'a> {
 
     /// The range of the guest_memfd the slot uses.
     pub fn gmem_range(&self) -> PageRange {
-        PageRange::new(self.gmem_offset, self.guest_range.len()).expect("checked at construction")
+        self.gmem_range
     }
 
     /// The host address that backs shared accesses, or zero.
@@ -119,7 +133,7 @@ impl<'a> Memslot<'a> {
             guest_phys_addr: self.guest_range.start(),
             memory_size: self.guest_range.len(),
             userspace_addr: self.userspace_addr,
-            guest_memfd_offset: self.gmem_offset,
+            guest_memfd_offset: self.gmem_range.start(),
             guest_memfd: self.gmem.as_raw_fd() as u32,
             ..Default::default()
         }

@@ -70,8 +70,11 @@ pub const fn is_page_aligned(value: u64) -> bool {
 impl PageRange {
     /// Checks `start` and `len` and makes a range of them.
     ///
-    /// Fails with [`Error::EmptyRange`], [`Error::UnalignedRange`] or
-    /// [`Error::RangeOverflow`].
+    /// # Errors
+    ///
+    /// [`Error::EmptyRange`] if `len` is zero, [`Error::UnalignedRange`] if `start` or
+    /// `len` is not a multiple of [`PAGE_SIZE`], [`Error::RangeOverflow`] if the range
+    /// ends past `u64::MAX`.
     pub fn new(start: u64, len: u64) -> Result<Self> {
         if len == 0 {
             return Err(Error::EmptyRange { start });
@@ -86,6 +89,11 @@ impl PageRange {
     }
 
     /// The range of `count` pages starting at page number `first_page`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RangeOverflow`] if the range in bytes does not fit in 64 bits;
+    /// [`Error::EmptyRange`] if `count` is zero.
     pub fn from_pages(first_page: u64, count: u64) -> Result<Self> {
         let start = first_page
             .checked_mul(PAGE_SIZE)
@@ -151,7 +159,12 @@ impl PageRange {
     }
 
     /// This range moved by `delta` bytes down (for example from guest-physical addresses
-    /// to file offsets). Fails if `delta` is unaligned or larger than `start`.
+    /// to file offsets).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RangeOverflow`] if `delta` is larger than the start;
+    /// [`Error::UnalignedRange`] if `delta` is not a multiple of [`PAGE_SIZE`].
     pub fn checked_sub(&self, delta: u64) -> Result<PageRange> {
         let start = self.start.checked_sub(delta).ok_or(Error::RangeOverflow {
             start: self.start,
@@ -160,8 +173,12 @@ impl PageRange {
         PageRange::new(start, self.len)
     }
 
-    /// This range moved by `delta` bytes up. Fails if `delta` is unaligned or the moved
-    /// range would overflow.
+    /// This range moved by `delta` bytes up.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RangeOverflow`] if the moved range would end past `u64::MAX`;
+    /// [`Error::UnalignedRange`] if `delta` is not a multiple of [`PAGE_SIZE`].
     pub fn checked_add(&self, delta: u64) -> Result<PageRange> {
         let start = self.start.checked_add(delta).ok_or(Error::RangeOverflow {
             start: self.start,

@@ -39,6 +39,13 @@ impl SealedMemfd {
     /// Creates a memfd named `name` of `size` bytes and seals it.
     ///
     /// `memfd_create` is called through libc: neither std nor vmm-sys-util wraps it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidSize`] if `size` is zero or not a multiple of [`crate::PAGE_SIZE`] and
+    /// [`Error::InvalidName`] if `name` contains a NUL byte (both before any system
+    /// call); [`Error::SealedMemfd`] naming the step (`memfd_create`, `ftruncate`,
+    /// `F_ADD_SEALS`) and the system's error if one fails.
     pub fn create(name: &str, size: u64) -> Result<Self> {
         if size == 0 || !is_page_aligned(size) {
             return Err(Error::InvalidSize { size });
@@ -74,6 +81,10 @@ impl SealedMemfd {
     }
 
     /// The seals now on the file (`F_GET_SEALS`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Stat`] with the system's error if `fcntl(F_GET_SEALS)` fails.
     pub fn seals(&self) -> Result<i32> {
         // SAFETY: F_GET_SEALS takes no argument; the fd is owned by `self.file`.
         let seals = unsafe { libc::fcntl(self.file.file().as_raw_fd(), libc::F_GET_SEALS) };
@@ -104,16 +115,30 @@ impl SealedMemfd {
     }
 
     /// Frees `range`: the pages read as zeros afterwards, in every mapping.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfBounds`] if `range` reaches past the end of the file (nothing is
+    /// called); [`Error::FileSpace`] with the kernel's errno if `fallocate` fails.
     pub fn discard(&self, range: PageRange) -> Result<()> {
         self.file.fallocate(SpaceOp::Discard, range)
     }
 
     /// Maps the whole file, shared and read-write.
+    ///
+    /// # Errors
+    ///
+    /// As [`SealedMemfd::map_range`].
     pub fn map(&self) -> Result<MmapRegion> {
         self.map_range(self.whole())
     }
 
     /// Maps `range` of the file, shared and read-write.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfBounds`] if `range` reaches past the end of the file (nothing is
+    /// called); [`Error::Map`] with the kernel's errno if `mmap` fails.
     pub fn map_range(&self, range: PageRange) -> Result<MmapRegion> {
         self.file.map_shared(range)
     }

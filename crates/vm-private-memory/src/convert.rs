@@ -194,6 +194,18 @@ impl PrivateMemory {
     /// refusal after that leaves the page private but empty. The dual strategy punches
     /// the private side last and loses nothing.
     ///
+    /// # Errors
+    ///
+    /// Before anything changes: [`Error::Reentrant`] if called from a listener callback,
+    /// [`Error::OutsideGuestMemory`] if `range` reaches outside every region. Then, rolled
+    /// back as above: [`Error::ListenerRefused`] if a listener refuses (or panics in)
+    /// `populate`; [`Error::HostAccessInFlight`] if a host access through the vm-memory
+    /// view still touches a page going private when the memory's patience runs out;
+    /// [`Error::SetAttributes`] (dual) if `KVM_SET_MEMORY_ATTRIBUTES` fails;
+    /// [`Error::File`] if punching a page fails. [`Error::RollbackFailed`] if, after one
+    /// of those, putting KVM's view back failed too: KVM's view of the ranges it lists is
+    /// unknown.
+    ///
     /// ```
     /// use std::sync::Arc;
     /// use guest_memfd::PageRange;
@@ -220,6 +232,11 @@ impl PrivateMemory {
     /// One call holds the conversion lock for as long as its system calls take, which
     /// grows with the number of runs it changes; guest requests are served in bounded
     /// steps instead ([`PrivateMemory::serve_request`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StrategyUnavailable`] for [`ContentMode::Preserve`] with the dual
+    /// strategy (nothing changes); otherwise as [`PrivateMemory::convert`].
     pub fn convert_with(
         &self,
         range: PageRange,
@@ -328,6 +345,13 @@ impl PrivateMemory {
     /// Frees `range` (balloon, free page reporting): listeners hear `discard`, every
     /// page is punched from the side that backs it, and the guest re-faults fresh zeroed
     /// pages. States do not change. Returns the bytes punched.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Reentrant`] if called from a listener callback and
+    /// [`Error::OutsideGuestMemory`] if `range` reaches outside every region (nothing is
+    /// done); [`Error::File`] if a punch fails, after listeners heard `discard` and the
+    /// runs before it were punched (they read as zeros; nothing else changed).
     pub fn discard(&self, range: PageRange) -> Result<u64> {
         if in_callback() {
             return Err(Error::Reentrant { range: gpa(range) });

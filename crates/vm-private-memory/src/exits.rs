@@ -105,6 +105,12 @@ impl ConversionRequest {
     /// From a `KVM_EXIT_MEMORY_FAULT` exit (`VcpuExit::MemoryFault { flags, gpa, size }`):
     /// the guest accessed `[gpa, gpa + size)` as private (flag set) or shared (clear),
     /// and KVM's view disagreed, so the range should become what the guest used.
+    ///
+    /// # Errors
+    ///
+    /// [`RequestError::BadFlags`] for flags other than `KVM_MEMORY_EXIT_FLAG_PRIVATE`;
+    /// [`RequestError::Unaligned`], [`RequestError::Empty`] or [`RequestError::Overflow`]
+    /// for a range KVM's ABI does not allow.
     pub fn from_memory_fault(
         flags: u64,
         gpa: u64,
@@ -127,6 +133,13 @@ impl ConversionRequest {
     /// From `KVM_HC_MAP_GPA_RANGE` arguments: `gpa` (rbx), `pages` (rcx, 4 KiB pages
     /// whatever the page-size hint), `attributes` (rdx: bit 4 encrypted, bits 0-1 the
     /// page-size hint, which is checked but not needed).
+    ///
+    /// # Errors
+    ///
+    /// [`RequestError::BadAttributes`] for attribute bits the hypercall does not define,
+    /// or both page-size hints at once; [`RequestError::Unaligned`],
+    /// [`RequestError::Empty`] or [`RequestError::Overflow`] for a range the ABI does
+    /// not allow.
     pub fn from_map_gpa_range(
         gpa: u64,
         pages: u64,

@@ -4,6 +4,10 @@ use std::io;
 
 /// The resident bytes of every guest_memfd mapping of this process (`kvm-gmem` entries of
 /// `/proc/self/smaps`): with the in-place strategy, the memory a guest holds.
+///
+/// # Errors
+///
+/// The system's error if `/proc/self/smaps` cannot be read.
 pub fn resident_guest_memfd_bytes() -> io::Result<u64> {
     let smaps = std::fs::read_to_string("/proc/self/smaps")?;
     let mut in_gmem = false;

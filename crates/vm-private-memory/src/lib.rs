@@ -107,6 +107,7 @@
 #![deny(missing_docs)]
 #![deny(missing_debug_implementations)]
 #![deny(clippy::undocumented_unsafe_blocks)]
+#![warn(clippy::missing_errors_doc, clippy::missing_panics_doc)]
 // Under `--cfg loom` only the model of the access protocol is built for real.
 #![cfg_attr(loom, allow(dead_code, unused_imports, unused_variables))]
 

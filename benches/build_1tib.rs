@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Building a sparse 1 TiB guest with `MemoryBuilder` (file, mapping, page bits, memslot),
 //! against the raw steps it must take (KVM_CREATE_GUEST_MEMFD, mmap, and
 //! KVM_SET_USER_MEMORY_REGION2) in the same run. Each iteration uses a fresh VM.

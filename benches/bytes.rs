@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! vm-memory `Bytes` on shared pages of a `PrivateMemory` (in-place strategy), against
 //! vm-memory's own `GuestMemoryMmap` over anonymous memory of the same size, in the same
 //! run: `read_slice` / `write_slice` of 4 KiB, 64 KiB and 1 MiB, and `read_obj::<u64>`.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Converting 1 GiB between private and shared (in-place strategy, content discarded),
 //! in one call and in 4 KiB steps, against the raw system calls the conversion must make
 //! (one punch-hole `fallocate` per changed range) on a guest_memfd of the same size and

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Discarding (punching) 1 GiB of guest_memfd through `GuestMemfd::discard`, against the
 //! raw `fallocate(PUNCH_HOLE | KEEP_SIZE)` calls on the same file, in 4 KiB steps, 2 MiB
 //! steps and one call. Before every timed pass the whole file is allocated again

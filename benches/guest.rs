@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Guest-visible costs, on real KVM, each against its peer in the same run:
 //! - first touch (CPL3) of 256 MiB of private memory (`PrivateGuest`, in-place) against
 //!   the same guest program on anonymous memory;

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Helpers shared by the benchmarks of this workspace.
 
 #![deny(missing_debug_implementations)]

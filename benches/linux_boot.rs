@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Boot time of a stock Linux kernel on private memory against the same kernel on
 //! shared memory: from `LinuxVm::new` (VM, memory, loading) to the guest's marker line.
 //!

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Assembles the guest programs in `fixtures/guest/*.S` into flat binaries with GNU as
 //! and objcopy (binutils), so that `cargo build` always runs the sources as written.
 

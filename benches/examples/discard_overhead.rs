@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Alternates `GuestMemfd::discard` and the raw call on empty pages, 4 KiB at a time,
 //! to isolate the per-call overhead from the cost of freeing memory.
 use std::os::fd::AsRawFd;

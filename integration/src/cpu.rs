@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Puts a vCPU into 64-bit mode at CPL3, ready to run a guest program.
 //!
 //! Guest CPL0 code is emulated on our hosts (about 2 us an instruction), CPL3 code runs

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Driving `fixtures/guest/driver.S`: the host tells a running guest what to touch and
 //! what to convert, one command at a time.
 

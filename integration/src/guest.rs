@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A guest whose every page (code, tables, stack, data) lives in `vm-private-memory`,
 //! with any number of vCPUs, a hypercall transport and a test device.
 

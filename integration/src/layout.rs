@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Where the harness puts things in guest-physical memory.
 //!
 //! The boot region, guest-physical `[0, 2 MiB)`, holds the descriptor tables, the page

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A minimal VMM for the tests of this workspace: it boots small x86-64 guest programs
 //! on real KVM, with their memory in guest_memfd; and, with [`linux`], a stock Linux
 //! kernel on private memory (in the nested lab, where guest kernels run natively).

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A one-vCPU test VM whose boot memory is itself a guest_memfd.
 
 use std::sync::Arc;

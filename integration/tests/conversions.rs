@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Scenario 3: the layouts of the kernel's `private_mem_conversions_test.c`, on a running
 //! guest whose memory is `vm-private-memory` (in-place strategy). The guest (driven one
 //! command at a time) fills, checks and converts by KVM_HC_MAP_GPA_RANGE; the host checks

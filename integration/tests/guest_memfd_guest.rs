@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The guest cases of the kernel's `guest_memfd_test.c`, and the seed's invalidation,
 //! shown on a running guest on the real `/dev/kvm`.
 

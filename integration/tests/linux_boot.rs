@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A stock Linux kernel (Debian's cloud kernel) booted by our harness with linux-loader,
 //! its RAM in guest_memfd: private except for the pages the host loads, as a TDX or
 //! SEV-SNP guest's is; it powers off through ACPI. And the same guest on all-shared

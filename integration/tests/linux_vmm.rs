@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The Linux-guest VMM (`integration::linux`) on our hosts' real KVM, with a tiny
 //! stand-in for a kernel: a bzImage header and a few instructions at the 64-bit entry
 //! point. A stock kernel cannot boot here (guest CPL0 code is emulated, HOST.md); the

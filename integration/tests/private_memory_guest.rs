@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The backend seen from a running guest: pages discarded or converted by
 //! `vm-private-memory` read as fresh zeros in the guest, and listeners hear first.
 

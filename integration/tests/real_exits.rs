@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Conversions requested by real `KVM_EXIT_HYPERCALL` exits (the guest's `vmmcall` with
 //! KVM_HC_MAP_GPA_RANGE), served by `vm-private-memory`, the answer reaching the guest.
 //! Runs where the VM has memory attributes and hypercall exits (the nested lab); on our

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Scenario 4 (invalidation-driven remapping while the guest runs) and scenario 5 (two
 //! vCPUs converting at once while a device thread reads shared memory), on real KVM.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The integration scenarios on real KVM (default VM type, in-place strategy): guests
 //! whose memory is `vm-private-memory`, converting pages by the KVM_HC_MAP_GPA_RANGE ABI.
 

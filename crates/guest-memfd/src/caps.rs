@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Capability probing: what this host's KVM can do for guest private memory, and what
 //! each missing piece means for a VMM.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The errors of this crate: one enum, each variant naming the operation, the range or
 //! value at fault and, where the kernel answered, its errno.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! What guest_memfd and the sealed memfd have in common: a file of fixed, page-aligned
 //! size whose page ranges can be allocated, discarded and mapped.
 

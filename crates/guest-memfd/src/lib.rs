@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Safe, checked access to KVM's guest_memfd.
 //!
 //! A confidential guest (Intel TDX, AMD SEV-SNP) keeps its RAM in memory the host must

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The guest_memfd file: creation, file space and the host mapping.
 
 use std::fs::File;

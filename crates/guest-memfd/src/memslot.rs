@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Binding a guest_memfd to guest-physical memory: `KVM_SET_USER_MEMORY_REGION2`.
 
 use std::os::fd::AsRawFd;

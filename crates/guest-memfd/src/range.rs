@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Page-aligned ranges.
 //!
 //! The seed's guest seal allows truncate and punch only on page boundaries. [`PageRange`]

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A sealed memfd: the shared half of guest memory in the dual backing strategy.
 //!
 //! Its size is fixed by seals (`F_SEAL_SHRINK | F_SEAL_GROW`), and the seal set itself is

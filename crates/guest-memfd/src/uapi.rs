@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Constants of the KVM userspace ABI that kvm-bindings 0.14 does not carry yet.
 //!
 //! Each value is copied from the Linux uapi header named beside it (Linux 6.18). They are

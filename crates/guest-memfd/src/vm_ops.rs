@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The VM operations this workspace needs from a hypervisor, as a trait: [`VmOps`].
 //!
 //! Everything that touches a VM (probing capabilities, creating a guest_memfd, binding

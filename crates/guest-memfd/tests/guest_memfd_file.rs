@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The cases of the kernel's `tools/testing/selftests/kvm/guest_memfd_test.c` that need no
 //! guest, ported to this crate's types and run on the real `/dev/kvm`. For every input this
 //! crate refuses, the test checks that *our* error comes back (no ioctl made), and where

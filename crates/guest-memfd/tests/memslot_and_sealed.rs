@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Memslot bindings and sealed memfds on the real `/dev/kvm`.
 
 mod common;

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The VM operations trait on the real `/dev/kvm`: every function that takes a VM goes
 //! through it, so a VMM's own VM type (here a wrapper that logs calls) serves as well as
 //! kvm-ioctls' `VmFd`.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! `privmem demo`: a guest on private memory, told as a story a VMM author reads in ten
 //! seconds. It runs the integration harness's scenarios 1 (an all-private guest) and 2 (a
 //! TDX-style bounce buffer) and says what the host could and could not see.

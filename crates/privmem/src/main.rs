@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! `privmem`: what this host offers for KVM guest private memory.
 //!
 //! ```text

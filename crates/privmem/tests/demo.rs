@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! `privmem demo` on the real `/dev/kvm`: it runs, every check in it holds, and it tells
 //! the story the README promises.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! `privmem probe` on the real `/dev/kvm`: what it prints must match what KVM answers.
 
 use std::process::Command;

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Metadata per GiB, and the memory held after converting 1 GiB back and forth, for the
 //! in-place strategy: the host fills 1 GiB of shared memory, converts it to private
 //! (content discarded), back to shared, writes 64 MiB of it, and reports how much of

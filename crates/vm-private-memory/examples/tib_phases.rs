@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Times the phases of building a sparse 1 TiB guest (files, mapping, bits, memslot).
 use std::sync::Arc;
 use std::time::Instant;

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! One bit per 4 KiB page: private (1) or shared (0).
 //!
 //! Readers (every host access) load whole 64-page words with `Acquire` and never lock.

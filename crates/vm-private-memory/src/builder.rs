@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Laying out guest RAM and creating its files.
 
 use std::sync::Arc;

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The conversion engine: pages between private and shared, all or nothing.
 
 use guest_memfd::{PageRange, PAGE_SIZE};

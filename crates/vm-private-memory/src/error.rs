@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The errors of the backend: one enum, each variant naming the range, the step and,
 //! where the kernel answered, its errno.
 

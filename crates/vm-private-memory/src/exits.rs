@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Conversion requests that arrive from the guest: `KVM_EXIT_MEMORY_FAULT` and the
 //! `KVM_HC_MAP_GPA_RANGE` hypercall (TDX MapGPA and SEV-SNP page-state changes reach
 //! userspace this way). Guest input is untrusted: every field is checked, and a bad

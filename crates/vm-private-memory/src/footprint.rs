@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! How much guest memory this process holds through guest_memfd mappings.
 
 use std::io;

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! KVM's own view of which pages are private: `KVM_SET_MEMORY_ATTRIBUTES` (dual strategy).
 
 use guest_memfd::{PageRange, VmOps};

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A vm-memory backend for KVM guest private memory.
 //!
 //! Confidential guests (Intel TDX, AMD SEV-SNP) keep most of their RAM *private*: KVM

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Invalidation listeners: host-side consumers of guest memory (VFIO DMA maps,
 //! vhost-user tables, virtio queue caches) that must learn when host access to a range
 //! is revoked or granted.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The guest's RAM: regions, memslots, the conversion lock and the listeners.
 
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A guest memory region backed by guest_memfd, with per-page host access control.
 
 use std::io;

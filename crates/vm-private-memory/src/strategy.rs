@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! How private and shared pages are backed, and which way this host allows.
 
 use guest_memfd::{Capabilities, GuestMemfdFlags};

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The conversion engine on the real `/dev/kvm`: what changes, what listeners hear, and
 //! that every failure leaves bits, KVM's view and listeners as they were.
 

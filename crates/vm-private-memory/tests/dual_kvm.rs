@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The dual strategy against the real `KVM_SET_MEMORY_ATTRIBUTES`. It needs a VM type
 //! with memory attributes (KVM_X86_SW_PROTECTED_VM, SEV-SNP, TDX); where the host has
 //! none, each test prints a SKIPPED line naming the missing capability and returns.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Conversion requests from guests: hostile input gets KVM's error codes, valid input
 //! converts real memory on `/dev/kvm`.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Every host access path of the vm-memory view refuses private pages, on the real
 //! `/dev/kvm`: each path is tried on a private page, a shared page and a range that
 //! straddles both.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Laying out guest RAM, choosing a strategy, and memslots on a real VM.
 
 mod common;

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Memslots on the real `/dev/kvm`: a region's memslot is bound exactly while the region
 //! is in the memory's own list, whatever a caller does to the published view, and the
 //! builder finds a shortage of memslot numbers before it creates anything.

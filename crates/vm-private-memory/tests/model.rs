@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Model-based property test: random conversion sequences on real memory (two adjacent
 //! regions and a hole after them), checked against a plain `Vec<bool>` after every step.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! What the published package offers a dependent: no cargo feature, so nothing a crate
 //! elsewhere in a build can switch on changes this crate's behaviour.
 

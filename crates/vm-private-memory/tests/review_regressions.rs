@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Regressions for defects found in review: each test failed before its fix.
 
 mod common;

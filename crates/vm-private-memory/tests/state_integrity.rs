@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A saved state's checksum, size bound, encodings and version.
 
 mod common;

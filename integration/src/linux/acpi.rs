@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The smallest ACPI a Linux guest powers off with: RSDP, XSDT, FADT, FACS and a DSDT
 //! that holds only `\_S5_`, built with rust-vmm's acpi_tables, plus the PM1 event and
 //! control registers the FADT points at.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Loads a Linux bzImage for the 64-bit boot protocol: where everything goes in
 //! guest-physical memory, the pages the host writes, the e820 map, the boot parameters.
 //!

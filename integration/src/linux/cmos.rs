@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The CMOS real-time clock at ports 0x70 (index) and 0x71 (data): enough for Linux to
 //! read the wall-clock time at boot instead of timing out on an empty bus.
 //!

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The legacy devices a Linux guest talks to over port I/O: the 16550 console and the
 //! i8042's reset line (both vm-superio), the CMOS clock, ACPI's PM1 registers and the
 //! PCI reset register.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! A stock Linux kernel booted on private memory: the VMM side of what a TDX or SEV-SNP
 //! launch does with guest RAM, minus the attestation.
 //!

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The boot vCPU's state for the 64-bit Linux boot protocol: CPUID, registers, FPU and
 //! local APIC.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! How a region's private pages are written: runs when they are few, a bitmap when they
 //! are many, whichever is shorter; and the checksum over a whole state.
 

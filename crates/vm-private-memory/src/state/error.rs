@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Why a saved state is refused.
 
 use guest_memfd::PageRange;

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Saving and restoring the layout and the private/shared map (snapshot, live update).
 //!
 //! Runtime types stay separate from these serde types. A state carries a CRC-32 of its

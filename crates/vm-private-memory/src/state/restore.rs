@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Applying a saved map to a memory: everything checked first, then applied all or
 //! nothing, under one content rule.
 

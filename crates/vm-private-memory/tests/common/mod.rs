@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! Helpers for the tests that run on the real `/dev/kvm`.
 
 #![allow(dead_code)]

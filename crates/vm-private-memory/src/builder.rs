@@ -22,6 +22,9 @@ pub const REGION_ALIGNMENT: u64 = 2 << 20;
 /// How long a conversion to private waits, by default, for host accesses still touching
 /// its pages before it fails ([`MemoryBuilder::access_patience`]).
 pub const DEFAULT_ACCESS_PATIENCE: std::time::Duration = std::time::Duration::from_millis(20);
+/// The longest a conversion to private waits for host accesses in flight, whatever
+/// [`MemoryBuilder::access_patience`] asks.
+pub const MAX_ACCESS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 /// The x86 MMIO hole below 4 GiB, which [`MemoryBuilder::x86_mmio_hole`] reserves.
 pub const X86_MMIO_HOLE: (u64, u64) = (3 << 30, 1 << 30);
 
@@ -153,9 +156,11 @@ impl MemoryBuilder {
     /// How long a conversion to private waits for host accesses (a `Bytes` call, a
     /// `VolatileSlice` still held) that touch its pages before it fails, rolled back, with
     /// [`Error::HostAccessInFlight`] ([`DEFAULT_ACCESS_PATIENCE`] by default). A guest
-    /// cannot stall its vCPU longer than this through a device that holds a slice.
+    /// cannot stall its vCPU longer than this through a device that holds a slice. A
+    /// conversion never waits without bound: longer values are cut to
+    /// [`MAX_ACCESS_PATIENCE`].
     pub fn access_patience(mut self, patience: std::time::Duration) -> Self {
-        self.patience = patience;
+        self.patience = patience.min(MAX_ACCESS_PATIENCE);
         self
     }
 

@@ -361,7 +361,12 @@ impl PrivateMemory {
         let engine = self.lock_engine();
         let _listeners = self.listeners.hold();
         let pieces = Self::split(&engine.current, range).collect::<Result<Vec<_>>>()?;
-        self.listeners.discard(&[range]);
+        self.listeners
+            .discard(&[range])
+            .map_err(|(range, reason)| Error::ListenerRefused {
+                range: gpa(range),
+                reason,
+            })?;
         let mut bytes = 0;
         for (region, offset, len) in pieces {
             for (start, count, state) in region
@@ -400,7 +405,14 @@ impl PrivateMemory {
         };
         match to {
             PageState::Private => {
-                self.listeners.discard(guest);
+                // A listener that cannot let go (it panicked) stops the conversion; the
+                // listeners told before it have their ranges back already.
+                self.listeners.discard(guest).map_err(|(range, reason)| {
+                    Error::ListenerRefused {
+                        range: gpa(range),
+                        reason,
+                    }
+                })?;
                 done.notified_discard = true;
                 plan.set_bits(PageState::Private);
                 done.bits = Some(PageState::Private);

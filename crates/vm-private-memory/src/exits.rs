@@ -29,9 +29,10 @@ pub const KVM_EINVAL: u64 = libc::EINVAL as u64;
 pub const KVM_EFAULT: u64 = libc::EFAULT as u64;
 /// `KVM_ENOSYS` (`include/uapi/linux/kvm_para.h`): no such hypercall.
 pub const KVM_ENOSYS: u64 = 1000;
-/// `EAGAIN`: the conversion could not be done now and was rolled back; the guest should
-/// retry. `kvm_para.h` defines no such code; it is the errno, as KVM's own hypercall
-/// answers are (a TDX VMM maps it to `TDG.VP.VMCALL_RETRY`).
+/// `EAGAIN`: the conversion could not be done now and was rolled back; the guest may
+/// retry. `kvm_para.h` defines no retry code; this is the errno, as KVM's own hypercall
+/// answers are. What a vendor path makes of it (TDX's MapGPA has
+/// `TDG.VP.VMCALL_RETRY`) depends on the kernel's completion of the exit: check yours.
 pub const KVM_EAGAIN: u64 = libc::EAGAIN as u64;
 
 /// Why a guest's request was refused.

@@ -33,7 +33,8 @@ struct Local {
     used: Cell<u32>,
     /// Guards sharing each entry (a clone shares its original's entry).
     refs: [Cell<u64>; ENTRIES],
-    /// Set once the thread's slot was given back at exit: later accesses go unregistered.
+    /// Set once the thread's slot was given back at exit, or none was left for it: its
+    /// accesses are counted without a slot.
     exited: Cell<bool>,
 }
 
@@ -79,8 +80,12 @@ fn own_slot(local: &Local) -> Option<&'static Slot> {
         return None;
     }
     let slot = TRACKER.register();
-    local.slot.set(Some(slot));
-    Some(slot)
+    match slot {
+        Some(slot) => local.slot.set(Some(slot)),
+        // Every slot is taken: this thread's accesses are counted without one.
+        None => local.exited.set(true),
+    }
+    slot
 }
 
 /// The calling thread's slot, if it has one (for a conversion on this thread).

@@ -23,7 +23,7 @@
 
 use std::time::Duration;
 
-use crate::sync::{fence, lock, AtomicUsize, Mutex, Ordering};
+use crate::sync::{fence, lock, AtomicBool, AtomicPtr, AtomicUsize, Mutex, Ordering};
 
 /// Entries per thread: accesses one thread can hold at once before they are counted
 /// conservatively in its slot's `overflow`, under one range covering them all.
@@ -45,6 +45,8 @@ pub(crate) struct Slot {
     /// all of them.
     overflow: AtomicUsize,
     spill: Entry,
+    /// Whether a live thread owns the slot.
+    owned: AtomicBool,
 }
 
 impl Slot {
@@ -59,6 +61,7 @@ impl Slot {
                 start: AtomicUsize::new(0),
                 end: AtomicUsize::new(0),
             },
+            owned: AtomicBool::new(true),
         }
     }
 
@@ -66,8 +69,10 @@ impl Slot {
     /// follow it with [`access_barrier`] before checking the page bits.
     pub(crate) fn publish(&self, index: usize, start: usize, end: usize) {
         let entry = &self.entries[index];
-        entry.start.store(start, Ordering::Relaxed);
-        // Release: a conversion that reads this `end` (Acquire) reads this `start` too.
+        // Release on both: a conversion that reads this `end` (Acquire) reads this
+        // `start` too, and one that reads this `start` (Acquire) while still holding an
+        // older `end` knows that the access which used the entry before is over.
+        entry.start.store(start, Ordering::Release);
         entry.end.store(end, Ordering::Release);
     }
 
@@ -94,7 +99,7 @@ impl Slot {
     }
 
     fn publish_spill(&self, start: usize, end: usize) {
-        self.spill.start.store(start, Ordering::Relaxed);
+        self.spill.start.store(start, Ordering::Release);
         self.spill.end.store(end, Ordering::Release);
     }
 
@@ -177,19 +182,24 @@ fn decide_barrier() {
     });
 }
 
-/// A slot and whether a live thread owns it.
-#[derive(Debug)]
-struct SlotRecord {
-    slot: &'static Slot,
-    owned: bool,
-}
+/// The most threads that get a slot of their own; accesses by any further thread are
+/// counted in [`Tracker`]'s `unregistered` (one atomic read-modify-write each).
+#[cfg(not(loom))]
+pub(crate) const MAX_SLOTS: usize = 4096;
+#[cfg(loom)]
+pub(crate) const MAX_SLOTS: usize = 4;
 
 /// Every thread's slot. Slots are never freed, only handed to the next new thread once
-/// their owner has exited with nothing published.
+/// their owner has exited with nothing published; the list is append-only, so a
+/// conversion reads it without a lock.
 #[derive(Debug)]
 pub(crate) struct Tracker {
-    slots: Mutex<Vec<SlotRecord>>,
-    /// Accesses made by threads that could not get a slot (while exiting).
+    /// Serialises registration and release.
+    registry: Mutex<()>,
+    /// `len` slots, each leaked from a `Box` once and never freed.
+    slots: [AtomicPtr<Slot>; MAX_SLOTS],
+    len: AtomicUsize,
+    /// Accesses made by threads without a slot (exiting, or past `MAX_SLOTS`).
     unregistered: AtomicUsize,
 }
 
@@ -218,7 +228,8 @@ impl Patience {
     fn waited(&self) -> Duration {
         #[cfg(not(loom))]
         if let Some(deadline) = self.deadline {
-            return std::time::Instant::now().saturating_duration_since(deadline - self.limit);
+            let started = deadline.checked_sub(self.limit).unwrap_or(deadline);
+            return std::time::Instant::now().saturating_duration_since(started);
         }
         Duration::ZERO
     }
@@ -234,7 +245,9 @@ impl Patience {
         #[cfg(not(loom))]
         {
             let now = std::time::Instant::now();
-            let deadline = *self.deadline.get_or_insert(now + self.limit);
+            let deadline = *self
+                .deadline
+                .get_or_insert_with(|| now.checked_add(self.limit).unwrap_or(now));
             if now >= deadline {
                 return false;
             }
@@ -255,7 +268,9 @@ impl Tracker {
     #[cfg(not(loom))]
     pub(crate) const fn new() -> Self {
         Tracker {
-            slots: Mutex::new(Vec::new()),
+            registry: Mutex::new(()),
+            slots: [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_SLOTS],
+            len: AtomicUsize::new(0),
             unregistered: AtomicUsize::new(0),
         }
     }
@@ -264,23 +279,51 @@ impl Tracker {
     #[cfg(loom)]
     pub(crate) fn new() -> Self {
         Tracker {
-            slots: Mutex::new(Vec::new()),
+            registry: Mutex::new(()),
+            slots: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
+            len: AtomicUsize::new(0),
             unregistered: AtomicUsize::new(0),
         }
     }
 
-    /// A slot for the calling thread, which owns it until [`Tracker::release`].
-    pub(crate) fn register(&self) -> &'static Slot {
+    /// The slots handed out so far.
+    fn slots(&self) -> impl Iterator<Item = &'static Slot> + '_ {
+        let len = self.len.load(Ordering::Acquire);
+        self.slots[..len].iter().map(|p| {
+            // SAFETY: the first `len` pointers were stored (before `len`, with Release,
+            // read above with Acquire) from `Box::leak`, so each points to a live `Slot`
+            // that is never freed.
+            unsafe { &*p.load(Ordering::Acquire) }
+        })
+    }
+
+    /// A slot for the calling thread, which owns it until [`Tracker::release`]; `None`
+    /// once `MAX_SLOTS` threads own one.
+    pub(crate) fn register(&self) -> Option<&'static Slot> {
         #[cfg(not(loom))]
         decide_barrier();
-        let mut slots = lock(&self.slots);
-        if let Some(record) = slots.iter_mut().find(|r| !r.owned) {
-            record.owned = true;
-            return record.slot;
-        }
-        let slot: &'static Slot = Box::leak(Box::new(Slot::new()));
-        slots.push(SlotRecord { slot, owned: true });
-        slot
+        let registry = lock(&self.registry);
+        let slot = match self.slots().find(|s| !s.owned.load(Ordering::Relaxed)) {
+            Some(slot) => {
+                slot.owned.store(true, Ordering::SeqCst);
+                slot
+            }
+            None => {
+                let len = self.len.load(Ordering::Relaxed);
+                if len == MAX_SLOTS {
+                    return None;
+                }
+                let slot: &'static Slot = Box::leak(Box::new(Slot::new()));
+                self.slots[len].store(std::ptr::from_ref(slot).cast_mut(), Ordering::Release);
+                self.len.store(len + 1, Ordering::SeqCst);
+                slot
+            }
+        };
+        drop(registry);
+        // Pairs with the fence in `quiesce`: a conversion that did not see this slot
+        // owned has its bit changes seen by this thread's checks.
+        fence(Ordering::SeqCst);
+        Some(slot)
     }
 
     /// Gives `slot` back (its thread is exiting) and says whether it did. A slot with
@@ -290,14 +333,9 @@ impl Tracker {
         if !slot.idle() {
             return false;
         }
-        let mut slots = lock(&self.slots);
-        match slots.iter_mut().find(|r| std::ptr::eq(r.slot, slot)) {
-            Some(record) => {
-                record.owned = false;
-                true
-            }
-            None => false,
-        }
+        let _registry = lock(&self.registry);
+        slot.owned.store(false, Ordering::Release);
+        true
     }
 
     /// Counts an access by a thread without a slot (a full barrier follows).
@@ -321,35 +359,27 @@ impl Tracker {
         blocked: impl Fn(usize, usize) -> bool,
         mut patience: Patience,
     ) -> Result<(), Duration> {
-        let slots = lock(&self.slots);
-        let others = slots
-            .iter()
-            .any(|r| r.owned && !own.is_some_and(|own| std::ptr::eq(own, r.slot)));
+        // Pairs with the fence in `register`: either this sees a new thread's slot
+        // owned, or that thread's checks see the bits this conversion changed.
+        fence(Ordering::SeqCst);
+        let others = self.slots().any(|s| {
+            s.owned.load(Ordering::SeqCst) && !own.is_some_and(|own| std::ptr::eq(own, s))
+        });
         if others || self.unregistered.load(Ordering::SeqCst) > 0 {
             conversion_barrier();
         }
         // The clock is read only once something has to be waited for.
         let timed_out = |patience: &Patience| Err(patience.waited());
-        for record in slots.iter() {
-            for entry in &record.slot.entries {
+        for slot in self.slots() {
+            for entry in slot.entries.iter().chain(std::iter::once(&slot.spill)) {
                 loop {
                     let end = entry.end.load(Ordering::Acquire);
-                    if end == 0 || !blocked(entry.start.load(Ordering::Relaxed), end) {
+                    if end == 0 || !blocked(entry.start.load(Ordering::Acquire), end) {
                         break;
                     }
                     if !patience.wait() {
                         return timed_out(&patience);
                     }
-                }
-            }
-            loop {
-                let end = record.slot.spill.end.load(Ordering::Acquire);
-                let start = record.slot.spill.start.load(Ordering::Relaxed);
-                if end == 0 || !blocked(start, end) {
-                    break;
-                }
-                if !patience.wait() {
-                    return timed_out(&patience);
                 }
             }
         }
@@ -382,8 +412,10 @@ mod loom_model {
     unsafe impl Sync for Page {}
 
     /// Runs the model; `check_first` breaks the protocol (the access checks the bits
-    /// before publishing), which the model must catch.
-    fn model(check_first: bool) {
+    /// before publishing), which the model must catch. With `reuse`, the access's entry is
+    /// used again right after it for an access elsewhere, so a conversion may read the
+    /// entry mid-change.
+    fn model(check_first: bool, reuse: bool) {
         loom::model(move || {
             let tracker: &'static Tracker = Box::leak(Box::new(Tracker::new()));
             let bits = Arc::new(PageAttributes::new(1, PageState::Shared));
@@ -393,7 +425,7 @@ mod loom_model {
             let reader = {
                 let (bits, page) = (Arc::clone(&bits), Arc::clone(&page));
                 loom::thread::spawn(move || {
-                    let slot = tracker.register();
+                    let slot = tracker.register().unwrap();
                     let shared = if check_first {
                         let shared = bits.first_private(0, 0).is_none();
                         slot.publish(0, host, host + 8);
@@ -408,6 +440,11 @@ mod loom_model {
                         page.0.with_mut(|p| unsafe { *p = 1 });
                     }
                     slot.withdraw(0);
+                    if reuse {
+                        slot.publish(0, host + 0x10000, host + 0x10008);
+                        access_barrier();
+                        slot.withdraw(0);
+                    }
                 })
             };
 
@@ -430,12 +467,17 @@ mod loom_model {
 
     #[test]
     fn an_access_racing_a_conversion_never_touches_the_page_after_it() {
-        model(false);
+        model(false, false);
+    }
+
+    #[test]
+    fn an_entry_used_again_at_once_is_still_waited_for() {
+        model(false, true);
     }
 
     #[test]
     #[should_panic]
     fn the_model_catches_an_access_that_checks_before_it_publishes() {
-        model(true);
+        model(true, false);
     }
 }

@@ -141,7 +141,8 @@ mod sync;
 pub use attributes::{PageAttributes, PageState, Run, Runs};
 pub use backing::RegionBacking;
 pub use builder::{
-    MemoryBuilder, DEFAULT_ACCESS_PATIENCE, GUEST_PHYS_LIMIT, REGION_ALIGNMENT, X86_MMIO_HOLE,
+    MemoryBuilder, DEFAULT_ACCESS_PATIENCE, GUEST_PHYS_LIMIT, MAX_ACCESS_PATIENCE,
+    REGION_ALIGNMENT, X86_MMIO_HOLE,
 };
 pub use convert::{ContentMode, ConversionReport, Step};
 pub use error::{Error, GpaRange, LayoutError, ListenerRefusal, Result};

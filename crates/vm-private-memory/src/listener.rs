@@ -195,11 +195,36 @@ impl Listeners {
     }
 
     /// Tells every listener overlapping each range, in order, that host access is going.
-    pub(crate) fn discard(&self, ranges: &[PageRange]) {
+    /// A listener that panics has not let go of its access: the listeners already told
+    /// get their ranges back (newest first) and the panic is returned, so that the
+    /// revocation does not go ahead.
+    pub(crate) fn discard(&self, ranges: &[PageRange]) -> Result<(), (PageRange, ListenerRefusal)> {
+        let mut told: Vec<Accepted> = Vec::new();
+        let mut failed = None;
         self.pass(ranges, |listener, range| {
-            let _ = as_callback(|| listener.discard(range));
-            true
+            match as_callback(|| listener.discard(range)) {
+                Ok(()) => {
+                    told.push(Accepted {
+                        listener: Arc::clone(listener),
+                        range,
+                    });
+                    true
+                }
+                Err(reason) => {
+                    failed = Some((range, reason));
+                    false
+                }
+            }
         });
+        match failed {
+            None => Ok(()),
+            Some(failed) => {
+                for t in told.into_iter().rev() {
+                    let _ = as_callback(|| t.listener.populate(t.range));
+                }
+                Err(failed)
+            }
+        }
     }
 
     /// Offers each range to the listeners overlapping it, in order. On a refusal (or a

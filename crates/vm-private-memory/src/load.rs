@@ -8,7 +8,7 @@
 //! [`PrivateMemory::check_host_access`] first, and the error names the first private page.
 
 use guest_memfd::{PageRange, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::attributes::PageState;
 use crate::convert::ContentMode;
@@ -67,7 +67,8 @@ impl PrivateMemory {
     /// [`Error::StrategyUnavailable`] with the dual strategy, where the host cannot put
     /// content into private pages (a vendor launch measures and encrypts them instead);
     /// [`Error::OutsideGuestMemory`] and conversion errors as [`PrivateMemory::convert`].
-    /// On an error after the pages were made shared they are made private again, empty.
+    /// On an error after the pages were made shared they are made private again, empty;
+    /// if even that fails, [`Error::RollbackFailed`] names them (they may be shared).
     pub fn load_private(&self, gpa: u64, bytes: &[u8]) -> Result<()> {
         if self.strategy != Strategy::InPlace {
             return Err(Error::StrategyUnavailable {
@@ -81,8 +82,7 @@ impl PrivateMemory {
         let pages = page_span(gpa, bytes.len() as u64)?;
         self.convert(pages, PageState::Shared)?;
         let written = self
-            .memory
-            .memory()
+            .listed()
             .write_slice(bytes, GuestAddress(gpa))
             .map_err(|source| Error::Load {
                 range: gpa_of(gpa, bytes.len()),
@@ -90,8 +90,14 @@ impl PrivateMemory {
             });
         if let Err(e) = written {
             // Back to private, content dropped: never leave the pages open to the host.
-            let _ = self.convert(pages, PageState::Private);
-            return Err(e);
+            // Should that fail too, say so: the pages may still be shared.
+            return Err(match self.convert(pages, PageState::Private) {
+                Ok(_) => e,
+                Err(_) => Error::RollbackFailed {
+                    cause: Box::new(e),
+                    unknown: vec![crate::memory::gpa(pages)],
+                },
+            });
         }
         self.convert_with(pages, PageState::Private, ContentMode::Preserve)
             .map(drop)

@@ -413,7 +413,12 @@ impl PrivateMemory {
                 reason: LayoutError::Collection(e),
             })?;
         let shared: Vec<PageRange> = shared_runs(region);
-        self.listeners.discard(&shared);
+        self.listeners
+            .discard(&shared)
+            .map_err(|(range, reason)| Error::ListenerRefused {
+                range: gpa(range),
+                reason,
+            })?;
         // Lock the host out of the leaving region for good: a snapshot of the view taken
         // earlier keeps the region, and its file may be re-added with private pages.
         // Accesses already in flight are waited for, as for a conversion to private.

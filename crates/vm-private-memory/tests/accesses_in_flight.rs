@@ -351,3 +351,27 @@ fn a_held_slice_makes_removing_its_region_fail_with_nothing_changed() {
     drop(slice);
     memory.remove_region(0).unwrap();
 }
+
+#[test]
+fn a_conversion_never_waits_without_bound_whatever_patience_is_asked() {
+    if !in_place_or_skip("a_conversion_never_waits_without_bound_whatever_patience_is_asked") {
+        return;
+    }
+    let memory = shared_memory(Duration::MAX);
+    let view = memory.memory();
+    let mem = view.memory();
+    let slice = mem.get_slice(GuestAddress(PAGE), 8).unwrap();
+    let started = Instant::now();
+    match memory.convert(pr(PAGE, PAGE_SIZE), PageState::Private) {
+        Err(Error::HostAccessInFlight { waited, .. }) => {
+            assert!(
+                waited >= vm_private_memory::MAX_ACCESS_PATIENCE,
+                "{waited:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < 3 * vm_private_memory::MAX_ACCESS_PATIENCE);
+    assert_eq!(memory.state_of(PAGE), Some(PageState::Shared));
+    drop(slice);
+}

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{dual, gpa_is_free, in_place, in_place_or_skip, pr, vm, Recorder};
+use common::{dual, gpa_is_free, in_place, in_place_or_skip, pr, vm, Heard, Recorder};
 use guest_memfd::{PageRange, PAGE_SIZE};
 use vm_private_memory::{
     GuestMemoryPrivate, MemoryBuilder, MemoryListener, PageState, PrivateMemory,
@@ -79,10 +79,34 @@ fn a_panicking_listener_is_contained() {
         "accepted, then withdrawn"
     );
     drop(s);
-    let _d = m.subscribe(pr(0, MIB2), Arc::new(Panics { in_populate: false }));
+    // A listener that panics in `discard` has not let go of its access: the conversion
+    // to private must not go ahead, and the listeners told before it get the range back.
     m.convert(pr(0, PAGE_SIZE), PageState::Shared).unwrap();
-    m.convert(pr(0, PAGE_SIZE), PageState::Private).unwrap();
-    assert_eq!(m.state_of(0), Some(PageState::Private));
+    let _d = m.subscribe(pr(0, MIB2), Arc::new(Panics { in_populate: false }));
+    accepting.heard.lock().unwrap().clear();
+    let err = m.convert(pr(0, PAGE_SIZE), PageState::Private).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            vm_private_memory::Error::ListenerRefused {
+                reason: vm_private_memory::ListenerRefusal::Panicked { message },
+                ..
+            } if message == "discard panics"
+        ),
+        "{err}"
+    );
+    assert_eq!(m.state_of(0), Some(PageState::Shared));
+    assert_eq!(
+        *accepting.heard.lock().unwrap(),
+        vec![
+            Heard::Discard(pr(0, PAGE_SIZE)),
+            Heard::Populate(pr(0, PAGE_SIZE))
+        ]
+    );
+    // Nor may the region leave, nor its pages be discarded.
+    assert!(m.remove_region(0).is_err());
+    assert!(m.discard(pr(0, PAGE_SIZE)).is_err());
+    assert_eq!(m.regions().len(), 1);
 }
 
 /// Dual: KVM keeps attributes per address across memslot deletion, so a region re-added

@@ -30,6 +30,30 @@ type GuestResult<T> = std::result::Result<T, GuestMemoryError>;
 /// touching memory, if any of them is private. The error is a
 /// `GuestMemoryError::IOError` of kind `PermissionDenied` that wraps
 /// [`Error::PrivatePage`]; [`private_page_refusal`] reads it back.
+///
+/// Whoever holds the vm-memory view reaches a `&PrivateRegion`, so nothing here hands
+/// out the files or the memslot: a safe `GuestMemfd::map` of the region's file would
+/// reach every private page, and a safe unbind would leave KVM and this crate
+/// disagreeing. None of these compile (the owner's view of its files is
+/// [`crate::PrivateMemory::backing`]):
+///
+/// ```compile_fail
+/// # fn f(region: &vm_private_memory::PrivateRegion) {
+/// let file = region.gmem(); // the guest_memfd, private pages and all
+/// # }
+/// ```
+///
+/// ```compile_fail
+/// # fn f(region: &vm_private_memory::PrivateRegion) {
+/// let shared = region.shared_memfd();
+/// # }
+/// ```
+///
+/// ```compile_fail
+/// # fn f(region: &vm_private_memory::PrivateRegion) {
+/// let slot = region.memslot();
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct PrivateRegion {
     guest: PageRange,

@@ -191,10 +191,12 @@ impl PrivateMemory {
     /// `range` may span regions but must lie wholly inside guest memory. Pages already in
     /// state `to` are left alone. On any failure (a listener refusing or panicking, an
     /// ioctl or fallocate error) the bits, KVM's view and the listeners' view are as
-    /// before. One thing is not undone: in-place, a page going shared is punched *before*
+    /// before. Content is not undone: in-place, a page going shared is punched *before*
     /// the host may see it (so the guest's private content never reaches the host), so a
-    /// refusal after that leaves the page private but empty. The dual strategy punches
-    /// the private side last and loses nothing.
+    /// refusal after that leaves the page private but empty; and a punch that fails part
+    /// way through a conversion to private leaves the runs before it empty (shared
+    /// again, reading zeros). The dual strategy punches the private side of pages going
+    /// shared last and loses nothing there.
     ///
     /// # Errors
     ///

@@ -260,6 +260,11 @@ impl PrivateMemory {
     /// whatever the guest had written there, private pages included, becomes readable by
     /// the host. Discard ranges first if that is not wanted.
     ///
+    /// The `GuestMemfd` handed back by [`PrivateMemory::remove_region`] is the owner's
+    /// tool, not device code's: its safe `map` maps every page, private ones included.
+    /// Give it back here and drop other clones; keep it away from anything that holds
+    /// only the vm-memory view.
+    ///
     /// The region joins this memory's own list of regions, which is then published in the
     /// vm-memory view (replacing whatever a caller may have put there).
     ///

@@ -411,22 +411,34 @@ mod loom_model {
     // what this model is for.
     unsafe impl Sync for Page {}
 
-    /// Runs the model; `check_first` breaks the protocol (the access checks the bits
-    /// before publishing), which the model must catch. With `reuse`, the access's entry is
-    /// used again right after it for an access elsewhere, so a conversion may read the
-    /// entry mid-change.
-    fn model(check_first: bool, reuse: bool) {
+    /// What the access side does around the one access the conversion races.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Variant {
+        /// Publish, barrier, check, copy, withdraw.
+        Plain,
+        /// Broken on purpose: check before publishing. The model must catch it.
+        CheckFirst,
+        /// The entry is used again at once for an access elsewhere, so the conversion
+        /// may read it mid-change.
+        Reuse,
+        /// The thread gives its slot back (it exits) and another thread takes it over
+        /// for an access elsewhere.
+        Recycle,
+    }
+
+    fn model(variant: Variant) {
         loom::model(move || {
             let tracker: &'static Tracker = Box::leak(Box::new(Tracker::new()));
             let bits = Arc::new(PageAttributes::new(1, PageState::Shared));
             let page = Arc::new(Page(UnsafeCell::new(0)));
             let host = 0x1000usize;
+            let elsewhere = host + 0x10000;
 
             let reader = {
                 let (bits, page) = (Arc::clone(&bits), Arc::clone(&page));
                 loom::thread::spawn(move || {
                     let slot = tracker.register().unwrap();
-                    let shared = if check_first {
+                    let shared = if variant == Variant::CheckFirst {
                         let shared = bits.first_private(0, 0).is_none();
                         slot.publish(0, host, host + 8);
                         shared
@@ -440,13 +452,27 @@ mod loom_model {
                         page.0.with_mut(|p| unsafe { *p = 1 });
                     }
                     slot.withdraw(0);
-                    if reuse {
-                        slot.publish(0, host + 0x10000, host + 0x10008);
-                        access_barrier();
-                        slot.withdraw(0);
+                    match variant {
+                        Variant::Reuse => {
+                            slot.publish(0, elsewhere, elsewhere + 8);
+                            access_barrier();
+                            slot.withdraw(0);
+                        }
+                        Variant::Recycle => {
+                            assert!(tracker.release(slot));
+                        }
+                        _ => {}
                     }
                 })
             };
+            let successor = (variant == Variant::Recycle).then(|| {
+                loom::thread::spawn(move || {
+                    let slot = tracker.register().unwrap();
+                    slot.publish(0, elsewhere, elsewhere + 8);
+                    access_barrier();
+                    slot.withdraw(0);
+                })
+            });
 
             bits.set(0, 1, PageState::Private);
             let done = tracker.quiesce(
@@ -462,22 +488,30 @@ mod loom_model {
                 bits.set(0, 1, PageState::Shared);
             }
             reader.join().unwrap();
+            if let Some(successor) = successor {
+                successor.join().unwrap();
+            }
         });
     }
 
     #[test]
     fn an_access_racing_a_conversion_never_touches_the_page_after_it() {
-        model(false, false);
+        model(Variant::Plain);
     }
 
     #[test]
     fn an_entry_used_again_at_once_is_still_waited_for() {
-        model(false, true);
+        model(Variant::Reuse);
+    }
+
+    #[test]
+    fn a_slot_handed_to_another_thread_is_still_waited_for() {
+        model(Variant::Recycle);
     }
 
     #[test]
     #[should_panic]
     fn the_model_catches_an_access_that_checks_before_it_publishes() {
-        model(true, false);
+        model(Variant::CheckFirst);
     }
 }

@@ -34,17 +34,22 @@ fn vm_with_memory_attributes(test: &str) -> Option<Arc<VmFd>> {
     None
 }
 
+/// Memory of `size` bytes at 0 on `vm`, every page in `initial`.
+fn memory_on(vm: Arc<VmFd>, size: u64, initial: PageState) -> vm_private_memory::PrivateMemory {
+    MemoryBuilder::new(vm)
+        .region_at(0, size)
+        .initial_state(initial)
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn dual_strategy_converts_with_real_memory_attributes() {
     let Some(vm) = vm_with_memory_attributes("dual_strategy_converts_with_real_memory_attributes")
     else {
         return;
     };
-    let memory = MemoryBuilder::new(vm)
-        .region_at(0, 2 << 20)
-        .initial_state(PageState::Private)
-        .build()
-        .unwrap();
+    let memory = memory_on(vm, 2 << 20, PageState::Private);
     assert_eq!(memory.strategy(), Strategy::Dual);
     let range = PageRange::new(0, 16 * PAGE_SIZE).unwrap();
     let report = memory.convert(range, PageState::Shared).unwrap();
@@ -68,11 +73,7 @@ fn dual_strategy_frees_the_shared_side_with_real_memory_attributes() {
         return;
     };
     let size = 2u64 << 20;
-    let memory = MemoryBuilder::new(vm)
-        .region_at(0, size)
-        .initial_state(PageState::Shared)
-        .build()
-        .unwrap();
+    let memory = memory_on(vm, size, PageState::Shared);
     let view = memory.memory();
     view.memory()
         .write_slice(&vec![0x5a; size as usize], GuestAddress(0))
@@ -97,11 +98,7 @@ fn memory_fault_requests_convert_with_real_memory_attributes() {
     else {
         return;
     };
-    let memory = MemoryBuilder::new(vm)
-        .region_at(0, 2 << 20)
-        .initial_state(PageState::Shared)
-        .build()
-        .unwrap();
+    let memory = memory_on(vm, 2 << 20, PageState::Shared);
     let private = u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE);
     memory
         .handle_memory_fault(private, 0x3000, PAGE_SIZE)
@@ -122,11 +119,7 @@ fn dual_strategy_a_page_turned_shared_arrives_empty_with_real_memory_attributes(
     ) else {
         return;
     };
-    let memory = MemoryBuilder::new(vm)
-        .region_at(0, 2 << 20)
-        .initial_state(PageState::Private)
-        .build()
-        .unwrap();
+    let memory = memory_on(vm, 2 << 20, PageState::Private);
     let view = memory.memory();
     let page = 3 * PAGE_SIZE;
     let (file, start) = {

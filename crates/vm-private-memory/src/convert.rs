@@ -350,42 +350,91 @@ impl PrivateMemory {
     /// page is punched from the side that backs it, and the guest re-faults fresh zeroed
     /// pages. States do not change. Returns the bytes punched.
     ///
+    /// The range is freed in steps of at most [`crate::GUEST_RUNS_PER_STEP`] runs and
+    /// [`crate::GUEST_BYTES_PER_STEP`] bytes, each under one hold of the conversion lock
+    /// (listeners hear each step's part before it is punched), so that a guest reporting
+    /// a fragmented range cannot hold the lock for long.
+    ///
     /// # Errors
     ///
     /// [`Error::Reentrant`] if called from a listener callback and
     /// [`Error::OutsideGuestMemory`] if `range` reaches outside every region (nothing is
-    /// done); [`Error::File`] if a punch fails, after listeners heard `discard` and the
-    /// runs before it were punched (they read as zeros; nothing else changed).
+    /// done); [`Error::ListenerRefused`] if a listener panics in `discard` (the steps
+    /// before were done); [`Error::File`] if a punch fails, after listeners heard
+    /// `discard` and the runs before it were punched (they read as zeros; nothing else
+    /// changed).
     pub fn discard(&self, range: PageRange) -> Result<u64> {
         if in_callback() {
             return Err(Error::Reentrant { range: gpa(range) });
         }
+        // The whole range must lie in guest memory before anything is punched.
+        {
+            let engine = self.lock_engine();
+            for piece in Self::split(&engine.current, range) {
+                piece?;
+            }
+        }
+        let (mut bytes, mut rest) = (0, range);
+        loop {
+            let (step, next) = self.discard_step(rest)?;
+            bytes += step;
+            if next >= rest.end() {
+                return Ok(bytes);
+            }
+            rest = PageRange::new(next, rest.end() - next)?;
+        }
+    }
+
+    /// Frees the start of `range` under one hold of the conversion lock: at most
+    /// `GUEST_RUNS_PER_STEP` runs and `GUEST_BYTES_PER_STEP` bytes (at least one run
+    /// part). Returns the bytes punched and where it stopped.
+    fn discard_step(&self, range: PageRange) -> Result<(u64, u64)> {
+        use crate::exits::{GUEST_BYTES_PER_STEP, GUEST_RUNS_PER_STEP};
         let engine = self.lock_engine();
         let _listeners = self.listeners.hold();
-        let pieces = Self::split(&engine.current, range).collect::<Result<Vec<_>>>()?;
+        let mut pieces = Vec::new();
+        let (mut runs, mut planned, mut next) = (0u64, 0u64, range.end());
+        'plan: for piece in Self::split(&engine.current, range) {
+            let (region, offset, len) = piece?;
+            for (start, count, state) in region
+                .attributes()
+                .runs(offset / PAGE_SIZE, len / PAGE_SIZE)
+            {
+                let left = GUEST_BYTES_PER_STEP.saturating_sub(planned).max(PAGE_SIZE) / PAGE_SIZE;
+                let take = count.min(left);
+                pieces.push((
+                    Piece {
+                        region,
+                        first_page: start,
+                        pages: take,
+                    },
+                    state,
+                ));
+                runs += 1;
+                planned += take * PAGE_SIZE;
+                let end = region.guest_range().start() + (start + take) * PAGE_SIZE;
+                if (take < count || runs >= GUEST_RUNS_PER_STEP || planned >= GUEST_BYTES_PER_STEP)
+                    && end < range.end()
+                {
+                    next = end;
+                    break 'plan;
+                }
+            }
+        }
+        let told = PageRange::new(range.start(), next - range.start())?;
         self.listeners
-            .discard(&[range])
+            .discard(&[told])
             .map_err(|(range, reason)| Error::ListenerRefused {
                 range: gpa(range),
                 reason,
             })?;
         let mut bytes = 0;
-        for (region, offset, len) in pieces {
-            for (start, count, state) in region
-                .attributes()
-                .runs(offset / PAGE_SIZE, len / PAGE_SIZE)
-            {
-                let piece = Piece {
-                    region,
-                    first_page: start,
-                    pages: count,
-                };
-                // The side that backs a page is the one a conversion *to* the other
-                // state would punch.
-                bytes += piece.discard_old_side(state.flipped())?;
-            }
+        for (piece, state) in pieces {
+            // The side that backs a page is the one a conversion *to* the other state
+            // would punch.
+            bytes += piece.discard_old_side(state.flipped())?;
         }
-        Ok(bytes)
+        Ok((bytes, next))
     }
 
     fn run_steps(

@@ -80,3 +80,39 @@ fn a_request_reaching_outside_guest_memory_changes_nothing() {
     );
     assert_eq!(m.private_pages(), size / PAGE_SIZE);
 }
+
+#[test]
+fn a_fragmented_discard_is_done_in_steps_listeners_hear_in_order() {
+    if !in_place_or_skip("a_fragmented_discard_is_done_in_steps_listeners_hear_in_order") {
+        return;
+    }
+    let pages = 2 * GUEST_RUNS_PER_STEP + 10;
+    let size = (2 * pages * PAGE_SIZE).next_multiple_of(2 << 20);
+    let m = in_place(size, PageState::Shared);
+    for page in 0..pages {
+        m.convert(pr(2 * page * PAGE_SIZE, PAGE_SIZE), PageState::Private)
+            .unwrap();
+    }
+    let runs = m.state().regions[0].private_runs().unwrap().len() as u64 * 2;
+    let recorder = Arc::new(Recorder::default());
+    let _sub = m.subscribe(pr(0, size), recorder.clone());
+    m.discard(pr(0, size)).unwrap();
+    let heard = recorder.heard.lock().unwrap();
+    // One `discard` per step, the steps back to back over the whole range.
+    assert_eq!(
+        heard.len() as u64,
+        runs.div_ceil(GUEST_RUNS_PER_STEP),
+        "{heard:?}"
+    );
+    let mut at = 0;
+    for h in heard.iter() {
+        let Heard::Discard(r) = h else {
+            panic!("{h:?}")
+        };
+        assert_eq!(r.start(), at);
+        at = r.end();
+    }
+    assert_eq!(at, size);
+    // States did not change.
+    assert_eq!(m.private_pages(), pages);
+}

@@ -76,6 +76,35 @@ impl ConversionReport {
     }
 }
 
+/// What a rollback could not put back.
+#[derive(Default)]
+pub(crate) struct Undone {
+    /// Ranges whose state in KVM is unknown.
+    pub(crate) unknown: Vec<GpaRange>,
+    /// Ranges listeners refused to take back.
+    pub(crate) listeners_refused: Vec<GpaRange>,
+}
+
+impl Undone {
+    /// Adds what another rollback could not put back.
+    pub(crate) fn extend(&mut self, other: Undone) {
+        self.unknown.extend(other.unknown);
+        self.listeners_refused.extend(other.listeners_refused);
+    }
+
+    /// The error for a step that failed with `cause` and was rolled back this far.
+    pub(crate) fn into_error(self, cause: Error) -> Error {
+        if self.unknown.is_empty() && self.listeners_refused.is_empty() {
+            return cause;
+        }
+        Error::RollbackFailed {
+            cause: Box::new(cause),
+            unknown: self.unknown,
+            listeners_refused: self.listeners_refused,
+        }
+    }
+}
+
 /// The most ranges whose buffer the engine keeps between conversions.
 const SCRATCH_KEPT: usize = 64;
 
@@ -316,15 +345,7 @@ impl PrivateMemory {
         let mut result = Ok(());
         if !plan.changed.is_empty() {
             if let Err(e) = self.run_steps(&engine, &plan, to, mode, &mut done) {
-                let unknown = self.undo(&plan, done);
-                result = Err(if unknown.is_empty() {
-                    e
-                } else {
-                    Error::RollbackFailed {
-                        cause: Box::new(e),
-                        unknown,
-                    }
-                });
+                result = Err(self.undo(&plan, done).into_error(e));
                 done = Progress::default();
             }
         }
@@ -529,7 +550,7 @@ impl PrivateMemory {
 
     /// Undoes what `done` says was done, newest first, and returns the ranges whose
     /// state in KVM could not be put back (its view of them is unknown).
-    fn undo(&self, plan: &Plan<'_>, done: Progress) -> Vec<GpaRange> {
+    fn undo(&self, plan: &Plan<'_>, done: Progress) -> Undone {
         Listeners::withdraw(done.populated);
         let mut unknown = Vec::new();
         let kvm_changed = match (done.kvm, done.kvm_partial) {
@@ -546,10 +567,19 @@ impl PrivateMemory {
         if let Some(state) = done.bits {
             plan.set_bits(state.flipped());
         }
+        let mut listeners_refused = Vec::new();
         if done.notified_discard {
-            self.listeners.restore(&plan.changed);
+            listeners_refused = self
+                .listeners
+                .restore(&plan.changed)
+                .into_iter()
+                .map(gpa)
+                .collect();
         }
-        unknown
+        Undone {
+            unknown,
+            listeners_refused,
+        }
     }
 }
 

@@ -192,14 +192,17 @@ pub enum Error {
         waited: std::time::Duration,
     },
     /// A conversion failed, and so did part of its rollback: KVM's view of `unknown` may
-    /// be either state (the bits and listeners were put back). Treat the VM as broken:
-    /// stop it, or convert those ranges again explicitly.
-    #[error("{cause}; rolling back KVM's view of {} range(s) failed too (first {}): their state in KVM is unknown", unknown.len(), unknown.first().map(ToString::to_string).unwrap_or_default())]
+    /// be either state, and listeners refused to take back `listeners_refused`, which
+    /// they held before (the bits were put back). Treat the VM as broken: stop it, or
+    /// convert those ranges again explicitly.
+    #[error("{cause}; the rollback failed too: KVM's view of {} range(s) is unknown{}, listeners refused {} range(s) back{}", unknown.len(), first(unknown), listeners_refused.len(), first(listeners_refused))]
     RollbackFailed {
         /// Why the conversion failed.
         cause: Box<Error>,
         /// The ranges whose state in KVM is unknown.
         unknown: Vec<GpaRange>,
+        /// The ranges listeners refused (or panicked on) when offered back.
+        listeners_refused: Vec<GpaRange>,
     },
     /// Writing a loader's bytes into guest memory failed.
     #[error("loading {range} failed: {source}")]
@@ -231,4 +234,12 @@ impl Error {
             _ => None,
         }
     }
+}
+
+/// `" (first [a, b))"` for a non-empty list of ranges, for messages.
+fn first(ranges: &[GpaRange]) -> String {
+    ranges
+        .first()
+        .map(|r| format!(" (first {r})"))
+        .unwrap_or_default()
 }

@@ -269,12 +269,16 @@ impl Listeners {
         }
     }
 
-    /// Re-offers ranges after a rolled-back revocation; refusals are ignored, since the
-    /// listener held these ranges before and the memory is back as it was.
-    pub(crate) fn restore(&self, ranges: &[PageRange]) {
+    /// Re-offers ranges after a rolled-back revocation, and returns the parts refused
+    /// (or panicked on): those listeners no longer hold ranges they held before.
+    pub(crate) fn restore(&self, ranges: &[PageRange]) -> Vec<PageRange> {
+        let mut refused = Vec::new();
         self.pass(ranges, |listener, range| {
-            let _ = as_callback(|| listener.populate(range));
+            if !matches!(as_callback(|| listener.populate(range)), Ok(Ok(()))) {
+                refused.push(range);
+            }
             true
         });
+        refused
     }
 }

@@ -96,6 +96,7 @@ impl PrivateMemory {
                 Err(_) => Error::RollbackFailed {
                     cause: Box::new(e),
                     unknown: vec![crate::memory::gpa(pages)],
+                    listeners_refused: Vec::new(),
                 },
             });
         }

@@ -436,8 +436,17 @@ impl PrivateMemory {
         lock_out(PageState::Private);
         let undo = |e: Error| {
             lock_out(PageState::Shared);
-            self.listeners.restore(&shared);
-            Err(e)
+            let listeners_refused = self
+                .listeners
+                .restore(&shared)
+                .into_iter()
+                .map(gpa)
+                .collect();
+            Err(crate::convert::Undone {
+                unknown: Vec::new(),
+                listeners_refused,
+            }
+            .into_error(e))
         };
         if let Err(e) = crate::convert::wait_for_host_accesses(&engine, &current, gpa(guest)) {
             return undo(e);

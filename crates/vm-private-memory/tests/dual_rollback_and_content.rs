@@ -28,7 +28,12 @@ fn a_failed_rollback_of_kvm_s_view_is_reported_with_the_ranges() {
         .convert(pr(0, 3 * PAGE_SIZE), PageState::Shared)
         .unwrap_err();
     match &err {
-        Error::RollbackFailed { cause, unknown } => {
+        Error::RollbackFailed {
+            cause,
+            unknown,
+            listeners_refused,
+        } => {
+            assert!(listeners_refused.is_empty(), "{listeners_refused:?}");
             assert!(matches!(**cause, Error::SetAttributes { .. }), "{cause}");
             assert_eq!(unknown.len(), 1);
             assert_eq!((unknown[0].start, unknown[0].len), (0, PAGE_SIZE));
@@ -83,4 +88,56 @@ fn a_page_turned_shared_arrives_empty_whatever_reached_its_shared_side() {
         view.memory().read_obj::<u64>(GuestAddress(page)).unwrap(),
         0
     );
+}
+
+#[test]
+fn a_listener_refusing_a_range_back_on_rollback_is_reported() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use vm_private_memory::MemoryListener;
+
+    /// Takes ranges while `accept` is set; refuses them afterwards.
+    struct Fickle {
+        accept: AtomicBool,
+    }
+    impl MemoryListener for Fickle {
+        fn discard(&self, _: guest_memfd::PageRange) {}
+        fn populate(
+            &self,
+            _: guest_memfd::PageRange,
+        ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            if self.accept.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("no longer".into())
+            }
+        }
+    }
+
+    let (m, vm) = dual(SIZE, PageState::Shared);
+    let listener = Arc::new(Fickle {
+        accept: AtomicBool::new(true),
+    });
+    let _sub = m.subscribe(pr(0, SIZE), listener.clone());
+    // The listener heard `discard` for the page, KVM then refuses: the rollback offers
+    // the page back, and the listener refuses it.
+    listener.accept.store(false, Ordering::SeqCst);
+    *vm.fail.lock().unwrap() = true;
+    match m.convert(pr(PAGE_SIZE, PAGE_SIZE), PageState::Private) {
+        Err(Error::RollbackFailed {
+            cause,
+            unknown,
+            listeners_refused,
+        }) => {
+            assert!(matches!(*cause, Error::SetAttributes { .. }), "{cause}");
+            assert!(unknown.is_empty(), "{unknown:?}");
+            assert_eq!(listeners_refused.len(), 1);
+            assert_eq!(
+                (listeners_refused[0].start, listeners_refused[0].len),
+                (PAGE_SIZE, PAGE_SIZE)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(m.state_of(PAGE_SIZE), Some(PageState::Shared));
 }

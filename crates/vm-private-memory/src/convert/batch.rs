@@ -4,7 +4,7 @@
 
 use guest_memfd::PageRange;
 
-use super::{ContentMode, Plan, Progress};
+use super::{ContentMode, Plan, Progress, Undone};
 use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, Result};
 use crate::listener::in_callback;
@@ -66,17 +66,8 @@ impl PrivateMemory {
             requested: private.requested,
             changed: to_shared,
         };
-        // A failure, with the ranges whose state in KVM could not be put back.
-        let failed = |e: Error, unknown: Vec<GpaRange>| {
-            if unknown.is_empty() {
-                e
-            } else {
-                Error::RollbackFailed {
-                    cause: Box::new(e),
-                    unknown,
-                }
-            }
-        };
+        // A failure, with what the rollback could not put back.
+        let failed = |e: Error, undone: Undone| undone.into_error(e);
         // Private first: hiding pages never shows the host anything. The dual strategy's
         // punches wait until the end (`Preserve` here means "not yet").
         let mut made_private = Progress::default();

@@ -123,6 +123,72 @@ impl StepLimit {
         runs: u64::MAX,
         bytes: u64::MAX,
     };
+
+    /// The bound on one step of work the guest asked for.
+    pub const GUEST: StepLimit = StepLimit {
+        runs: crate::exits::GUEST_RUNS_PER_STEP,
+        bytes: crate::exits::GUEST_BYTES_PER_STEP,
+    };
+}
+
+/// Plans one step over `range` (which lies in guest memory): hands `take` each run of
+/// pages whose state `wanted` accepts, in address order, until `limit` runs or bytes are
+/// taken (at least one page), and returns where the step ends (`range.end()` when the
+/// whole range fits).
+fn plan_step<'a>(
+    snapshot: &'a GuestMemoryPrivate,
+    range: PageRange,
+    limit: StepLimit,
+    wanted: impl Fn(PageState) -> bool,
+    mut take: impl FnMut(&'a PrivateRegion, u64, u64, PageState) -> Result<()>,
+) -> Result<u64> {
+    let (mut runs, mut bytes) = (0u64, 0u64);
+    for piece in PrivateMemory::split(snapshot, range) {
+        let (region, offset, len) = piece?;
+        for (first, count, state) in region
+            .attributes()
+            .runs(offset / PAGE_SIZE, len / PAGE_SIZE)
+        {
+            if !wanted(state) {
+                continue;
+            }
+            let left = limit.bytes.saturating_sub(bytes).max(PAGE_SIZE) / PAGE_SIZE;
+            let pages = count.min(left);
+            take(region, first, pages, state)?;
+            runs += 1;
+            bytes += pages * PAGE_SIZE;
+            let end = region.guest_range().start() + (first + pages) * PAGE_SIZE;
+            let full = pages < count || runs >= limit.runs || bytes >= limit.bytes;
+            if full && end < range.end() {
+                return Ok(end);
+            }
+        }
+    }
+    Ok(range.end())
+}
+
+impl PrivateMemory {
+    /// Checks that `range` lies wholly in guest memory, before a stepped operation
+    /// changes anything.
+    pub(crate) fn check_inside(&self, range: PageRange) -> Result<()> {
+        Self::split(&self.listed(), range).try_for_each(|piece| piece.map(drop))
+    }
+
+    /// Runs `step` over `range` until it has covered it: each call does the start of
+    /// what is left and returns where it stopped.
+    pub(crate) fn in_steps(
+        range: PageRange,
+        mut step: impl FnMut(PageRange) -> Result<u64>,
+    ) -> Result<()> {
+        let mut rest = range;
+        loop {
+            let next = step(rest)?;
+            if next >= rest.end() {
+                return Ok(());
+            }
+            rest = PageRange::new(next, rest.end() - next)?;
+        }
+    }
 }
 
 /// One contiguous run of pages to change, inside one region.
@@ -305,37 +371,21 @@ impl PrivateMemory {
         // The plan's list reuses the engine's buffer: no allocation per small conversion.
         let mut changed = std::mem::take(&mut engine.scratch);
         let snapshot = &*engine.current;
-        // The whole range must lie in guest memory before anything changes (a whole
-        // plan finds any address outside before anything changes anyway).
-        if limit.runs != u64::MAX || limit.bytes != u64::MAX {
-            for piece in Self::split(snapshot, range) {
-                piece?;
-            }
-        }
-        let (mut bytes, mut next) = (0u64, range.end());
-        'plan: for piece in Self::split(snapshot, range) {
-            let (region, offset, len) = piece?;
-            let base = region.guest_range().start();
-            for (first, count, state) in region
-                .attributes()
-                .runs(offset / PAGE_SIZE, len / PAGE_SIZE)
-            {
-                if state == to {
-                    continue;
-                }
-                let left = limit.bytes.saturating_sub(bytes).max(PAGE_SIZE) / PAGE_SIZE;
-                let take = count.min(left);
-                let run = PageRange::from_pages(first, take)?.checked_add(base)?;
-                changed.push(run);
-                bytes += run.len();
-                let full =
-                    take < count || changed.len() as u64 >= limit.runs || bytes >= limit.bytes;
-                if full && run.end() < range.end() {
-                    next = run.end();
-                    break 'plan;
-                }
-            }
-        }
+        let mut bytes = 0u64;
+        let next = plan_step(
+            snapshot,
+            range,
+            limit,
+            |state| state != to,
+            |region, first, pages, _| {
+                changed.push(
+                    PageRange::from_pages(first, pages)?
+                        .checked_add(region.guest_range().start())?,
+                );
+                bytes += pages * PAGE_SIZE;
+                Ok(())
+            },
+        )?;
         let plan = Plan {
             snapshot,
             requested: gpa(range),
@@ -388,60 +438,39 @@ impl PrivateMemory {
         if in_callback() {
             return Err(Error::Reentrant { range: gpa(range) });
         }
-        // The whole range must lie in guest memory before anything is punched.
-        {
-            let engine = self.lock_engine();
-            for piece in Self::split(&engine.current, range) {
-                piece?;
-            }
-        }
-        let (mut bytes, mut rest) = (0, range);
-        loop {
+        self.check_inside(range)?;
+        let mut bytes = 0;
+        Self::in_steps(range, |rest| {
             let (step, next) = self.discard_step(rest)?;
             bytes += step;
-            if next >= rest.end() {
-                return Ok(bytes);
-            }
-            rest = PageRange::new(next, rest.end() - next)?;
-        }
+            Ok(next)
+        })?;
+        Ok(bytes)
     }
 
-    /// Frees the start of `range` under one hold of the conversion lock: at most
-    /// `GUEST_RUNS_PER_STEP` runs and `GUEST_BYTES_PER_STEP` bytes (at least one run
-    /// part). Returns the bytes punched and where it stopped.
+    /// Frees the start of `range` under one hold of the conversion lock, in a step of
+    /// [`StepLimit::GUEST`]. Returns the bytes punched and where it stopped.
     fn discard_step(&self, range: PageRange) -> Result<(u64, u64)> {
-        use crate::exits::{GUEST_BYTES_PER_STEP, GUEST_RUNS_PER_STEP};
         let engine = self.lock_engine();
         let _listeners = self.listeners.hold();
         let mut pieces = Vec::new();
-        let (mut runs, mut planned, mut next) = (0u64, 0u64, range.end());
-        'plan: for piece in Self::split(&engine.current, range) {
-            let (region, offset, len) = piece?;
-            for (start, count, state) in region
-                .attributes()
-                .runs(offset / PAGE_SIZE, len / PAGE_SIZE)
-            {
-                let left = GUEST_BYTES_PER_STEP.saturating_sub(planned).max(PAGE_SIZE) / PAGE_SIZE;
-                let take = count.min(left);
+        let next = plan_step(
+            &engine.current,
+            range,
+            StepLimit::GUEST,
+            |_| true,
+            |region, first_page, pages, state| {
                 pieces.push((
                     Piece {
                         region,
-                        first_page: start,
-                        pages: take,
+                        first_page,
+                        pages,
                     },
                     state,
                 ));
-                runs += 1;
-                planned += take * PAGE_SIZE;
-                let end = region.guest_range().start() + (start + take) * PAGE_SIZE;
-                if (take < count || runs >= GUEST_RUNS_PER_STEP || planned >= GUEST_BYTES_PER_STEP)
-                    && end < range.end()
-                {
-                    next = end;
-                    break 'plan;
-                }
-            }
-        }
+                Ok(())
+            },
+        )?;
         let told = PageRange::new(range.start(), next - range.start())?;
         self.listeners
             .discard(&[told])

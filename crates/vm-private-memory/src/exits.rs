@@ -185,21 +185,16 @@ impl PrivateMemory {
     /// it stay done (each page is either converted or not), as a guest retrying its
     /// request expects.
     pub fn serve_request(&self, request: ConversionRequest) -> Result<ConversionReport> {
+        self.check_inside(request.range)?;
         let mut report = ConversionReport::default();
-        let limit = StepLimit {
-            runs: GUEST_RUNS_PER_STEP,
-            bytes: GUEST_BYTES_PER_STEP,
-        };
-        let mut rest = request.range;
-        loop {
+        Self::in_steps(request.range, |rest| {
             let started = std::time::Instant::now();
-            let (step, next) = self.convert_step(rest, request.to, ContentMode::Discard, limit)?;
+            let (step, next) =
+                self.convert_step(rest, request.to, ContentMode::Discard, StepLimit::GUEST)?;
             report.absorb(&step, started.elapsed());
-            if next >= rest.end() {
-                return Ok(report);
-            }
-            rest = PageRange::new(next, rest.end() - next)?;
-        }
+            Ok(next)
+        })?;
+        Ok(report)
     }
 
     /// Serves a `KVM_EXIT_MEMORY_FAULT`: converts the faulting range to what the guest

@@ -71,41 +71,41 @@ fn convert_1gib(c: &mut Criterion) {
         let step = NonZeroU64::new(step_pages).unwrap();
         group.bench_function(BenchmarkId::new("raw_fallocate", name), |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    peer.allocate(whole).unwrap();
-                    let start = Instant::now();
-                    for piece in whole.chunks(step) {
-                        raw_punch(peer.as_raw_fd(), piece);
-                    }
-                    total += start.elapsed();
-                }
-                total
+                timed_passes(
+                    iters,
+                    || {
+                        peer.allocate(whole).unwrap();
+                    },
+                    || {
+                        for piece in whole.chunks(step) {
+                            raw_punch(peer.as_raw_fd(), piece);
+                        }
+                    },
+                )
             })
         });
         group.bench_function(BenchmarkId::new("PrivateMemory::convert", name), |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for i in 0..iters {
-                    gmem.allocate(whole).unwrap();
-                    // Alternate directions so every pass changes every page.
-                    let to = if i % 2 == 0 {
-                        PageState::Shared
-                    } else {
-                        PageState::Private
-                    };
-                    let to = if memory.state_of(0) == Some(to) {
-                        to.flipped()
-                    } else {
-                        to
-                    };
-                    let start = Instant::now();
-                    for piece in whole.chunks(step) {
-                        memory.convert(piece, to).unwrap();
-                    }
-                    total += start.elapsed();
-                }
-                total
+                // Each pass turns every page the other way, so every pass changes every
+                // page.
+                let to = std::cell::Cell::new(PageState::Private);
+                timed_passes(
+                    iters,
+                    || {
+                        gmem.allocate(whole).unwrap();
+                        to.set(
+                            memory
+                                .state_of(0)
+                                .expect("page 0 is guest memory")
+                                .flipped(),
+                        );
+                    },
+                    || {
+                        for piece in whole.chunks(step) {
+                            memory.convert(piece, to.get()).unwrap();
+                        }
+                    },
+                )
             })
         });
     }
@@ -141,17 +141,18 @@ fn convert_1gib(c: &mut Criterion) {
         BenchmarkId::new("raw_fallocate_and_membarrier", "4KiB_steps"),
         |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    peer.allocate(whole).unwrap();
-                    let start = Instant::now();
-                    for piece in whole.chunks(step) {
-                        raw_punch(peer.as_raw_fd(), piece);
-                        raw_membarrier();
-                    }
-                    total += start.elapsed();
-                }
-                total
+                timed_passes(
+                    iters,
+                    || {
+                        peer.allocate(whole).unwrap();
+                    },
+                    || {
+                        for piece in whole.chunks(step) {
+                            raw_punch(peer.as_raw_fd(), piece);
+                            raw_membarrier();
+                        }
+                    },
+                )
             })
         },
     );
@@ -159,17 +160,18 @@ fn convert_1gib(c: &mut Criterion) {
         BenchmarkId::new("PrivateMemory::convert", "4KiB_steps"),
         |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    memory.convert(whole, PageState::Shared).unwrap();
-                    gmem.allocate(whole).unwrap();
-                    let start = Instant::now();
-                    for piece in whole.chunks(step) {
-                        memory.convert(piece, PageState::Private).unwrap();
-                    }
-                    total += start.elapsed();
-                }
-                total
+                timed_passes(
+                    iters,
+                    || {
+                        memory.convert(whole, PageState::Shared).unwrap();
+                        gmem.allocate(whole).unwrap();
+                    },
+                    || {
+                        for piece in whole.chunks(step) {
+                            memory.convert(piece, PageState::Private).unwrap();
+                        }
+                    },
+                )
             })
         },
     );
@@ -177,6 +179,18 @@ fn convert_1gib(c: &mut Criterion) {
     stop.store(true, Ordering::Relaxed);
     device.join().unwrap();
     peer_slot.unbind(&vm).unwrap();
+}
+
+/// The time of `iters` passes of `pass`, each after an untimed `setup`.
+fn timed_passes(iters: u64, mut setup: impl FnMut(), mut pass: impl FnMut()) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        setup();
+        let start = Instant::now();
+        pass();
+        total += start.elapsed();
+    }
+    total
 }
 
 /// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, the call a conversion to private adds

@@ -25,11 +25,8 @@ fn replace_published_view(memory: &PrivateMemory) {
     assert_eq!(memory.memory().memory().num_regions(), 0);
 }
 
-#[test]
-fn a_region_stays_listed_and_bound_when_the_published_view_was_replaced() {
-    if !in_place_or_skip("a_region_stays_listed_and_bound_when_the_published_view_was_replaced") {
-        return;
-    }
+/// In-place memory of one region at 0 whose published view was then emptied.
+fn one_region_with_its_view_replaced() -> (std::sync::Arc<kvm_ioctls::VmFd>, PrivateMemory) {
     let vm = common::vm();
     let memory = MemoryBuilder::new(vm.clone())
         .region_at(0, MIB2)
@@ -37,6 +34,15 @@ fn a_region_stays_listed_and_bound_when_the_published_view_was_replaced() {
         .build()
         .unwrap();
     replace_published_view(&memory);
+    (vm, memory)
+}
+
+#[test]
+fn a_region_stays_listed_and_bound_when_the_published_view_was_replaced() {
+    if !in_place_or_skip("a_region_stays_listed_and_bound_when_the_published_view_was_replaced") {
+        return;
+    }
+    let (vm, memory) = one_region_with_its_view_replaced();
 
     memory
         .add_region(pr(4 * MIB2, MIB2), None, PageState::Shared)
@@ -63,13 +69,7 @@ fn dropping_the_memory_unbinds_a_region_the_published_view_had_lost() {
     if !in_place_or_skip("dropping_the_memory_unbinds_a_region_the_published_view_had_lost") {
         return;
     }
-    let vm = common::vm();
-    let memory = MemoryBuilder::new(vm.clone())
-        .region_at(0, MIB2)
-        .strategy(Strategy::InPlace)
-        .build()
-        .unwrap();
-    replace_published_view(&memory);
+    let (vm, memory) = one_region_with_its_view_replaced();
     memory
         .add_region(pr(4 * MIB2, MIB2), None, PageState::Private)
         .unwrap();

@@ -15,7 +15,10 @@ use crate::region::PrivateRegion;
 use crate::strategy::{Strategy, UnavailableReason};
 
 mod batch;
+mod discard;
+mod one_run;
 pub(crate) use batch::Retarget;
+use one_run::OneRun;
 
 /// The steps of a conversion, in the order they can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -367,7 +370,27 @@ impl PrivateMemory {
             });
         }
         let mut engine = self.lock_engine();
+        if let Some(run) = OneRun::of(&engine.current, range, to, limit) {
+            return self
+                .convert_one_run(&engine, run, to, mode)
+                .map(|report| (report, range.end()));
+        }
         let _listeners = self.listeners.hold();
+        self.convert_planned(&mut engine, range, to, mode, limit)
+    }
+
+    /// Converts the start of `range` as [`PrivateMemory::convert_step`] does, through a
+    /// plan of the changed runs: any number of runs, regions and strategies. Kept out of
+    /// line so that the one-run path stays a few cache lines of code.
+    #[inline(never)]
+    fn convert_planned(
+        &self,
+        engine: &mut Engine,
+        range: PageRange,
+        to: PageState,
+        mode: ContentMode,
+        limit: StepLimit,
+    ) -> Result<(ConversionReport, u64)> {
         // The plan's list reuses the engine's buffer: no allocation per small conversion.
         let mut changed = std::mem::take(&mut engine.scratch);
         let snapshot = &*engine.current;
@@ -394,7 +417,7 @@ impl PrivateMemory {
         let mut done = Progress::default();
         let mut result = Ok(());
         if !plan.changed.is_empty() {
-            if let Err(e) = self.run_steps(&engine, &plan, to, mode, &mut done) {
+            if let Err(e) = self.run_steps(engine, &plan, to, mode, &mut done) {
                 result = Err(self.undo(&plan, done).into_error(e));
                 done = Progress::default();
             }
@@ -415,76 +438,6 @@ impl PrivateMemory {
             ..ConversionReport::default()
         };
         Ok((report, next))
-    }
-
-    /// Frees `range` (balloon, free page reporting): listeners hear `discard`, every
-    /// page is punched from the side that backs it, and the guest re-faults fresh zeroed
-    /// pages. States do not change. Returns the bytes punched.
-    ///
-    /// The range is freed in steps of at most [`crate::GUEST_RUNS_PER_STEP`] runs and
-    /// [`crate::GUEST_BYTES_PER_STEP`] bytes, each under one hold of the conversion lock
-    /// (listeners hear each step's part before it is punched), so that a guest reporting
-    /// a fragmented range cannot hold the lock for long.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Reentrant`] if called from a listener callback and
-    /// [`Error::OutsideGuestMemory`] if `range` reaches outside every region (nothing is
-    /// done); [`Error::ListenerRefused`] if a listener panics in `discard` (the steps
-    /// before were done); [`Error::File`] if a punch fails, after listeners heard
-    /// `discard` and the runs before it were punched (they read as zeros; nothing else
-    /// changed).
-    pub fn discard(&self, range: PageRange) -> Result<u64> {
-        if in_callback() {
-            return Err(Error::Reentrant { range: gpa(range) });
-        }
-        self.check_inside(range)?;
-        let mut bytes = 0;
-        Self::in_steps(range, |rest| {
-            let (step, next) = self.discard_step(rest)?;
-            bytes += step;
-            Ok(next)
-        })?;
-        Ok(bytes)
-    }
-
-    /// Frees the start of `range` under one hold of the conversion lock, in a step of
-    /// [`StepLimit::GUEST`]. Returns the bytes punched and where it stopped.
-    fn discard_step(&self, range: PageRange) -> Result<(u64, u64)> {
-        let engine = self.lock_engine();
-        let _listeners = self.listeners.hold();
-        let mut pieces = Vec::new();
-        let next = plan_step(
-            &engine.current,
-            range,
-            StepLimit::GUEST,
-            |_| true,
-            |region, first_page, pages, state| {
-                pieces.push((
-                    Piece {
-                        region,
-                        first_page,
-                        pages,
-                    },
-                    state,
-                ));
-                Ok(())
-            },
-        )?;
-        let told = PageRange::new(range.start(), next - range.start())?;
-        self.listeners
-            .discard(&[told])
-            .map_err(|(range, reason)| Error::ListenerRefused {
-                range: gpa(range),
-                reason,
-            })?;
-        let mut bytes = 0;
-        for (piece, state) in pieces {
-            // The side that backs a page is the one a conversion *to* the other state
-            // would punch.
-            bytes += piece.discard_old_side(state.flipped())?;
-        }
-        Ok((bytes, next))
     }
 
     fn run_steps(

@@ -157,8 +157,15 @@ impl Listeners {
     /// to hold (and no lock taken) while nothing is subscribed; a subscription made while
     /// such an operation runs is not waited for by it.
     pub(crate) fn hold(&self) -> Option<RwLockReadGuard<'_, ()>> {
-        (Arc::weak_count(&self.registry) > 0)
+        self.any()
             .then(|| self.registry.gate.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Whether anything may be subscribed (a `Subscription` still refers to the
+    /// registry). While not, every notification pass is empty.
+    #[inline]
+    pub(crate) fn any(&self) -> bool {
+        Arc::weak_count(&self.registry) > 0
     }
 
     pub(crate) fn count(&self) -> usize {
@@ -174,7 +181,7 @@ impl Listeners {
         ranges: &[PageRange],
         mut each: impl FnMut(&Arc<dyn MemoryListener>, PageRange) -> bool,
     ) {
-        if Arc::weak_count(&self.registry) == 0 {
+        if !self.any() {
             return;
         }
         for range in ranges {

@@ -145,6 +145,7 @@ impl PrivateRegion {
 
     /// Puts pages `[first, first + count)` of the region, all now in `state.flipped()`,
     /// in `state`: the bits and the private-page count. Conversion engine only.
+    #[inline]
     pub(crate) fn flip(&self, first: u64, count: u64, state: PageState) {
         // The count goes first towards private and last towards shared, so that it is
         // never zero while a page is private.

@@ -271,7 +271,9 @@ enum Failure {
 
 /// Each step of both directions, on both strategies, that can fail, made to fail: bits,
 /// KVM's view and the listeners' view end as they began, and every step that had run is
-/// undone. The conversion's steps, in order, and where each is undone from:
+/// undone. In-place, both ways a conversion runs are covered: one run (every page of the
+/// range in the other state) and a range with a page already in the target state (two
+/// runs, through the plan). The conversion's steps, in order, and where each is undone from:
 /// - to private: listeners hear `discard` and the bits change (neither can fail: both are
 ///   undone by the failures after them), host accesses in flight are waited for, KVM's
 ///   attributes (dual), the punch;
@@ -284,7 +286,7 @@ fn a_failure_at_any_step_leaves_everything_as_it_was() {
         return;
     }
     let range = pr(4 * PAGE_SIZE, 8 * PAGE_SIZE);
-    for dual_strategy in [false, true] {
+    for (dual_strategy, fragmented) in [(false, false), (false, true), (true, false)] {
         for to in [PageState::Private, PageState::Shared] {
             for failure in [
                 Failure::KvmAttributes,
@@ -305,13 +307,26 @@ fn a_failure_at_any_step_leaves_everything_as_it_was() {
                 if !applies {
                     continue;
                 }
-                let what = format!("dual={dual_strategy} to={to} failure={failure:?}");
+                let what = format!(
+                    "dual={dual_strategy} fragmented={fragmented} to={to} failure={failure:?}"
+                );
                 let initial = to.flipped();
                 let (m, view) = if dual_strategy {
                     let (m, v) = dual(MIB2, initial);
                     (m, Some(v))
                 } else {
                     (in_place(MIB2, initial), None)
+                };
+                // A page in the middle already in the target state splits the range in two.
+                let runs = if fragmented {
+                    let middle = range.start() + 3 * PAGE_SIZE;
+                    m.convert(pr(middle, PAGE_SIZE), to).unwrap();
+                    vec![
+                        pr(range.start(), 3 * PAGE_SIZE),
+                        pr(middle + PAGE_SIZE, 4 * PAGE_SIZE),
+                    ]
+                } else {
+                    vec![range]
                 };
                 let listener = Arc::new(Recorder::default());
                 let _s = m.subscribe(pr(0, MIB2), listener.clone());
@@ -382,15 +397,20 @@ fn a_failure_at_any_step_leaves_everything_as_it_was() {
                 // To private, listeners heard `discard` before any step could fail, and
                 // got the range back; to shared, they were told only after KVM's view and
                 // the bits changed, and had it taken back.
-                let expected = match (to, failure, dual_strategy) {
-                    (PageState::Private, _, _) => {
-                        vec![Heard::Discard(range), Heard::Populate(range)]
+                let told = |heard: fn(PageRange) -> Heard| runs.iter().map(move |r| heard(*r));
+                let expected: Vec<Heard> = match (to, failure) {
+                    (PageState::Private, _) => {
+                        told(Heard::Discard).chain(told(Heard::Populate)).collect()
                     }
-                    (PageState::Shared, Failure::ListenerRefuses, _)
-                    | (PageState::Shared, Failure::PunchGuestMemfd, _) => {
-                        vec![Heard::Populate(range), Heard::Discard(range)]
+                    // The first run is offered to every listener in subscription order:
+                    // the refusing one (subscribed second) stops the pass there.
+                    (PageState::Shared, Failure::ListenerRefuses) => {
+                        vec![Heard::Populate(runs[0]), Heard::Discard(runs[0])]
                     }
-                    (PageState::Shared, _, _) => vec![],
+                    (PageState::Shared, Failure::PunchGuestMemfd) => told(Heard::Populate)
+                        .chain(told(Heard::Discard).rev())
+                        .collect(),
+                    (PageState::Shared, _) => vec![],
                 };
                 assert_eq!(heard, expected, "{what}");
 
@@ -399,7 +419,8 @@ fn a_failure_at_any_step_leaves_everything_as_it_was() {
                 if let Some(v) = &view {
                     *v.fail.lock().unwrap() = false;
                 }
-                assert_eq!(m.convert(range, to).unwrap().pages_changed, 8, "{what}");
+                let pages = if fragmented { 7 } else { 8 };
+                assert_eq!(m.convert(range, to).unwrap().pages_changed, pages, "{what}");
             }
         }
     }

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Regressions for defects found in review: each test failed before its fix.
+//! Listeners and regions over their lifetimes: a panicking or converting listener, a
+//! dropped subscription, a region re-added, a memory dropped behind a replaced view.
 
 mod common;
 

@@ -233,6 +233,9 @@ impl PrivateMemory {
 
     /// Subscribes `listener` to `range`; it hears of every conversion, discard and
     /// removal that touches it, clipped to it, until the returned handle is dropped.
+    ///
+    /// It hears of operations that start after this call returns: one already running
+    /// may or may not tell it, and it is not told which pages are shared now.
     pub fn subscribe(&self, range: PageRange, listener: Arc<dyn MemoryListener>) -> Subscription {
         self.listeners.subscribe(range, listener)
     }

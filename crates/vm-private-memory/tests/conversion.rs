@@ -77,6 +77,59 @@ fn content_is_discarded_on_conversion_unless_preserved() {
     );
 }
 
+/// Regions sharing one file: a conversion of one page of the second region punches that
+/// page at the region's offset in the file, and nothing else, with or without a failure
+/// to roll back (nothing subscribed).
+#[test]
+fn a_conversion_punches_its_own_pages_in_a_file_shared_by_regions() {
+    if !in_place_or_skip("a_conversion_punches_its_own_pages_in_a_file_shared_by_regions") {
+        return;
+    }
+    let m = vm_private_memory::MemoryBuilder::new(common::vm())
+        .region_at(0, MIB2)
+        .region_at(4 * MIB2, MIB2)
+        .strategy(vm_private_memory::Strategy::InPlace)
+        .single_file(true)
+        .initial_state(PageState::Shared)
+        .build()
+        .unwrap();
+    let mem = m.memory().memory();
+    let second = 4 * MIB2;
+    for base in [0, second] {
+        for page in 0..8 {
+            let at = GuestAddress(base + page * PAGE_SIZE);
+            mem.write_obj(0x5a5a_0000u32 + page as u32, at).unwrap();
+        }
+    }
+    let page = pr(second + 3 * PAGE_SIZE, PAGE_SIZE);
+    // A held slice makes the first attempt fail: it is rolled back, content untouched.
+    {
+        let _held = mem.get_slice(GuestAddress(page.start()), 8).unwrap();
+        let err = m.convert(page, PageState::Private).unwrap_err();
+        assert!(matches!(err, Error::HostAccessInFlight { .. }), "{err}");
+    }
+    assert_eq!(m.state_of(page.start()), Some(PageState::Shared));
+    let report = m.convert(page, PageState::Private).unwrap();
+    assert_eq!(
+        (report.pages_changed, report.bytes_discarded),
+        (1, PAGE_SIZE)
+    );
+    m.convert(page, PageState::Shared).unwrap();
+    for base in [0, second] {
+        for p in 0..8 {
+            let read = mem
+                .read_obj::<u32>(GuestAddress(base + p * PAGE_SIZE))
+                .unwrap();
+            let expected = if base + p * PAGE_SIZE == page.start() {
+                0
+            } else {
+                0x5a5a_0000 + p as u32
+            };
+            assert_eq!(read, expected, "page {p} of the region at {base:#x}");
+        }
+    }
+}
+
 #[test]
 fn ranges_outside_guest_memory_are_refused() {
     if !in_place_or_skip("ranges_outside_guest_memory_are_refused") {

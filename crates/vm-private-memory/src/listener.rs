@@ -269,6 +269,31 @@ impl Listeners {
         }
     }
 
+    /// Offers `runs` to `listener` alone, in order (a new subscriber learning what is
+    /// shared already). On a refusal or panic, takes back what it had accepted, newest
+    /// first, and returns the run refused and why.
+    pub(crate) fn replay(
+        listener: &Arc<dyn MemoryListener>,
+        runs: impl Iterator<Item = PageRange>,
+    ) -> Result<(), (PageRange, ListenerRefusal)> {
+        let mut accepted = Vec::new();
+        for run in runs {
+            match as_callback(|| listener.populate(run))
+                .and_then(|r| r.map_err(ListenerRefusal::Refused))
+            {
+                Ok(()) => accepted.push(Accepted {
+                    listener: Arc::clone(listener),
+                    range: run,
+                }),
+                Err(reason) => {
+                    Self::withdraw(accepted);
+                    return Err((run, reason));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Takes back what listeners accepted, newest first.
     pub(crate) fn withdraw(accepted: Vec<Accepted>) {
         for a in accepted.into_iter().rev() {

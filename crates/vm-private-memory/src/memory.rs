@@ -235,9 +235,54 @@ impl PrivateMemory {
     /// removal that touches it, clipped to it, until the returned handle is dropped.
     ///
     /// It hears of operations that start after this call returns: one already running
-    /// may or may not tell it, and it is not told which pages are shared now.
+    /// may or may not tell it, and it is not told which pages are shared now
+    /// ([`PrivateMemory::subscribe_with_replay`] does both without a gap).
     pub fn subscribe(&self, range: PageRange, listener: Arc<dyn MemoryListener>) -> Subscription {
         self.listeners.subscribe(range, listener)
+    }
+
+    /// Subscribes `listener` to `range` and first offers it, with `populate`, every run
+    /// of `range` that is shared now, in address order. No conversion, discard or
+    /// removal runs in between: the listener hears every change after the runs it was
+    /// offered, without a gap. This is how device code that maps shared pages (a VFIO
+    /// IOMMU, a vhost-user backend's table) starts: it never has to read the bits and
+    /// race a conversion.
+    ///
+    /// The listener is called with the conversion lock held: it must not convert,
+    /// discard or change regions (those calls fail with [`Error::Reentrant`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Reentrant`] if called from a listener callback; [`Error::ListenerRefused`]
+    /// naming the run the listener refused (or panicked on): it is not subscribed, and
+    /// the runs it had accepted are taken back with `discard`, newest first.
+    pub fn subscribe_with_replay(
+        &self,
+        range: PageRange,
+        listener: Arc<dyn MemoryListener>,
+    ) -> Result<Subscription> {
+        if in_callback() {
+            return Err(Error::Reentrant { range: gpa(range) });
+        }
+        let engine = self.lock_engine();
+        let subscription = self.listeners.subscribe(range, Arc::clone(&listener));
+        let replayed = {
+            let _listeners = self.listeners.hold();
+            let runs = crate::shared_runs(&engine.current, range).map(|run| run.guest_range());
+            Listeners::replay(&listener, runs)
+        };
+        match replayed {
+            Ok(()) => Ok(subscription),
+            Err((run, reason)) => {
+                // Unsubscribed before any operation can tell it of a change.
+                drop(subscription);
+                drop(engine);
+                Err(Error::ListenerRefused {
+                    range: gpa(run),
+                    reason,
+                })
+            }
+        }
     }
 
     /// How many listeners are subscribed.
@@ -420,7 +465,9 @@ impl PrivateMemory {
                 range: gpa(guest),
                 reason: LayoutError::Collection(e),
             })?;
-        let shared: Vec<PageRange> = shared_runs(region);
+        let shared: Vec<PageRange> = crate::shared_runs(&current, guest)
+            .map(|run| run.guest_range())
+            .collect();
         self.listeners
             .discard(&shared)
             .map_err(|(range, reason)| Error::ListenerRefused {
@@ -461,18 +508,6 @@ impl PrivateMemory {
         let _ = engine.slots.free_id(region.slot());
         Ok((guest, region.gmem().clone(), region.gmem_offset()))
     }
-}
-
-/// The shared pages of a region, as guest-physical ranges.
-pub(crate) fn shared_runs(region: &PrivateRegion) -> Vec<PageRange> {
-    let base = region.guest_range().start();
-    region
-        .attributes()
-        .runs(0, region.attributes().pages())
-        .filter(|(_, _, s)| *s == PageState::Shared)
-        .filter_map(|(first, count, _)| PageRange::from_pages(first, count).ok())
-        .filter_map(|r| r.checked_add(base).ok())
-        .collect()
 }
 
 pub(crate) fn gpa(range: PageRange) -> GpaRange {

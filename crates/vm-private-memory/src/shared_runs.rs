@@ -1,0 +1,152 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The shared pages of guest memory, run by run, with what device code needs to map
+//! them: for a device's IOMMU (VFIO) or for another process (vhost-user).
+
+use std::os::fd::{AsFd, BorrowedFd};
+
+use guest_memfd::{PageRange, PAGE_SIZE};
+use vm_memory::GuestMemoryBackend;
+
+use crate::attributes::PageState;
+use crate::memory::GuestMemoryPrivate;
+use crate::region::PrivateRegion;
+
+/// Runs of consecutive shared pages inside one region each, in address order (from
+/// [`shared_runs`]).
+#[derive(Debug)]
+pub struct SharedRuns<'a> {
+    memory: &'a GuestMemoryPrivate,
+    range: PageRange,
+    /// The next guest address to look at.
+    at: u64,
+}
+
+/// One run of consecutive shared pages inside one region.
+#[derive(Clone, Copy, Debug)]
+pub struct SharedRun<'a> {
+    region: &'a PrivateRegion,
+    guest: PageRange,
+}
+
+/// A file another process may map to reach a run's pages: the dual strategy's sealed
+/// memfd of shared pages. Its private pages hold nothing there (they are punched when
+/// they go private), so the file never gives away a private page's content; a mapping
+/// of it must still be given up when the run goes private (see [`SharedRun`]).
+#[derive(Clone, Copy, Debug)]
+pub struct SharedFile<'a> {
+    /// The file.
+    pub fd: BorrowedFd<'a>,
+    /// Where the run's first page is in the file.
+    pub offset: u64,
+}
+
+/// The runs of shared pages of `memory` inside `range`, in address order, one region at
+/// a time: a run never spans two regions, and parts of `range` outside guest memory are
+/// skipped. Nothing is allocated: a fragmented guest costs time per run, not memory.
+///
+/// This is a snapshot of the bits: a run may go private as soon as it was yielded. Code
+/// that keeps what it learns here (a device's IOMMU mapping, a backend's memory table)
+/// must hear of revocations as a [`crate::MemoryListener`], subscribed with
+/// [`crate::PrivateMemory::subscribe_with_replay`], which offers what is shared now and
+/// every change after it without a gap.
+///
+/// ```
+/// use std::sync::Arc;
+/// use guest_memfd::PageRange;
+/// use vm_memory::GuestAddressSpace;
+/// use vm_private_memory::{shared_runs, MemoryBuilder, PageState};
+///
+/// let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+/// let memory = MemoryBuilder::new(vm).region_at(0, 4 << 20).build().unwrap();
+/// memory.convert(PageRange::new(0x10000, 0x3000).unwrap(), PageState::Shared).unwrap();
+/// memory.convert(PageRange::new(0x20000, 0x1000).unwrap(), PageState::Shared).unwrap();
+///
+/// let view = memory.memory();
+/// let guest_ram = view.memory();
+/// let whole = PageRange::new(0, 4 << 20).unwrap();
+/// let runs: Vec<_> = shared_runs(&guest_ram, whole).map(|run| run.guest_range()).collect();
+/// assert_eq!(
+///     runs,
+///     [PageRange::new(0x10000, 0x3000).unwrap(), PageRange::new(0x20000, 0x1000).unwrap()]
+/// );
+/// ```
+pub fn shared_runs(memory: &GuestMemoryPrivate, range: PageRange) -> SharedRuns<'_> {
+    SharedRuns {
+        memory,
+        range,
+        at: range.start(),
+    }
+}
+
+impl<'a> Iterator for SharedRuns<'a> {
+    type Item = SharedRun<'a>;
+
+    fn next(&mut self) -> Option<SharedRun<'a>> {
+        let end = self.range.end();
+        while self.at < end {
+            // The region holding `at`, or else the first one after it.
+            let region = self
+                .memory
+                .iter()
+                .find(|r| r.guest_range().end() > self.at)?;
+            let inside = region.guest_range();
+            let from = self.at.max(inside.start());
+            let to = end.min(inside.end());
+            if from >= to {
+                // The next region starts past the range.
+                self.at = end;
+                return None;
+            }
+            let bits = region.attributes();
+            let first = (from - inside.start()) / PAGE_SIZE;
+            let count = (to - from) / PAGE_SIZE;
+            let Some(start) = bits.find(first, count, PageState::Shared) else {
+                self.at = to;
+                continue;
+            };
+            let stop = bits
+                .find(start, first + count - start, PageState::Private)
+                .unwrap_or(first + count);
+            self.at = inside.start() + stop * PAGE_SIZE;
+            let guest = PageRange::from_pages(start, stop - start)
+                .and_then(|r| r.checked_add(inside.start()))
+                .ok()?;
+            return Some(SharedRun { region, guest });
+        }
+        None
+    }
+}
+
+impl<'a> SharedRun<'a> {
+    /// The run's guest-physical range (the IOVA a device uses when the IOMMU maps guest
+    /// memory one to one).
+    pub fn guest_range(&self) -> PageRange {
+        self.guest
+    }
+
+    /// The host address of the run's first byte in the region's mapping; the run's pages
+    /// follow it for [`PageRange::len`] bytes. Dual strategy: the shared side's mapping.
+    pub fn host_address(&self) -> *mut u8 {
+        let (start, _) = self.region.host_range();
+        let offset = self.guest.start() - self.region.guest_range().start();
+        (start + offset as usize) as *mut u8
+    }
+
+    /// Where another process may map the run: the dual strategy's sealed memfd and the
+    /// run's offset in it. `None` in-place: that file is the guest_memfd, whose private
+    /// pages another process must never map.
+    pub fn file(&self) -> Option<SharedFile<'a>> {
+        let shared = self.region.shared_memfd()?;
+        let in_region = self.guest.start() - self.region.guest_range().start();
+        // Each dual region has a memfd of its own, holding the region from offset 0.
+        Some(SharedFile {
+            fd: shared.as_fd(),
+            offset: in_region,
+        })
+    }
+
+    /// The region the run lies in.
+    pub fn region(&self) -> &'a PrivateRegion {
+        self.region
+    }
+}

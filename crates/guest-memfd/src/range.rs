@@ -77,6 +77,7 @@ impl PageRange {
     /// [`Error::EmptyRange`] if `len` is zero, [`Error::UnalignedRange`] if `start` or
     /// `len` is not a multiple of [`PAGE_SIZE`], [`Error::RangeOverflow`] if the range
     /// ends past `u64::MAX`.
+    #[inline]
     pub fn new(start: u64, len: u64) -> Result<Self> {
         if len == 0 {
             return Err(Error::EmptyRange { start });
@@ -96,6 +97,7 @@ impl PageRange {
     ///
     /// [`Error::RangeOverflow`] if the range in bytes does not fit in 64 bits;
     /// [`Error::EmptyRange`] if `count` is zero.
+    #[inline]
     pub fn from_pages(first_page: u64, count: u64) -> Result<Self> {
         let start = first_page
             .checked_mul(PAGE_SIZE)
@@ -167,6 +169,7 @@ impl PageRange {
     ///
     /// [`Error::RangeOverflow`] if `delta` is larger than the start;
     /// [`Error::UnalignedRange`] if `delta` is not a multiple of [`PAGE_SIZE`].
+    #[inline]
     pub fn checked_sub(&self, delta: u64) -> Result<PageRange> {
         let start = self.start.checked_sub(delta).ok_or(Error::RangeOverflow {
             start: self.start,
@@ -181,6 +184,7 @@ impl PageRange {
     ///
     /// [`Error::RangeOverflow`] if the moved range would end past `u64::MAX`;
     /// [`Error::UnalignedRange`] if `delta` is not a multiple of [`PAGE_SIZE`].
+    #[inline]
     pub fn checked_add(&self, delta: u64) -> Result<PageRange> {
         let start = self.start.checked_add(delta).ok_or(Error::RangeOverflow {
             start: self.start,

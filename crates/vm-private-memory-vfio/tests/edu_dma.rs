@@ -11,7 +11,9 @@
 //!
 //! Where the host has no edu device bound to vfio-pci, or no VM type with memory
 //! attributes, each test prints a SKIPPED line naming what is missing and returns; the
-//! lab (`fixtures/lab/run.sh`) has both.
+//! lab (`fixtures/lab/run.sh`) has both. The measurement test prints `DMA-PIN` and
+//! `DMA-COST` lines: figures, not assertions, except that what our mapper pins stays
+//! within what the shared side holds.
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
@@ -25,7 +27,10 @@ use iommufd_ioctls::IommuFd;
 use kvm_ioctls::{Kvm, VmFd};
 use vfio_bindings::bindings::vfio::{VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd, VfioOps};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 use vm_private_memory::{
     Error, ListenerRefusal, MemoryBuilder, PageState, PrivateMemory, Strategy,
 };
@@ -482,5 +487,196 @@ fn edu_dma_follows_conversions_on_both_iommu_back_ends() {
     let _device = DEVICE.lock().unwrap_or_else(|p| p.into_inner());
     for backend in Backend::ALL {
         dma_follows_conversions(backend, &sysfs);
+    }
+}
+
+/// VmPin and VmLck of this process, in KiB.
+fn pinned_kib() -> (u64, u64) {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/self/status"))
+    };
+    (field("VmPin:"), field("VmLck:"))
+}
+
+/// One `DMA-PIN` line; returns the pinned KiB above `base` (type1 accounts pinned pages
+/// in VmLck, iommufd in VmPin).
+fn report_pins(memory: &PrivateMemory, base: (u64, u64), what: &str) -> u64 {
+    let (pin, lck) = pinned_kib();
+    let held = shared_bytes_held(memory);
+    let pinned = pin.saturating_sub(base.0).max(lck.saturating_sub(base.1));
+    println!(
+        "DMA-PIN {what} VmPin={pin}kB VmLck={lck}kB pinned={pinned}kB shared_bytes_held={}kB",
+        held / 1024
+    );
+    pinned
+}
+
+fn median_us(mut samples: Vec<Duration>) -> f64 {
+    samples.sort();
+    samples[samples.len() / 2].as_secs_f64() * 1e6
+}
+
+/// Converts `range` to shared and back `reps` times; one `DMA-COST` line.
+fn time_conversions(memory: &PrivateMemory, range: PageRange, reps: usize, what: &str) {
+    let mut to_shared = Vec::with_capacity(reps);
+    let mut to_private = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        memory.convert(range, PageState::Shared).unwrap();
+        to_shared.push(t.elapsed());
+        let t = Instant::now();
+        memory.convert(range, PageState::Private).unwrap();
+        to_private.push(t.elapsed());
+    }
+    let size = if range.len() >= MIB {
+        format!("{}MiB", range.len() / MIB)
+    } else {
+        format!("{}KiB", range.len() / 1024)
+    };
+    println!(
+        "DMA-COST {what} size={size} reps={reps} to_shared_median_us={:.1} to_private_median_us={:.1}",
+        median_us(to_shared),
+        median_us(to_private)
+    );
+}
+
+const GUEST: u64 = 1 << 30;
+const REPS: usize = 300;
+
+fn measure(backend: Backend, sysfs: &Path) {
+    let name = backend.name();
+    let (iommu, edu) = backend.open(sysfs);
+    let window = pr(2 * MIB, 2 * MIB);
+    let small = pr(256 * MIB, PAGE_SIZE);
+    let large = pr(512 * MIB, 2 * MIB);
+
+    // (a) Our mapper: the pages shared now, page by page.
+    let memory = dual_memory(GUEST);
+    let base = pinned_kib();
+    report_pins(
+        &memory,
+        base,
+        &format!("backend={name} guest=1GiB way=none (device open, nothing mapped)"),
+    );
+    time_conversions(&memory, small, REPS, &format!("backend={name} mapper=none"));
+    time_conversions(&memory, large, REPS, &format!("backend={name} mapper=none"));
+    let mapper = Arc::new(DmaMapper::new(iommu.clone(), memory.memory()));
+    let subscription = mapper.attach(&memory, pr(0, GUEST)).unwrap();
+    memory.convert(window, PageState::Shared).unwrap();
+    assert_eq!(mapper.mapped_pages(), 512);
+    let pinned = report_pins(
+        &memory,
+        base,
+        &format!("backend={name} guest=1GiB window=2MiB way=DmaMapper mappings=512"),
+    );
+    let held_kib = shared_bytes_held(&memory) / 1024;
+    assert!(
+        pinned <= held_kib + held_kib / 100,
+        "{name}: our mapper pins {pinned} KiB, more than the {held_kib} KiB the shared side holds"
+    );
+    time_conversions(
+        &memory,
+        small,
+        REPS,
+        &format!("backend={name} mapper=DmaMapper"),
+    );
+    time_conversions(
+        &memory,
+        large,
+        REPS,
+        &format!("backend={name} mapper=DmaMapper"),
+    );
+    drop(subscription);
+    drop(mapper);
+    drop(memory);
+
+    // (b) The old idiom: all of RAM mapped once, from the region's host address and
+    // length (vfio-ioctls' `vfio_map_guest_memory`). Our regions refuse a host address
+    // while any page is private, so the idiom works only at a moment when all of memory
+    // is shared; after it the guest turns all but the window private again.
+    let memory = dual_memory(GUEST);
+    let view = memory.memory();
+    let refused = view
+        .memory()
+        .iter()
+        .next()
+        .unwrap()
+        .get_host_address(MemoryRegionAddress(0))
+        .unwrap_err();
+    println!(
+        "DMA-PIN backend={name} guest=1GiB way=map-all-RAM moment=all-private refused: {refused}"
+    );
+    let container = iommu.as_any().downcast_ref::<VfioContainer>();
+    if let Some(container) = container {
+        // SAFETY: the call fails before mapping anything (asserted): the region refuses
+        // its host address while a page is private.
+        let refused = unsafe { container.vfio_map_guest_memory(&*view.memory()) };
+        assert!(
+            refused.is_err(),
+            "vfio_map_guest_memory mapped an all-private region"
+        );
+    }
+    memory.convert(pr(0, GUEST), PageState::Shared).unwrap();
+    let base = pinned_kib();
+    match container {
+        // SAFETY: the region's mapping lives until `memory` is dropped, and is unmapped
+        // from the IOMMU below before that; guest memory is only accessed volatile
+        // (vm-memory), never through Rust references, and the device is idle.
+        Some(container) => unsafe { container.vfio_map_guest_memory(&*view.memory()) }.unwrap(),
+        None => {
+            for region in view.memory().iter() {
+                let host = region.get_host_address(MemoryRegionAddress(0)).unwrap();
+                // SAFETY: as for `vfio_map_guest_memory` above: the mapping outlives the
+                // IOMMU mapping, which is taken back below; accesses are volatile only.
+                unsafe { iommu.vfio_dma_map(region.start_addr().0, region.len() as usize, host) }
+                    .unwrap();
+            }
+        }
+    }
+    let how = if container.is_some() {
+        "vfio_map_guest_memory"
+    } else {
+        "get_host_address(0)+len, one IOAS map"
+    };
+    report_pins(
+        &memory,
+        base,
+        &format!("backend={name} guest=1GiB way=map-all-RAM ({how}) moment=all-shared"),
+    );
+    memory
+        .convert(pr(0, window.start()), PageState::Private)
+        .unwrap();
+    memory
+        .convert(pr(window.end(), GUEST - window.end()), PageState::Private)
+        .unwrap();
+    report_pins(
+        &memory,
+        base,
+        &format!(
+            "backend={name} guest=1GiB window=2MiB way=map-all-RAM ({how}) moment=all-but-window-private"
+        ),
+    );
+    iommu.vfio_dma_unmap(0, GUEST as usize).unwrap();
+    drop(view);
+    drop(memory);
+    drop(edu);
+    drop(iommu);
+}
+
+/// Pinned memory and conversion cost, our mapper against mapping all of RAM: `DMA-PIN`
+/// and `DMA-COST` lines for the lab's console.
+#[test]
+fn edu_dma_pinned_memory_and_conversion_cost() {
+    let Some(sysfs) = edu_and_vm_or_skip("edu_dma_pinned_memory_and_conversion_cost") else {
+        return;
+    };
+    let _device = DEVICE.lock().unwrap_or_else(|p| p.into_inner());
+    for backend in Backend::ALL {
+        measure(backend, &sysfs);
     }
 }

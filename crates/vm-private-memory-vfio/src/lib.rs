@@ -17,7 +17,10 @@
 //!   which is rolled back;
 //! - a conversion to private unmaps the pages before the bits change (`discard`), so once
 //!   `convert` returns no DMA reaches them; an unmap the kernel refuses stops the
-//!   conversion (the page stays shared and mapped: the two views never disagree).
+//!   conversion (the page stays shared and mapped), and a page the IOMMU no longer maps
+//!   (the VMM unmapped it, or the device left the container) is simply forgotten;
+//! - dropping the [`DmaAttachment`] unmaps every page before it stops following
+//!   conversions, so no page can turn private while mapped.
 //!
 //! The IOVA of a page is its guest-physical address. Each 4 KiB page is a mapping of its
 //! own: the VFIO type1 IOMMU refuses to unmap part of a mapping, and a guest may convert
@@ -53,18 +56,19 @@
 //!         .unwrap();
 //!
 //! // Map what is shared now and follow every conversion from here on. Keep the
-//! // subscription for as long as the device is assigned.
-//! let mapper = Arc::new(DmaMapper::new(iommu, memory.memory()));
-//! let subscription = mapper.attach(&memory, PageRange::new(0, 1 << 30).unwrap()).unwrap();
+//! // attachment for as long as the device is assigned; dropping it unmaps everything.
+//! let dma = DmaMapper::new(iommu)
+//!     .attach(&memory, PageRange::new(0, 1 << 30).unwrap())
+//!     .unwrap();
 //!
 //! // A bounce buffer the guest shares is mapped before `convert` returns ...
 //! let window = PageRange::new(0x10_0000, 0x20_0000).unwrap();
 //! memory.convert(window, PageState::Shared).unwrap();
-//! assert!(mapper.is_mapped(0x10_0000));
+//! assert!(dma.is_mapped(0x10_0000));
 //! // ... and unmapped before the page turns private.
 //! memory.convert(window, PageState::Private).unwrap();
-//! assert!(!mapper.is_mapped(0x10_0000));
-//! # drop(subscription);
+//! assert!(!dma.is_mapped(0x10_0000));
+//! dma.detach().unwrap();
 //! ```
 //!
 //! [`PrivateMemory::subscribe_with_replay`]: vm_private_memory::PrivateMemory::subscribe_with_replay
@@ -78,6 +82,7 @@
 compile_error!("vm-private-memory-vfio needs a 64-bit target: it casts guest addresses to usize");
 
 mod mapper;
+mod unmap;
 
-pub use mapper::{DmaMapper, Error, DEFAULT_MAPPING_BUDGET};
+pub use mapper::{DmaAttachment, DmaMapper, Error, DEFAULT_MAPPING_BUDGET};
 pub use vfio_ioctls::VfioOps;

@@ -11,6 +11,8 @@ use vm_private_memory::{
     shared_runs, GuestMemoryPrivate, MemoryListener, PrivateMemory, Subscription,
 };
 
+use crate::unmap::{unmap_page, Unmapped};
+
 /// How many mappings a [`DmaMapper`] may hold unless told otherwise: VFIO type1's
 /// default `dma_entry_limit`.
 pub const DEFAULT_MAPPING_BUDGET: usize = 65_535;
@@ -42,8 +44,17 @@ pub enum Error {
         /// The page's guest-physical address.
         gpa: u64,
     },
+    /// The IOMMU refused to unmap a page: it may still map it.
+    #[error("the IOMMU refused to unmap guest page {iova:#x}, which it may still map for DMA: {source}; the page is kept shared until it can be unmapped")]
+    Unmap {
+        /// The page's IOVA (its guest-physical address).
+        iova: u64,
+        /// vfio-ioctls' error, with the kernel's errno.
+        #[source]
+        source: VfioError,
+    },
     /// The IOMMU refused a mapping.
-    #[error("mapping guest page {iova:#x} for DMA failed: {source}")]
+    #[error("mapping guest page {iova:#x} for DMA failed: {source} (EEXIST: something else maps that IOVA in this container; ENOSPC: the IOMMU's mapping limit, type1's dma_entry_limit, is reached)")]
     Map {
         /// The page's IOVA (its guest-physical address).
         iova: u64,
@@ -53,36 +64,29 @@ pub enum Error {
     },
 }
 
-/// A [`MemoryListener`] that keeps a VFIO IOMMU's mapping of guest memory equal to its
-/// shared pages, one 4 KiB mapping per page, IOVA = guest-physical address (see the
-/// crate documentation).
+/// Keeps a VFIO IOMMU's mapping of guest memory equal to its shared pages, one 4 KiB
+/// mapping per page, IOVA = guest-physical address (see the crate documentation).
+/// Configure it, then [`DmaMapper::attach`] it to the memory.
 pub struct DmaMapper {
     iommu: Arc<dyn VfioOps>,
-    memory: GuestMemoryAtomic<GuestMemoryPrivate>,
     budget: usize,
-    /// The IOVAs of the pages mapped now.
-    mapped: Mutex<BTreeSet<u64>>,
 }
 
 impl std::fmt::Debug for DmaMapper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DmaMapper")
             .field("budget", &self.budget)
-            .field("mapped_pages", &self.mapped_pages())
             .finish_non_exhaustive()
     }
 }
 
 impl DmaMapper {
-    /// A mapper that maps into `iommu` (a `VfioContainer` or `VfioIommufd` the device is
-    /// attached to) the shared pages of `memory`, the view of the memory it will be
-    /// attached to ([`PrivateMemory::memory`]). It maps nothing until attached.
-    pub fn new(iommu: Arc<dyn VfioOps>, memory: GuestMemoryAtomic<GuestMemoryPrivate>) -> Self {
+    /// A mapper into `iommu`: the `VfioContainer` or `VfioIommufd` the device is
+    /// attached to.
+    pub fn new(iommu: Arc<dyn VfioOps>) -> Self {
         DmaMapper {
             iommu,
-            memory,
             budget: DEFAULT_MAPPING_BUDGET,
-            mapped: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -94,44 +98,158 @@ impl DmaMapper {
         self
     }
 
-    /// Maps every page of `range` that is shared now and subscribes to `memory`, so that
-    /// every later conversion in `range` is followed, with nothing missed in between.
-    /// Keep the returned subscription for as long as the device may DMA; dropping it
-    /// stops following conversions (drop the mapper too, which unmaps what it holds).
+    /// Maps every page of `range` that is shared now and follows every later conversion
+    /// in `range`, with nothing missed in between
+    /// ([`PrivateMemory::subscribe_with_replay`]). Host addresses come from `memory`'s
+    /// own view ([`PrivateMemory::memory`]; do not replace what it holds).
+    ///
+    /// The returned attachment holds the mapping: keep it for as long as the device may
+    /// DMA. Dropping it (or [`DmaAttachment::detach`]) unmaps every page and only then
+    /// stops following conversions, so no page can turn private while still mapped.
+    ///
+    /// Pages that become shared without a conversion are not mapped: a region added
+    /// shared ([`PrivateMemory::add_region`]) and pages freed by
+    /// [`PrivateMemory::discard`] (unmapped with it) are mapped when a conversion next
+    /// offers them. A page the mapper holds is never private.
     ///
     /// # Errors
     ///
     /// [`vm_private_memory::Error::ListenerRefused`] if the pages shared now cannot all
-    /// be mapped (over budget, or the IOMMU refused): nothing stays mapped and nothing
-    /// is subscribed. [`vm_private_memory::Error::Reentrant`] from a listener callback.
+    /// be mapped (over budget, or the IOMMU refused; the reason is an [`Error`]):
+    /// nothing stays mapped. [`vm_private_memory::Error::Reentrant`] from a listener
+    /// callback.
     pub fn attach(
-        self: &Arc<Self>,
+        self,
         memory: &PrivateMemory,
         range: PageRange,
-    ) -> vm_private_memory::Result<Subscription> {
-        let listener: Arc<dyn MemoryListener> = Arc::clone(self) as Arc<dyn MemoryListener>;
-        memory.subscribe_with_replay(range, listener)
+    ) -> vm_private_memory::Result<DmaAttachment> {
+        let mapper = Arc::new(Mapper {
+            iommu: self.iommu,
+            memory: memory.memory(),
+            budget: self.budget,
+            state: Mutex::new(State::default()),
+        });
+        let listener: Arc<dyn MemoryListener> = Arc::clone(&mapper) as Arc<dyn MemoryListener>;
+        let subscription = memory.subscribe_with_replay(range, listener)?;
+        Ok(DmaAttachment {
+            mapper,
+            subscription: Some(subscription),
+        })
     }
+}
 
+/// A [`DmaMapper`] attached to a memory: the IOMMU maps exactly the shared pages it was
+/// offered, until this is dropped or detached.
+pub struct DmaAttachment {
+    mapper: Arc<Mapper>,
+    subscription: Option<Subscription>,
+}
+
+impl std::fmt::Debug for DmaAttachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaAttachment")
+            .field("budget", &self.mapper.budget)
+            .field("mapped_pages", &self.mapped_pages())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DmaAttachment {
     /// How many pages are mapped now.
     pub fn mapped_pages(&self) -> usize {
-        self.lock().len()
+        self.mapper.lock().mapped.len()
     }
 
     /// Whether the page holding `gpa` is mapped now.
     pub fn is_mapped(&self, gpa: u64) -> bool {
-        self.lock().contains(&(gpa & !(PAGE_SIZE - 1)))
+        self.mapper
+            .lock()
+            .mapped
+            .contains(&(gpa & !(PAGE_SIZE - 1)))
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeSet<u64>> {
-        // Every change of the set is whole (insert or remove after the ioctl), so a
+    /// Unmaps every page, then stops following conversions.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unmap`] for the first page the IOMMU refused to unmap: the IOMMU may
+    /// still map it, and the mapper keeps following its conversions so that it cannot
+    /// turn private unnoticed (a conversion of it to private is refused).
+    pub fn detach(mut self) -> Result<(), Error> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<(), Error> {
+        let refused = self.mapper.unmap_all();
+        match refused {
+            None => {
+                drop(self.subscription.take());
+                Ok(())
+            }
+            Some(e) => {
+                // Still subscribed: the pages left mapped cannot go private unnoticed.
+                std::mem::forget(self.subscription.take());
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for DmaAttachment {
+    /// As [`DmaAttachment::detach`]; a page the IOMMU refuses to unmap keeps the
+    /// memory's subscription alive (it is leaked), so that page cannot turn private.
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// The IOVAs of the pages mapped now.
+    mapped: BTreeSet<u64>,
+    /// Set once the attachment is being released: nothing is mapped any more.
+    detached: bool,
+}
+
+/// The listener behind a [`DmaAttachment`].
+struct Mapper {
+    iommu: Arc<dyn VfioOps>,
+    memory: GuestMemoryAtomic<GuestMemoryPrivate>,
+    budget: usize,
+    state: Mutex<State>,
+}
+
+impl Mapper {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every change of the state is whole (insert or remove after the ioctl), so a
         // panic elsewhere leaves it consistent.
-        self.mapped.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops mapping, and unmaps every page; returns the first refusal, if any (those
+    /// pages stay in the set).
+    fn unmap_all(&self) -> Option<Error> {
+        let mut state = self.lock();
+        state.detached = true;
+        let mapped: Vec<u64> = state.mapped.iter().copied().collect();
+        let mut refused = None;
+        for iova in mapped {
+            match unmap_page(&*self.iommu, iova) {
+                Ok(Unmapped) => {
+                    state.mapped.remove(&iova);
+                }
+                Err(e) => refused = refused.or(Some(e)),
+            }
+        }
+        refused
     }
 
     /// Maps the shared pages of `range` not mapped yet, all or none.
     fn map_range(&self, range: PageRange) -> Result<(), Error> {
-        let mut mapped = self.lock();
+        let mut state = self.lock();
+        if state.detached {
+            return Ok(());
+        }
         let view = self.memory.memory();
         // What to map, checked whole before the first ioctl: (IOVA, host address).
         let mut wanted = Vec::new();
@@ -145,7 +263,7 @@ impl DmaMapper {
             let host = run.host_address();
             for page in 0..guest.page_count() {
                 let iova = guest.start() + page * PAGE_SIZE;
-                if !mapped.contains(&iova) {
+                if !state.mapped.contains(&iova) {
                     wanted.push((iova, host.wrapping_add((page * PAGE_SIZE) as usize)));
                 }
             }
@@ -154,11 +272,11 @@ impl DmaMapper {
         if next != range.end() {
             return Err(Error::NotInView { gpa: next });
         }
-        if mapped.len() + wanted.len() > self.budget {
+        if state.mapped.len() + wanted.len() > self.budget {
             return Err(Error::OverBudget {
                 range,
                 needed: wanted.len(),
-                held: mapped.len(),
+                held: state.mapped.len(),
                 budget: self.budget,
             });
         }
@@ -166,59 +284,58 @@ impl DmaMapper {
             // SAFETY: `host` is the page's address in its region's mapping, which stays
             // mapped while the region is in guest memory; the page is shared now and is
             // unmapped here (`discard`) before it turns private or its region leaves
-            // (both notify listeners first). This crate and vm-private-memory touch guest
-            // memory only through volatile accesses, never through Rust references, as
-            // the DMA contract asks.
+            // (both notify listeners first), and before the attachment stops listening.
+            // This crate and vm-private-memory touch guest memory only through volatile
+            // accesses, never through Rust references, as the DMA contract asks.
             let result = unsafe { self.iommu.vfio_dma_map(iova, PAGE_SIZE as usize, host) };
             if let Err(source) = result {
                 // All or none: take back what this call mapped.
                 for &(done, _) in wanted[..i].iter().rev() {
-                    if self.iommu.vfio_dma_unmap(done, PAGE_SIZE as usize).is_ok() {
-                        mapped.remove(&done);
+                    if unmap_page(&*self.iommu, done).is_err() {
+                        // A page that cannot be taken back must not turn private: accept
+                        // the conversion instead (the pages not mapped are shared and
+                        // unreachable by DMA, the safe side).
+                        return Ok(());
                     }
+                    state.mapped.remove(&done);
                 }
                 return Err(Error::Map { iova, source });
             }
-            mapped.insert(iova);
+            state.mapped.insert(iova);
         }
         Ok(())
     }
 }
 
-impl MemoryListener for DmaMapper {
+impl MemoryListener for Mapper {
     /// Unmaps every mapped page of `range`. If the IOMMU refuses an unmap, this panics
     /// (after unmapping what it could): vm-private-memory takes a panic in `discard` as
     /// "cannot let go" and stops the conversion, so the page stays shared while it is
-    /// still mapped.
+    /// still mapped. A page the IOMMU no longer maps (the VMM unmapped it, or the device
+    /// left its container) is simply forgotten.
     fn discard(&self, range: PageRange) {
-        let mut mapped = self.lock();
-        let inside: Vec<u64> = mapped.range(range.start()..range.end()).copied().collect();
+        let mut state = self.lock();
+        let inside: Vec<u64> = state
+            .mapped
+            .range(range.start()..range.end())
+            .copied()
+            .collect();
         let mut refused = None;
         for iova in inside {
-            match self.iommu.vfio_dma_unmap(iova, PAGE_SIZE as usize) {
-                Ok(()) => {
-                    mapped.remove(&iova);
+            match unmap_page(&*self.iommu, iova) {
+                Ok(Unmapped) => {
+                    state.mapped.remove(&iova);
                 }
-                Err(e) => refused = refused.or(Some((iova, e))),
+                Err(e) => refused = refused.or(Some(e)),
             }
         }
-        if let Some((iova, e)) = refused {
-            drop(mapped);
-            panic!("the IOMMU refused to unmap guest page {iova:#x}, which stays mapped: {e}");
+        if let Some(e) = refused {
+            drop(state);
+            panic!("{e}");
         }
     }
 
     fn populate(&self, range: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         Ok(self.map_range(range)?)
-    }
-}
-
-impl Drop for DmaMapper {
-    /// Unmaps whatever is still mapped (best effort: the device should be gone by now).
-    fn drop(&mut self) {
-        let mapped = std::mem::take(&mut *self.lock());
-        for iova in mapped {
-            let _ = self.iommu.vfio_dma_unmap(iova, PAGE_SIZE as usize);
-        }
     }
 }

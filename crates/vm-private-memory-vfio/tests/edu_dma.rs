@@ -20,7 +20,6 @@ mod edu;
 use edu::*;
 use std::fs;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guest_memfd::{PageRange, PAGE_SIZE};
@@ -39,8 +38,9 @@ fn dma_follows_conversions(backend: Backend, sysfs: &Path) {
     let memory = dual_memory(size);
     let (iommu, edu) = backend.open(sysfs);
 
-    let mapper = Arc::new(DmaMapper::new(iommu.clone(), memory.memory()));
-    let subscription = mapper.attach(&memory, pr(0, size)).unwrap();
+    let mapper = DmaMapper::new(iommu.clone())
+        .attach(&memory, pr(0, size))
+        .unwrap();
     assert_eq!(mapper.mapped_pages(), 0, "all private: nothing mapped");
 
     let window = pr(MIB, MIB);
@@ -74,6 +74,12 @@ fn dma_follows_conversions(backend: Backend, sysfs: &Path) {
     memory.convert(target_page, PageState::Private).unwrap();
     assert!(!mapper.is_mapped(target), "{name}: unmapped once private");
     assert_eq!(mapper.mapped_pages(), 255);
+    // The IOMMU itself holds no mapping there any more: unmapping it again is refused
+    // (type1: nothing unmapped; iommufd: ENOENT).
+    assert!(
+        iommu.vfio_dma_unmap(target, PAGE_SIZE as usize).is_err(),
+        "{name}: the IOMMU no longer maps the private page"
+    );
 
     // A DMA into it lands nowhere: not in the shared side, not in another page.
     let second = pattern(0x5c);
@@ -127,10 +133,11 @@ fn dma_follows_conversions(backend: Backend, sysfs: &Path) {
 
     // A mapper with a small budget: attaching maps the window (replayed, on the real
     // IOMMU); a conversion past its budget is refused and rolled back, nothing mapped.
-    drop(subscription);
     drop(mapper);
-    let small = Arc::new(DmaMapper::new(iommu.clone(), memory.memory()).with_budget(260));
-    let subscription = small.attach(&memory, pr(0, size)).unwrap();
+    let small = DmaMapper::new(iommu.clone())
+        .with_budget(260)
+        .attach(&memory, pr(0, size))
+        .unwrap();
     assert_eq!(small.mapped_pages(), 256);
     view.memory()
         .write_slice(&[0u8; TRANSFER], GuestAddress(target))
@@ -169,7 +176,6 @@ fn dma_follows_conversions(backend: Backend, sysfs: &Path) {
     assert_eq!(small.mapped_pages(), 256);
     println!("EDU {name}: a conversion past the mapping budget was refused and rolled back");
 
-    drop(subscription);
     drop(small);
     drop(edu);
     drop(iommu);
@@ -266,8 +272,9 @@ fn measure(backend: Backend, sysfs: &Path) {
     );
     time_conversions(&memory, small, REPS, &format!("backend={name} mapper=none"));
     time_conversions(&memory, large, REPS, &format!("backend={name} mapper=none"));
-    let mapper = Arc::new(DmaMapper::new(iommu.clone(), memory.memory()));
-    let subscription = mapper.attach(&memory, pr(0, GUEST)).unwrap();
+    let mapper = DmaMapper::new(iommu.clone())
+        .attach(&memory, pr(0, GUEST))
+        .unwrap();
     memory.convert(window, PageState::Shared).unwrap();
     assert_eq!(mapper.mapped_pages(), 512);
     let pinned = report_pins(
@@ -292,7 +299,6 @@ fn measure(backend: Backend, sysfs: &Path) {
         REPS,
         &format!("backend={name} mapper=DmaMapper"),
     );
-    drop(subscription);
     drop(mapper);
     drop(memory);
 

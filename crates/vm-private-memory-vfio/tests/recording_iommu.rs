@@ -72,11 +72,11 @@ impl VfioOps for RecordingIommu {
             self.states_at_unmap.lock().unwrap().push((iova, state));
         }
         let mut mappings = self.mappings.lock().unwrap();
-        assert_eq!(
-            mappings.get(&iova).map(|m| m.0),
-            Some(size),
-            "unmap of {iova:#x} names no whole mapping"
-        );
+        match mappings.get(&iova) {
+            // As type1: nothing mapped there unmaps 0 bytes, which vfio-ioctls reports.
+            None => return Err(VfioError::InvalidDmaUnmapSize),
+            Some((len, _)) => assert_eq!(*len, size, "unmap of {iova:#x} cuts a mapping"),
+        }
         mappings.remove(&iova);
         Ok(())
     }
@@ -120,10 +120,11 @@ fn shared_pages(memory: &PrivateMemory) -> Vec<u64> {
         .collect()
 }
 
-fn setup(memory: &PrivateMemory) -> (Arc<RecordingIommu>, Arc<DmaMapper>) {
+/// A recording IOMMU watching `memory`, and a mapper for it.
+fn setup(memory: &PrivateMemory) -> (Arc<RecordingIommu>, DmaMapper) {
     let iommu = Arc::new(RecordingIommu::default());
     *iommu.view.lock().unwrap() = Some(memory.memory());
-    let mapper = Arc::new(DmaMapper::new(iommu.clone(), memory.memory()));
+    let mapper = DmaMapper::new(iommu.clone());
     (iommu, mapper)
 }
 
@@ -139,7 +140,7 @@ fn attaching_maps_exactly_the_pages_shared_now_each_at_its_guest_address() {
     m.convert(pr(4 * MIB2, PAGE_SIZE), PageState::Shared)
         .unwrap();
     let (iommu, mapper) = setup(&m);
-    let _s = mapper.attach(&m, pr(0, 5 * MIB2)).unwrap();
+    let _dma = mapper.attach(&m, pr(0, 5 * MIB2)).unwrap();
     assert_eq!(iommu.mapped(), shared_pages(&m));
     assert_eq!(iommu.mapped(), [0x3000, 0x4000, 0x5000, 4 * MIB2]);
     // Each page at its own host address in the region's mapping.
@@ -164,7 +165,7 @@ fn conversions_are_followed_and_pages_are_unmapped_before_they_turn_private() {
         return;
     };
     let (iommu, mapper) = setup(&m);
-    let _s = mapper.attach(&m, pr(0, 5 * MIB2)).unwrap();
+    let mapper = mapper.attach(&m, pr(0, 5 * MIB2)).unwrap();
     assert!(iommu.mapped().is_empty());
     let window = pr(16 * PAGE_SIZE, 8 * PAGE_SIZE);
     m.convert(window, PageState::Shared).unwrap();
@@ -195,7 +196,7 @@ fn a_mapping_the_iommu_refuses_rolls_the_conversion_back_with_nothing_left_mappe
         return;
     };
     let (iommu, mapper) = setup(&m);
-    let _s = mapper.attach(&m, pr(0, 5 * MIB2)).unwrap();
+    let mapper = mapper.attach(&m, pr(0, 5 * MIB2)).unwrap();
     m.convert(pr(0, PAGE_SIZE), PageState::Shared).unwrap();
     *iommu.fail_map.lock().unwrap() = Some(12 * PAGE_SIZE);
     let err = m
@@ -232,8 +233,10 @@ fn a_conversion_past_the_mapping_budget_is_refused_whole() {
         return;
     };
     let iommu = Arc::new(RecordingIommu::default());
-    let mapper = Arc::new(DmaMapper::new(iommu.clone(), m.memory()).with_budget(10));
-    let _s = mapper.attach(&m, pr(0, 5 * MIB2)).unwrap();
+    let mapper = DmaMapper::new(iommu.clone())
+        .with_budget(10)
+        .attach(&m, pr(0, 5 * MIB2))
+        .unwrap();
     m.convert(pr(0, 6 * PAGE_SIZE), PageState::Shared).unwrap();
     let maps_before = *iommu.maps.lock().unwrap();
     let err = m
@@ -255,11 +258,14 @@ fn a_conversion_past_the_mapping_budget_is_refused_whole() {
         .unwrap();
     assert_eq!(mapper.mapped_pages(), 10);
     // Attaching where more is shared than the budget allows fails and maps nothing.
-    let small =
-        Arc::new(DmaMapper::new(Arc::new(RecordingIommu::default()), m.memory()).with_budget(3));
-    let err = small.attach(&m, pr(0, 5 * MIB2)).unwrap_err();
+    let other = Arc::new(RecordingIommu::default());
+    let err = DmaMapper::new(other.clone())
+        .with_budget(3)
+        .attach(&m, pr(0, 5 * MIB2))
+        .unwrap_err();
     assert!(matches!(err, Error::ListenerRefused { .. }), "{err}");
-    assert_eq!(small.mapped_pages(), 0);
+    assert_eq!(*other.maps.lock().unwrap(), 0);
+    assert_eq!(m.listener_count(), 1, "only the first mapper is subscribed");
 }
 
 #[test]
@@ -270,7 +276,7 @@ fn an_unmap_the_iommu_refuses_stops_the_conversion_and_the_page_stays_shared() {
         return;
     };
     let (iommu, mapper) = setup(&m);
-    let _s = mapper.attach(&m, pr(0, 5 * MIB2)).unwrap();
+    let _dma = mapper.attach(&m, pr(0, 5 * MIB2)).unwrap();
     m.convert(pr(0, 2 * PAGE_SIZE), PageState::Shared).unwrap();
     *iommu.fail_unmap.lock().unwrap() = true;
     let err = m
@@ -299,21 +305,25 @@ fn an_unmap_the_iommu_refuses_stops_the_conversion_and_the_page_stays_shared() {
 }
 
 #[test]
-fn removing_a_region_or_dropping_the_mapper_unmaps_its_pages() {
-    let Some(m) = in_place_or_skip("removing_a_region_or_dropping_the_mapper_unmaps_its_pages")
+fn removing_a_region_or_dropping_the_attachment_unmaps_its_pages() {
+    let Some(m) = in_place_or_skip("removing_a_region_or_dropping_the_attachment_unmaps_its_pages")
     else {
         return;
     };
-    let iommu = Arc::new(RecordingIommu::default());
-    let mapper = Arc::new(DmaMapper::new(iommu.clone(), m.memory()));
-    let s = mapper.attach(&m, pr(0, 5 * MIB2)).unwrap();
+    let (iommu, mapper) = setup(&m);
+    let dma = mapper.attach(&m, pr(0, 5 * MIB2)).unwrap();
     m.convert(pr(0, 2 * PAGE_SIZE), PageState::Shared).unwrap();
     m.convert(pr(4 * MIB2, 2 * PAGE_SIZE), PageState::Shared)
         .unwrap();
     m.remove_region(4 * MIB2).unwrap();
     assert_eq!(iommu.mapped(), [0, PAGE_SIZE]);
-    drop(s);
-    drop(mapper);
+    // Dropping the attachment unmaps everything, then stops following: later
+    // conversions map nothing.
+    drop(dma);
+    assert!(iommu.mapped().is_empty());
+    assert_eq!(m.listener_count(), 0);
+    m.convert(pr(8 * PAGE_SIZE, PAGE_SIZE), PageState::Shared)
+        .unwrap();
     assert!(iommu.mapped().is_empty());
 }
 
@@ -326,7 +336,7 @@ fn the_iommu_maps_exactly_the_shared_pages_after_any_sequence() {
         return;
     };
     let (iommu, mapper) = setup(&m);
-    let _s = mapper.attach(&m, pr(0, 5 * MIB2)).unwrap();
+    let _dma = mapper.attach(&m, pr(0, 5 * MIB2)).unwrap();
     // The model: a page is mapped from the conversion that makes it shared until one
     // makes it private or frees it (a freed page stays shared, but is mapped again only
     // when offered again).
@@ -371,4 +381,67 @@ fn the_iommu_maps_exactly_the_shared_pages_after_any_sequence() {
             );
         }
     }
+}
+
+#[test]
+fn a_page_the_iommu_no_longer_maps_can_still_go_private() {
+    let Some(m) = in_place_or_skip("a_page_the_iommu_no_longer_maps_can_still_go_private") else {
+        return;
+    };
+    let (iommu, mapper) = setup(&m);
+    let dma = mapper.attach(&m, pr(0, 5 * MIB2)).unwrap();
+    m.convert(pr(0, 2 * PAGE_SIZE), PageState::Shared).unwrap();
+    // The VMM (or the device leaving its container) unmapped page 0 behind the mapper.
+    iommu.vfio_dma_unmap(0, PAGE_SIZE as usize).unwrap();
+    m.convert(pr(0, 2 * PAGE_SIZE), PageState::Private).unwrap();
+    assert!(iommu.mapped().is_empty());
+    assert_eq!(dma.mapped_pages(), 0);
+}
+
+/// A map fails part way and taking back what was mapped fails too: the pages must not
+/// turn private while mapped, so the conversion is accepted with the pages it could not
+/// map left unmapped (shared, out of the device's reach).
+#[test]
+fn a_take_back_the_iommu_refuses_leaves_the_pages_shared_not_private_and_mapped() {
+    let Some(m) = in_place_or_skip(
+        "a_take_back_the_iommu_refuses_leaves_the_pages_shared_not_private_and_mapped",
+    ) else {
+        return;
+    };
+    let (iommu, mapper) = setup(&m);
+    let dma = mapper.attach(&m, pr(0, 5 * MIB2)).unwrap();
+    *iommu.fail_map.lock().unwrap() = Some(3 * PAGE_SIZE);
+    *iommu.fail_unmap.lock().unwrap() = true;
+    m.convert(pr(0, 6 * PAGE_SIZE), PageState::Shared).unwrap();
+    for page in iommu.mapped() {
+        assert_eq!(m.state_of(page), Some(PageState::Shared), "{page:#x}");
+    }
+    assert!(dma.is_mapped(0) && !dma.is_mapped(3 * PAGE_SIZE));
+}
+
+#[test]
+fn a_detach_the_iommu_refuses_keeps_following_so_the_page_cannot_go_private() {
+    let Some(m) = in_place_or_skip(
+        "a_detach_the_iommu_refuses_keeps_following_so_the_page_cannot_go_private",
+    ) else {
+        return;
+    };
+    let (iommu, mapper) = setup(&m);
+    let dma = mapper.attach(&m, pr(0, 5 * MIB2)).unwrap();
+    m.convert(pr(0, PAGE_SIZE), PageState::Shared).unwrap();
+    *iommu.fail_unmap.lock().unwrap() = true;
+    let err = dma.detach().unwrap_err();
+    assert!(
+        err.to_string().contains("refused to unmap guest page 0x0"),
+        "{err}"
+    );
+    // Still subscribed: the page still mapped cannot turn private.
+    assert_eq!(m.listener_count(), 1);
+    assert!(m.convert(pr(0, PAGE_SIZE), PageState::Private).is_err());
+    assert_eq!(m.state_of(0), Some(PageState::Shared));
+    // A mapper that let go maps nothing more.
+    *iommu.fail_unmap.lock().unwrap() = false;
+    m.convert(pr(PAGE_SIZE, PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    assert_eq!(iommu.mapped(), [0]);
 }

@@ -127,8 +127,9 @@ pub enum Error {
         /// The guest-physical address of the first private page in it.
         page: u64,
     },
-    /// A listener refused to take a range that became shared; the conversion was undone.
-    #[error("listener refused to populate {range}: {reason}; the conversion was rolled back")]
+    /// A listener refused a range it was offered (`populate`) or could not let go of one
+    /// (a panic in `discard`); the operation was undone.
+    #[error("a listener refused {range}: {reason}; the operation was undone")]
     ListenerRefused {
         /// The range offered to the listener (clipped to its subscription).
         range: GpaRange,

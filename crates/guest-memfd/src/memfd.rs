@@ -16,6 +16,7 @@ use crate::flags::GuestMemfdFlags;
 use crate::range::{is_page_aligned, PageRange};
 use crate::uapi::KVM_CAP_GUEST_MEMFD_FLAGS;
 use crate::vm_ops::VmOps;
+use vmm_sys_util::errno;
 
 /// A KVM guest_memfd: a file of guest memory that belongs to one VM.
 ///
@@ -58,7 +59,13 @@ impl GuestMemfd {
     ///
     /// [`Error::GuestMemfdUnsupported`], [`Error::InvalidSize`] and
     /// [`Error::UnsupportedFlags`] before any system call; [`Error::Create`] with the
-    /// kernel's errno if `KVM_CREATE_GUEST_MEMFD` fails.
+    /// kernel's errno if `KVM_CREATE_GUEST_MEMFD` fails, or if marking the descriptor
+    /// close-on-exec does.
+    ///
+    /// The descriptor is close-on-exec, as Rust's own files are: KVM creates it without
+    /// `FD_CLOEXEC`, and a process the VMM starts (a vhost-user backend, a helper) must
+    /// not inherit the file of the guest's private pages. A `fork` and `exec` on another
+    /// thread between the ioctl and the `fcntl` that sets the flag can still inherit it.
     pub fn create(vm: &(impl VmOps + ?Sized), size: u64, flags: GuestMemfdFlags) -> Result<Self> {
         if vm.check_extension_raw(KVM_CAP_GUEST_MEMFD) <= 0 {
             return Err(Error::GuestMemfdUnsupported);
@@ -86,6 +93,14 @@ impl GuestMemfd {
                 flags,
                 source,
             })?;
+        // SAFETY: F_SETFD takes an integer argument; `fd` is an open descriptor we own.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+            return Err(Error::Create {
+                size,
+                flags,
+                source: errno::Error::last(),
+            });
+        }
         Ok(GuestMemfd {
             file: MemoryFile::new(File::from(fd), size),
             flags,

@@ -327,3 +327,22 @@ fn out_of_bounds_errors_name_the_range_and_the_file_size() {
     assert!(text.contains("0x4000 bytes"), "{text}");
     assert_eq!(err.errno(), None, "refused before any system call");
 }
+
+#[test]
+fn a_created_guest_memfd_is_close_on_exec_where_the_kernel_makes_it_inheritable() {
+    let vm = vm();
+    let raw = kvm_create_guest_memfd {
+        size: PAGE_SIZE,
+        ..Default::default()
+    };
+    // KVM itself hands out an inheritable descriptor ...
+    let kernels = guest_memfd::VmOps::create_guest_memfd(&vm, raw).unwrap();
+    // SAFETY: F_GETFD takes no argument; the descriptor is open.
+    let kernel_flags = unsafe { libc::fcntl(kernels.as_raw_fd(), libc::F_GETFD) };
+    assert_eq!(kernel_flags & libc::FD_CLOEXEC, 0);
+    // ... which a process the VMM starts would inherit; the crate's is close-on-exec.
+    let gmem = GuestMemfd::create(&vm, PAGE_SIZE, GuestMemfdFlags::empty()).unwrap();
+    // SAFETY: as above.
+    let flags = unsafe { libc::fcntl(gmem.as_raw_fd(), libc::F_GETFD) };
+    assert_ne!(flags & libc::FD_CLOEXEC, 0);
+}

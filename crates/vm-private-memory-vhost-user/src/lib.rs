@@ -1,0 +1,136 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! A vhost-user backend's memory table kept equal to the shared pages of confidential
+//! guest memory.
+//!
+//! A vhost-user backend is another process (a rust-vmm `vhost-user-backend` daemon, a
+//! virtiofsd, a DPDK switch) that serves virtio queues straight out of guest memory: the
+//! frontend (the VMM) hands it file descriptors and offsets, and it maps them. The usual
+//! idiom (`SET_MEM_TABLE` with every region's file) would give it the file of private
+//! pages too. [`VhostUserMapper`] gives it only the shared side, and follows
+//! conversions:
+//!
+//! - the backend gets the dual strategy's sealed memfd of shared pages, never the
+//!   guest_memfd, and only the runs that are shared: its table is one region per shared
+//!   run (or part of one);
+//! - once a conversion to private returns, the backend no longer maps the page: it can
+//!   neither read what the page held nor write to it, which would allocate the page again
+//!   on the shared side and hold the guest's memory twice;
+//! - a conversion to shared gives the range back.
+//!
+//! A read-only copy of the page bits in the backend could not give the second point: the
+//! backend's check-then-copy races the punch. What does is the frontend revoking the
+//! backend's mapping and waiting for the backend to confirm before the punch.
+//!
+//! # Protocol
+//!
+//! What the frontend ([`VhostUserMapper`], on the converting thread) sends:
+//!
+//! 1. **Negotiation** (the VMM): the virtio feature `VHOST_USER_F_PROTOCOL_FEATURES`,
+//!    then the protocol features `CONFIGURE_MEM_SLOTS` and `REPLY_ACK`
+//!    ([`REQUIRED_PROTOCOL_FEATURES`]). [`VhostUserMapper::new`] checks that both were
+//!    acknowledged and that the backend offers them (`GET_PROTOCOL_FEATURES`), reads the
+//!    backend's slot count (`GET_MAX_MEM_SLOTS`), and sets `NEED_REPLY` on every
+//!    message from then on. No `SET_MEM_TABLE`: the table is built region by region.
+//! 2. **Attach** ([`VhostUserMapper::attach`]): `ADD_MEM_REG` for each run shared now
+//!    (through `subscribe_with_replay`, so no conversion slips in between), each
+//!    acknowledged: `fd` = the region's sealed memfd, `mmap_offset` = the run's offset
+//!    in it, `guest_phys_addr` = the run's guest address, `userspace_addr` = the
+//!    frontend's host address of the run (the backend translates vring addresses with
+//!    it), `memory_size` = the run's length.
+//! 3. **Conversion to shared** (`populate`, after the bits changed): `ADD_MEM_REG` for
+//!    the parts of the new runs not in the table. Adjacent regions are not merged, so
+//!    adding never removes anything. Over the slot budget it sends nothing and refuses;
+//!    if the backend refuses a region, the regions this conversion added are removed
+//!    again and the conversion is rolled back.
+//! 4. **Conversion to private, discard, region removal** (`discard`, before the bits
+//!    change): first the budget (removing part of a region leaves up to two parts); over
+//!    it, it panics before any message, which stops the conversion with nothing changed.
+//!    Then, for each region overlapping the range: `REM_MEM_REG` of the whole region
+//!    (exact guest address and size), waiting for the backend's acknowledgement; then
+//!    `ADD_MEM_REG` of the parts that stay shared. A removal that is not acknowledged
+//!    (or is refused) panics: the backend may still map the region, so the conversion
+//!    stops and the range stays shared.
+//! 5. Only when every removal was acknowledged does `discard` return, and only then does
+//!    vm-private-memory punch the page out of the memfd and mark it private.
+//!
+//! What the backend must guarantee **before it acknowledges a `REM_MEM_REG`** (sends the
+//! `REPLY_ACK` with 0): no thread of it accesses the region through the removed mapping
+//! any more, now or later. With rust-vmm's `vhost-user-backend`, the daemon replaces its
+//! `GuestMemoryAtomic` and calls `VhostUserBackend::update_memory` before it acks, and
+//! the old mapping is unmapped once the last snapshot of the old memory is dropped; so
+//! the backend's `update_memory` must wait until every worker that may hold a snapshot
+//! (a `GuestMemoryLoadGuard`, a cloned `GuestMemoryMmap`, a `VolatileSlice`) has let go
+//! of it, for example by taking for writing an `RwLock` that its `handle_event` holds
+//! for reading. The daemon does not do this by itself. The backend must not wait for the
+//! frontend while doing so (a request on the backend channel that needs a reply would
+//! deadlock with the frontend waiting for the ack), and must not keep the memfd's
+//! descriptor to map other offsets of it: the descriptor reaches the whole file, and
+//! mapping an offset the frontend did not give (or no longer gives) would allocate
+//! pages there. The file never holds a private page's content (such pages are punched).
+//!
+//! One cost of region-granular removal: when a conversion to private splits a region,
+//! the parts that stay shared are absent from the backend's table between the removal's
+//! acknowledgement and their re-addition. A backend access to them in that window fails
+//! like an access to a private page (the backend reports it on the request). Memory
+//! slots are limited (`vhost-user-backend` allows 509): a guest that shares memory in
+//! many small pieces, or splits runs by converting pages in their middle, gets an error
+//! ([`Error::SlotBudget`] on sharing, a refused conversion on splitting), never a
+//! half-revoked state.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use guest_memfd::PageRange;
+//! use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+//! use vhost::vhost_user::{Frontend, VhostUserFrontend};
+//! use vhost::VhostBackend;
+//! use vm_private_memory::{MemoryBuilder, PageState, Strategy};
+//! use vm_private_memory_vhost_user::{VhostUserMapper, REQUIRED_PROTOCOL_FEATURES};
+//!
+//! // A TDX or SEV-SNP VM: the dual strategy.
+//! let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+//! let memory = MemoryBuilder::new(vm)
+//!     .region_at(0, 1 << 30)
+//!     .strategy(Strategy::Dual)
+//!     .initial_state(PageState::Private)
+//!     .build()
+//!     .unwrap();
+//!
+//! // Connect and negotiate as a VMM does, with the two protocol features the mapper needs.
+//! let mut frontend = Frontend::connect("/run/backend.sock", 1).unwrap();
+//! let features = frontend.get_features().unwrap();
+//! frontend.set_features(features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()).unwrap();
+//! let acked = frontend.get_protocol_features().unwrap() & REQUIRED_PROTOCOL_FEATURES;
+//! frontend.set_protocol_features(acked).unwrap();
+//! frontend.set_owner().unwrap();
+//!
+//! // Give the backend the shared runs, and follow every conversion from here on. Keep
+//! // the subscription for as long as the backend serves the guest.
+//! let mapper = Arc::new(VhostUserMapper::new(frontend.clone(), acked, &memory).unwrap());
+//! let _subscription = mapper.attach(&memory, PageRange::new(0, 1 << 30).unwrap()).unwrap();
+//!
+//! // The guest shares a bounce buffer: the backend maps it before `convert` returns ...
+//! let window = PageRange::new(0x10_0000, 0x20_0000).unwrap();
+//! memory.convert(window, PageState::Shared).unwrap();
+//! assert!(mapper.is_mapped(0x10_0000));
+//! // ... then the vrings are set up with the frontend's host addresses (set_vring_addr)
+//! // ... and when the guest takes it back, the backend has let go before the punch.
+//! memory.convert(window, PageState::Private).unwrap();
+//! assert!(!mapper.is_mapped(0x10_0000));
+//! ```
+
+#![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![warn(clippy::missing_errors_doc, clippy::missing_panics_doc)]
+
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!(
+    "vm-private-memory-vhost-user needs a 64-bit target: it casts host addresses to u64"
+);
+
+mod mapper;
+
+pub use mapper::{BackendRegion, Error, VhostUserMapper, REQUIRED_PROTOCOL_FEATURES};

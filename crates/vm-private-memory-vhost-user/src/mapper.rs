@@ -1,0 +1,474 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The listener that keeps a vhost-user backend's memory table equal to the shared runs.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Mutex, MutexGuard};
+
+use guest_memfd::{PageRange, PAGE_SIZE};
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::VhostUserMemoryRegionInfo;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_private_memory::{
+    shared_runs, GuestMemoryPrivate, MemoryListener, PrivateMemory, Strategy, Subscription,
+};
+
+/// The vhost-user protocol features a [`VhostUserMapper`] needs acknowledged:
+/// `CONFIGURE_MEM_SLOTS` (`ADD_MEM_REG`, `REM_MEM_REG`, `GET_MAX_MEM_SLOTS`) and
+/// `REPLY_ACK` (the backend confirms each removal).
+pub const REQUIRED_PROTOCOL_FEATURES: VhostUserProtocolFeatures =
+    VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS.union(VhostUserProtocolFeatures::REPLY_ACK);
+
+/// Why a [`VhostUserMapper`] could not be made or attached, or refused a range (a
+/// conversion that offered it is rolled back and carries this as its
+/// [`vm_private_memory::ListenerRefusal`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The memory has no file another process may map.
+    #[error(
+        "a vhost-user backend cannot be given memory of the {strategy:?} strategy: its only file is the guest_memfd, which holds private pages too, and no other process may map it; build the memory with Strategy::Dual, whose shared pages live in a sealed memfd of their own"
+    )]
+    NoShareableFile {
+        /// The memory's strategy.
+        strategy: Strategy,
+    },
+    /// The frontend did not acknowledge protocol features the mapper needs.
+    #[error(
+        "the vhost-user frontend has not acknowledged the protocol features {missing:?}, without which a backend's access cannot be revoked: ack VHOST_USER_F_PROTOCOL_FEATURES (set_features), then CONFIGURE_MEM_SLOTS and REPLY_ACK (set_protocol_features), and pass the features acknowledged"
+    )]
+    NotNegotiated {
+        /// The protocol features missing from those acknowledged.
+        missing: VhostUserProtocolFeatures,
+    },
+    /// The backend does not offer protocol features the mapper needs.
+    #[error(
+        "the vhost-user backend does not offer the protocol features {missing:?}: it cannot add and remove single memory regions with acknowledgements, so its access to pages that go private cannot be revoked; use a backend that supports CONFIGURE_MEM_SLOTS and REPLY_ACK"
+    )]
+    NotOffered {
+        /// The protocol features the backend does not offer.
+        missing: VhostUserProtocolFeatures,
+    },
+    /// A query to the backend failed.
+    #[error("asking the vhost-user backend for {request} failed: {source} (was get_features called, and is the backend still connected?)")]
+    Query {
+        /// The request (`GET_PROTOCOL_FEATURES`, `GET_MAX_MEM_SLOTS`).
+        request: &'static str,
+        /// vhost's error, with the socket's errno where there is one.
+        #[source]
+        source: vhost::Error,
+    },
+    /// Mapping the range would take more memory slots than the budget allows.
+    #[error(
+        "mapping [{:#x}, {:#x}) into the vhost-user backend needs {needed} more memory slots, but {held} of a budget of {budget} are held: share fewer, larger ranges, or raise the backend's slot limit (GET_MAX_MEM_SLOTS) and this mapper's budget (VhostUserMapper::with_slot_budget)",
+        range.start(), range.end()
+    )]
+    SlotBudget {
+        /// The range offered.
+        range: PageRange,
+        /// Slots it needs.
+        needed: usize,
+        /// Slots held before it.
+        held: usize,
+        /// The budget.
+        budget: usize,
+    },
+    /// The backend refused (or did not acknowledge) a region.
+    #[error(
+        "ADD_MEM_REG of guest [{:#x}, {:#x}) to the vhost-user backend failed: {source}; the backend does not map it (check the backend's log, and that it is still connected)",
+        range.start(), range.end()
+    )]
+    Add {
+        /// The region's guest-physical range.
+        range: PageRange,
+        /// vhost's error, with the socket's errno where there is one.
+        #[source]
+        source: vhost::Error,
+    },
+    /// The mapper is attached already.
+    #[error("this vhost-user mapper is attached already: make one mapper per backend and memory")]
+    AlreadyAttached,
+    /// Subscribing to the memory failed.
+    #[error("subscribing the vhost-user mapper to guest memory failed: {0}")]
+    Subscribe(#[source] vm_private_memory::Error),
+}
+
+/// One region of the backend's memory table, as the mapper added it (`ADD_MEM_REG`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendRegion {
+    /// Its guest-physical range: a run of shared pages, or part of one.
+    pub guest: PageRange,
+    /// The frontend's host address of its first byte (the message's `userspace_addr`,
+    /// which the backend uses to translate the frontend's vring addresses).
+    pub userspace_addr: u64,
+    /// Its offset in the sealed memfd of shared pages (the message's `mmap_offset`).
+    pub mmap_offset: u64,
+}
+
+impl BackendRegion {
+    fn info(&self, fd: RawFd) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: self.guest.start(),
+            memory_size: self.guest.len(),
+            userspace_addr: self.userspace_addr,
+            mmap_offset: self.mmap_offset,
+            mmap_handle: fd,
+        }
+    }
+
+    /// The part of the region over `part`, which lies inside it.
+    fn clip(&self, part: PageRange) -> BackendRegion {
+        let delta = part.start() - self.guest.start();
+        BackendRegion {
+            guest: part,
+            userspace_addr: self.userspace_addr + delta,
+            mmap_offset: self.mmap_offset + delta,
+        }
+    }
+}
+
+struct State {
+    frontend: Frontend,
+    /// The view of the memory attached to, once attached.
+    view: Option<GuestMemoryAtomic<GuestMemoryPrivate>>,
+    /// The backend's table as this mapper made it, by guest start.
+    table: BTreeMap<u64, BackendRegion>,
+    /// Errors no conversion could carry (see [`VhostUserMapper::take_errors`]).
+    errors: Vec<Error>,
+}
+
+/// A [`MemoryListener`] that keeps a vhost-user backend's memory table equal to the
+/// shared runs of guest memory, and revokes the backend's mapping of a range (waiting
+/// for its acknowledgement) before the range turns private. See the crate documentation
+/// for the protocol.
+pub struct VhostUserMapper {
+    budget: usize,
+    backend_slots: u64,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for VhostUserMapper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserMapper")
+            .field("budget", &self.budget)
+            .field("backend_slots", &self.backend_slots)
+            .field("regions", &self.lock().table.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The parts of `range` not covered by `table`'s regions, in order.
+fn uncovered(table: &BTreeMap<u64, BackendRegion>, range: PageRange) -> Vec<PageRange> {
+    let mut covered: Vec<PageRange> = table
+        .range(..range.end())
+        .rev()
+        .take_while(|(_, r)| r.guest.end() > range.start())
+        .map(|(_, r)| r.guest)
+        .collect();
+    covered.reverse();
+    let mut gaps = Vec::new();
+    let mut at = range.start();
+    for c in covered {
+        if c.start() > at {
+            gaps.extend(PageRange::new(at, c.start() - at).ok());
+        }
+        at = at.max(c.end());
+    }
+    if at < range.end() {
+        gaps.extend(PageRange::new(at, range.end() - at).ok());
+    }
+    gaps
+}
+
+impl VhostUserMapper {
+    /// A mapper for the backend behind `frontend`, for `memory`. It maps nothing until
+    /// attached ([`VhostUserMapper::attach`]).
+    ///
+    /// `acked` is what the frontend acknowledged with `set_protocol_features`; it must
+    /// hold [`REQUIRED_PROTOCOL_FEATURES`], and the backend must offer them (asked with
+    /// `GET_PROTOCOL_FEATURES`, so the frontend must have asked `get_features` first).
+    /// The backend's `GET_MAX_MEM_SLOTS` is the slot budget. From here on every message
+    /// of `frontend` asks for a reply (`NEED_REPLY`): each `ADD_MEM_REG` and
+    /// `REM_MEM_REG` waits for the backend's acknowledgement. The VMM must not send
+    /// `SET_MEM_TABLE` for this memory: the table is built region by region.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoShareableFile`] for in-place memory (checked first, before any
+    /// message); [`Error::NotNegotiated`], [`Error::NotOffered`] or [`Error::Query`]
+    /// if the protocol features or the slot count are not there.
+    pub fn new(
+        mut frontend: Frontend,
+        acked: VhostUserProtocolFeatures,
+        memory: &PrivateMemory,
+    ) -> Result<Self, Error> {
+        shareable(memory)?;
+        let missing = REQUIRED_PROTOCOL_FEATURES.difference(acked);
+        if !missing.is_empty() {
+            return Err(Error::NotNegotiated { missing });
+        }
+        let offered = frontend
+            .get_protocol_features()
+            .map_err(|source| Error::Query {
+                request: "GET_PROTOCOL_FEATURES",
+                source,
+            })?;
+        let missing = REQUIRED_PROTOCOL_FEATURES.difference(offered);
+        if !missing.is_empty() {
+            return Err(Error::NotOffered { missing });
+        }
+        let backend_slots = frontend
+            .get_max_mem_slots()
+            .map_err(|source| Error::Query {
+                request: "GET_MAX_MEM_SLOTS",
+                source,
+            })?;
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        Ok(VhostUserMapper {
+            budget: usize::try_from(backend_slots).unwrap_or(usize::MAX),
+            backend_slots,
+            state: Mutex::new(State {
+                frontend,
+                view: None,
+                table: BTreeMap::new(),
+                errors: Vec::new(),
+            }),
+        })
+    }
+
+    /// Allows at most `slots` regions in the backend's table (never more than the
+    /// backend's `GET_MAX_MEM_SLOTS`): leave room for regions the VMM adds itself.
+    pub fn with_slot_budget(mut self, slots: usize) -> Self {
+        self.budget = slots.min(usize::try_from(self.backend_slots).unwrap_or(usize::MAX));
+        self
+    }
+
+    /// How many regions this mapper may hold in the backend's table.
+    pub fn slot_budget(&self) -> usize {
+        self.budget
+    }
+
+    /// What the backend answered to `GET_MAX_MEM_SLOTS`.
+    pub fn backend_slots(&self) -> u64 {
+        self.backend_slots
+    }
+
+    /// Adds every run of `range` that is shared now to the backend's table and
+    /// subscribes to `memory`, so that every later conversion in `range` is followed,
+    /// with nothing missed in between. Keep the returned subscription for as long as the
+    /// backend serves the guest; dropping it stops following conversions (drop the
+    /// mapper too, which removes what it added).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoShareableFile`] for in-place memory; [`Error::AlreadyAttached`];
+    /// [`Error::Subscribe`] if the runs shared now cannot all be added (over the slot
+    /// budget, or the backend refused one): nothing stays added and nothing is
+    /// subscribed.
+    pub fn attach(
+        self: &std::sync::Arc<Self>,
+        memory: &PrivateMemory,
+        range: PageRange,
+    ) -> Result<Subscription, Error> {
+        shareable(memory)?;
+        {
+            let mut state = self.lock();
+            if state.view.is_some() {
+                return Err(Error::AlreadyAttached);
+            }
+            state.view = Some(memory.memory());
+        }
+        let listener: std::sync::Arc<dyn MemoryListener> = self.clone();
+        memory.subscribe_with_replay(range, listener).map_err(|e| {
+            self.lock().view = None;
+            Error::Subscribe(e)
+        })
+    }
+
+    /// The backend's memory table as this mapper made it, in guest address order.
+    pub fn regions(&self) -> Vec<BackendRegion> {
+        self.lock().table.values().copied().collect()
+    }
+
+    /// How many regions (memory slots) this mapper holds in the backend's table.
+    pub fn slots_used(&self) -> usize {
+        self.lock().table.len()
+    }
+
+    /// Whether the page holding `gpa` is in the backend's table now.
+    pub fn is_mapped(&self, gpa: u64) -> bool {
+        let page = gpa & !(PAGE_SIZE - 1);
+        self.lock()
+            .table
+            .range(..=page)
+            .next_back()
+            .is_some_and(|(_, r)| r.guest.end() > page)
+    }
+
+    /// Takes the errors that no conversion could carry: when a region is split by a
+    /// revocation, the parts that stay shared are added back after the removal; if the
+    /// backend refuses one, the revocation still stands (the conversion goes on) and
+    /// that part is missing from the backend's table until it is offered again. Each
+    /// error names the part.
+    pub fn take_errors(&self) -> Vec<Error> {
+        std::mem::take(&mut self.lock().errors)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every change of the state is whole (a table entry changes only after the
+        // backend acknowledged the message), so a panic elsewhere leaves it consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds the shared runs of `range` not in the table yet, all or none.
+    fn add_shared(&self, state: &mut State, range: PageRange) -> Result<(), Error> {
+        let Some(view) = state.view.as_ref().map(GuestAddressSpace::memory) else {
+            return Ok(());
+        };
+        // What to add, checked whole before the first message.
+        let mut wanted: Vec<(BackendRegion, RawFd)> = Vec::new();
+        for run in shared_runs(&view, range) {
+            let guest = run.guest_range();
+            let file = run.file().ok_or(Error::NoShareableFile {
+                strategy: Strategy::InPlace,
+            })?;
+            let whole = BackendRegion {
+                guest,
+                userspace_addr: run.host_address() as u64,
+                mmap_offset: file.offset,
+            };
+            for gap in uncovered(&state.table, guest) {
+                wanted.push((whole.clip(gap), file.fd.as_raw_fd()));
+            }
+        }
+        let held = state.table.len();
+        if held + wanted.len() > self.budget {
+            return Err(Error::SlotBudget {
+                range,
+                needed: wanted.len(),
+                held,
+                budget: self.budget,
+            });
+        }
+        for (i, (region, fd)) in wanted.iter().enumerate() {
+            // The descriptor is the region's sealed memfd, kept open by `view`.
+            if let Err(source) = state.frontend.add_mem_region(&region.info(*fd)) {
+                // All or none: take back what this call added.
+                for (done, _) in wanted[..i].iter().rev() {
+                    if state.frontend.remove_mem_region(&done.info(-1)).is_ok() {
+                        state.table.remove(&done.guest.start());
+                    }
+                }
+                return Err(Error::Add {
+                    range: region.guest,
+                    source,
+                });
+            }
+            state.table.insert(region.guest.start(), *region);
+        }
+        Ok(())
+    }
+
+    /// Removes every region overlapping `range` and adds back the parts outside it.
+    fn revoke(&self, range: PageRange) {
+        let mut state = self.lock();
+        let overlapping: Vec<BackendRegion> = state
+            .table
+            .range(..range.end())
+            .rev()
+            .take_while(|(_, r)| r.guest.end() > range.start())
+            .map(|(_, r)| *r)
+            .collect();
+        let leftovers = |r: &BackendRegion| -> Vec<BackendRegion> {
+            let mut parts = Vec::new();
+            if r.guest.start() < range.start() {
+                parts.extend(
+                    PageRange::new(r.guest.start(), range.start() - r.guest.start())
+                        .ok()
+                        .map(|p| r.clip(p)),
+                );
+            }
+            if r.guest.end() > range.end() {
+                parts.extend(
+                    PageRange::new(range.end(), r.guest.end() - range.end())
+                        .ok()
+                        .map(|p| r.clip(p)),
+                );
+            }
+            parts
+        };
+        // The budget first, before any message: a revocation that cannot finish must
+        // not start.
+        let after = state.table.len() - overlapping.len()
+            + overlapping
+                .iter()
+                .map(|r| leftovers(r).len())
+                .sum::<usize>();
+        if after > self.budget {
+            drop(state);
+            panic!(
+                "revoking the vhost-user backend's access to [{:#x}, {:#x}) splits a region and needs {after} memory slots, over the budget of {}: nothing was revoked and the range stays shared; convert whole shared runs, or raise the slot budget",
+                range.start(),
+                range.end(),
+                self.budget
+            );
+        }
+        for region in overlapping.into_iter().rev() {
+            // REM_MEM_REG names the whole region; the backend acknowledges it once it no
+            // longer accesses the region's mapping.
+            if let Err(e) = state.frontend.remove_mem_region(&region.info(-1)) {
+                drop(state);
+                panic!(
+                    "the vhost-user backend did not acknowledge REM_MEM_REG of guest [{:#x}, {:#x}): {e}; it may still map the region, so the conversion stops and [{:#x}, {:#x}) stays shared",
+                    region.guest.start(),
+                    region.guest.end(),
+                    range.start(),
+                    range.end()
+                );
+            }
+            state.table.remove(&region.guest.start());
+            for part in leftovers(&region) {
+                if let Err(e) = self.add_shared(&mut state, part.guest) {
+                    state.errors.push(e);
+                }
+            }
+        }
+    }
+}
+
+fn shareable(memory: &PrivateMemory) -> Result<(), Error> {
+    match memory.strategy() {
+        Strategy::Dual => Ok(()),
+        strategy => Err(Error::NoShareableFile { strategy }),
+    }
+}
+
+impl MemoryListener for VhostUserMapper {
+    /// Removes every region of the backend's table that overlaps `range`, each after the
+    /// backend acknowledged it (`REM_MEM_REG` with `REPLY_ACK`), and adds back the parts
+    /// that stay shared. Panics, which vm-private-memory takes as "cannot let go" and
+    /// which stops the conversion with the range still shared: before any message if
+    /// the regions needed would exceed the slot budget, and if the backend does not
+    /// acknowledge a removal (it may still map the region).
+    fn discard(&self, range: PageRange) {
+        self.revoke(range);
+    }
+
+    fn populate(&self, range: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let mut state = self.lock();
+        Ok(self.add_shared(&mut state, range)?)
+    }
+}
+
+impl Drop for VhostUserMapper {
+    /// Removes whatever is still in the backend's table (best effort: the backend may be
+    /// gone by now).
+    fn drop(&mut self) {
+        let mut state = self.lock();
+        let table = std::mem::take(&mut state.table);
+        for region in table.values() {
+            let _ = state.frontend.remove_mem_region(&region.info(-1));
+        }
+    }
+}

@@ -332,7 +332,9 @@ fn in_place_memory_and_missing_protocol_features_are_refused_before_any_message(
         );
         assert!(err.to_string().contains("Strategy::Dual"), "{err}");
     } else {
-        println!("SKIPPED the in-place half: needs guest_memfd MMAP | INIT_SHARED");
+        println!(
+            "SKIPPED in_place_memory_and_missing_protocol_features_are_refused_before_any_message (its in-place half): needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)"
+        );
     }
 
     let (dual, _) = dual_memory();

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use guest_memfd::{PageRange, VmOps, PAGE_SIZE};
+use guest_memfd::{Capabilities, PageRange, VmOps, PAGE_SIZE};
 use kvm_bindings::{
     kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region2,
     KVM_CAP_MEMORY_ATTRIBUTES, KVM_MEMORY_ATTRIBUTE_PRIVATE,
@@ -47,19 +47,22 @@ pub fn pr(start: u64, len: u64) -> PageRange {
 // ---------------------------------------------------------------------------------------
 // Guest memory.
 
-/// A VM that stands in for KVM's memory attributes, so the dual strategy runs on hosts
-/// without them: it forwards every call to a real VM, except that it reports
-/// `KVM_CAP_MEMORY_ATTRIBUTES` = PRIVATE and accepts `KVM_SET_MEMORY_ATTRIBUTES` without
-/// making it.
+/// A VM that stands in for KVM's memory attributes where the host has none, so the dual
+/// strategy runs there too: it forwards every call to a real VM, except that (unless the
+/// VM has real attributes) it reports `KVM_CAP_MEMORY_ATTRIBUTES` = PRIVATE and accepts
+/// `KVM_SET_MEMORY_ATTRIBUTES` without making it.
 pub struct AttributesStandIn {
     inner: VmFd,
+    /// The VM has memory attributes of its own (a `KVM_X86_SW_PROTECTED_VM` in the lab):
+    /// forward those calls too.
+    real: bool,
     /// (device, inode) of every guest_memfd created through it.
     guest_memfds: Mutex<Vec<(u64, u64)>>,
 }
 
 impl VmOps for AttributesStandIn {
     fn check_extension_raw(&self, cap: u32) -> i32 {
-        if cap == KVM_CAP_MEMORY_ATTRIBUTES {
+        if cap == KVM_CAP_MEMORY_ATTRIBUTES && !self.real {
             return KVM_MEMORY_ATTRIBUTE_PRIVATE as i32;
         }
         VmOps::check_extension_raw(&self.inner, cap)
@@ -84,7 +87,10 @@ impl VmOps for AttributesStandIn {
         unsafe { VmOps::set_user_memory_region2(&self.inner, region) }
     }
 
-    fn set_memory_attributes(&self, _: kvm_memory_attributes) -> Result<(), errno::Error> {
+    fn set_memory_attributes(&self, attributes: kvm_memory_attributes) -> Result<(), errno::Error> {
+        if self.real {
+            return VmOps::set_memory_attributes(&self.inner, attributes);
+        }
         Ok(())
     }
 }
@@ -101,11 +107,27 @@ pub const OUTPUT: u64 = 0x11000;
 pub const STATUS: u64 = 0x12000;
 pub const QUEUE_SIZE: u16 = 16;
 
+/// A VM of the first type with memory attributes of its own, if the host has one.
+fn vm_with_memory_attributes(kvm: &Kvm) -> Option<VmFd> {
+    let system = Capabilities::of_system(kvm);
+    (0..64)
+        .filter(|t| system.supports_vm_type(*t))
+        .filter_map(|t| kvm.create_vm_with_type(t.into()).ok())
+        .find(|vm| Capabilities::of_vm(vm).dual_capable())
+}
+
 /// Dual-strategy memory, all private but for the ring pages and the three buffer pages,
-/// and the (device, inode) of its guest_memfd.
+/// and the (device, inode) of its guest_memfd. On a VM type with memory attributes where
+/// the host has one (the lab), else on a default VM with the stand-in.
 pub fn dual_memory() -> (PrivateMemory, (u64, u64)) {
+    let kvm = Kvm::new().unwrap();
+    let (inner, real) = match vm_with_memory_attributes(&kvm) {
+        Some(vm) => (vm, true),
+        None => (kvm.create_vm().unwrap(), false),
+    };
     let vm = Arc::new(AttributesStandIn {
-        inner: Kvm::new().unwrap().create_vm().unwrap(),
+        inner,
+        real,
         guest_memfds: Mutex::default(),
     });
     let memory = MemoryBuilder::new(vm.clone())
@@ -368,6 +390,8 @@ pub struct BackendProcess {
 impl BackendProcess {
     pub fn spawn() -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
+        // The lab's L1 has no /tmp until someone makes it.
+        std::fs::create_dir_all(std::env::temp_dir()).unwrap();
         let socket = std::env::temp_dir().join(format!(
             "vm-private-memory-vhost-user-{}-{}.sock",
             std::process::id(),

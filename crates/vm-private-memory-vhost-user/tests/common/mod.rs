@@ -125,6 +125,10 @@ pub fn dual_memory() -> (PrivateMemory, (u64, u64)) {
         Some(vm) => (vm, true),
         None => (kvm.create_vm().unwrap(), false),
     };
+    println!(
+        "dual memory with {} memory attributes",
+        if real { "real" } else { "stand-in" }
+    );
     let vm = Arc::new(AttributesStandIn {
         inner,
         real,

@@ -53,6 +53,9 @@
 //!    stops and the range stays shared.
 //! 5. Only when every removal was acknowledged does `discard` return, and only then does
 //!    vm-private-memory punch the page out of the memfd and mark it private.
+//! 6. **Detach** (dropping the [`VhostUserAttachment`]): `REM_MEM_REG` of every region,
+//!    each acknowledged, and only then the subscription goes; a region the backend does
+//!    not let go keeps it subscribed, so that its pages cannot turn private unnoticed.
 //!
 //! What the backend must guarantee **before it acknowledges a `REM_MEM_REG`** (sends the
 //! `REPLY_ACK` with 0): no thread of it accesses the region through the removed mapping
@@ -107,18 +110,23 @@
 //! frontend.set_owner().unwrap();
 //!
 //! // Give the backend the shared runs, and follow every conversion from here on. Keep
-//! // the subscription for as long as the backend serves the guest.
-//! let mapper = Arc::new(VhostUserMapper::new(frontend.clone(), acked, &memory).unwrap());
-//! let _subscription = mapper.attach(&memory, PageRange::new(0, 1 << 30).unwrap()).unwrap();
+//! // the attachment for as long as the backend serves the guest.
+//! let attachment = VhostUserMapper::new(frontend.clone(), acked, &memory)
+//!     .unwrap()
+//!     .attach(&memory, PageRange::new(0, 1 << 30).unwrap())
+//!     .unwrap();
 //!
 //! // The guest shares a bounce buffer: the backend maps it before `convert` returns ...
 //! let window = PageRange::new(0x10_0000, 0x20_0000).unwrap();
 //! memory.convert(window, PageState::Shared).unwrap();
-//! assert!(mapper.is_mapped(0x10_0000));
+//! assert!(attachment.is_mapped(0x10_0000));
 //! // ... then the vrings are set up with the frontend's host addresses (set_vring_addr)
 //! // ... and when the guest takes it back, the backend has let go before the punch.
 //! memory.convert(window, PageState::Private).unwrap();
-//! assert!(!mapper.is_mapped(0x10_0000));
+//! assert!(!attachment.is_mapped(0x10_0000));
+//!
+//! // The device goes: its regions are removed before conversions stop being followed.
+//! attachment.detach().unwrap();
 //! ```
 
 #![deny(missing_docs)]
@@ -133,4 +141,6 @@ compile_error!(
 
 mod mapper;
 
-pub use mapper::{BackendRegion, Error, VhostUserMapper, REQUIRED_PROTOCOL_FEATURES};
+pub use mapper::{
+    BackendRegion, Error, VhostUserAttachment, VhostUserMapper, REQUIRED_PROTOCOL_FEATURES,
+};

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use guest_memfd::{PageRange, PAGE_SIZE};
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
@@ -86,9 +86,18 @@ pub enum Error {
         #[source]
         source: vhost::Error,
     },
-    /// The mapper is attached already.
-    #[error("this vhost-user mapper is attached already: make one mapper per backend and memory")]
-    AlreadyAttached,
+    /// The backend refused (or did not acknowledge) the removal of a region.
+    #[error(
+        "REM_MEM_REG of guest [{:#x}, {:#x}) from the vhost-user backend failed: {source}; the backend may still map it, so its conversions are still followed (a conversion of it to private is refused)",
+        range.start(), range.end()
+    )]
+    Remove {
+        /// The region's guest-physical range.
+        range: PageRange,
+        /// vhost's error, with the socket's errno where there is one.
+        #[source]
+        source: vhost::Error,
+    },
     /// Subscribing to the memory failed.
     #[error("subscribing the vhost-user mapper to guest memory failed: {0}")]
     Subscribe(#[source] vm_private_memory::Error),
@@ -128,24 +137,14 @@ impl BackendRegion {
     }
 }
 
-struct State {
-    frontend: Frontend,
-    /// The view of the memory attached to, once attached.
-    view: Option<GuestMemoryAtomic<GuestMemoryPrivate>>,
-    /// The backend's table as this mapper made it, by guest start.
-    table: BTreeMap<u64, BackendRegion>,
-    /// Errors no conversion could carry (see [`VhostUserMapper::take_errors`]).
-    errors: Vec<Error>,
-}
-
-/// A [`MemoryListener`] that keeps a vhost-user backend's memory table equal to the
-/// shared runs of guest memory, and revokes the backend's mapping of a range (waiting
-/// for its acknowledgement) before the range turns private. See the crate documentation
-/// for the protocol.
+/// Keeps a vhost-user backend's memory table equal to the shared runs of guest memory,
+/// and revokes the backend's mapping of a range (waiting for its acknowledgement) before
+/// the range turns private. See the crate documentation for the protocol. Make it with
+/// the frontend, configure it, then [`VhostUserMapper::attach`] it to the memory.
 pub struct VhostUserMapper {
+    frontend: Frontend,
     budget: usize,
     backend_slots: u64,
-    state: Mutex<State>,
 }
 
 impl std::fmt::Debug for VhostUserMapper {
@@ -153,7 +152,6 @@ impl std::fmt::Debug for VhostUserMapper {
         f.debug_struct("VhostUserMapper")
             .field("budget", &self.budget)
             .field("backend_slots", &self.backend_slots)
-            .field("regions", &self.lock().table.len())
             .finish_non_exhaustive()
     }
 }
@@ -226,14 +224,9 @@ impl VhostUserMapper {
             })?;
         frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         Ok(VhostUserMapper {
+            frontend,
             budget: usize::try_from(backend_slots).unwrap_or(usize::MAX),
             backend_slots,
-            state: Mutex::new(State {
-                frontend,
-                view: None,
-                table: BTreeMap::new(),
-                errors: Vec::new(),
-            }),
         })
     }
 
@@ -254,67 +247,168 @@ impl VhostUserMapper {
         self.backend_slots
     }
 
-    /// Adds every run of `range` that is shared now to the backend's table and
-    /// subscribes to `memory`, so that every later conversion in `range` is followed,
-    /// with nothing missed in between. Keep the returned subscription for as long as the
-    /// backend serves the guest; dropping it stops following conversions (drop the
-    /// mapper too, which removes what it added).
+    /// Adds every run of `range` that is shared now to the backend's table and follows
+    /// every later conversion in `range`, with nothing missed in between
+    /// ([`PrivateMemory::subscribe_with_replay`]). Host addresses and files come from
+    /// `memory`'s own view ([`PrivateMemory::memory`]; do not replace what it holds).
+    ///
+    /// The returned attachment holds the backend's table: keep it for as long as the
+    /// backend serves the guest. Dropping it (or [`VhostUserAttachment::detach`])
+    /// removes every region and only then stops following conversions, so no page can
+    /// turn private while the backend still maps it.
+    ///
+    /// Pages that become shared without a conversion are not added: a region added
+    /// shared ([`PrivateMemory::add_region`]) and pages freed by
+    /// [`PrivateMemory::discard`] (removed with it) are added when a conversion next
+    /// offers them. A page in the backend's table is never private.
     ///
     /// # Errors
     ///
-    /// [`Error::NoShareableFile`] for in-place memory; [`Error::AlreadyAttached`];
-    /// [`Error::Subscribe`] if the runs shared now cannot all be added (over the slot
-    /// budget, or the backend refused one): nothing stays added and nothing is
-    /// subscribed.
+    /// [`Error::NoShareableFile`] for in-place memory; [`Error::Subscribe`] if the runs
+    /// shared now cannot all be added (over the slot budget, or the backend refused
+    /// one; the reason is an [`Error`]): nothing stays added.
     pub fn attach(
-        self: &std::sync::Arc<Self>,
+        self,
         memory: &PrivateMemory,
         range: PageRange,
-    ) -> Result<Subscription, Error> {
+    ) -> Result<VhostUserAttachment, Error> {
         shareable(memory)?;
-        {
-            let mut state = self.lock();
-            if state.view.is_some() {
-                return Err(Error::AlreadyAttached);
-            }
-            state.view = Some(memory.memory());
-        }
-        let listener: std::sync::Arc<dyn MemoryListener> = self.clone();
-        memory.subscribe_with_replay(range, listener).map_err(|e| {
-            self.lock().view = None;
-            Error::Subscribe(e)
+        let mapper = Arc::new(Mapper {
+            budget: self.budget,
+            backend_slots: self.backend_slots,
+            view: memory.memory(),
+            state: Mutex::new(State {
+                frontend: self.frontend,
+                table: BTreeMap::new(),
+                errors: Vec::new(),
+                detached: false,
+            }),
+        });
+        let listener: Arc<dyn MemoryListener> = Arc::clone(&mapper) as Arc<dyn MemoryListener>;
+        let subscription = memory
+            .subscribe_with_replay(range, listener)
+            .map_err(Error::Subscribe)?;
+        Ok(VhostUserAttachment {
+            mapper,
+            subscription: Some(subscription),
         })
     }
+}
 
+/// A [`VhostUserMapper`] attached to a memory: the backend's table holds exactly the
+/// shared runs it was offered, until this is dropped or detached.
+pub struct VhostUserAttachment {
+    mapper: Arc<Mapper>,
+    subscription: Option<Subscription>,
+}
+
+impl std::fmt::Debug for VhostUserAttachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserAttachment")
+            .field("budget", &self.mapper.budget)
+            .field("slots_used", &self.slots_used())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhostUserAttachment {
     /// The backend's memory table as this mapper made it, in guest address order.
     pub fn regions(&self) -> Vec<BackendRegion> {
-        self.lock().table.values().copied().collect()
+        self.mapper.lock().table.values().copied().collect()
     }
 
     /// How many regions (memory slots) this mapper holds in the backend's table.
     pub fn slots_used(&self) -> usize {
-        self.lock().table.len()
+        self.mapper.lock().table.len()
+    }
+
+    /// How many regions this mapper may hold in the backend's table.
+    pub fn slot_budget(&self) -> usize {
+        self.mapper.budget
+    }
+
+    /// What the backend answered to `GET_MAX_MEM_SLOTS`.
+    pub fn backend_slots(&self) -> u64 {
+        self.mapper.backend_slots
     }
 
     /// Whether the page holding `gpa` is in the backend's table now.
     pub fn is_mapped(&self, gpa: u64) -> bool {
         let page = gpa & !(PAGE_SIZE - 1);
-        self.lock()
+        self.mapper
+            .lock()
             .table
             .range(..=page)
             .next_back()
             .is_some_and(|(_, r)| r.guest.end() > page)
     }
 
-    /// Takes the errors that no conversion could carry: when a region is split by a
+    /// Takes the errors that no conversion could carry. When a region is split by a
     /// revocation, the parts that stay shared are added back after the removal; if the
-    /// backend refuses one, the revocation still stands (the conversion goes on) and
-    /// that part is missing from the backend's table until it is offered again. Each
-    /// error names the part.
+    /// backend refuses one, the revocation still stands (the conversion goes on) and that
+    /// part is missing from the backend's table until it is offered again. And when a
+    /// refused conversion to shared takes back the regions it added, a removal the
+    /// backend refuses keeps the conversion (rather than turn a page the backend may map
+    /// private). Each error names the range.
     pub fn take_errors(&self) -> Vec<Error> {
-        std::mem::take(&mut self.lock().errors)
+        std::mem::take(&mut self.mapper.lock().errors)
     }
 
+    /// Removes every region from the backend's table (each acknowledged), then stops
+    /// following conversions.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Remove`] for the first region the backend did not acknowledge: it may
+    /// still map it, and the mapper keeps following its conversions so that it cannot
+    /// turn private unnoticed (a conversion of it to private tries the removal again,
+    /// and is refused if it fails).
+    pub fn detach(mut self) -> Result<(), Error> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<(), Error> {
+        match self.mapper.remove_all() {
+            None => {
+                drop(self.subscription.take());
+                Ok(())
+            }
+            Some(e) => {
+                // Still subscribed: the regions left cannot go private unnoticed.
+                std::mem::forget(self.subscription.take());
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for VhostUserAttachment {
+    /// As [`VhostUserAttachment::detach`]; a region the backend does not let go keeps the
+    /// memory's subscription alive (it is leaked), so that its pages cannot turn private.
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
+struct State {
+    frontend: Frontend,
+    /// The backend's table as this mapper made it, by guest start.
+    table: BTreeMap<u64, BackendRegion>,
+    /// Errors no conversion could carry (see [`VhostUserAttachment::take_errors`]).
+    errors: Vec<Error>,
+    /// Set once the attachment is being released: nothing is added any more.
+    detached: bool,
+}
+
+/// The listener behind a [`VhostUserAttachment`].
+struct Mapper {
+    budget: usize,
+    backend_slots: u64,
+    view: GuestMemoryAtomic<GuestMemoryPrivate>,
+    state: Mutex<State>,
+}
+
+impl Mapper {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every change of the state is whole (a table entry changes only after the
         // backend acknowledged the message), so a panic elsewhere leaves it consistent.
@@ -323,9 +417,10 @@ impl VhostUserMapper {
 
     /// Adds the shared runs of `range` not in the table yet, all or none.
     fn add_shared(&self, state: &mut State, range: PageRange) -> Result<(), Error> {
-        let Some(view) = state.view.as_ref().map(GuestAddressSpace::memory) else {
+        if state.detached {
             return Ok(());
-        };
+        }
+        let view = self.view.memory();
         // What to add, checked whole before the first message.
         let mut wanted: Vec<(BackendRegion, RawFd)> = Vec::new();
         for run in shared_runs(&view, range) {
@@ -353,21 +448,59 @@ impl VhostUserMapper {
         }
         for (i, (region, fd)) in wanted.iter().enumerate() {
             // The descriptor is the region's sealed memfd, kept open by `view`.
-            if let Err(source) = state.frontend.add_mem_region(&region.info(*fd)) {
-                // All or none: take back what this call added.
+            if let Err(refused) = state.frontend.add_mem_region(&region.info(*fd)) {
+                // All or none: take back what this call added. If the backend does not
+                // let one go, keep the range (the conversion goes on) rather than let a
+                // page it may map turn private.
                 for (done, _) in wanted[..i].iter().rev() {
-                    if state.frontend.remove_mem_region(&done.info(-1)).is_ok() {
-                        state.table.remove(&done.guest.start());
+                    match state.frontend.remove_mem_region(&done.info(-1)) {
+                        Ok(()) => {
+                            state.table.remove(&done.guest.start());
+                        }
+                        Err(source) => {
+                            state.errors.push(Error::Add {
+                                range: region.guest,
+                                source: refused,
+                            });
+                            state.errors.push(Error::Remove {
+                                range: done.guest,
+                                source,
+                            });
+                            return Ok(());
+                        }
                     }
                 }
                 return Err(Error::Add {
                     range: region.guest,
-                    source,
+                    source: refused,
                 });
             }
             state.table.insert(region.guest.start(), *region);
         }
         Ok(())
+    }
+
+    /// Stops adding, and removes every region; returns the first removal the backend did
+    /// not acknowledge, if any (those regions stay in the table).
+    fn remove_all(&self) -> Option<Error> {
+        let mut state = self.lock();
+        state.detached = true;
+        let regions: Vec<BackendRegion> = state.table.values().copied().collect();
+        let mut refused = None;
+        for region in regions {
+            match state.frontend.remove_mem_region(&region.info(-1)) {
+                Ok(()) => {
+                    state.table.remove(&region.guest.start());
+                }
+                Err(source) => {
+                    refused = refused.or(Some(Error::Remove {
+                        range: region.guest,
+                        source,
+                    }))
+                }
+            }
+        }
+        refused
     }
 
     /// Removes every region overlapping `range` and adds back the parts outside it.
@@ -444,7 +577,7 @@ fn shareable(memory: &PrivateMemory) -> Result<(), Error> {
     }
 }
 
-impl MemoryListener for VhostUserMapper {
+impl MemoryListener for Mapper {
     /// Removes every region of the backend's table that overlaps `range`, each after the
     /// backend acknowledged it (`REM_MEM_REG` with `REPLY_ACK`), and adds back the parts
     /// that stay shared. Panics, which vm-private-memory takes as "cannot let go" and
@@ -458,17 +591,5 @@ impl MemoryListener for VhostUserMapper {
     fn populate(&self, range: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let mut state = self.lock();
         Ok(self.add_shared(&mut state, range)?)
-    }
-}
-
-impl Drop for VhostUserMapper {
-    /// Removes whatever is still in the backend's table (best effort: the backend may be
-    /// gone by now).
-    fn drop(&mut self) {
-        let mut state = self.lock();
-        let table = std::mem::take(&mut state.table);
-        for region in table.values() {
-            let _ = state.frontend.remove_mem_region(&region.info(-1));
-        }
     }
 }

@@ -25,13 +25,13 @@ fn backend_process() {
 fn the_backend_serves_the_queue_from_the_shared_runs_and_holds_only_the_shared_memfd() {
     let mut h = Harness::new(None);
     // One region per shared run, each at the run's offset in the memfd (region at 0).
-    let regions: Vec<_> = h.mapper.regions().iter().map(|r| r.guest).collect();
+    let regions: Vec<_> = h.mapper().regions().iter().map(|r| r.guest).collect();
     assert_eq!(regions, [pr(DESC, 3 * PAGE_SIZE), pr(INPUT, 3 * PAGE_SIZE)]);
-    for r in h.mapper.regions() {
+    for r in h.mapper().regions() {
         assert_eq!(r.mmap_offset, r.guest.start());
         assert_eq!(r.userspace_addr, host_address(&h.memory, r.guest.start()));
     }
-    assert_eq!(h.mapper.backend_slots(), 509);
+    assert_eq!(h.mapper().backend_slots(), 509);
 
     let message = b"through a shared page";
     let done = h.request(message, OUTPUT, 64);
@@ -78,8 +78,8 @@ fn a_page_that_goes_private_is_revoked_before_convert_returns_and_the_backend_re
         .unwrap();
     // Revoked before `convert` returned: not in the table, not in the backend's mappings,
     // and the parts of the run that stay shared are back.
-    assert!(!h.mapper.is_mapped(OUTPUT));
-    let regions: Vec<_> = h.mapper.regions().iter().map(|r| r.guest).collect();
+    assert!(!h.mapper().is_mapped(OUTPUT));
+    let regions: Vec<_> = h.mapper().regions().iter().map(|r| r.guest).collect();
     assert_eq!(
         regions,
         [
@@ -120,7 +120,7 @@ fn a_page_that_goes_private_is_revoked_before_convert_returns_and_the_backend_re
     h.memory
         .convert(pr(OUTPUT, PAGE_SIZE), PageState::Shared)
         .unwrap();
-    assert!(h.mapper.is_mapped(OUTPUT));
+    assert!(h.mapper().is_mapped(OUTPUT));
     h.assert_backend_maps_the_table();
     assert_eq!(h.request(message, OUTPUT, 64).status, 0);
     assert_eq!(h.read_output(message.len()), message);
@@ -161,7 +161,7 @@ fn a_removal_is_acknowledged_only_after_the_request_in_flight_is_done() {
 #[test]
 fn a_guest_fragmenting_past_the_slot_budget_gets_an_error_and_nothing_is_half_revoked() {
     let mut h = Harness::new(Some(6));
-    assert_eq!(h.mapper.slot_budget(), 6);
+    assert_eq!(h.mapper().slot_budget(), 6);
     // Two regions (ring, buffers) plus four single pages: the budget.
     for i in 0..4 {
         h.memory
@@ -171,7 +171,7 @@ fn a_guest_fragmenting_past_the_slot_budget_gets_an_error_and_nothing_is_half_re
             )
             .unwrap();
     }
-    assert_eq!(h.mapper.slots_used(), 6);
+    assert_eq!(h.mapper().slots_used(), 6);
 
     // One more is refused whole: the page stays private and nothing was added.
     let err = h
@@ -200,7 +200,7 @@ fn a_guest_fragmenting_past_the_slot_budget_gets_an_error_and_nothing_is_half_re
     );
     assert!(err.to_string().contains("0x30000"), "{err}");
     assert_eq!(h.memory.state_of(0x30000), Some(PageState::Private));
-    assert_eq!(h.mapper.slots_used(), 6);
+    assert_eq!(h.mapper().slots_used(), 6);
     h.assert_backend_maps_the_table();
 
     // A page in the middle of a run going private would split its region into two: over
@@ -222,8 +222,8 @@ fn a_guest_fragmenting_past_the_slot_budget_gets_an_error_and_nothing_is_half_re
     );
     assert!(err.to_string().contains("nothing was revoked"), "{err}");
     assert_eq!(h.memory.state_of(OUTPUT), Some(PageState::Shared));
-    assert!(h.mapper.is_mapped(OUTPUT));
-    assert_eq!(h.mapper.slots_used(), 6);
+    assert!(h.mapper().is_mapped(OUTPUT));
+    assert_eq!(h.mapper().slots_used(), 6);
     h.assert_backend_maps_the_table();
     assert_eq!(h.request(b"still here", OUTPUT, 64).status, 0);
 
@@ -234,17 +234,17 @@ fn a_guest_fragmenting_past_the_slot_budget_gets_an_error_and_nothing_is_half_re
     h.memory
         .convert(pr(OUTPUT, PAGE_SIZE), PageState::Private)
         .unwrap();
-    assert_eq!(h.mapper.slots_used(), 6);
-    assert!(!h.mapper.is_mapped(OUTPUT));
+    assert_eq!(h.mapper().slots_used(), 6);
+    assert!(!h.mapper().is_mapped(OUTPUT));
     h.assert_backend_maps_the_table();
-    assert!(h.mapper.take_errors().is_empty());
+    assert!(h.mapper().take_errors().is_empty());
 }
 
 /// A random walk of conversions and discards: after every step the backend maps exactly
 /// the pages the table holds, and those are the shared pages offered since they were
 /// last revoked.
 #[test]
-fn the_backend_maps_exactly_the_shared_pages_after_any_sequence() {
+fn the_backend_maps_exactly_the_shared_pages_after_any_sequence_and_nothing_once_detached() {
     let mut h = Harness::new(None);
     let area = pr(0x40000, 64 * PAGE_SIZE);
     // The model: a page is mapped from the conversion that makes it shared until one makes
@@ -285,7 +285,7 @@ fn the_backend_maps_exactly_the_shared_pages_after_any_sequence() {
             }
         }
         let mapped: BTreeSet<u64> = h
-            .mapper
+            .mapper()
             .regions()
             .iter()
             .flat_map(|r| pages(r.guest))
@@ -295,9 +295,15 @@ fn the_backend_maps_exactly_the_shared_pages_after_any_sequence() {
         assert!(mapped.is_subset(&shared_pages(&h.memory, area)));
     }
     h.assert_backend_maps_the_table();
-    assert!(h.mapper.take_errors().is_empty());
+    assert!(h.mapper().take_errors().is_empty());
     // And the queue still works.
     assert_eq!(h.request(b"after the walk", OUTPUT, 64).status, 0);
+
+    // Detaching removes every region from the backend before it stops following
+    // conversions; the memory no longer has a listener.
+    h.detach();
+    assert!(h.backend.mapped_file_pages(memfd_id(&h.memory)).is_empty());
+    assert_eq!(h.memory.listener_count(), 0);
 }
 
 #[test]

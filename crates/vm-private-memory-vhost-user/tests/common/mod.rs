@@ -32,10 +32,8 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT}
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vm_private_memory::{
-    shared_runs, MemoryBuilder, PageState, PrivateMemory, Strategy, Subscription,
-};
-use vm_private_memory_vhost_user::VhostUserMapper;
+use vm_private_memory::{shared_runs, MemoryBuilder, PageState, PrivateMemory, Strategy};
+use vm_private_memory_vhost_user::{VhostUserAttachment, VhostUserMapper};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::errno;
 use vmm_sys_util::eventfd::EventFd;
@@ -497,8 +495,7 @@ pub struct Harness {
     pub memory: PrivateMemory,
     /// (device, inode) of the memory's guest_memfd.
     pub guest_memfd: (u64, u64),
-    pub mapper: Arc<VhostUserMapper>,
-    pub subscription: Option<Subscription>,
+    attachment: Option<VhostUserAttachment>,
     pub frontend: Frontend,
     pub backend: BackendProcess,
     kick: EventFd,
@@ -529,8 +526,7 @@ impl Harness {
         if let Some(budget) = budget {
             mapper = mapper.with_slot_budget(budget);
         }
-        let mapper = Arc::new(mapper);
-        let subscription = mapper.attach(&memory, pr(0, MEMORY)).unwrap();
+        let attachment = mapper.attach(&memory, pr(0, MEMORY)).unwrap();
 
         // The queue, at the frontend's host addresses of the ring pages.
         frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
@@ -553,14 +549,23 @@ impl Harness {
         Harness {
             memory,
             guest_memfd,
-            mapper,
-            subscription: Some(subscription),
+            attachment: Some(attachment),
             frontend,
             backend,
             kick,
             _call: call,
             avail_idx: 0,
         }
+    }
+
+    /// The mapper, attached.
+    pub fn mapper(&self) -> &VhostUserAttachment {
+        self.attachment.as_ref().unwrap()
+    }
+
+    /// Detaches the mapper.
+    pub fn detach(&mut self) {
+        self.attachment.take().unwrap().detach().unwrap();
     }
 
     /// Puts a request in the queue (as a guest driver: descriptors, then the available
@@ -631,9 +636,9 @@ impl Harness {
     pub fn assert_backend_maps_the_table(&self) {
         let memfd = memfd_id(&self.memory);
         let table: BTreeSet<u64> = self
-            .mapper
-            .regions()
+            .attachment
             .iter()
+            .flat_map(VhostUserAttachment::regions)
             .flat_map(|r| pages(r.guest).map(move |p| p - r.guest.start() + r.mmap_offset))
             .collect();
         assert_eq!(self.backend.mapped_file_pages(memfd), table);

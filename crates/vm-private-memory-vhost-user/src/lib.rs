@@ -81,6 +81,31 @@
 //! ([`Error::SlotBudget`] on sharing, a refused conversion on splitting), never a
 //! half-revoked state.
 //!
+//! # What this does not give
+//!
+//! - **A security boundary.** The acknowledgement is a correctness protocol with a
+//!   cooperating backend. A hostile backend holds the whole memfd and may map any
+//!   offset, allocating pages there (memory held twice) or keep a removed mapping. It
+//!   never sees a private page's content either way: that content lives in the
+//!   guest_memfd, which it never receives.
+//! - **A bound on the wait.** Every `ADD_MEM_REG` and `REM_MEM_REG` waits for the
+//!   backend's reply with no timeout, on the converting thread, under the memory's
+//!   conversion lock: a backend that never answers stalls every conversion of the
+//!   memory (and the vCPUs asking for them). A reply deadline, and a way to declare a
+//!   dead backend gone, are not built yet.
+//! - **Trust in the negotiation.** `acked` is the caller's word, and `NEED_REPLY` lives
+//!   in the frontend's shared header flags: if `REPLY_ACK` was not really acknowledged,
+//!   or a clone of the frontend clears the flags, removals are not waited for. Do not
+//!   change the header flags of this frontend's clones.
+//! - **Without unwinding.** A refusal in `discard` is a panic that vm-private-memory
+//!   catches: build with `panic = "unwind"` (a VMM built with `panic = "abort"` would
+//!   abort on a refused revocation).
+//! - **A rollback whose removal fails.** If another listener refuses a conversion to
+//!   shared and removing what this mapper added then fails, vm-private-memory does not
+//!   yet keep those pages shared: they turn private while still in the backend's table.
+//! - **A queue across a split.** With `vhost-user-backend`, a ring access that fails
+//!   ends its worker thread: a ring whose region is split by a conversion may stop.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -139,8 +164,10 @@ compile_error!(
     "vm-private-memory-vhost-user needs a 64-bit target: it casts host addresses to u64"
 );
 
+mod error;
 mod mapper;
 
 pub use mapper::{
-    BackendRegion, Error, VhostUserAttachment, VhostUserMapper, REQUIRED_PROTOCOL_FEATURES,
+    BackendRegion, Error, VhostUserAttachment, VhostUserMapper, MAX_SLOTS,
+    REQUIRED_PROTOCOL_FEATURES,
 };

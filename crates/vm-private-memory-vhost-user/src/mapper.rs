@@ -6,6 +6,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use guest_memfd::{PageRange, PAGE_SIZE};
+
+pub use crate::error::Error;
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostUserMemoryRegionInfo;
@@ -19,89 +21,6 @@ use vm_private_memory::{
 /// `REPLY_ACK` (the backend confirms each removal).
 pub const REQUIRED_PROTOCOL_FEATURES: VhostUserProtocolFeatures =
     VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS.union(VhostUserProtocolFeatures::REPLY_ACK);
-
-/// Why a [`VhostUserMapper`] could not be made or attached, or refused a range (a
-/// conversion that offered it is rolled back and carries this as its
-/// [`vm_private_memory::ListenerRefusal`]).
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// The memory has no file another process may map.
-    #[error(
-        "a vhost-user backend cannot be given memory of the {strategy:?} strategy: its only file is the guest_memfd, which holds private pages too, and no other process may map it; build the memory with Strategy::Dual, whose shared pages live in a sealed memfd of their own"
-    )]
-    NoShareableFile {
-        /// The memory's strategy.
-        strategy: Strategy,
-    },
-    /// The frontend did not acknowledge protocol features the mapper needs.
-    #[error(
-        "the vhost-user frontend has not acknowledged the protocol features {missing:?}, without which a backend's access cannot be revoked: ack VHOST_USER_F_PROTOCOL_FEATURES (set_features), then CONFIGURE_MEM_SLOTS and REPLY_ACK (set_protocol_features), and pass the features acknowledged"
-    )]
-    NotNegotiated {
-        /// The protocol features missing from those acknowledged.
-        missing: VhostUserProtocolFeatures,
-    },
-    /// The backend does not offer protocol features the mapper needs.
-    #[error(
-        "the vhost-user backend does not offer the protocol features {missing:?}: it cannot add and remove single memory regions with acknowledgements, so its access to pages that go private cannot be revoked; use a backend that supports CONFIGURE_MEM_SLOTS and REPLY_ACK"
-    )]
-    NotOffered {
-        /// The protocol features the backend does not offer.
-        missing: VhostUserProtocolFeatures,
-    },
-    /// A query to the backend failed.
-    #[error("asking the vhost-user backend for {request} failed: {source} (was get_features called, and is the backend still connected?)")]
-    Query {
-        /// The request (`GET_PROTOCOL_FEATURES`, `GET_MAX_MEM_SLOTS`).
-        request: &'static str,
-        /// vhost's error, with the socket's errno where there is one.
-        #[source]
-        source: vhost::Error,
-    },
-    /// Mapping the range would take more memory slots than the budget allows.
-    #[error(
-        "mapping [{:#x}, {:#x}) into the vhost-user backend needs {needed} more memory slots, but {held} of a budget of {budget} are held: share fewer, larger ranges, or raise the backend's slot limit (GET_MAX_MEM_SLOTS) and this mapper's budget (VhostUserMapper::with_slot_budget)",
-        range.start(), range.end()
-    )]
-    SlotBudget {
-        /// The range offered.
-        range: PageRange,
-        /// Slots it needs.
-        needed: usize,
-        /// Slots held before it.
-        held: usize,
-        /// The budget.
-        budget: usize,
-    },
-    /// The backend refused (or did not acknowledge) a region.
-    #[error(
-        "ADD_MEM_REG of guest [{:#x}, {:#x}) to the vhost-user backend failed: {source}; the backend does not map it (check the backend's log, and that it is still connected)",
-        range.start(), range.end()
-    )]
-    Add {
-        /// The region's guest-physical range.
-        range: PageRange,
-        /// vhost's error, with the socket's errno where there is one.
-        #[source]
-        source: vhost::Error,
-    },
-    /// The backend refused (or did not acknowledge) the removal of a region.
-    #[error(
-        "REM_MEM_REG of guest [{:#x}, {:#x}) from the vhost-user backend failed: {source}; the backend may still map it, so its conversions are still followed (a conversion of it to private is refused)",
-        range.start(), range.end()
-    )]
-    Remove {
-        /// The region's guest-physical range.
-        range: PageRange,
-        /// vhost's error, with the socket's errno where there is one.
-        #[source]
-        source: vhost::Error,
-    },
-    /// Subscribing to the memory failed.
-    #[error("subscribing the vhost-user mapper to guest memory failed: {0}")]
-    Subscribe(#[source] vm_private_memory::Error),
-}
 
 /// One region of the backend's memory table, as the mapper added it (`ADD_MEM_REG`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,6 +98,16 @@ fn uncovered(table: &BTreeMap<u64, BackendRegion>, range: PageRange) -> Vec<Page
     gaps
 }
 
+/// The most regions a mapper keeps in a backend's table, whatever the backend answers:
+/// the vhost-user specification's `VHOST_USER_MAX_RAM_SLOTS`.
+pub const MAX_SLOTS: usize = 512;
+
+/// The slot budget for a backend that answered `GET_MAX_MEM_SLOTS` with `answered`: a
+/// hostile or broken answer cannot make it unbounded.
+fn slot_budget(answered: u64) -> usize {
+    usize::try_from(answered).map_or(MAX_SLOTS, |n| n.min(MAX_SLOTS))
+}
+
 impl VhostUserMapper {
     /// A mapper for the backend behind `frontend`, for `memory`. It maps nothing until
     /// attached ([`VhostUserMapper::attach`]).
@@ -186,8 +115,9 @@ impl VhostUserMapper {
     /// `acked` is what the frontend acknowledged with `set_protocol_features`; it must
     /// hold [`REQUIRED_PROTOCOL_FEATURES`], and the backend must offer them (asked with
     /// `GET_PROTOCOL_FEATURES`, so the frontend must have asked `get_features` first).
-    /// The backend's `GET_MAX_MEM_SLOTS` is the slot budget. From here on every message
-    /// of `frontend` asks for a reply (`NEED_REPLY`): each `ADD_MEM_REG` and
+    /// The backend's `GET_MAX_MEM_SLOTS` (at most [`MAX_SLOTS`]) is the slot budget.
+    /// From here on every message of `frontend` asks for a reply (`NEED_REPLY`): each
+    /// `ADD_MEM_REG` and
     /// `REM_MEM_REG` waits for the backend's acknowledgement. The VMM must not send
     /// `SET_MEM_TABLE` for this memory: the table is built region by region.
     ///
@@ -225,7 +155,7 @@ impl VhostUserMapper {
         frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         Ok(VhostUserMapper {
             frontend,
-            budget: usize::try_from(backend_slots).unwrap_or(usize::MAX),
+            budget: slot_budget(backend_slots),
             backend_slots,
         })
     }
@@ -233,7 +163,7 @@ impl VhostUserMapper {
     /// Allows at most `slots` regions in the backend's table (never more than the
     /// backend's `GET_MAX_MEM_SLOTS`): leave room for regions the VMM adds itself.
     pub fn with_slot_budget(mut self, slots: usize) -> Self {
-        self.budget = slots.min(usize::try_from(self.backend_slots).unwrap_or(usize::MAX));
+        self.budget = slots.min(slot_budget(self.backend_slots));
         self
     }
 
@@ -591,5 +521,19 @@ impl MemoryListener for Mapper {
     fn populate(&self, range: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let mut state = self.lock();
         Ok(self.add_shared(&mut state, range)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_slot_budget_is_the_backend_s_answer_capped_at_the_protocol_s_limit() {
+        assert_eq!(slot_budget(6), 6);
+        assert_eq!(slot_budget(509), 509);
+        assert_eq!(slot_budget(512), MAX_SLOTS);
+        assert_eq!(slot_budget(513), MAX_SLOTS);
+        assert_eq!(slot_budget(u64::MAX), MAX_SLOTS);
     }
 }

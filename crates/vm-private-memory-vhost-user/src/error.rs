@@ -1,0 +1,90 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The crate's errors.
+
+use guest_memfd::PageRange;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vm_private_memory::Strategy;
+
+/// Why a [`VhostUserMapper`](crate::VhostUserMapper) could not be made or attached, or
+/// refused a range (a
+/// conversion that offered it is rolled back and carries this as its
+/// [`vm_private_memory::ListenerRefusal`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The memory has no file another process may map.
+    #[error(
+        "a vhost-user backend cannot be given memory of the {strategy:?} strategy: its only file is the guest_memfd, which holds private pages too, and no other process may map it; build the memory with Strategy::Dual, whose shared pages live in a sealed memfd of their own"
+    )]
+    NoShareableFile {
+        /// The memory's strategy.
+        strategy: Strategy,
+    },
+    /// The frontend did not acknowledge protocol features the mapper needs.
+    #[error(
+        "the vhost-user frontend has not acknowledged the protocol features {missing:?}, without which a backend's access cannot be revoked: ack VHOST_USER_F_PROTOCOL_FEATURES (set_features), then CONFIGURE_MEM_SLOTS and REPLY_ACK (set_protocol_features), and pass the features acknowledged"
+    )]
+    NotNegotiated {
+        /// The protocol features missing from those acknowledged.
+        missing: VhostUserProtocolFeatures,
+    },
+    /// The backend does not offer protocol features the mapper needs.
+    #[error(
+        "the vhost-user backend does not offer the protocol features {missing:?}: it cannot add and remove single memory regions with acknowledgements, so its access to pages that go private cannot be revoked; use a backend that supports CONFIGURE_MEM_SLOTS and REPLY_ACK"
+    )]
+    NotOffered {
+        /// The protocol features the backend does not offer.
+        missing: VhostUserProtocolFeatures,
+    },
+    /// A query to the backend failed.
+    #[error("asking the vhost-user backend for {request} failed: {source} (was get_features called, and is the backend still connected?)")]
+    Query {
+        /// The request (`GET_PROTOCOL_FEATURES`, `GET_MAX_MEM_SLOTS`).
+        request: &'static str,
+        /// vhost's error, with the socket's errno where there is one.
+        #[source]
+        source: vhost::Error,
+    },
+    /// Mapping the range would take more memory slots than the budget allows.
+    #[error(
+        "mapping [{:#x}, {:#x}) into the vhost-user backend needs {needed} more memory slots, but {held} of a budget of {budget} are held: share fewer, larger ranges, or raise the backend's slot limit (GET_MAX_MEM_SLOTS) and this mapper's budget (VhostUserMapper::with_slot_budget)",
+        range.start(), range.end()
+    )]
+    SlotBudget {
+        /// The range offered.
+        range: PageRange,
+        /// Slots it needs.
+        needed: usize,
+        /// Slots held before it.
+        held: usize,
+        /// The budget.
+        budget: usize,
+    },
+    /// The backend refused (or did not acknowledge) a region.
+    #[error(
+        "ADD_MEM_REG of guest [{:#x}, {:#x}) to the vhost-user backend failed: {source}; the backend does not map it (check the backend's log, and that it is still connected)",
+        range.start(), range.end()
+    )]
+    Add {
+        /// The region's guest-physical range.
+        range: PageRange,
+        /// vhost's error, with the socket's errno where there is one.
+        #[source]
+        source: vhost::Error,
+    },
+    /// The backend refused (or did not acknowledge) the removal of a region.
+    #[error(
+        "REM_MEM_REG of guest [{:#x}, {:#x}) from the vhost-user backend failed: {source}; the backend may still map it, so its conversions are still followed (a conversion of it to private is refused)",
+        range.start(), range.end()
+    )]
+    Remove {
+        /// The region's guest-physical range.
+        range: PageRange,
+        /// vhost's error, with the socket's errno where there is one.
+        #[source]
+        source: vhost::Error,
+    },
+    /// Subscribing to the memory failed.
+    #[error("subscribing the vhost-user mapper to guest memory failed: {0}")]
+    Subscribe(#[source] vm_private_memory::Error),
+}

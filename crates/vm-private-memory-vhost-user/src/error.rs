@@ -6,8 +6,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_private_memory::Strategy;
 
 /// Why a [`VhostUserMapper`](crate::VhostUserMapper) could not be made or attached, or
-/// refused a range (a
-/// conversion that offered it is rolled back and carries this as its
+/// refused a range (a conversion that offered it is rolled back and carries this as its
 /// [`vm_private_memory::ListenerRefusal`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

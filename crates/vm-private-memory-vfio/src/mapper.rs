@@ -6,10 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use guest_memfd::{PageRange, PAGE_SIZE};
 use vfio_ioctls::{VfioError, VfioOps};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
-use vm_private_memory::{
-    shared_runs, GuestMemoryPrivate, MemoryListener, PrivateMemory, Subscription,
-};
+use vm_private_memory::{MemoryListener, PrivateMemory, SharedPages, Subscription};
 
 use crate::unmap::{unmap_page, Unmapped};
 
@@ -101,7 +98,8 @@ impl DmaMapper {
     /// Maps every page of `range` that is shared now and follows every later conversion
     /// in `range`, with nothing missed in between
     /// ([`PrivateMemory::subscribe_with_replay`]). Host addresses come from `memory`'s
-    /// own view ([`PrivateMemory::memory`]; do not replace what it holds).
+    /// own list of regions ([`PrivateMemory::shared_pages`]), which no holder of the
+    /// vm-memory view can replace.
     ///
     /// The returned attachment holds the mapping: keep it for as long as the device may
     /// DMA. Dropping it (or [`DmaAttachment::detach`]) unmaps every page and only then
@@ -125,7 +123,7 @@ impl DmaMapper {
     ) -> vm_private_memory::Result<DmaAttachment> {
         let mapper = Arc::new(Mapper {
             iommu: self.iommu,
-            memory: memory.memory(),
+            shared: memory.shared_pages(),
             budget: self.budget,
             state: Mutex::new(State::default()),
         });
@@ -214,7 +212,7 @@ struct State {
 /// The listener behind a [`DmaAttachment`].
 struct Mapper {
     iommu: Arc<dyn VfioOps>,
-    memory: GuestMemoryAtomic<GuestMemoryPrivate>,
+    shared: SharedPages,
     budget: usize,
     state: Mutex<State>,
 }
@@ -250,12 +248,12 @@ impl Mapper {
         if state.detached {
             return Ok(());
         }
-        let view = self.memory.memory();
+        let snapshot = self.shared.snapshot();
         // What to map, checked whole before the first ioctl: (IOVA, host address).
         let mut wanted = Vec::new();
         // Runs come in address order; the first page they skip is not shared guest memory.
         let mut next = range.start();
-        for run in shared_runs(&view, range) {
+        for run in snapshot.runs(range) {
             let guest = run.guest_range();
             if guest.start() != next {
                 break;

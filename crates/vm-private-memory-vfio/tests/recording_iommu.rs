@@ -113,9 +113,9 @@ fn pages(range: PageRange) -> impl Iterator<Item = u64> {
 
 /// The pages of `memory` that are shared now.
 fn shared_pages(memory: &PrivateMemory) -> Vec<u64> {
-    let view = memory.memory();
-    let mem = view.memory();
-    vm_private_memory::shared_runs(&mem, pr(0, 5 * MIB2))
+    let snapshot = memory.shared_pages().snapshot();
+    snapshot
+        .runs(pr(0, 5 * MIB2))
         .flat_map(|run| pages(run.guest_range()))
         .collect()
 }
@@ -144,11 +144,8 @@ fn attaching_maps_exactly_the_pages_shared_now_each_at_its_guest_address() {
     assert_eq!(iommu.mapped(), shared_pages(&m));
     assert_eq!(iommu.mapped(), [0x3000, 0x4000, 0x5000, 4 * MIB2]);
     // Each page at its own host address in the region's mapping.
-    let view = m.memory();
-    let mem = view.memory();
-    let run = vm_private_memory::shared_runs(&mem, pr(0, MIB2))
-        .next()
-        .unwrap();
+    let snapshot = m.shared_pages().snapshot();
+    let run = snapshot.runs(pr(0, MIB2)).next().unwrap();
     let host = run.host_address() as usize;
     let mappings = iommu.mappings.lock().unwrap();
     assert_eq!(

@@ -11,10 +11,7 @@ pub use crate::error::Error;
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostUserMemoryRegionInfo;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
-use vm_private_memory::{
-    shared_runs, GuestMemoryPrivate, MemoryListener, PrivateMemory, Strategy, Subscription,
-};
+use vm_private_memory::{MemoryListener, PrivateMemory, SharedPages, Strategy, Subscription};
 
 /// The vhost-user protocol features a [`VhostUserMapper`] needs acknowledged:
 /// `CONFIGURE_MEM_SLOTS` (`ADD_MEM_REG`, `REM_MEM_REG`, `GET_MAX_MEM_SLOTS`) and
@@ -180,7 +177,7 @@ impl VhostUserMapper {
     /// Adds every run of `range` that is shared now to the backend's table and follows
     /// every later conversion in `range`, with nothing missed in between
     /// ([`PrivateMemory::subscribe_with_replay`]). Host addresses and files come from
-    /// `memory`'s own view ([`PrivateMemory::memory`]; do not replace what it holds).
+    /// `memory`'s own list of regions ([`PrivateMemory::shared_pages`]).
     ///
     /// The returned attachment holds the backend's table: keep it for as long as the
     /// backend serves the guest. Dropping it (or [`VhostUserAttachment::detach`])
@@ -206,7 +203,7 @@ impl VhostUserMapper {
         let mapper = Arc::new(Mapper {
             budget: self.budget,
             backend_slots: self.backend_slots,
-            view: memory.memory(),
+            shared: memory.shared_pages(),
             state: Mutex::new(State {
                 frontend: self.frontend,
                 table: BTreeMap::new(),
@@ -334,7 +331,7 @@ struct State {
 struct Mapper {
     budget: usize,
     backend_slots: u64,
-    view: GuestMemoryAtomic<GuestMemoryPrivate>,
+    shared: SharedPages,
     state: Mutex<State>,
 }
 
@@ -350,10 +347,10 @@ impl Mapper {
         if state.detached {
             return Ok(());
         }
-        let view = self.view.memory();
+        let snapshot = self.shared.snapshot();
         // What to add, checked whole before the first message.
         let mut wanted: Vec<(BackendRegion, RawFd)> = Vec::new();
-        for run in shared_runs(&view, range) {
+        for run in snapshot.runs(range) {
             let guest = run.guest_range();
             let file = run.file().ok_or(Error::NoShareableFile {
                 strategy: Strategy::InPlace,
@@ -377,7 +374,7 @@ impl Mapper {
             });
         }
         for (i, (region, fd)) in wanted.iter().enumerate() {
-            // The descriptor is the region's sealed memfd, kept open by `view`.
+            // The descriptor is the region's sealed memfd, kept open by `snapshot`.
             if let Err(refused) = state.frontend.add_mem_region(&region.info(*fd)) {
                 // All or none: take back what this call added. If the backend does not
                 // let one go, keep the range (the conversion goes on) rather than let a

@@ -158,7 +158,7 @@ pub use guest_memfd::VmOps;
 pub use listener::{MemoryListener, Subscription};
 pub use memory::{GuestMemoryPrivate, PrivateMemory};
 pub use region::{private_page_refusal, PrivateRegion};
-pub use shared_runs::{shared_runs, SharedFile, SharedRun, SharedRuns};
+pub use shared_runs::{SharedFile, SharedPages, SharedPagesSnapshot, SharedRun, SharedRuns};
 pub use state::{
     MemoryState, PageRun, PrivatePages, RegionState, SharedContent, StateError, STATE_VERSION,
 };

@@ -231,6 +231,13 @@ impl PrivateMemory {
             .sum()
     }
 
+    /// The shared pages for device code: runs, host addresses and (dual strategy) the
+    /// file another process may map. The owner hands this to the device code it trusts
+    /// with files; the vm-memory view alone does not reach them.
+    pub fn shared_pages(&self) -> crate::SharedPages {
+        crate::SharedPages::new(self.listed.clone())
+    }
+
     /// Subscribes `listener` to `range`; it hears of every conversion, discard and
     /// removal that touches it, clipped to it, until the returned handle is dropped.
     ///
@@ -268,7 +275,8 @@ impl PrivateMemory {
         let subscription = self.listeners.subscribe(range, Arc::clone(&listener));
         let replayed = {
             let _listeners = self.listeners.hold();
-            let runs = crate::shared_runs(&engine.current, range).map(|run| run.guest_range());
+            let runs = crate::shared_runs::shared_runs(&engine.current, range)
+                .map(|run| run.guest_range());
             Listeners::replay(&listener, runs)
         };
         match replayed {
@@ -465,7 +473,7 @@ impl PrivateMemory {
                 range: gpa(guest),
                 reason: LayoutError::Collection(e),
             })?;
-        let shared: Vec<PageRange> = crate::shared_runs(&current, guest)
+        let shared: Vec<PageRange> = crate::shared_runs::shared_runs(&current, guest)
             .map(|run| run.guest_range())
             .collect();
         self.listeners

@@ -5,14 +5,15 @@
 use std::os::fd::{AsFd, BorrowedFd};
 
 use guest_memfd::{PageRange, PAGE_SIZE};
-use vm_memory::GuestMemoryBackend;
+use vm_memory::atomic::GuestMemoryLoadGuard;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 
 use crate::attributes::PageState;
 use crate::memory::GuestMemoryPrivate;
 use crate::region::PrivateRegion;
 
 /// Runs of consecutive shared pages inside one region each, in address order (from
-/// [`shared_runs`]).
+/// [`SharedPagesSnapshot::runs`]).
 #[derive(Debug)]
 pub struct SharedRuns<'a> {
     memory: &'a GuestMemoryPrivate,
@@ -43,34 +44,8 @@ pub struct SharedFile<'a> {
 /// The runs of shared pages of `memory` inside `range`, in address order, one region at
 /// a time: a run never spans two regions, and parts of `range` outside guest memory are
 /// skipped. Nothing is allocated: a fragmented guest costs time per run, not memory.
-///
-/// This is a snapshot of the bits: a run may go private as soon as it was yielded. Code
-/// that keeps what it learns here (a device's IOMMU mapping, a backend's memory table)
-/// must hear of revocations as a [`crate::MemoryListener`], subscribed with
-/// [`crate::PrivateMemory::subscribe_with_replay`], which offers what is shared now and
-/// every change after it without a gap.
-///
-/// ```
-/// use std::sync::Arc;
-/// use guest_memfd::PageRange;
-/// use vm_memory::GuestAddressSpace;
-/// use vm_private_memory::{shared_runs, MemoryBuilder, PageState};
-///
-/// let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
-/// let memory = MemoryBuilder::new(vm).region_at(0, 4 << 20).build().unwrap();
-/// memory.convert(PageRange::new(0x10000, 0x3000).unwrap(), PageState::Shared).unwrap();
-/// memory.convert(PageRange::new(0x20000, 0x1000).unwrap(), PageState::Shared).unwrap();
-///
-/// let view = memory.memory();
-/// let guest_ram = view.memory();
-/// let whole = PageRange::new(0, 4 << 20).unwrap();
-/// let runs: Vec<_> = shared_runs(&guest_ram, whole).map(|run| run.guest_range()).collect();
-/// assert_eq!(
-///     runs,
-///     [PageRange::new(0x10000, 0x3000).unwrap(), PageRange::new(0x20000, 0x1000).unwrap()]
-/// );
-/// ```
-pub fn shared_runs(memory: &GuestMemoryPrivate, range: PageRange) -> SharedRuns<'_> {
+/// Crate-internal: the public way in is the owner's [`SharedPages`].
+pub(crate) fn shared_runs(memory: &GuestMemoryPrivate, range: PageRange) -> SharedRuns<'_> {
     SharedRuns {
         memory,
         range,
@@ -148,5 +123,78 @@ impl<'a> SharedRun<'a> {
     /// The region the run lies in.
     pub fn region(&self) -> &'a PrivateRegion {
         self.region
+    }
+}
+
+/// The owner's grant to device code of the shared pages, their host addresses and, with
+/// the dual strategy, the file another process may map
+/// ([`crate::PrivateMemory::shared_pages`]). It reads the memory's own list of regions,
+/// which no holder of the vm-memory view can replace, and only the owner hands it out:
+/// the vm-memory view alone reaches no file.
+///
+/// What it tells is a snapshot of the bits: a run may go private as soon as it was
+/// read. Code that keeps what it learns here (a device's IOMMU mapping, a backend's
+/// memory table, a mapping of the file) must hear of revocations as a
+/// [`crate::MemoryListener`], subscribed with
+/// [`crate::PrivateMemory::subscribe_with_replay`], which offers what is shared now and
+/// every change after it without a gap.
+///
+/// ```
+/// use std::sync::Arc;
+/// use guest_memfd::PageRange;
+/// use vm_private_memory::{MemoryBuilder, PageState};
+///
+/// let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+/// let memory = MemoryBuilder::new(vm).region_at(0, 4 << 20).build().unwrap();
+/// memory.convert(PageRange::new(0x10000, 0x3000).unwrap(), PageState::Shared).unwrap();
+/// memory.convert(PageRange::new(0x20000, 0x1000).unwrap(), PageState::Shared).unwrap();
+///
+/// let snapshot = memory.shared_pages().snapshot();
+/// let whole = PageRange::new(0, 4 << 20).unwrap();
+/// let runs: Vec<_> = snapshot.runs(whole).map(|run| run.guest_range()).collect();
+/// assert_eq!(
+///     runs,
+///     [PageRange::new(0x10000, 0x3000).unwrap(), PageRange::new(0x20000, 0x1000).unwrap()]
+/// );
+/// ```
+///
+/// The vm-memory view does not reach it:
+///
+/// ```compile_fail
+/// # fn f(view: &vm_private_memory::GuestMemoryPrivate, range: guest_memfd::PageRange) {
+/// let files = vm_private_memory::shared_runs(view, range); // crate-internal
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct SharedPages {
+    listed: GuestMemoryAtomic<GuestMemoryPrivate>,
+}
+
+impl SharedPages {
+    pub(crate) fn new(listed: GuestMemoryAtomic<GuestMemoryPrivate>) -> Self {
+        SharedPages { listed }
+    }
+
+    /// The memory's regions as they are now (later changes of the region list are not
+    /// seen; changes of the bits are).
+    pub fn snapshot(&self) -> SharedPagesSnapshot {
+        SharedPagesSnapshot {
+            regions: self.listed.memory(),
+        }
+    }
+}
+
+/// The memory's regions at one moment, to read shared runs from ([`SharedPages`]).
+#[derive(Debug)]
+pub struct SharedPagesSnapshot {
+    regions: GuestMemoryLoadGuard<GuestMemoryPrivate>,
+}
+
+impl SharedPagesSnapshot {
+    /// The runs of shared pages inside `range`, in address order, one region at a time:
+    /// a run never spans two regions, and parts of `range` outside guest memory are
+    /// skipped. Nothing is allocated: a fragmented guest costs time per run, not memory.
+    pub fn runs(&self, range: PageRange) -> SharedRuns<'_> {
+        shared_runs(&self.regions, range)
     }
 }

@@ -13,9 +13,7 @@ use std::sync::{Arc, Mutex};
 use common::{dual, in_place, in_place_or_skip, pr, Heard, Recorder};
 use guest_memfd::{PageRange, PAGE_SIZE};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
-use vm_private_memory::{
-    shared_runs, Error, MemoryBuilder, MemoryListener, PageState, PrivateMemory, Strategy,
-};
+use vm_private_memory::{Error, MemoryBuilder, MemoryListener, PageState, PrivateMemory, Strategy};
 
 const MIB2: u64 = 2 << 20;
 
@@ -31,7 +29,9 @@ fn two_regions() -> PrivateMemory {
 }
 
 fn runs_of(m: &PrivateMemory, range: PageRange) -> Vec<PageRange> {
-    shared_runs(&m.memory().memory(), range)
+    m.shared_pages()
+        .snapshot()
+        .runs(range)
         .map(|r| r.guest_range())
         .collect()
 }
@@ -88,7 +88,8 @@ fn a_run_gives_its_host_address_and_only_the_dual_shared_file() {
         .unwrap();
     let view = m.memory();
     let mem = view.memory();
-    let run = shared_runs(&mem, pr(0, MIB2)).next().unwrap();
+    let snapshot = m.shared_pages().snapshot();
+    let run = snapshot.runs(pr(0, MIB2)).next().unwrap();
     let slice = mem.get_slice(GuestAddress(5 * PAGE_SIZE), 8).unwrap();
     assert_eq!(run.host_address().cast_const(), slice.ptr_guard().as_ptr());
     // In-place, the only file is the guest_memfd: never handed out.
@@ -97,9 +98,8 @@ fn a_run_gives_its_host_address_and_only_the_dual_shared_file() {
     let (d, _vm) = dual(MIB2, PageState::Private);
     d.convert(pr(5 * PAGE_SIZE, 2 * PAGE_SIZE), PageState::Shared)
         .unwrap();
-    let view = d.memory();
-    let mem = view.memory();
-    let run = shared_runs(&mem, pr(0, MIB2)).next().unwrap();
+    let snapshot = d.shared_pages().snapshot();
+    let run = snapshot.runs(pr(0, MIB2)).next().unwrap();
     let file = run.file().expect("the dual strategy's shared memfd");
     assert_eq!(file.offset, 5 * PAGE_SIZE);
     let handed = std::fs::File::from(file.fd.try_clone_to_owned().unwrap());

@@ -32,7 +32,7 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT}
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vm_private_memory::{shared_runs, MemoryBuilder, PageState, PrivateMemory, Strategy};
+use vm_private_memory::{MemoryBuilder, PageState, PrivateMemory, Strategy};
 use vm_private_memory_vhost_user::{VhostUserAttachment, VhostUserMapper};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::errno;
@@ -150,9 +150,9 @@ pub fn dual_memory() -> (PrivateMemory, (u64, u64)) {
 
 /// The pages of `range` that are shared now.
 pub fn shared_pages(memory: &PrivateMemory, range: PageRange) -> BTreeSet<u64> {
-    let view = memory.memory();
-    let mem = view.memory();
-    shared_runs(&mem, range)
+    let snapshot = memory.shared_pages().snapshot();
+    snapshot
+        .runs(range)
         .flat_map(|run| pages(run.guest_range()))
         .collect()
 }
@@ -163,9 +163,8 @@ pub fn pages(range: PageRange) -> impl Iterator<Item = u64> {
 
 /// The frontend's host address of shared guest page `gpa`.
 pub fn host_address(memory: &PrivateMemory, gpa: u64) -> u64 {
-    let view = memory.memory();
-    let mem = view.memory();
-    let run = shared_runs(&mem, pr(gpa, PAGE_SIZE)).next().unwrap();
+    let snapshot = memory.shared_pages().snapshot();
+    let run = snapshot.runs(pr(gpa, PAGE_SIZE)).next().unwrap();
     run.host_address() as u64
 }
 
@@ -176,9 +175,8 @@ pub fn shared_bytes_held(memory: &PrivateMemory) -> u64 {
 
 /// (device, inode) of the sealed memfd of shared pages.
 pub fn memfd_id(memory: &PrivateMemory) -> (u64, u64) {
-    let view = memory.memory();
-    let mem = view.memory();
-    let run = shared_runs(&mem, pr(DESC, PAGE_SIZE)).next().unwrap();
+    let snapshot = memory.shared_pages().snapshot();
+    let run = snapshot.runs(pr(DESC, PAGE_SIZE)).next().unwrap();
     let fd = run.file().unwrap().fd.try_clone_to_owned().unwrap();
     let memfd = std::fs::File::from(fd).metadata().unwrap();
     (memfd.dev(), memfd.ino())

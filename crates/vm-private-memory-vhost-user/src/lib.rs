@@ -42,7 +42,10 @@
 //!    the parts of the new runs not in the table. Adjacent regions are not merged, so
 //!    adding never removes anything. Over the slot budget it sends nothing and refuses;
 //!    if the backend refuses a region, the regions this conversion added are removed
-//!    again and the conversion is rolled back.
+//!    again and the conversion is rolled back. When another listener refuses the
+//!    conversion, vm-private-memory takes back what this mapper added (a `discard`, as
+//!    in 4); a removal the backend does not acknowledge there keeps those pages shared,
+//!    and the conversion's error names them (`RollbackFailed`'s `kept_shared`).
 //! 4. **Conversion to private, discard, region removal** (`discard`, before the bits
 //!    change): first the budget (removing part of a region leaves up to two parts); over
 //!    it, it panics before any message, which stops the conversion with nothing changed.
@@ -100,9 +103,6 @@
 //! - **Without unwinding.** A refusal in `discard` is a panic that vm-private-memory
 //!   catches: build with `panic = "unwind"` (a VMM built with `panic = "abort"` would
 //!   abort on a refused revocation).
-//! - **A rollback whose removal fails.** If another listener refuses a conversion to
-//!   shared and removing what this mapper added then fails, vm-private-memory does not
-//!   yet keep those pages shared: they turn private while still in the backend's table.
 //! - **A queue across a split.** With `vhost-user-backend`, a ring access that fails
 //!   ends its worker thread: a ring whose region is split by a conversion may stop.
 //!

@@ -9,7 +9,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, Result};
 use crate::kvm_view::set_kvm_view;
-use crate::listener::{in_callback, Listeners};
+use crate::listener::in_callback;
 use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemory};
 use crate::region::PrivateRegion;
 use crate::strategy::{Strategy, UnavailableReason};
@@ -17,8 +17,10 @@ use crate::strategy::{Strategy, UnavailableReason};
 mod batch;
 mod discard;
 mod one_run;
+mod undo;
 pub(crate) use batch::Retarget;
 use one_run::OneRun;
+pub(crate) use undo::Undone;
 
 /// The steps of a conversion, in the order they can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,35 +78,6 @@ impl ConversionReport {
         self.runs_changed += step.runs_changed;
         self.lock_holds += 1;
         self.longest_lock_hold = self.longest_lock_hold.max(held);
-    }
-}
-
-/// What a rollback could not put back.
-#[derive(Default)]
-pub(crate) struct Undone {
-    /// Ranges whose state in KVM is unknown.
-    pub(crate) unknown: Vec<GpaRange>,
-    /// Ranges listeners refused to take back.
-    pub(crate) listeners_refused: Vec<GpaRange>,
-}
-
-impl Undone {
-    /// Adds what another rollback could not put back.
-    pub(crate) fn extend(&mut self, other: Undone) {
-        self.unknown.extend(other.unknown);
-        self.listeners_refused.extend(other.listeners_refused);
-    }
-
-    /// The error for a step that failed with `cause` and was rolled back this far.
-    pub(crate) fn into_error(self, cause: Error) -> Error {
-        if self.unknown.is_empty() && self.listeners_refused.is_empty() {
-            return cause;
-        }
-        Error::RollbackFailed {
-            cause: Box::new(cause),
-            unknown: self.unknown,
-            listeners_refused: self.listeners_refused,
-        }
     }
 }
 
@@ -305,8 +278,10 @@ impl PrivateMemory {
     /// view still touches a page going private when the memory's patience runs out;
     /// [`Error::SetAttributes`] (dual) if `KVM_SET_MEMORY_ATTRIBUTES` fails;
     /// [`Error::File`] if punching a page fails. [`Error::RollbackFailed`] if, after one
-    /// of those, putting KVM's view back failed too: KVM's view of the ranges it lists is
-    /// unknown.
+    /// of those, the rollback failed too: KVM's view of the ranges it lists as `unknown`
+    /// is unknown; listeners refused `listeners_refused` back; or a listener could not
+    /// let go of `kept_shared` (it panicked in `discard` while the conversion to shared
+    /// was undone), and those pages stay shared.
     ///
     /// ```
     /// use std::sync::Arc;
@@ -461,12 +436,9 @@ impl PrivateMemory {
             PageState::Private => {
                 // A listener that cannot let go (it panicked) stops the conversion; the
                 // listeners told before it have their ranges back already.
-                self.listeners.discard(guest).map_err(|(range, reason)| {
-                    Error::ListenerRefused {
-                        range: gpa(range),
-                        reason,
-                    }
-                })?;
+                self.listeners
+                    .discard(guest)
+                    .map_err(Undone::of_revocation)?;
                 done.notified_discard = true;
                 plan.set_bits(PageState::Private);
                 done.bits = Some(PageState::Private);
@@ -497,12 +469,17 @@ impl PrivateMemory {
                 }
                 plan.set_bits(PageState::Shared);
                 done.bits = Some(PageState::Shared);
-                done.populated = self.listeners.populate(guest).map_err(|(range, reason)| {
-                    Error::ListenerRefused {
-                        range: gpa(range),
-                        reason,
+                match self.listeners.populate(guest) {
+                    Ok(accepted) => done.populated = accepted,
+                    Err(refusal) => {
+                        // Taken back by the undo, with the rest.
+                        done.populated = refusal.accepted;
+                        return Err(Error::ListenerRefused {
+                            range: gpa(refusal.range),
+                            reason: refusal.reason,
+                        });
                     }
-                })?;
+                }
                 // Dual: the private side is punched last, so a refusal above loses nothing.
                 if dual {
                     punch(done)?;
@@ -528,40 +505,6 @@ impl PrivateMemory {
     /// touching a page that is private now (see the `inflight` module).
     fn wait_for_accesses(&self, engine: &Engine, plan: &Plan<'_>) -> Result<()> {
         wait_for_host_accesses(engine, plan.snapshot, plan.requested)
-    }
-
-    /// Undoes what `done` says was done, newest first, and returns the ranges whose
-    /// state in KVM could not be put back (its view of them is unknown).
-    fn undo(&self, plan: &Plan<'_>, done: Progress) -> Undone {
-        Listeners::withdraw(done.populated);
-        let mut unknown = Vec::new();
-        let kvm_changed = match (done.kvm, done.kvm_partial) {
-            (Some(state), _) => Some((state, plan.changed.len())),
-            (None, partial) => partial,
-        };
-        if let Some((state, count)) = kvm_changed {
-            for range in &plan.changed[..count] {
-                if set_kvm_view(&*self.vm, *range, state.flipped()).is_err() {
-                    unknown.push(gpa(*range));
-                }
-            }
-        }
-        if let Some(state) = done.bits {
-            plan.set_bits(state.flipped());
-        }
-        let mut listeners_refused = Vec::new();
-        if done.notified_discard {
-            listeners_refused = self
-                .listeners
-                .restore(&plan.changed)
-                .into_iter()
-                .map(gpa)
-                .collect();
-        }
-        Undone {
-            unknown,
-            listeners_refused,
-        }
     }
 }
 

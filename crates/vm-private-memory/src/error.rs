@@ -192,18 +192,25 @@ pub enum Error {
         /// How long the conversion waited.
         waited: std::time::Duration,
     },
-    /// A conversion failed, and so did part of its rollback: KVM's view of `unknown` may
-    /// be either state, and listeners refused to take back `listeners_refused`, which
-    /// they held before (the bits were put back). Treat the VM as broken: stop it, or
-    /// convert those ranges again explicitly.
-    #[error("{cause}; the rollback failed too: KVM's view of {} range(s) is unknown{}, listeners refused {} range(s) back{}", unknown.len(), first(unknown), listeners_refused.len(), first(listeners_refused))]
+    /// An operation failed, and so did part of its rollback: KVM's view of `unknown` may
+    /// be either state; listeners refused to take back `listeners_refused`, which they
+    /// held before (the bits were put back; those listeners no longer map them); and a
+    /// listener could not let go of `kept_shared` (it panicked in `discard` while what
+    /// it had accepted was being taken back), so those ranges were left shared: the
+    /// conversion to shared stands for them (and for
+    /// [`crate::PrivateMemory::subscribe_with_replay`], the listener stays subscribed for
+    /// as long as the memory lives, so that it hears when they go private). Treat the VM
+    /// as broken: stop it, or convert those ranges again explicitly.
+    #[error("{cause}; the rollback failed too: KVM's view of {} range(s) is unknown{}, listeners refused {} range(s) back{}, {} range(s) stay shared because a listener could not let go of them{}", unknown.len(), first(unknown), listeners_refused.len(), first(listeners_refused), kept_shared.len(), first(kept_shared))]
     RollbackFailed {
-        /// Why the conversion failed.
+        /// Why the operation failed.
         cause: Box<Error>,
         /// The ranges whose state in KVM is unknown.
         unknown: Vec<GpaRange>,
         /// The ranges listeners refused (or panicked on) when offered back.
         listeners_refused: Vec<GpaRange>,
+        /// The ranges left shared because a listener could not let go of them.
+        kept_shared: Vec<GpaRange>,
     },
     /// Writing a loader's bytes into guest memory failed.
     #[error("loading {range} failed: {source}")]

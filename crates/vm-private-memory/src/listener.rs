@@ -124,6 +124,26 @@ fn as_callback<R>(f: impl FnOnce() -> R) -> Result<R, ListenerRefusal> {
     })
 }
 
+/// A revocation a listener stopped ([`Listeners::discard`]).
+pub(crate) struct Revocation {
+    /// The range the listener could not let go of.
+    pub(crate) range: PageRange,
+    /// Why (its panic).
+    pub(crate) reason: ListenerRefusal,
+    /// Parts of the ranges other listeners had let go of that they refused to take back.
+    pub(crate) refused_back: Vec<PageRange>,
+}
+
+/// An offer a listener refused ([`Listeners::populate`]).
+pub(crate) struct Refusal {
+    /// The range refused.
+    pub(crate) range: PageRange,
+    /// Why.
+    pub(crate) reason: ListenerRefusal,
+    /// What listeners had accepted before it, for the caller to take back.
+    pub(crate) accepted: Vec<Accepted>,
+}
+
 /// A listener's acceptance of a range, to undo on rollback.
 pub(crate) struct Accepted {
     listener: Arc<dyn MemoryListener>,
@@ -203,9 +223,9 @@ impl Listeners {
 
     /// Tells every listener overlapping each range, in order, that host access is going.
     /// A listener that panics has not let go of its access: the listeners already told
-    /// get their ranges back (newest first) and the panic is returned, so that the
-    /// revocation does not go ahead.
-    pub(crate) fn discard(&self, ranges: &[PageRange]) -> Result<(), (PageRange, ListenerRefusal)> {
+    /// get their ranges back (newest first) and the panic is returned with the parts of
+    /// those ranges refused back, so that the revocation does not go ahead.
+    pub(crate) fn discard(&self, ranges: &[PageRange]) -> Result<(), Revocation> {
         let mut told: Vec<Accepted> = Vec::new();
         let mut failed = None;
         self.pass(ranges, |listener, range| {
@@ -225,22 +245,26 @@ impl Listeners {
         });
         match failed {
             None => Ok(()),
-            Some(failed) => {
-                for t in told.into_iter().rev() {
-                    let _ = as_callback(|| t.listener.populate(t.range));
-                }
-                Err(failed)
+            Some((range, reason)) => {
+                let refused_back = told
+                    .into_iter()
+                    .rev()
+                    .filter(|t| !matches!(as_callback(|| t.listener.populate(t.range)), Ok(Ok(()))))
+                    .map(|t| t.range)
+                    .collect();
+                Err(Revocation {
+                    range,
+                    reason,
+                    refused_back,
+                })
             }
         }
     }
 
     /// Offers each range to the listeners overlapping it, in order. On a refusal (or a
-    /// panic), the ranges already accepted are discarded again (in reverse) and the
-    /// refusal returned.
-    pub(crate) fn populate(
-        &self,
-        ranges: &[PageRange],
-    ) -> Result<Vec<Accepted>, (PageRange, ListenerRefusal)> {
+    /// panic), returns it with what was accepted before it: the caller takes that back
+    /// ([`Listeners::withdraw`]) as part of its rollback.
+    pub(crate) fn populate(&self, ranges: &[PageRange]) -> Result<Vec<Accepted>, Refusal> {
         let mut accepted: Vec<Accepted> = Vec::new();
         let mut refusal = None;
         self.pass(ranges, |listener, range| {
@@ -262,20 +286,21 @@ impl Listeners {
         });
         match refusal {
             None => Ok(accepted),
-            Some(refused) => {
-                Self::withdraw(accepted);
-                Err(refused)
-            }
+            Some((range, reason)) => Err(Refusal {
+                range,
+                reason,
+                accepted,
+            }),
         }
     }
 
     /// Offers `runs` to `listener` alone, in order (a new subscriber learning what is
     /// shared already). On a refusal or panic, takes back what it had accepted, newest
-    /// first, and returns the run refused and why.
+    /// first, and returns the run refused, why, and the runs it could not let go of.
     pub(crate) fn replay(
         listener: &Arc<dyn MemoryListener>,
         runs: impl Iterator<Item = PageRange>,
-    ) -> Result<(), (PageRange, ListenerRefusal)> {
+    ) -> Result<(), (PageRange, ListenerRefusal, Vec<PageRange>)> {
         let mut accepted = Vec::new();
         for run in runs {
             match as_callback(|| listener.populate(run))
@@ -286,19 +311,25 @@ impl Listeners {
                     range: run,
                 }),
                 Err(reason) => {
-                    Self::withdraw(accepted);
-                    return Err((run, reason));
+                    let held = Self::withdraw(accepted);
+                    return Err((run, reason, held));
                 }
             }
         }
         Ok(())
     }
 
-    /// Takes back what listeners accepted, newest first.
-    pub(crate) fn withdraw(accepted: Vec<Accepted>) {
-        for a in accepted.into_iter().rev() {
-            let _ = as_callback(|| a.listener.discard(a.range));
-        }
+    /// Takes back what listeners accepted, newest first, and returns the ranges a
+    /// listener could not let go of (it panicked in `discard`): it may still map them,
+    /// so they must stay shared.
+    #[must_use = "ranges a listener still holds must stay shared"]
+    pub(crate) fn withdraw(accepted: Vec<Accepted>) -> Vec<PageRange> {
+        accepted
+            .into_iter()
+            .rev()
+            .filter(|a| as_callback(|| a.listener.discard(a.range)).is_err())
+            .map(|a| a.range)
+            .collect()
     }
 
     /// Re-offers ranges after a rolled-back revocation, and returns the parts refused

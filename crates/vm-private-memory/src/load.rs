@@ -97,6 +97,7 @@ impl PrivateMemory {
                     cause: Box::new(e),
                     unknown: vec![crate::memory::gpa(pages)],
                     listeners_refused: Vec::new(),
+                    kept_shared: Vec::new(),
                 },
             });
         }

@@ -262,7 +262,10 @@ impl PrivateMemory {
     ///
     /// [`Error::Reentrant`] if called from a listener callback; [`Error::ListenerRefused`]
     /// naming the run the listener refused (or panicked on): it is not subscribed, and
-    /// the runs it had accepted are taken back with `discard`, newest first.
+    /// the runs it had accepted are taken back with `discard`, newest first. If it
+    /// panics in one of those `discard`s it may still map that run:
+    /// [`Error::RollbackFailed`] names the runs in `kept_shared`, and the listener stays
+    /// subscribed for as long as the memory lives.
     pub fn subscribe_with_replay(
         &self,
         range: PageRange,
@@ -281,14 +284,24 @@ impl PrivateMemory {
         };
         match replayed {
             Ok(()) => Ok(subscription),
-            Err((run, reason)) => {
-                // Unsubscribed before any operation can tell it of a change.
-                drop(subscription);
-                drop(engine);
-                Err(Error::ListenerRefused {
+            Err((run, reason, held)) => {
+                let refused = Error::ListenerRefused {
                     range: gpa(run),
                     reason,
-                })
+                };
+                if held.is_empty() {
+                    // Unsubscribed before any operation can tell it of a change.
+                    drop(subscription);
+                    return Err(refused);
+                }
+                // It may still map runs it could not let go of: it stays subscribed for
+                // the memory's lifetime, so it hears when they go private.
+                std::mem::forget(subscription);
+                Err(crate::convert::Undone {
+                    kept_shared: held.into_iter().map(gpa).collect(),
+                    ..Default::default()
+                }
+                .into_error(refused))
             }
         }
     }
@@ -478,10 +491,7 @@ impl PrivateMemory {
             .collect();
         self.listeners
             .discard(&shared)
-            .map_err(|(range, reason)| Error::ListenerRefused {
-                range: gpa(range),
-                reason,
-            })?;
+            .map_err(crate::convert::Undone::of_revocation)?;
         // Lock the host out of the leaving region for good: a snapshot of the view taken
         // earlier keeps the region, and its file may be re-added with private pages.
         // Accesses already in flight are waited for, as for a conversion to private.
@@ -501,8 +511,8 @@ impl PrivateMemory {
                 .map(gpa)
                 .collect();
             Err(crate::convert::Undone {
-                unknown: Vec::new(),
                 listeners_refused,
+                ..Default::default()
             }
             .into_error(e))
         };

@@ -32,6 +32,7 @@ fn a_failed_rollback_of_kvm_s_view_is_reported_with_the_ranges() {
             cause,
             unknown,
             listeners_refused,
+            ..
         } => {
             assert!(listeners_refused.is_empty(), "{listeners_refused:?}");
             assert!(matches!(**cause, Error::SetAttributes { .. }), "{cause}");
@@ -128,6 +129,7 @@ fn a_listener_refusing_a_range_back_on_rollback_is_reported() {
             cause,
             unknown,
             listeners_refused,
+            ..
         }) => {
             assert!(matches!(*cause, Error::SetAttributes { .. }), "{cause}");
             assert!(unknown.is_empty(), "{unknown:?}");

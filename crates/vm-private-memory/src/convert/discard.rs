@@ -67,10 +67,7 @@ impl PrivateMemory {
         let told = PageRange::new(range.start(), next - range.start())?;
         self.listeners
             .discard(&[told])
-            .map_err(|(range, reason)| Error::ListenerRefused {
-                range: gpa(range),
-                reason,
-            })?;
+            .map_err(super::Undone::of_revocation)?;
         let mut bytes = 0;
         for (piece, state) in pieces {
             // The side that backs a page is the one a conversion *to* the other state

@@ -10,9 +10,11 @@
 use guest_memfd::{PageRange, PAGE_SIZE};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
+use super::undo::without;
 use super::{wait_for_host_accesses, ContentMode, ConversionReport, StepLimit, Undone};
 use crate::attributes::PageState;
 use crate::error::{Error, Result};
+use crate::listener::{Listeners, Refusal};
 use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemory};
 use crate::region::PrivateRegion;
 use crate::strategy::Strategy;
@@ -97,12 +99,9 @@ impl PrivateMemory {
         match to {
             PageState::Private => {
                 if listening {
-                    self.listeners.discard(guest).map_err(|(range, reason)| {
-                        Error::ListenerRefused {
-                            range: gpa(range),
-                            reason,
-                        }
-                    })?;
+                    self.listeners
+                        .discard(guest)
+                        .map_err(Undone::of_revocation)?;
                 }
                 run.flip(PageState::Private);
                 let hidden = wait_for_host_accesses(engine, &engine.current, gpa(run.guest))
@@ -115,8 +114,8 @@ impl PrivateMemory {
                         Vec::new()
                     };
                     return Err(Undone {
-                        unknown: Vec::new(),
                         listeners_refused,
+                        ..Undone::default()
                     }
                     .into_error(e));
                 }
@@ -126,17 +125,10 @@ impl PrivateMemory {
                     run.punch()?;
                 }
                 run.flip(PageState::Shared);
-                let offered = if listening {
-                    self.listeners.populate(guest).map(drop)
-                } else {
-                    Ok(())
-                };
-                if let Err((range, reason)) = offered {
-                    run.flip(PageState::Private);
-                    return Err(Error::ListenerRefused {
-                        range: gpa(range),
-                        reason,
-                    });
+                if listening {
+                    if let Err(refusal) = self.listeners.populate(guest) {
+                        return Err(self.undo_one_run(&run, refusal));
+                    }
                 }
             }
         }
@@ -146,6 +138,34 @@ impl PrivateMemory {
             runs_changed: 1,
             lock_holds: 1,
             ..ConversionReport::default()
+        })
+    }
+}
+
+impl PrivateMemory {
+    /// Undoes a conversion of `run` to shared that a listener refused: the listeners
+    /// that accepted it let go of it, and the run turns private again, except the parts
+    /// a listener cannot let go of, which stay shared (as in the general path's undo).
+    #[cold]
+    fn undo_one_run(&self, run: &OneRun<'_>, refusal: Refusal) -> Error {
+        let held = Listeners::withdraw(refusal.accepted);
+        let back = without(std::slice::from_ref(&run.guest), &held);
+        let region_start = run.region.guest_range().start();
+        for part in &back {
+            let first = (part.start() - region_start) / PAGE_SIZE;
+            run.region
+                .flip(first, part.page_count(), PageState::Private);
+        }
+        Undone {
+            kept_shared: without(std::slice::from_ref(&run.guest), &back)
+                .into_iter()
+                .map(gpa)
+                .collect(),
+            ..Undone::default()
+        }
+        .into_error(Error::ListenerRefused {
+            range: gpa(refusal.range),
+            reason: refusal.reason,
         })
     }
 }

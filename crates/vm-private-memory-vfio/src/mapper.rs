@@ -105,10 +105,11 @@ impl DmaMapper {
     /// DMA. Dropping it (or [`DmaAttachment::detach`]) unmaps every page and only then
     /// stops following conversions, so no page can turn private while still mapped.
     ///
-    /// Pages that become shared without a conversion are not mapped: a region added
-    /// shared ([`PrivateMemory::add_region`]) and pages freed by
-    /// [`PrivateMemory::discard`] (unmapped with it) are mapped when a conversion next
-    /// offers them. A page the mapper holds is never private.
+    /// A region added later with shared pages ([`PrivateMemory::add_region`]) is mapped
+    /// as it is added (a refusal fails the addition). Pages freed by
+    /// [`PrivateMemory::discard`] (a balloon) are unmapped with it and stay so until a
+    /// conversion next offers them: their memory is meant to go back to the host. A
+    /// page the mapper holds is never private.
     ///
     /// # Errors
     ///

@@ -324,6 +324,28 @@ fn removing_a_region_or_dropping_the_attachment_unmaps_its_pages() {
     assert!(iommu.mapped().is_empty());
 }
 
+#[test]
+fn a_region_added_shared_is_mapped_as_it_is_added() {
+    let Some(m) = in_place_or_skip("a_region_added_shared_is_mapped_as_it_is_added") else {
+        return;
+    };
+    let (iommu, mapper) = setup(&m);
+    let dma = mapper.attach(&m, pr(0, 16 * MIB2)).unwrap();
+    let added = pr(8 * MIB2, 4 * PAGE_SIZE);
+    m.add_region(added, None, PageState::Shared).unwrap();
+    assert_eq!(iommu.mapped(), pages(added).collect::<Vec<_>>());
+    // Over the budget, the addition fails and nothing of it stays mapped.
+    let (iommu, mapper) = setup(&m);
+    drop(dma);
+    let _dma = mapper.with_budget(6).attach(&m, pr(0, 16 * MIB2)).unwrap();
+    assert_eq!(iommu.mapped().len(), 4);
+    assert!(m
+        .add_region(pr(12 * MIB2, 4 * PAGE_SIZE), None, PageState::Shared)
+        .is_err());
+    assert_eq!(m.state_of(12 * MIB2), None);
+    assert_eq!(iommu.mapped(), pages(added).collect::<Vec<_>>());
+}
+
 /// A random walk of conversions and discards: after every step the IOMMU maps exactly
 /// the shared pages.
 #[test]

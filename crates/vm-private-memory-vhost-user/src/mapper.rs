@@ -184,10 +184,11 @@ impl VhostUserMapper {
     /// removes every region and only then stops following conversions, so no page can
     /// turn private while the backend still maps it.
     ///
-    /// Pages that become shared without a conversion are not added: a region added
-    /// shared ([`PrivateMemory::add_region`]) and pages freed by
-    /// [`PrivateMemory::discard`] (removed with it) are added when a conversion next
-    /// offers them. A page in the backend's table is never private.
+    /// A region added later with shared pages ([`PrivateMemory::add_region`]) is added
+    /// as it is added (a refusal fails the addition). Pages freed by
+    /// [`PrivateMemory::discard`] (a balloon) are removed with it and stay so until a
+    /// conversion next offers them: their memory is meant to go back to the host. A
+    /// page the mapper holds is never private.
     ///
     /// # Errors
     ///

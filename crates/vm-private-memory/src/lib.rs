@@ -134,6 +134,7 @@ mod listener;
 mod load;
 mod memory;
 mod region;
+mod regions;
 mod shared_runs;
 mod state;
 mod strategy;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::{dual, gpa_is_free, in_place, in_place_or_skip, pr, vm, Heard, Recorder};
 use guest_memfd::{PageRange, PAGE_SIZE};
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 use vm_private_memory::{
     GuestMemoryPrivate, MemoryBuilder, MemoryListener, PageState, PrivateMemory,
 };
@@ -217,4 +218,39 @@ fn a_dropped_subscription_is_not_called_after_drop_returns() {
         calls,
         "not called after drop"
     );
+}
+
+/// A region added with shared pages is offered to the listeners over it, as a conversion
+/// to shared is; a refusal fails the addition with nothing changed.
+#[test]
+fn a_region_added_shared_is_offered_to_listeners_and_a_refusal_undoes_the_addition() {
+    let (m, _vm) = dual(MIB2, PageState::Private);
+    let recorder = Arc::new(Recorder::default());
+    let _sub = m.subscribe(pr(0, 64 * MIB2), recorder.clone());
+    let added = pr(4 * MIB2, MIB2);
+    m.add_region(added, None, PageState::Shared).unwrap();
+    assert_eq!(recorder.heard.lock().unwrap()[..], [Heard::Populate(added)]);
+    // A region added private offers nothing.
+    m.add_region(pr(8 * MIB2, MIB2), None, PageState::Private)
+        .unwrap();
+    assert_eq!(recorder.heard.lock().unwrap().len(), 1);
+
+    *recorder.refuse.lock().unwrap() = true;
+    let refused = pr(12 * MIB2, MIB2);
+    match m.add_region(refused, None, PageState::Shared) {
+        Err(vm_private_memory::Error::ListenerRefused { range, .. }) => {
+            assert_eq!((range.start, range.len), (refused.start(), refused.len()));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(m.state_of(refused.start()), None, "the region stayed");
+    assert!(m
+        .memory()
+        .memory()
+        .find_region(vm_memory::GuestAddress(refused.start()))
+        .is_none());
+    // The slot went back too: the same range can be added once the listener accepts.
+    *recorder.refuse.lock().unwrap() = false;
+    m.add_region(refused, None, PageState::Shared).unwrap();
+    assert_eq!(m.state_of(refused.start()), Some(PageState::Shared));
 }

@@ -246,3 +246,23 @@ fn a_listener_refusing_back_what_it_let_go_of_when_a_revocation_stops_is_reporte
         Err(Error::RollbackFailed { .. })
     ));
 }
+
+#[test]
+fn a_region_added_shared_that_a_listener_cannot_let_go_of_stays() {
+    let (m, _vm) = dual(SIZE, PageState::Private);
+    let holder = Arc::new(Holder::default());
+    let _a = m.subscribe(pr(0, 16 * SIZE), holder.clone());
+    let _b = m.subscribe(pr(0, 16 * SIZE), refuser());
+    holder.stuck.store(true, Ordering::SeqCst);
+    let added = pr(4 * SIZE, SIZE);
+    match m.add_region(added, None, PageState::Shared) {
+        Err(Error::RollbackFailed {
+            cause, kept_shared, ..
+        }) => {
+            assert!(matches!(*cause, Error::ListenerRefused { .. }), "{cause}");
+            assert_eq!(ranges(&kept_shared), [(added.start(), added.len())]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(m.state_of(added.start()), Some(PageState::Shared));
+}

@@ -1,0 +1,292 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Adding and removing regions while the guest runs: memslots, the engine's list, the
+//! published view, and what listeners hear of the shared pages that come and go.
+
+use std::sync::Arc;
+
+use guest_memfd::{GuestMemfd, PageRange};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::attributes::PageState;
+use crate::builder::{gmem_flags, make_region};
+use crate::convert::Undone;
+use crate::error::{Error, GpaRange, LayoutError, Result};
+use crate::kvm_view::set_kvm_view;
+use crate::listener::{in_callback, Listeners};
+use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemory};
+use crate::region::PrivateRegion;
+use crate::strategy::Strategy;
+
+impl PrivateMemory {
+    /// Adds a region over `guest`, bound to a new memslot, its pages in `initial` state.
+    /// It is backed by `backing`: a file and offset (for example the file of a region
+    /// removed before, to keep its content), or `None` for a new guest_memfd.
+    ///
+    /// Re-using a file keeps its content: with `initial` shared and the in-place strategy,
+    /// whatever the guest had written there, private pages included, becomes readable by
+    /// the host. Discard ranges first if that is not wanted.
+    ///
+    /// The `GuestMemfd` handed back by [`PrivateMemory::remove_region`] is the owner's
+    /// tool, not device code's: its safe `map` maps every page, private ones included.
+    /// Give it back here and drop other clones; keep it away from anything that holds
+    /// only the vm-memory view.
+    ///
+    /// The region joins this memory's own list of regions, which is then published in the
+    /// vm-memory view (replacing whatever a caller may have put there). With `initial`
+    /// shared, listeners subscribed over `guest` are then offered it (`populate`), as
+    /// after a conversion to shared: a device that maps shared pages maps it too.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Layout`] if `guest` overlaps a region, [`Error::NoFreeSlot`] if every
+    /// memslot number this memory may use is taken, and the file layer's or KVM's error
+    /// if creating, mapping, binding or (dual) marking the region fails;
+    /// [`Error::ListenerRefused`] if a listener refuses the new shared pages (those that
+    /// accepted let go, and the region is taken out again). On any of these nothing
+    /// changed: no memslot is bound, the list and the view are as before.
+    /// [`Error::RollbackFailed`] if, after a refusal, a listener could not let go
+    /// (`kept_shared`) or the region could not be taken out again (`listeners_refused`:
+    /// no listener maps it): the region stays, shared.
+    pub fn add_region(
+        &self,
+        guest: PageRange,
+        backing: Option<(GuestMemfd, u64)>,
+        initial: PageState,
+    ) -> Result<()> {
+        if in_callback() {
+            return Err(Error::Reentrant { range: gpa(guest) });
+        }
+        let mut engine = self.lock_engine();
+        if let Some(other) = engine
+            .current
+            .iter()
+            .find(|r| r.guest_range().intersection(&guest).is_some())
+        {
+            return Err(Error::Layout {
+                range: gpa(guest),
+                reason: LayoutError::OverlapsRegion(other.guest_range()),
+            });
+        }
+        let slot = engine
+            .slots
+            .allocate_id()
+            .map_err(|_| engine.no_free_slot())?;
+        let (region, with) = match self.new_region(&engine, guest, backing, initial, slot) {
+            Ok(made) => made,
+            Err(e) => {
+                let _ = engine.slots.free_id(slot);
+                return Err(e);
+            }
+        };
+        if let Err((e, still_bound)) = self.bind_new_region(guest, initial, &region) {
+            // Still bound (KVM refused to unbind): the slot number stays taken, and the
+            // region was leaked so its memory stays mapped.
+            if !still_bound {
+                let _ = engine.slots.free_id(slot);
+            }
+            return Err(e);
+        }
+        let _listeners = self.listeners.hold();
+        self.publish(&mut engine, with);
+        if initial == PageState::Shared {
+            self.offer_new_region(&mut engine, guest)?;
+        }
+        Ok(())
+    }
+
+    /// The region over `guest` and the engine's list with it, nothing bound yet.
+    fn new_region(
+        &self,
+        engine: &Engine,
+        guest: PageRange,
+        backing: Option<(GuestMemfd, u64)>,
+        initial: PageState,
+        slot: u32,
+    ) -> Result<(Arc<PrivateRegion>, GuestMemoryPrivate)> {
+        let (gmem, offset) = match backing {
+            Some(b) => b,
+            None => (
+                GuestMemfd::create(&*self.vm, guest.len(), gmem_flags(self.strategy))?,
+                0,
+            ),
+        };
+        let region = Arc::new(make_region(
+            self.strategy,
+            guest,
+            gmem,
+            offset,
+            initial,
+            slot,
+        )?);
+        let with = engine
+            .current
+            .insert_region(Arc::clone(&region))
+            .map_err(|e| Error::Layout {
+                range: gpa(guest),
+                reason: LayoutError::Collection(e),
+            })?;
+        Ok((region, with))
+    }
+
+    /// Binds a new region's memslot and (dual) sets KVM's view of it. On error, says
+    /// whether the slot is still bound (KVM refused to unbind it; the region is leaked).
+    fn bind_new_region(
+        &self,
+        guest: PageRange,
+        initial: PageState,
+        region: &Arc<PrivateRegion>,
+    ) -> std::result::Result<(), (Error, bool)> {
+        let memslot = region.memslot().map_err(|e| (e.into(), false))?;
+        // SAFETY: the slot's userspace memory is the region's host mapping, which the
+        // engine's list keeps alive until `remove_region` or `Drop` unbinds the slot; on
+        // an error below the slot is unbound again, or the region leaked.
+        unsafe { memslot.bind(&*self.vm) }.map_err(|e| (e.into(), false))?;
+        // KVM keeps memory attributes per guest-physical address, across memslot
+        // deletion: set them for the new region whatever they were before.
+        if self.strategy == Strategy::Dual {
+            if let Err(e) = set_kvm_view(&*self.vm, guest, initial) {
+                let still_bound = memslot.unbind(&*self.vm).is_err();
+                if still_bound {
+                    std::mem::forget(Arc::clone(region));
+                }
+                return Err((e, still_bound));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the region that starts at `start`: listeners hear `discard` for its
+    /// shared pages, its memslot is deleted (KVM drops its mappings; guest accesses to
+    /// the range then exit as MMIO), and it leaves this memory's list and the vm-memory
+    /// view. vCPUs may run. Returns the range and the file and offset that backed it, so
+    /// it can be re-added.
+    ///
+    /// The host is locked out of the region for good before its memslot goes: every page
+    /// counts as private to a view taken earlier (which keeps the region alive), and host
+    /// accesses in flight on it are waited for, as for a conversion to private. So a file
+    /// re-added with private pages is never reachable through an old view.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoSuchRegion`] if no region of this memory's list starts at `start`;
+    /// [`Error::HostAccessInFlight`] if a slice of it was still held when the memory's
+    /// patience ran out; KVM's error if the memslot cannot be deleted. On an error
+    /// listeners get the shared pages back and nothing changed.
+    pub fn remove_region(&self, start: u64) -> Result<(PageRange, GuestMemfd, u64)> {
+        if in_callback() {
+            return Err(Error::Reentrant {
+                range: GpaRange { start, len: 0 },
+            });
+        }
+        let mut engine = self.lock_engine();
+        let _listeners = self.listeners.hold();
+        self.take_out(&mut engine, start, Listening::Tell)
+    }
+
+    /// Removes the region that starts at `start` as [`PrivateMemory::remove_region`]
+    /// says, with the engine locked and the listeners held; `listening` says whether
+    /// listeners hear of its shared pages (not when undoing an addition they refused).
+    fn take_out(
+        &self,
+        engine: &mut Engine,
+        start: u64,
+        listening: Listening,
+    ) -> Result<(PageRange, GuestMemfd, u64)> {
+        let current = Arc::clone(&engine.current);
+        let region = current
+            .iter()
+            .find(|r| r.guest_range().start() == start)
+            .ok_or(Error::NoSuchRegion(GuestAddress(start)))?;
+        let guest = region.guest_range();
+        // Everything that can fail without side effects comes first.
+        let memslot = region.memslot()?;
+        let (without, _removed) = current
+            .remove_region(GuestAddress(start), guest.len())
+            .map_err(|e| Error::Layout {
+                range: gpa(guest),
+                reason: LayoutError::Collection(e),
+            })?;
+        let shared: Vec<PageRange> = crate::shared_runs::shared_runs(&current, guest)
+            .map(|run| run.guest_range())
+            .collect();
+        let tell = listening == Listening::Tell;
+        if tell {
+            self.listeners
+                .discard(&shared)
+                .map_err(Undone::of_revocation)?;
+        }
+        // Lock the host out of the leaving region for good: a snapshot of the view taken
+        // earlier keeps the region, and its file may be re-added with private pages.
+        // Accesses already in flight are waited for, as for a conversion to private.
+        let lock_out = |state: PageState| {
+            for range in &shared {
+                let first = (range.start() - guest.start()) / guest_memfd::PAGE_SIZE;
+                region.flip(first, range.page_count(), state);
+            }
+        };
+        lock_out(PageState::Private);
+        let undo = |e: Error| {
+            lock_out(PageState::Shared);
+            let listeners_refused = if tell {
+                self.listeners
+                    .restore(&shared)
+                    .into_iter()
+                    .map(gpa)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            Err(Undone {
+                listeners_refused,
+                ..Default::default()
+            }
+            .into_error(e))
+        };
+        if let Err(e) = crate::convert::wait_for_host_accesses(engine, &current, gpa(guest)) {
+            return undo(e);
+        }
+        if let Err(e) = memslot.unbind(&*self.vm) {
+            return undo(e.into());
+        }
+        self.publish(engine, without);
+        let _ = engine.slots.free_id(region.slot());
+        Ok((guest, region.gmem().clone(), region.gmem_offset()))
+    }
+
+    /// Offers the shared pages of a region just added to the listeners. On a refusal
+    /// the region is taken out again, unless a listener cannot let go of what it had
+    /// accepted: the region then stays, and the error names those pages.
+    fn offer_new_region(&self, engine: &mut Engine, guest: PageRange) -> Result<()> {
+        let Err(refusal) = self.listeners.populate(&[guest]) else {
+            return Ok(());
+        };
+        let refused = Error::ListenerRefused {
+            range: gpa(refusal.range),
+            reason: refusal.reason,
+        };
+        let held = Listeners::withdraw(refusal.accepted);
+        if !held.is_empty() {
+            return Err(Undone {
+                kept_shared: held.into_iter().map(gpa).collect(),
+                ..Default::default()
+            }
+            .into_error(refused));
+        }
+        match self.take_out(engine, guest.start(), Listening::Quiet) {
+            Ok(_) => Err(refused),
+            // The region stays, shared, and no listener holds it.
+            Err(_) => Err(Undone {
+                listeners_refused: vec![gpa(guest)],
+                ..Default::default()
+            }
+            .into_error(refused)),
+        }
+    }
+}
+
+/// Whether removing a region tells listeners.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listening {
+    Tell,
+    Quiet,
+}

@@ -140,3 +140,63 @@ fn dual_strategy_a_page_turned_shared_arrives_empty_with_real_memory_attributes(
         0
     );
 }
+
+/// A conversion to shared that one listener refuses and another cannot take back: real
+/// KVM takes the partial undo (everything but the held pages goes back to private), and
+/// the held pages stay shared and usable.
+#[test]
+fn a_range_a_listener_cannot_let_go_of_stays_shared_with_real_memory_attributes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use vm_private_memory::{Error, MemoryListener};
+    let Some(vm) = vm_with_memory_attributes(
+        "a_range_a_listener_cannot_let_go_of_stays_shared_with_real_memory_attributes",
+    ) else {
+        return;
+    };
+    struct Holder(AtomicBool);
+    impl MemoryListener for Holder {
+        fn discard(&self, range: PageRange) {
+            assert!(!self.0.load(Ordering::SeqCst), "cannot let go of {range}");
+        }
+        fn populate(&self, _: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            Ok(())
+        }
+    }
+    let memory = memory_on(vm, 2 << 20, PageState::Private);
+    let holder = Arc::new(Holder(AtomicBool::new(true)));
+    let refuser = Arc::new(common::Recorder::default());
+    *refuser.refuse.lock().unwrap() = true;
+    let held = PageRange::new(4 * PAGE_SIZE, 4 * PAGE_SIZE).unwrap();
+    let _a = memory.subscribe(held, holder.clone());
+    let _b = memory.subscribe(PageRange::new(0, 2 << 20).unwrap(), refuser.clone());
+    match memory.convert(
+        PageRange::new(0, 16 * PAGE_SIZE).unwrap(),
+        PageState::Shared,
+    ) {
+        Err(Error::RollbackFailed {
+            unknown,
+            kept_shared,
+            ..
+        }) => {
+            assert!(
+                unknown.is_empty(),
+                "KVM refused the partial undo: {unknown:?}"
+            );
+            assert_eq!(kept_shared.len(), 1);
+            assert_eq!(
+                (kept_shared[0].start, kept_shared[0].len),
+                (held.start(), held.len())
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let view = memory.memory();
+    view.memory()
+        .write_obj(3u64, GuestAddress(held.start()))
+        .unwrap();
+    assert!(view.memory().read_obj::<u64>(GuestAddress(0)).is_err());
+    assert_eq!(memory.state_of(8 * PAGE_SIZE), Some(PageState::Private));
+    holder.0.store(false, Ordering::SeqCst);
+    *refuser.refuse.lock().unwrap() = false;
+    memory.convert(held, PageState::Private).unwrap();
+}

@@ -164,10 +164,13 @@ compile_error!(
     "vm-private-memory-vhost-user needs a 64-bit target: it casts host addresses to u64"
 );
 
+mod attachment;
 mod error;
+mod listener;
 mod mapper;
+mod region;
 
-pub use mapper::{
-    BackendRegion, Error, VhostUserAttachment, VhostUserMapper, MAX_SLOTS,
-    REQUIRED_PROTOCOL_FEATURES,
-};
+pub use attachment::VhostUserAttachment;
+pub use error::Error;
+pub use mapper::{VhostUserMapper, MAX_SLOTS, REQUIRED_PROTOCOL_FEATURES};
+pub use region::BackendRegion;

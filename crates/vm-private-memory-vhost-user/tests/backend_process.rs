@@ -65,6 +65,57 @@ fn the_backend_serves_the_queue_from_the_shared_runs_and_holds_only_the_shared_m
 }
 
 #[test]
+fn a_region_away_from_guest_address_zero_is_given_at_its_offset_in_its_own_file() {
+    let mut h = Harness::with(Options {
+        high_region: true,
+        ..Options::default()
+    });
+    // The second region's shared page: guest address HIGH, but its offset in the memfd
+    // that backs the region is not HIGH.
+    let high = h
+        .mapper()
+        .regions()
+        .into_iter()
+        .find(|r| r.guest.start() >= HIGH)
+        .unwrap();
+    assert_eq!(high.guest, pr(HIGH, PAGE_SIZE));
+    assert_eq!(h.memfds.len(), 2, "a memfd per region");
+    assert_ne!(high.mmap_offset, HIGH);
+    assert!(high.mmap_offset < MEMORY + HIGH_SIZE, "{high:?}");
+    assert_eq!(high.userspace_addr, host_address(&h.memory, HIGH));
+    h.assert_backend_maps_the_table();
+
+    // The device writes there through its own mapping: the frontend reads the bytes at
+    // HIGH, so the backend mapped the right offset of the right file.
+    let message = b"written at a high guest address";
+    let done = h.request(message, HIGH, 64);
+    assert_eq!(done.status, 0);
+    assert_eq!(h.read(HIGH, message.len()), message);
+
+    // Conversions in that region follow the same offsets.
+    h.memory
+        .convert(pr(HIGH + 0x3000, 2 * PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    let added = h
+        .mapper()
+        .regions()
+        .into_iter()
+        .find(|r| r.guest.start() == HIGH + 0x3000)
+        .unwrap();
+    assert_eq!(added.mmap_offset, high.mmap_offset + 0x3000);
+    h.assert_backend_maps_the_table();
+    h.memory
+        .convert(pr(HIGH, PAGE_SIZE), PageState::Private)
+        .unwrap();
+    assert!(!h.mapper().is_mapped(HIGH));
+    h.assert_backend_maps_the_table();
+    assert_eq!(h.request(message, HIGH + 0x4000, 64).status, 0);
+    assert_eq!(h.read(HIGH + 0x4000, message.len()), message);
+    assert_eq!(h.request(message, HIGH, 64).status, 1);
+    assert!(h.mapper().take_errors().is_empty());
+}
+
+#[test]
 fn a_page_that_goes_private_is_revoked_before_convert_returns_and_the_backend_reports_its_failed_access(
 ) {
     let mut h = Harness::new(None);

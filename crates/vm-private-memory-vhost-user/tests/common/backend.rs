@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::io;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -203,7 +204,8 @@ fn virtio_bindings_version_1() -> u32 {
 }
 
 /// The backend's `main`: serves one frontend on the socket named by [`BACKEND_ENV`], if
-/// set, then exits the process.
+/// set, then exits the process. The daemon talks to the frontend through the relay
+/// ([`relay`](super::relay)), which the frontend can tell to refuse or swallow removals.
 pub fn serve_if_asked() {
     let Ok(socket) = std::env::var(BACKEND_ENV) else {
         return;
@@ -214,8 +216,17 @@ pub fn serve_if_asked() {
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .unwrap();
-    let result = daemon.serve(&socket);
-    std::process::exit(i32::from(result.is_err()));
+    // The daemon connects to the relay as a client; then the relay listens for the
+    // frontend on the socket the test named.
+    let inner = PathBuf::from(format!("{socket}.daemon"));
+    let _ = std::fs::remove_file(&inner);
+    let listener = UnixListener::bind(&inner).unwrap();
+    daemon.start_client(inner.to_str().unwrap()).unwrap();
+    let (daemon_side, _) = listener.accept().unwrap();
+    let _ = std::fs::remove_file(&inner);
+    let (frontend_side, _) = UnixListener::bind(&socket).unwrap().accept().unwrap();
+    super::relay::relay(frontend_side, daemon_side);
+    std::process::exit(0);
 }
 
 /// The backend's process; killed and reaped when dropped.
@@ -247,6 +258,17 @@ impl BackendProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Kills the backend (SIGKILL) and leaves it unreaped: a zombie, whose mappings are
+    /// gone, until [`BackendProcess::reap`].
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+    }
+
+    /// Waits for the backend to exit, and reaps it.
+    pub fn reap(&mut self) {
+        self.child.wait().unwrap();
     }
 
     /// Connects to the backend, waiting (at most 10 s) for its socket.

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use guest_memfd::PageRange;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
@@ -23,72 +24,154 @@ pub struct Completion {
     pub status: u8,
 }
 
+/// How a [`Harness`] is made.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// The mapper's slot budget (the backend's if `None`).
+    pub budget: Option<usize>,
+    /// A second region at [`HIGH`], with its first page shared; the mapper is attached
+    /// to both.
+    pub high_region: bool,
+}
+
 /// A VMM's frontend with the mapper attached, and a guest driver for the queue.
 pub struct Harness {
     pub memory: PrivateMemory,
     /// (device, inode) of the memory's guest_memfd.
     pub guest_memfd: (u64, u64),
+    /// (device, inode) of each region's sealed memfd of shared pages.
+    pub memfds: BTreeSet<(u64, u64)>,
+    options: Options,
     attachment: Option<VhostUserAttachment>,
     pub frontend: Frontend,
     pub backend: BackendProcess,
     kick: EventFd,
-    _call: EventFd,
+    call: EventFd,
     avail_idx: u16,
 }
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
 
+/// Acknowledges the features the mapper needs and `CONFIG` (the device's statistics and
+/// control); returns the protocol features acknowledged.
+pub fn negotiate(frontend: &mut Frontend) -> VhostUserProtocolFeatures {
+    let features = frontend.get_features().unwrap();
+    frontend.set_features(features).unwrap();
+    let offered = frontend.get_protocol_features().unwrap();
+    let acked = offered
+        & (VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG);
+    frontend.set_protocol_features(acked).unwrap();
+    frontend.set_owner().unwrap();
+    acked
+}
+
 impl Harness {
     /// Dual memory, a backend process, the mapper attached to the whole memory (with
     /// `budget` slots, or the backend's), and the queue set up.
     pub fn new(budget: Option<usize>) -> Self {
-        let (memory, guest_memfd) = dual_memory();
+        Self::with(Options {
+            budget,
+            ..Options::default()
+        })
+    }
+
+    /// As [`Harness::new`], made as `options` say.
+    pub fn with(options: Options) -> Self {
+        let (memory, guest_memfd) = dual_memory_with(options.high_region);
+        let mut memfds: BTreeSet<_> = [memfd_id(&memory)].into();
+        if options.high_region {
+            memfds.insert(memfd_of(&memory, HIGH));
+        }
         let backend = BackendProcess::spawn();
-        let mut frontend = backend.connect();
-        let features = frontend.get_features().unwrap();
-        frontend.set_features(features).unwrap();
-        let offered = frontend.get_protocol_features().unwrap();
-        let acked = offered
-            & (VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-                | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::CONFIG);
-        frontend.set_protocol_features(acked).unwrap();
-        frontend.set_owner().unwrap();
-        let mut mapper = VhostUserMapper::new(frontend.clone(), acked, &memory).unwrap();
-        if let Some(budget) = budget {
+        let frontend = backend.connect();
+        let mut h = Harness {
+            memory,
+            guest_memfd,
+            memfds,
+            options,
+            attachment: None,
+            frontend,
+            backend,
+            kick: EventFd::new(0).unwrap(),
+            call: EventFd::new(0).unwrap(),
+            avail_idx: 0,
+        };
+        h.attach();
+        h
+    }
+
+    /// What the mapper is attached to.
+    pub fn attached_range(&self) -> PageRange {
+        if self.options.high_region {
+            pr(0, HIGH + HIGH_SIZE)
+        } else {
+            pr(0, MEMORY)
+        }
+    }
+
+    /// Negotiates with the backend behind `self.frontend`, attaches a mapper, and sets
+    /// the queue up where the guest driver is.
+    fn attach(&mut self) {
+        let acked = negotiate(&mut self.frontend);
+        let mut mapper = VhostUserMapper::new(self.frontend.clone(), acked, &self.memory).unwrap();
+        if let Some(budget) = self.options.budget {
             mapper = mapper.with_slot_budget(budget);
         }
-        let attachment = mapper.attach(&memory, pr(0, MEMORY)).unwrap();
+        let range = self.attached_range();
+        self.attachment = Some(mapper.attach(&self.memory, range).unwrap());
 
         // The queue, at the frontend's host addresses of the ring pages.
+        let frontend = &mut self.frontend;
         frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
         let config = VringConfigData {
             queue_max_size: QUEUE_SIZE,
             queue_size: QUEUE_SIZE,
             flags: 0,
-            desc_table_addr: host_address(&memory, DESC),
-            used_ring_addr: host_address(&memory, USED),
-            avail_ring_addr: host_address(&memory, AVAIL),
+            desc_table_addr: host_address(&self.memory, DESC),
+            used_ring_addr: host_address(&self.memory, USED),
+            avail_ring_addr: host_address(&self.memory, AVAIL),
             log_addr: None,
         };
         frontend.set_vring_addr(0, &config).unwrap();
-        frontend.set_vring_base(0, 0).unwrap();
-        let kick = EventFd::new(0).unwrap();
-        let call = EventFd::new(0).unwrap();
-        frontend.set_vring_call(0, &call).unwrap();
-        frontend.set_vring_kick(0, &kick).unwrap();
+        frontend.set_vring_base(0, self.avail_idx).unwrap();
+        self.kick = EventFd::new(0).unwrap();
+        self.call = EventFd::new(0).unwrap();
+        frontend.set_vring_call(0, &self.call).unwrap();
+        frontend.set_vring_kick(0, &self.kick).unwrap();
         frontend.set_vring_enable(0, true).unwrap();
-        Harness {
-            memory,
-            guest_memfd,
-            attachment: Some(attachment),
-            frontend,
-            backend,
-            kick,
-            _call: call,
-            avail_idx: 0,
-        }
+    }
+
+    /// Starts a new backend process (the old one is killed and reaped) and attaches a new
+    /// mapper to it, as a VMM does for a reconnected backend. The old attachment must be
+    /// gone.
+    pub fn reconnect(&mut self) {
+        assert!(
+            self.attachment.is_none(),
+            "the old attachment is still there"
+        );
+        self.backend = BackendProcess::spawn();
+        self.frontend = self.backend.connect();
+        self.attach();
+    }
+
+    /// Takes the attachment away (to detach it, or declare its backend exited).
+    pub fn take_attachment(&mut self) -> VhostUserAttachment {
+        self.attachment.take().unwrap()
+    }
+
+    /// Tells the device what to do with removals from now on, after acknowledging
+    /// `first` more.
+    pub fn set_removals(&mut self, removals: Removals, first: u8) {
+        self.frontend
+            .set_config(
+                CONTROL_OFFSET,
+                VhostUserConfigFlags::empty(),
+                &removals.control(first),
+            )
+            .unwrap();
     }
 
     /// The mapper, attached.
@@ -165,23 +248,40 @@ impl Harness {
     }
 
     /// Checks that the backend's table (as the mapper made it) and the backend's own
-    /// mappings of the memfd are the same pages.
+    /// mappings of the memfds are the same pages of the same files.
     pub fn assert_backend_maps_the_table(&self) {
-        let memfd = memfd_id(&self.memory);
-        let table: BTreeSet<u64> = self
+        let table: BTreeSet<((u64, u64), u64)> = self
             .attachment
             .iter()
             .flat_map(VhostUserAttachment::regions)
-            .flat_map(|r| pages(r.guest).map(move |p| p - r.guest.start() + r.mmap_offset))
+            .flat_map(|r| {
+                let file = memfd_of(&self.memory, r.guest.start());
+                pages(r.guest).map(move |p| (file, p - r.guest.start() + r.mmap_offset))
+            })
             .collect();
-        assert_eq!(self.backend.mapped_file_pages(memfd), table);
+        let mapped: BTreeSet<((u64, u64), u64)> = self
+            .memfds
+            .iter()
+            .flat_map(|f| {
+                self.backend
+                    .mapped_file_pages(*f)
+                    .into_iter()
+                    .map(move |o| (*f, o))
+            })
+            .collect();
+        assert_eq!(mapped, table);
     }
 
     pub fn read_output(&self, len: usize) -> Vec<u8> {
+        self.read(OUTPUT, len)
+    }
+
+    /// `len` bytes of guest memory at `gpa`, read by the frontend.
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
         let view = self.memory.memory();
         let mut buf = vec![0; len];
         view.memory()
-            .read_slice(&mut buf, GuestAddress(OUTPUT))
+            .read_slice(&mut buf, GuestAddress(gpa))
             .unwrap();
         buf
     }

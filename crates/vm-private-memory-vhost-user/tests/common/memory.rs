@@ -68,6 +68,10 @@ impl VmOps for AttributesStandIn {
 
 /// Guest memory size: one region at 0.
 pub const MEMORY: u64 = 4 << 20;
+/// Where the second region starts, when there is one ([`dual_memory_with`]): its
+/// guest addresses are not its offsets in its files.
+pub const HIGH: u64 = 1 << 32;
+pub const HIGH_SIZE: u64 = 2 << 20;
 /// The split virtqueue: descriptor table, available ring, used ring (one page each).
 pub const DESC: u64 = 0x1000;
 pub const AVAIL: u64 = 0x2000;
@@ -91,6 +95,12 @@ fn vm_with_memory_attributes(kvm: &Kvm) -> Option<VmFd> {
 /// and the (device, inode) of its guest_memfd. On a VM type with memory attributes where
 /// the host has one (the lab), else on a default VM with the stand-in.
 pub fn dual_memory() -> (PrivateMemory, (u64, u64)) {
+    dual_memory_with(false)
+}
+
+/// As [`dual_memory`]; with `high`, a second region at [`HIGH`] whose first page is
+/// shared too.
+pub fn dual_memory_with(high: bool) -> (PrivateMemory, (u64, u64)) {
     let kvm = Kvm::new().unwrap();
     let (inner, real) = match vm_with_memory_attributes(&kvm) {
         Some(vm) => (vm, true),
@@ -105,12 +115,20 @@ pub fn dual_memory() -> (PrivateMemory, (u64, u64)) {
         real,
         guest_memfds: Mutex::default(),
     });
-    let memory = MemoryBuilder::new(vm.clone())
-        .region_at(0, MEMORY)
+    let mut builder = MemoryBuilder::new(vm.clone()).region_at(0, MEMORY);
+    if high {
+        builder = builder.region_at(HIGH, HIGH_SIZE);
+    }
+    let memory = builder
         .strategy(Strategy::Dual)
         .initial_state(PageState::Private)
         .build()
         .unwrap();
+    if high {
+        memory
+            .convert(pr(HIGH, PAGE_SIZE), PageState::Shared)
+            .unwrap();
+    }
     memory
         .convert(pr(DESC, 3 * PAGE_SIZE), PageState::Shared)
         .unwrap();
@@ -146,10 +164,15 @@ pub fn shared_bytes_held(memory: &PrivateMemory) -> u64 {
     memory.backing(0).unwrap().shared_bytes_held.unwrap()
 }
 
-/// (device, inode) of the sealed memfd of shared pages.
+/// (device, inode) of the sealed memfd of shared pages of the region at 0.
 pub fn memfd_id(memory: &PrivateMemory) -> (u64, u64) {
+    memfd_of(memory, DESC)
+}
+
+/// (device, inode) of the sealed memfd that holds shared page `gpa`.
+pub fn memfd_of(memory: &PrivateMemory, gpa: u64) -> (u64, u64) {
     let snapshot = memory.shared_pages().snapshot();
-    let run = snapshot.runs(pr(DESC, PAGE_SIZE)).next().unwrap();
+    let run = snapshot.runs(pr(gpa, PAGE_SIZE)).next().unwrap();
     let fd = run.file().unwrap().fd.try_clone_to_owned().unwrap();
     let memfd = std::fs::File::from(fd).metadata().unwrap();
     (memfd.dev(), memfd.ino())

@@ -10,10 +10,12 @@
 mod backend;
 mod harness;
 mod memory;
+mod relay;
 
 pub use backend::*;
 pub use harness::*;
 pub use memory::*;
+pub use relay::{Removals, CONTROL_OFFSET};
 
 use guest_memfd::PageRange;
 

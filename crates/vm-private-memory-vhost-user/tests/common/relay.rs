@@ -1,0 +1,175 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The backend process's front door: a relay between the frontend and the rust-vmm
+//! daemon, in the backend's process, that the frontend can tell to refuse or swallow
+//! removals.
+//!
+//! rust-vmm's `vhost-user-backend` daemon ends the connection after any request its
+//! handler fails, and changes its memory before it asks the device: it cannot refuse a
+//! `REM_MEM_REG` and go on serving with the region still mapped. The relay can: in
+//! [`Removals::Refuse`] it answers a removal itself with a failure (the daemon never
+//! hears of it, so the region stays mapped), and in [`Removals::Stall`] it stops reading
+//! the frontend's messages, as a backend stuck in its handler does. Everything else goes
+//! through unchanged, with its descriptor (the messages used here carry at most one).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// What the relay does with a removal (`REM_MEM_REG`), once the removals it was told to
+/// let through first are through. The frontend sets it with `SET_CONFIG` at
+/// [`CONTROL_OFFSET`] ([`Removals::control`]), which the relay answers itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Removals {
+    /// Passes it to the daemon, which lets go of the region and acknowledges.
+    #[default]
+    Acknowledge = 0,
+    /// Answers it with a failure (if a reply was asked for); the region stays mapped.
+    Refuse = 1,
+    /// Never answers, and reads nothing more from the frontend; the region stays mapped.
+    Stall = 2,
+}
+
+/// Where in the config space [`Removals::control`] is written.
+pub const CONTROL_OFFSET: u32 = 0x80;
+
+impl Removals {
+    /// The bytes to write: this behaviour, after passing `first` removals through.
+    pub fn control(self, first: u8) -> [u8; 2] {
+        [self as u8, first]
+    }
+
+    fn from_byte(b: u8) -> Self {
+        match b {
+            1 => Removals::Refuse,
+            2 => Removals::Stall,
+            _ => Removals::Acknowledge,
+        }
+    }
+}
+
+const SET_CONFIG: u32 = 25;
+const REM_MEM_REG: u32 = 38;
+const HEADER: usize = 12;
+const VERSION_1: u32 = 0x1;
+const REPLY: u32 = 0x4;
+const NEED_REPLY: u32 = 0x8;
+
+/// One message: header, body, and the descriptor that came with it.
+struct Message {
+    bytes: Vec<u8>,
+    file: Option<File>,
+}
+
+impl Message {
+    fn word(&self, i: usize) -> u32 {
+        u32::from_le_bytes(self.bytes[4 * i..4 * i + 4].try_into().unwrap())
+    }
+
+    fn request(&self) -> u32 {
+        self.word(0)
+    }
+
+    fn needs_reply(&self) -> bool {
+        self.word(1) & NEED_REPLY != 0
+    }
+
+    /// Reads one message; `None` at the end of the stream.
+    fn read(from: &UnixStream) -> Option<Message> {
+        let mut bytes = vec![0u8; HEADER];
+        let mut file = None;
+        let mut got = 0;
+        while got < HEADER {
+            let (n, f) = from.recv_with_fd(&mut bytes[got..]).ok()?;
+            if n == 0 {
+                return None;
+            }
+            file = file.or(f);
+            got += n;
+        }
+        let size = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+        bytes.resize(HEADER + size, 0);
+        (&*from).read_exact(&mut bytes[HEADER..]).ok()?;
+        Some(Message { bytes, file })
+    }
+
+    /// Writes the message, with its descriptor.
+    fn write(&self, to: &UnixStream) -> Option<()> {
+        let fds: Vec<RawFd> = self.file.iter().map(AsRawFd::as_raw_fd).collect();
+        let sent = to.send_with_fds(&[&self.bytes[..]], &fds).ok()?;
+        (&*to).write_all(&self.bytes[sent..]).ok()
+    }
+
+    /// The `REPLY_ACK` answer to this request: 0 for success.
+    fn ack(&self, value: u64) -> Message {
+        let mut bytes = Vec::with_capacity(HEADER + 8);
+        bytes.extend(self.request().to_le_bytes());
+        bytes.extend((VERSION_1 | REPLY).to_le_bytes());
+        bytes.extend(8u32.to_le_bytes());
+        bytes.extend(value.to_le_bytes());
+        Message { bytes, file: None }
+    }
+
+    /// The control bytes, if this is a `SET_CONFIG` of them.
+    fn control(&self) -> Option<(Removals, u8)> {
+        // VhostUserConfig: offset, size, flags; then the bytes.
+        (self.request() == SET_CONFIG && self.word(3) == CONTROL_OFFSET && self.word(4) == 2)
+            .then(|| (Removals::from_byte(self.bytes[24]), self.bytes[25]))
+    }
+}
+
+/// Relays between the frontend and the daemon until the frontend hangs up (or, once
+/// stalled, forever).
+pub fn relay(frontend: UnixStream, daemon: UnixStream) {
+    let to_frontend = Arc::new(Mutex::new(frontend.try_clone().unwrap()));
+    // The daemon's replies go back as they are.
+    let replies = {
+        let daemon = daemon.try_clone().unwrap();
+        let to_frontend = Arc::clone(&to_frontend);
+        std::thread::spawn(move || {
+            while let Some(reply) = Message::read(&daemon) {
+                if reply.write(&to_frontend.lock().unwrap()).is_none() {
+                    break;
+                }
+            }
+            let _ = to_frontend.lock().unwrap().shutdown(Shutdown::Both);
+        })
+    };
+    let mut removals = (Removals::Acknowledge, 0u8);
+    while let Some(request) = Message::read(&frontend) {
+        let answer = |value| {
+            if request.needs_reply() {
+                let _ = request.ack(value).write(&to_frontend.lock().unwrap());
+            }
+        };
+        if let Some(control) = request.control() {
+            removals = control;
+            answer(0);
+            continue;
+        }
+        if request.request() == REM_MEM_REG {
+            match removals {
+                (_, first @ 1..) => removals.1 = first - 1,
+                (Removals::Acknowledge, 0) => {}
+                (Removals::Refuse, 0) => {
+                    answer(1);
+                    continue;
+                }
+                (Removals::Stall, 0) => loop {
+                    std::thread::park();
+                },
+            }
+        }
+        if request.write(&daemon).is_none() {
+            break;
+        }
+    }
+    let _ = daemon.shutdown(Shutdown::Both);
+    let _ = replies.join();
+}

@@ -31,7 +31,8 @@
 //!    ([`REQUIRED_PROTOCOL_FEATURES`]). [`VhostUserMapper::new`] checks that both were
 //!    acknowledged and that the backend offers them (`GET_PROTOCOL_FEATURES`), reads the
 //!    backend's slot count (`GET_MAX_MEM_SLOTS`), and sets `NEED_REPLY` on every
-//!    message from then on. No `SET_MEM_TABLE`: the table is built region by region.
+//!    message from then on (and again right before each message of its own). No
+//!    `SET_MEM_TABLE`: the table is built region by region.
 //! 2. **Attach** ([`VhostUserMapper::attach`]): `ADD_MEM_REG` for each run shared now
 //!    (through `subscribe_with_replay`, so no conversion slips in between), each
 //!    acknowledged: `fd` = the region's sealed memfd, `mmap_offset` = the run's offset
@@ -96,10 +97,15 @@
 //!   conversion lock: a backend that never answers stalls every conversion of the
 //!   memory (and the vCPUs asking for them). A reply deadline, and a way to declare a
 //!   dead backend gone, are not built yet.
-//! - **Trust in the negotiation.** `acked` is the caller's word, and `NEED_REPLY` lives
-//!   in the frontend's shared header flags: if `REPLY_ACK` was not really acknowledged,
-//!   or a clone of the frontend clears the flags, removals are not waited for. Do not
-//!   change the header flags of this frontend's clones.
+//! - **Trust in the negotiation.** `acked` is the caller's word, and vhost's `Frontend`
+//!   waits for an acknowledgement only if its own record of the features acknowledged
+//!   holds `REPLY_ACK` (which it does not let the mapper read): if `REPLY_ACK` was not
+//!   really acknowledged on this connection, removals are not waited for. `NEED_REPLY`
+//!   lives in the header flags the frontend's clones share; the mapper sets it right
+//!   before each message, so a clone that cleared the flags earlier does no harm, but
+//!   setting the flag and sending are two calls: a clone that changes the flags on
+//!   another thread in between sends that one message without it. Do not change the
+//!   header flags of this frontend's clones while conversions run.
 //! - **Without unwinding.** A refusal in `discard` is a panic that vm-private-memory
 //!   catches: build with `panic = "unwind"` (a VMM built with `panic = "abort"` would
 //!   abort on a refused revocation).

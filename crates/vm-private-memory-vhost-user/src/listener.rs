@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
 
 use guest_memfd::PageRange;
+use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vm_private_memory::{MemoryListener, SharedPages, Strategy};
 
@@ -20,6 +21,22 @@ pub(crate) struct State {
     pub(crate) errors: Vec<Error>,
     /// Set once the attachment is being released: nothing is added any more.
     pub(crate) detached: bool,
+}
+
+impl State {
+    /// `ADD_MEM_REG` of `region` from the memfd `fd`, and the backend's acknowledgement.
+    fn add(&mut self, region: &BackendRegion, fd: RawFd) -> Result<(), vhost::Error> {
+        // Asked for on every message: a clone of the frontend may have changed the flags
+        // it shares with this one.
+        self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        self.frontend.add_mem_region(&region.info(fd)).map(|_| ())
+    }
+
+    /// `REM_MEM_REG` of the whole of `region`, and the backend's acknowledgement.
+    fn remove(&mut self, region: &BackendRegion) -> Result<(), vhost::Error> {
+        self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        self.frontend.remove_mem_region(&region.info(-1))
+    }
 }
 
 /// The listener behind a [`crate::VhostUserAttachment`].
@@ -70,12 +87,12 @@ impl Mapper {
         }
         for (i, (region, fd)) in wanted.iter().enumerate() {
             // The descriptor is the region's sealed memfd, kept open by `snapshot`.
-            if let Err(refused) = state.frontend.add_mem_region(&region.info(*fd)) {
+            if let Err(refused) = state.add(region, *fd) {
                 // All or none: take back what this call added. If the backend does not
                 // let one go, keep the range (the conversion goes on) rather than let a
                 // page it may map turn private.
                 for (done, _) in wanted[..i].iter().rev() {
-                    match state.frontend.remove_mem_region(&done.info(-1)) {
+                    match state.remove(done) {
                         Ok(()) => {
                             state.table.remove(&done.guest.start());
                         }
@@ -110,7 +127,7 @@ impl Mapper {
         let regions: Vec<BackendRegion> = state.table.values().copied().collect();
         let mut refused = None;
         for region in regions {
-            match state.frontend.remove_mem_region(&region.info(-1)) {
+            match state.remove(&region) {
                 Ok(()) => {
                     state.table.remove(&region.guest.start());
                 }
@@ -172,7 +189,7 @@ impl Mapper {
         for region in overlapping.into_iter().rev() {
             // REM_MEM_REG names the whole region; the backend acknowledges it once it no
             // longer accesses the region's mapping.
-            if let Err(e) = state.frontend.remove_mem_region(&region.info(-1)) {
+            if let Err(e) = state.remove(&region) {
                 drop(state);
                 panic!(
                     "the vhost-user backend did not acknowledge REM_MEM_REG of guest [{:#x}, {:#x}): {e}; it may still map the region, so the conversion stops and [{:#x}, {:#x}) stays shared",

@@ -56,10 +56,11 @@ impl VhostUserMapper {
     /// hold [`REQUIRED_PROTOCOL_FEATURES`], and the backend must offer them (asked with
     /// `GET_PROTOCOL_FEATURES`, so the frontend must have asked `get_features` first).
     /// The backend's `GET_MAX_MEM_SLOTS` (at most [`MAX_SLOTS`]) is the slot budget.
-    /// From here on every message of `frontend` asks for a reply (`NEED_REPLY`): each
-    /// `ADD_MEM_REG` and
-    /// `REM_MEM_REG` waits for the backend's acknowledgement. The VMM must not send
-    /// `SET_MEM_TABLE` for this memory: the table is built region by region.
+    /// From here on every message of `frontend` asks for a reply (`NEED_REPLY`, in the
+    /// header flags its clones share), and the mapper sets the flag again right before
+    /// each `ADD_MEM_REG` and `REM_MEM_REG` it sends: each waits for the backend's
+    /// acknowledgement. The VMM must not send `SET_MEM_TABLE` for this memory: the table
+    /// is built region by region.
     ///
     /// # Errors
     ///

@@ -64,7 +64,11 @@ impl VhostUserAttachment {
     /// part is missing from the backend's table until it is offered again. And when a
     /// refused conversion to shared takes back the regions it added, a removal the
     /// backend refuses keeps the conversion (rather than turn a page the backend may map
-    /// private). Each error names the range.
+    /// private). When a revocation stops halfway (the backend refuses the removal of
+    /// one of several regions over the range), the parts of the range already removed
+    /// are added back, since the range stays shared; one that cannot be (over the slot
+    /// budget, refused) is missing from the table until a conversion offers it again.
+    /// Each error names the range.
     pub fn take_errors(&self) -> Vec<Error> {
         std::mem::take(&mut self.mapper.lock().errors)
     }

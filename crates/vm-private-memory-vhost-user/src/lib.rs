@@ -54,7 +54,10 @@
 //!    (exact guest address and size), waiting for the backend's acknowledgement; then
 //!    `ADD_MEM_REG` of the parts that stay shared. A removal that is not acknowledged
 //!    (or is refused) panics: the backend may still map the region, so the conversion
-//!    stops and the range stays shared.
+//!    stops and the range stays shared. Before it panics, the parts of the range that
+//!    earlier removals of the same `discard` took out are added back (they stay shared
+//!    too); one that cannot be is reported by
+//!    [`VhostUserAttachment::take_errors`].
 //! 5. Only when every removal was acknowledged does `discard` return, and only then does
 //!    vm-private-memory punch the page out of the memfd and mark it private.
 //! 6. **Detach** (dropping the [`VhostUserAttachment`]): `REM_MEM_REG` of every region,

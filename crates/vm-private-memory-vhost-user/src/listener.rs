@@ -186,13 +186,24 @@ impl Mapper {
                 self.budget
             );
         }
+        // The parts of `range` removed so far.
+        let mut removed: Vec<PageRange> = Vec::new();
         for region in overlapping.into_iter().rev() {
             // REM_MEM_REG names the whole region; the backend acknowledges it once it no
             // longer accesses the region's mapping.
             if let Err(e) = state.remove(&region) {
+                // The conversion stops and `range` stays shared: put back what this
+                // revocation removed of it (still shared: `discard` runs before the bits
+                // change). What cannot be is missing until offered again.
+                let restored = removed.len();
+                for part in removed {
+                    if let Err(e) = self.add_shared(&mut state, part) {
+                        state.errors.push(e);
+                    }
+                }
                 drop(state);
                 panic!(
-                    "the vhost-user backend did not acknowledge REM_MEM_REG of guest [{:#x}, {:#x}): {e}; it may still map the region, so the conversion stops and [{:#x}, {:#x}) stays shared",
+                    "the vhost-user backend did not acknowledge REM_MEM_REG of guest [{:#x}, {:#x}): {e}; it may still map the region, so the conversion stops and [{:#x}, {:#x}) stays shared ({restored} part(s) of it removed before were added back; VhostUserAttachment::take_errors names any that could not be)",
                     region.guest.start(),
                     region.guest.end(),
                     range.start(),
@@ -200,6 +211,7 @@ impl Mapper {
                 );
             }
             state.table.remove(&region.guest.start());
+            removed.extend(region.guest.intersection(&range));
             for part in leftovers(&region) {
                 if let Err(e) = self.add_shared(&mut state, part.guest) {
                     state.errors.push(e);

@@ -4,7 +4,8 @@
 //! process, whose relay is told to refuse removals (`REM_MEM_REG` answered with a
 //! failure, the region kept mapped). A refused removal stops the conversion with the
 //! range still shared and still in the backend's table, whatever a clone of the
-//! frontend did to the header flags.
+//! frontend did to the header flags, and a revocation refused halfway adds back what it
+//! had already removed.
 
 mod common;
 
@@ -80,5 +81,102 @@ fn a_clone_that_cleared_the_header_flags_does_not_stop_removals_being_waited_for
     assert!(panic_message(&err).contains("did not acknowledge"), "{err}");
     assert_eq!(h.memory.state_of(OUTPUT), Some(PageState::Shared));
     assert!(h.mapper().is_mapped(OUTPUT));
+    h.assert_backend_maps_the_table();
+}
+/// Two adjacent regions of one shared run, and a conversion of the run to private: the
+/// backend acknowledges the first removal and refuses the second.
+#[test]
+fn a_revocation_refused_halfway_adds_back_what_it_had_removed() {
+    let mut h = Harness::new(None);
+    let (a, b) = (0x20000, 0x21000);
+    h.memory
+        .convert(pr(a, PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    h.memory
+        .convert(pr(b, PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    assert!(h
+        .mapper()
+        .regions()
+        .iter()
+        .any(|r| r.guest == pr(a, PAGE_SIZE)));
+    assert!(h
+        .mapper()
+        .regions()
+        .iter()
+        .any(|r| r.guest == pr(b, PAGE_SIZE)));
+    h.set_removals(Removals::Refuse, 1);
+
+    let err = h
+        .memory
+        .convert(pr(a, 2 * PAGE_SIZE), PageState::Private)
+        .unwrap_err();
+    assert!(
+        panic_message(&err).contains("did not acknowledge REM_MEM_REG of guest [0x21000, 0x22000)"),
+        "{err}"
+    );
+    // Both pages stay shared, and both are in the table and mapped again: the first
+    // region's removal was acknowledged, so the mapper added it back.
+    assert_eq!(h.memory.state_of(a), Some(PageState::Shared));
+    assert_eq!(h.memory.state_of(b), Some(PageState::Shared));
+    assert!(h.mapper().is_mapped(a));
+    assert!(h.mapper().is_mapped(b));
+    h.assert_backend_maps_the_table();
+    assert!(h.mapper().take_errors().is_empty());
+    assert_eq!(h.request(b"a is back", a, 64).status, 0);
+    assert_eq!(h.read(a, 9), b"a is back");
+}
+
+/// As above, but the slot budget leaves no room to add the removed part back: the
+/// mapper says so in `take_errors`.
+#[test]
+fn a_part_that_cannot_be_added_back_is_reported() {
+    // Ring, buffers, and the two regions of the run: the budget.
+    let mut h = Harness::new(Some(4));
+    let (a, b) = (0x20000, 0x22000);
+    h.memory
+        .convert(pr(a, 2 * PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    h.memory
+        .convert(pr(b, PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    assert_eq!(h.mapper().slots_used(), 4);
+    h.set_removals(Removals::Refuse, 1);
+
+    // [a + 1 page, b + 1 page) splits the first region (its first page stays) and takes
+    // all of the second: the first removal and the re-addition of the first page go
+    // through, the second removal is refused, and there is no slot left to add the
+    // first region's second page back.
+    let range = pr(a + PAGE_SIZE, 2 * PAGE_SIZE);
+    let err = h.memory.convert(range, PageState::Private).unwrap_err();
+    assert!(panic_message(&err).contains("did not acknowledge"), "{err}");
+    assert_eq!(h.memory.state_of(a + PAGE_SIZE), Some(PageState::Shared));
+    assert!(h.mapper().is_mapped(a));
+    assert!(!h.mapper().is_mapped(a + PAGE_SIZE));
+    assert!(h.mapper().is_mapped(b));
+    h.assert_backend_maps_the_table();
+    let errors = h.mapper().take_errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let text = errors[0].to_string();
+    assert!(text.contains("[0x21000, 0x22000)"), "{text}");
+    assert!(
+        matches!(
+            errors[0],
+            vm_private_memory_vhost_user::Error::SlotBudget { .. }
+        ),
+        "{text}"
+    );
+
+    // Once offered again (a conversion to shared of the page), it is back.
+    h.set_removals(Removals::Acknowledge, 0);
+    h.memory
+        .convert(pr(b, PAGE_SIZE), PageState::Private)
+        .unwrap();
+    for state in [PageState::Private, PageState::Shared] {
+        h.memory
+            .convert(pr(a + PAGE_SIZE, PAGE_SIZE), state)
+            .unwrap();
+    }
+    assert!(h.mapper().is_mapped(a + PAGE_SIZE));
     h.assert_backend_maps_the_table();
 }

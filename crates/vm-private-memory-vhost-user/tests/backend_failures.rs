@@ -35,7 +35,7 @@ fn panic_message(err: &Error) -> &str {
 fn a_removal_the_backend_refuses_stops_the_conversion_and_the_page_stays_shared_and_mapped() {
     let mut h = Harness::new(None);
     assert_eq!(h.request(b"before", OUTPUT, 64).status, 0);
-    h.set_removals(Removals::Refuse, 0);
+    h.set_removals(Answer::Refuse, 0);
 
     let err = h
         .memory
@@ -56,7 +56,7 @@ fn a_removal_the_backend_refuses_stops_the_conversion_and_the_page_stays_shared_
     assert_eq!(h.read_output(12), b"still shared");
 
     // The backend accepts again: the same conversion goes through.
-    h.set_removals(Removals::Acknowledge, 0);
+    h.set_removals(Answer::Acknowledge, 0);
     h.memory
         .convert(pr(OUTPUT, PAGE_SIZE), PageState::Private)
         .unwrap();
@@ -69,7 +69,7 @@ fn a_removal_the_backend_refuses_stops_the_conversion_and_the_page_stays_shared_
 #[test]
 fn a_clone_that_cleared_the_header_flags_does_not_stop_removals_being_waited_for() {
     let mut h = Harness::new(None);
-    h.set_removals(Removals::Refuse, 0);
+    h.set_removals(Answer::Refuse, 0);
     // The VMM's own clone of the frontend clears the flags the mapper set.
     h.frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
 
@@ -105,7 +105,7 @@ fn a_revocation_refused_halfway_adds_back_what_it_had_removed() {
         .regions()
         .iter()
         .any(|r| r.guest == pr(b, PAGE_SIZE)));
-    h.set_removals(Removals::Refuse, 1);
+    h.set_removals(Answer::Refuse, 1);
 
     let err = h
         .memory
@@ -141,7 +141,7 @@ fn a_part_that_cannot_be_added_back_is_reported() {
         .convert(pr(b, PAGE_SIZE), PageState::Shared)
         .unwrap();
     assert_eq!(h.mapper().slots_used(), 4);
-    h.set_removals(Removals::Refuse, 1);
+    h.set_removals(Answer::Refuse, 1);
 
     // [a + 1 page, b + 1 page) splits the first region (its first page stays) and takes
     // all of the second: the first removal and the re-addition of the first page go
@@ -168,7 +168,7 @@ fn a_part_that_cannot_be_added_back_is_reported() {
     );
 
     // Once offered again (a conversion to shared of the page), it is back.
-    h.set_removals(Removals::Acknowledge, 0);
+    h.set_removals(Answer::Acknowledge, 0);
     h.memory
         .convert(pr(b, PAGE_SIZE), PageState::Private)
         .unwrap();

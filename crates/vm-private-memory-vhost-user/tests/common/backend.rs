@@ -205,7 +205,8 @@ fn virtio_bindings_version_1() -> u32 {
 
 /// The backend's `main`: serves one frontend on the socket named by [`BACKEND_ENV`], if
 /// set, then exits the process. The daemon talks to the frontend through the relay
-/// ([`relay`](super::relay)), which the frontend can tell to refuse or swallow removals.
+/// ([`relay`](super::relay)), which the frontend can tell to refuse, or never answer,
+/// removals and additions.
 pub fn serve_if_asked() {
     let Ok(socket) = std::env::var(BACKEND_ENV) else {
         return;

@@ -162,14 +162,23 @@ impl Harness {
         self.attachment.take().unwrap()
     }
 
-    /// Tells the device what to do with removals from now on, after acknowledging
-    /// `first` more.
-    pub fn set_removals(&mut self, removals: Removals, first: u8) {
+    /// Tells the backend's relay how to answer removals (`REM_MEM_REG`) from now on,
+    /// after passing `first` more through.
+    pub fn set_removals(&mut self, answer: Answer, first: u8) {
+        self.set_answer(answer, Of::Removals, first);
+    }
+
+    /// As [`Harness::set_removals`], for additions (`ADD_MEM_REG`).
+    pub fn set_additions(&mut self, answer: Answer, first: u8) {
+        self.set_answer(answer, Of::Additions, first);
+    }
+
+    fn set_answer(&mut self, answer: Answer, of: Of, first: u8) {
         self.frontend
             .set_config(
                 CONTROL_OFFSET,
                 VhostUserConfigFlags::empty(),
-                &removals.control(first),
+                &answer.control(of, first),
             )
             .unwrap();
     }

@@ -15,10 +15,27 @@ mod relay;
 pub use backend::*;
 pub use harness::*;
 pub use memory::*;
-pub use relay::{Removals, CONTROL_OFFSET};
+pub use relay::{Answer, Of, CONTROL_OFFSET};
 
 use guest_memfd::PageRange;
 
 pub fn pr(start: u64, len: u64) -> PageRange {
     PageRange::new(start, len).unwrap()
+}
+
+/// Runs `f`, and ends the test process if it has not returned within `limit`: a test
+/// that would hang fails instead.
+pub fn within<T>(limit: std::time::Duration, what: &str, f: impl FnOnce() -> T) -> T {
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let what = what.to_owned();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(limit) {
+            eprintln!("{what} did not return within {limit:?}");
+            std::process::exit(101);
+        }
+    });
+    let out = f();
+    drop(done);
+    watchdog.join().unwrap();
+    out
 }

@@ -6,12 +6,14 @@
 //!
 //! rust-vmm's `vhost-user-backend` daemon ends the connection after any request its
 //! handler fails, and changes its memory before it asks the device: it cannot refuse a
-//! `REM_MEM_REG` and go on serving with the region still mapped. The relay can: in
-//! [`Removals::Refuse`] it answers a removal itself with a failure (the daemon never
-//! hears of it, so the region stays mapped), and in [`Removals::Stall`] it stops reading
-//! the frontend's messages, as a backend stuck in its handler does. Everything else goes
-//! through unchanged, with its descriptor (the messages used here carry at most one).
+//! `REM_MEM_REG` and go on serving with the region still mapped. The relay can: with
+//! [`Answer::Refuse`] it answers a removal (or an addition) itself with a failure (the
+//! daemon never hears of it, so the region stays mapped, or unmapped), and with
+//! [`Answer::Stall`] it stops reading the frontend's messages, as a backend stuck in its
+//! handler does. Everything else goes through unchanged, with its descriptor (the
+//! messages used here carry at most one).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -21,40 +23,51 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// What the relay does with a removal (`REM_MEM_REG`), once the removals it was told to
-/// let through first are through. The frontend sets it with `SET_CONFIG` at
-/// [`CONTROL_OFFSET`] ([`Removals::control`]), which the relay answers itself.
+/// How the relay answers a removal (`REM_MEM_REG`) or an addition (`ADD_MEM_REG`),
+/// once the ones it was told to let through first are through. The frontend sets it
+/// with `SET_CONFIG` at [`CONTROL_OFFSET`] ([`Answer::control`]), which the relay
+/// answers itself.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(u8)]
-pub enum Removals {
-    /// Passes it to the daemon, which lets go of the region and acknowledges.
+pub enum Answer {
+    /// Passes it to the daemon, which does it and acknowledges.
     #[default]
     Acknowledge = 0,
-    /// Answers it with a failure (if a reply was asked for); the region stays mapped.
+    /// Answers it with a failure (if a reply was asked for); the daemon never hears of
+    /// it.
     Refuse = 1,
-    /// Never answers, and reads nothing more from the frontend; the region stays mapped.
+    /// Never answers, and reads nothing more from the frontend.
     Stall = 2,
 }
 
-/// Where in the config space [`Removals::control`] is written.
+/// Which requests an [`Answer`] is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Of {
+    Removals = 0,
+    Additions = 1,
+}
+
+/// Where in the config space [`Answer::control`] is written.
 pub const CONTROL_OFFSET: u32 = 0x80;
 
-impl Removals {
-    /// The bytes to write: this behaviour, after passing `first` removals through.
-    pub fn control(self, first: u8) -> [u8; 2] {
-        [self as u8, first]
+impl Answer {
+    /// The bytes to write: answer `of` this way, after passing `first` through.
+    pub fn control(self, of: Of, first: u8) -> [u8; 3] {
+        [self as u8, first, of as u8]
     }
 
     fn from_byte(b: u8) -> Self {
         match b {
-            1 => Removals::Refuse,
-            2 => Removals::Stall,
-            _ => Removals::Acknowledge,
+            1 => Answer::Refuse,
+            2 => Answer::Stall,
+            _ => Answer::Acknowledge,
         }
     }
 }
 
 const SET_CONFIG: u32 = 25;
+const ADD_MEM_REG: u32 = 37;
 const REM_MEM_REG: u32 = 38;
 const HEADER: usize = 12;
 const VERSION_1: u32 = 0x1;
@@ -116,11 +129,19 @@ impl Message {
         Message { bytes, file: None }
     }
 
-    /// The control bytes, if this is a `SET_CONFIG` of them.
-    fn control(&self) -> Option<(Removals, u8)> {
+    /// The control bytes, if this is a `SET_CONFIG` of them: which request, how to
+    /// answer it, after how many.
+    fn control(&self) -> Option<(u32, (Answer, u8))> {
         // VhostUserConfig: offset, size, flags; then the bytes.
-        (self.request() == SET_CONFIG && self.word(3) == CONTROL_OFFSET && self.word(4) == 2)
-            .then(|| (Removals::from_byte(self.bytes[24]), self.bytes[25]))
+        if self.request() != SET_CONFIG || self.word(3) != CONTROL_OFFSET || self.word(4) != 3 {
+            return None;
+        }
+        let request = if self.bytes[26] == Of::Additions as u8 {
+            ADD_MEM_REG
+        } else {
+            REM_MEM_REG
+        };
+        Some((request, (Answer::from_byte(self.bytes[24]), self.bytes[25])))
     }
 }
 
@@ -141,27 +162,28 @@ pub fn relay(frontend: UnixStream, daemon: UnixStream) {
             let _ = to_frontend.lock().unwrap().shutdown(Shutdown::Both);
         })
     };
-    let mut removals = (Removals::Acknowledge, 0u8);
+    // How to answer removals and additions, and how many to pass through first.
+    let mut answers: HashMap<u32, (Answer, u8)> = HashMap::new();
     while let Some(request) = Message::read(&frontend) {
         let answer = |value| {
             if request.needs_reply() {
                 let _ = request.ack(value).write(&to_frontend.lock().unwrap());
             }
         };
-        if let Some(control) = request.control() {
-            removals = control;
+        if let Some((which, how)) = request.control() {
+            answers.insert(which, how);
             answer(0);
             continue;
         }
-        if request.request() == REM_MEM_REG {
-            match removals {
-                (_, first @ 1..) => removals.1 = first - 1,
-                (Removals::Acknowledge, 0) => {}
-                (Removals::Refuse, 0) => {
+        if let Some(how) = answers.get_mut(&request.request()) {
+            match how {
+                (_, first @ 1..) => *first -= 1,
+                (Answer::Acknowledge, 0) => {}
+                (Answer::Refuse, 0) => {
                     answer(1);
                     continue;
                 }
-                (Removals::Stall, 0) => loop {
+                (Answer::Stall, 0) => loop {
                     std::thread::park();
                 },
             }

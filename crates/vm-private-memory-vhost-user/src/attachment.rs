@@ -6,8 +6,9 @@ use std::sync::Arc;
 use guest_memfd::PAGE_SIZE;
 use vm_private_memory::Subscription;
 
-use crate::error::Error;
+use crate::error::{Error, StillRunning};
 use crate::listener::Mapper;
+use crate::peer::Liveness;
 use crate::region::BackendRegion;
 
 /// A [`VhostUserMapper`](crate::VhostUserMapper) attached to a memory: the backend's table holds exactly the
@@ -22,6 +23,7 @@ impl std::fmt::Debug for VhostUserAttachment {
         f.debug_struct("VhostUserAttachment")
             .field("budget", &self.mapper.budget)
             .field("slots_used", &self.slots_used())
+            .field("broken", &self.is_broken())
             .finish_non_exhaustive()
     }
 }
@@ -73,6 +75,79 @@ impl VhostUserAttachment {
         std::mem::take(&mut self.mapper.lock().errors)
     }
 
+    /// Whether the backend is broken: a message went unanswered (the reply deadline
+    /// passed, the connection closed or broke, or the answer was not the message's).
+    /// The mapper then sends it nothing more: conversions to shared in the attached range
+    /// are refused ([`Error::Broken`]), and so are conversions to private (and discards)
+    /// of ranges the table still holds, since the backend may still map them; ranges
+    /// outside the table still go private. The way out is
+    /// [`VhostUserAttachment::backend_exited`].
+    pub fn is_broken(&self) -> bool {
+        self.mapper.lock().broken.is_some()
+    }
+
+    /// What broke the backend (the message that went unanswered, and why), if it is
+    /// broken.
+    pub fn broken_reason(&self) -> Option<String> {
+        self.mapper.lock().broken.clone()
+    }
+
+    /// The pid of the backend's process, as the frontend's socket tells it
+    /// (`SO_PEERCRED`), if known: the process that made the backend's listening socket.
+    pub fn backend_pid(&self) -> Option<u32> {
+        self.mapper.peer.pid()
+    }
+
+    /// Declares that the backend's process has exited, and lets go of its table without
+    /// a message: the regions are forgotten and conversions are no longer followed, so
+    /// the ranges the table held may turn private again. This is the way out of a
+    /// broken backend ([`VhostUserAttachment::is_broken`]), and the way to detach from a
+    /// backend that exited.
+    ///
+    /// Call it only once the backend's process has exited and the VMM has reaped it
+    /// (`waitpid`): a process that has exited maps nothing, but a live one keeps its
+    /// mappings of the memfd whatever its connection's state, and would keep reading
+    /// and writing pages that then turn private (and allocate them again on the shared
+    /// side). A backend that is stuck rather than gone must be killed first (`SIGKILL`).
+    ///
+    /// What it checks: the process at the other end of the frontend's socket, taken when
+    /// the mapper was made (`SO_PEERPIDFD`, or `SO_PEERCRED` and `pidfd_open`, so a
+    /// reused pid is not mistaken for it), must have exited. What it cannot check:
+    /// another process that holds the mappings (one the backend forked inherits them,
+    /// and a daemon's socket may have been made by a parent that has since exited), a
+    /// process the backend passed the memfd's descriptor to, a socket made in the VMM (a
+    /// socket pair: its peer credentials are the VMM's own), or a backend in a pid
+    /// namespace the VMM cannot see. There it takes the caller's word.
+    ///
+    /// For a reconnected backend (a new process, or the same one on a new connection
+    /// once it has lost its mappings), the VMM makes a new attachment as it made this
+    /// one: connect a new `Frontend`, negotiate, [`VhostUserMapper::new`] and
+    /// [`VhostUserMapper::attach`] (which gives the new backend the runs shared then),
+    /// and set its vrings up again.
+    ///
+    /// [`VhostUserMapper::new`]: crate::VhostUserMapper::new
+    /// [`VhostUserMapper::attach`]: crate::VhostUserMapper::attach
+    ///
+    /// # Errors
+    ///
+    /// [`StillRunning`], holding this attachment unchanged, if the backend's process is
+    /// known to be running.
+    pub fn backend_exited(mut self) -> Result<(), StillRunning> {
+        if let Liveness::Running { pid } = self.mapper.peer.liveness() {
+            return Err(StillRunning {
+                pid,
+                attachment: self,
+            });
+        }
+        {
+            let mut state = self.mapper.lock();
+            state.detached = true;
+            state.table.clear();
+        }
+        drop(self.subscription.take());
+        Ok(())
+    }
+
     /// Removes every region from the backend's table (each acknowledged), then stops
     /// following conversions.
     ///
@@ -81,7 +156,11 @@ impl VhostUserAttachment {
     /// [`Error::Remove`] for the first region the backend did not acknowledge: it may
     /// still map it, and the mapper keeps following its conversions so that it cannot
     /// turn private unnoticed (a conversion of it to private tries the removal again,
-    /// and is refused if it fails).
+    /// and is refused if it fails). If the backend is broken (or breaks on the way), it
+    /// is sent nothing more and the error is [`Error::Broken`] (or what broke it): the
+    /// regions left stay followed for as long as the memory lives, and their
+    /// conversions to private stay refused. Use [`VhostUserAttachment::backend_exited`]
+    /// for a broken backend instead, once its process is reaped.
     pub fn detach(mut self) -> Result<(), Error> {
         self.release()
     }
@@ -104,6 +183,8 @@ impl VhostUserAttachment {
 impl Drop for VhostUserAttachment {
     /// As [`VhostUserAttachment::detach`]; a region the backend does not let go keeps the
     /// memory's subscription alive (it is leaked), so that its pages cannot turn private.
+    /// So does every region of a broken backend's table, to which nothing is sent: drop
+    /// a broken attachment only through [`VhostUserAttachment::backend_exited`].
     fn drop(&mut self) {
         let _ = self.release();
     }

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The crate's errors.
 
+use std::time::Duration;
+
 use guest_memfd::PageRange;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_private_memory::Strategy;
@@ -59,9 +61,10 @@ pub enum Error {
         /// The budget.
         budget: usize,
     },
-    /// The backend refused (or did not acknowledge) a region.
+    /// The backend refused a region (it answered with a failure), or the frontend could
+    /// not send it.
     #[error(
-        "ADD_MEM_REG of guest [{:#x}, {:#x}) to the vhost-user backend failed: {source}; the backend does not map it (check the backend's log, and that it is still connected)",
+        "ADD_MEM_REG of guest [{:#x}, {:#x}) to the vhost-user backend failed: {source}; the backend does not map it (check the backend's log)",
         range.start(), range.end()
     )]
     Add {
@@ -71,7 +74,8 @@ pub enum Error {
         #[source]
         source: vhost::Error,
     },
-    /// The backend refused (or did not acknowledge) the removal of a region.
+    /// The backend refused the removal of a region (it answered with a failure), or the
+    /// frontend could not send it.
     #[error(
         "REM_MEM_REG of guest [{:#x}, {:#x}) from the vhost-user backend failed: {source}; the backend may still map it, so its conversions are still followed (a conversion of it to private is refused)",
         range.start(), range.end()
@@ -83,7 +87,68 @@ pub enum Error {
         #[source]
         source: vhost::Error,
     },
+    /// The backend did not answer in time ([`VhostUserMapper::with_reply_timeout`]): it is
+    /// broken from then on.
+    ///
+    /// [`VhostUserMapper::with_reply_timeout`]: crate::VhostUserMapper::with_reply_timeout
+    #[error(
+        "the vhost-user backend did not answer {request} of guest [{:#x}, {:#x}) within {timeout:?}: it is taken as broken, its connection is shut down (a late answer would be read as the answer to the next message) and it is sent nothing more; it may still map the region. Kill its process if it still runs, reap it (waitpid), call VhostUserAttachment::backend_exited, and attach a new backend.",
+        range.start(), range.end()
+    )]
+    NoReply {
+        /// The request (`ADD_MEM_REG`, `REM_MEM_REG`).
+        request: &'static str,
+        /// The region's guest-physical range.
+        range: PageRange,
+        /// The time it was given.
+        timeout: Duration,
+    },
+    /// The backend's answer did not come (the connection closed or broke) or was not the
+    /// answer to the message: the protocol is out of step, and the backend is broken
+    /// from then on.
+    #[error(
+        "{request} of guest [{:#x}, {:#x}) got no answer from the vhost-user backend: {source}; the protocol is out of step, so the backend is taken as broken, its connection is shut down and it is sent nothing more; it may still map the region. Kill its process if it still runs, reap it (waitpid), call VhostUserAttachment::backend_exited, and attach a new backend.",
+        range.start(), range.end()
+    )]
+    Lost {
+        /// The request (`ADD_MEM_REG`, `REM_MEM_REG`).
+        request: &'static str,
+        /// The region's guest-physical range.
+        range: PageRange,
+        /// vhost's error, with the socket's errno where there is one (a closed
+        /// connection reads as a partial message).
+        #[source]
+        source: vhost::Error,
+    },
+    /// The backend is broken (an earlier message went unanswered): the mapper sends it
+    /// nothing more.
+    #[error(
+        "guest [{:#x}, {:#x}) cannot be mapped into or removed from the vhost-user backend: the backend is broken ({why}) and is sent nothing more. Kill its process if it still runs, reap it (waitpid), call VhostUserAttachment::backend_exited, and attach a new backend",
+        range.start(), range.end()
+    )]
+    Broken {
+        /// The range offered, revoked or left in the table.
+        range: PageRange,
+        /// What broke it: the message that went unanswered, and why.
+        why: String,
+    },
+    /// The reply deadline could not be set up.
+    #[error("setting up the vhost-user mapper's reply deadline (a duplicate of the frontend's socket, and a thread that shuts it down when a reply is late) failed: {0}")]
+    Deadline(#[source] std::io::Error),
     /// Subscribing to the memory failed.
     #[error("subscribing the vhost-user mapper to guest memory failed: {0}")]
     Subscribe(#[source] vm_private_memory::Error),
+}
+
+/// [`VhostUserAttachment::backend_exited`](crate::VhostUserAttachment::backend_exited)
+/// refused: the backend's process still runs. It holds the attachment, unchanged.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the vhost-user backend's process {pid} is still running, and keeps its mappings of guest memory until it exits: kill it (SIGKILL if it is stuck), reap it (waitpid), then call backend_exited again with the attachment this error holds"
+)]
+pub struct StillRunning {
+    /// The backend's pid.
+    pub pid: u32,
+    /// The attachment, as it was.
+    pub attachment: crate::VhostUserAttachment,
 }

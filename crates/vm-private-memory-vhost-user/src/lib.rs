@@ -63,6 +63,12 @@
 //! 6. **Detach** (dropping the [`VhostUserAttachment`]): `REM_MEM_REG` of every region,
 //!    each acknowledged, and only then the subscription goes; a region the backend does
 //!    not let go keeps it subscribed, so that its pages cannot turn private unnoticed.
+//! 7. **A deadline on every answer** ([`VhostUserMapper::with_reply_timeout`],
+//!    [`DEFAULT_REPLY_TIMEOUT`] = 10 s): each `ADD_MEM_REG` and `REM_MEM_REG` waits at
+//!    most that long for its acknowledgement. vhost's `Frontend` reads a reply until it
+//!    is whole and retries on `EAGAIN`, so a receive timeout (`SO_RCVTIMEO`) would only
+//!    make it wait again: a watchdog thread of the attachment's shuts the socket down
+//!    instead, which ends the wait at once.
 //!
 //! What the backend must guarantee **before it acknowledges a `REM_MEM_REG`** (sends the
 //! `REPLY_ACK` with 0): no thread of it accesses the region through the removed mapping
@@ -88,6 +94,39 @@
 //! ([`Error::SlotBudget`] on sharing, a refused conversion on splitting), never a
 //! half-revoked state.
 //!
+//! # A backend that stops answering
+//!
+//! Once a message goes unanswered (the deadline passes, the connection closes or breaks,
+//! or the answer is not the message's), the protocol is out of step: a late answer would
+//! be read as the answer to the next message. The mapper then takes the backend as
+//! **broken** ([`VhostUserAttachment::is_broken`]): it shuts the socket down in both
+//! directions (the VMM's clones of the frontend fail from then on too) and sends nothing
+//! more. The unanswered message counts as done where that is the safe side: a region
+//! whose `ADD_MEM_REG` went unanswered is kept in the table (the backend may have mapped
+//! it), one whose `REM_MEM_REG` went unanswered stays there. From then on:
+//!
+//! - a conversion to shared in the attached range is refused ([`Error::Broken`]);
+//! - a conversion to private, or a discard, of a range that overlaps the table panics in
+//!   `discard`: the backend may still map it, so the conversion stops, the range stays
+//!   shared, and the panic's message says what to do;
+//! - a range with no region of the table goes private as usual;
+//! - the conversion to shared whose `ADD_MEM_REG` went unanswered goes on (its pages must
+//!   stay shared while the backend may map them), with the error in
+//!   [`VhostUserAttachment::take_errors`].
+//!
+//! The way out is the VMM's: make sure the backend's process is gone (kill it with
+//! `SIGKILL` if it still runs, reap it with `waitpid`), then call
+//! [`VhostUserAttachment::backend_exited`], which forgets the table without a message and
+//! stops following conversions. It refuses ([`StillRunning`]) while the process at the
+//! other end of the socket is known to run; what it cannot check is in its
+//! documentation. A new backend gets a new attachment ([`VhostUserMapper::new`], then
+//! [`VhostUserMapper::attach`], which gives it the runs shared by then).
+//!
+//! rust-vmm's `vhost-user-backend` daemon ends the connection after any request its
+//! handler fails: a removal its `update_memory` refuses is answered (the conversion
+//! stops, the range stays shared), but the next message finds the connection closed
+//! and breaks the backend.
+//!
 //! # What this does not give
 //!
 //! - **A security boundary.** The acknowledgement is a correctness protocol with a
@@ -95,11 +134,15 @@
 //!   offset, allocating pages there (memory held twice) or keep a removed mapping. It
 //!   never sees a private page's content either way: that content lives in the
 //!   guest_memfd, which it never receives.
-//! - **A bound on the wait.** Every `ADD_MEM_REG` and `REM_MEM_REG` waits for the
-//!   backend's reply with no timeout, on the converting thread, under the memory's
-//!   conversion lock: a backend that never answers stalls every conversion of the
-//!   memory (and the vCPUs asking for them). A reply deadline, and a way to declare a
-//!   dead backend gone, are not built yet.
+//! - **Conversions that never wait on the backend.** Each message still waits on the
+//!   converting thread, under the memory's conversion lock: a backend that answers
+//!   slowly, or not at all, stalls every conversion of the memory (and the vCPUs asking
+//!   for them) for up to the reply timeout (once: then it is broken). The deadline
+//!   covers the mapper's own messages, not the queries of [`VhostUserMapper::new`] nor
+//!   the VMM's negotiation.
+//! - **Telling a stuck backend from a dead one.** A broken backend keeps the ranges of
+//!   its table shared until the VMM calls [`VhostUserAttachment::backend_exited`]: the
+//!   mapper never decides by itself that a backend has let go of its mappings.
 //! - **Trust in the negotiation.** `acked` is the caller's word, and vhost's `Frontend`
 //!   waits for an acknowledgement only if its own record of the features acknowledged
 //!   holds `REPLY_ACK` (which it does not let the mapper read): if `REPLY_ACK` was not
@@ -174,12 +217,14 @@ compile_error!(
 );
 
 mod attachment;
+mod deadline;
 mod error;
 mod listener;
 mod mapper;
+mod peer;
 mod region;
 
 pub use attachment::VhostUserAttachment;
-pub use error::Error;
-pub use mapper::{VhostUserMapper, MAX_SLOTS, REQUIRED_PROTOCOL_FEATURES};
+pub use error::{Error, StillRunning};
+pub use mapper::{VhostUserMapper, DEFAULT_REPLY_TIMEOUT, MAX_SLOTS, REQUIRED_PROTOCOL_FEATURES};
 pub use region::BackendRegion;

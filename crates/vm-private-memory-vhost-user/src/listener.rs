@@ -10,32 +10,134 @@ use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vm_private_memory::{MemoryListener, SharedPages, Strategy};
 
+use crate::deadline::Deadline;
 use crate::error::Error;
+use crate::peer::Peer;
 use crate::region::{uncovered, BackendRegion};
 
 pub(crate) struct State {
     pub(crate) frontend: Frontend,
-    /// The backend's table as this mapper made it, by guest start.
+    /// Shuts the frontend's socket down when a reply is late.
+    pub(crate) deadline: Deadline,
+    /// The backend's table as this mapper made it, by guest start. Once the backend is
+    /// broken, also the region whose message went unanswered: what the backend may map.
     pub(crate) table: BTreeMap<u64, BackendRegion>,
     /// Errors no conversion could carry (see [`crate::VhostUserAttachment::take_errors`]).
     pub(crate) errors: Vec<Error>,
     /// Set once the attachment is being released: nothing is added any more.
     pub(crate) detached: bool,
+    /// Set, to what broke it, once a message went unanswered: nothing is sent any more.
+    pub(crate) broken: Option<String>,
+}
+
+/// What the VMM does about a broken backend.
+pub(crate) const AFTER_BREAK: &str = "Kill its process if it still runs, reap it (waitpid), call VhostUserAttachment::backend_exited, and attach a new backend";
+
+/// A message of the mapper's.
+#[derive(Clone, Copy)]
+enum Request {
+    Add(RawFd),
+    Remove,
+}
+
+/// Whether the frontend's failure left the protocol in step: nothing was sent, or the
+/// backend answered (with a failure). Anything else (no answer, a closed or broken
+/// connection, an answer that was not this message's) leaves it out of step.
+fn in_step(error: &vhost::Error) -> bool {
+    use vhost::vhost_user::Error as E;
+    matches!(
+        error,
+        vhost::Error::VhostUserProtocol(
+            E::BackendInternalError
+                | E::InvalidParam
+                | E::InvalidOperation(_)
+                | E::InactiveFeature(_)
+                | E::InactiveOperation(_)
+                | E::OversizedMsg
+        )
+    )
 }
 
 impl State {
+    /// The error for `range` while the backend is broken, if it is.
+    fn broken(&self, range: PageRange) -> Option<Error> {
+        self.broken.as_ref().map(|why| Error::Broken {
+            range,
+            why: why.clone(),
+        })
+    }
+
+    /// Sends `request` for `region` and waits (within the deadline) for the backend's
+    /// acknowledgement. A message not answered in time, or whose answer is lost, breaks
+    /// the backend: the socket is shut down and nothing more is sent. Then the region
+    /// counts as mapped by the backend (a late `ADD_MEM_REG` may have been done, a
+    /// `REM_MEM_REG` not). A message whose answer came just as the deadline passed
+    /// breaks it too, but counts as answered.
+    fn exchange(&mut self, request: Request, region: &BackendRegion) -> Result<(), Error> {
+        if let Some(broken) = self.broken(region.guest) {
+            return Err(broken);
+        }
+        let name = match request {
+            Request::Add(_) => "ADD_MEM_REG",
+            Request::Remove => "REM_MEM_REG",
+        };
+        let frontend = &mut self.frontend;
+        let (result, missed) = self.deadline.run(|| {
+            // Asked for on every message: a clone of the frontend may have changed the
+            // flags it shares with this one.
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            match request {
+                Request::Add(fd) => frontend.add_mem_region(&region.info(fd)).map(|_| ()),
+                Request::Remove => frontend.remove_mem_region(&region.info(-1)),
+            }
+        });
+        let no_reply = Error::NoReply {
+            request: name,
+            range: region.guest,
+            timeout: self.deadline.timeout(),
+        };
+        let what = format!(
+            "{name} of guest [{:#x}, {:#x}) got no answer",
+            region.guest.start(),
+            region.guest.end()
+        );
+        if missed {
+            self.broken = Some(format!("{what} within {:?}", self.deadline.timeout()));
+        }
+        match result {
+            Ok(()) => Ok(()),
+            Err(_) if missed => Err(no_reply),
+            Err(source) if in_step(&source) => Err(match request {
+                Request::Add(_) => Error::Add {
+                    range: region.guest,
+                    source,
+                },
+                Request::Remove => Error::Remove {
+                    range: region.guest,
+                    source,
+                },
+            }),
+            Err(source) => {
+                self.broken = Some(format!("{what}: {source}"));
+                let lost = Error::Lost {
+                    request: name,
+                    range: region.guest,
+                    source,
+                };
+                self.deadline.shut_down();
+                Err(lost)
+            }
+        }
+    }
+
     /// `ADD_MEM_REG` of `region` from the memfd `fd`, and the backend's acknowledgement.
-    fn add(&mut self, region: &BackendRegion, fd: RawFd) -> Result<(), vhost::Error> {
-        // Asked for on every message: a clone of the frontend may have changed the flags
-        // it shares with this one.
-        self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        self.frontend.add_mem_region(&region.info(fd)).map(|_| ())
+    fn add(&mut self, region: &BackendRegion, fd: RawFd) -> Result<(), Error> {
+        self.exchange(Request::Add(fd), region)
     }
 
     /// `REM_MEM_REG` of the whole of `region`, and the backend's acknowledgement.
-    fn remove(&mut self, region: &BackendRegion) -> Result<(), vhost::Error> {
-        self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        self.frontend.remove_mem_region(&region.info(-1))
+    fn remove(&mut self, region: &BackendRegion) -> Result<(), Error> {
+        self.exchange(Request::Remove, region)
     }
 }
 
@@ -43,6 +145,8 @@ impl State {
 pub(crate) struct Mapper {
     pub(crate) budget: usize,
     pub(crate) backend_slots: u64,
+    /// The backend's process, to tell whether it has exited.
+    pub(crate) peer: Peer,
     pub(crate) shared: SharedPages,
     pub(crate) state: Mutex<State>,
 }
@@ -54,10 +158,15 @@ impl Mapper {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds the shared runs of `range` not in the table yet, all or none.
+    /// Adds the shared runs of `range` not in the table yet, all or none. If the backend
+    /// breaks on the way, what was sent stays (the backend may map it) and the error goes
+    /// to `errors`: the range is accepted, since it must stay shared.
     fn add_shared(&self, state: &mut State, range: PageRange) -> Result<(), Error> {
         if state.detached {
             return Ok(());
+        }
+        if let Some(broken) = state.broken(range) {
+            return Err(broken);
         }
         let snapshot = self.shared.snapshot();
         // What to add, checked whole before the first message.
@@ -87,40 +196,43 @@ impl Mapper {
         }
         for (i, (region, fd)) in wanted.iter().enumerate() {
             // The descriptor is the region's sealed memfd, kept open by `snapshot`.
-            if let Err(refused) = state.add(region, *fd) {
-                // All or none: take back what this call added. If the backend does not
-                // let one go, keep the range (the conversion goes on) rather than let a
-                // page it may map turn private.
-                for (done, _) in wanted[..i].iter().rev() {
-                    match state.remove(done) {
-                        Ok(()) => {
-                            state.table.remove(&done.guest.start());
-                        }
-                        Err(source) => {
-                            state.errors.push(Error::Add {
-                                range: region.guest,
-                                source: refused,
-                            });
-                            state.errors.push(Error::Remove {
-                                range: done.guest,
-                                source,
-                            });
-                            return Ok(());
+            match state.add(region, *fd) {
+                Ok(()) => {
+                    state.table.insert(region.guest.start(), *region);
+                }
+                Err(lost) if state.broken.is_some() => {
+                    // The backend may have mapped it, and may map what this call added
+                    // before: keep all of it (the conversion goes on).
+                    state.table.insert(region.guest.start(), *region);
+                    state.errors.push(lost);
+                    return Ok(());
+                }
+                Err(refused) => {
+                    // All or none: take back what this call added. If the backend does
+                    // not let one go, keep the range (the conversion goes on) rather than
+                    // let a page it may map turn private.
+                    for (done, _) in wanted[..i].iter().rev() {
+                        match state.remove(done) {
+                            Ok(()) => {
+                                state.table.remove(&done.guest.start());
+                            }
+                            Err(kept) => {
+                                state.errors.push(refused);
+                                state.errors.push(kept);
+                                return Ok(());
+                            }
                         }
                     }
+                    return Err(refused);
                 }
-                return Err(Error::Add {
-                    range: region.guest,
-                    source: refused,
-                });
             }
-            state.table.insert(region.guest.start(), *region);
         }
         Ok(())
     }
 
     /// Stops adding, and removes every region; returns the first removal the backend did
-    /// not acknowledge, if any (those regions stay in the table).
+    /// not acknowledge, if any (those regions stay in the table). Once the backend is
+    /// broken, nothing is sent: the error is [`Error::Broken`] (or what broke it).
     pub(crate) fn remove_all(&self) -> Option<Error> {
         let mut state = self.lock();
         state.detached = true;
@@ -131,11 +243,11 @@ impl Mapper {
                 Ok(()) => {
                     state.table.remove(&region.guest.start());
                 }
-                Err(source) => {
-                    refused = refused.or(Some(Error::Remove {
-                        range: region.guest,
-                        source,
-                    }))
+                Err(e) => {
+                    refused = refused.or(Some(e));
+                    if state.broken.is_some() {
+                        break;
+                    }
                 }
             }
         }
@@ -152,6 +264,17 @@ impl Mapper {
             .take_while(|(_, r)| r.guest.end() > range.start())
             .map(|(_, r)| *r)
             .collect();
+        if overlapping.is_empty() {
+            return;
+        }
+        if let Some(why) = state.broken.clone() {
+            drop(state);
+            panic!(
+                "the vhost-user backend is broken and is sent nothing more ({why}); it may still map its regions over [{:#x}, {:#x}), so the conversion stops and the range stays shared. {AFTER_BREAK}",
+                range.start(),
+                range.end()
+            );
+        }
         let leftovers = |r: &BackendRegion| -> Vec<BackendRegion> {
             let mut parts = Vec::new();
             if r.guest.start() < range.start() {
@@ -194,21 +317,36 @@ impl Mapper {
             if let Err(e) = state.remove(&region) {
                 // The conversion stops and `range` stays shared: put back what this
                 // revocation removed of it (still shared: `discard` runs before the bits
-                // change). What cannot be is missing until offered again.
+                // change), unless the backend is broken. What cannot be is missing until
+                // offered again.
                 let restored = removed.len();
+                let errors_before = state.errors.len();
                 for part in removed {
                     if let Err(e) = self.add_shared(&mut state, part) {
                         state.errors.push(e);
                     }
                 }
+                let missing = state.errors.len() - errors_before;
+                let restore = match (restored, missing) {
+                    (0, _) => String::new(),
+                    (n, 0) => format!(" The {n} part(s) of it that earlier removals took out are added back."),
+                    (n, m) => format!(" Of the {n} part(s) of it that earlier removals took out, {m} could not be added back: VhostUserAttachment::take_errors names them."),
+                };
                 drop(state);
-                panic!(
-                    "the vhost-user backend did not acknowledge REM_MEM_REG of guest [{:#x}, {:#x}): {e}; it may still map the region, so the conversion stops and [{:#x}, {:#x}) stays shared ({restored} part(s) of it removed before were added back; VhostUserAttachment::take_errors names any that could not be)",
-                    region.guest.start(),
-                    region.guest.end(),
-                    range.start(),
-                    range.end()
-                );
+                match e {
+                    Error::Remove { source, .. } => panic!(
+                        "the vhost-user backend did not acknowledge REM_MEM_REG of guest [{:#x}, {:#x}): {source}. It may still map the region, so the conversion stops and [{:#x}, {:#x}) stays shared.{restore}",
+                        region.guest.start(),
+                        region.guest.end(),
+                        range.start(),
+                        range.end()
+                    ),
+                    broke => panic!(
+                        "{broke} The conversion stops and [{:#x}, {:#x}) stays shared.{restore}",
+                        range.start(),
+                        range.end()
+                    ),
+                }
             }
             state.table.remove(&region.guest.start());
             removed.extend(region.guest.intersection(&range));
@@ -226,8 +364,9 @@ impl MemoryListener for Mapper {
     /// backend acknowledged it (`REM_MEM_REG` with `REPLY_ACK`), and adds back the parts
     /// that stay shared. Panics, which vm-private-memory takes as "cannot let go" and
     /// which stops the conversion with the range still shared: before any message if
-    /// the regions needed would exceed the slot budget, and if the backend does not
-    /// acknowledge a removal (it may still map the region).
+    /// the regions needed would exceed the slot budget or the backend is broken, and if
+    /// the backend does not acknowledge a removal (it may still map the region). A range
+    /// with no region of the table is let go of, broken or not.
     fn discard(&self, range: PageRange) {
         self.revoke(range);
     }
@@ -235,5 +374,30 @@ impl MemoryListener for Mapper {
     fn populate(&self, range: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let mut state = self.lock();
         Ok(self.add_shared(&mut state, range)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vhost::vhost_user::Error as E;
+
+    #[test]
+    fn only_a_failure_answered_or_never_sent_leaves_the_protocol_in_step() {
+        let io = || std::io::Error::from_raw_os_error(libc::EPIPE);
+        for answered in [E::BackendInternalError, E::InvalidParam, E::OversizedMsg] {
+            assert!(in_step(&vhost::Error::VhostUserProtocol(answered)));
+        }
+        for lost in [
+            E::PartialMessage,
+            E::Disconnected,
+            E::InvalidMessage,
+            E::SocketBroken(io()),
+            E::SocketError(io()),
+            E::SocketRetry(io()),
+        ] {
+            assert!(!in_step(&vhost::Error::VhostUserProtocol(lost)));
+        }
+        assert!(!in_step(&vhost::Error::IOError(io())));
     }
 }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use guest_memfd::PageRange;
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
@@ -10,8 +11,10 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vm_private_memory::{MemoryListener, PrivateMemory, Strategy};
 
 use crate::attachment::VhostUserAttachment;
+use crate::deadline::Deadline;
 use crate::error::Error;
 use crate::listener::{Mapper, State};
+use crate::peer::Peer;
 
 /// The vhost-user protocol features a [`VhostUserMapper`] needs acknowledged:
 /// `CONFIGURE_MEM_SLOTS` (`ADD_MEM_REG`, `REM_MEM_REG`, `GET_MAX_MEM_SLOTS`) and
@@ -27,6 +30,8 @@ pub struct VhostUserMapper {
     frontend: Frontend,
     budget: usize,
     backend_slots: u64,
+    reply_timeout: Duration,
+    peer: Peer,
 }
 
 impl std::fmt::Debug for VhostUserMapper {
@@ -34,9 +39,27 @@ impl std::fmt::Debug for VhostUserMapper {
         f.debug_struct("VhostUserMapper")
             .field("budget", &self.budget)
             .field("backend_slots", &self.backend_slots)
+            .field("reply_timeout", &self.reply_timeout)
+            .field("backend_pid", &self.peer.pid())
             .finish_non_exhaustive()
     }
 }
+
+/// How long a [`VhostUserMapper`] waits for the backend's answer to each message by
+/// default ([`VhostUserMapper::with_reply_timeout`]): 10 s.
+///
+/// The wait happens on the converting thread, under the memory's conversion lock, so
+/// every conversion of the memory (and the vCPUs asking for them) waits with it. A
+/// backend acknowledges a removal only once its workers are done with the region, which
+/// may take a slow request's time (a disk or network I/O in flight), so the deadline is
+/// far above a request's usual latency; and it is well below the 20 s after which a
+/// Linux guest's soft-lockup detector reports a stuck vCPU (`watchdog_thresh`, 10 by
+/// default, doubled), so a backend that stopped answering is reported before the guest
+/// complains.
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The shortest deadline [`VhostUserMapper::with_reply_timeout`] sets.
+const MIN_REPLY_TIMEOUT: Duration = Duration::from_millis(1);
 
 /// The most regions a mapper keeps in a backend's table, whatever the backend answers:
 /// the vhost-user specification's `VHOST_USER_MAX_RAM_SLOTS`.
@@ -77,6 +100,7 @@ impl VhostUserMapper {
         if !missing.is_empty() {
             return Err(Error::NotNegotiated { missing });
         }
+        let peer = Peer::of(&frontend);
         let offered = frontend
             .get_protocol_features()
             .map_err(|source| Error::Query {
@@ -98,6 +122,8 @@ impl VhostUserMapper {
             frontend,
             budget: slot_budget(backend_slots),
             backend_slots,
+            reply_timeout: DEFAULT_REPLY_TIMEOUT,
+            peer,
         })
     }
 
@@ -111,6 +137,29 @@ impl VhostUserMapper {
     /// How many regions this mapper may hold in the backend's table.
     pub fn slot_budget(&self) -> usize {
         self.budget
+    }
+
+    /// Waits at most `timeout` (at least 1 ms) for the backend's answer to each
+    /// `ADD_MEM_REG` and `REM_MEM_REG` ([`DEFAULT_REPLY_TIMEOUT`] otherwise).
+    ///
+    /// When the time is up, the mapper shuts the frontend's socket down (both
+    /// directions, for the frontend's clones too): the wait ends, and a late answer
+    /// cannot be taken for the answer to the next message. The backend is then broken
+    /// ([`VhostUserAttachment::is_broken`]): the mapper sends it nothing more, refuses to
+    /// add ranges, and refuses to let a range of its table turn private, until the VMM
+    /// declares the backend's process gone ([`VhostUserAttachment::backend_exited`]). A
+    /// closed connection or an answer that is not the message's breaks it the same way.
+    ///
+    /// The deadline is kept by a thread of the attachment's, asleep unless a message is
+    /// out.
+    pub fn with_reply_timeout(mut self, timeout: Duration) -> Self {
+        self.reply_timeout = timeout.max(MIN_REPLY_TIMEOUT);
+        self
+    }
+
+    /// How long the mapper waits for each answer.
+    pub fn reply_timeout(&self) -> Duration {
+        self.reply_timeout
     }
 
     /// What the backend answered to `GET_MAX_MEM_SLOTS`.
@@ -134,26 +183,38 @@ impl VhostUserMapper {
     /// conversion next offers them: their memory is meant to go back to the host. A
     /// page the mapper holds is never private.
     ///
+    /// If the backend stops answering while the runs shared now are added (the reply
+    /// deadline passes, the connection closes), the attachment comes back broken
+    /// ([`VhostUserAttachment::is_broken`], the error in
+    /// [`VhostUserAttachment::take_errors`]): the backend may map what was sent, so those
+    /// runs stay followed until [`VhostUserAttachment::backend_exited`].
+    ///
     /// # Errors
     ///
-    /// [`Error::NoShareableFile`] for in-place memory; [`Error::Subscribe`] if the runs
-    /// shared now cannot all be added (over the slot budget, or the backend refused
-    /// one; the reason is an [`Error`]): nothing stays added.
+    /// [`Error::NoShareableFile`] for in-place memory; [`Error::Deadline`] if the reply
+    /// deadline's thread cannot be started (nothing was sent); [`Error::Subscribe`] if
+    /// the runs shared now cannot all be added (over the slot budget, or the backend
+    /// refused one; the reason is an [`Error`]): nothing stays added.
     pub fn attach(
         self,
         memory: &PrivateMemory,
         range: PageRange,
     ) -> Result<VhostUserAttachment, Error> {
         shareable(memory)?;
+        let deadline =
+            Deadline::new(&self.frontend, self.reply_timeout).map_err(Error::Deadline)?;
         let mapper = Arc::new(Mapper {
             budget: self.budget,
             backend_slots: self.backend_slots,
+            peer: self.peer,
             shared: memory.shared_pages(),
             state: Mutex::new(State {
                 frontend: self.frontend,
+                deadline,
                 table: BTreeMap::new(),
                 errors: Vec::new(),
                 detached: false,
+                broken: None,
             }),
         });
         let listener: Arc<dyn MemoryListener> = Arc::clone(&mapper) as Arc<dyn MemoryListener>;

@@ -32,6 +32,8 @@ pub struct Options {
     /// A second region at [`HIGH`], with its first page shared; the mapper is attached
     /// to both.
     pub high_region: bool,
+    /// The mapper's reply deadline (the default if `None`).
+    pub reply_timeout: Option<Duration>,
 }
 
 /// A VMM's frontend with the mapper attached, and a guest driver for the queue.
@@ -119,6 +121,9 @@ impl Harness {
         let mut mapper = VhostUserMapper::new(self.frontend.clone(), acked, &self.memory).unwrap();
         if let Some(budget) = self.options.budget {
             mapper = mapper.with_slot_budget(budget);
+        }
+        if let Some(timeout) = self.options.reply_timeout {
+            mapper = mapper.with_reply_timeout(timeout);
         }
         let range = self.attached_range();
         self.attachment = Some(mapper.attach(&self.memory, range).unwrap());

@@ -1,0 +1,253 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! A backend that stops answering, or dies: the mapper against the test backend in
+//! another process, whose relay is told to never answer a removal, or which is killed.
+//! The conversion that waited for it fails (within the reply deadline) with the range
+//! still shared, the attachment is broken and sends nothing more, and once the VMM has
+//! reaped the process and declared it exited, conversions go on and a new backend can be
+//! attached.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use guest_memfd::PAGE_SIZE;
+use vm_private_memory::{Error, ListenerRefusal, PageState};
+use vm_private_memory_vhost_user::Error as MapperError;
+
+/// The backend's `main` when this binary is started as the backend; nothing otherwise.
+#[test]
+fn backend_process() {
+    serve_if_asked();
+}
+
+/// No test here waits longer than this for anything.
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A page that is shared but not in the table: made shared, then freed.
+const FREED: u64 = 0x30000;
+
+/// The message of the panic with which the mapper stopped `err`'s operation.
+fn panic_message(err: &Error) -> &str {
+    match err {
+        Error::ListenerRefused {
+            reason: ListenerRefusal::Panicked { message },
+            ..
+        } => message,
+        other => panic!("not a revocation the mapper stopped: {other}"),
+    }
+}
+
+/// What a broken attachment does with each kind of request: conversions to shared are
+/// refused with `Error::Broken`, ranges of the table cannot turn private or be freed,
+/// and ranges outside it can.
+fn assert_broken_refusals(h: &mut Harness) {
+    assert!(h.mapper().is_broken());
+    assert!(h.mapper().broken_reason().is_some());
+
+    let range = pr(0x40000, PAGE_SIZE);
+    let err = h.memory.convert(range, PageState::Shared).unwrap_err();
+    let Error::ListenerRefused {
+        reason: ListenerRefusal::Refused(reason),
+        ..
+    } = &err
+    else {
+        panic!("{err}");
+    };
+    let reason = reason.downcast_ref::<MapperError>().expect("the mapper's");
+    assert!(
+        matches!(reason, MapperError::Broken { range: r, .. } if *r == range),
+        "{reason}"
+    );
+    let text = reason.to_string();
+    assert!(text.contains("[0x40000, 0x41000)"), "{text}");
+    assert!(text.contains("backend_exited"), "{text}");
+    assert_eq!(h.memory.state_of(0x40000), Some(PageState::Private));
+
+    // A range of the table: the backend may still map it.
+    let err = h.memory.discard(pr(INPUT, PAGE_SIZE)).unwrap_err();
+    let message = panic_message(&err);
+    assert!(message.contains("broken"), "{message}");
+    assert!(message.contains("backend_exited"), "{message}");
+    assert!(h.mapper().is_mapped(INPUT));
+
+    // A range with no region of the table goes private.
+    assert!(!h.mapper().is_mapped(FREED));
+    h.memory
+        .convert(pr(FREED, PAGE_SIZE), PageState::Private)
+        .unwrap();
+}
+
+/// Makes [`FREED`] shared and out of the table.
+fn free_a_shared_page(h: &mut Harness) {
+    h.memory
+        .convert(pr(FREED, PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    h.memory.discard(pr(FREED, PAGE_SIZE)).unwrap();
+    assert_eq!(h.memory.state_of(FREED), Some(PageState::Shared));
+    assert!(!h.mapper().is_mapped(FREED));
+}
+
+#[test]
+fn a_backend_that_never_answers_breaks_at_the_deadline_and_is_let_go_once_reaped() {
+    let mut h = Harness::with(Options {
+        reply_timeout: Some(Duration::from_millis(200)),
+        ..Options::default()
+    });
+    assert_eq!(h.mapper().backend_pid(), Some(h.backend.pid()));
+    free_a_shared_page(&mut h);
+    h.set_removals(Answer::Stall, 0);
+
+    // The removal is never answered: the conversion fails once the deadline passed,
+    // with the page shared, in the table and still mapped by the (stuck) backend.
+    let start = Instant::now();
+    let err = within(LIMIT, "the conversion to private", || {
+        h.memory
+            .convert(pr(OUTPUT, PAGE_SIZE), PageState::Private)
+            .unwrap_err()
+    });
+    println!("the conversion returned after {:?}", start.elapsed());
+    let message = panic_message(&err);
+    assert!(
+        message.contains("did not answer REM_MEM_REG of guest [0x10000, 0x13000) within 200ms"),
+        "{message}"
+    );
+    assert_eq!(h.memory.state_of(OUTPUT), Some(PageState::Shared));
+    assert!(h.mapper().is_mapped(OUTPUT));
+    h.assert_backend_maps_the_table();
+    assert!(h.mapper().broken_reason().unwrap().contains("within 200ms"));
+    assert_broken_refusals(&mut h);
+
+    // The backend still runs: declaring it exited is refused, and the attachment comes
+    // back as it was.
+    let refused = h.take_attachment().backend_exited().unwrap_err();
+    assert_eq!(refused.pid, h.backend.pid());
+    assert!(refused.to_string().contains("still running"), "{refused}");
+    let attachment = refused.attachment;
+    assert!(attachment.is_broken());
+    assert!(attachment.is_mapped(OUTPUT));
+
+    // Killed and reaped, it is gone: the attachment lets go without a message, and the
+    // conversion goes through.
+    h.backend.kill();
+    h.backend.reap();
+    attachment.backend_exited().unwrap();
+    assert_eq!(h.memory.listener_count(), 0);
+    h.memory
+        .convert(pr(OUTPUT, PAGE_SIZE), PageState::Private)
+        .unwrap();
+
+    // A new backend, attached as the first was: it gets the runs shared now, and serves
+    // the queue.
+    h.reconnect();
+    assert!(!h.mapper().is_broken());
+    assert!(h.mapper().is_mapped(INPUT));
+    assert!(!h.mapper().is_mapped(OUTPUT));
+    h.assert_backend_maps_the_table();
+    h.memory
+        .convert(pr(OUTPUT, PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    assert_eq!(h.request(b"a new backend", OUTPUT, 64).status, 0);
+    assert_eq!(h.read_output(13), b"a new backend");
+    h.memory
+        .convert(pr(OUTPUT, PAGE_SIZE), PageState::Private)
+        .unwrap();
+    h.assert_backend_maps_the_table();
+}
+
+#[test]
+fn a_backend_that_dies_breaks_the_attachment_and_is_let_go_once_reaped() {
+    let mut h = Harness::new(None);
+    free_a_shared_page(&mut h);
+    assert_eq!(h.request(b"alive", OUTPUT, 64).status, 0);
+    h.backend.kill();
+
+    // Its connection is closed: the removal gets no answer, and the conversion fails
+    // (no panic escapes, no wait) with the page shared.
+    let err = within(LIMIT, "the conversion to private", || {
+        h.memory
+            .convert(pr(OUTPUT, PAGE_SIZE), PageState::Private)
+            .unwrap_err()
+    });
+    let message = panic_message(&err);
+    assert!(
+        message.contains("REM_MEM_REG of guest [0x10000, 0x13000) got no answer"),
+        "{message}"
+    );
+    assert_eq!(h.memory.state_of(OUTPUT), Some(PageState::Shared));
+    assert!(h.mapper().is_mapped(OUTPUT));
+    assert_broken_refusals(&mut h);
+    let mapped_before = h.mapper().regions();
+
+    h.backend.reap();
+    h.take_attachment().backend_exited().unwrap();
+    assert_eq!(h.memory.listener_count(), 0);
+    for r in mapped_before {
+        h.memory.convert(r.guest, PageState::Private).unwrap();
+    }
+    assert_eq!(h.memory.state_of(OUTPUT), Some(PageState::Private));
+}
+
+#[test]
+fn an_addition_that_goes_unanswered_keeps_the_range_shared_and_counted_as_mapped() {
+    let mut h = Harness::with(Options {
+        reply_timeout: Some(Duration::from_millis(200)),
+        ..Options::default()
+    });
+    h.set_additions(Answer::Stall, 0);
+    let range = pr(0x40000, PAGE_SIZE);
+
+    // The backend may or may not have mapped the region: the conversion to shared goes
+    // on (the page must not turn private while the backend may map it), the region
+    // counts as in the table, and the error waits in take_errors.
+    within(LIMIT, "the conversion to shared", || {
+        h.memory.convert(range, PageState::Shared).unwrap()
+    });
+    assert_eq!(h.memory.state_of(0x40000), Some(PageState::Shared));
+    assert!(h.mapper().is_mapped(0x40000));
+    assert!(h.mapper().is_broken());
+    let errors = h.mapper().take_errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        matches!(
+            &errors[0],
+            MapperError::NoReply { request: "ADD_MEM_REG", range: r, .. } if *r == range
+        ),
+        "{}",
+        errors[0]
+    );
+    let err = h.memory.convert(range, PageState::Private).unwrap_err();
+    assert!(panic_message(&err).contains("broken"), "{err}");
+    assert_eq!(h.memory.state_of(0x40000), Some(PageState::Shared));
+
+    h.backend.kill();
+    h.backend.reap();
+    h.take_attachment().backend_exited().unwrap();
+    h.memory.convert(range, PageState::Private).unwrap();
+}
+
+#[test]
+fn detaching_from_a_broken_backend_sends_nothing_and_keeps_its_ranges_followed() {
+    let mut h = Harness::new(None);
+    h.backend.kill();
+    h.backend.reap();
+    let err = within(LIMIT, "the conversion to private", || {
+        h.memory
+            .convert(pr(OUTPUT, PAGE_SIZE), PageState::Private)
+            .unwrap_err()
+    });
+    assert!(panic_message(&err).contains("got no answer"), "{err}");
+
+    let err = within(LIMIT, "detach", || {
+        h.take_attachment().detach().unwrap_err()
+    });
+    assert!(matches!(err, MapperError::Broken { .. }), "{err}");
+    // Still followed: the ranges of the table cannot turn private.
+    assert_eq!(h.memory.listener_count(), 1);
+    assert!(h
+        .memory
+        .convert(pr(OUTPUT, PAGE_SIZE), PageState::Private)
+        .is_err());
+    assert_eq!(h.memory.state_of(OUTPUT), Some(PageState::Shared));
+}

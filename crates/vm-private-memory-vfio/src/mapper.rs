@@ -115,8 +115,11 @@ impl DmaMapper {
     ///
     /// [`vm_private_memory::Error::ListenerRefused`] if the pages shared now cannot all
     /// be mapped (over budget, or the IOMMU refused; the reason is an [`Error`]):
-    /// nothing stays mapped. [`vm_private_memory::Error::Reentrant`] from a listener
-    /// callback.
+    /// nothing stays mapped. [`vm_private_memory::Error::RollbackFailed`] if, after
+    /// that, the IOMMU refused to unmap what had been mapped: its `kept_shared` pages
+    /// stay mapped, and the memory keeps telling the mapper when they go private (it
+    /// tries the unmap again) until they are unmapped.
+    /// [`vm_private_memory::Error::Reentrant`] from a listener callback.
     pub fn attach(
         self,
         memory: &PrivateMemory,

@@ -194,7 +194,11 @@ impl VhostUserMapper {
     /// [`Error::NoShareableFile`] for in-place memory; [`Error::Deadline`] if the reply
     /// deadline's thread cannot be started (nothing was sent); [`Error::Subscribe`] if
     /// the runs shared now cannot all be added (over the slot budget, or the backend
-    /// refused one; the reason is an [`Error`]): nothing stays added.
+    /// refused one; the reason is an [`Error`]): nothing stays added, unless the backend
+    /// did not let go of a region added before the refusal: the error is then
+    /// vm-private-memory's `RollbackFailed`, whose `kept_shared` runs stay in the
+    /// backend's table, and the memory keeps telling the mapper when they go private
+    /// (it tries the removal again) until they are removed.
     pub fn attach(
         self,
         memory: &PrivateMemory,

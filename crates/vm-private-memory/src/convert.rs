@@ -20,7 +20,7 @@ mod one_run;
 mod undo;
 pub(crate) use batch::Retarget;
 use one_run::OneRun;
-pub(crate) use undo::Undone;
+pub(crate) use undo::{without, Undone};
 
 /// The steps of a conversion, in the order they can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,7 +262,7 @@ impl PrivateMemory {
     /// `range` may span regions but must lie wholly inside guest memory. Pages already in
     /// state `to` are left alone. On any failure (a listener refusing or panicking, an
     /// ioctl or fallocate error) the bits, KVM's view and the listeners' view are as
-    /// before. Content is not undone: in-place, a page going shared is punched *before*
+    /// before, except what [`Error::RollbackFailed`] names. Content is not undone: in-place, a page going shared is punched *before*
     /// the host may see it (so the guest's private content never reaches the host), so a
     /// refusal after that leaves the page private but empty; and a punch that fails part
     /// way through a conversion to private leaves the runs before it empty (shared
@@ -480,8 +480,9 @@ impl PrivateMemory {
                         });
                     }
                 }
-                // Dual: the private side is punched last, so a refusal above loses nothing.
-                if dual {
+                // Dual: the private side is punched last, so a refusal above loses nothing
+                // (a whole change, `retarget`, punches it later still: `Preserve`).
+                if dual && discard {
                     punch(done)?;
                 }
             }

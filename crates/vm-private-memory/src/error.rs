@@ -192,16 +192,24 @@ pub enum Error {
         /// How long the conversion waited.
         waited: std::time::Duration,
     },
-    /// An operation failed, and so did part of its rollback: KVM's view of `unknown` may
-    /// be either state; listeners refused to take back `listeners_refused`, which they
-    /// held before (the bits were put back; those listeners no longer map them); and a
-    /// listener could not let go of `kept_shared` (it panicked in `discard` while what
-    /// it had accepted was being taken back), so those ranges were left shared: the
-    /// conversion to shared stands for them (and for
-    /// [`crate::PrivateMemory::subscribe_with_replay`], the listener stays subscribed for
-    /// as long as the memory lives, so that it hears when they go private). Treat the VM
-    /// as broken: stop it, or convert those ranges again explicitly.
-    #[error("{cause}; the rollback failed too: KVM's view of {} range(s) is unknown{}, listeners refused {} range(s) back{}, {} range(s) stay shared because a listener could not let go of them{}", unknown.len(), first(unknown), listeners_refused.len(), first(listeners_refused), kept_shared.len(), first(kept_shared))]
+    /// An operation failed, and so did part of its rollback. KVM's view of `unknown`
+    /// may be either state. Listeners refused to take back `listeners_refused`, which
+    /// they held before: the bits were put back, and those listeners no longer map them.
+    /// `kept_shared` was left shared although the operation meant it private or undone:
+    /// a listener could not let go of it (it panicked in `discard` while what it had
+    /// accepted was taken back), so the conversion to shared stands there (bits, KVM's
+    /// view), and only that listener may map it; for
+    /// [`crate::PrivateMemory::subscribe_with_replay`] the listener keeps hearing
+    /// `discard` for those runs until it lets go.
+    ///
+    /// To recover, once the listener can let go, convert `kept_shared` to private (it
+    /// hears `discard`), then to shared again if it should be shared: a conversion to
+    /// shared of pages already shared offers them to no listener. Or treat the VM as
+    /// broken and stop it.
+    #[error(
+        "{cause}; the rollback failed too:{}",
+        rollback_failures(unknown, listeners_refused, kept_shared)
+    )]
     RollbackFailed {
         /// Why the operation failed.
         cause: Box<Error>,
@@ -242,6 +250,37 @@ impl Error {
             _ => None,
         }
     }
+}
+
+/// What a rollback could not put back, naming only what happened.
+fn rollback_failures(
+    unknown: &[GpaRange],
+    listeners_refused: &[GpaRange],
+    kept_shared: &[GpaRange],
+) -> String {
+    let mut parts = Vec::new();
+    if !unknown.is_empty() {
+        parts.push(format!(
+            " KVM's view of {} range(s) is unknown{}",
+            unknown.len(),
+            first(unknown)
+        ));
+    }
+    if !listeners_refused.is_empty() {
+        parts.push(format!(
+            " listeners refused {} range(s) back{}",
+            listeners_refused.len(),
+            first(listeners_refused)
+        ));
+    }
+    if !kept_shared.is_empty() {
+        parts.push(format!(
+            " {} range(s) stay shared because a listener could not let go of them{}",
+            kept_shared.len(),
+            first(kept_shared)
+        ));
+    }
+    parts.join(";")
 }
 
 /// `" (first [a, b))"` for a non-empty list of ranges, for messages.

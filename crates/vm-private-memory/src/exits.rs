@@ -229,7 +229,8 @@ impl PrivateMemory {
     /// `rax` (`KVM_EXIT_HYPERCALL`'s `ret`): 0 on success, `-KVM_EINVAL` for a malformed
     /// or out-of-memory request, `-KVM_EAGAIN` if a host access still held the pages (the
     /// conversion was rolled back; the guest may retry), `-KVM_EFAULT` if the conversion
-    /// itself failed (it was rolled back).
+    /// itself failed (it was rolled back, except what a [`Error::RollbackFailed`] names:
+    /// serve the request with [`PrivateMemory::serve_request`] to see it).
     pub fn handle_map_gpa_range(&self, gpa: u64, pages: u64, attributes: u64) -> u64 {
         match ConversionRequest::from_map_gpa_range(gpa, pages, attributes) {
             Err(e) => e.hypercall_code(),

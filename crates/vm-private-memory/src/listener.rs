@@ -26,6 +26,13 @@ use crate::error::ListenerRefusal;
 pub trait MemoryListener: Send + Sync {
     /// Host access to `range` is about to be revoked: drop every mapping, cached pointer
     /// or DMA mapping of it now.
+    ///
+    /// A listener that cannot let go (an IOMMU refused the unmap, a backend did not
+    /// confirm) says so by panicking: the panic is caught, and the revocation stops
+    /// with the range still shared ([`crate::Error::ListenerRefused`]); during a
+    /// rollback, the range stays shared ([`crate::Error::RollbackFailed`]'s
+    /// `kept_shared`). This needs `panic = "unwind"`: with `panic = "abort"`, the
+    /// process ends instead.
     fn discard(&self, range: PageRange);
 
     /// Host access to `range` has been granted. Return an error to refuse, which rolls
@@ -33,6 +40,10 @@ pub trait MemoryListener: Send + Sync {
     /// accepted in the same conversion); the conversion's
     /// [`crate::Error::ListenerRefused`] carries it. A `&str` or `String` converts with
     /// `.into()`.
+    ///
+    /// A refusal must leave nothing of `range` mapped: it is not told `discard` for it.
+    /// A panic counts as a refusal that may have mapped part of the range, so it is
+    /// told `discard(range)` with the listeners that accepted.
     ///
     /// # Errors
     ///
@@ -65,8 +76,9 @@ pub(crate) struct Listeners {
 
 /// Keeps a listener subscribed; dropping it unsubscribes. Once `drop` returns the
 /// listener is not called again: a conversion, discard or removal already running is
-/// waited for (unless the subscription is dropped from inside a listener callback, or
-/// was made after that operation started).
+/// waited for (unless the subscription is dropped on the thread running it, from inside
+/// a listener callback or as a listener it held is dropped, or was made after that
+/// operation started).
 #[must_use = "dropping the subscription unsubscribes the listener at once"]
 pub struct Subscription {
     id: u64,
@@ -77,8 +89,10 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         if let Some(registry) = self.registry.upgrade() {
             lock(&registry.entries).retain(|e| e.id != self.id);
-            if !in_callback() {
-                // Wait for a notification pass that may hold a clone of our listener.
+            // Wait for a notification pass that may hold a clone of our listener; not on
+            // a thread that runs one (a callback, or the last clone of a listener that
+            // owns a subscription dropped by a pass), which would wait for itself.
+            if !in_callback() && HOLDING.with(Cell::get) == 0 {
                 drop(registry.gate.write().unwrap_or_else(|p| p.into_inner()));
             }
         }
@@ -101,6 +115,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 thread_local! {
     static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
+    /// How many operations on this thread hold a registry's gate ([`Listeners::hold`]).
+    static HOLDING: Cell<u32> = const { Cell::new(0) };
+}
+
+/// An operation's hold on the gate: dropped subscriptions wait until it goes.
+pub(crate) struct Held<'a> {
+    _gate: RwLockReadGuard<'a, ()>,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        HOLDING.with(|h| h.set(h.get() - 1));
+    }
 }
 
 /// Whether the current thread is inside a listener callback.
@@ -176,9 +203,12 @@ impl Listeners {
     /// whole of an operation that notifies listeners (including its rollback). Nothing
     /// to hold (and no lock taken) while nothing is subscribed; a subscription made while
     /// such an operation runs is not waited for by it.
-    pub(crate) fn hold(&self) -> Option<RwLockReadGuard<'_, ()>> {
-        self.any()
-            .then(|| self.registry.gate.read().unwrap_or_else(|p| p.into_inner()))
+    pub(crate) fn hold(&self) -> Option<Held<'_>> {
+        self.any().then(|| {
+            let gate = self.registry.gate.read().unwrap_or_else(|p| p.into_inner());
+            HOLDING.with(|h| h.set(h.get() + 1));
+            Held { _gate: gate }
+        })
     }
 
     /// Whether anything may be subscribed (a `Subscription` still refers to the
@@ -279,6 +309,14 @@ impl Listeners {
                     true
                 }
                 Err(reason) => {
+                    // A listener that panicked may have mapped part of the range: it is
+                    // asked to let go of it with the others.
+                    if matches!(reason, ListenerRefusal::Panicked { .. }) {
+                        accepted.push(Accepted {
+                            listener: Arc::clone(listener),
+                            range,
+                        });
+                    }
                     refusal = Some((range, reason));
                     false
                 }
@@ -311,6 +349,12 @@ impl Listeners {
                     range: run,
                 }),
                 Err(reason) => {
+                    if matches!(reason, ListenerRefusal::Panicked { .. }) {
+                        accepted.push(Accepted {
+                            listener: Arc::clone(listener),
+                            range: run,
+                        });
+                    }
                     let held = Self::withdraw(accepted);
                     return Err((run, reason, held));
                 }
@@ -343,5 +387,47 @@ impl Listeners {
             true
         });
         refused
+    }
+
+    /// Keeps telling `listener` of the `held` runs alone (ones it could not let go of
+    /// when a replay was undone): each is followed by a subscription of its own that
+    /// forwards `discard` and offers nothing, and that ends once the listener has let go
+    /// of the whole run.
+    pub(crate) fn follow_held(&self, listener: &Arc<dyn MemoryListener>, held: &[PageRange]) {
+        for run in held {
+            let holdout = Arc::new(Holdout {
+                listener: Arc::clone(listener),
+                left: Mutex::new(vec![*run]),
+                subscription: Mutex::new(None),
+            });
+            let subscription = self.subscribe(*run, holdout.clone());
+            *lock(&holdout.subscription) = Some(subscription);
+        }
+    }
+}
+
+/// A listener's hold on a run it could not let go of ([`Listeners::follow_held`]).
+struct Holdout {
+    listener: Arc<dyn MemoryListener>,
+    /// The parts of the run it still holds.
+    left: Mutex<Vec<PageRange>>,
+    /// Its own subscription, dropped once nothing is left.
+    subscription: Mutex<Option<Subscription>>,
+}
+
+impl MemoryListener for Holdout {
+    fn discard(&self, range: PageRange) {
+        // A panic here (it still cannot let go) stops the revocation, as it should.
+        self.listener.discard(range);
+        let mut left = lock(&self.left);
+        *left = crate::convert::without(&left, &[range]);
+        if left.is_empty() {
+            drop(lock(&self.subscription).take());
+        }
+    }
+
+    fn populate(&self, _: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        // The listener was never attached: it is offered nothing.
+        Ok(())
     }
 }

@@ -68,7 +68,8 @@ impl PrivateMemory {
     /// content into private pages (a vendor launch measures and encrypts them instead);
     /// [`Error::OutsideGuestMemory`] and conversion errors as [`PrivateMemory::convert`].
     /// On an error after the pages were made shared they are made private again, empty;
-    /// if even that fails, [`Error::RollbackFailed`] names them (they may be shared).
+    /// if even that fails, [`Error::RollbackFailed`] names them in `kept_shared` (they
+    /// may still be shared).
     pub fn load_private(&self, gpa: u64, bytes: &[u8]) -> Result<()> {
         if self.strategy != Strategy::InPlace {
             return Err(Error::StrategyUnavailable {
@@ -90,14 +91,15 @@ impl PrivateMemory {
             });
         if let Err(e) = written {
             // Back to private, content dropped: never leave the pages open to the host.
-            // Should that fail too, say so: the pages may still be shared.
+            // Should that fail too, say so: the pages stay shared (in-place, KVM keeps no
+            // view of its own to be in doubt).
             return Err(match self.convert(pages, PageState::Private) {
                 Ok(_) => e,
                 Err(_) => Error::RollbackFailed {
                     cause: Box::new(e),
-                    unknown: vec![crate::memory::gpa(pages)],
+                    unknown: Vec::new(),
                     listeners_refused: Vec::new(),
-                    kept_shared: Vec::new(),
+                    kept_shared: vec![crate::memory::gpa(pages)],
                 },
             });
         }

@@ -262,8 +262,9 @@ impl PrivateMemory {
     /// naming the run the listener refused (or panicked on): it is not subscribed, and
     /// the runs it had accepted are taken back with `discard`, newest first. If it
     /// panics in one of those `discard`s it may still map that run:
-    /// [`Error::RollbackFailed`] names the runs in `kept_shared`, and the listener stays
-    /// subscribed for as long as the memory lives.
+    /// [`Error::RollbackFailed`] names the runs in `kept_shared`, and the listener keeps
+    /// hearing `discard` for those runs alone (and nothing else) until it has let go of
+    /// them.
     pub fn subscribe_with_replay(
         &self,
         range: PageRange,
@@ -283,18 +284,19 @@ impl PrivateMemory {
         match replayed {
             Ok(()) => Ok(subscription),
             Err((run, reason, held)) => {
+                // Unsubscribed before any operation can tell it of a change.
+                drop(subscription);
                 let refused = Error::ListenerRefused {
                     range: gpa(run),
                     reason,
                 };
                 if held.is_empty() {
-                    // Unsubscribed before any operation can tell it of a change.
-                    drop(subscription);
                     return Err(refused);
                 }
-                // It may still map runs it could not let go of: it stays subscribed for
-                // the memory's lifetime, so it hears when they go private.
-                std::mem::forget(subscription);
+                // It may still map runs it could not let go of: it hears when they go
+                // private, and of nothing else.
+                self.listeners.follow_held(&listener, &held);
+                drop(engine);
                 Err(crate::convert::Undone {
                     kept_shared: held.into_iter().map(gpa).collect(),
                     ..Default::default()

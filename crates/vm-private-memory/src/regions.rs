@@ -44,9 +44,12 @@ impl PrivateMemory {
     /// [`Error::ListenerRefused`] if a listener refuses the new shared pages (those that
     /// accepted let go, and the region is taken out again). On any of these nothing
     /// changed: no memslot is bound, the list and the view are as before.
-    /// [`Error::RollbackFailed`] if, after a refusal, a listener could not let go
-    /// (`kept_shared`) or the region could not be taken out again (`listeners_refused`:
-    /// no listener maps it): the region stays, shared.
+    /// [`Error::RollbackFailed`] if, after a refusal, a listener could not let go (then
+    /// `kept_shared` names the whole region) or the region could not be taken out again
+    /// (`listeners_refused`: no listener maps it): the region stays, shared.
+    ///
+    /// `backing` is consumed either way: to keep a file whose addition may be refused,
+    /// pass a clone of it.
     pub fn add_region(
         &self,
         guest: PageRange,
@@ -169,9 +172,12 @@ impl PrivateMemory {
     /// # Errors
     ///
     /// [`Error::NoSuchRegion`] if no region of this memory's list starts at `start`;
-    /// [`Error::HostAccessInFlight`] if a slice of it was still held when the memory's
-    /// patience ran out; KVM's error if the memslot cannot be deleted. On an error
-    /// listeners get the shared pages back and nothing changed.
+    /// [`Error::ListenerRefused`] if a listener cannot let go of its shared pages (it
+    /// panicked in `discard`); [`Error::HostAccessInFlight`] if a slice of it was still
+    /// held when the memory's patience ran out; KVM's error if the memslot cannot be
+    /// deleted. On an error listeners get the shared pages back and nothing changed;
+    /// [`Error::RollbackFailed`] names in `listeners_refused` what a listener refused
+    /// back (it no longer maps those pages; the region stays).
     pub fn remove_region(&self, start: u64) -> Result<(PageRange, GuestMemfd, u64)> {
         if in_callback() {
             return Err(Error::Reentrant {
@@ -266,8 +272,10 @@ impl PrivateMemory {
         };
         let held = Listeners::withdraw(refusal.accepted);
         if !held.is_empty() {
+            // The region cannot be taken out while a listener holds part of it: all of
+            // it stays, shared.
             return Err(Undone {
-                kept_shared: held.into_iter().map(gpa).collect(),
+                kept_shared: vec![gpa(guest)],
                 ..Default::default()
             }
             .into_error(refused));

@@ -195,14 +195,25 @@ fn a_replay_the_listener_cannot_take_back_keeps_it_subscribed() {
         }
         other => panic!("{other:?}"),
     }
-    // Still subscribed: the page it may map cannot go private without it hearing.
+    // It follows the page it may map, and nothing else: the page cannot go private
+    // without it hearing, and conversions elsewhere are neither offered nor refused.
     assert_eq!(m.listener_count(), 1);
+    let heard = listener.holder.heard.lock().unwrap().len();
+    m.convert(pr(8 * PAGE_SIZE, PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    m.convert(pr(4 * PAGE_SIZE, PAGE_SIZE), PageState::Private)
+        .unwrap();
+    assert_eq!(listener.holder.heard.lock().unwrap().len(), heard);
+    assert!(m.convert(pr(0, PAGE_SIZE), PageState::Private).is_err());
+    assert_eq!(m.state_of(0), Some(PageState::Shared));
+    // Once it lets go, it is told, and it follows nothing any more.
     listener.holder.stuck.store(false, Ordering::SeqCst);
     m.convert(pr(0, PAGE_SIZE), PageState::Private).unwrap();
     assert_eq!(
         listener.holder.heard.lock().unwrap().last(),
         Some(&Heard::Discard(pr(0, PAGE_SIZE)))
     );
+    assert_eq!(m.listener_count(), 0);
 
     // A listener that lets go is not subscribed after a refused replay.
     let (m, _vm) = dual(SIZE, PageState::Shared);
@@ -251,10 +262,11 @@ fn a_listener_refusing_back_what_it_let_go_of_when_a_revocation_stops_is_reporte
 fn a_region_added_shared_that_a_listener_cannot_let_go_of_stays() {
     let (m, _vm) = dual(SIZE, PageState::Private);
     let holder = Arc::new(Holder::default());
-    let _a = m.subscribe(pr(0, 16 * SIZE), holder.clone());
+    let added = pr(4 * SIZE, SIZE);
+    // The holder follows only the first pages of the region.
+    let _a = m.subscribe(pr(added.start(), 4 * PAGE_SIZE), holder.clone());
     let _b = m.subscribe(pr(0, 16 * SIZE), refuser());
     holder.stuck.store(true, Ordering::SeqCst);
-    let added = pr(4 * SIZE, SIZE);
     match m.add_region(added, None, PageState::Shared) {
         Err(Error::RollbackFailed {
             cause, kept_shared, ..
@@ -265,4 +277,98 @@ fn a_region_added_shared_that_a_listener_cannot_let_go_of_stays() {
         other => panic!("{other:?}"),
     }
     assert_eq!(m.state_of(added.start()), Some(PageState::Shared));
+    assert_eq!(m.state_of(added.end() - PAGE_SIZE), Some(PageState::Shared));
+}
+
+/// Maps page by page and panics after the first page of a longer range, as a listener
+/// that hits an `expect` between two map calls would.
+#[derive(Default)]
+struct PanicsPartWay {
+    mapped: Mutex<Vec<u64>>,
+}
+
+impl MemoryListener for PanicsPartWay {
+    fn discard(&self, range: PageRange) {
+        self.mapped
+            .lock()
+            .unwrap()
+            .retain(|p| *p < range.start() || *p >= range.end());
+    }
+
+    fn populate(&self, range: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.mapped.lock().unwrap().push(range.start());
+        assert!(range.page_count() == 1, "the second map call failed");
+        Ok(())
+    }
+}
+
+#[test]
+fn a_listener_that_panics_part_way_through_populate_is_told_to_let_go() {
+    let (m, _vm) = dual(SIZE, PageState::Private);
+    let listener = Arc::new(PanicsPartWay::default());
+    let _s = m.subscribe(pr(0, SIZE), listener.clone());
+    assert!(matches!(
+        m.convert(pr(0, 2 * PAGE_SIZE), PageState::Shared),
+        Err(Error::ListenerRefused { .. })
+    ));
+    assert_eq!(m.state_of(0), Some(PageState::Private));
+    assert!(
+        listener.mapped.lock().unwrap().is_empty(),
+        "a private page is still mapped"
+    );
+    // The same on a replay.
+    let (m, _vm) = dual(SIZE, PageState::Private);
+    m.convert(pr(0, 2 * PAGE_SIZE), PageState::Shared).unwrap();
+    let listener = Arc::new(PanicsPartWay::default());
+    assert!(m
+        .subscribe_with_replay(pr(0, SIZE), listener.clone())
+        .is_err());
+    assert!(listener.mapped.lock().unwrap().is_empty());
+}
+
+/// Owns the subscription of a listener of its own (a composite device), and drops its
+/// own subscription on its first `discard`.
+struct Composite {
+    own: Mutex<Option<vm_private_memory::Subscription>>,
+    _part: vm_private_memory::Subscription,
+}
+
+impl MemoryListener for Composite {
+    fn discard(&self, _: PageRange) {
+        drop(self.own.lock().unwrap().take());
+    }
+
+    fn populate(&self, _: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_listener_whose_last_clone_goes_during_a_conversion_does_not_stall_it() {
+    let (m, _vm) = dual(SIZE, PageState::Shared);
+    let m = Arc::new(m);
+    let part = m.subscribe(pr(0, SIZE), Arc::new(Recorder::default()));
+    let composite = Arc::new(Composite {
+        own: Mutex::new(None),
+        _part: part,
+    });
+    let own = m.subscribe(pr(0, SIZE), composite.clone());
+    *composite.own.lock().unwrap() = Some(own);
+    // Only the memory's list holds it now: the conversion drops its last clone, and
+    // with it the part's subscription, while it runs.
+    drop(composite);
+    let (done, finished) = std::sync::mpsc::channel();
+    let converting = Arc::clone(&m);
+    std::thread::spawn(move || {
+        let _ = done.send(
+            converting
+                .convert(pr(0, PAGE_SIZE), PageState::Private)
+                .map(drop),
+        );
+    });
+    let result = finished
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the conversion stalled: a subscription dropped during it waited for it");
+    result.unwrap();
+    assert_eq!(m.listener_count(), 0);
 }

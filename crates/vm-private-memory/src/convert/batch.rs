@@ -25,7 +25,8 @@ impl PrivateMemory {
     /// Under one hold of the conversion lock: asks `plan` (given the engine's own list
     /// of regions) what to change, then turns `to_private` private and `to_shared`
     /// shared, all or nothing. On any failure the bits, KVM's view and the listeners'
-    /// view are as before, and the error is returned.
+    /// view are as before (except what [`Error::RollbackFailed`] names), and the error
+    /// is returned.
     ///
     /// Content: a page becoming private keeps it (hiding is safe). A page becoming
     /// shared follows `shared`: [`ContentMode::Discard`] punches it before the host may

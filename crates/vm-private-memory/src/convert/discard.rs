@@ -24,7 +24,9 @@ impl PrivateMemory {
     /// [`Error::Reentrant`] if called from a listener callback and
     /// [`Error::OutsideGuestMemory`] if `range` reaches outside every region (nothing is
     /// done); [`Error::ListenerRefused`] if a listener panics in `discard` (the steps
-    /// before were done); [`Error::File`] if a punch fails, after listeners heard
+    /// before were done; [`Error::RollbackFailed`] if listeners told before it then
+    /// refused their ranges back, named in `listeners_refused`); [`Error::File`] if a
+    /// punch fails, after listeners heard
     /// `discard` and the runs before it were punched (they read as zeros; nothing else
     /// changed).
     pub fn discard(&self, range: PageRange) -> Result<u64> {

@@ -59,7 +59,8 @@ impl PrivateMemory {
     /// differs change through the conversion engine, so listeners hear of them and KVM's
     /// view follows: first those becoming private, then those becoming shared. If any
     /// step fails (a listener refusing, a system call failing), every page changed is
-    /// changed back: the bits, KVM's view and the listeners' view are as before.
+    /// changed back: the bits, KVM's view and the listeners' view are as before, except
+    /// what [`Error::RollbackFailed`](crate::Error::RollbackFailed) names.
     ///
     /// Content follows [`SharedContent`]: a page becoming private keeps its content; a
     /// page becoming shared arrives empty, or with `SharedContent::Keep` (in-place only)

@@ -333,7 +333,9 @@ impl MemoryListener for Mapper {
         }
         if let Some(e) = refused {
             drop(state);
-            panic!("{e}");
+            // Unwind without the panic hook: a guest converting the page again and
+            // again must not fill the VMM's log with panic reports and backtraces.
+            std::panic::resume_unwind(Box::new(e.to_string()));
         }
     }
 

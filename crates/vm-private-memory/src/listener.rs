@@ -32,7 +32,10 @@ pub trait MemoryListener: Send + Sync {
     /// with the range still shared ([`crate::Error::ListenerRefused`]); during a
     /// rollback, the range stays shared ([`crate::Error::RollbackFailed`]'s
     /// `kept_shared`). This needs `panic = "unwind"`: with `panic = "abort"`, the
-    /// process ends instead.
+    /// process ends instead. `std::panic::resume_unwind(Box::new(reason))`, with a
+    /// `String` reason, refuses without running the panic hook (no report on stderr,
+    /// which a guest converting the range again and again would otherwise fill); the
+    /// reason reaches [`crate::ListenerRefusal::Panicked`].
     fn discard(&self, range: PageRange);
 
     /// Host access to `range` has been granted. Return an error to refuse, which rolls

@@ -81,6 +81,12 @@ impl Watch {
     }
 }
 
+/// When a reply to a message sent at `now` is due, given `timeout`; `None` (no deadline)
+/// if that is past what an `Instant` can hold.
+fn due(now: Instant, timeout: Duration) -> Option<Instant> {
+    now.checked_add(timeout)
+}
+
 impl Deadline {
     /// A deadline of `timeout` for each message on `frontend`'s socket.
     pub(crate) fn new(frontend: &Frontend, timeout: Duration) -> io::Result<Self> {
@@ -119,7 +125,8 @@ impl Deadline {
         let message = {
             let mut timer = self.watch.lock();
             timer.last += 1;
-            timer.armed = Some((timer.last, Instant::now() + self.timeout));
+            // A timeout too long to add to now (`Duration::MAX`) is no deadline.
+            timer.armed = due(Instant::now(), self.timeout).map(|due| (timer.last, due));
             timer.last
         };
         self.watch.wake.notify_one();
@@ -211,6 +218,22 @@ mod tests {
         let (result, missed) = deadline.run(|| frontend.remove_mem_region(&region));
         assert!(!missed);
         assert!(result.is_err(), "{result:?}");
+    }
+
+    #[test]
+    fn a_timeout_too_long_to_add_to_now_is_no_deadline() {
+        let now = Instant::now();
+        assert_eq!(due(now, Duration::MAX), None);
+        assert_eq!(
+            due(now, Duration::from_secs(10)),
+            Some(now + Duration::from_secs(10))
+        );
+        // And a message under it is answered, not cut off.
+        let frontend = silent_peer();
+        let deadline = Deadline::new(&frontend, Duration::MAX).unwrap();
+        let (features, missed) = deadline.run(|| frontend.get_features());
+        assert!(!missed);
+        assert_eq!(features.unwrap(), 1 << 30);
     }
 
     #[test]

@@ -151,7 +151,8 @@ impl VhostUserMapper {
     /// closed connection or an answer that is not the message's breaks it the same way.
     ///
     /// The deadline is kept by a thread of the attachment's, asleep unless a message is
-    /// out.
+    /// out. A timeout too long to add to the current time (`Duration::MAX`) is no
+    /// deadline at all: the mapper then waits for as long as the backend takes.
     pub fn with_reply_timeout(mut self, timeout: Duration) -> Self {
         self.reply_timeout = timeout.max(MIN_REPLY_TIMEOUT);
         self

@@ -7,6 +7,7 @@ use guest_memfd::PAGE_SIZE;
 use vm_private_memory::Subscription;
 
 use crate::error::{Error, StillRunning};
+use crate::kept::Kept;
 use crate::listener::Mapper;
 use crate::peer::Liveness;
 use crate::region::BackendRegion;
@@ -15,7 +16,9 @@ use crate::region::BackendRegion;
 /// shared runs it was offered, until this is dropped or detached.
 pub struct VhostUserAttachment {
     pub(crate) mapper: Arc<Mapper>,
-    pub(crate) subscription: Option<Subscription>,
+    /// Ends only when the table is let go of: an unwind through the attachment (a
+    /// detach that panicked part way) forgets it, and the regions left stay followed.
+    pub(crate) subscription: Kept<Subscription>,
 }
 
 impl std::fmt::Debug for VhostUserAttachment {
@@ -144,7 +147,7 @@ impl VhostUserAttachment {
             state.detached = true;
             state.table.clear();
         }
-        drop(self.subscription.take());
+        self.subscription.end();
         Ok(())
     }
 
@@ -168,14 +171,12 @@ impl VhostUserAttachment {
     fn release(&mut self) -> Result<(), Error> {
         match self.mapper.remove_all() {
             None => {
-                drop(self.subscription.take());
+                self.subscription.end();
                 Ok(())
             }
-            Some(e) => {
-                // Still subscribed: the regions left cannot go private unnoticed.
-                std::mem::forget(self.subscription.take());
-                Err(e)
-            }
+            // Still subscribed (the subscription is forgotten when the attachment goes):
+            // the regions left cannot go private unnoticed.
+            Some(e) => Err(e),
         }
     }
 }

@@ -219,6 +219,7 @@ compile_error!(
 mod attachment;
 mod deadline;
 mod error;
+mod kept;
 mod listener;
 mod mapper;
 mod peer;

@@ -13,6 +13,7 @@ use vm_private_memory::{MemoryListener, PrivateMemory, Strategy};
 use crate::attachment::VhostUserAttachment;
 use crate::deadline::Deadline;
 use crate::error::Error;
+use crate::kept::Kept;
 use crate::listener::{Mapper, State};
 use crate::peer::Peer;
 
@@ -228,7 +229,7 @@ impl VhostUserMapper {
             .map_err(Error::Subscribe)?;
         Ok(VhostUserAttachment {
             mapper,
-            subscription: Some(subscription),
+            subscription: Kept::new(subscription),
         })
     }
 }

@@ -49,15 +49,19 @@
 //!    and the conversion's error names them (`RollbackFailed`'s `kept_shared`).
 //! 4. **Conversion to private, discard, region removal** (`discard`, before the bits
 //!    change): first the budget (removing part of a region leaves up to two parts); over
-//!    it, it panics before any message, which stops the conversion with nothing changed.
-//!    Then, for each region overlapping the range: `REM_MEM_REG` of the whole region
-//!    (exact guest address and size), waiting for the backend's acknowledgement; then
-//!    `ADD_MEM_REG` of the parts that stay shared. A removal that is not acknowledged
-//!    (or is refused) panics: the backend may still map the region, so the conversion
-//!    stops and the range stays shared. Before it panics, the parts of the range that
-//!    earlier removals of the same `discard` took out are added back (they stay shared
-//!    too); one that cannot be is reported by
-//!    [`VhostUserAttachment::take_errors`].
+//!    it, it refuses before any message, which stops the conversion with nothing
+//!    changed. Then, for each region overlapping the range: `REM_MEM_REG` of the whole
+//!    region (exact guest address and size), waiting for the backend's acknowledgement;
+//!    then `ADD_MEM_REG` of the parts that stay shared. A removal that is not
+//!    acknowledged (or is refused) is refused in turn: the backend may still map the
+//!    region, so the conversion stops and the range stays shared. Before it refuses, the
+//!    parts of the range that earlier removals of the same `discard` took out are added
+//!    back (they stay shared too); one that cannot be is reported by
+//!    [`VhostUserAttachment::take_errors`]. A refusal in `discard` is an unwind that
+//!    vm-private-memory catches ("cannot let go"), raised with
+//!    `std::panic::resume_unwind`: the process's panic hook does not run for it (no
+//!    message on stderr, no backtrace, however often a guest causes it), and its message
+//!    becomes the conversion's `ListenerRefusal::Panicked`.
 //! 5. Only when every removal was acknowledged does `discard` return, and only then does
 //!    vm-private-memory punch the page out of the memfd and mark it private.
 //! 6. **Detach** (dropping the [`VhostUserAttachment`]): `REM_MEM_REG` of every region,
@@ -106,9 +110,9 @@
 //! it), one whose `REM_MEM_REG` went unanswered stays there. From then on:
 //!
 //! - a conversion to shared in the attached range is refused ([`Error::Broken`]);
-//! - a conversion to private, or a discard, of a range that overlaps the table panics in
-//!   `discard`: the backend may still map it, so the conversion stops, the range stays
-//!   shared, and the panic's message says what to do;
+//! - a conversion to private, or a discard, of a range that overlaps the table is
+//!   refused in `discard`: the backend may still map it, so the conversion stops, the
+//!   range stays shared, and the refusal's message says what to do;
 //! - a range with no region of the table goes private as usual;
 //! - the conversion to shared whose `ADD_MEM_REG` went unanswered goes on (its pages must
 //!   stay shared while the backend may map them), with the error in
@@ -152,7 +156,7 @@
 //!   setting the flag and sending are two calls: a clone that changes the flags on
 //!   another thread in between sends that one message without it. Do not change the
 //!   header flags of this frontend's clones while conversions run.
-//! - **Without unwinding.** A refusal in `discard` is a panic that vm-private-memory
+//! - **Without unwinding.** A refusal in `discard` is an unwind that vm-private-memory
 //!   catches: build with `panic = "unwind"` (a VMM built with `panic = "abort"` would
 //!   abort on a refused revocation).
 //! - **A queue across a split.** With `vhost-user-backend`, a ring access that fails

@@ -269,11 +269,11 @@ impl Mapper {
         }
         if let Some(why) = state.broken.clone() {
             drop(state);
-            panic!(
+            refuse(format!(
                 "the vhost-user backend is broken and is sent nothing more ({why}); it may still map its regions over [{:#x}, {:#x}), so the conversion stops and the range stays shared. {AFTER_BREAK}",
                 range.start(),
                 range.end()
-            );
+            ));
         }
         let leftovers = |r: &BackendRegion| -> Vec<BackendRegion> {
             let mut parts = Vec::new();
@@ -302,12 +302,12 @@ impl Mapper {
                 .sum::<usize>();
         if after > self.budget {
             drop(state);
-            panic!(
+            refuse(format!(
                 "revoking the vhost-user backend's access to [{:#x}, {:#x}) splits a region and needs {after} memory slots, over the budget of {}: nothing was revoked and the range stays shared; convert whole shared runs, or raise the slot budget",
                 range.start(),
                 range.end(),
                 self.budget
-            );
+            ));
         }
         // The parts of `range` removed so far.
         let mut removed: Vec<PageRange> = Vec::new();
@@ -334,18 +334,18 @@ impl Mapper {
                 };
                 drop(state);
                 match e {
-                    Error::Remove { source, .. } => panic!(
+                    Error::Remove { source, .. } => refuse(format!(
                         "the vhost-user backend did not acknowledge REM_MEM_REG of guest [{:#x}, {:#x}): {source}. It may still map the region, so the conversion stops and [{:#x}, {:#x}) stays shared.{restore}",
                         region.guest.start(),
                         region.guest.end(),
                         range.start(),
                         range.end()
-                    ),
-                    broke => panic!(
+                    )),
+                    broke => refuse(format!(
                         "{broke} The conversion stops and [{:#x}, {:#x}) stays shared.{restore}",
                         range.start(),
                         range.end()
-                    ),
+                    )),
                 }
             }
             state.table.remove(&region.guest.start());
@@ -359,11 +359,21 @@ impl Mapper {
     }
 }
 
+/// Stops the operation that called the listener, with `message`: "cannot let go", an
+/// unwind that vm-private-memory catches and turns into the operation's error (the
+/// message is its `ListenerRefusal::Panicked`). Not a `panic!`: the process's panic hook
+/// (a message on stderr, a backtrace) does not run for a refusal, which a guest can
+/// cause at will.
+fn refuse(message: String) -> ! {
+    std::panic::resume_unwind(Box::new(message))
+}
+
 impl MemoryListener for Mapper {
     /// Removes every region of the backend's table that overlaps `range`, each after the
     /// backend acknowledged it (`REM_MEM_REG` with `REPLY_ACK`), and adds back the parts
-    /// that stay shared. Panics, which vm-private-memory takes as "cannot let go" and
-    /// which stops the conversion with the range still shared: before any message if
+    /// that stay shared. Unwinds (without the panic hook), which vm-private-memory takes
+    /// as "cannot let go" and which stops the conversion with the range still shared:
+    /// before any message if
     /// the regions needed would exceed the slot budget or the backend is broken, and if
     /// the backend does not acknowledge a removal (it may still map the region). A range
     /// with no region of the table is let go of, broken or not.

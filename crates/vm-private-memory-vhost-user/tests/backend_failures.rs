@@ -180,3 +180,54 @@ fn a_part_that_cannot_be_added_back_is_reported() {
     assert!(h.mapper().is_mapped(a + PAGE_SIZE));
     h.assert_backend_maps_the_table();
 }
+
+/// A refusal a guest can cause at will (here a page in the middle of a run going private
+/// over the slot budget) reaches the conversion's error with its message, and does not
+/// go through the process's panic hook (no message on stderr, no backtrace).
+#[test]
+fn a_refusal_carries_its_message_without_running_the_panic_hook() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// Panics raised in this crate's own code, seen by the hook.
+    static MAPPER_PANICS: AtomicUsize = AtomicUsize::new(0);
+
+    // The ring and the buffers: two regions, the whole budget.
+    let h = Harness::new(Some(2));
+    assert_eq!(h.mapper().slots_used(), 2);
+
+    // Any other panic (another test's failure) goes to the hook there was.
+    let previous = Arc::new(std::panic::take_hook());
+    let chained = Arc::clone(&previous);
+    std::panic::set_hook(Box::new(move |info| {
+        let ours = info
+            .location()
+            .is_some_and(|l| l.file().contains("vm-private-memory-vhost-user/src/"));
+        if ours {
+            MAPPER_PANICS.fetch_add(1, Ordering::SeqCst);
+        } else {
+            chained(info);
+        }
+    }));
+    let errors: Vec<Error> = (0..20)
+        .map(|_| {
+            h.memory
+                .convert(pr(OUTPUT, PAGE_SIZE), PageState::Private)
+                .unwrap_err()
+        })
+        .collect();
+    drop(std::panic::take_hook());
+    std::panic::set_hook(Box::new(move |info| previous(info)));
+
+    for err in &errors {
+        let message = panic_message(err);
+        assert!(
+            message.contains("splits a region and needs 3 memory slots"),
+            "{message}"
+        );
+        assert!(message.contains("nothing was revoked"), "{message}");
+    }
+    assert_eq!(MAPPER_PANICS.load(Ordering::SeqCst), 0);
+    assert_eq!(h.memory.state_of(OUTPUT), Some(PageState::Shared));
+    h.assert_backend_maps_the_table();
+}

@@ -22,22 +22,37 @@ pub struct VhostUserAttachment {
 }
 
 impl std::fmt::Debug for VhostUserAttachment {
+    /// Never waits: while a message is out, the slots used show as `None`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let slots_used = match self.mapper.state.try_lock() {
+            Ok(state) => Some(state.table.len()),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner().table.len()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
         f.debug_struct("VhostUserAttachment")
             .field("budget", &self.mapper.budget)
-            .field("slots_used", &self.slots_used())
+            .field("slots_used", &slots_used)
             .field("broken", &self.is_broken())
             .finish_non_exhaustive()
     }
 }
 
+/// The accessors that read the table ([`VhostUserAttachment::regions`],
+/// [`VhostUserAttachment::slots_used`], [`VhostUserAttachment::is_mapped`],
+/// [`VhostUserAttachment::take_errors`]) take the mapper's lock, which a conversion holds
+/// while its messages are out: they wait for it (up to the reply deadline, for a backend
+/// that does not answer). [`VhostUserAttachment::is_broken`],
+/// [`VhostUserAttachment::broken_reason`], [`VhostUserAttachment::backend_pid`] and
+/// `Debug` never wait.
 impl VhostUserAttachment {
-    /// The backend's memory table as this mapper made it, in guest address order.
+    /// The backend's memory table as this mapper made it, in guest address order. Waits
+    /// while a message is out.
     pub fn regions(&self) -> Vec<BackendRegion> {
         self.mapper.lock().table.values().copied().collect()
     }
 
-    /// How many regions (memory slots) this mapper holds in the backend's table.
+    /// How many regions (memory slots) this mapper holds in the backend's table. Waits
+    /// while a message is out.
     pub fn slots_used(&self) -> usize {
         self.mapper.lock().table.len()
     }
@@ -52,7 +67,8 @@ impl VhostUserAttachment {
         self.mapper.backend_slots
     }
 
-    /// Whether the page holding `gpa` is in the backend's table now.
+    /// Whether the page holding `gpa` is in the backend's table now. Waits while a
+    /// message is out.
     pub fn is_mapped(&self, gpa: u64) -> bool {
         let page = gpa & !(PAGE_SIZE - 1);
         self.mapper
@@ -74,8 +90,14 @@ impl VhostUserAttachment {
     /// are added back, since the range stays shared; one that cannot be (over the slot
     /// budget, refused) is missing from the table until a conversion offers it again.
     /// Each error names the range.
+    ///
+    /// The attachment keeps the first 64 errors until they are taken, and only counts
+    /// later ones: the list then ends with [`Error::ErrorsDropped`], which says how many.
+    /// Take them after each conversion the VMM serves for the guest (or each batch of
+    /// them), and whenever [`VhostUserAttachment::is_broken`] turns true. Waits while a
+    /// message is out.
     pub fn take_errors(&self) -> Vec<Error> {
-        std::mem::take(&mut self.mapper.lock().errors)
+        self.mapper.lock().errors.take()
     }
 
     /// Whether the backend is broken: a message went unanswered (the reply deadline
@@ -84,15 +106,16 @@ impl VhostUserAttachment {
     /// are refused ([`Error::Broken`]), and so are conversions to private (and discards)
     /// of ranges the table still holds, since the backend may still map them; ranges
     /// outside the table still go private. The way out is
-    /// [`VhostUserAttachment::backend_exited`].
+    /// [`VhostUserAttachment::backend_exited`]. Never waits, not even while a message is
+    /// out.
     pub fn is_broken(&self) -> bool {
-        self.mapper.lock().broken.is_some()
+        self.mapper.broken.get().is_some()
     }
 
     /// What broke the backend (the message that went unanswered, and why), if it is
-    /// broken.
+    /// broken. Never waits.
     pub fn broken_reason(&self) -> Option<String> {
-        self.mapper.lock().broken.clone()
+        self.mapper.broken.get().cloned()
     }
 
     /// The pid of the backend's process, as the frontend's socket tells it

@@ -132,6 +132,18 @@ pub enum Error {
         /// What broke it: the message that went unanswered, and why.
         why: String,
     },
+    /// More errors came than an attachment keeps until they are taken: the last of
+    /// [`VhostUserAttachment::take_errors`](crate::VhostUserAttachment::take_errors)'s
+    /// list, after the ones kept.
+    #[error(
+        "{dropped} more errors came after the first {kept} and were dropped, only counted: take the errors (VhostUserAttachment::take_errors) after each conversion the VMM serves, and check is_broken"
+    )]
+    ErrorsDropped {
+        /// How many were kept.
+        kept: usize,
+        /// How many came after them.
+        dropped: usize,
+    },
     /// The reply deadline could not be set up.
     #[error("setting up the vhost-user mapper's reply deadline (a duplicate of the frontend's socket, and a thread that shuts it down when a reply is late) failed: {0}")]
     Deadline(#[source] std::io::Error),

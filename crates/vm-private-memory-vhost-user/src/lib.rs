@@ -223,6 +223,8 @@ compile_error!(
 mod attachment;
 mod deadline;
 mod error;
+mod error_log;
+mod exchange;
 mod kept;
 mod listener;
 mod mapper;

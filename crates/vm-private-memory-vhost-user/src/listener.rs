@@ -6,140 +6,28 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
 
 use guest_memfd::PageRange;
-use vhost::vhost_user::message::VhostUserHeaderFlag;
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vm_private_memory::{MemoryListener, SharedPages, Strategy};
 
-use crate::deadline::Deadline;
 use crate::error::Error;
+use crate::error_log::ErrorLog;
+use crate::exchange::{BrokenBy, Channel};
 use crate::peer::Peer;
 use crate::region::{uncovered, BackendRegion};
 
 pub(crate) struct State {
-    pub(crate) frontend: Frontend,
-    /// Shuts the frontend's socket down when a reply is late.
-    pub(crate) deadline: Deadline,
+    /// The frontend's socket, its deadline, and whether the backend is broken.
+    pub(crate) channel: Channel,
     /// The backend's table as this mapper made it, by guest start. Once the backend is
     /// broken, also the region whose message went unanswered: what the backend may map.
     pub(crate) table: BTreeMap<u64, BackendRegion>,
     /// Errors no conversion could carry (see [`crate::VhostUserAttachment::take_errors`]).
-    pub(crate) errors: Vec<Error>,
+    pub(crate) errors: ErrorLog,
     /// Set once the attachment is being released: nothing is added any more.
     pub(crate) detached: bool,
-    /// Set, to what broke it, once a message went unanswered: nothing is sent any more.
-    pub(crate) broken: Option<String>,
 }
 
 /// What the VMM does about a broken backend.
 pub(crate) const AFTER_BREAK: &str = "Kill its process if it still runs, reap it (waitpid), call VhostUserAttachment::backend_exited, and attach a new backend";
-
-/// A message of the mapper's.
-#[derive(Clone, Copy)]
-enum Request {
-    Add(RawFd),
-    Remove,
-}
-
-/// Whether the frontend's failure left the protocol in step: nothing was sent, or the
-/// backend answered (with a failure). Anything else (no answer, a closed or broken
-/// connection, an answer that was not this message's) leaves it out of step.
-fn in_step(error: &vhost::Error) -> bool {
-    use vhost::vhost_user::Error as E;
-    matches!(
-        error,
-        vhost::Error::VhostUserProtocol(
-            E::BackendInternalError
-                | E::InvalidParam
-                | E::InvalidOperation(_)
-                | E::InactiveFeature(_)
-                | E::InactiveOperation(_)
-                | E::OversizedMsg
-        )
-    )
-}
-
-impl State {
-    /// The error for `range` while the backend is broken, if it is.
-    fn broken(&self, range: PageRange) -> Option<Error> {
-        self.broken.as_ref().map(|why| Error::Broken {
-            range,
-            why: why.clone(),
-        })
-    }
-
-    /// Sends `request` for `region` and waits (within the deadline) for the backend's
-    /// acknowledgement. A message not answered in time, or whose answer is lost, breaks
-    /// the backend: the socket is shut down and nothing more is sent. Then the region
-    /// counts as mapped by the backend (a late `ADD_MEM_REG` may have been done, a
-    /// `REM_MEM_REG` not). A message whose answer came just as the deadline passed
-    /// breaks it too, but counts as answered.
-    fn exchange(&mut self, request: Request, region: &BackendRegion) -> Result<(), Error> {
-        if let Some(broken) = self.broken(region.guest) {
-            return Err(broken);
-        }
-        let name = match request {
-            Request::Add(_) => "ADD_MEM_REG",
-            Request::Remove => "REM_MEM_REG",
-        };
-        let frontend = &mut self.frontend;
-        let (result, missed) = self.deadline.run(|| {
-            // Asked for on every message: a clone of the frontend may have changed the
-            // flags it shares with this one.
-            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-            match request {
-                Request::Add(fd) => frontend.add_mem_region(&region.info(fd)).map(|_| ()),
-                Request::Remove => frontend.remove_mem_region(&region.info(-1)),
-            }
-        });
-        let no_reply = Error::NoReply {
-            request: name,
-            range: region.guest,
-            timeout: self.deadline.timeout(),
-        };
-        let what = format!(
-            "{name} of guest [{:#x}, {:#x}) got no answer",
-            region.guest.start(),
-            region.guest.end()
-        );
-        if missed {
-            self.broken = Some(format!("{what} within {:?}", self.deadline.timeout()));
-        }
-        match result {
-            Ok(()) => Ok(()),
-            Err(_) if missed => Err(no_reply),
-            Err(source) if in_step(&source) => Err(match request {
-                Request::Add(_) => Error::Add {
-                    range: region.guest,
-                    source,
-                },
-                Request::Remove => Error::Remove {
-                    range: region.guest,
-                    source,
-                },
-            }),
-            Err(source) => {
-                self.broken = Some(format!("{what}: {source}"));
-                let lost = Error::Lost {
-                    request: name,
-                    range: region.guest,
-                    source,
-                };
-                self.deadline.shut_down();
-                Err(lost)
-            }
-        }
-    }
-
-    /// `ADD_MEM_REG` of `region` from the memfd `fd`, and the backend's acknowledgement.
-    fn add(&mut self, region: &BackendRegion, fd: RawFd) -> Result<(), Error> {
-        self.exchange(Request::Add(fd), region)
-    }
-
-    /// `REM_MEM_REG` of the whole of `region`, and the backend's acknowledgement.
-    fn remove(&mut self, region: &BackendRegion) -> Result<(), Error> {
-        self.exchange(Request::Remove, region)
-    }
-}
 
 /// The listener behind a [`crate::VhostUserAttachment`].
 pub(crate) struct Mapper {
@@ -148,6 +36,8 @@ pub(crate) struct Mapper {
     /// The backend's process, to tell whether it has exited.
     pub(crate) peer: Peer,
     pub(crate) shared: SharedPages,
+    /// What broke the backend, readable without waiting for `state`.
+    pub(crate) broken: BrokenBy,
     pub(crate) state: Mutex<State>,
 }
 
@@ -165,7 +55,7 @@ impl Mapper {
         if state.detached {
             return Ok(());
         }
-        if let Some(broken) = state.broken(range) {
+        if let Some(broken) = state.channel.broken(range) {
             return Err(broken);
         }
         let snapshot = self.shared.snapshot();
@@ -196,11 +86,11 @@ impl Mapper {
         }
         for (i, (region, fd)) in wanted.iter().enumerate() {
             // The descriptor is the region's sealed memfd, kept open by `snapshot`.
-            match state.add(region, *fd) {
+            match state.channel.add(region, *fd) {
                 Ok(()) => {
                     state.table.insert(region.guest.start(), *region);
                 }
-                Err(lost) if state.broken.is_some() => {
+                Err(lost) if state.channel.is_broken() => {
                     // The backend may have mapped it, and may map what this call added
                     // before: keep all of it (the conversion goes on).
                     state.table.insert(region.guest.start(), *region);
@@ -212,7 +102,7 @@ impl Mapper {
                     // not let one go, keep the range (the conversion goes on) rather than
                     // let a page it may map turn private.
                     for (done, _) in wanted[..i].iter().rev() {
-                        match state.remove(done) {
+                        match state.channel.remove(done) {
                             Ok(()) => {
                                 state.table.remove(&done.guest.start());
                             }
@@ -239,13 +129,13 @@ impl Mapper {
         let regions: Vec<BackendRegion> = state.table.values().copied().collect();
         let mut refused = None;
         for region in regions {
-            match state.remove(&region) {
+            match state.channel.remove(&region) {
                 Ok(()) => {
                     state.table.remove(&region.guest.start());
                 }
                 Err(e) => {
                     refused = refused.or(Some(e));
-                    if state.broken.is_some() {
+                    if state.channel.is_broken() {
                         break;
                     }
                 }
@@ -267,7 +157,7 @@ impl Mapper {
         if overlapping.is_empty() {
             return;
         }
-        if let Some(why) = state.broken.clone() {
+        if let Some(why) = self.broken.get() {
             drop(state);
             refuse(format!(
                 "the vhost-user backend is broken and is sent nothing more ({why}); it may still map its regions over [{:#x}, {:#x}), so the conversion stops and the range stays shared. {AFTER_BREAK}",
@@ -314,19 +204,19 @@ impl Mapper {
         for region in overlapping.into_iter().rev() {
             // REM_MEM_REG names the whole region; the backend acknowledges it once it no
             // longer accesses the region's mapping.
-            if let Err(e) = state.remove(&region) {
+            if let Err(e) = state.channel.remove(&region) {
                 // The conversion stops and `range` stays shared: put back what this
                 // revocation removed of it (still shared: `discard` runs before the bits
                 // change), unless the backend is broken. What cannot be is missing until
                 // offered again.
                 let restored = removed.len();
-                let errors_before = state.errors.len();
+                let errors_before = state.errors.count();
                 for part in removed {
                     if let Err(e) = self.add_shared(&mut state, part) {
                         state.errors.push(e);
                     }
                 }
-                let missing = state.errors.len() - errors_before;
+                let missing = state.errors.count() - errors_before;
                 let restore = match (restored, missing) {
                     (0, _) => String::new(),
                     (n, 0) => format!(" The {n} part(s) of it that earlier removals took out are added back."),
@@ -384,30 +274,5 @@ impl MemoryListener for Mapper {
     fn populate(&self, range: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let mut state = self.lock();
         Ok(self.add_shared(&mut state, range)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vhost::vhost_user::Error as E;
-
-    #[test]
-    fn only_a_failure_answered_or_never_sent_leaves_the_protocol_in_step() {
-        let io = || std::io::Error::from_raw_os_error(libc::EPIPE);
-        for answered in [E::BackendInternalError, E::InvalidParam, E::OversizedMsg] {
-            assert!(in_step(&vhost::Error::VhostUserProtocol(answered)));
-        }
-        for lost in [
-            E::PartialMessage,
-            E::Disconnected,
-            E::InvalidMessage,
-            E::SocketBroken(io()),
-            E::SocketError(io()),
-            E::SocketRetry(io()),
-        ] {
-            assert!(!in_step(&vhost::Error::VhostUserProtocol(lost)));
-        }
-        assert!(!in_step(&vhost::Error::IOError(io())));
     }
 }

@@ -13,6 +13,8 @@ use vm_private_memory::{MemoryListener, PrivateMemory, Strategy};
 use crate::attachment::VhostUserAttachment;
 use crate::deadline::Deadline;
 use crate::error::Error;
+use crate::error_log::ErrorLog;
+use crate::exchange::{BrokenBy, Channel};
 use crate::kept::Kept;
 use crate::listener::{Mapper, State};
 use crate::peer::Peer;
@@ -209,18 +211,18 @@ impl VhostUserMapper {
         shareable(memory)?;
         let deadline =
             Deadline::new(&self.frontend, self.reply_timeout).map_err(Error::Deadline)?;
+        let broken = BrokenBy::default();
         let mapper = Arc::new(Mapper {
             budget: self.budget,
             backend_slots: self.backend_slots,
             peer: self.peer,
             shared: memory.shared_pages(),
+            broken: Arc::clone(&broken),
             state: Mutex::new(State {
-                frontend: self.frontend,
-                deadline,
+                channel: Channel::new(self.frontend, deadline, broken),
                 table: BTreeMap::new(),
-                errors: Vec::new(),
+                errors: ErrorLog::default(),
                 detached: false,
-                broken: None,
             }),
         });
         let listener: Arc<dyn MemoryListener> = Arc::clone(&mapper) as Arc<dyn MemoryListener>;

@@ -251,3 +251,38 @@ fn detaching_from_a_broken_backend_sends_nothing_and_keeps_its_ranges_followed()
         .is_err());
     assert_eq!(h.memory.state_of(OUTPUT), Some(PageState::Shared));
 }
+
+/// While a removal is out (no deadline, a backend that never answers), the accessors that
+/// do not read the table answer at once: `is_broken`, `broken_reason`, `Debug`.
+#[test]
+fn is_broken_answers_while_a_message_is_out() {
+    let mut h = Harness::with(Options {
+        reply_timeout: Some(Duration::MAX),
+        ..Options::default()
+    });
+    h.set_removals(Answer::Stall, 0);
+    let attachment = h.take_attachment();
+    let memory = &h.memory;
+    let backend = &mut h.backend;
+    within(LIMIT, "the accessors and the conversion", || {
+        std::thread::scope(|s| {
+            let conversion = s.spawn(|| memory.convert(pr(OUTPUT, PAGE_SIZE), PageState::Private));
+            // The removal is out once the mapper's lock is held: Debug cannot read the
+            // slots used.
+            while !format!("{attachment:?}").contains("slots_used: None") {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(!attachment.is_broken());
+            assert_eq!(attachment.broken_reason(), None);
+            // The backend dies: the removal gets no answer, and the backend is broken.
+            backend.kill();
+            let err = conversion.join().unwrap().unwrap_err();
+            assert!(panic_message(&err).contains("got no answer"), "{err}");
+        })
+    });
+    assert!(attachment.is_broken());
+    assert!(format!("{attachment:?}").contains("broken: true"));
+    assert_eq!(h.memory.state_of(OUTPUT), Some(PageState::Shared));
+    h.backend.reap();
+    attachment.backend_exited().unwrap();
+}

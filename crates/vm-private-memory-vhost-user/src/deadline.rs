@@ -136,6 +136,28 @@ impl Deadline {
         (out, timer.missed == Some(message))
     }
 
+    /// How many bytes wait to be read on the socket now (`FIONREAD`); 0 if that cannot
+    /// be told. Between two messages there are none, unless the backend sent what no
+    /// message asked for (a reply twice) or a reply to a clone's message is on its way
+    /// to the clone.
+    pub(crate) fn waiting(&self) -> usize {
+        let mut bytes: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int, to `bytes`, which is valid for writes of one;
+        // the socket is this deadline's own duplicate, open for as long as it lives.
+        let ret = unsafe {
+            libc::ioctl(
+                self.watch.socket.as_raw_fd(),
+                libc::FIONREAD,
+                &mut bytes as *mut libc::c_int,
+            )
+        };
+        if ret == 0 {
+            usize::try_from(bytes).unwrap_or(0)
+        } else {
+            0
+        }
+    }
+
     /// Shuts the socket down now: nothing more goes through it, for the mapper or the
     /// frontend's clones.
     pub(crate) fn shut_down(&self) {

@@ -152,6 +152,14 @@ pub enum Error {
     Subscribe(#[source] vm_private_memory::Error),
 }
 
+impl Error {
+    /// Whether this is a message that was sent and got no answer ([`Error::NoReply`],
+    /// [`Error::Lost`]): the backend may have done it.
+    pub(crate) fn sent_unanswered(&self) -> bool {
+        matches!(self, Error::NoReply { .. } | Error::Lost { .. })
+    }
+}
+
 /// [`VhostUserAttachment::backend_exited`](crate::VhostUserAttachment::backend_exited)
 /// refused: the backend's process still runs. It holds the attachment, unchanged.
 #[derive(Debug, thiserror::Error)]

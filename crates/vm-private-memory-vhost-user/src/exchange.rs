@@ -4,6 +4,7 @@
 
 use std::os::fd::RawFd;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use guest_memfd::PageRange;
 use vhost::vhost_user::message::VhostUserHeaderFlag;
@@ -17,6 +18,11 @@ use crate::region::BackendRegion;
 /// it, under the mapper's state lock) and the attachment (which reads it without that
 /// lock: [`crate::VhostUserAttachment::is_broken`] never waits for a message).
 pub(crate) type BrokenBy = Arc<OnceLock<String>>;
+
+/// How long bytes found waiting on the socket before a message may take to go: a reply
+/// to a message of one of the VMM's clones of the frontend, on its way to the clone's
+/// read. Bytes still there then are a reply no message asked for.
+const STALE_GRACE: Duration = Duration::from_millis(20);
 
 /// The mapper's side of the frontend's socket.
 pub(crate) struct Channel {
@@ -80,6 +86,22 @@ impl Channel {
         self.deadline.shut_down();
     }
 
+    /// How many bytes no message asked for wait on the socket, if any: bytes that are
+    /// there before a message and still there [`STALE_GRACE`] later.
+    fn stale(&self) -> Option<usize> {
+        let until = Instant::now() + STALE_GRACE;
+        loop {
+            let waiting = self.deadline.waiting();
+            if waiting == 0 {
+                return None;
+            }
+            if Instant::now() >= until {
+                return Some(waiting);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// `ADD_MEM_REG` of `region` from the memfd `fd`, and the backend's acknowledgement.
     pub(crate) fn add(&mut self, region: &BackendRegion, fd: RawFd) -> Result<(), Error> {
         self.exchange(Request::Add(fd), region)
@@ -97,6 +119,12 @@ impl Channel {
     /// `REM_MEM_REG` not): the error is [`Error::NoReply`] or [`Error::Lost`]. A message whose answer came just as the deadline
     /// passed breaks it too, but counts as answered. Once broken, nothing is sent:
     /// [`Error::Broken`].
+    ///
+    /// Before the message, the socket must hold nothing to read: bytes waiting there
+    /// (a reply the backend sent twice, or out of turn) would be read as this message's
+    /// answer, and a removal taken as acknowledged that the backend never did. The
+    /// protocol is out of step then: the backend breaks, and the message is not sent
+    /// ([`Error::Broken`]). A duplicate that arrives after this check is not seen.
     fn exchange(&mut self, request: Request, region: &BackendRegion) -> Result<(), Error> {
         if let Some(broken) = self.broken(region.guest) {
             return Err(broken);
@@ -105,6 +133,18 @@ impl Channel {
             Request::Add(_) => "ADD_MEM_REG",
             Request::Remove => "REM_MEM_REG",
         };
+        if let Some(bytes) = self.stale() {
+            let why = format!(
+                "{bytes} bytes that no message asked for waited on the frontend's socket before {name} of guest [{:#x}, {:#x}) was sent: the backend answered a message twice or out of turn, so its next answer could be taken for the wrong message's",
+                region.guest.start(),
+                region.guest.end()
+            );
+            self.break_off(why.clone());
+            return Err(Error::Broken {
+                range: region.guest,
+                why,
+            });
+        }
         let frontend = &mut self.frontend;
         let (result, missed) = self.deadline.run(|| {
             // Asked for on every message: a clone of the frontend may have changed the

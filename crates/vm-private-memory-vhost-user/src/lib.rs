@@ -107,7 +107,16 @@
 //! directions (the VMM's clones of the frontend fail from then on too) and sends nothing
 //! more. The unanswered message counts as done where that is the safe side: a region
 //! whose `ADD_MEM_REG` went unanswered is kept in the table (the backend may have mapped
-//! it), one whose `REM_MEM_REG` went unanswered stays there. From then on:
+//! it), one whose `REM_MEM_REG` went unanswered stays there.
+//!
+//! An answer can also come when no message asked for it: a buggy backend that
+//! acknowledges a message twice leaves the second copy on the socket, where it would be
+//! read as the next message's answer (a removal taken as done that the backend never
+//! did). So before each message the mapper looks at the socket (`FIONREAD`): bytes
+//! waiting there, and still there 20 ms later (a reply to one of the VMM's own messages,
+//! on a clone of the frontend, may be on its way to its reader), break the backend the
+//! same way, and the message is not sent (a region that was not sent is not counted as
+//! mapped). A copy that arrives after that look is not caught. From then on:
 //!
 //! - a conversion to shared in the attached range is refused ([`Error::Broken`]);
 //! - a conversion to private, or a discard, of a range that overlaps the table is

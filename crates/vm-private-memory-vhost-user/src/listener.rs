@@ -90,9 +90,12 @@ impl Mapper {
                 Ok(()) => {
                     state.table.insert(region.guest.start(), *region);
                 }
-                Err(lost) if state.channel.is_broken() => {
+                Err(lost) if lost.sent_unanswered() => {
                     // The backend may have mapped it, and may map what this call added
-                    // before: keep all of it (the conversion goes on).
+                    // before: keep all of it (the conversion goes on). A region that
+                    // was not sent (the backend broke before it) is not kept: it is
+                    // refused below, with what this call added if it cannot be taken
+                    // back.
                     state.table.insert(region.guest.start(), *region);
                     state.errors.push(lost);
                     return Ok(());

@@ -19,6 +19,7 @@ use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -38,6 +39,10 @@ pub enum Answer {
     Refuse = 1,
     /// Never answers, and reads nothing more from the frontend.
     Stall = 2,
+    /// Passes it to the daemon, and sends the daemon's reply twice (in one write: the
+    /// second is waiting on the frontend's socket once the first is read), as a buggy
+    /// backend that acknowledges a message twice; the ones after it stall.
+    TwiceThenStall = 3,
 }
 
 /// Which requests an [`Answer`] is for.
@@ -61,6 +66,7 @@ impl Answer {
         match b {
             1 => Answer::Refuse,
             2 => Answer::Stall,
+            3 => Answer::TwiceThenStall,
             _ => Answer::Acknowledge,
         }
     }
@@ -119,6 +125,14 @@ impl Message {
         (&*to).write_all(&self.bytes[sent..]).ok()
     }
 
+    /// The message twice over, in one message (it carries no descriptor).
+    fn twice(&self) -> Message {
+        Message {
+            bytes: [&self.bytes[..], &self.bytes[..]].concat(),
+            file: None,
+        }
+    }
+
     /// The `REPLY_ACK` answer to this request: 0 for success.
     fn ack(&self, value: u64) -> Message {
         let mut bytes = Vec::with_capacity(HEADER + 8);
@@ -149,12 +163,24 @@ impl Message {
 /// stalled, forever).
 pub fn relay(frontend: UnixStream, daemon: UnixStream) {
     let to_frontend = Arc::new(Mutex::new(frontend.try_clone().unwrap()));
+    // The request whose next reply goes back twice ([`Answer::TwiceThenStall`]), or 0.
+    let twice = Arc::new(AtomicU32::new(0));
     // The daemon's replies go back as they are.
     let replies = {
         let daemon = daemon.try_clone().unwrap();
         let to_frontend = Arc::clone(&to_frontend);
+        let twice = Arc::clone(&twice);
         std::thread::spawn(move || {
             while let Some(reply) = Message::read(&daemon) {
+                let reply = match twice.compare_exchange(
+                    reply.request(),
+                    0,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                ) {
+                    Ok(_) => reply.twice(),
+                    Err(_) => reply,
+                };
                 if reply.write(&to_frontend.lock().unwrap()).is_none() {
                     break;
                 }
@@ -186,6 +212,10 @@ pub fn relay(frontend: UnixStream, daemon: UnixStream) {
                 (Answer::Stall, 0) => loop {
                     std::thread::park();
                 },
+                (Answer::TwiceThenStall, 0) => {
+                    twice.store(request.request(), Ordering::SeqCst);
+                    *how = (Answer::Stall, 0);
+                }
             }
         }
         if request.write(&daemon).is_none() {

@@ -81,14 +81,15 @@ impl Watch {
     }
 }
 
-/// When a reply to a message sent at `now` is due, given `timeout`; `None` (no deadline)
-/// if that is past what an `Instant` can hold.
+/// When the replies to messages sent from `now` on are due, given `timeout`; `None` (no
+/// deadline) if that is past what an `Instant` can hold.
 fn due(now: Instant, timeout: Duration) -> Option<Instant> {
     now.checked_add(timeout)
 }
 
 impl Deadline {
-    /// A deadline of `timeout` for each message on `frontend`'s socket.
+    /// A deadline of `timeout` for the messages on `frontend`'s socket: from each
+    /// [`Deadline::start`] on.
     pub(crate) fn new(frontend: &Frontend, timeout: Duration) -> io::Result<Self> {
         let fd = frontend.as_raw_fd();
         // SAFETY: `fd` is the frontend's socket, open for as long as `frontend` (which
@@ -112,21 +113,28 @@ impl Deadline {
         })
     }
 
-    /// The time each reply is given.
+    /// The time given to the replies of one step.
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout
     }
 
+    /// When the replies to the messages of a step starting now are due: the timeout
+    /// from now, or `None` (no deadline) for a timeout too long to add to now
+    /// (`Duration::MAX`).
+    pub(crate) fn start(&self) -> Option<Instant> {
+        due(Instant::now(), self.timeout)
+    }
+
     /// Runs `exchange` (one message and the wait for its reply), and shuts the socket
-    /// down if it has not returned within the timeout. Returns what it returned, and
-    /// whether the socket was shut down for it (then the connection is gone, whatever
-    /// `exchange` returned: a reply that came at the last moment still counts).
-    pub(crate) fn run<T>(&self, exchange: impl FnOnce() -> T) -> (T, bool) {
+    /// down if it has not returned by `due` (never, if `None`). Returns what it
+    /// returned, and whether the socket was shut down for it (then the connection is
+    /// gone, whatever `exchange` returned: a reply that came at the last moment still
+    /// counts).
+    pub(crate) fn run<T>(&self, due: Option<Instant>, exchange: impl FnOnce() -> T) -> (T, bool) {
         let message = {
             let mut timer = self.watch.lock();
             timer.last += 1;
-            // A timeout too long to add to now (`Duration::MAX`) is no deadline.
-            timer.armed = due(Instant::now(), self.timeout).map(|due| (timer.last, due));
+            timer.armed = due.map(|due| (timer.last, due));
             timer.last
         };
         self.watch.wake.notify_one();
@@ -233,11 +241,13 @@ mod tests {
             mmap_offset: 0,
             mmap_handle: -1,
         };
-        let (result, missed) = deadline.run(|| frontend.remove_mem_region(&region));
+        let (result, missed) =
+            deadline.run(deadline.start(), || frontend.remove_mem_region(&region));
         assert!(missed);
         assert!(result.is_err(), "{result:?}");
         // The socket is shut down: the next message fails at once.
-        let (result, missed) = deadline.run(|| frontend.remove_mem_region(&region));
+        let (result, missed) =
+            deadline.run(deadline.start(), || frontend.remove_mem_region(&region));
         assert!(!missed);
         assert!(result.is_err(), "{result:?}");
     }
@@ -253,7 +263,8 @@ mod tests {
         // And a message under it is answered, not cut off.
         let frontend = silent_peer();
         let deadline = Deadline::new(&frontend, Duration::MAX).unwrap();
-        let (features, missed) = deadline.run(|| frontend.get_features());
+        assert_eq!(deadline.start(), None);
+        let (features, missed) = deadline.run(deadline.start(), || frontend.get_features());
         assert!(!missed);
         assert_eq!(features.unwrap(), 1 << 30);
     }
@@ -262,7 +273,7 @@ mod tests {
     fn a_reply_in_time_leaves_the_connection_alone() {
         let frontend = silent_peer();
         let deadline = Deadline::new(&frontend, Duration::from_secs(10)).unwrap();
-        let (features, missed) = deadline.run(|| frontend.get_features());
+        let (features, missed) = deadline.run(deadline.start(), || frontend.get_features());
         assert!(!missed);
         assert_eq!(features.unwrap(), 1 << 30);
         // Still connected, after the deadline is gone too.

@@ -87,12 +87,12 @@ pub enum Error {
         #[source]
         source: vhost::Error,
     },
-    /// The backend did not answer in time ([`VhostUserMapper::with_reply_timeout`]): it is
-    /// broken from then on.
+    /// The backend did not answer in time ([`VhostUserMapper::with_reply_timeout`]: one
+    /// timeout for all the messages of one step): it is broken from then on.
     ///
     /// [`VhostUserMapper::with_reply_timeout`]: crate::VhostUserMapper::with_reply_timeout
     #[error(
-        "the vhost-user backend did not answer {request} of guest [{:#x}, {:#x}) within {timeout:?}: it is taken as broken, its connection is shut down (a late answer would be read as the answer to the next message) and it is sent nothing more; it may still map the region. Kill its process if it still runs, reap it (waitpid), call VhostUserAttachment::backend_exited, and attach a new backend.",
+        "the vhost-user backend did not answer {request} of guest [{:#x}, {:#x}) within the reply deadline ({timeout:?} for all the messages of one conversion, attached run or detach): it is taken as broken, its connection is shut down (a late answer would be read as the answer to the next message) and it is sent nothing more; it may still map the region. Kill its process if it still runs, reap it (waitpid), call VhostUserAttachment::backend_exited, and attach a new backend.",
         range.start(), range.end()
     )]
     NoReply {
@@ -100,7 +100,7 @@ pub enum Error {
         request: &'static str,
         /// The region's guest-physical range.
         range: PageRange,
-        /// The time it was given.
+        /// The reply timeout: the time all the messages of its step were given.
         timeout: Duration,
     },
     /// The backend's answer did not come (the connection closed or broke) or was not the

@@ -30,6 +30,9 @@ pub(crate) struct Channel {
     /// Shuts the frontend's socket down when a reply is late.
     deadline: Deadline,
     broken: BrokenBy,
+    /// When every reply of the current step (one listener call) is due
+    /// ([`Channel::begin`]); `None`: no deadline.
+    due: Option<Instant>,
 }
 
 /// A message of the mapper's.
@@ -59,11 +62,20 @@ fn in_step(error: &vhost::Error) -> bool {
 
 impl Channel {
     pub(crate) fn new(frontend: Frontend, deadline: Deadline, broken: BrokenBy) -> Self {
+        let due = deadline.start();
         Channel {
             frontend,
             deadline,
             broken,
+            due,
         }
+    }
+
+    /// Starts a step (one listener call: a conversion's revocation or addition, one run
+    /// added by attach, a detach): the replies to all its messages are due within one
+    /// reply timeout from now. Each message gets what is left of it.
+    pub(crate) fn begin(&mut self) {
+        self.due = self.deadline.start();
     }
 
     /// Whether the backend is broken.
@@ -87,9 +99,11 @@ impl Channel {
     }
 
     /// How many bytes no message asked for wait on the socket, if any: bytes that are
-    /// there before a message and still there [`STALE_GRACE`] later.
+    /// there before a message and still there [`STALE_GRACE`] later (or when the step's
+    /// time is up, if sooner).
     fn stale(&self) -> Option<usize> {
-        let until = Instant::now() + STALE_GRACE;
+        let grace = Instant::now() + STALE_GRACE;
+        let until = self.due.map_or(grace, |due| due.min(grace));
         loop {
             let waiting = self.deadline.waiting();
             if waiting == 0 {
@@ -112,8 +126,11 @@ impl Channel {
         self.exchange(Request::Remove, region)
     }
 
-    /// Sends `request` for `region` and waits (within the deadline) for the backend's
-    /// acknowledgement. A message not answered in time, or whose answer is lost, breaks
+    /// Sends `request` for `region` and waits (until the step's replies are due) for the
+    /// backend's acknowledgement. A message that would be sent once they are due is not
+    /// sent, and breaks the backend as a missed reply does ([`Error::Broken`]): a backend
+    /// that answers each message just in time cannot hold a conversion for many
+    /// timeouts. A message not answered in time, or whose answer is lost, breaks
     /// the backend: the socket is shut down and nothing more is sent. Then the region
     /// counts as mapped by the backend (a late `ADD_MEM_REG` may have been done, a
     /// `REM_MEM_REG` not): the error is [`Error::NoReply`] or [`Error::Lost`]. A message whose answer came just as the deadline
@@ -133,6 +150,19 @@ impl Channel {
             Request::Add(_) => "ADD_MEM_REG",
             Request::Remove => "REM_MEM_REG",
         };
+        if self.due.is_some_and(|due| Instant::now() >= due) {
+            let why = format!(
+                "the reply deadline ({:?} for all the messages of one conversion, attached run or detach) ran out before {name} of guest [{:#x}, {:#x}) could be sent",
+                self.deadline.timeout(),
+                region.guest.start(),
+                region.guest.end()
+            );
+            self.break_off(why.clone());
+            return Err(Error::Broken {
+                range: region.guest,
+                why,
+            });
+        }
         if let Some(bytes) = self.stale() {
             let why = format!(
                 "{bytes} bytes that no message asked for waited on the frontend's socket before {name} of guest [{:#x}, {:#x}) was sent: the backend answered a message twice or out of turn, so its next answer could be taken for the wrong message's",
@@ -146,7 +176,7 @@ impl Channel {
             });
         }
         let frontend = &mut self.frontend;
-        let (result, missed) = self.deadline.run(|| {
+        let (result, missed) = self.deadline.run(self.due, || {
             // Asked for on every message: a clone of the frontend may have changed the
             // flags it shares with this one.
             frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -162,7 +192,9 @@ impl Channel {
             region.guest.end()
         );
         if missed {
-            self.break_off(format!("{what} within {timeout:?}"));
+            self.break_off(format!(
+                "{what} within the reply deadline ({timeout:?} for all the messages of one conversion, attached run or detach)"
+            ));
         }
         match result {
             Ok(()) => Ok(()),

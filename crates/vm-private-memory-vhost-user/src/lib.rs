@@ -67,12 +67,17 @@
 //! 6. **Detach** (dropping the [`VhostUserAttachment`]): `REM_MEM_REG` of every region,
 //!    each acknowledged, and only then the subscription goes; a region the backend does
 //!    not let go keeps it subscribed, so that its pages cannot turn private unnoticed.
-//! 7. **A deadline on every answer** ([`VhostUserMapper::with_reply_timeout`],
-//!    [`DEFAULT_REPLY_TIMEOUT`] = 10 s): each `ADD_MEM_REG` and `REM_MEM_REG` waits at
-//!    most that long for its acknowledgement. vhost's `Frontend` reads a reply until it
-//!    is whole and retries on `EAGAIN`, so a receive timeout (`SO_RCVTIMEO`) would only
-//!    make it wait again: a watchdog thread of the attachment's shuts the socket down
-//!    instead, which ends the wait at once.
+//! 7. **A deadline on the answers** ([`VhostUserMapper::with_reply_timeout`],
+//!    [`DEFAULT_REPLY_TIMEOUT`] = 10 s), one for each step rather than each message: a
+//!    step (one call of the memory's into the mapper: the revocation or addition of one
+//!    conversion, one run added by attach, a detach) gets the timeout once, and each of
+//!    its `ADD_MEM_REG` and `REM_MEM_REG` waits for its acknowledgement only for what is
+//!    left of it. A message that would go out once it is all spent is not sent, and
+//!    breaks the backend as a missed answer does: a backend that answers each of many
+//!    messages just in time cannot hold the conversion lock for many timeouts. vhost's
+//!    `Frontend` reads a reply until it is whole and retries on `EAGAIN`, so a receive
+//!    timeout (`SO_RCVTIMEO`) would only make it wait again: a watchdog thread of the
+//!    attachment's shuts the socket down instead, which ends the wait at once.
 //!
 //! What the backend must guarantee **before it acknowledges a `REM_MEM_REG`** (sends the
 //! `REPLY_ACK` with 0): no thread of it accesses the region through the removed mapping
@@ -150,9 +155,10 @@
 //! - **Conversions that never wait on the backend.** Each message still waits on the
 //!   converting thread, under the memory's conversion lock: a backend that answers
 //!   slowly, or not at all, stalls every conversion of the memory (and the vCPUs asking
-//!   for them) for up to the reply timeout (once: then it is broken). The deadline
-//!   covers the mapper's own messages, not the queries of [`VhostUserMapper::new`] nor
-//!   the VMM's negotiation.
+//!   for them) for up to the reply timeout per step (once: then it is broken). A
+//!   conversion of many ranges runs one step per range it offers or revokes, and a
+//!   rollback runs steps of its own. The deadline covers the mapper's own messages, not
+//!   the queries of [`VhostUserMapper::new`] nor the VMM's negotiation.
 //! - **Telling a stuck backend from a dead one.** A broken backend keeps the ranges of
 //!   its table shared until the VMM calls [`VhostUserAttachment::backend_exited`]: the
 //!   mapper never decides by itself that a backend has let go of its mappings.

@@ -128,6 +128,7 @@ impl Mapper {
     /// broken, nothing is sent: the error is [`Error::Broken`] (or what broke it).
     pub(crate) fn remove_all(&self) -> Option<Error> {
         let mut state = self.lock();
+        state.channel.begin();
         state.detached = true;
         let regions: Vec<BackendRegion> = state.table.values().copied().collect();
         let mut refused = None;
@@ -150,6 +151,7 @@ impl Mapper {
     /// Removes every region overlapping `range` and adds back the parts outside it.
     fn revoke(&self, range: PageRange) {
         let mut state = self.lock();
+        state.channel.begin();
         let overlapping: Vec<BackendRegion> = state
             .table
             .range(..range.end())
@@ -276,6 +278,7 @@ impl MemoryListener for Mapper {
 
     fn populate(&self, range: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let mut state = self.lock();
+        state.channel.begin();
         Ok(self.add_shared(&mut state, range)?)
     }
 }

@@ -48,8 +48,8 @@ impl std::fmt::Debug for VhostUserMapper {
     }
 }
 
-/// How long a [`VhostUserMapper`] waits for the backend's answer to each message by
-/// default ([`VhostUserMapper::with_reply_timeout`]): 10 s.
+/// How long a [`VhostUserMapper`] waits, by default, for the backend's answers to all the
+/// messages of one step ([`VhostUserMapper::with_reply_timeout`]): 10 s.
 ///
 /// The wait happens on the converting thread, under the memory's conversion lock, so
 /// every conversion of the memory (and the vCPUs asking for them) waits with it. A
@@ -58,7 +58,10 @@ impl std::fmt::Debug for VhostUserMapper {
 /// far above a request's usual latency; and it is well below the 20 s after which a
 /// Linux guest's soft-lockup detector reports a stuck vCPU (`watchdog_thresh`, 10 by
 /// default, doubled), so a backend that stopped answering is reported before the guest
-/// complains.
+/// complains. It bounds a step (a conversion's revocation or addition of one range,
+/// which may take several messages: removing the regions over it, adding back what
+/// stays shared), not each message, so that a backend answering each message just in
+/// time holds the lock for one timeout, not one per message.
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The shortest deadline [`VhostUserMapper::with_reply_timeout`] sets.
@@ -142,8 +145,13 @@ impl VhostUserMapper {
         self.budget
     }
 
-    /// Waits at most `timeout` (at least 1 ms) for the backend's answer to each
-    /// `ADD_MEM_REG` and `REM_MEM_REG` ([`DEFAULT_REPLY_TIMEOUT`] otherwise).
+    /// Waits at most `timeout` (at least 1 ms) for the backend's answers to the
+    /// `ADD_MEM_REG` and `REM_MEM_REG` messages of each step ([`DEFAULT_REPLY_TIMEOUT`]
+    /// otherwise). A step is one call of the memory's into the mapper: the revocation or
+    /// addition of one range of a conversion (a discard, a region's removal or
+    /// addition), one run added by [`VhostUserMapper::attach`], or a detach. Its
+    /// messages share the timeout: each waits only for what is left of it, and one that
+    /// would go out once it is spent is not sent (the backend breaks, as below).
     ///
     /// When the time is up, the mapper shuts the frontend's socket down (both
     /// directions, for the frontend's clones too): the wait ends, and a late answer

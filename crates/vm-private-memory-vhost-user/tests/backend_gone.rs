@@ -110,13 +110,19 @@ fn a_backend_that_never_answers_breaks_at_the_deadline_and_is_let_go_once_reaped
     println!("the conversion returned after {:?}", start.elapsed());
     let message = panic_message(&err);
     assert!(
-        message.contains("did not answer REM_MEM_REG of guest [0x10000, 0x13000) within 200ms"),
+        message.contains(
+            "did not answer REM_MEM_REG of guest [0x10000, 0x13000) within the reply deadline (200ms"
+        ),
         "{message}"
     );
     assert_eq!(h.memory.state_of(OUTPUT), Some(PageState::Shared));
     assert!(h.mapper().is_mapped(OUTPUT));
     h.assert_backend_maps_the_table();
-    assert!(h.mapper().broken_reason().unwrap().contains("within 200ms"));
+    assert!(h
+        .mapper()
+        .broken_reason()
+        .unwrap()
+        .contains("within the reply deadline (200ms"));
     assert_broken_refusals(&mut h);
 
     // The backend still runs: declaring it exited is refused, and the attachment comes
@@ -285,4 +291,43 @@ fn is_broken_answers_while_a_message_is_out() {
     assert_eq!(h.memory.state_of(OUTPUT), Some(PageState::Shared));
     h.backend.reap();
     attachment.backend_exited().unwrap();
+}
+
+/// A backend that answers each removal within the reply deadline, but slowly: the
+/// deadline is for all the messages of a conversion, not for each, so a conversion that
+/// needs eight removals cannot hold the conversion lock for eight deadlines. Here the
+/// second removal's answer comes after the deadline: the backend is broken, and the
+/// range stays shared.
+#[test]
+fn the_reply_deadline_bounds_a_whole_conversion_not_each_message() {
+    let timeout = Duration::from_millis(200);
+    assert!(Answer::DELAYED_BY < timeout && 2 * Answer::DELAYED_BY > timeout);
+    let mut h = Harness::with(Options {
+        reply_timeout: Some(timeout),
+        ..Options::default()
+    });
+    // Eight pages shared one by one: eight regions (adjacent ones are not merged).
+    let base = 0x40000;
+    for i in 0..8 {
+        h.memory
+            .convert(pr(base + i * PAGE_SIZE, PAGE_SIZE), PageState::Shared)
+            .unwrap();
+    }
+    assert_eq!(h.mapper().slots_used(), 2 + 8);
+    h.set_removals(Answer::Delay, 0);
+
+    let err = within(LIMIT, "the conversion to private", || {
+        h.memory
+            .convert(pr(base, 8 * PAGE_SIZE), PageState::Private)
+            .unwrap_err()
+    });
+    let message = panic_message(&err);
+    assert!(message.contains("reply deadline (200ms"), "{message}");
+    assert!(h.mapper().is_broken());
+    for i in 0..8 {
+        assert_eq!(
+            h.memory.state_of(base + i * PAGE_SIZE),
+            Some(PageState::Shared)
+        );
+    }
 }

@@ -43,6 +43,8 @@ pub enum Answer {
     /// second is waiting on the frontend's socket once the first is read), as a buggy
     /// backend that acknowledges a message twice; the ones after it stall.
     TwiceThenStall = 3,
+    /// Waits [`Answer::DELAYED_BY`], then passes it to the daemon.
+    Delay = 4,
 }
 
 /// Which requests an [`Answer`] is for.
@@ -57,6 +59,9 @@ pub enum Of {
 pub const CONTROL_OFFSET: u32 = 0x80;
 
 impl Answer {
+    /// How long [`Answer::Delay`] holds each message.
+    pub const DELAYED_BY: std::time::Duration = std::time::Duration::from_millis(150);
+
     /// The bytes to write: answer `of` this way, after passing `first` through.
     pub fn control(self, of: Of, first: u8) -> [u8; 3] {
         [self as u8, first, of as u8]
@@ -67,6 +72,7 @@ impl Answer {
             1 => Answer::Refuse,
             2 => Answer::Stall,
             3 => Answer::TwiceThenStall,
+            4 => Answer::Delay,
             _ => Answer::Acknowledge,
         }
     }
@@ -212,6 +218,7 @@ pub fn relay(frontend: UnixStream, daemon: UnixStream) {
                 (Answer::Stall, 0) => loop {
                     std::thread::park();
                 },
+                (Answer::Delay, 0) => std::thread::sleep(Answer::DELAYED_BY),
                 (Answer::TwiceThenStall, 0) => {
                     twice.store(request.request(), Ordering::SeqCst);
                     *how = (Answer::Stall, 0);

@@ -38,7 +38,9 @@
 //!    acknowledged: `fd` = the region's sealed memfd, `mmap_offset` = the run's offset
 //!    in it, `guest_phys_addr` = the run's guest address, `userspace_addr` = the
 //!    frontend's host address of the run (the backend translates vring addresses with
-//!    it), `memory_size` = the run's length.
+//!    it), `memory_size` = the run's length. If the backend stops answering part way,
+//!    attach still returns the attachment, broken (the runs after that are not sent):
+//!    the VMM checks [`VhostUserAttachment::is_broken`] on what attach returns.
 //! 3. **Conversion to shared** (`populate`, after the bits changed): `ADD_MEM_REG` for
 //!    the parts of the new runs not in the table. Adjacent regions are not merged, so
 //!    adding never removes anything. Over the slot budget it sends nothing and refuses;

@@ -24,6 +24,8 @@ pub(crate) struct State {
     pub(crate) errors: ErrorLog,
     /// Set once the attachment is being released: nothing is added any more.
     pub(crate) detached: bool,
+    /// Set while attach offers the runs shared then (`subscribe_with_replay`).
+    pub(crate) attaching: bool,
 }
 
 /// What the VMM does about a broken backend.
@@ -278,7 +280,23 @@ impl MemoryListener for Mapper {
 
     fn populate(&self, range: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let mut state = self.lock();
+        if state.attaching && state.channel.is_broken() {
+            // Attaching to a backend that broke on an earlier run: nothing is sent, so
+            // there is nothing to take back. Accepting the run (it is shared, and the
+            // backend does not map it) keeps the replay from being rolled back, which
+            // would ask the broken backend to let go of what it may map: that cannot be
+            // done, and attach would return no attachment to recover with.
+            return Ok(());
+        }
         state.channel.begin();
-        Ok(self.add_shared(&mut state, range)?)
+        match self.add_shared(&mut state, range) {
+            Err(e) if state.attaching && state.channel.is_broken() => {
+                // The same, for a run on which it broke: what was sent stays in the
+                // table, the rest is not mapped.
+                state.errors.push(e);
+                Ok(())
+            }
+            result => Ok(result?),
+        }
     }
 }

@@ -195,11 +195,14 @@ impl VhostUserMapper {
     /// conversion next offers them: their memory is meant to go back to the host. A
     /// page the mapper holds is never private.
     ///
+    /// **It may return a broken attachment: check [`VhostUserAttachment::is_broken`].**
     /// If the backend stops answering while the runs shared now are added (the reply
-    /// deadline passes, the connection closes), the attachment comes back broken
-    /// ([`VhostUserAttachment::is_broken`], the error in
-    /// [`VhostUserAttachment::take_errors`]): the backend may map what was sent, so those
-    /// runs stay followed until [`VhostUserAttachment::backend_exited`].
+    /// deadline passes, the connection closes, an answer comes out of turn), the
+    /// attachment comes back broken, with the error in
+    /// [`VhostUserAttachment::take_errors`]: the backend may map what was sent, so those
+    /// runs stay followed, and the runs after them are not sent (they stay shared, and
+    /// the backend does not map them). The attachment is what the VMM recovers with:
+    /// kill and reap the backend, then [`VhostUserAttachment::backend_exited`].
     ///
     /// # Errors
     ///
@@ -210,7 +213,10 @@ impl VhostUserMapper {
     /// did not let go of a region added before the refusal: the error is then
     /// vm-private-memory's `RollbackFailed`, whose `kept_shared` runs stay in the
     /// backend's table, and the memory keeps telling the mapper when they go private
-    /// (it tries the removal again) until they are removed.
+    /// (it tries the removal again) until they are removed. If the backend also broke
+    /// during that rollback (a removal went unanswered), no removal is tried again and
+    /// those runs stay shared for as long as the memory lives: there is no attachment
+    /// to declare the backend exited with.
     pub fn attach(
         self,
         memory: &PrivateMemory,
@@ -231,12 +237,13 @@ impl VhostUserMapper {
                 table: BTreeMap::new(),
                 errors: ErrorLog::default(),
                 detached: false,
+                attaching: true,
             }),
         });
         let listener: Arc<dyn MemoryListener> = Arc::clone(&mapper) as Arc<dyn MemoryListener>;
-        let subscription = memory
-            .subscribe_with_replay(range, listener)
-            .map_err(Error::Subscribe)?;
+        let subscribed = memory.subscribe_with_replay(range, listener);
+        mapper.lock().attaching = false;
+        let subscription = subscribed.map_err(Error::Subscribe)?;
         Ok(VhostUserAttachment {
             mapper,
             subscription: Kept::new(subscription),

@@ -13,8 +13,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use guest_memfd::PAGE_SIZE;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_private_memory::{Error, ListenerRefusal, PageState};
-use vm_private_memory_vhost_user::Error as MapperError;
+use vm_private_memory_vhost_user::{
+    Error as MapperError, VhostUserMapper, REQUIRED_PROTOCOL_FEATURES,
+};
 
 /// The backend's `main` when this binary is started as the backend; nothing otherwise.
 #[test]
@@ -330,4 +333,60 @@ fn the_reply_deadline_bounds_a_whole_conversion_not_each_message() {
             Some(PageState::Shared)
         );
     }
+}
+
+/// A backend that stops answering part way through attach (the first run's addition goes
+/// unanswered): attach still returns the attachment, broken, which the VMM recovers with
+/// once the backend is reaped. Rolling the replay back instead would have asked the
+/// broken backend to let go of the first run, failed, and left that run shared for ever
+/// with nothing to call `backend_exited` on.
+#[test]
+fn attaching_to_a_backend_that_stops_answering_part_way_returns_a_broken_attachment() {
+    let mut h = Harness::with(Options {
+        reply_timeout: Some(Duration::from_millis(200)),
+        ..Options::default()
+    });
+    h.detach();
+    assert_eq!(h.memory.listener_count(), 0);
+    h.set_additions(Answer::Stall, 0);
+    let acked = REQUIRED_PROTOCOL_FEATURES | VhostUserProtocolFeatures::CONFIG;
+    let mapper = VhostUserMapper::new(h.frontend.clone(), acked, &h.memory)
+        .unwrap()
+        .with_reply_timeout(Duration::from_millis(200));
+
+    // Two runs are shared: the ring's and the buffers'. The first is sent and never
+    // answered; the second is not sent.
+    let attachment = within(LIMIT, "attach", || {
+        mapper.attach(&h.memory, pr(0, MEMORY)).unwrap()
+    });
+    assert!(attachment.is_broken());
+    assert!(attachment.is_mapped(DESC));
+    assert!(!attachment.is_mapped(INPUT));
+    let errors = attachment.take_errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        matches!(
+            &errors[0],
+            MapperError::NoReply { request: "ADD_MEM_REG", range, .. } if *range == pr(DESC, 3 * PAGE_SIZE)
+        ),
+        "{}",
+        errors[0]
+    );
+    assert_eq!(h.memory.listener_count(), 1);
+    // The run the backend may map cannot go private; the other one can.
+    assert!(h
+        .memory
+        .convert(pr(DESC, PAGE_SIZE), PageState::Private)
+        .is_err());
+    h.memory
+        .convert(pr(INPUT, PAGE_SIZE), PageState::Private)
+        .unwrap();
+
+    h.backend.kill();
+    h.backend.reap();
+    attachment.backend_exited().unwrap();
+    assert_eq!(h.memory.listener_count(), 0);
+    h.memory
+        .convert(pr(DESC, PAGE_SIZE), PageState::Private)
+        .unwrap();
 }

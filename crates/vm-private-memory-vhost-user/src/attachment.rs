@@ -6,7 +6,7 @@ use std::sync::Arc;
 use guest_memfd::PAGE_SIZE;
 use vm_private_memory::Subscription;
 
-use crate::error::{Error, StillRunning};
+use crate::error::{DetachError, Error, StillRunning};
 use crate::kept::Kept;
 use crate::listener::Mapper;
 use crate::peer::Liveness;
@@ -87,8 +87,9 @@ impl VhostUserAttachment {
     /// backend refuses keeps the conversion (rather than turn a page the backend may map
     /// private). When a revocation stops halfway (the backend refuses the removal of
     /// one of several regions over the range), the parts of the range already removed
-    /// are added back, since the range stays shared; one that cannot be (over the slot
-    /// budget, refused) is missing from the table until a conversion offers it again.
+    /// are added back, since the range stays shared (unless a refused detach stopped
+    /// all additions); one that cannot be (over the slot budget, refused) is missing
+    /// from the table until a conversion offers it again.
     /// Each error names the range.
     ///
     /// The attachment keeps the first 64 errors until they are taken, and only counts
@@ -165,13 +166,18 @@ impl VhostUserAttachment {
                 attachment: self,
             });
         }
+        self.let_go();
+        Ok(())
+    }
+
+    /// Forgets the table without a message, and stops following conversions.
+    fn let_go(&mut self) {
         {
             let mut state = self.mapper.lock();
             state.detached = true;
             state.table.clear();
         }
         self.subscription.end();
-        Ok(())
     }
 
     /// Removes every region from the backend's table (each acknowledged), then stops
@@ -179,16 +185,26 @@ impl VhostUserAttachment {
     ///
     /// # Errors
     ///
-    /// [`Error::Remove`] for the first region the backend did not acknowledge: it may
-    /// still map it, and the mapper keeps following its conversions so that it cannot
-    /// turn private unnoticed (a conversion of it to private tries the removal again,
-    /// and is refused if it fails). If the backend is broken (or breaks on the way), it
-    /// is sent nothing more and the error is [`Error::Broken`] (or what broke it): the
-    /// regions left stay followed for as long as the memory lives, and their
-    /// conversions to private stay refused. Use [`VhostUserAttachment::backend_exited`]
-    /// for a broken backend instead, once its process is reaped.
-    pub fn detach(mut self) -> Result<(), Error> {
-        self.release()
+    /// [`DetachError`] if regions are left in the table, holding the attachment (as
+    /// [`StillRunning`] does) and why: [`Error::Remove`] for the first region the
+    /// backend did not acknowledge (it may still map it), or, if the backend is broken
+    /// (or breaks on the way), [`Error::Broken`] (or what broke it), after which it is
+    /// sent nothing more. The attachment handed back keeps following the conversions of
+    /// the regions left, so that they cannot turn private unnoticed (a conversion of one
+    /// to private tries its removal again, and is refused if it fails); it adds nothing
+    /// any more (a conversion to shared goes on without the backend), and a region
+    /// that a removal there takes out is not added back. With it the VMM can call
+    /// `detach` again once the backend lets go, or, once the backend's process is gone
+    /// (killed and reaped), [`VhostUserAttachment::backend_exited`]. Dropping it is
+    /// dropping the attachment (see `Drop`).
+    pub fn detach(mut self) -> Result<(), DetachError> {
+        match self.release() {
+            Ok(()) => Ok(()),
+            Err(error) => Err(DetachError {
+                error,
+                attachment: self,
+            }),
+        }
     }
 
     fn release(&mut self) -> Result<(), Error> {
@@ -197,19 +213,34 @@ impl VhostUserAttachment {
                 self.subscription.end();
                 Ok(())
             }
-            // Still subscribed (the subscription is forgotten when the attachment goes):
-            // the regions left cannot go private unnoticed.
+            // Still subscribed: the regions left cannot go private unnoticed.
             Some(e) => Err(e),
         }
     }
 }
 
 impl Drop for VhostUserAttachment {
-    /// As [`VhostUserAttachment::detach`]; a region the backend does not let go keeps the
-    /// memory's subscription alive (it is leaked), so that its pages cannot turn private.
-    /// So does every region of a broken backend's table, to which nothing is sent: drop
-    /// a broken attachment only through [`VhostUserAttachment::backend_exited`].
+    /// As [`VhostUserAttachment::detach`], with nowhere to hand the attachment back to.
+    /// If regions are left in the table:
+    ///
+    /// - if the backend is broken and its process is known to have exited (the pidfd
+    ///   the mapper holds says so: see [`VhostUserAttachment::backend_exited`]), the
+    ///   table is let go of, as `backend_exited` does;
+    /// - otherwise the memory's subscription is leaked, so that those regions' pages
+    ///   cannot turn private while the backend may map them (their conversions to
+    ///   private are refused, for as long as the memory lives, unless the backend later
+    ///   acknowledges the removal a conversion tries again). With it stay, until the
+    ///   memory is dropped, the mapper's thread (the reply deadline's) and its two
+    ///   descriptors of the frontend's socket (the frontend and a duplicate).
+    ///
+    /// To keep a way out, detach with [`VhostUserAttachment::detach`], which hands the
+    /// attachment back, rather than dropping it.
     fn drop(&mut self) {
-        let _ = self.release();
+        if self.release().is_err()
+            && self.mapper.broken.get().is_some()
+            && self.mapper.peer.liveness() == Liveness::Exited
+        {
+            self.let_go();
+        }
     }
 }

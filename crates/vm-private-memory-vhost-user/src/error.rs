@@ -172,3 +172,17 @@ pub struct StillRunning {
     /// The attachment, as it was.
     pub attachment: crate::VhostUserAttachment,
 }
+
+/// [`VhostUserAttachment::detach`](crate::VhostUserAttachment::detach) left regions in
+/// the backend's table. It holds the attachment, which keeps following those regions.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "detaching from the vhost-user backend left regions in its table: {error}. The backend may still map them, so they stay followed and cannot turn private: call detach again on the attachment this error holds once the backend lets go, or, once its process is gone (killed and reaped), backend_exited"
+)]
+pub struct DetachError {
+    /// Why: the first removal the backend did not acknowledge, or what broke it.
+    #[source]
+    pub error: Error,
+    /// The attachment, with the regions left in its table.
+    pub attachment: crate::VhostUserAttachment,
+}

@@ -66,9 +66,11 @@
 //!    becomes the conversion's `ListenerRefusal::Panicked`.
 //! 5. Only when every removal was acknowledged does `discard` return, and only then does
 //!    vm-private-memory punch the page out of the memfd and mark it private.
-//! 6. **Detach** (dropping the [`VhostUserAttachment`]): `REM_MEM_REG` of every region,
-//!    each acknowledged, and only then the subscription goes; a region the backend does
-//!    not let go keeps it subscribed, so that its pages cannot turn private unnoticed.
+//! 6. **Detach** ([`VhostUserAttachment::detach`], or dropping the attachment):
+//!    `REM_MEM_REG` of every region, each acknowledged, and only then the subscription
+//!    goes; a region the backend does not let go keeps it subscribed, so that its pages
+//!    cannot turn private unnoticed. `detach` then hands the attachment back
+//!    ([`DetachError`]), to try again or to declare the backend exited.
 //! 7. **A deadline on the answers** ([`VhostUserMapper::with_reply_timeout`],
 //!    [`DEFAULT_REPLY_TIMEOUT`] = 10 s), one for each step rather than each message: a
 //!    step (one call of the memory's into the mapper: the revocation or addition of one
@@ -249,6 +251,6 @@ mod peer;
 mod region;
 
 pub use attachment::VhostUserAttachment;
-pub use error::{Error, StillRunning};
+pub use error::{DetachError, Error, StillRunning};
 pub use mapper::{VhostUserMapper, DEFAULT_REPLY_TIMEOUT, MAX_SLOTS, REQUIRED_PROTOCOL_FEATURES};
 pub use region::BackendRegion;

@@ -217,17 +217,22 @@ impl Mapper {
                 // change), unless the backend is broken. What cannot be is missing until
                 // offered again.
                 let restored = removed.len();
-                let errors_before = state.errors.count();
-                for part in removed {
-                    if let Err(e) = self.add_shared(&mut state, part) {
-                        state.errors.push(e);
+                let restore = if restored == 0 {
+                    String::new()
+                } else if state.detached {
+                    // A detach was refused: nothing is added any more.
+                    format!(" The {restored} part(s) of it that earlier removals took out are not added back: the attachment is detaching, and adds nothing more.")
+                } else {
+                    let errors_before = state.errors.count();
+                    for part in removed {
+                        if let Err(e) = self.add_shared(&mut state, part) {
+                            state.errors.push(e);
+                        }
                     }
-                }
-                let missing = state.errors.count() - errors_before;
-                let restore = match (restored, missing) {
-                    (0, _) => String::new(),
-                    (n, 0) => format!(" The {n} part(s) of it that earlier removals took out are added back."),
-                    (n, m) => format!(" Of the {n} part(s) of it that earlier removals took out, {m} could not be added back: VhostUserAttachment::take_errors names them."),
+                    match state.errors.count() - errors_before {
+                        0 => format!(" The {restored} part(s) of it that earlier removals took out are added back."),
+                        m => format!(" Of the {restored} part(s) of it that earlier removals took out, {m} could not be added back: VhostUserAttachment::take_errors names them."),
+                    }
                 };
                 drop(state);
                 match e {

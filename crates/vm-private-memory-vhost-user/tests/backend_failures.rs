@@ -13,6 +13,7 @@ use common::*;
 use guest_memfd::PAGE_SIZE;
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vm_private_memory::{Error, ListenerRefusal, PageState};
+use vm_private_memory_vhost_user::Error as MapperError;
 
 /// The backend's `main` when this binary is started as the backend; nothing otherwise.
 #[test]
@@ -160,10 +161,7 @@ fn a_part_that_cannot_be_added_back_is_reported() {
     let text = errors[0].to_string();
     assert!(text.contains("[0x21000, 0x22000)"), "{text}");
     assert!(
-        matches!(
-            errors[0],
-            vm_private_memory_vhost_user::Error::SlotBudget { .. }
-        ),
+        matches!(errors[0], MapperError::SlotBudget { .. }),
         "{text}"
     );
 
@@ -230,4 +228,57 @@ fn a_refusal_carries_its_message_without_running_the_panic_hook() {
     assert_eq!(MAPPER_PANICS.load(Ordering::SeqCst), 0);
     assert_eq!(h.memory.state_of(OUTPUT), Some(PageState::Shared));
     h.assert_backend_maps_the_table();
+}
+
+/// A detach the backend refuses hands the attachment back, which keeps following the
+/// regions left (they cannot turn private) and adds nothing more; once the backend lets
+/// go, detaching again goes through.
+#[test]
+fn a_refused_detach_hands_the_attachment_back_to_try_again() {
+    let mut h = Harness::new(None);
+    let (a, b) = (0x20000, 0x21000);
+    for page in [a, b] {
+        h.memory
+            .convert(pr(page, PAGE_SIZE), PageState::Shared)
+            .unwrap();
+    }
+    assert_eq!(h.mapper().slots_used(), 4);
+    h.set_removals(Answer::Refuse, 0);
+
+    let refused = h.take_attachment().detach().unwrap_err();
+    assert!(
+        matches!(refused.error, MapperError::Remove { .. }),
+        "{}",
+        refused.error
+    );
+    assert!(refused.to_string().contains("detach again"), "{refused}");
+    let attachment = refused.attachment;
+    assert!(!attachment.is_broken());
+    assert_eq!(attachment.slots_used(), 4);
+    assert_eq!(h.memory.listener_count(), 1);
+
+    // [a, b] is two regions: the first removal goes through, the second is refused. The
+    // conversion stops with both pages shared, and the page taken out is not added
+    // back (the attachment adds nothing more), which the refusal says.
+    h.set_removals(Answer::Refuse, 1);
+    let err = h
+        .memory
+        .convert(pr(a, 2 * PAGE_SIZE), PageState::Private)
+        .unwrap_err();
+    let message = panic_message(&err);
+    assert!(message.contains("did not acknowledge"), "{message}");
+    assert!(message.contains("are not added back"), "{message}");
+    assert_eq!(h.memory.state_of(a), Some(PageState::Shared));
+    assert_eq!(h.memory.state_of(b), Some(PageState::Shared));
+    assert!(!attachment.is_mapped(a));
+    assert!(attachment.is_mapped(b));
+    assert!(attachment.take_errors().is_empty());
+
+    // The backend lets go: the detach goes through.
+    h.set_removals(Answer::Acknowledge, 0);
+    attachment.detach().unwrap();
+    assert_eq!(h.memory.listener_count(), 0);
+    h.memory
+        .convert(pr(a, 2 * PAGE_SIZE), PageState::Private)
+        .unwrap();
 }

@@ -237,7 +237,7 @@ fn an_addition_that_goes_unanswered_keeps_the_range_shared_and_counted_as_mapped
 }
 
 #[test]
-fn detaching_from_a_broken_backend_sends_nothing_and_keeps_its_ranges_followed() {
+fn detaching_from_a_broken_backend_hands_the_attachment_back_for_backend_exited() {
     let mut h = Harness::new(None);
     h.backend.kill();
     h.backend.reap();
@@ -248,10 +248,19 @@ fn detaching_from_a_broken_backend_sends_nothing_and_keeps_its_ranges_followed()
     });
     assert!(panic_message(&err).contains("got no answer"), "{err}");
 
-    let err = within(LIMIT, "detach", || {
+    // Nothing is sent: the regions stay in the table, and the attachment comes back.
+    let refused = within(LIMIT, "detach", || {
         h.take_attachment().detach().unwrap_err()
     });
-    assert!(matches!(err, MapperError::Broken { .. }), "{err}");
+    assert!(
+        matches!(refused.error, MapperError::Broken { .. }),
+        "{}",
+        refused.error
+    );
+    assert!(refused.to_string().contains("backend_exited"), "{refused}");
+    let attachment = refused.attachment;
+    assert!(attachment.is_broken());
+    assert!(attachment.is_mapped(OUTPUT));
     // Still followed: the ranges of the table cannot turn private.
     assert_eq!(h.memory.listener_count(), 1);
     assert!(h
@@ -259,6 +268,50 @@ fn detaching_from_a_broken_backend_sends_nothing_and_keeps_its_ranges_followed()
         .convert(pr(OUTPUT, PAGE_SIZE), PageState::Private)
         .is_err());
     assert_eq!(h.memory.state_of(OUTPUT), Some(PageState::Shared));
+
+    // The backend is reaped: the attachment handed back lets go.
+    attachment.backend_exited().unwrap();
+    assert_eq!(h.memory.listener_count(), 0);
+    h.memory
+        .convert(pr(OUTPUT, PAGE_SIZE), PageState::Private)
+        .unwrap();
+}
+
+/// Dropping an attachment whose regions cannot be removed: while the backend may still
+/// run, the subscription stays (leaked) and the regions cannot turn private; once its
+/// process has exited (and the pidfd says so), the table is let go of.
+#[test]
+fn dropping_a_broken_attachment_lets_go_only_once_its_backend_has_exited() {
+    // Stuck, and still running.
+    let mut h = Harness::with(Options {
+        reply_timeout: Some(Duration::from_millis(200)),
+        ..Options::default()
+    });
+    h.set_removals(Answer::Stall, 0);
+    let err = within(LIMIT, "the conversion to private", || {
+        h.memory
+            .convert(pr(OUTPUT, PAGE_SIZE), PageState::Private)
+            .unwrap_err()
+    });
+    assert!(panic_message(&err).contains("did not answer"), "{err}");
+    drop(h.take_attachment());
+    assert_eq!(h.memory.listener_count(), 1);
+    assert!(h
+        .memory
+        .convert(pr(OUTPUT, PAGE_SIZE), PageState::Private)
+        .is_err());
+    assert_eq!(h.memory.state_of(OUTPUT), Some(PageState::Shared));
+
+    // Killed and reaped: the removals of the drop get no answer, the backend breaks,
+    // and its process is gone.
+    let mut h = Harness::new(None);
+    h.backend.kill();
+    h.backend.reap();
+    within(LIMIT, "the drop", || drop(h.take_attachment()));
+    assert_eq!(h.memory.listener_count(), 0);
+    h.memory
+        .convert(pr(OUTPUT, PAGE_SIZE), PageState::Private)
+        .unwrap();
 }
 
 /// While a removal is out (no deadline, a backend that never answers), the accessors that

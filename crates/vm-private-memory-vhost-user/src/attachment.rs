@@ -119,8 +119,13 @@ impl VhostUserAttachment {
         self.mapper.broken.get().cloned()
     }
 
-    /// The pid of the backend's process, as the frontend's socket tells it
-    /// (`SO_PEERCRED`), if known: the process that made the backend's listening socket.
+    /// The pid of the backend's process, if known and it has not been seen to exit:
+    /// the one given to [`VhostUserMapper::with_backend_pid`], or else the one the
+    /// frontend's socket tells (`SO_PEERCRED`), which is the process that made the
+    /// backend's listening socket (a supervisor, if one made it). `None` once that
+    /// process has exited: its pid may name another process by then. Never waits.
+    ///
+    /// [`VhostUserMapper::with_backend_pid`]: crate::VhostUserMapper::with_backend_pid
     pub fn backend_pid(&self) -> Option<u32> {
         self.mapper.peer.pid()
     }
@@ -137,14 +142,21 @@ impl VhostUserAttachment {
     /// and writing pages that then turn private (and allocate them again on the shared
     /// side). A backend that is stuck rather than gone must be killed first (`SIGKILL`).
     ///
-    /// What it checks: the process at the other end of the frontend's socket, taken when
-    /// the mapper was made (`SO_PEERPIDFD`, or `SO_PEERCRED` and `pidfd_open`, so a
-    /// reused pid is not mistaken for it), must have exited. What it cannot check:
-    /// another process that holds the mappings (one the backend forked inherits them,
-    /// and a daemon's socket may have been made by a parent that has since exited), a
-    /// process the backend passed the memfd's descriptor to, a socket made in the VMM (a
-    /// socket pair: its peer credentials are the VMM's own), or a backend in a pid
-    /// namespace the VMM cannot see. There it takes the caller's word.
+    /// What it checks: the backend's process must have exited, followed by a pidfd (so
+    /// a reused pid is not mistaken for it) taken when the mapper was made: of the pid
+    /// the VMM gave ([`VhostUserMapper::with_backend_pid`]), or else of the process at
+    /// the other end of the frontend's socket (`SO_PEERPIDFD`, or `SO_PEERCRED` and
+    /// `pidfd_open`). That process made the backend's listening socket, which is not
+    /// the backend when a supervisor made it (systemd socket activation, a management
+    /// daemon passing the descriptor, a daemon that forks its backend): a supervisor
+    /// that outlives the backend makes this refuse for as long as it runs (give the
+    /// mapper the backend's pid, or use
+    /// [`VhostUserAttachment::backend_exited_unchecked`]), and one that exits first lets
+    /// it through while the backend runs. What it cannot check: another process that
+    /// holds the mappings (one the backend forked inherits them), a process the backend
+    /// passed the memfd's descriptor to, a socket made in the VMM (a socket pair: its
+    /// peer credentials are the VMM's own), or a backend in a pid namespace the VMM
+    /// cannot see. There it takes the caller's word.
     ///
     /// For a reconnected backend (a new process, or the same one on a new connection
     /// once it has lost its mappings), the VMM makes a new attachment as it made this
@@ -154,20 +166,39 @@ impl VhostUserAttachment {
     ///
     /// [`VhostUserMapper::new`]: crate::VhostUserMapper::new
     /// [`VhostUserMapper::attach`]: crate::VhostUserMapper::attach
+    /// [`VhostUserMapper::with_backend_pid`]: crate::VhostUserMapper::with_backend_pid
     ///
     /// # Errors
     ///
-    /// [`StillRunning`], holding this attachment unchanged, if the backend's process is
-    /// known to be running.
+    /// [`StillRunning`], holding this attachment unchanged, if that process is known to
+    /// be running; it says where the mapper has the process from.
     pub fn backend_exited(mut self) -> Result<(), StillRunning> {
-        if let Liveness::Running { pid } = self.mapper.peer.liveness() {
+        if let Liveness::Running { pid, source } = self.mapper.peer.liveness() {
             return Err(StillRunning {
                 pid,
+                origin: source,
                 attachment: self,
             });
         }
         self.let_go();
         Ok(())
+    }
+
+    /// As [`VhostUserAttachment::backend_exited`], without any check: **this takes the
+    /// VMM's word** that the backend's process, and every process that may hold its
+    /// mappings of guest memory, has exited. The table is forgotten without a message,
+    /// and conversions are no longer followed, whatever the pidfd says.
+    ///
+    /// It is for a VMM that knows better than the mapper: the backend's listening
+    /// socket was made by a supervisor that outlives the backend (so
+    /// [`StillRunning`] names the supervisor), and the VMM has seen the backend itself
+    /// exit. If the backend still runs, it keeps reading and writing the pages its
+    /// table held, which may then turn private (and be allocated again on the shared
+    /// side, holding the guest's memory twice). Prefer
+    /// [`VhostUserMapper::with_backend_pid`](crate::VhostUserMapper::with_backend_pid),
+    /// which lets `backend_exited` check the right process.
+    pub fn backend_exited_unchecked(mut self) {
+        self.let_go();
     }
 
     /// Forgets the table without a message, and stops following conversions.

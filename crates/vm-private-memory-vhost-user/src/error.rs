@@ -7,6 +7,8 @@ use guest_memfd::PageRange;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_private_memory::Strategy;
 
+use crate::peer::PidSource;
+
 /// Why a [`VhostUserMapper`](crate::VhostUserMapper) could not be made or attached, or
 /// refused a range (a conversion that offered it is rolled back and carries this as its
 /// [`vm_private_memory::ListenerRefusal`]).
@@ -144,6 +146,17 @@ pub enum Error {
         /// How many came after them.
         dropped: usize,
     },
+    /// The backend's pid, as the VMM gave it, names no process this one can follow.
+    #[error(
+        "pidfd_open({pid}), for the vhost-user backend's process, failed: {source} (ESRCH: no such process in this pid namespace, or it has exited and been reaped; ENOSYS: a kernel older than 5.3); give the pid of the backend's process as the VMM spawned it, while it runs, or leave it out to take the socket's peer"
+    )]
+    BackendPid {
+        /// The pid given.
+        pid: u32,
+        /// `pidfd_open`'s errno.
+        #[source]
+        source: std::io::Error,
+    },
     /// The reply deadline could not be set up.
     #[error("setting up the vhost-user mapper's reply deadline (a duplicate of the frontend's socket, and a thread that shuts it down when a reply is late) failed: {0}")]
     Deadline(#[source] std::io::Error),
@@ -161,14 +174,21 @@ impl Error {
 }
 
 /// [`VhostUserAttachment::backend_exited`](crate::VhostUserAttachment::backend_exited)
-/// refused: the backend's process still runs. It holds the attachment, unchanged.
+/// refused: the backend's process still runs, as far as the mapper knows it. It holds
+/// the attachment, unchanged.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the vhost-user backend's process {pid} is still running, and keeps its mappings of guest memory until it exits: kill it (SIGKILL if it is stuck), reap it (waitpid), then call backend_exited again with the attachment this error holds"
+    "{} ({pid}) is still running, and a live backend keeps its mappings of guest memory until it exits: kill it (SIGKILL if it is stuck), reap it (waitpid), then call backend_exited again with the attachment this error holds.{}",
+    .origin.process(),
+    .origin.otherwise()
 )]
 pub struct StillRunning {
-    /// The backend's pid.
+    /// The pid of the process that still runs.
     pub pid: u32,
+    /// Where the mapper has that process from: the VMM's word
+    /// ([`VhostUserMapper::with_backend_pid`](crate::VhostUserMapper::with_backend_pid))
+    /// or the socket's peer, which may be a supervisor rather than the backend.
+    pub origin: PidSource,
     /// The attachment, as it was.
     pub attachment: crate::VhostUserAttachment,
 }

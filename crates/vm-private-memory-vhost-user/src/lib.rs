@@ -139,9 +139,16 @@
 //! The way out is the VMM's: make sure the backend's process is gone (kill it with
 //! `SIGKILL` if it still runs, reap it with `waitpid`), then call
 //! [`VhostUserAttachment::backend_exited`], which forgets the table without a message and
-//! stops following conversions. It refuses ([`StillRunning`]) while the process at the
-//! other end of the socket is known to run; what it cannot check is in its
-//! documentation. A new backend gets a new attachment ([`VhostUserMapper::new`], then
+//! stops following conversions. It refuses ([`StillRunning`]) while the backend's
+//! process is known to run: the pid the VMM gave ([`VhostUserMapper::with_backend_pid`],
+//! best: the VMM that spawned the backend knows it), or else the process at the other
+//! end of the socket, which is the one that made the backend's listening socket (a
+//! supervisor, with systemd socket activation or a daemon that passed the descriptor:
+//! then [`VhostUserAttachment::backend_exited_unchecked`] takes the VMM's word). What it
+//! cannot check is in its documentation. A [`VhostUserAttachment::detach`] that leaves
+//! regions hands the attachment back for this ([`DetachError`]); dropping an attachment
+//! of a broken backend lets go of the table only if the backend's process is known to
+//! have exited. A new backend gets a new attachment ([`VhostUserMapper::new`], then
 //! [`VhostUserMapper::attach`], which gives it the runs shared by then).
 //!
 //! rust-vmm's `vhost-user-backend` daemon ends the connection after any request its
@@ -253,4 +260,5 @@ mod region;
 pub use attachment::VhostUserAttachment;
 pub use error::{DetachError, Error, StillRunning};
 pub use mapper::{VhostUserMapper, DEFAULT_REPLY_TIMEOUT, MAX_SLOTS, REQUIRED_PROTOCOL_FEATURES};
+pub use peer::PidSource;
 pub use region::BackendRegion;

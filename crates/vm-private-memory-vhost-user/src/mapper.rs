@@ -140,6 +140,27 @@ impl VhostUserMapper {
         self
     }
 
+    /// Takes `pid` as the backend's process, which
+    /// [`VhostUserAttachment::backend_exited`] checks has exited and
+    /// [`VhostUserAttachment::backend_pid`] reports, instead of the frontend's socket's
+    /// peer (the process that made the backend's listening socket: a supervisor, when
+    /// systemd's socket activation or a management daemon made it, or a daemon that
+    /// forks its backend). The VMM that spawned the backend knows its pid: give it while
+    /// the process runs. A pidfd of it is opened now (`pidfd_open`), so a pid reused
+    /// later is not mistaken for it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BackendPid`] if `pidfd_open` fails: no such process (not in this pid
+    /// namespace, or exited and reaped already), or a kernel older than 5.3.
+    pub fn with_backend_pid(mut self, pid: u32) -> Result<Self, Error> {
+        self.peer = Peer::given(pid).map_err(|errno| Error::BackendPid {
+            pid,
+            source: std::io::Error::from_raw_os_error(errno),
+        })?;
+        Ok(self)
+    }
+
     /// How many regions this mapper may hold in the backend's table.
     pub fn slot_budget(&self) -> usize {
         self.budget

@@ -1,12 +1,19 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Which process the backend is, to tell whether it has exited.
 //!
-//! The frontend's socket knows its peer: `SO_PEERCRED` gives the pid of the process that
+//! The VMM that spawned the backend knows its pid, and may give it
+//! ([`crate::VhostUserMapper::with_backend_pid`]): a pidfd is opened from it at once
+//! (`pidfd_open`). Otherwise the frontend's socket tells its peer, which is a guess: `SO_PEERCRED` gives the pid of the process that
 //! made the backend's listening socket (or the other end of a socket pair), and
 //! `SO_PEERPIDFD` (Linux 6.5) a pidfd of that very process, which a reused pid cannot be
 //! mistaken for. On older kernels a pidfd is opened from the pid when the mapper is made
 //! (`pidfd_open`, Linux 5.3). A pidfd turns readable once its process has exited (a
 //! zombie has let go of its memory too).
+//!
+//! The peer is the process that called `listen` on the backend's socket, which is not
+//! the backend when a supervisor made the socket (systemd socket activation, a
+//! management daemon passing the descriptor, a daemon that forks a child per
+//! connection): then it names a process that may outlive the backend, or exit before it.
 //!
 //! What this cannot see: another process that holds the mappings (a child the backend
 //! forked inherits them, and a daemon's socket may have been made by a parent that has
@@ -19,13 +26,48 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use vhost::vhost_user::Frontend;
 
-/// The backend's process, as far as the socket tells.
+/// Where a mapper's idea of the backend's process comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PidSource {
+    /// The VMM gave it ([`crate::VhostUserMapper::with_backend_pid`]).
+    Given,
+    /// The frontend's socket (`SO_PEERCRED`, `SO_PEERPIDFD`): the process that made the
+    /// backend's listening socket, which is the backend unless a supervisor made it.
+    ListeningSocket,
+}
+
+impl PidSource {
+    /// The process, as the messages name it.
+    pub(crate) fn process(self) -> &'static str {
+        match self {
+            PidSource::Given => "the vhost-user backend's process",
+            PidSource::ListeningSocket => {
+                "the process that made the vhost-user backend's listening socket"
+            }
+        }
+    }
+
+    /// What else the VMM can do, as the messages say it.
+    pub(crate) fn otherwise(self) -> &'static str {
+        match self {
+            PidSource::Given => "",
+            PidSource::ListeningSocket => " That process is the backend unless a supervisor made the socket (systemd socket activation, a daemon that passed the descriptor or forks a backend per connection), which may outlive the backend: then give the mapper the backend's own pid (VhostUserMapper::with_backend_pid), or, once the backend's process is known to be gone, call backend_exited_unchecked on the attachment.",
+        }
+    }
+}
+
+/// The backend's process, as far as the VMM or the socket tells.
 #[derive(Debug)]
 pub(crate) enum Peer {
     /// A pidfd of it.
-    Known { pid: u32, pidfd: OwnedFd },
+    Known {
+        pid: u32,
+        pidfd: OwnedFd,
+        source: PidSource,
+    },
     /// It had exited when the mapper was made.
-    Gone { pid: u32 },
+    Gone,
     /// Not known (see the module documentation).
     Unknown,
 }
@@ -34,7 +76,7 @@ pub(crate) enum Peer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Liveness {
     /// It runs (or has not been seen to exit).
-    Running { pid: u32 },
+    Running { pid: u32, source: PidSource },
     /// It has exited.
     Exited,
     /// Not known.
@@ -118,16 +160,30 @@ impl Peer {
             other => other,
         };
         match pidfd {
-            Ok(pidfd) => Peer::Known { pid, pidfd },
-            Err(libc::ESRCH) => Peer::Gone { pid },
+            Ok(pidfd) => Peer::Known {
+                pid,
+                pidfd,
+                source: PidSource::ListeningSocket,
+            },
+            Err(libc::ESRCH) => Peer::Gone,
             Err(_) => Peer::Unknown,
         }
+    }
+
+    /// The process `pid`, as the VMM gives it: a pidfd of it, opened now; the errno of
+    /// `pidfd_open` if that fails.
+    pub(crate) fn given(pid: u32) -> Result<Peer, i32> {
+        Ok(Peer::Known {
+            pid,
+            pidfd: pidfd_open(pid)?,
+            source: PidSource::Given,
+        })
     }
 
     /// Whether the process runs now.
     pub(crate) fn liveness(&self) -> Liveness {
         match self {
-            Peer::Known { pid, pidfd } => {
+            Peer::Known { pid, pidfd, source } => {
                 let mut poll = libc::pollfd {
                     fd: pidfd.as_raw_fd(),
                     events: libc::POLLIN,
@@ -136,21 +192,25 @@ impl Peer {
                 // SAFETY: `poll` is one valid pollfd, for a descriptor this owns; a zero
                 // timeout does not block.
                 match unsafe { libc::poll(&mut poll, 1, 0) } {
-                    0 => Liveness::Running { pid: *pid },
+                    0 => Liveness::Running {
+                        pid: *pid,
+                        source: *source,
+                    },
                     1 if poll.revents & libc::POLLIN != 0 => Liveness::Exited,
                     _ => Liveness::Unknown,
                 }
             }
-            Peer::Gone { .. } => Liveness::Exited,
+            Peer::Gone => Liveness::Exited,
             Peer::Unknown => Liveness::Unknown,
         }
     }
 
-    /// The process's pid, if known.
+    /// The process's pid, if known and it has not been seen to exit (once it has, the
+    /// pid may name another process).
     pub(crate) fn pid(&self) -> Option<u32> {
-        match self {
-            Peer::Known { pid, .. } | Peer::Gone { pid } => Some(*pid),
-            Peer::Unknown => None,
+        match (self, self.liveness()) {
+            (_, Liveness::Exited) | (Peer::Gone | Peer::Unknown, _) => None,
+            (Peer::Known { pid, .. }, _) => Some(*pid),
         }
     }
 }
@@ -166,5 +226,28 @@ mod tests {
         let peer = Peer::of(&Frontend::from_stream(ours, 1));
         assert!(matches!(peer, Peer::Unknown), "{peer:?}");
         assert_eq!(peer.liveness(), Liveness::Unknown);
+    }
+
+    #[test]
+    fn a_pid_given_is_followed_until_its_process_exits() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let peer = Peer::given(child.id()).unwrap();
+        assert_eq!(
+            peer.liveness(),
+            Liveness::Running {
+                pid: child.id(),
+                source: PidSource::Given
+            }
+        );
+        assert_eq!(peer.pid(), Some(child.id()));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(peer.liveness(), Liveness::Exited);
+        assert_eq!(peer.pid(), None);
+        // A pid no process has.
+        assert_eq!(Peer::given(i32::MAX as u32).unwrap_err(), libc::ESRCH);
     }
 }

@@ -4,9 +4,10 @@
 
 use std::collections::BTreeSet;
 use std::io;
+use std::os::fd::FromRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -25,6 +26,10 @@ use super::QUEUE_SIZE;
 
 /// Set (to the socket's path) in the environment of the backend's process.
 pub const BACKEND_ENV: &str = "VM_PRIVATE_MEMORY_VHOST_USER_TEST_BACKEND";
+/// Set, in the backend's environment, to a listening socket's descriptor that it
+/// inherited (from a [`supervise`](super::supervisor) process): it serves that instead
+/// of making its own.
+pub const LISTEN_FD_ENV: &str = "VM_PRIVATE_MEMORY_VHOST_USER_TEST_LISTEN_FD";
 /// The test that serves as the backend's `main` when [`BACKEND_ENV`] is set.
 pub const BACKEND_TEST: &str = "backend_process";
 /// An input whose first byte is this makes the device hold the request for
@@ -208,6 +213,9 @@ fn virtio_bindings_version_1() -> u32 {
 /// ([`relay`](super::relay)), which the frontend can tell to refuse, or never answer,
 /// removals and additions.
 pub fn serve_if_asked() {
+    if let Ok(socket) = std::env::var(super::SUPERVISOR_ENV) {
+        super::supervisor::supervise(&socket);
+    }
     let Ok(socket) = std::env::var(BACKEND_ENV) else {
         return;
     };
@@ -225,7 +233,19 @@ pub fn serve_if_asked() {
     daemon.start_client(inner.to_str().unwrap()).unwrap();
     let (daemon_side, _) = listener.accept().unwrap();
     let _ = std::fs::remove_file(&inner);
-    let (frontend_side, _) = UnixListener::bind(&socket).unwrap().accept().unwrap();
+    let listener = match std::env::var(LISTEN_FD_ENV) {
+        Ok(fd) => {
+            // Started by a supervisor: this process goes with it.
+            // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches no
+            // memory.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            // SAFETY: the supervisor passed this descriptor, a listening socket, for
+            // this process to own; nothing else in it uses the descriptor.
+            unsafe { UnixListener::from_raw_fd(fd.parse().unwrap()) }
+        }
+        Err(_) => UnixListener::bind(&socket).unwrap(),
+    };
+    let (frontend_side, _) = listener.accept().unwrap();
     super::relay::relay(frontend_side, daemon_side);
     std::process::exit(0);
 }
@@ -238,15 +258,7 @@ pub struct BackendProcess {
 
 impl BackendProcess {
     pub fn spawn() -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        // The lab's L1 has no /tmp until someone makes it.
-        std::fs::create_dir_all(std::env::temp_dir()).unwrap();
-        let socket = std::env::temp_dir().join(format!(
-            "vm-private-memory-vhost-user-{}-{}.sock",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_file(&socket);
+        let socket = socket_path();
         let child = Command::new(std::env::current_exe().unwrap())
             .args([BACKEND_TEST, "--exact", "--nocapture", "--test-threads=1"])
             .env(BACKEND_ENV, &socket)
@@ -274,16 +286,7 @@ impl BackendProcess {
 
     /// Connects to the backend, waiting (at most 10 s) for its socket.
     pub fn connect(&self) -> Frontend {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if self.socket.exists() {
-                if let Ok(frontend) = Frontend::connect(&self.socket, 1) {
-                    return frontend;
-                }
-            }
-            assert!(Instant::now() < deadline, "the backend did not listen");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        connect(&self.socket)
     }
 
     /// The pages of the file `(dev, ino)` the backend maps now, by offset in the file.
@@ -319,6 +322,34 @@ impl BackendProcess {
             out.insert((parse_dev(fields[3]), fields[4].parse().unwrap()));
         }
         out
+    }
+}
+
+/// A new path for a backend's socket, nothing there yet.
+pub fn socket_path() -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // The lab's L1 has no /tmp until someone makes it.
+    std::fs::create_dir_all(std::env::temp_dir()).unwrap();
+    let socket = std::env::temp_dir().join(format!(
+        "vm-private-memory-vhost-user-{}-{}.sock",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&socket);
+    socket
+}
+
+/// Connects to the backend's socket at `socket`, waiting (at most 10 s) for it.
+pub fn connect(socket: &Path) -> Frontend {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if socket.exists() {
+            if let Ok(frontend) = Frontend::connect(socket, 1) {
+                return frontend;
+            }
+        }
+        assert!(Instant::now() < deadline, "the backend did not listen");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -11,11 +11,13 @@ mod backend;
 mod harness;
 mod memory;
 mod relay;
+mod supervisor;
 
 pub use backend::*;
 pub use harness::*;
 pub use memory::*;
 pub use relay::{Answer, Of, CONTROL_OFFSET};
+pub use supervisor::*;
 
 use guest_memfd::PageRange;
 

@@ -1,0 +1,128 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! A supervisor that makes the backend's listening socket and hands it to the backend,
+//! as systemd's socket activation or a management daemon passing a descriptor does: the
+//! frontend's peer credentials then name the supervisor, which outlives the backend.
+//! It is this test binary too, started with [`SUPERVISOR_ENV`] set.
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+
+use vhost::vhost_user::Frontend;
+
+use super::{connect, socket_path, BACKEND_ENV, BACKEND_TEST, LISTEN_FD_ENV};
+
+/// Set (to the socket's path) in the environment of the supervisor's process.
+pub const SUPERVISOR_ENV: &str = "VM_PRIVATE_MEMORY_VHOST_USER_TEST_SUPERVISOR";
+/// What the supervisor prints before the backend's pid.
+const BACKEND_PID: &str = "supervisor: backend pid ";
+/// What the supervisor prints once it has reaped the backend.
+const REAPED: &str = "supervisor: backend reaped";
+
+/// The supervisor's `main`: makes the listening socket at `socket`, starts a backend
+/// that serves it, prints its pid, reaps it when it exits, says so, and lives on until
+/// killed.
+pub fn supervise(socket: &str) -> ! {
+    let listener = UnixListener::bind(socket).unwrap();
+    // The backend inherits a duplicate of it: not close-on-exec, unlike the original.
+    // SAFETY: F_DUPFD makes a new descriptor of the listening socket this process owns;
+    // it touches no memory.
+    let inherited = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_DUPFD, 3) };
+    assert!(inherited >= 0, "{}", std::io::Error::last_os_error());
+    let mut backend = Command::new(std::env::current_exe().unwrap())
+        .args([BACKEND_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .env_remove(SUPERVISOR_ENV)
+        .env(BACKEND_ENV, socket)
+        .env(LISTEN_FD_ENV, inherited.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // SAFETY: `inherited` is this process's own descriptor, which nothing else here
+    // uses; the backend has its copy.
+    unsafe { libc::close(inherited) };
+    println!("{BACKEND_PID}{}", backend.id());
+    backend.wait().unwrap();
+    println!("{REAPED}");
+    // The supervisor lives on, holding its listening socket.
+    loop {
+        std::thread::park();
+    }
+}
+
+/// A supervisor process and the backend it started; both killed when dropped (the
+/// backend goes with the supervisor: `PR_SET_PDEATHSIG`).
+pub struct Supervised {
+    supervisor: Child,
+    said: BufReader<ChildStdout>,
+    socket: PathBuf,
+    /// The backend's pid.
+    pub backend_pid: u32,
+}
+
+impl Supervised {
+    /// Starts a supervisor, and waits for it to start the backend.
+    pub fn spawn() -> Self {
+        let socket = socket_path();
+        let mut supervisor = Command::new(std::env::current_exe().unwrap())
+            .args([BACKEND_TEST, "--exact", "--nocapture", "--test-threads=1"])
+            .env(SUPERVISOR_ENV, &socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut said = BufReader::new(supervisor.stdout.take().unwrap());
+        let pid = Self::wait_for(&mut said, BACKEND_PID);
+        Supervised {
+            supervisor,
+            said,
+            socket,
+            backend_pid: pid.parse().unwrap(),
+        }
+    }
+
+    /// Reads what the supervisor says until a line with `prefix` in it (libtest may
+    /// have begun the line); the rest of that line.
+    fn wait_for(said: &mut BufReader<ChildStdout>, prefix: &str) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                said.read_line(&mut line).unwrap() > 0,
+                "the supervisor exited"
+            );
+            if let Some((_, rest)) = line.trim_end().split_once(prefix) {
+                return rest.to_owned();
+            }
+        }
+    }
+
+    pub fn supervisor_pid(&self) -> u32 {
+        self.supervisor.id()
+    }
+
+    /// Connects to the backend through the supervisor's socket.
+    pub fn connect(&self) -> Frontend {
+        connect(&self.socket)
+    }
+
+    /// Kills the backend (SIGKILL), and waits for the supervisor to reap it.
+    pub fn kill_backend(&mut self) {
+        // SAFETY: kill takes a pid and a signal and touches no memory; the backend is
+        // not reaped yet, so its pid is still its own.
+        let killed = unsafe { libc::kill(self.backend_pid as libc::pid_t, libc::SIGKILL) };
+        assert_eq!(killed, 0, "{}", std::io::Error::last_os_error());
+        Self::wait_for(&mut self.said, REAPED);
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        let _ = self.supervisor.kill();
+        let _ = self.supervisor.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}

@@ -31,7 +31,10 @@
 //!    ([`REQUIRED_PROTOCOL_FEATURES`]). [`VhostUserMapper::new`] checks that both were
 //!    acknowledged and that the backend offers them (`GET_PROTOCOL_FEATURES`), reads the
 //!    backend's slot count (`GET_MAX_MEM_SLOTS`), and sets `NEED_REPLY` on every
-//!    message from then on (and again right before each message of its own). No
+//!    message from then on (and again right before each message of its own). That
+//!    flag lives in the header flags the frontend's clones share: the VMM's own
+//!    messages on its clones ask for an acknowledgement too from then on, and each
+//!    waits for it (with `REPLY_ACK`, the backend answers every message that asks). No
 //!    `SET_MEM_TABLE`: the table is built region by region.
 //! 2. **Attach** ([`VhostUserMapper::attach`]): `ADD_MEM_REG` for each run shared now
 //!    (through `subscribe_with_replay`, so no conversion slips in between), each
@@ -105,7 +108,11 @@
 //! slots are limited (`vhost-user-backend` allows 509): a guest that shares memory in
 //! many small pieces, or splits runs by converting pages in their middle, gets an error
 //! ([`Error::SlotBudget`] on sharing, a refused conversion on splitting), never a
-//! half-revoked state.
+//! half-revoked state. How many slots a given set of shared pages takes depends on the
+//! history of conversions, not only on the pages: adjacent regions are never merged (a
+//! run shared page by page holds one slot per page until it goes private), while
+//! detaching and attaching a new mapper ([`VhostUserMapper::attach`], on the same
+//! connection or a new one) adds one region per shared run, the fewest there can be.
 //!
 //! # A backend that stops answering
 //!

@@ -88,8 +88,10 @@ impl VhostUserMapper {
     /// From here on every message of `frontend` asks for a reply (`NEED_REPLY`, in the
     /// header flags its clones share), and the mapper sets the flag again right before
     /// each `ADD_MEM_REG` and `REM_MEM_REG` it sends: each waits for the backend's
-    /// acknowledgement. The VMM must not send `SET_MEM_TABLE` for this memory: the table
-    /// is built region by region.
+    /// acknowledgement. So do the VMM's own messages on the frontend's clones: each of
+    /// them waits for the backend's acknowledgement too (and fails if the backend
+    /// refuses it). The VMM must not send `SET_MEM_TABLE` for this memory: the table is
+    /// built region by region.
     ///
     /// # Errors
     ///
@@ -135,6 +137,10 @@ impl VhostUserMapper {
 
     /// Allows at most `slots` regions in the backend's table (never more than the
     /// backend's `GET_MAX_MEM_SLOTS`): leave room for regions the VMM adds itself.
+    ///
+    /// The slots the table takes depend on the history of conversions: adjacent regions
+    /// are never merged (a run shared page by page takes a slot per page), while
+    /// detaching and attaching a new mapper takes one slot per shared run.
     pub fn with_slot_budget(mut self, slots: usize) -> Self {
         self.budget = slots.min(slot_budget(self.backend_slots));
         self

@@ -5,7 +5,10 @@
 //! The conversion that waited for it fails (within the reply deadline) with the range
 //! still shared, the attachment is broken and sends nothing more, and once the VMM has
 //! reaped the process and declared it exited, conversions go on and a new backend can be
-//! attached.
+//! attached. Also: a backend too slow for a conversion's one deadline, one that stops
+//! answering part way through attach (the attachment comes back broken), and the ways
+//! out of a broken attachment (a refused detach hands it back; a drop lets go only once
+//! the backend's process has exited).
 
 mod common;
 

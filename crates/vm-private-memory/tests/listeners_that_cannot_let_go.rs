@@ -28,7 +28,8 @@ impl MemoryListener for Holder {
     fn discard(&self, range: PageRange) {
         self.heard.lock().unwrap().push(Heard::Discard(range));
         if self.stuck.load(Ordering::SeqCst) {
-            panic!("cannot let go of {range}");
+            // The quiet way to refuse: no panic report (MemoryListener::discard).
+            std::panic::resume_unwind(Box::new(format!("cannot let go of {range}")));
         }
     }
 
@@ -297,7 +298,9 @@ impl MemoryListener for PanicsPartWay {
 
     fn populate(&self, range: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         self.mapped.lock().unwrap().push(range.start());
-        assert!(range.page_count() == 1, "the second map call failed");
+        if range.page_count() > 1 {
+            std::panic::resume_unwind(Box::new("the second map call failed".to_owned()));
+        }
         Ok(())
     }
 }

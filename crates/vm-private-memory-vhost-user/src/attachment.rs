@@ -151,7 +151,7 @@ impl VhostUserAttachment {
     /// daemon passing the descriptor, a daemon that forks its backend): a supervisor
     /// that outlives the backend makes this refuse for as long as it runs (give the
     /// mapper the backend's pid, or use
-    /// [`VhostUserAttachment::backend_exited_unchecked`]), and one that exits first lets
+    /// [`VhostUserAttachment::assume_backend_exited`]), and one that exits first lets
     /// it through while the backend runs. What it cannot check: another process that
     /// holds the mappings (one the backend forked inherits them), a process the backend
     /// passed the memfd's descriptor to, a socket made in the VMM (a socket pair: its
@@ -197,7 +197,7 @@ impl VhostUserAttachment {
     /// side, holding the guest's memory twice). Prefer
     /// [`VhostUserMapper::with_backend_pid`](crate::VhostUserMapper::with_backend_pid),
     /// which lets `backend_exited` check the right process.
-    pub fn backend_exited_unchecked(mut self) {
+    pub fn assume_backend_exited(mut self) {
         self.let_go();
     }
 

@@ -151,7 +151,7 @@
 //! best: the VMM that spawned the backend knows it), or else the process at the other
 //! end of the socket, which is the one that made the backend's listening socket (a
 //! supervisor, with systemd socket activation or a daemon that passed the descriptor:
-//! then [`VhostUserAttachment::backend_exited_unchecked`] takes the VMM's word). What it
+//! then [`VhostUserAttachment::assume_backend_exited`] takes the VMM's word). What it
 //! cannot check is in its documentation. A [`VhostUserAttachment::detach`] that leaves
 //! regions hands the attachment back for this ([`DetachError`]); dropping an attachment
 //! of a broken backend lets go of the table only if the backend's process is known to

@@ -52,7 +52,7 @@ impl PidSource {
     pub(crate) fn otherwise(self) -> &'static str {
         match self {
             PidSource::Given => "",
-            PidSource::ListeningSocket => " That process is the backend unless a supervisor made the socket (systemd socket activation, a daemon that passed the descriptor or forks a backend per connection), which may outlive the backend: then give the mapper the backend's own pid (VhostUserMapper::with_backend_pid), or, once the backend's process is known to be gone, call backend_exited_unchecked on the attachment.",
+            PidSource::ListeningSocket => " That process is the backend unless a supervisor made the socket (systemd socket activation, a daemon that passed the descriptor or forks a backend per connection), which may outlive the backend: then give the mapper the backend's own pid (VhostUserMapper::with_backend_pid), or, once the backend's process is known to be gone, call assume_backend_exited on the attachment.",
         }
     }
 }

@@ -4,7 +4,7 @@
 //! activation, a management daemon passing the descriptor): the frontend's peer
 //! credentials name the supervisor, which outlives the backend. Without the backend's
 //! pid, `backend_exited` refuses for as long as the supervisor runs, says whom it
-//! names, and `backend_exited_unchecked` is the way out; with the pid the VMM gives
+//! names, and `assume_backend_exited` is the way out; with the pid the VMM gives
 //! (`with_backend_pid`), it follows the backend itself.
 
 mod common;
@@ -27,7 +27,7 @@ fn backend_process() {
 const LIMIT: Duration = Duration::from_secs(60);
 
 #[test]
-fn a_supervisor_s_socket_names_the_supervisor_and_backend_exited_unchecked_lets_go() {
+fn a_supervisor_s_socket_names_the_supervisor_and_assume_backend_exited_lets_go() {
     let mut supervised = within(LIMIT, "the supervisor", Supervised::spawn);
     let (memory, _) = dual_memory();
     let mut frontend = supervised.connect();
@@ -59,14 +59,14 @@ fn a_supervisor_s_socket_names_the_supervisor_and_backend_exited_unchecked_lets_
     for said in [
         "the process that made the vhost-user backend's listening socket",
         "VhostUserMapper::with_backend_pid",
-        "backend_exited_unchecked",
+        "assume_backend_exited",
     ] {
         assert!(text.contains(said), "{text}");
     }
     assert_eq!(memory.listener_count(), 1);
 
     // The VMM saw the backend go: it takes its own word.
-    refused.attachment.backend_exited_unchecked();
+    refused.attachment.assume_backend_exited();
     assert_eq!(memory.listener_count(), 0);
     memory
         .convert(pr(DESC, PAGE_SIZE), PageState::Private)
@@ -104,7 +104,7 @@ fn with_the_backend_s_pid_backend_exited_follows_the_backend_not_the_supervisor(
     assert_eq!(refused.origin, PidSource::Given);
     let text = refused.to_string();
     assert!(text.contains("the vhost-user backend's process"), "{text}");
-    assert!(!text.contains("backend_exited_unchecked"), "{text}");
+    assert!(!text.contains("assume_backend_exited"), "{text}");
     let attachment = refused.attachment;
 
     // Killed and reaped (by the supervisor, which runs on): its pid is no longer

@@ -9,7 +9,7 @@ use vm_private_memory::Subscription;
 use crate::error::{DetachError, Error, StillRunning};
 use crate::kept::Kept;
 use crate::listener::Mapper;
-use crate::peer::Liveness;
+use crate::peer::{Liveness, PidSource};
 use crate::region::BackendRegion;
 
 /// A [`VhostUserMapper`](crate::VhostUserMapper) attached to a memory: the backend's table holds exactly the
@@ -120,10 +120,13 @@ impl VhostUserAttachment {
     }
 
     /// The pid of the backend's process, if known and it has not been seen to exit:
-    /// the one given to [`VhostUserMapper::with_backend_pid`], or else the one the
-    /// frontend's socket tells (`SO_PEERCRED`), which is the process that made the
-    /// backend's listening socket (a supervisor, if one made it). `None` once that
-    /// process has exited: its pid may name another process by then. Never waits.
+    /// the one given to [`VhostUserMapper::with_backend_pid`], or else the frontend's
+    /// socket's peer (`SO_PEERCRED`): the process that made the backend's listening
+    /// socket when the VMM connected (a supervisor, if one made it), the one that
+    /// connected when the VMM listened. `None` once that process has exited (its pid may
+    /// name another process by then), and `None` when it is not known (a socket pair, a
+    /// peer that had exited when the mapper was made, another pid namespace). Never
+    /// waits.
     ///
     /// [`VhostUserMapper::with_backend_pid`]: crate::VhostUserMapper::with_backend_pid
     pub fn backend_pid(&self) -> Option<u32> {
@@ -136,27 +139,32 @@ impl VhostUserAttachment {
     /// broken backend ([`VhostUserAttachment::is_broken`]), and the way to detach from a
     /// backend that exited.
     ///
-    /// Call it only once the backend's process has exited and the VMM has reaped it
-    /// (`waitpid`): a process that has exited maps nothing, but a live one keeps its
-    /// mappings of the memfd whatever its connection's state, and would keep reading
-    /// and writing pages that then turn private (and allocate them again on the shared
-    /// side). A backend that is stuck rather than gone must be killed first (`SIGKILL`).
+    /// Call it only once the backend's process has exited: a process that has exited
+    /// maps nothing, but a live one keeps its mappings of the memfd whatever its
+    /// connection's state, and would keep reading and writing pages that then turn
+    /// private (and allocate them again on the shared side). A backend that is stuck
+    /// rather than gone must be killed first (`SIGKILL`), and waited for until it has
+    /// exited. Reaping it is not needed (a zombie maps nothing, and its pidfd says it
+    /// has exited), nor possible for a process the VMM did not spawn.
     ///
     /// What it checks: the backend's process must have exited, followed by a pidfd (so
     /// a reused pid is not mistaken for it) taken when the mapper was made: of the pid
     /// the VMM gave ([`VhostUserMapper::with_backend_pid`]), or else of the process at
-    /// the other end of the frontend's socket (`SO_PEERPIDFD`, or `SO_PEERCRED` and
-    /// `pidfd_open`). That process made the backend's listening socket, which is not
-    /// the backend when a supervisor made it (systemd socket activation, a management
-    /// daemon passing the descriptor, a daemon that forks its backend): a supervisor
-    /// that outlives the backend makes this refuse for as long as it runs (give the
-    /// mapper the backend's pid, or use
-    /// [`VhostUserAttachment::assume_backend_exited`]), and one that exits first lets
-    /// it through while the backend runs. What it cannot check: another process that
+    /// the other end of the frontend's socket (`SO_PEERPIDFD`, or, on a kernel without
+    /// it, `SO_PEERCRED` and `pidfd_open`). When the VMM connected, that process made
+    /// the backend's listening socket, which is not the backend when a supervisor made
+    /// it (systemd socket activation, a management daemon passing the descriptor, a
+    /// daemon that forks its backend): a supervisor that outlives the backend makes
+    /// this refuse for as long as it runs (do not kill it: give the mapper the
+    /// backend's pid, or use [`VhostUserAttachment::assume_backend_exited`]), and one
+    /// that exits first lets it through while the backend runs. When the VMM listened
+    /// and accepted (Cloud Hypervisor's `vhost_mode=server`), it is the process that
+    /// connected, usually the backend. What it cannot check: another process that
     /// holds the mappings (one the backend forked inherits them), a process the backend
     /// passed the memfd's descriptor to, a socket made in the VMM (a socket pair: its
-    /// peer credentials are the VMM's own), or a backend in a pid namespace the VMM
-    /// cannot see. There it takes the caller's word.
+    /// peer credentials are the VMM's own), a peer that had already exited when the
+    /// mapper was made, or a backend in a pid namespace the VMM cannot see; nor can it
+    /// when `poll` on the pidfd fails. There it takes the caller's word.
     ///
     /// For a reconnected backend (a new process, or the same one on a new connection
     /// once it has lost its mappings), the VMM makes a new attachment as it made this
@@ -254,9 +262,12 @@ impl Drop for VhostUserAttachment {
     /// As [`VhostUserAttachment::detach`], with nowhere to hand the attachment back to.
     /// If regions are left in the table:
     ///
-    /// - if the backend is broken and its process is known to have exited (the pidfd
-    ///   the mapper holds says so: see [`VhostUserAttachment::backend_exited`]), the
-    ///   table is let go of, as `backend_exited` does;
+    /// - if the backend is broken, the VMM gave its pid
+    ///   ([`VhostUserMapper::with_backend_pid`](crate::VhostUserMapper::with_backend_pid)),
+    ///   and that process has exited (the pidfd the mapper opened from it says so), the
+    ///   table is let go of, as `backend_exited` does. The socket's peer is not enough
+    ///   for that, whatever its pidfd says: it may be a supervisor (or a parent that
+    ///   daemonized) that exited while the backend runs on;
     /// - otherwise the memory's subscription is leaked, so that those regions' pages
     ///   cannot turn private while the backend may map them (their conversions to
     ///   private are refused, for as long as the memory lives, unless the backend later
@@ -269,7 +280,10 @@ impl Drop for VhostUserAttachment {
     fn drop(&mut self) {
         if self.release().is_err()
             && self.mapper.broken.get().is_some()
-            && self.mapper.peer.liveness() == Liveness::Exited
+            && self.mapper.peer.liveness()
+                == (Liveness::Exited {
+                    source: PidSource::Given,
+                })
         {
             self.let_go();
         }

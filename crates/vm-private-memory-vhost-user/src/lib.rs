@@ -144,18 +144,22 @@
 //!   [`VhostUserAttachment::take_errors`].
 //!
 //! The way out is the VMM's: make sure the backend's process is gone (kill it with
-//! `SIGKILL` if it still runs, reap it with `waitpid`), then call
+//! `SIGKILL` if it still runs, and wait until it has exited), then call
 //! [`VhostUserAttachment::backend_exited`], which forgets the table without a message and
 //! stops following conversions. It refuses ([`StillRunning`]) while the backend's
 //! process is known to run: the pid the VMM gave ([`VhostUserMapper::with_backend_pid`],
 //! best: the VMM that spawned the backend knows it), or else the process at the other
-//! end of the socket, which is the one that made the backend's listening socket (a
-//! supervisor, with systemd socket activation or a daemon that passed the descriptor:
-//! then [`VhostUserAttachment::assume_backend_exited`] takes the VMM's word). What it
-//! cannot check is in its documentation. A [`VhostUserAttachment::detach`] that leaves
-//! regions hands the attachment back for this ([`DetachError`]); dropping an attachment
-//! of a broken backend lets go of the table only if the backend's process is known to
-//! have exited. A new backend gets a new attachment ([`VhostUserMapper::new`], then
+//! end of the socket. When the VMM connected, that is the process that made the
+//! backend's listening socket, maybe a supervisor (systemd socket activation, a daemon
+//! that passed the descriptor), which must not be killed for this: then
+//! [`VhostUserAttachment::assume_backend_exited`] takes the VMM's word; when the VMM
+//! listened and accepted (Cloud Hypervisor's `vhost_mode=server`), it is the process
+//! that connected, usually the backend. What it cannot check is in its documentation. A
+//! [`VhostUserAttachment::detach`] that leaves regions hands the attachment back for
+//! this ([`DetachError`]). Dropping an attachment of a broken backend lets go of the
+//! table only if the VMM gave the backend's pid and that process has exited: the
+//! socket's peer may be a supervisor, or a daemon's parent, that exited while the
+//! backend runs on. A new backend gets a new attachment ([`VhostUserMapper::new`], then
 //! [`VhostUserMapper::attach`], which gives it the runs shared by then).
 //!
 //! rust-vmm's `vhost-user-backend` daemon ends the connection after any request its

@@ -3,24 +3,36 @@
 //!
 //! The VMM that spawned the backend knows its pid, and may give it
 //! ([`crate::VhostUserMapper::with_backend_pid`]): a pidfd is opened from it at once
-//! (`pidfd_open`). Otherwise the frontend's socket tells its peer, which is a guess: `SO_PEERCRED` gives the pid of the process that
-//! made the backend's listening socket (or the other end of a socket pair), and
-//! `SO_PEERPIDFD` (Linux 6.5) a pidfd of that very process, which a reused pid cannot be
-//! mistaken for. On older kernels a pidfd is opened from the pid when the mapper is made
-//! (`pidfd_open`, Linux 5.3). A pidfd turns readable once its process has exited (a
-//! zombie has let go of its memory too).
+//! (`pidfd_open`). Otherwise the frontend's socket tells its peer, which is a guess whose
+//! worth depends on which side listened:
 //!
-//! The peer is the process that called `listen` on the backend's socket, which is not
-//! the backend when a supervisor made the socket (systemd socket activation, a
-//! management daemon passing the descriptor, a daemon that forks a child per
-//! connection): then it names a process that may outlive the backend, or exit before it.
+//! - **The VMM connects** (the backend, or whoever made its socket, listens): the peer
+//!   credentials are those of the process that called `listen`, which is not the backend
+//!   when a supervisor made the socket (systemd socket activation, a management daemon
+//!   passing the descriptor, a daemon that forks a child per connection): then it names a
+//!   process that may outlive the backend, or exit before it.
+//! - **The VMM listens and accepts** (Cloud Hypervisor's `vhost_mode=server`): the peer
+//!   credentials are those of the process that called `connect`, usually the backend
+//!   itself.
+//!
+//! `SO_PEERPIDFD` (Linux 6.5) gives a pidfd of that very process, which a reused pid
+//! cannot be mistaken for. Only where the kernel does not know the option
+//! (`ENOPROTOOPT`) is a pidfd opened from `SO_PEERCRED`'s pid (`pidfd_open`, Linux 5.3):
+//! a kernel that knows it and fails (`EINVAL`: the peer is gone, `ESRCH`) leaves the
+//! process unknown, since its pid may name another process by now. A pidfd turns
+//! readable once its process has exited (a zombie has let go of its memory too: reaping
+//! it is not needed).
 //!
 //! What this cannot see: another process that holds the mappings (a child the backend
 //! forked inherits them, and a daemon's socket may have been made by a parent that has
 //! since exited), a process the backend passed the memfd's descriptor to, a socket made
 //! in this process (a socket pair whose other end went to the backend: the peer is this
-//! process), or a peer in a pid namespace this process cannot see. For the last two it
-//! answers "unknown"; the first two it cannot tell from the backend.
+//! process), a peer that had exited when the mapper was made, or a peer in a pid
+//! namespace this process cannot see. For the last three it answers "unknown"; the first
+//! two it cannot tell from the backend. Dropping an attachment lets go of a broken
+//! backend's table by itself only for a pid the VMM gave (see
+//! [`crate::VhostUserAttachment`]'s `Drop`): the socket's peer is too weak a guess for
+//! that.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -32,8 +44,11 @@ use vhost::vhost_user::Frontend;
 pub enum PidSource {
     /// The VMM gave it ([`crate::VhostUserMapper::with_backend_pid`]).
     Given,
-    /// The frontend's socket (`SO_PEERCRED`, `SO_PEERPIDFD`): the process that made the
-    /// backend's listening socket, which is the backend unless a supervisor made it.
+    /// The frontend's socket (`SO_PEERPIDFD`, `SO_PEERCRED`): its peer. When the VMM
+    /// connected, that is the process that made the backend's listening socket (called
+    /// `listen`), which is the backend unless a supervisor made it; when the VMM listened
+    /// and accepted (Cloud Hypervisor's `vhost_mode=server`), the process that connected,
+    /// usually the backend.
     ListeningSocket,
 }
 
@@ -43,7 +58,7 @@ impl PidSource {
         match self {
             PidSource::Given => "the vhost-user backend's process",
             PidSource::ListeningSocket => {
-                "the process that made the vhost-user backend's listening socket"
+                "the process at the other end of the vhost-user frontend's socket"
             }
         }
     }
@@ -52,7 +67,7 @@ impl PidSource {
     pub(crate) fn otherwise(self) -> &'static str {
         match self {
             PidSource::Given => "",
-            PidSource::ListeningSocket => " That process is the backend unless a supervisor made the socket (systemd socket activation, a daemon that passed the descriptor or forks a backend per connection), which may outlive the backend: then give the mapper the backend's own pid (VhostUserMapper::with_backend_pid), or, once the backend's process is known to be gone, call assume_backend_exited on the attachment.",
+            PidSource::ListeningSocket => " That process made the backend's listening socket (when the VMM connected) or connected to the VMM's (when the VMM listened): it is the backend unless a supervisor made the socket (systemd socket activation, a daemon that passed the descriptor or forks a backend per connection), which may outlive the backend. Do not kill a supervisor: give the mapper the backend's own pid (VhostUserMapper::with_backend_pid), or, once the backend's own process has exited, call assume_backend_exited on the attachment.",
         }
     }
 }
@@ -66,8 +81,6 @@ pub(crate) enum Peer {
         pidfd: OwnedFd,
         source: PidSource,
     },
-    /// It had exited when the mapper was made.
-    Gone,
     /// Not known (see the module documentation).
     Unknown,
 }
@@ -77,9 +90,9 @@ pub(crate) enum Peer {
 pub(crate) enum Liveness {
     /// It runs (or has not been seen to exit).
     Running { pid: u32, source: PidSource },
-    /// It has exited.
-    Exited,
-    /// Not known.
+    /// It has exited: its pidfd says so.
+    Exited { source: PidSource },
+    /// Not known: no pidfd (see the module documentation), or `poll` on it failed.
     Unknown,
 }
 
@@ -156,7 +169,10 @@ impl Peer {
             return Peer::Unknown;
         }
         let pidfd = match peer_pidfd(socket) {
-            Err(libc::ENOPROTOOPT | libc::EINVAL) => pidfd_open(pid),
+            // A kernel without SO_PEERPIDFD (before 6.5): the pid it is, opened now. One
+            // that has the option and fails (EINVAL: the peer task is gone, ESRCH) says
+            // the pid may name another process by now: nothing is opened from it.
+            Err(libc::ENOPROTOOPT) => pidfd_open(pid),
             other => other,
         };
         match pidfd {
@@ -165,7 +181,8 @@ impl Peer {
                 pidfd,
                 source: PidSource::ListeningSocket,
             },
-            Err(libc::ESRCH) => Peer::Gone,
+            // Gone, or not known: either way nothing to follow, and no word that the
+            // backend (which the peer may not be) has exited.
             Err(_) => Peer::Unknown,
         }
     }
@@ -196,11 +213,11 @@ impl Peer {
                         pid: *pid,
                         source: *source,
                     },
-                    1 if poll.revents & libc::POLLIN != 0 => Liveness::Exited,
+                    1 if poll.revents & libc::POLLIN != 0 => Liveness::Exited { source: *source },
+                    // poll failed: not known.
                     _ => Liveness::Unknown,
                 }
             }
-            Peer::Gone => Liveness::Exited,
             Peer::Unknown => Liveness::Unknown,
         }
     }
@@ -209,7 +226,7 @@ impl Peer {
     /// pid may name another process).
     pub(crate) fn pid(&self) -> Option<u32> {
         match (self, self.liveness()) {
-            (_, Liveness::Exited) | (Peer::Gone | Peer::Unknown, _) => None,
+            (_, Liveness::Exited { .. }) | (Peer::Unknown, _) => None,
             (Peer::Known { pid, .. }, _) => Some(*pid),
         }
     }
@@ -245,7 +262,12 @@ mod tests {
         assert_eq!(peer.pid(), Some(child.id()));
         child.kill().unwrap();
         child.wait().unwrap();
-        assert_eq!(peer.liveness(), Liveness::Exited);
+        assert_eq!(
+            peer.liveness(),
+            Liveness::Exited {
+                source: PidSource::Given
+            }
+        );
         assert_eq!(peer.pid(), None);
         // A pid no process has.
         assert_eq!(Peer::given(i32::MAX as u32).unwrap_err(), libc::ESRCH);

@@ -281,8 +281,9 @@ fn detaching_from_a_broken_backend_hands_the_attachment_back_for_backend_exited(
 }
 
 /// Dropping an attachment whose regions cannot be removed: while the backend may still
-/// run, the subscription stays (leaked) and the regions cannot turn private; once its
-/// process has exited (and the pidfd says so), the table is let go of.
+/// run, the subscription stays (leaked) and the regions cannot turn private; once the
+/// process whose pid the VMM gave has exited (and the pidfd says so), the table is let
+/// go of. The socket's peer is not enough for a drop, even once it has exited.
 #[test]
 fn dropping_a_broken_attachment_lets_go_only_once_its_backend_has_exited() {
     // Stuck, and still running.
@@ -306,8 +307,11 @@ fn dropping_a_broken_attachment_lets_go_only_once_its_backend_has_exited() {
     assert_eq!(h.memory.state_of(OUTPUT), Some(PageState::Shared));
 
     // Killed and reaped: the removals of the drop get no answer, the backend breaks,
-    // and its process is gone.
-    let mut h = Harness::new(None);
+    // and the process whose pid the VMM gave is gone.
+    let mut h = Harness::with(Options {
+        give_backend_pid: true,
+        ..Options::default()
+    });
     h.backend.kill();
     h.backend.reap();
     within(LIMIT, "the drop", || drop(h.take_attachment()));
@@ -315,6 +319,19 @@ fn dropping_a_broken_attachment_lets_go_only_once_its_backend_has_exited() {
     h.memory
         .convert(pr(OUTPUT, PAGE_SIZE), PageState::Private)
         .unwrap();
+
+    // The same with the socket's peer only (here the backend, but it could be a
+    // supervisor or a daemon's parent that exited while the backend runs on): the drop
+    // keeps following the table.
+    let mut h = Harness::new(None);
+    h.backend.kill();
+    h.backend.reap();
+    within(LIMIT, "the drop", || drop(h.take_attachment()));
+    assert_eq!(h.memory.listener_count(), 1);
+    assert!(h
+        .memory
+        .convert(pr(OUTPUT, PAGE_SIZE), PageState::Private)
+        .is_err());
 }
 
 /// While a removal is out (no deadline, a backend that never answers), the accessors that

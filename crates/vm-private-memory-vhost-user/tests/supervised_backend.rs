@@ -5,7 +5,8 @@
 //! credentials name the supervisor, which outlives the backend. Without the backend's
 //! pid, `backend_exited` refuses for as long as the supervisor runs, says whom it
 //! names, and `assume_backend_exited` is the way out; with the pid the VMM gives
-//! (`with_backend_pid`), it follows the backend itself.
+//! (`with_backend_pid`), it follows the backend itself. A supervisor that exits while
+//! the backend runs on (a daemon's parent) does not make a drop let go of the table.
 
 mod common;
 
@@ -13,6 +14,8 @@ use std::time::Duration;
 
 use common::*;
 use guest_memfd::PAGE_SIZE;
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::VhostUserFrontend;
 use vm_private_memory::PageState;
 use vm_private_memory_vhost_user::{Error as MapperError, PidSource, VhostUserMapper};
 
@@ -57,7 +60,7 @@ fn a_supervisor_s_socket_names_the_supervisor_and_assume_backend_exited_lets_go(
     assert_eq!(refused.origin, PidSource::ListeningSocket);
     let text = refused.to_string();
     for said in [
-        "the process that made the vhost-user backend's listening socket",
+        "the process at the other end of the vhost-user frontend's socket",
         "VhostUserMapper::with_backend_pid",
         "assume_backend_exited",
     ] {
@@ -116,4 +119,49 @@ fn with_the_backend_s_pid_backend_exited_follows_the_backend_not_the_supervisor(
     memory
         .convert(pr(DESC, PAGE_SIZE), PageState::Private)
         .unwrap();
+}
+
+/// The process that made the backend's listening socket exits (a daemon's parent that
+/// forks and exits) and the backend runs on, stuck: the socket's peer is gone, which
+/// says nothing of the backend. Dropping the broken attachment keeps following its
+/// table, so that the ranges the backend still maps cannot turn private.
+#[test]
+fn a_drop_does_not_let_go_of_a_backend_whose_listening_socket_s_maker_exited() {
+    let supervised = within(LIMIT, "the supervisor", Supervised::spawn_and_exit);
+    let (memory, _) = dual_memory();
+    let mut frontend = supervised.connect();
+    let acked = negotiate(&mut frontend);
+    let attachment = VhostUserMapper::new(frontend.clone(), acked, &memory)
+        .unwrap()
+        .with_reply_timeout(Duration::from_millis(200))
+        .attach(&memory, pr(0, MEMORY))
+        .unwrap();
+    // The socket's peer had exited (and been reaped) when the mapper was made: not known.
+    assert_eq!(attachment.backend_pid(), None);
+
+    // The backend stops answering: the removal goes unanswered and the backend breaks,
+    // with the ring pages still mapped by its (running) process.
+    frontend
+        .set_config(
+            CONTROL_OFFSET,
+            VhostUserConfigFlags::empty(),
+            &Answer::Stall.control(Of::Removals, 0),
+        )
+        .unwrap();
+    let err = within(LIMIT, "the conversion to private", || {
+        memory
+            .convert(pr(DESC, PAGE_SIZE), PageState::Private)
+            .unwrap_err()
+    });
+    assert!(err.to_string().contains("did not answer"), "{err}");
+    assert!(attachment.is_broken());
+    assert!(attachment.is_mapped(DESC));
+
+    // Dropped: still followed, and the range stays shared.
+    drop(attachment);
+    assert_eq!(memory.listener_count(), 1);
+    assert!(memory
+        .convert(pr(DESC, PAGE_SIZE), PageState::Private)
+        .is_err());
+    assert_eq!(memory.state_of(DESC), Some(PageState::Shared));
 }

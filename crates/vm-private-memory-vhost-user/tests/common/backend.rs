@@ -235,10 +235,13 @@ pub fn serve_if_asked() {
     let _ = std::fs::remove_file(&inner);
     let listener = match std::env::var(LISTEN_FD_ENV) {
         Ok(fd) => {
-            // Started by a supervisor: this process goes with it.
-            // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches no
-            // memory.
-            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            // Started by a supervisor: this process goes with it, unless the supervisor
+            // exits at once, as a daemon's parent does.
+            if std::env::var_os(super::DAEMONIZE_ENV).is_none() {
+                // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches no
+                // memory.
+                unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            }
             // SAFETY: the supervisor passed this descriptor, a listening socket, for
             // this process to own; nothing else in it uses the descriptor.
             unsafe { UnixListener::from_raw_fd(fd.parse().unwrap()) }

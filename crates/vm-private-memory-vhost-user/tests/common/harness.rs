@@ -34,6 +34,9 @@ pub struct Options {
     pub high_region: bool,
     /// The mapper's reply deadline (the default if `None`).
     pub reply_timeout: Option<Duration>,
+    /// Gives the mapper the backend's pid (`with_backend_pid`), rather than leave it to
+    /// the socket's peer (the same process here).
+    pub give_backend_pid: bool,
 }
 
 /// A VMM's frontend with the mapper attached, and a guest driver for the queue.
@@ -124,6 +127,9 @@ impl Harness {
         }
         if let Some(timeout) = self.options.reply_timeout {
             mapper = mapper.with_reply_timeout(timeout);
+        }
+        if self.options.give_backend_pid {
+            mapper = mapper.with_backend_pid(self.backend.pid()).unwrap();
         }
         let range = self.attached_range();
         self.attachment = Some(mapper.attach(&self.memory, range).unwrap());

@@ -144,25 +144,37 @@ impl Deadline {
         (out, timer.missed == Some(message))
     }
 
-    /// How many bytes wait to be read on the socket now (`FIONREAD`); 0 if that cannot
-    /// be told. Between two messages there are none, unless the backend sent what no
-    /// message asked for (a reply twice) or a reply to a clone's message is on its way
-    /// to the clone.
-    pub(crate) fn waiting(&self) -> usize {
-        let mut bytes: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one int, to `bytes`, which is valid for writes of one;
-        // the socket is this deadline's own duplicate, open for as long as it lives.
-        let ret = unsafe {
-            libc::ioctl(
+    /// The request code of the message that waits first on the socket (the first word
+    /// of its vhost-user header: request code, flags, size, each a little-endian `u32`),
+    /// if one waits, read with `recv(MSG_PEEK | MSG_DONTWAIT)`: nothing is taken off the
+    /// socket, and nothing blocks. `None` if nothing waits, the stream has ended, fewer
+    /// bytes than the code wait, or `recv` fails. Between two of the mapper's messages
+    /// nothing waits, unless the backend sent what no message asked for (a reply twice)
+    /// or a reply to a message of one of the frontend's clones waits for the clone to
+    /// read it.
+    ///
+    /// Not `FIONREAD`: a VMM's seccomp filter may allow `ioctl` on the converting thread
+    /// (a vCPU's) only for KVM's and VFIO's numbers, and `recvfrom` (libc's `recv`) along
+    /// with the `recvmsg` the frontend uses anyway.
+    pub(crate) fn waiting_request(&self) -> Option<u32> {
+        let mut header = [0u8; 12];
+        // SAFETY: `header` is valid for writes of its length, which is what recv is
+        // given; MSG_PEEK leaves the bytes on the socket and MSG_DONTWAIT keeps it from
+        // blocking; the socket is this deadline's own duplicate, open for as long as it
+        // lives.
+        let got = unsafe {
+            libc::recv(
                 self.watch.socket.as_raw_fd(),
-                libc::FIONREAD,
-                &mut bytes as *mut libc::c_int,
+                header.as_mut_ptr().cast(),
+                header.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
             )
         };
-        if ret == 0 {
-            usize::try_from(bytes).unwrap_or(0)
-        } else {
-            0
+        match usize::try_from(got) {
+            Ok(n) if n >= 4 => Some(u32::from_le_bytes([
+                header[0], header[1], header[2], header[3],
+            ])),
+            _ => None,
         }
     }
 

@@ -4,10 +4,10 @@
 
 use std::os::fd::RawFd;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use guest_memfd::PageRange;
-use vhost::vhost_user::message::VhostUserHeaderFlag;
+use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 
 use crate::deadline::Deadline;
@@ -18,11 +18,6 @@ use crate::region::BackendRegion;
 /// it, under the mapper's state lock) and the attachment (which reads it without that
 /// lock: [`crate::VhostUserAttachment::is_broken`] never waits for a message).
 pub(crate) type BrokenBy = Arc<OnceLock<String>>;
-
-/// How long bytes found waiting on the socket before a message may take to go: a reply
-/// to a message of one of the VMM's clones of the frontend, on its way to the clone's
-/// read. Bytes still there then are a reply no message asked for.
-const STALE_GRACE: Duration = Duration::from_millis(20);
 
 /// The mapper's side of the frontend's socket.
 pub(crate) struct Channel {
@@ -98,21 +93,21 @@ impl Channel {
         self.deadline.shut_down();
     }
 
-    /// How many bytes no message asked for wait on the socket, if any: bytes that are
-    /// there before a message and still there [`STALE_GRACE`] later (or when the step's
-    /// time is up, if sooner).
-    fn stale(&self) -> Option<usize> {
-        let grace = Instant::now() + STALE_GRACE;
-        let until = self.due.map_or(grace, |due| due.min(grace));
-        loop {
-            let waiting = self.deadline.waiting();
-            if waiting == 0 {
-                return None;
-            }
-            if Instant::now() >= until {
-                return Some(waiting);
-            }
-            std::thread::sleep(Duration::from_millis(1));
+    /// The request that a reply waiting on the socket answers, if it is one of the
+    /// mapper's own (`ADD_MEM_REG`, `REM_MEM_REG`): no message of the mapper's is out
+    /// between two exchanges, and the VMM does not send these on this frontend, so such a
+    /// reply is one no message asked for (the backend answered a message twice, or out
+    /// of turn). A reply to any other request is left alone: it answers a message of one
+    /// of the VMM's clones of the frontend, which holds the frontend until it has read it
+    /// (however long its thread waits to run), so the mapper's message waits for it. One
+    /// that no message asked for is read as the answer to the next message of whoever
+    /// sends next, and the frontend's own check (the reply names another request) fails
+    /// that message, which breaks the backend if it is the mapper's.
+    fn stale(&self) -> Option<&'static str> {
+        match self.deadline.waiting_request()? {
+            code if code == u32::from(FrontendReq::ADD_MEM_REG) => Some("ADD_MEM_REG"),
+            code if code == u32::from(FrontendReq::REM_MEM_REG) => Some("REM_MEM_REG"),
+            _ => None,
         }
     }
 
@@ -137,11 +132,13 @@ impl Channel {
     /// passed breaks it too, but counts as answered. Once broken, nothing is sent:
     /// [`Error::Broken`].
     ///
-    /// Before the message, the socket must hold nothing to read: bytes waiting there
-    /// (a reply the backend sent twice, or out of turn) would be read as this message's
-    /// answer, and a removal taken as acknowledged that the backend never did. The
-    /// protocol is out of step then: the backend breaks, and the message is not sent
-    /// ([`Error::Broken`]). A duplicate that arrives after this check is not seen.
+    /// Before the message, the socket must hold no reply to an `ADD_MEM_REG` or
+    /// `REM_MEM_REG` (one the backend sent twice, or out of turn): it would be read as
+    /// this message's answer, and a removal taken as acknowledged that the backend never
+    /// did. The protocol is out of step then: the backend breaks, and the message is not
+    /// sent ([`Error::Broken`]). A reply to another request is a clone's, left to it (see
+    /// `stale`). A duplicate that arrives after this look, or waits behind a clone's
+    /// reply, is not seen.
     fn exchange(&mut self, request: Request, region: &BackendRegion) -> Result<(), Error> {
         if let Some(broken) = self.broken(region.guest) {
             return Err(broken);
@@ -163,9 +160,9 @@ impl Channel {
                 why,
             });
         }
-        if let Some(bytes) = self.stale() {
+        if let Some(answered) = self.stale() {
             let why = format!(
-                "{bytes} bytes that no message asked for waited on the frontend's socket before {name} of guest [{:#x}, {:#x}) was sent: the backend answered a message twice or out of turn, so its next answer could be taken for the wrong message's",
+                "a reply to {answered} that no message asked for waited on the frontend's socket before {name} of guest [{:#x}, {:#x}) was sent: the backend answered a message twice or out of turn, so its next answer could be taken for the wrong message's",
                 region.guest.start(),
                 region.guest.end()
             );

@@ -128,11 +128,20 @@
 //! An answer can also come when no message asked for it: a buggy backend that
 //! acknowledges a message twice leaves the second copy on the socket, where it would be
 //! read as the next message's answer (a removal taken as done that the backend never
-//! did). So before each message the mapper looks at the socket (`FIONREAD`): bytes
-//! waiting there, and still there 20 ms later (a reply to one of the VMM's own messages,
-//! on a clone of the frontend, may be on its way to its reader), break the backend the
-//! same way, and the message is not sent (a region that was not sent is not counted as
-//! mapped). A copy that arrives after that look is not caught. From then on:
+//! did). So before each message the mapper peeks at the header of what waits on the
+//! socket (`recv` with `MSG_PEEK | MSG_DONTWAIT`, which takes nothing off it). A reply to
+//! `ADD_MEM_REG` or `REM_MEM_REG` there answers no message (none of the mapper's is out,
+//! and the VMM does not send these on this frontend): it breaks the backend the same
+//! way, at once, and the message is not sent (a region that was not sent is not counted
+//! as mapped). A reply to any other request is left alone: it answers a message of one of
+//! the VMM's clones of the frontend (a `GET_CONFIG` at run time, say), whose thread may
+//! not have run yet to read it, and vhost's `Frontend` holds the frontend from a
+//! message's sending to its reply's reading, so the mapper's message waits for that
+//! read (under the reply deadline) and never sleeps on a guess. A reply to another
+//! request that nobody reads fails the next message of whoever sends next (vhost checks
+//! that a reply names its request), which breaks the backend if that message is the
+//! mapper's. A copy that arrives after the look, or waits behind a clone's reply, is not
+//! caught. From then on:
 //!
 //! - a conversion to shared in the attached range is refused ([`Error::Broken`]);
 //! - a conversion to private, or a discard, of a range that overlaps the table is
@@ -166,6 +175,45 @@
 //! handler fails: a removal its `update_memory` refuses is answered (the conversion
 //! stops, the range stays shared), but the next message finds the connection closed
 //! and breaks the backend.
+//!
+//! # System calls, by thread
+//!
+//! For a VMM that confines its threads with seccomp (Cloud Hypervisor's vCPU threads
+//! allow `ioctl` only for KVM's, VFIO's and vDPA's numbers, and conversions run on vCPU
+//! exits), here is every system call the mapper makes, on which thread. The
+//! allocator's own (`brk`, `mmap`, `munmap`, `madvise`, as the allocator has it) come
+//! on every thread that builds a table entry or an error message, and `clock_gettime`
+//! (`Instant::now`, usually through the vDSO without a system call) on every thread
+//! that keeps time.
+//!
+//! - **The converting thread**, in every listener call (a conversion's `discard` or
+//!   `populate`, a region added or removed, a balloon's discard, and the same on the
+//!   thread that calls [`VhostUserMapper::attach`] for the runs shared then, or
+//!   [`VhostUserAttachment::detach`]): `sendmsg` and `recvmsg` (vhost's `Frontend`:
+//!   each `ADD_MEM_REG`, with the memfd as `SCM_RIGHTS`, and `REM_MEM_REG`, and its
+//!   acknowledgement), `recvfrom` (libc's `recv` with `MSG_PEEK | MSG_DONTWAIT`: the look
+//!   at the socket before each message), `futex` (the mapper's and the frontend's locks,
+//!   waking the watchdog), and `shutdown` when the mapper breaks the backend itself (a
+//!   stray reply, a lost answer). A refusal is an unwind (`resume_unwind`), with no
+//!   system call of its own but `futex`. No `ioctl`.
+//! - **The VMM's thread that makes the mapper** ([`VhostUserMapper::new`],
+//!   [`VhostUserMapper::with_backend_pid`], [`VhostUserMapper::attach`]): `getsockopt`
+//!   (`SO_PEERCRED`, `SO_PEERPIDFD`), `pidfd_open` (a pid given, or on a kernel
+//!   without `SO_PEERPIDFD`), `sendmsg` and `recvmsg` (`GET_PROTOCOL_FEATURES`,
+//!   `GET_MAX_MEM_SLOTS`), `fcntl` (`F_DUPFD_CLOEXEC`: the watchdog's duplicate of the
+//!   socket), `poll` (`Debug`), and what starting the watchdog thread takes (`clone3`
+//!   or `clone`, `mmap`, `mprotect`, `rt_sigprocmask`).
+//! - **The VMM's thread that asks the attachment** ([`VhostUserAttachment::backend_exited`],
+//!   [`VhostUserAttachment::backend_pid`], `Debug`, `Drop`): `poll` on the pidfd, with a
+//!   zero timeout (if it fails, the process counts as not known: `backend_exited` then
+//!   takes the caller's word); and where the attachment lets go, `close` and `futex`
+//!   (joining the watchdog thread).
+//! - **The watchdog thread** (`vhost-user-deadline`, one per attachment): `futex` (its
+//!   timed wait) and `shutdown` (a reply that is late); at its start what the C library
+//!   and Rust's runtime do for a new thread (`rseq`, `set_robust_list`,
+//!   `rt_sigprocmask`, `mmap`, `mprotect`, `sigaltstack`, `gettid`,
+//!   `sched_getaffinity`, `prctl(PR_SET_NAME)`), at its end `munmap`, `sigaltstack`,
+//!   `madvise` and `exit`.
 //!
 //! # What this does not give
 //!

@@ -90,8 +90,10 @@ impl VhostUserMapper {
     /// each `ADD_MEM_REG` and `REM_MEM_REG` it sends: each waits for the backend's
     /// acknowledgement. So do the VMM's own messages on the frontend's clones: each of
     /// them waits for the backend's acknowledgement too (and fails if the backend
-    /// refuses it). The VMM must not send `SET_MEM_TABLE` for this memory: the table is
-    /// built region by region.
+    /// refuses it). The VMM must not send `SET_MEM_TABLE` for this memory (the table is
+    /// built region by region), nor `ADD_MEM_REG` or `REM_MEM_REG` on this frontend or
+    /// its clones: a reply to either, waiting on the socket before one of the mapper's
+    /// messages, is taken for one the backend sent twice, and breaks it.
     ///
     /// # Errors
     ///

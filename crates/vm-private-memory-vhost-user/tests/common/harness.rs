@@ -184,7 +184,8 @@ impl Harness {
         self.set_answer(answer, Of::Additions, first);
     }
 
-    fn set_answer(&mut self, answer: Answer, of: Of, first: u8) {
+    /// As [`Harness::set_removals`], for the requests `of` says.
+    pub fn set_answer(&mut self, answer: Answer, of: Of, first: u8) {
         self.frontend
             .set_config(
                 CONTROL_OFFSET,

@@ -24,8 +24,9 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// How the relay answers a removal (`REM_MEM_REG`) or an addition (`ADD_MEM_REG`),
-/// once the ones it was told to let through first are through. The frontend sets it
+/// How the relay answers a removal (`REM_MEM_REG`), an addition (`ADD_MEM_REG`) or a
+/// config read (`GET_CONFIG`), once the ones it was told to let through first are
+/// through. The frontend sets it
 /// with `SET_CONFIG` at [`CONTROL_OFFSET`] ([`Answer::control`]), which the relay
 /// answers itself.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -53,6 +54,8 @@ pub enum Answer {
 pub enum Of {
     Removals = 0,
     Additions = 1,
+    /// `GET_CONFIG`, which a VMM sends at run time on its own clone of the frontend.
+    ConfigReads = 2,
 }
 
 /// Where in the config space [`Answer::control`] is written.
@@ -78,6 +81,7 @@ impl Answer {
     }
 }
 
+const GET_CONFIG: u32 = 24;
 const SET_CONFIG: u32 = 25;
 const ADD_MEM_REG: u32 = 37;
 const REM_MEM_REG: u32 = 38;
@@ -156,10 +160,10 @@ impl Message {
         if self.request() != SET_CONFIG || self.word(3) != CONTROL_OFFSET || self.word(4) != 3 {
             return None;
         }
-        let request = if self.bytes[26] == Of::Additions as u8 {
-            ADD_MEM_REG
-        } else {
-            REM_MEM_REG
+        let request = match self.bytes[26] {
+            b if b == Of::Additions as u8 => ADD_MEM_REG,
+            b if b == Of::ConfigReads as u8 => GET_CONFIG,
+            _ => REM_MEM_REG,
         };
         Some((request, (Answer::from_byte(self.bytes[24]), self.bytes[25])))
     }

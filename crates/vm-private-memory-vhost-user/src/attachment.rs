@@ -40,8 +40,8 @@ impl std::fmt::Debug for VhostUserAttachment {
 /// The accessors that read the table ([`VhostUserAttachment::regions`],
 /// [`VhostUserAttachment::slots_used`], [`VhostUserAttachment::is_mapped`],
 /// [`VhostUserAttachment::take_errors`]) take the mapper's lock, which a conversion holds
-/// while its messages are out: they wait for it (up to the reply deadline, for a backend
-/// that does not answer). [`VhostUserAttachment::is_broken`],
+/// while its messages are out: they wait for it (as long as a listener call takes: less
+/// than twice the reply timeout). [`VhostUserAttachment::is_broken`],
 /// [`VhostUserAttachment::broken_reason`], [`VhostUserAttachment::backend_pid`] and
 /// `Debug` never wait.
 impl VhostUserAttachment {
@@ -81,16 +81,18 @@ impl VhostUserAttachment {
 
     /// Takes the errors that no conversion could carry. When a region is split by a
     /// revocation, the parts that stay shared are added back after the removal; if the
-    /// backend refuses one, the revocation still stands (the conversion goes on) and that
-    /// part is missing from the backend's table until it is offered again. And when a
-    /// refused conversion to shared takes back the regions it added, a removal the
-    /// backend refuses keeps the conversion (rather than turn a page the backend may map
-    /// private). When a revocation stops halfway (the backend refuses the removal of
-    /// one of several regions over the range), the parts of the range already removed
-    /// are added back, since the range stays shared (unless a refused detach stopped
-    /// all additions); one that cannot be (over the slot budget, refused) is missing
-    /// from the table until a conversion offers it again.
-    /// Each error names the range.
+    /// backend refuses one (or the call has no time left to send it,
+    /// [`Error::OutOfTime`]), the revocation still stands (the conversion goes on) and
+    /// that part is missing from the backend's table until it is offered again. And when
+    /// a refused conversion to shared takes back the regions it added, a removal the
+    /// backend refuses (or that there is no time left for) keeps the conversion (rather
+    /// than turn a page the backend may map private). When a revocation stops halfway
+    /// (the backend refuses the removal of one of several regions over the range, or
+    /// there is no time left for it), the parts of the range already removed are added
+    /// back, since the range stays shared (unless a refused detach stopped all
+    /// additions); one that cannot be (over the slot budget, refused, or out of the
+    /// call's time) is missing from the table until a conversion offers it again. Each
+    /// error names the range.
     ///
     /// The attachment keeps the first 64 errors until they are taken, and only counts
     /// later ones: the list then ends with [`Error::ErrorsDropped`], which says how many.

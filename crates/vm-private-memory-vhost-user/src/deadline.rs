@@ -113,14 +113,15 @@ impl Deadline {
         })
     }
 
-    /// The time given to the replies of one step.
+    /// The reply timeout: each message's time for its answer, and each listener call's
+    /// time for sending.
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout
     }
 
-    /// When the replies to the messages of a step starting now are due: the timeout
-    /// from now, or `None` (no deadline) for a timeout too long to add to now
-    /// (`Duration::MAX`).
+    /// The timeout from now: when the answer to a message sent now is due, or when a
+    /// listener call starting now must stop sending; `None` (no deadline) for a timeout
+    /// too long to add to now (`Duration::MAX`).
     pub(crate) fn start(&self) -> Option<Instant> {
         due(Instant::now(), self.timeout)
     }

@@ -89,12 +89,12 @@ pub enum Error {
         #[source]
         source: vhost::Error,
     },
-    /// The backend did not answer in time ([`VhostUserMapper::with_reply_timeout`]: one
-    /// timeout for all the messages of one step): it is broken from then on.
+    /// The backend did not answer a message within the reply timeout from its sending
+    /// ([`VhostUserMapper::with_reply_timeout`]): it is broken from then on.
     ///
     /// [`VhostUserMapper::with_reply_timeout`]: crate::VhostUserMapper::with_reply_timeout
     #[error(
-        "the vhost-user backend did not answer {request} of guest [{:#x}, {:#x}) within the reply deadline ({timeout:?} for all the messages of one conversion, attached run or detach): it is taken as broken, its connection is shut down (a late answer would be read as the answer to the next message) and it is sent nothing more; it may still map the region. Kill its process if it still runs, reap it (waitpid), call VhostUserAttachment::backend_exited, and attach a new backend.",
+        "the vhost-user backend did not answer {request} of guest [{:#x}, {:#x}) within the reply deadline ({timeout:?} from its sending): it is taken as broken, its connection is shut down (a late answer would be read as the answer to the next message) and it is sent nothing more; it may still map the region. Kill its process if it still runs, reap it (waitpid), call VhostUserAttachment::backend_exited, and attach a new backend.",
         range.start(), range.end()
     )]
     NoReply {
@@ -102,7 +102,29 @@ pub enum Error {
         request: &'static str,
         /// The region's guest-physical range.
         range: PageRange,
-        /// The reply timeout: the time all the messages of its step were given.
+        /// The reply timeout.
+        timeout: Duration,
+    },
+    /// The listener call's time for its messages (one reply timeout from its start: one
+    /// changed run of a conversion step, one attached run, or a detach) was spent before
+    /// this message could be sent, by the answers to the ones before it. Nothing was
+    /// sent: the protocol is in step and the backend is **not** broken.
+    ///
+    /// A conversion to private that meets it stops with the range still shared; a
+    /// conversion to shared is refused (or, if regions it added cannot be taken back in
+    /// time, goes on with the error in
+    /// [`VhostUserAttachment::take_errors`](crate::VhostUserAttachment::take_errors));
+    /// a detach hands the attachment back ([`DetachError`]). Each may be tried again.
+    #[error(
+        "{request} of guest [{:#x}, {:#x}) was not sent to the vhost-user backend: this call's time for its messages ({timeout:?} from its start, for one changed run of a conversion step, one attached run or a detach) was spent on the answers to the messages before it. Nothing was sent and the backend is not broken: the operation is refused and may be tried again; if the backend is this slow by design, raise the reply timeout (VhostUserMapper::with_reply_timeout)",
+        range.start(), range.end()
+    )]
+    OutOfTime {
+        /// The request (`ADD_MEM_REG`, `REM_MEM_REG`).
+        request: &'static str,
+        /// The region's guest-physical range.
+        range: PageRange,
+        /// The reply timeout: the call's time for its messages.
         timeout: Duration,
     },
     /// The backend's answer did not come (the connection closed or broke) or was not the

@@ -1,6 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One message to the backend and its acknowledgement, within the reply deadline; and
 //! the broken state, once a message goes unanswered.
+//!
+//! Two bounds, both of the reply timeout: a listener call (one changed run of a
+//! conversion step, one attached run, a detach) sends messages only until one timeout
+//! from its start has passed, and each message sent waits for its answer at most one
+//! timeout from its sending. A message that would go out once the call's time is spent
+//! is not sent, which leaves the protocol in step ([`Error::OutOfTime`], the backend
+//! not broken); an answer that does not come within its own timeout leaves it out of
+//! step (the backend broken). So one call holds the conversion lock for less than twice
+//! the timeout, and a backend that answers every message, if slowly, is never broken
+//! for it.
 
 use std::os::fd::RawFd;
 use std::sync::{Arc, OnceLock};
@@ -25,8 +35,8 @@ pub(crate) struct Channel {
     /// Shuts the frontend's socket down when a reply is late.
     deadline: Deadline,
     broken: BrokenBy,
-    /// When every reply of the current step (one listener call) is due
-    /// ([`Channel::begin`]); `None`: no deadline.
+    /// Until when the current listener call may send messages ([`Channel::begin`]);
+    /// `None`: no limit.
     due: Option<Instant>,
 }
 
@@ -66,9 +76,9 @@ impl Channel {
         }
     }
 
-    /// Starts a step (one listener call: a conversion's revocation or addition, one run
-    /// added by attach, a detach): the replies to all its messages are due within one
-    /// reply timeout from now. Each message gets what is left of it.
+    /// Starts a listener call (one changed run of a conversion step, revoked or added;
+    /// one run added by attach; a detach): it may send messages for one reply timeout
+    /// from now. Each message sent gets the whole timeout for its answer.
     pub(crate) fn begin(&mut self) {
         self.due = self.deadline.start();
     }
@@ -121,16 +131,21 @@ impl Channel {
         self.exchange(Request::Remove, region)
     }
 
-    /// Sends `request` for `region` and waits (until the step's replies are due) for the
-    /// backend's acknowledgement. A message that would be sent once they are due is not
-    /// sent, and breaks the backend as a missed reply does ([`Error::Broken`]): a backend
-    /// that answers each message just in time cannot hold a conversion for many
-    /// timeouts. A message not answered in time, or whose answer is lost, breaks
-    /// the backend: the socket is shut down and nothing more is sent. Then the region
-    /// counts as mapped by the backend (a late `ADD_MEM_REG` may have been done, a
-    /// `REM_MEM_REG` not): the error is [`Error::NoReply`] or [`Error::Lost`]. A message whose answer came just as the deadline
-    /// passed breaks it too, but counts as answered. Once broken, nothing is sent:
-    /// [`Error::Broken`].
+    /// Sends `request` for `region` and waits, at most one reply timeout, for the
+    /// backend's acknowledgement.
+    ///
+    /// A message that would be sent once the call's time is spent ([`Channel::begin`])
+    /// is not sent: nothing is out of step, the backend is not broken, and the error is
+    /// [`Error::OutOfTime`] (the region is not mapped, or still mapped, as before). A
+    /// backend that answers each of many messages just in time cannot hold one call for
+    /// many timeouts.
+    ///
+    /// A message not answered within its timeout, or whose answer is lost, breaks the
+    /// backend: the socket is shut down and nothing more is sent. Then the region counts
+    /// as mapped by the backend (a late `ADD_MEM_REG` may have been done, a `REM_MEM_REG`
+    /// not): the error is [`Error::NoReply`] or [`Error::Lost`]. A message whose answer
+    /// came just as its timeout passed breaks it too, but counts as answered. Once
+    /// broken, nothing is sent: [`Error::Broken`].
     ///
     /// Before the message, the socket must hold no reply to an `ADD_MEM_REG` or
     /// `REM_MEM_REG` (one the backend sent twice, or out of turn): it would be read as
@@ -148,16 +163,10 @@ impl Channel {
             Request::Remove => "REM_MEM_REG",
         };
         if self.due.is_some_and(|due| Instant::now() >= due) {
-            let why = format!(
-                "the reply deadline ({:?} for all the messages of one conversion, attached run or detach) ran out before {name} of guest [{:#x}, {:#x}) could be sent",
-                self.deadline.timeout(),
-                region.guest.start(),
-                region.guest.end()
-            );
-            self.break_off(why.clone());
-            return Err(Error::Broken {
+            return Err(Error::OutOfTime {
+                request: name,
                 range: region.guest,
-                why,
+                timeout: self.deadline.timeout(),
             });
         }
         if let Some(answered) = self.stale() {
@@ -173,7 +182,7 @@ impl Channel {
             });
         }
         let frontend = &mut self.frontend;
-        let (result, missed) = self.deadline.run(self.due, || {
+        let (result, missed) = self.deadline.run(self.deadline.start(), || {
             // Asked for on every message: a clone of the frontend may have changed the
             // flags it shares with this one.
             frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -190,7 +199,7 @@ impl Channel {
         );
         if missed {
             self.break_off(format!(
-                "{what} within the reply deadline ({timeout:?} for all the messages of one conversion, attached run or detach)"
+                "{what} within the reply deadline ({timeout:?} from its sending)"
             ));
         }
         match result {

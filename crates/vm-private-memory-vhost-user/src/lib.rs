@@ -58,10 +58,11 @@
 //!    changed. Then, for each region overlapping the range: `REM_MEM_REG` of the whole
 //!    region (exact guest address and size), waiting for the backend's acknowledgement;
 //!    then `ADD_MEM_REG` of the parts that stay shared. A removal that is not
-//!    acknowledged (or is refused) is refused in turn: the backend may still map the
-//!    region, so the conversion stops and the range stays shared. Before it refuses, the
-//!    parts of the range that earlier removals of the same `discard` took out are added
-//!    back (they stay shared too); one that cannot be is reported by
+//!    acknowledged (or is refused, or not sent for want of time: see 7) is refused in
+//!    turn: the backend may still map the region, so the conversion stops and the range
+//!    stays shared. Before it refuses, the parts of the range that earlier removals of
+//!    the same `discard` took out are added back (they stay shared too), as long as the
+//!    call has time left; one that cannot be is reported by
 //!    [`VhostUserAttachment::take_errors`]. A refusal in `discard` is an unwind that
 //!    vm-private-memory catches ("cannot let go"), raised with
 //!    `std::panic::resume_unwind`: the process's panic hook does not run for it (no
@@ -75,16 +76,20 @@
 //!    cannot turn private unnoticed. `detach` then hands the attachment back
 //!    ([`DetachError`]), to try again or to declare the backend exited.
 //! 7. **A deadline on the answers** ([`VhostUserMapper::with_reply_timeout`],
-//!    [`DEFAULT_REPLY_TIMEOUT`] = 10 s), one for each step rather than each message: a
-//!    step (one call of the memory's into the mapper: the revocation or addition of one
-//!    conversion, one run added by attach, a detach) gets the timeout once, and each of
-//!    its `ADD_MEM_REG` and `REM_MEM_REG` waits for its acknowledgement only for what is
-//!    left of it. A message that would go out once it is all spent is not sent, and
-//!    breaks the backend as a missed answer does: a backend that answers each of many
-//!    messages just in time cannot hold the conversion lock for many timeouts. vhost's
-//!    `Frontend` reads a reply until it is whole and retries on `EAGAIN`, so a receive
-//!    timeout (`SO_RCVTIMEO`) would only make it wait again: a watchdog thread of the
-//!    attachment's shuts the socket down instead, which ends the wait at once.
+//!    [`DEFAULT_REPLY_TIMEOUT`] = 10 s). Each `ADD_MEM_REG` and `REM_MEM_REG` waits for
+//!    its acknowledgement at most the timeout from its sending; one that is not answered
+//!    by then breaks the backend (below). And each listener call (one call of the
+//!    memory's into the mapper: one changed run of a conversion step, revoked or added;
+//!    one run added by attach; a detach) sends messages only until the timeout from its
+//!    start has passed: a message that would go out later is not sent
+//!    ([`Error::OutOfTime`]), which leaves the protocol in step and the backend not
+//!    broken, and the call refuses (a revocation stops with the range shared, an
+//!    addition is refused, a detach hands the attachment back). So one call holds the
+//!    conversion lock for less than twice the timeout, however many messages it needs,
+//!    and a backend that answers every message, if slowly, is never broken for it.
+//!    vhost's `Frontend` reads a reply until it is whole and retries on `EAGAIN`, so a
+//!    receive timeout (`SO_RCVTIMEO`) would only make it wait again: a watchdog thread
+//!    of the attachment's shuts the socket down instead, which ends the wait at once.
 //!
 //! What the backend must guarantee **before it acknowledges a `REM_MEM_REG`** (sends the
 //! `REPLY_ACK` with 0): no thread of it accesses the region through the removed mapping
@@ -225,10 +230,20 @@
 //! - **Conversions that never wait on the backend.** Each message still waits on the
 //!   converting thread, under the memory's conversion lock: a backend that answers
 //!   slowly, or not at all, stalls every conversion of the memory (and the vCPUs asking
-//!   for them) for up to the reply timeout per step (once: then it is broken). A
-//!   conversion of many ranges runs one step per range it offers or revokes, and a
-//!   rollback runs steps of its own. The deadline covers the mapper's own messages, not
-//!   the queries of [`VhostUserMapper::new`] nor the VMM's negotiation.
+//!   for them). The deadline is per listener call, not per hold of the lock:
+//!   vm-private-memory calls the mapper once per changed run, and one hold of the lock
+//!   may change many runs (a guest's request, [`PrivateMemory::serve_request`], up to
+//!   [`vm_private_memory::GUEST_RUNS_PER_STEP`] = 1,024 in each of its steps; a VMM's own
+//!   [`PrivateMemory::convert`], however many its range holds), and a rollback makes
+//!   calls of its own. A backend that stops answering costs one timeout (it is broken
+//!   then, and later calls send nothing and return at once); one that answers each
+//!   message just inside the timeout can hold the lock for up to twice the timeout per
+//!   changed run. Choose the timeout with that in mind. The deadline covers the
+//!   mapper's own messages, not the queries of [`VhostUserMapper::new`] nor the VMM's
+//!   negotiation.
+//!
+//!   [`PrivateMemory::serve_request`]: vm_private_memory::PrivateMemory::serve_request
+//!   [`PrivateMemory::convert`]: vm_private_memory::PrivateMemory::convert
 //! - **Telling a stuck backend from a dead one.** A broken backend keeps the ranges of
 //!   its table shared until the VMM calls [`VhostUserAttachment::backend_exited`]: the
 //!   mapper never decides by itself that a backend has let go of its mappings.

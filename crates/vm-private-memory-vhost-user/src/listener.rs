@@ -243,8 +243,8 @@ impl Mapper {
                         range.start(),
                         range.end()
                     )),
-                    broke => refuse(format!(
-                        "{broke} The conversion stops and [{:#x}, {:#x}) stays shared.{restore}",
+                    other => refuse(format!(
+                        "{other} The conversion stops and [{:#x}, {:#x}) stays shared.{restore}",
                         range.start(),
                         range.end()
                     )),

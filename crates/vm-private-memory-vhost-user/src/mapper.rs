@@ -48,20 +48,23 @@ impl std::fmt::Debug for VhostUserMapper {
     }
 }
 
-/// How long a [`VhostUserMapper`] waits, by default, for the backend's answers to all the
-/// messages of one step ([`VhostUserMapper::with_reply_timeout`]): 10 s.
+/// How long a [`VhostUserMapper`] waits, by default, for the backend's answer to each
+/// message, and how long each listener call may go on sending messages
+/// ([`VhostUserMapper::with_reply_timeout`]): 10 s.
 ///
 /// The wait happens on the converting thread, under the memory's conversion lock, so
 /// every conversion of the memory (and the vCPUs asking for them) waits with it. A
 /// backend acknowledges a removal only once its workers are done with the region, which
-/// may take a slow request's time (a disk or network I/O in flight), so the deadline is
-/// far above a request's usual latency; and it is well below the 20 s after which a
-/// Linux guest's soft-lockup detector reports a stuck vCPU (`watchdog_thresh`, 10 by
-/// default, doubled), so a backend that stopped answering is reported before the guest
-/// complains. It bounds a step (a conversion's revocation or addition of one range,
-/// which may take several messages: removing the regions over it, adding back what
-/// stays shared), not each message, so that a backend answering each message just in
-/// time holds the lock for one timeout, not one per message.
+/// may take a slow request's time (a disk or network I/O in flight), so the timeout is
+/// far above a request's usual latency; and a backend that stops answering is found out
+/// within it, half the 20 s after which a Linux guest's soft-lockup detector reports a
+/// stuck vCPU (`watchdog_thresh`, 10 by default, doubled). That bounds one message and
+/// one listener call (less than twice the timeout: it sends only within the timeout from
+/// its start), not one hold of the conversion lock: a conversion step calls the mapper
+/// once per changed run, so a backend that answers every message just inside the
+/// timeout may hold the lock for up to twice the timeout per changed run (see the crate
+/// documentation). A VMM for which a vCPU's stall matters more than a slow backend's
+/// refused conversions sets a shorter one.
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The shortest deadline [`VhostUserMapper::with_reply_timeout`] sets.
@@ -174,16 +177,22 @@ impl VhostUserMapper {
         self.budget
     }
 
-    /// Waits at most `timeout` (at least 1 ms) for the backend's answers to the
-    /// `ADD_MEM_REG` and `REM_MEM_REG` messages of each step ([`DEFAULT_REPLY_TIMEOUT`]
-    /// otherwise). A step is one call of the memory's into the mapper: the revocation or
-    /// addition of one range of a conversion (a discard, a region's removal or
-    /// addition), one run added by [`VhostUserMapper::attach`], or a detach. Its
-    /// messages share the timeout: each waits only for what is left of it, and one that
-    /// would go out once it is spent is not sent (the backend breaks, as below).
+    /// Waits at most `timeout` (at least 1 ms) for the backend's answer to each
+    /// `ADD_MEM_REG` and `REM_MEM_REG` from its sending, and lets each listener call send
+    /// messages only until `timeout` from its start has passed ([`DEFAULT_REPLY_TIMEOUT`]
+    /// otherwise). A listener call is one call of the memory's into the mapper: one
+    /// changed run of a conversion step, revoked or added (a conversion, a discard, a
+    /// region's removal or addition, a rollback), one run added by
+    /// [`VhostUserMapper::attach`], or a detach. So one call holds the conversion lock for
+    /// less than twice `timeout`; a conversion step that changes many runs makes one
+    /// call per run.
     ///
-    /// When the time is up, the mapper shuts the frontend's socket down (both
-    /// directions, for the frontend's clones too): the wait ends, and a late answer
+    /// A message that would go out once its call's time is spent is not sent
+    /// ([`Error::OutOfTime`](crate::Error::OutOfTime)): nothing is out of step and the
+    /// backend is not broken; the call refuses, and may be tried again.
+    ///
+    /// When a message's answer is late, the mapper shuts the frontend's socket down
+    /// (both directions, for the frontend's clones too): the wait ends, and a late answer
     /// cannot be taken for the answer to the next message. The backend is then broken
     /// ([`VhostUserAttachment::is_broken`]): the mapper sends it nothing more, refuses to
     /// add ranges, and refuses to let a range of its table turn private, until the VMM
@@ -198,7 +207,9 @@ impl VhostUserMapper {
         self
     }
 
-    /// How long the mapper waits for each answer.
+    /// The reply timeout: how long each message waits for its answer, and how long each
+    /// listener call may go on sending messages (so one call holds the conversion lock
+    /// for less than twice it; see [`VhostUserMapper::with_reply_timeout`]).
     pub fn reply_timeout(&self) -> Duration {
         self.reply_timeout
     }
@@ -237,8 +248,9 @@ impl VhostUserMapper {
     ///
     /// [`Error::NoShareableFile`] for in-place memory; [`Error::Deadline`] if the reply
     /// deadline's thread cannot be started (nothing was sent); [`Error::Subscribe`] if
-    /// the runs shared now cannot all be added (over the slot budget, or the backend
-    /// refused one; the reason is an [`Error`]): nothing stays added, unless the backend
+    /// the runs shared now cannot all be added (over the slot budget, the backend
+    /// refused one, or one run's additions ran out of time, [`Error::OutOfTime`]; the
+    /// reason is an [`Error`]): nothing stays added, unless the backend
     /// did not let go of a region added before the refusal: the error is then
     /// vm-private-memory's `RollbackFailed`, whose `kept_shared` runs stay in the
     /// backend's table, and the memory keeps telling the mapper when they go private

@@ -165,7 +165,11 @@ impl ConversionRequest {
 
 /// Changed runs one step of a guest's request may convert under one hold of the
 /// conversion lock: each costs a punch (and, dual, a `KVM_SET_MEMORY_ATTRIBUTES`), a few
-/// microseconds, so a step holds the lock for milliseconds at most.
+/// microseconds, so without listeners a step holds the lock for milliseconds at most.
+/// Listeners add their own time per changed run: each is called once per run that
+/// changes (`discard` or `populate`), so a device mapper that waits on a device or
+/// another process (an IOMMU unmap, a vhost-user backend's acknowledgement, up to its
+/// reply timeout) holds the lock for up to that many times its own wait.
 pub const GUEST_RUNS_PER_STEP: u64 = 1024;
 /// Changed bytes one step of a guest's request may convert: punching memory the guest
 /// touched costs time per byte (about 75 ms per GiB here).

@@ -103,14 +103,19 @@ impl VhostUserAttachment {
         self.mapper.lock().errors.take()
     }
 
-    /// Whether the backend is broken: a message went unanswered (the reply deadline
-    /// passed, the connection closed or broke, or the answer was not the message's).
-    /// The mapper then sends it nothing more: conversions to shared in the attached range
-    /// are refused ([`Error::Broken`]), and so are conversions to private (and discards)
-    /// of ranges the table still holds, since the backend may still map them; ranges
-    /// outside the table still go private. The way out is
-    /// [`VhostUserAttachment::backend_exited`]. Never waits, not even while a message is
-    /// out.
+    /// Whether the backend is broken: a message went unanswered (its reply timeout
+    /// passed, the connection closed or broke, or the answer was not the message's), or
+    /// a reply no message asked for waited on the socket. A message that was never sent
+    /// for want of time ([`Error::OutOfTime`]) does not break it.
+    ///
+    /// The mapper then sends it nothing more. Conversions to private (and discards) of
+    /// ranges the table still holds are refused, since the backend may still map them;
+    /// ranges outside the table still go private. Conversions to shared in the attached
+    /// range are refused ([`Error::Broken`]), except after a refused detach
+    /// ([`DetachError`]): that attachment adds nothing any more, so a conversion to
+    /// shared is accepted and goes on without the backend mapping the range. The way
+    /// out is [`VhostUserAttachment::backend_exited`]. Never waits, not even while a
+    /// message is out.
     pub fn is_broken(&self) -> bool {
         self.mapper.broken.get().is_some()
     }
@@ -227,17 +232,19 @@ impl VhostUserAttachment {
     /// # Errors
     ///
     /// [`DetachError`] if regions are left in the table, holding the attachment (as
-    /// [`StillRunning`] does) and why: [`Error::Remove`] for the first region the
-    /// backend did not acknowledge (it may still map it), or, if the backend is broken
-    /// (or breaks on the way), [`Error::Broken`] (or what broke it), after which it is
-    /// sent nothing more. The attachment handed back keeps following the conversions of
-    /// the regions left, so that they cannot turn private unnoticed (a conversion of one
-    /// to private tries its removal again, and is refused if it fails); it adds nothing
-    /// any more (a conversion to shared goes on without the backend), and a region
-    /// that a removal there takes out is not added back. With it the VMM can call
-    /// `detach` again once the backend lets go, or, once the backend's process is gone
-    /// (killed and reaped), [`VhostUserAttachment::backend_exited`]. Dropping it is
-    /// dropping the attachment (see `Drop`).
+    /// [`StillRunning`] does) and why: if the backend is broken (or breaks on the way),
+    /// what broke it ([`Error::NoReply`], [`Error::Lost`], or [`Error::Broken`]), after
+    /// which it is sent nothing more; otherwise the first region the backend did not
+    /// acknowledge ([`Error::Remove`]: it may still map it) or that there was no time
+    /// left to send ([`Error::OutOfTime`]). The attachment handed back keeps following
+    /// the conversions of the regions left, so that they cannot turn private unnoticed
+    /// (a conversion of one to private tries its removal again, and is refused if it
+    /// fails); it adds nothing any more (a conversion to shared goes on without the
+    /// backend), and a region that a removal there takes out is not added back. With it
+    /// the VMM can call `detach` again once the backend lets go (unless it is broken:
+    /// [`VhostUserAttachment::is_broken`]), or, once the backend's process has exited
+    /// (killed if it is stuck, and waited for), [`VhostUserAttachment::backend_exited`].
+    /// Dropping it is dropping the attachment (see `Drop`).
     pub fn detach(mut self) -> Result<(), DetachError> {
         match self.release() {
             Ok(()) => Ok(()),

@@ -9,6 +9,9 @@ use vm_private_memory::Strategy;
 
 use crate::peer::PidSource;
 
+/// What the VMM does about a broken backend, as the messages say it.
+pub(crate) const AFTER_BREAK: &str = "Kill the backend's process if it still runs and wait until it has exited, then call VhostUserAttachment::backend_exited (or, if a supervisor that outlives the backend made its socket and the VMM has seen the backend itself exit, assume_backend_exited), and attach a new backend";
+
 /// Why a [`VhostUserMapper`](crate::VhostUserMapper) could not be made or attached, or
 /// refused a range (a conversion that offered it is rolled back and carries this as its
 /// [`vm_private_memory::ListenerRefusal`]).
@@ -94,8 +97,8 @@ pub enum Error {
     ///
     /// [`VhostUserMapper::with_reply_timeout`]: crate::VhostUserMapper::with_reply_timeout
     #[error(
-        "the vhost-user backend did not answer {request} of guest [{:#x}, {:#x}) within the reply deadline ({timeout:?} from its sending): it is taken as broken, its connection is shut down (a late answer would be read as the answer to the next message) and it is sent nothing more; it may still map the region. Kill its process if it still runs, reap it (waitpid), call VhostUserAttachment::backend_exited, and attach a new backend.",
-        range.start(), range.end()
+        "the vhost-user backend did not answer {request} of guest [{:#x}, {:#x}) within the reply deadline ({timeout:?} from its sending): it is taken as broken, its connection is shut down (a late answer would be read as the answer to the next message) and it is sent nothing more; it may still map the region. {after}.",
+        range.start(), range.end(), after = AFTER_BREAK
     )]
     NoReply {
         /// The request (`ADD_MEM_REG`, `REM_MEM_REG`).
@@ -131,8 +134,8 @@ pub enum Error {
     /// answer to the message: the protocol is out of step, and the backend is broken
     /// from then on.
     #[error(
-        "{request} of guest [{:#x}, {:#x}) got no answer from the vhost-user backend: {source}; the protocol is out of step, so the backend is taken as broken, its connection is shut down and it is sent nothing more; it may still map the region. Kill its process if it still runs, reap it (waitpid), call VhostUserAttachment::backend_exited, and attach a new backend.",
-        range.start(), range.end()
+        "{request} of guest [{:#x}, {:#x}) got no answer from the vhost-user backend: {source}; the protocol is out of step, so the backend is taken as broken, its connection is shut down and it is sent nothing more; it may still map the region. {after}.",
+        range.start(), range.end(), after = AFTER_BREAK
     )]
     Lost {
         /// The request (`ADD_MEM_REG`, `REM_MEM_REG`).
@@ -147,8 +150,8 @@ pub enum Error {
     /// The backend is broken (an earlier message went unanswered): the mapper sends it
     /// nothing more.
     #[error(
-        "guest [{:#x}, {:#x}) cannot be mapped into or removed from the vhost-user backend: the backend is broken ({why}) and is sent nothing more. Kill its process if it still runs, reap it (waitpid), call VhostUserAttachment::backend_exited, and attach a new backend",
-        range.start(), range.end()
+        "guest [{:#x}, {:#x}) cannot be mapped into or removed from the vhost-user backend: the backend is broken ({why}) and is sent nothing more. {after}",
+        range.start(), range.end(), after = AFTER_BREAK
     )]
     Broken {
         /// The range offered, revoked or left in the table.
@@ -193,17 +196,43 @@ impl Error {
     pub(crate) fn sent_unanswered(&self) -> bool {
         matches!(self, Error::NoReply { .. } | Error::Lost { .. })
     }
+
+    /// Whether this says the backend is broken ([`Error::NoReply`], [`Error::Lost`],
+    /// [`Error::Broken`]).
+    pub(crate) fn broke_the_backend(&self) -> bool {
+        matches!(
+            self,
+            Error::NoReply { .. } | Error::Lost { .. } | Error::Broken { .. }
+        )
+    }
+
+    /// What to do with a [`DetachError`] holding this.
+    fn after_detach(&self) -> &'static str {
+        if self.broke_the_backend() {
+            "The backend is broken and is sent nothing more, so detach cannot remove them: kill the backend's process if it still runs and wait until it has exited, then call backend_exited on the attachment this error holds (or, if a supervisor that outlives the backend made its socket and the VMM has seen the backend itself exit, assume_backend_exited)"
+        } else {
+            "Call detach again on the attachment this error holds once the backend lets go (check is_broken first: if the backend broke since, detach sends nothing), or, once the backend's process has exited, backend_exited"
+        }
+    }
 }
 
 /// [`VhostUserAttachment::backend_exited`](crate::VhostUserAttachment::backend_exited)
 /// refused: the backend's process still runs, as far as the mapper knows it. It holds
 /// the attachment, unchanged.
+///
+/// What to do depends on where the mapper has the process from ([`StillRunning::origin`]):
+/// the backend's own process ([`PidSource::Given`]) is killed (if it is stuck) and waited
+/// for until it has exited (reaping it is not needed); the socket's peer
+/// ([`PidSource::ListeningSocket`]) may be a supervisor, which must not be killed for
+/// this. The message says which.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{} ({pid}) is still running, and a live backend keeps its mappings of guest memory until it exits: kill it (SIGKILL if it is stuck), reap it (waitpid), then call backend_exited again with the attachment this error holds.{}",
+    "{} ({pid}) is still running, and a live backend keeps its mappings of guest memory until it exits: {}{}",
     .origin.process(),
+    .origin.advice(),
     .origin.otherwise()
 )]
+#[non_exhaustive]
 pub struct StillRunning {
     /// The pid of the process that still runs.
     pub pid: u32,
@@ -217,12 +246,21 @@ pub struct StillRunning {
 
 /// [`VhostUserAttachment::detach`](crate::VhostUserAttachment::detach) left regions in
 /// the backend's table. It holds the attachment, which keeps following those regions.
+///
+/// Its message says what to do, after `error`: detach again once the backend lets go,
+/// or, if `error` is one that broke the backend ([`Error::NoReply`], [`Error::Lost`],
+/// [`Error::Broken`]), wait for the backend's process to exit and call
+/// [`VhostUserAttachment::backend_exited`](crate::VhostUserAttachment::backend_exited).
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "detaching from the vhost-user backend left regions in its table: {error}. The backend may still map them, so they stay followed and cannot turn private: call detach again on the attachment this error holds once the backend lets go, or, once its process is gone (killed and reaped), backend_exited"
+    "detaching from the vhost-user backend left regions in its table: {error}. The backend may still map them, so they stay followed and cannot turn private. {}",
+    .error.after_detach()
 )]
+#[non_exhaustive]
 pub struct DetachError {
-    /// Why: the first removal the backend did not acknowledge, or what broke it.
+    /// Why: what broke the backend, if it is broken (before the detach or during it);
+    /// otherwise the first removal the backend did not acknowledge (or that there was
+    /// no time left for, [`Error::OutOfTime`]).
     #[source]
     pub error: Error,
     /// The attachment, with the regions left in its table.

@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use guest_memfd::PageRange;
 use vm_private_memory::{MemoryListener, SharedPages, Strategy};
 
-use crate::error::Error;
+use crate::error::{Error, AFTER_BREAK};
 use crate::error_log::ErrorLog;
 use crate::exchange::{BrokenBy, Channel};
 use crate::peer::Peer;
@@ -27,9 +27,6 @@ pub(crate) struct State {
     /// Set while attach offers the runs shared then (`subscribe_with_replay`).
     pub(crate) attaching: bool,
 }
-
-/// What the VMM does about a broken backend.
-pub(crate) const AFTER_BREAK: &str = "Kill its process if it still runs, reap it (waitpid), call VhostUserAttachment::backend_exited, and attach a new backend";
 
 /// The listener behind a [`crate::VhostUserAttachment`].
 pub(crate) struct Mapper {
@@ -126,8 +123,9 @@ impl Mapper {
     }
 
     /// Stops adding, and removes every region; returns the first removal the backend did
-    /// not acknowledge, if any (those regions stay in the table). Once the backend is
-    /// broken, nothing is sent: the error is [`Error::Broken`] (or what broke it).
+    /// not acknowledge, if any (those regions stay in the table), or, if the backend is
+    /// broken or breaks on the way, what broke it (or [`Error::Broken`]): nothing more is
+    /// sent then.
     pub(crate) fn remove_all(&self) -> Option<Error> {
         let mut state = self.lock();
         state.channel.begin();
@@ -139,12 +137,13 @@ impl Mapper {
                 Ok(()) => {
                     state.table.remove(&region.guest.start());
                 }
-                Err(e) => {
-                    refused = refused.or(Some(e));
-                    if state.channel.is_broken() {
-                        break;
-                    }
+                Err(e) if state.channel.is_broken() => {
+                    // What broke it (or says it is broken) is what the VMM must act on,
+                    // rather than an earlier refusal: detaching again cannot help now.
+                    refused = Some(e);
+                    break;
                 }
+                Err(e) => refused = refused.or(Some(e)),
             }
         }
         refused

@@ -242,7 +242,8 @@ impl VhostUserMapper {
     /// [`VhostUserAttachment::take_errors`]: the backend may map what was sent, so those
     /// runs stay followed, and the runs after them are not sent (they stay shared, and
     /// the backend does not map them). The attachment is what the VMM recovers with:
-    /// kill and reap the backend, then [`VhostUserAttachment::backend_exited`].
+    /// kill the backend and wait until it has exited, then
+    /// [`VhostUserAttachment::backend_exited`].
     ///
     /// # Errors
     ///

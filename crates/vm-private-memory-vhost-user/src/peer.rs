@@ -63,6 +63,14 @@ impl PidSource {
         }
     }
 
+    /// What the VMM does about the process, as the messages say it.
+    pub(crate) fn advice(self) -> &'static str {
+        match self {
+            PidSource::Given => "kill it (SIGKILL if it is stuck) and wait until it has exited, then call backend_exited again with the attachment this error holds.",
+            PidSource::ListeningSocket => "if it is the backend, kill it (SIGKILL if it is stuck) and wait until it has exited, then call backend_exited again with the attachment this error holds.",
+        }
+    }
+
     /// What else the VMM can do, as the messages say it.
     pub(crate) fn otherwise(self) -> &'static str {
         match self {

@@ -280,6 +280,50 @@ fn detaching_from_a_broken_backend_hands_the_attachment_back_for_backend_exited(
         .unwrap();
 }
 
+/// A detach whose first removal the backend refuses, and whose second it never
+/// answers: the backend is broken, and the error handed back is what broke it, not the
+/// refusal before it, so that it does not send the VMM to detach again (which would send
+/// nothing).
+#[test]
+fn a_detach_that_breaks_the_backend_after_a_refusal_reports_what_broke_it() {
+    let mut h = Harness::with(Options {
+        reply_timeout: Some(Duration::from_millis(200)),
+        ..Options::default()
+    });
+    assert_eq!(h.mapper().slots_used(), 2);
+    h.set_removals(Answer::RefuseThenStall, 0);
+    let refused = within(LIMIT, "detach", || {
+        h.take_attachment().detach().unwrap_err()
+    });
+    assert!(
+        matches!(
+            refused.error,
+            MapperError::NoReply {
+                request: "REM_MEM_REG",
+                ..
+            }
+        ),
+        "{}",
+        refused.error
+    );
+    let text = refused.to_string();
+    assert!(text.contains("backend_exited"), "{text}");
+    assert!(!text.contains("detach again"), "{text}");
+    let attachment = refused.attachment;
+    assert!(attachment.is_broken());
+    assert_eq!(attachment.slots_used(), 2);
+    // The attachment adds nothing any more: a conversion to shared goes on, unmapped.
+    h.memory
+        .convert(pr(0x40000, PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    assert!(!attachment.is_mapped(0x40000));
+
+    h.backend.kill();
+    h.backend.reap();
+    attachment.backend_exited().unwrap();
+    assert_eq!(h.memory.listener_count(), 0);
+}
+
 /// Dropping an attachment whose regions cannot be removed: while the backend may still
 /// run, the subscription stays (leaked) and the regions cannot turn private; once the
 /// process whose pid the VMM gave has exited (and the pidfd says so), the table is let

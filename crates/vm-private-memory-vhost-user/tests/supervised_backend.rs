@@ -63,9 +63,13 @@ fn a_supervisor_s_socket_names_the_supervisor_and_assume_backend_exited_lets_go(
         "the process at the other end of the vhost-user frontend's socket",
         "VhostUserMapper::with_backend_pid",
         "assume_backend_exited",
+        // It may name a supervisor: killing it is not what the VMM is told to do.
+        "if it is the backend, kill it",
+        "Do not kill a supervisor",
     ] {
         assert!(text.contains(said), "{text}");
     }
+    assert!(!text.contains("waitpid"), "{text}");
     assert_eq!(memory.listener_count(), 1);
 
     // The VMM saw the backend go: it takes its own word.
@@ -108,6 +112,7 @@ fn with_the_backend_s_pid_backend_exited_follows_the_backend_not_the_supervisor(
     let text = refused.to_string();
     assert!(text.contains("the vhost-user backend's process"), "{text}");
     assert!(!text.contains("assume_backend_exited"), "{text}");
+    assert!(text.contains("wait until it has exited"), "{text}");
     let attachment = refused.attachment;
 
     // Killed and reaped (by the supervisor, which runs on): its pid is no longer

@@ -46,6 +46,8 @@ pub enum Answer {
     TwiceThenStall = 3,
     /// Waits [`Answer::DELAYED_BY`], then passes it to the daemon.
     Delay = 4,
+    /// Answers it with a failure, as [`Answer::Refuse`]; the ones after it stall.
+    RefuseThenStall = 5,
 }
 
 /// Which requests an [`Answer`] is for.
@@ -76,6 +78,7 @@ impl Answer {
             2 => Answer::Stall,
             3 => Answer::TwiceThenStall,
             4 => Answer::Delay,
+            5 => Answer::RefuseThenStall,
             _ => Answer::Acknowledge,
         }
     }
@@ -217,6 +220,11 @@ pub fn relay(frontend: UnixStream, daemon: UnixStream) {
                 (Answer::Acknowledge, 0) => {}
                 (Answer::Refuse, 0) => {
                     answer(1);
+                    continue;
+                }
+                (Answer::RefuseThenStall, 0) => {
+                    answer(1);
+                    *how = (Answer::Stall, 0);
                     continue;
                 }
                 (Answer::Stall, 0) => loop {

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
+use std::thread::ThreadId;
 
 use guest_memfd::PageRange;
 use vm_private_memory::{MemoryListener, SharedPages, Strategy};
@@ -24,8 +25,11 @@ pub(crate) struct State {
     pub(crate) errors: ErrorLog,
     /// Set once the attachment is being released: nothing is added any more.
     pub(crate) detached: bool,
-    /// Set while attach offers the runs shared then (`subscribe_with_replay`).
-    pub(crate) attaching: bool,
+    /// The thread that attaches, while attach offers it the runs shared then
+    /// (`subscribe_with_replay`, which calls `populate` on that thread). A conversion on
+    /// another thread, between the replay's end and attach's clearing of this, is not
+    /// part of it.
+    pub(crate) attaching: Option<ThreadId>,
 }
 
 /// The listener behind a [`crate::VhostUserAttachment`].
@@ -284,7 +288,8 @@ impl MemoryListener for Mapper {
 
     fn populate(&self, range: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let mut state = self.lock();
-        if state.attaching && state.channel.is_broken() {
+        let replay = state.attaching == Some(std::thread::current().id());
+        if replay && state.channel.is_broken() {
             // Attaching to a backend that broke on an earlier run: nothing is sent, so
             // there is nothing to take back. Accepting the run (it is shared, and the
             // backend does not map it) keeps the replay from being rolled back, which
@@ -294,7 +299,7 @@ impl MemoryListener for Mapper {
         }
         state.channel.begin();
         match self.add_shared(&mut state, range) {
-            Err(e) if state.attaching && state.channel.is_broken() => {
+            Err(e) if replay && state.channel.is_broken() => {
                 // The same, for a run on which it broke: what was sent stays in the
                 // table, the rest is not mapped.
                 state.errors.push(e);

@@ -279,12 +279,12 @@ impl VhostUserMapper {
                 table: BTreeMap::new(),
                 errors: ErrorLog::default(),
                 detached: false,
-                attaching: true,
+                attaching: Some(std::thread::current().id()),
             }),
         });
         let listener: Arc<dyn MemoryListener> = Arc::clone(&mapper) as Arc<dyn MemoryListener>;
         let subscribed = memory.subscribe_with_replay(range, listener);
-        mapper.lock().attaching = false;
+        mapper.lock().attaching = None;
         let subscription = subscribed.map_err(Error::Subscribe)?;
         Ok(VhostUserAttachment {
             mapper,

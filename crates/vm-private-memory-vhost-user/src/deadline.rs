@@ -81,6 +81,22 @@ impl Watch {
     }
 }
 
+/// Disarms the watchdog for `message` when dropped, however [`Deadline::run`]'s exchange
+/// ends.
+struct Disarm<'a> {
+    watch: &'a Watch,
+    message: u64,
+}
+
+impl Drop for Disarm<'_> {
+    fn drop(&mut self) {
+        let mut timer = self.watch.lock();
+        if matches!(timer.armed, Some((armed, _)) if armed == self.message) {
+            timer.armed = None;
+        }
+    }
+}
+
 /// When the replies to messages sent from `now` on are due, given `timeout`; `None` (no
 /// deadline) if that is past what an `Instant` can hold.
 fn due(now: Instant, timeout: Duration) -> Option<Instant> {
@@ -131,6 +147,9 @@ impl Deadline {
     /// returned, and whether the socket was shut down for it (then the connection is
     /// gone, whatever `exchange` returned: a reply that came at the last moment still
     /// counts).
+    ///
+    /// The watchdog is disarmed when `exchange` returns or unwinds: a panic in it does
+    /// not leave the socket to be shut down later, under whatever message comes next.
     pub(crate) fn run<T>(&self, due: Option<Instant>, exchange: impl FnOnce() -> T) -> (T, bool) {
         let message = {
             let mut timer = self.watch.lock();
@@ -139,10 +158,14 @@ impl Deadline {
             timer.last
         };
         self.watch.wake.notify_one();
-        let out = exchange();
-        let mut timer = self.watch.lock();
-        timer.armed = None;
-        (out, timer.missed == Some(message))
+        let out = {
+            let _disarm = Disarm {
+                watch: &self.watch,
+                message,
+            };
+            exchange()
+        };
+        (out, self.watch.lock().missed == Some(message))
     }
 
     /// The request code of the message that waits first on the socket (the first word
@@ -263,6 +286,21 @@ mod tests {
             deadline.run(deadline.start(), || frontend.remove_mem_region(&region));
         assert!(!missed);
         assert!(result.is_err(), "{result:?}");
+    }
+
+    #[test]
+    fn an_exchange_that_unwinds_leaves_the_watchdog_disarmed() {
+        let frontend = silent_peer();
+        let deadline = Deadline::new(&frontend, Duration::from_millis(50)).unwrap();
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            deadline.run(deadline.start(), || {
+                std::panic::resume_unwind(Box::new("the exchange panicked"))
+            })
+        }));
+        assert!(unwound.is_err());
+        // Well past the deadline the exchange had: the socket is still open.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(frontend.get_features().unwrap(), 1 << 30);
     }
 
     #[test]

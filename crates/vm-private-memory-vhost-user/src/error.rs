@@ -173,7 +173,7 @@ pub enum Error {
     },
     /// The backend's pid, as the VMM gave it, names no process this one can follow.
     #[error(
-        "pidfd_open({pid}), for the vhost-user backend's process, failed: {source} (ESRCH: no such process in this pid namespace, or it has exited and been reaped; ENOSYS: a kernel older than 5.3); give the pid of the backend's process as the VMM spawned it, while it runs, or leave it out to take the socket's peer"
+        "pidfd_open({pid}), for the vhost-user backend's process, failed: {source} (ESRCH: no such process in this pid namespace, or it has exited and been reaped; EINVAL: not a pid, as 0 or one above i32::MAX; EINVAL, or ENOENT since Linux 6.9: the id of a thread other than its process's first; ENOSYS: a kernel older than 5.3); give the pid of the backend's process (its first thread's id) as the VMM spawned it, while it runs, or leave it out to take the socket's peer"
     )]
     BackendPid {
         /// The pid given.

@@ -162,8 +162,10 @@ impl VhostUserMapper {
     ///
     /// # Errors
     ///
-    /// [`Error::BackendPid`] if `pidfd_open` fails: no such process (not in this pid
-    /// namespace, or exited and reaped already), or a kernel older than 5.3.
+    /// [`Error::BackendPid`] if `pidfd_open` fails: no such process (`ESRCH`: not in this
+    /// pid namespace, or exited and reaped already), not a pid (`EINVAL`: 0 or a number
+    /// above `i32::MAX`), the id of a thread other than its process's first (`EINVAL`,
+    /// or `ENOENT` since Linux 6.9), or a kernel older than 5.3 (`ENOSYS`).
     pub fn with_backend_pid(mut self, pid: u32) -> Result<Self, Error> {
         self.peer = Peer::given(pid).map_err(|errno| Error::BackendPid {
             pid,

@@ -279,5 +279,22 @@ mod tests {
         assert_eq!(peer.pid(), None);
         // A pid no process has.
         assert_eq!(Peer::given(i32::MAX as u32).unwrap_err(), libc::ESRCH);
+        // Not pids: 0, a number pid_t cannot hold; and a thread other than the first
+        // (EINVAL before Linux 6.9, ENOENT since).
+        assert_eq!(Peer::given(0).unwrap_err(), libc::EINVAL);
+        assert_eq!(Peer::given(u32::MAX).unwrap_err(), libc::EINVAL);
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || {
+            // SAFETY: gettid takes nothing and returns the calling thread's id.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = tid_rx.recv().unwrap() as u32;
+        assert_ne!(tid, std::process::id());
+        let errno = Peer::given(tid).unwrap_err();
+        assert!(errno == libc::EINVAL || errno == libc::ENOENT, "{errno}");
+        drop(done_tx);
+        other.join().unwrap();
     }
 }

@@ -25,6 +25,7 @@
 mod cpu;
 mod driver;
 mod error;
+mod footprint;
 mod guest;
 pub mod layout;
 pub mod linux;
@@ -33,6 +34,7 @@ mod vm;
 pub use cpu::{enter_long_mode, enter_user_mode, Privilege};
 pub use driver::Driver;
 pub use error::{Error, Result};
+pub use footprint::resident_guest_memfd_bytes;
 pub use guest::{
     private_memory_vm, Device, GuestConfig, GuestVcpu, NoDevice, PrivateGuest, Served, SumDevice,
     DATA_ADDR, SERVED_LOG, STACK_STRIDE,

@@ -5,13 +5,14 @@
 //! ```text
 //! privmem probe          # a readable report
 //! privmem probe --json   # the same, as JSON
-//! privmem demo           # a guest on private memory, as a story
 //! ```
+//!
+//! It depends on the `guest-memfd` crate alone, so `cargo install privmem` works from
+//! the package. The workspace's demo (small guests on private memory, as a story) is
+//! `cargo run --release -p integration --bin privmem-demo`.
 
 #![deny(missing_debug_implementations)]
 #![deny(clippy::undocumented_unsafe_blocks)]
-
-mod demo;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
@@ -36,16 +37,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Boot small guests whose RAM is guest_memfd: an all-private guest, and a TDX-style
-    /// bounce buffer; show what the host can and cannot read, with timings.
-    Demo,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Probe { json } => probe(json),
-        Command::Demo => demo(),
     }
 }
 
@@ -74,20 +71,6 @@ fn probe(json: bool) -> ExitCode {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("privmem: writing the report failed: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn demo() -> ExitCode {
-    let mut out = io::stdout().lock();
-    match demo::run(&mut out) {
-        Ok(outcome) if outcome.ok => ExitCode::SUCCESS,
-        Ok(_) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!(
-                "privmem demo: {e}\n(the demo needs read-write /dev/kvm and guest_memfd with MMAP | INIT_SHARED: run `privmem probe`)"
-            );
             ExitCode::FAILURE
         }
     }

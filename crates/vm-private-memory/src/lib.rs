@@ -83,7 +83,12 @@
 //! use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 //! use vm_private_memory::{private_page_refusal, MemoryBuilder, PageState};
 //!
-//! let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+//! // Needs /dev/kvm: without it, the example says so and stops.
+//! let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+//!     println!("SKIPPED: this example needs /dev/kvm");
+//!     return;
+//! };
+//! let vm = Arc::new(kvm.create_vm().unwrap());
 //! // 4 MiB of guest RAM at 0, all private, as a TDX or SNP guest starts.
 //! let memory = MemoryBuilder::new(vm)
 //!     .region_at(0, 4 << 20)
@@ -126,7 +131,6 @@ mod builder;
 mod convert;
 mod error;
 mod exits;
-mod footprint;
 mod guard;
 mod inflight;
 mod kvm_view;
@@ -153,7 +157,6 @@ pub use exits::{
     KVM_EFAULT, KVM_EINVAL, KVM_ENOSYS, MAP_GPA_RANGE_ENCRYPTED, MAP_GPA_RANGE_KNOWN,
     MAP_GPA_RANGE_PAGE_SZ_1G, MAP_GPA_RANGE_PAGE_SZ_2M,
 };
-pub use footprint::resident_guest_memfd_bytes;
 pub use guard::{AccessGuard, HostAccess};
 pub use guest_memfd::VmOps;
 pub use listener::{MemoryListener, Subscription};

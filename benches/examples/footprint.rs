@@ -8,8 +8,9 @@
 use std::sync::Arc;
 
 use guest_memfd::PageRange;
+use integration::resident_guest_memfd_bytes;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vm_private_memory::{resident_guest_memfd_bytes, MemoryBuilder, PageState, Strategy};
+use vm_private_memory::{MemoryBuilder, PageState, Strategy};
 
 const GIB: u64 = 1 << 30;
 

@@ -1,14 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! `privmem demo` on the real `/dev/kvm`: it runs, every check in it holds, and it tells
+//! `privmem-demo` on the real `/dev/kvm`: it runs, every check in it holds, and it tells
 //! the story the README promises.
 
 use std::process::Command;
 
 #[test]
 fn demo_runs_and_every_check_holds() {
-    let out = Command::new(env!("CARGO_BIN_EXE_privmem"))
-        .arg("demo")
+    let out = Command::new(env!("CARGO_BIN_EXE_privmem-demo"))
         .output()
         .unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! `privmem demo`: a guest on private memory, told as a story a VMM author reads in ten
+//! `privmem-demo`: a guest on private memory, told as a story a VMM author reads in ten
 //! seconds. It runs the integration harness's scenarios 1 (an all-private guest) and 2 (a
 //! TDX-style bounce buffer) and says what the host could and could not see.
 
@@ -8,11 +8,13 @@ use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
 use guest_memfd::PAGE_SIZE;
-use integration::{layout, programs, GuestConfig, NoDevice, PrivateGuest, SumDevice, DATA_ADDR};
+use integration::{
+    layout, programs, resident_guest_memfd_bytes, GuestConfig, NoDevice, PrivateGuest, SumDevice,
+    DATA_ADDR,
+};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vm_private_memory::{
-    private_page_refusal, resident_guest_memfd_bytes, GuestMemoryPrivate, Strategy,
-    MAP_GPA_RANGE_ENCRYPTED,
+    private_page_refusal, GuestMemoryPrivate, Strategy, MAP_GPA_RANGE_ENCRYPTED,
 };
 
 const MIB: u64 = 1 << 20;
@@ -59,7 +61,7 @@ pub fn run(out: &mut impl Write) -> Result<Outcome, Box<dyn std::error::Error>> 
         .unwrap_or_default();
     writeln!(
         out,
-        "privmem demo: guests whose RAM is KVM guest_memfd, on Linux {kernel}\n"
+        "privmem-demo: guests whose RAM is KVM guest_memfd, on Linux {kernel}\n"
     )?;
     all_private_story(out, &mut ok)?;
     bounce_story(out, &mut ok)?;

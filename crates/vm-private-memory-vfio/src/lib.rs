@@ -45,7 +45,12 @@
 //! use vm_private_memory_vfio::DmaMapper;
 //! use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
 //!
-//! let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+//! // Needs /dev/kvm: without it, the example says so and stops.
+//! let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+//!     println!("SKIPPED: this example needs /dev/kvm");
+//!     return;
+//! };
+//! let vm = Arc::new(kvm.create_vm().unwrap());
 //! let memory = MemoryBuilder::new(vm).region_at(0, 1 << 30).build().unwrap();
 //!
 //! // The device and its container, as a VMM opens them.

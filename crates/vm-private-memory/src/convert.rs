@@ -289,7 +289,12 @@ impl PrivateMemory {
     /// use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
     /// use vm_private_memory::{MemoryBuilder, PageState};
     ///
-    /// let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+    /// // Needs /dev/kvm: without it, the example says so and stops.
+    /// let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+    ///     println!("SKIPPED: this example needs /dev/kvm");
+    ///     return;
+    /// };
+    /// let vm = Arc::new(kvm.create_vm().unwrap());
     /// let memory = MemoryBuilder::new(vm).region_at(0, 4 << 20).build().unwrap();
     /// let view = memory.memory();
     /// // Everything starts private: the host cannot read it.

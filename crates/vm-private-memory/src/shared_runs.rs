@@ -144,7 +144,12 @@ impl<'a> SharedRun<'a> {
 /// use guest_memfd::PageRange;
 /// use vm_private_memory::{MemoryBuilder, PageState};
 ///
-/// let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+/// // Needs /dev/kvm: without it, the example says so and stops.
+/// let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+///     println!("SKIPPED: this example needs /dev/kvm");
+///     return;
+/// };
+/// let vm = Arc::new(kvm.create_vm().unwrap());
 /// let memory = MemoryBuilder::new(vm).region_at(0, 4 << 20).build().unwrap();
 /// memory.convert(PageRange::new(0x10000, 0x3000).unwrap(), PageState::Shared).unwrap();
 /// memory.convert(PageRange::new(0x20000, 0x1000).unwrap(), PageState::Shared).unwrap();

@@ -36,6 +36,10 @@ fn drop_unbinds_its_regions_even_if_the_published_collection_was_replaced() {
 
 /// A panicking listener is a refusal: the conversion rolls back and nothing is left
 /// half done; a panic in `discard` does not stop the conversion.
+///
+/// The listener unwinds with `resume_unwind`, which is what `panic!` does after the panic
+/// hook has printed its report: the memory catches both the same way, and a green test
+/// run prints no panic report.
 #[test]
 fn a_panicking_listener_is_contained() {
     struct Panics {
@@ -44,12 +48,12 @@ fn a_panicking_listener_is_contained() {
     impl MemoryListener for Panics {
         fn discard(&self, _: PageRange) {
             if !self.in_populate {
-                panic!("discard panics");
+                std::panic::resume_unwind(Box::new("discard panics"));
             }
         }
         fn populate(&self, _: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             if self.in_populate {
-                panic!("populate panics");
+                std::panic::resume_unwind(Box::new("populate panics"));
             }
             Ok(())
         }

@@ -102,8 +102,6 @@ pub struct GuestConfig {
 #[derive(Debug)]
 pub struct PrivateGuest {
     kvm: Kvm,
-    /// The VM, for the calls the memory does not make (vCPUs, capabilities).
-    vm: Arc<VmFd>,
     memory: Arc<PrivateMemory>,
     vcpus: Vec<GuestVcpu>,
 }
@@ -219,12 +217,7 @@ impl PrivateGuest {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(PrivateGuest {
-            kvm,
-            vm,
-            memory,
-            vcpus,
-        })
+        Ok(PrivateGuest { kvm, memory, vcpus })
     }
 
     /// The guest's memory.
@@ -247,22 +240,11 @@ impl PrivateGuest {
         enter_long_mode(&self.kvm, &vcpu.fd, privilege, CODE_ADDR, stack, args)
     }
 
-    /// Asks KVM to let the guest's `KVM_HC_MAP_GPA_RANGE` hypercalls exit to us
-    /// (`KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)`), if the host offers it; returns whether
-    /// it does.
+    /// Asks KVM to let the guest's `KVM_HC_MAP_GPA_RANGE` hypercalls exit to us, through
+    /// the memory ([`PrivateMemory::enable_map_gpa_range_exits`]); returns whether the
+    /// host offers it.
     pub fn enable_map_gpa_range_exits(&self) -> Result<bool> {
-        let vm = &self.vm;
-        if !Capabilities::of_vm(vm).map_gpa_range_exit() {
-            return Ok(false);
-        }
-        let mut cap = kvm_bindings::kvm_enable_cap {
-            cap: kvm_bindings::KVM_CAP_EXIT_HYPERCALL,
-            ..Default::default()
-        };
-        cap.args[0] = 1 << guest_memfd::uapi::KVM_HC_MAP_GPA_RANGE;
-        vm.enable_cap(&cap)
-            .map_err(|e| Error::Kvm("KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)", e))?;
-        Ok(true)
+        Ok(self.memory.enable_map_gpa_range_exits()?)
     }
 
     /// vCPU `index`.

@@ -3,7 +3,8 @@
 //! The VM operations this workspace needs from a hypervisor, as a trait: [`VmOps`].
 //!
 //! Everything that touches a VM (probing capabilities, creating a guest_memfd, binding
-//! memslots, changing memory attributes) goes through this trait. It is implemented for
+//! memslots, changing memory attributes, enabling hypercall exits) goes through this
+//! trait. It is implemented for
 //! kvm-ioctls' [`VmFd`]; a VMM with its own hypervisor wrapper (Cloud Hypervisor's
 //! `hypervisor` crate, for example) implements it there and hands that to this crate, and
 //! tests implement it to record calls or make them fail.
@@ -110,6 +111,20 @@ pub trait VmOps: Send + Sync {
         let _ = attributes;
         Err(errno::Error::new(libc::ENOTTY))
     }
+
+    /// `KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)`: the hypercalls whose numbers are set in
+    /// `hypercalls` (bit `n` for hypercall `n`) exit to the VMM as `KVM_EXIT_HYPERCALL`
+    /// instead of being answered by the hypervisor.
+    ///
+    /// The default answers `ENOTTY`, as a kernel without the capability does.
+    ///
+    /// # Errors
+    ///
+    /// The kernel's errno (`EINVAL` for a hypercall it cannot forward).
+    fn enable_hypercall_exits(&self, hypercalls: u64) -> Result<(), errno::Error> {
+        let _ = hypercalls;
+        Err(errno::Error::new(libc::ENOTTY))
+    }
 }
 
 impl VmOps for VmFd {
@@ -135,6 +150,15 @@ impl VmOps for VmFd {
 
     fn set_memory_attributes(&self, attributes: kvm_memory_attributes) -> Result<(), errno::Error> {
         VmFd::set_memory_attributes(self, attributes)
+    }
+
+    fn enable_hypercall_exits(&self, hypercalls: u64) -> Result<(), errno::Error> {
+        let mut cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_EXIT_HYPERCALL,
+            ..Default::default()
+        };
+        cap.args[0] = hypercalls;
+        VmFd::enable_cap(self, &cap)
     }
 }
 
@@ -166,6 +190,10 @@ macro_rules! forward_vm_ops {
                 attributes: kvm_memory_attributes,
             ) -> Result<(), errno::Error> {
                 (**self).set_memory_attributes(attributes)
+            }
+
+            fn enable_hypercall_exits(&self, hypercalls: u64) -> Result<(), errno::Error> {
+                (**self).enable_hypercall_exits(hypercalls)
             }
         }
     )*};

@@ -235,6 +235,10 @@ pub enum Error {
     /// is restored into; nothing was changed.
     #[error("the saved state is refused: {0}")]
     StateMismatch(#[from] crate::state::StateError),
+    /// `KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)` for `KVM_HC_MAP_GPA_RANGE` failed although
+    /// the host offers it.
+    #[error("enabling KVM_HC_MAP_GPA_RANGE exits (KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)) failed: {0}; the guest's conversion hypercalls will be answered by KVM, not served")]
+    EnableExits(#[source] errno::Error),
     /// A guest's conversion request was malformed.
     #[error("malformed conversion request from the guest: {0}")]
     BadRequest(#[from] crate::exits::RequestError),
@@ -246,6 +250,7 @@ impl Error {
         match self {
             Error::File(e) => e.errno(),
             Error::SetAttributes { source, .. } => Some(source.errno()),
+            Error::EnableExits(source) => Some(source.errno()),
             Error::RollbackFailed { cause, .. } => cause.errno(),
             _ => None,
         }

@@ -59,13 +59,37 @@ pub enum RequestError {
     /// Memory-fault flags other than `KVM_MEMORY_EXIT_FLAG_PRIVATE`.
     #[error("memory-fault flags {0:#x} are unknown")]
     BadFlags(u64),
+    /// A hypercall other than `KVM_HC_MAP_GPA_RANGE`: not a conversion request.
+    #[error("hypercall {0} is not KVM_HC_MAP_GPA_RANGE")]
+    UnknownHypercall(u64),
 }
 
 impl RequestError {
-    /// The error code a guest's `KVM_HC_MAP_GPA_RANGE` returns for this (a negative
-    /// errno in `rax`, as KVM itself answers).
+    /// The error code a guest's hypercall returns for this (a negative errno in `rax`,
+    /// as KVM itself answers): `-KVM_ENOSYS` for an unknown hypercall, `-KVM_EINVAL`
+    /// otherwise.
     pub fn hypercall_code(&self) -> u64 {
-        KVM_EINVAL.wrapping_neg()
+        match self {
+            RequestError::UnknownHypercall(_) => KVM_ENOSYS.wrapping_neg(),
+            _ => KVM_EINVAL.wrapping_neg(),
+        }
+    }
+}
+
+impl Error {
+    /// What a guest's `KVM_HC_MAP_GPA_RANGE` returns in `rax` when serving it failed with
+    /// this error: `-KVM_EINVAL` for a malformed request or one outside guest memory,
+    /// `-KVM_EAGAIN` if a host access still held the pages (rolled back; the guest may
+    /// retry), `-KVM_ENOSYS` for another hypercall, `-KVM_EFAULT` for anything else (the
+    /// conversion failed; it was rolled back, except what a [`Error::RollbackFailed`]
+    /// names).
+    pub fn hypercall_code(&self) -> u64 {
+        match self {
+            Error::BadRequest(e) => e.hypercall_code(),
+            Error::OutsideGuestMemory { .. } | Error::Reentrant { .. } => KVM_EINVAL.wrapping_neg(),
+            Error::HostAccessInFlight { .. } => KVM_EAGAIN.wrapping_neg(),
+            _ => KVM_EFAULT.wrapping_neg(),
+        }
     }
 }
 
@@ -222,11 +246,42 @@ impl PrivateMemory {
     /// `KVM_EXIT_HYPERCALL` exit (`nr` and `args` of `VcpuExit::Hypercall`, the answer
     /// into its `ret`), or the same registers carried over another transport (port I/O
     /// on hosts whose hypercall exits do not reach userspace).
+    ///
+    /// [`PrivateMemory::serve_hypercall`] does the same and says why it refused.
     pub fn handle_hypercall(&self, nr: u64, args: [u64; 3]) -> u64 {
+        self.serve_hypercall(nr, args)
+            .map_or_else(|e| e.hypercall_code(), |_| 0)
+    }
+
+    /// Serves a hypercall as [`PrivateMemory::handle_hypercall`] does, and returns what
+    /// it did, or why it refused; the guest's `rax` for either is `0` or
+    /// [`Error::hypercall_code`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadRequest`] with [`RequestError::UnknownHypercall`] for another
+    /// hypercall (nothing done); otherwise as [`PrivateMemory::serve_map_gpa_range`].
+    pub fn serve_hypercall(&self, nr: u64, args: [u64; 3]) -> Result<ConversionReport> {
         if nr != guest_memfd::uapi::KVM_HC_MAP_GPA_RANGE {
-            return KVM_ENOSYS.wrapping_neg();
+            return Err(RequestError::UnknownHypercall(nr).into());
         }
-        self.handle_map_gpa_range(args[0], args[1], args[2])
+        self.serve_map_gpa_range(args[0], args[1], args[2])
+    }
+
+    /// Serves a `KVM_HC_MAP_GPA_RANGE` hypercall's arguments and returns what it did.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadRequest`] for arguments the ABI does not allow (nothing done);
+    /// otherwise as [`PrivateMemory::serve_request`].
+    pub fn serve_map_gpa_range(
+        &self,
+        gpa: u64,
+        pages: u64,
+        attributes: u64,
+    ) -> Result<ConversionReport> {
+        let request = ConversionRequest::from_map_gpa_range(gpa, pages, attributes)?;
+        self.serve_request(request)
     }
 
     /// Serves a `KVM_HC_MAP_GPA_RANGE` hypercall and returns the value for the guest's
@@ -234,18 +289,9 @@ impl PrivateMemory {
     /// or out-of-memory request, `-KVM_EAGAIN` if a host access still held the pages (the
     /// conversion was rolled back; the guest may retry), `-KVM_EFAULT` if the conversion
     /// itself failed (it was rolled back, except what a [`Error::RollbackFailed`] names:
-    /// serve the request with [`PrivateMemory::serve_request`] to see it).
+    /// [`PrivateMemory::serve_map_gpa_range`] says why).
     pub fn handle_map_gpa_range(&self, gpa: u64, pages: u64, attributes: u64) -> u64 {
-        match ConversionRequest::from_map_gpa_range(gpa, pages, attributes) {
-            Err(e) => e.hypercall_code(),
-            Ok(request) => match self.serve_request(request) {
-                Ok(_) => 0,
-                Err(Error::OutsideGuestMemory { .. }) | Err(Error::Reentrant { .. }) => {
-                    KVM_EINVAL.wrapping_neg()
-                }
-                Err(Error::HostAccessInFlight { .. }) => KVM_EAGAIN.wrapping_neg(),
-                Err(_) => KVM_EFAULT.wrapping_neg(),
-            },
-        }
+        self.serve_map_gpa_range(gpa, pages, attributes)
+            .map_or_else(|e| e.hypercall_code(), |_| 0)
     }
 }

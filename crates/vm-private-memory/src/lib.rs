@@ -143,6 +143,7 @@ mod shared_runs;
 mod state;
 mod strategy;
 mod sync;
+mod vcpu_exits;
 
 pub use attributes::{PageAttributes, PageState, Run, Runs};
 pub use backing::RegionBacking;

@@ -1,0 +1,83 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Conversion exits for VMMs on kvm-ioctls: asking KVM to forward the guest's
+//! conversion hypercalls, and serving a [`VcpuExit`] that carries one.
+//!
+//! The hypervisor-neutral entry points are [`PrivateMemory::serve_hypercall`] and
+//! [`PrivateMemory::handle_memory_fault`]; this module is a convenience on top.
+
+use guest_memfd::{uapi::KVM_HC_MAP_GPA_RANGE, Capabilities};
+use kvm_ioctls::VcpuExit;
+
+use crate::convert::ConversionReport;
+use crate::error::{Error, Result};
+use crate::memory::PrivateMemory;
+
+impl PrivateMemory {
+    /// Asks the hypervisor to let the guest's `KVM_HC_MAP_GPA_RANGE` hypercalls (how
+    /// TDX's MapGPA and SEV-SNP's page-state changes reach a VMM) exit to the VMM as
+    /// `KVM_EXIT_HYPERCALL` (`KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)`), through the
+    /// memory's [`guest_memfd::VmOps`]. Returns whether the host offers it: without it,
+    /// KVM answers the hypercall itself and the guest's conversions never reach this
+    /// memory. Call it once, before the guest runs.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use vm_private_memory::MemoryBuilder;
+    ///
+    /// // Needs /dev/kvm: without it, the example says so and stops.
+    /// let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+    ///     println!("SKIPPED: this example needs /dev/kvm");
+    ///     return;
+    /// };
+    /// let vm = Arc::new(kvm.create_vm().unwrap());
+    /// let memory = MemoryBuilder::new(vm).region_at(0, 2 << 20).build().unwrap();
+    /// if !memory.enable_map_gpa_range_exits().unwrap() {
+    ///     println!("this host answers KVM_HC_MAP_GPA_RANGE itself");
+    /// }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EnableExits`] if the host offers the exit but refuses to enable it.
+    pub fn enable_map_gpa_range_exits(&self) -> Result<bool> {
+        if !Capabilities::of_vm(&*self.vm).map_gpa_range_exit() {
+            return Ok(false);
+        }
+        self.vm
+            .enable_hypercall_exits(1 << KVM_HC_MAP_GPA_RANGE)
+            .map_err(Error::EnableExits)?;
+        Ok(true)
+    }
+
+    /// Serves `exit` if it is a conversion request: a `KVM_HC_MAP_GPA_RANGE` hypercall
+    /// (the answer goes into its `ret`, for the guest's `rax`) or a memory fault (the
+    /// range is converted to what the guest used; re-enter the vCPU). Returns `None` for
+    /// any other exit, which is the VMM's to handle, and otherwise what the request did
+    /// or why it was refused.
+    ///
+    /// ```no_run
+    /// # let (memory, mut vcpu): (vm_private_memory::PrivateMemory, kvm_ioctls::VcpuFd) = todo!();
+    /// loop {
+    ///     let mut exit = vcpu.run().unwrap();
+    ///     match memory.serve_vcpu_exit(&mut exit) {
+    ///         Some(Ok(_)) => continue,
+    ///         // The guest got its answer; the VMM may log why it was refused.
+    ///         Some(Err(e)) => eprintln!("conversion refused: {e}"),
+    ///         None => { /* MMIO, port I/O, shutdown... */ }
+    ///     }
+    /// }
+    /// ```
+    pub fn serve_vcpu_exit(&self, exit: &mut VcpuExit<'_>) -> Option<Result<ConversionReport>> {
+        match exit {
+            VcpuExit::Hypercall(call) if call.nr == KVM_HC_MAP_GPA_RANGE => {
+                let served = self.serve_map_gpa_range(call.args[0], call.args[1], call.args[2]);
+                *call.ret = served.as_ref().map_or_else(Error::hypercall_code, |_| 0);
+                Some(served)
+            }
+            VcpuExit::MemoryFault { flags, gpa, size } => {
+                Some(self.handle_memory_fault(*flags, *gpa, *size))
+            }
+            _ => None,
+        }
+    }
+}

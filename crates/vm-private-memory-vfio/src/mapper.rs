@@ -64,6 +64,7 @@ pub enum Error {
 /// Keeps a VFIO IOMMU's mapping of guest memory equal to its shared pages, one 4 KiB
 /// mapping per page, IOVA = guest-physical address (see the crate documentation).
 /// Configure it, then [`DmaMapper::attach`] it to the memory.
+#[must_use = "a DmaMapper maps nothing until `attach` is called on it"]
 pub struct DmaMapper {
     iommu: Arc<dyn VfioOps>,
     budget: usize,

@@ -59,6 +59,17 @@ enum Placement {
 ///     .unwrap();
 /// assert_eq!(memory.regions().len(), 2);
 /// ```
+///
+/// Every method returns the builder: a call whose result is dropped configures nothing,
+/// and the compiler says so.
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// let vm: std::sync::Arc<dyn guest_memfd::VmOps> = todo!();
+/// let builder = vm_private_memory::MemoryBuilder::new(vm);
+/// builder.region(2 << 20); // the region is lost: an error under deny(unused_must_use)
+/// ```
+#[must_use = "a MemoryBuilder does nothing until `build` is called on it"]
 pub struct MemoryBuilder {
     vm: Arc<dyn VmOps>,
     regions: Vec<(Placement, u64)>,

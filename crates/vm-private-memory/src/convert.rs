@@ -16,9 +16,11 @@ use crate::strategy::{Strategy, UnavailableReason};
 
 mod batch;
 mod discard;
+mod launch;
 mod one_run;
 mod undo;
 pub(crate) use batch::Retarget;
+pub use launch::{LaunchSource, LaunchStepError};
 use one_run::OneRun;
 pub(crate) use undo::{without, Undone};
 
@@ -185,6 +187,13 @@ impl<'a> Piece<'a> {
             first_page: (guest.start() - region.guest_range().start()) / PAGE_SIZE,
             pages: guest.page_count(),
         }
+    }
+
+    /// Its guest-physical range.
+    fn guest_range(&self) -> PageRange {
+        self.region_range()
+            .checked_add(self.region.guest_range().start())
+            .expect("inside a region")
     }
 
     fn region_range(&self) -> PageRange {

@@ -239,6 +239,24 @@ pub enum Error {
     /// the host offers it.
     #[error("enabling KVM_HC_MAP_GPA_RANGE exits (KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)) failed: {0}; the guest's conversion hypercalls will be answered by KVM, not served")]
     EnableExits(#[source] errno::Error),
+    /// A launch population ([`crate::PrivateMemory::launch_private`]) was given a range
+    /// with private pages: the content it makes private must be in shared pages.
+    #[error("launching {range} needs every page shared (written through the shared side), and {first_private:#x} is private; nothing was changed")]
+    LaunchNeedsShared {
+        /// The range asked for.
+        range: GpaRange,
+        /// The first private page.
+        first_private: u64,
+    },
+    /// A launch step (the vendor call) refused a range; the launch was rolled back.
+    #[error("the launch step refused {range}: {source}; the launch was rolled back (the pages are shared, with their content)")]
+    LaunchStep {
+        /// The range the step was given.
+        range: GpaRange,
+        /// The step's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A guest's conversion request was malformed.
     #[error("malformed conversion request from the guest: {0}")]
     BadRequest(#[from] crate::exits::RequestError),

@@ -151,7 +151,7 @@ pub use builder::{
     MemoryBuilder, DEFAULT_ACCESS_PATIENCE, GUEST_PHYS_LIMIT, MAX_ACCESS_PATIENCE,
     REGION_ALIGNMENT, X86_MMIO_HOLE,
 };
-pub use convert::{ContentMode, ConversionReport, Step};
+pub use convert::{ContentMode, ConversionReport, LaunchSource, LaunchStepError, Step};
 pub use error::{Error, GpaRange, LayoutError, ListenerRefusal, Result};
 pub use exits::{
     ConversionRequest, RequestError, GUEST_BYTES_PER_STEP, GUEST_RUNS_PER_STEP, KVM_EAGAIN,

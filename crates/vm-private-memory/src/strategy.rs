@@ -64,6 +64,10 @@ pub enum UnavailableReason {
     /// asked of the dual strategy.
     #[error("the host can only load private pages in place; with the dual strategy private pages live in a guest_memfd no host process maps")]
     LoadNeedsInPlace,
+    /// A vendor launch ([`crate::PrivateMemory::launch_private`]) was asked of the
+    /// in-place strategy, which has no shared side to populate from.
+    #[error("launch population copies from the shared side into private memory, which needs the dual strategy; in-place memory keeps content across conversions (load_private)")]
+    LaunchNeedsDual,
 }
 
 impl Strategy {

@@ -57,8 +57,27 @@ pub struct PageAttributes {
     to_private: u64,
 }
 
-/// A run of consecutive pages in one state: `(first page, page count, state)`.
-pub type Run = (u64, u64, PageState);
+/// A run of consecutive pages in one state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// Its first page (an index among the region's pages).
+    pub first: u64,
+    /// How many pages.
+    pub count: u64,
+    /// Their state.
+    pub state: PageState,
+}
+
+impl Run {
+    /// A run of `count` pages from page `first`, in `state`.
+    pub fn new(first: u64, count: u64, state: PageState) -> Self {
+        Run {
+            first,
+            count,
+            state,
+        }
+    }
+}
 
 impl PageAttributes {
     /// `pages` pages, all in `initial` state. Memory: one bit per page, rounded up to 64.
@@ -232,7 +251,7 @@ impl Iterator for Runs<'_> {
             .find(start, self.end - start, state.flipped())
             .unwrap_or(self.end);
         self.next = stop;
-        Some((start, stop - start, state))
+        Some(Run::new(start, stop - start, state))
     }
 }
 
@@ -281,9 +300,9 @@ mod tests {
         assert_eq!(
             a.runs(50, 30).collect::<Vec<_>>(),
             vec![
-                (50, 10, PageState::Shared),
-                (60, 10, PageState::Private),
-                (70, 10, PageState::Shared)
+                Run::new(50, 10, PageState::Shared),
+                Run::new(60, 10, PageState::Private),
+                Run::new(70, 10, PageState::Shared)
             ]
         );
         a.set(0, 200, PageState::Private);
@@ -301,7 +320,7 @@ mod tests {
         assert!(!a.all(1, u64::MAX, PageState::Shared));
         assert_eq!(
             a.runs(8, 100).collect::<Vec<_>>(),
-            vec![(8, 2, PageState::Private)]
+            vec![Run::new(8, 2, PageState::Private)]
         );
     }
 
@@ -420,8 +439,10 @@ mod tests {
             let mut expected: Vec<Run> = Vec::new();
             for p in in_map {
                 match expected.last_mut() {
-                    Some((start, n, s)) if *s == state(p) && *start + *n == p => *n += 1,
-                    _ => expected.push((p, 1, state(p))),
+                    Some(run) if run.state == state(p) && run.first + run.count == p => {
+                        run.count += 1
+                    }
+                    _ => expected.push(Run::new(p, 1, state(p))),
                 }
             }
             proptest::prop_assert_eq!(runs, expected);

@@ -123,7 +123,11 @@ fn plan_step<'a>(
     let (mut runs, mut bytes) = (0u64, 0u64);
     for piece in PrivateMemory::split(snapshot, range) {
         let (region, offset, len) = piece?;
-        for (first, count, state) in region
+        for crate::attributes::Run {
+            first,
+            count,
+            state,
+        } in region
             .attributes()
             .runs(offset / PAGE_SIZE, len / PAGE_SIZE)
         {

@@ -70,7 +70,12 @@ impl PrivatePages {
         let budget = bitmap_len(pages).div_ceil(3).saturating_mul(4) + 2;
         let mut runs = Vec::new();
         let mut spent = 2;
-        for (first, count, state) in attributes.runs(0, pages) {
+        for crate::attributes::Run {
+            first,
+            count,
+            state,
+        } in attributes.runs(0, pages)
+        {
             if state != PageState::Private {
                 continue;
             }
@@ -128,7 +133,12 @@ impl PrivatePages {
 /// The bitmap of the private pages of `attributes`.
 fn bitmap_of(attributes: &PageAttributes) -> Vec<u8> {
     let mut bytes = vec![0u8; bitmap_len(attributes.pages())];
-    for (first, count, state) in attributes.runs(0, attributes.pages()) {
+    for crate::attributes::Run {
+        first,
+        count,
+        state,
+    } in attributes.runs(0, attributes.pages())
+    {
         if state != PageState::Private {
             continue;
         }

@@ -150,7 +150,12 @@ fn diff(region: &PrivateRegion, private: &[PageRun], retarget: &mut Retarget) ->
     let attributes = region.attributes();
     let base = region.guest_range().start();
     let mut add = |first: u64, count: u64, to: PageState| -> Result<()> {
-        for (from, n, state) in attributes.runs(first, count) {
+        for crate::attributes::Run {
+            first: from,
+            count: n,
+            state,
+        } in attributes.runs(first, count)
+        {
             if state != to {
                 let range = PageRange::from_pages(from, n)?.checked_add(base)?;
                 match to {

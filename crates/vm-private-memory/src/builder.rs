@@ -79,6 +79,7 @@ pub struct MemoryBuilder {
     single_file: bool,
     slots: (u32, Option<u32>),
     patience: std::time::Duration,
+    extra_flags: GuestMemfdFlags,
 }
 
 // By hand: the VM is an `Arc<dyn VmOps>`, which has no `Debug`.
@@ -92,6 +93,7 @@ impl std::fmt::Debug for MemoryBuilder {
             .field("single_file", &self.single_file)
             .field("slots", &self.slots)
             .field("patience", &self.patience)
+            .field("extra_flags", &self.extra_flags)
             .finish_non_exhaustive()
     }
 }
@@ -114,6 +116,7 @@ impl MemoryBuilder {
             single_file: false,
             slots: (0, None),
             patience: DEFAULT_ACCESS_PATIENCE,
+            extra_flags: GuestMemfdFlags::empty(),
         }
     }
 
@@ -165,6 +168,18 @@ impl MemoryBuilder {
     /// every region; `build` checks both before creating anything.
     pub fn slots(mut self, first: u32, last: u32) -> Self {
         self.slots = (first, Some(last));
+        self
+    }
+
+    /// Adds guest_memfd creation flags to the ones the strategy needs (`MMAP |
+    /// INIT_SHARED` in place, none for dual), for every guest_memfd this memory creates,
+    /// now and in [`PrivateMemory::add_region`]: flags a host offers beyond those
+    /// (`KVM_CAP_GUEST_MEMFD_FLAGS`, such as a patched kernel's `NO_DIRECT_MAP`; unknown
+    /// bits are kept with `GuestMemfdFlags::from_bits_retain`). Flags the host does not
+    /// offer fail [`MemoryBuilder::build`] with the file layer's `UnsupportedFlags`,
+    /// naming them, before any file is created.
+    pub fn guest_memfd_flags(mut self, extra: GuestMemfdFlags) -> Self {
+        self.extra_flags = extra;
         self
     }
 
@@ -312,7 +327,7 @@ impl MemoryBuilder {
             host_limit,
         };
 
-        let flags = gmem_flags(strategy);
+        let flags = gmem_flags(strategy) | self.extra_flags;
         let shared_file = if self.single_file {
             let total = layout.iter().map(PageRange::len).sum();
             Some(GuestMemfd::create(&*self.vm, total, flags)?)
@@ -354,6 +369,7 @@ impl MemoryBuilder {
             host_limit,
         );
         engine.patience = self.patience;
+        engine.gmem_flags = flags;
         Ok(PrivateMemory::assemble(
             self.vm, strategy, collection, engine,
         ))

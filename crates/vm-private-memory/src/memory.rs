@@ -37,6 +37,9 @@ pub(crate) struct Engine {
     pub(crate) patience: std::time::Duration,
     /// A conversion plan's buffer, kept between conversions (small ones only).
     pub(crate) scratch: Vec<PageRange>,
+    /// The flags of every guest_memfd this memory creates (the strategy's and the
+    /// builder's extra ones).
+    pub(crate) gmem_flags: guest_memfd::GuestMemfdFlags,
 }
 
 impl Engine {
@@ -53,6 +56,7 @@ impl Engine {
             host_limit,
             patience: crate::builder::DEFAULT_ACCESS_PATIENCE,
             scratch: Vec::new(),
+            gmem_flags: guest_memfd::GuestMemfdFlags::empty(),
         }
     }
 

@@ -8,7 +8,7 @@ use guest_memfd::{GuestMemfd, PageRange};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::attributes::PageState;
-use crate::builder::{gmem_flags, make_region};
+use crate::builder::make_region;
 use crate::convert::Undone;
 use crate::error::{Error, GpaRange, LayoutError, Result};
 use crate::kvm_view::set_kvm_view;
@@ -109,7 +109,7 @@ impl PrivateMemory {
         let (gmem, offset) = match backing {
             Some(b) => b,
             None => (
-                GuestMemfd::create(&*self.vm, guest.len(), gmem_flags(self.strategy))?,
+                GuestMemfd::create(&*self.vm, guest.len(), engine.gmem_flags)?,
                 0,
             ),
         };

@@ -45,6 +45,8 @@ pub struct RecordingVm {
     pub fail_after: Mutex<Option<usize>>,
     /// The descriptor number of every guest_memfd created through it.
     pub guest_memfds: Mutex<Vec<i32>>,
+    /// The flags of every guest_memfd created through it.
+    pub guest_memfd_flags: Mutex<Vec<u64>>,
 }
 
 impl RecordingVm {
@@ -55,6 +57,7 @@ impl RecordingVm {
             fail: Mutex::default(),
             fail_after: Mutex::default(),
             guest_memfds: Mutex::default(),
+            guest_memfd_flags: Mutex::default(),
         })
     }
 }
@@ -70,6 +73,7 @@ impl VmOps for RecordingVm {
     fn create_guest_memfd(&self, request: kvm_create_guest_memfd) -> Result<OwnedFd, errno::Error> {
         let fd = VmOps::create_guest_memfd(&*self.inner, request)?;
         self.guest_memfds.lock().unwrap().push(fd.as_raw_fd());
+        self.guest_memfd_flags.lock().unwrap().push(request.flags);
         Ok(fd)
     }
 

@@ -33,6 +33,9 @@ for crate in "${publishable[@]}"; do
 done
 # Nothing else of this workspace comes along: only the packages and the lock's versions.
 cp Cargo.lock "$unpacked/"
+# Packaged files carry a fixed old mtime: make them newer than any earlier build of the
+# same crates in the shared target directory, or cargo would take that build as fresh.
+find "$unpacked" -type f -exec touch {} +
 target=$PWD/target
 
 log "the packages' tests and doc tests, built from the packages alone"

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! vm-memory `Bytes` on shared pages of a `PrivateMemory` (in-place strategy), against
+//! vm-memory `Bytes` on shared pages of a `PrivateMemoryManager` (in-place strategy), against
 //! vm-memory's own `GuestMemoryMmap` over anonymous memory of the same size, in the same
 //! run: `read_slice` / `write_slice` of 4 KiB, 64 KiB and 1 MiB, and `read_obj::<u64>`.
 
@@ -43,13 +43,16 @@ fn bytes(c: &mut Criterion) {
                     .unwrap();
             })
         });
-        group.bench_function(BenchmarkId::new("read_slice", "PrivateMemory"), |b| {
-            b.iter(|| {
-                i = (i + 1) % steps;
-                ours.read_slice(&mut buf, GuestAddress(i * len as u64))
-                    .unwrap();
-            })
-        });
+        group.bench_function(
+            BenchmarkId::new("read_slice", "PrivateMemoryManager"),
+            |b| {
+                b.iter(|| {
+                    i = (i + 1) % steps;
+                    ours.read_slice(&mut buf, GuestAddress(i * len as u64))
+                        .unwrap();
+                })
+            },
+        );
         group.bench_function(BenchmarkId::new("write_slice", "GuestMemoryMmap"), |b| {
             b.iter(|| {
                 i = (i + 1) % steps;
@@ -57,13 +60,16 @@ fn bytes(c: &mut Criterion) {
                     .unwrap();
             })
         });
-        group.bench_function(BenchmarkId::new("write_slice", "PrivateMemory"), |b| {
-            b.iter(|| {
-                i = (i + 1) % steps;
-                ours.write_slice(&buf, GuestAddress(i * len as u64))
-                    .unwrap();
-            })
-        });
+        group.bench_function(
+            BenchmarkId::new("write_slice", "PrivateMemoryManager"),
+            |b| {
+                b.iter(|| {
+                    i = (i + 1) % steps;
+                    ours.write_slice(&buf, GuestAddress(i * len as u64))
+                        .unwrap();
+                })
+            },
+        );
         group.finish();
     }
 
@@ -75,7 +81,7 @@ fn bytes(c: &mut Criterion) {
             black_box(peer.read_obj::<u64>(GuestAddress(addr)).unwrap())
         })
     });
-    group.bench_function("PrivateMemory", |b| {
+    group.bench_function("PrivateMemoryManager", |b| {
         b.iter(|| {
             addr = (addr + 4104) % (SIZE - 8);
             black_box(ours.read_obj::<u64>(GuestAddress(addr)).unwrap())

@@ -84,30 +84,33 @@ fn convert_1gib(c: &mut Criterion) {
                 )
             })
         });
-        group.bench_function(BenchmarkId::new("PrivateMemory::convert", name), |b| {
-            b.iter_custom(|iters| {
-                // Each pass turns every page the other way, so every pass changes every
-                // page.
-                let to = std::cell::Cell::new(PageState::Private);
-                timed_passes(
-                    iters,
-                    || {
-                        gmem.allocate(whole).unwrap();
-                        to.set(
-                            memory
-                                .state_of(0)
-                                .expect("page 0 is guest memory")
-                                .flipped(),
-                        );
-                    },
-                    || {
-                        for piece in whole.chunks(step) {
-                            memory.convert(piece, to.get()).unwrap();
-                        }
-                    },
-                )
-            })
-        });
+        group.bench_function(
+            BenchmarkId::new("PrivateMemoryManager::convert", name),
+            |b| {
+                b.iter_custom(|iters| {
+                    // Each pass turns every page the other way, so every pass changes every
+                    // page.
+                    let to = std::cell::Cell::new(PageState::Private);
+                    timed_passes(
+                        iters,
+                        || {
+                            gmem.allocate(whole).unwrap();
+                            to.set(
+                                memory
+                                    .state_of(0)
+                                    .expect("page 0 is guest memory")
+                                    .flipped(),
+                            );
+                        },
+                        || {
+                            for piece in whole.chunks(step) {
+                                memory.convert(piece, to.get()).unwrap();
+                            }
+                        },
+                    )
+                })
+            },
+        );
     }
     group.finish();
 
@@ -157,7 +160,7 @@ fn convert_1gib(c: &mut Criterion) {
         },
     );
     group.bench_function(
-        BenchmarkId::new("PrivateMemory::convert", "4KiB_steps"),
+        BenchmarkId::new("PrivateMemoryManager::convert", "4KiB_steps"),
         |b| {
             b.iter_custom(|iters| {
                 timed_passes(

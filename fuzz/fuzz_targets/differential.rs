@@ -31,7 +31,7 @@ use arbitrary::Arbitrary;
 use guest_memfd::{GuestMemfd, PageRange, PAGE_SIZE};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vm_private_memory::{ContentMode, PageState, PrivateMemory, Strategy};
+use vm_private_memory::{ContentMode, PageState, PrivateMemoryManager, Strategy};
 use vm_private_memory_fuzz::{check_page, dual_memory, in_place_memory, vm, AttributesRecord};
 
 const SLOTS: [(u64, u64); 4] = [(0, 8), (8, 8), (24, 8), (4, 8)];
@@ -75,7 +75,7 @@ enum Op {
 
 /// One memory under test and its model.
 struct Subject {
-    memory: PrivateMemory,
+    memory: PrivateMemoryManager,
     base: u64,
     kvm: Option<Arc<AttributesRecord>>,
     /// Per page of the window: `None` outside memory, `Some(true)` private.
@@ -118,7 +118,7 @@ fn range(first: u64, count: u64) -> std::ops::Range<u64> {
 }
 
 impl Subject {
-    fn new(memory: PrivateMemory, base: u64, kvm: Option<Arc<AttributesRecord>>) -> Self {
+    fn new(memory: PrivateMemoryManager, base: u64, kvm: Option<Arc<AttributesRecord>>) -> Self {
         let mut s = Subject {
             memory,
             base,

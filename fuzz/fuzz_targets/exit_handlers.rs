@@ -29,7 +29,7 @@ use arbitrary::Arbitrary;
 use guest_memfd::{PageRange, PAGE_SIZE};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vm_private_memory::{Error, PageState, PrivateMemory, KVM_EINVAL, KVM_ENOSYS};
+use vm_private_memory::{Error, PageState, PrivateMemoryManager, KVM_EINVAL, KVM_ENOSYS};
 use vm_private_memory_fuzz::oracle::{self, Verdict};
 use vm_private_memory_fuzz::{check_page, in_place_memory, vm, Num};
 
@@ -40,8 +40,8 @@ const WINDOW_PAGES: u64 = 168;
 const EINVAL: u64 = KVM_EINVAL.wrapping_neg();
 const ENOSYS: u64 = KVM_ENOSYS.wrapping_neg();
 
-fn memory() -> &'static PrivateMemory {
-    static MEMORY: OnceLock<PrivateMemory> = OnceLock::new();
+fn memory() -> &'static PrivateMemoryManager {
+    static MEMORY: OnceLock<PrivateMemoryManager> = OnceLock::new();
     MEMORY.get_or_init(|| {
         let regions: Vec<_> = REGIONS
             .iter()
@@ -81,7 +81,7 @@ enum Call {
 }
 
 /// The states of every page of the window (`None`: outside memory).
-fn states(memory: &PrivateMemory) -> Vec<Option<PageState>> {
+fn states(memory: &PrivateMemoryManager) -> Vec<Option<PageState>> {
     (0..WINDOW_PAGES)
         .map(|p| memory.state_of(p * PAGE_SIZE))
         .collect()
@@ -126,7 +126,7 @@ fn request(verdict: Result<Verdict, Vec<oracle::Rule>>, run: impl FnOnce() -> Re
 
 /// Readability of the pages a request touched, and zeros where a page became shared.
 fn check_touched(
-    memory: &PrivateMemory,
+    memory: &PrivateMemoryManager,
     verdict: &Result<Verdict, Vec<oracle::Rule>>,
     before: &[Option<PageState>],
     after: &[Option<PageState>],
@@ -158,7 +158,7 @@ fn check_touched(
     }
 }
 
-fn reset(memory: &PrivateMemory) {
+fn reset(memory: &PrivateMemoryManager) {
     for (first, pages) in REGIONS {
         let range = PageRange::from_pages(first, pages).unwrap();
         memory.convert(range, PageState::Private).unwrap();

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Arbitrary bytes through `MemoryState`'s decoding (`serde_json`) and
-//! `PrivateMemory::restore_state` on real in-place memory on `/dev/kvm`.
+//! `PrivateMemoryManager::restore_state` on real in-place memory on `/dev/kvm`.
 //!
 //! Layout (one VM and one memory per process): region A = 32 pages at 0, region B = 32
 //! pages at 64 pages (a hole between). Every input starts from the same map: A's pages
@@ -28,7 +28,7 @@ use std::sync::OnceLock;
 
 use guest_memfd::{PageRange, PAGE_SIZE};
 use libfuzzer_sys::fuzz_target;
-use vm_private_memory::{MemoryState, PageState, PrivateMemory, RegionState, Strategy};
+use vm_private_memory::{MemoryState, PageState, PrivateMemoryManager, RegionState, Strategy};
 use vm_private_memory_fuzz::{in_place_memory, vm};
 
 /// `(first page, pages)` of each region.
@@ -36,8 +36,8 @@ const REGIONS: [(u64, u64); 2] = [(0, 32), (64, 32)];
 /// Ranges shared at the start of every input, as `(first page, pages)`.
 const BASELINE_SHARED: [(u64, u64); 2] = [(4, 4), (64, 16)];
 
-fn memory() -> &'static PrivateMemory {
-    static MEMORY: OnceLock<PrivateMemory> = OnceLock::new();
+fn memory() -> &'static PrivateMemoryManager {
+    static MEMORY: OnceLock<PrivateMemoryManager> = OnceLock::new();
     MEMORY.get_or_init(|| {
         let regions: Vec<_> = REGIONS
             .iter()
@@ -54,7 +54,7 @@ fn pages() -> impl Iterator<Item = u64> {
         .flat_map(|&(first, pages)| (first..first + pages).map(|p| p * PAGE_SIZE))
 }
 
-fn page_map(memory: &PrivateMemory) -> Vec<PageState> {
+fn page_map(memory: &PrivateMemoryManager) -> Vec<PageState> {
     pages()
         .map(|gpa| memory.state_of(gpa).expect("inside a region"))
         .collect()
@@ -117,7 +117,7 @@ fn rechecksummed(data: &[u8]) -> Option<MemoryState> {
     Some(state)
 }
 
-fn reset(memory: &PrivateMemory) {
+fn reset(memory: &PrivateMemoryManager) {
     for (first, pages) in REGIONS {
         memory
             .convert(

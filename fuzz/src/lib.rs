@@ -22,7 +22,7 @@ use guest_memfd::PAGE_SIZE;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 use vm_private_memory::{
-    private_page_refusal, GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemory, Strategy,
+    private_page_refusal, GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemoryManager, Strategy,
 };
 
 /// A `u64` shaped by its variant: the fuzzer picks the shape, then the value.
@@ -179,7 +179,7 @@ pub fn vm() -> Arc<VmFd> {
 /// # Panics
 ///
 /// If the host cannot build it (no in-place guest_memfd, no free memslot).
-pub fn in_place_memory(vm: Arc<VmFd>, regions: &[(u64, u64)], initial: PageState) -> PrivateMemory {
+pub fn in_place_memory(vm: Arc<VmFd>, regions: &[(u64, u64)], initial: PageState) -> PrivateMemoryManager {
     regions
         .iter()
         .fold(MemoryBuilder::new(vm), |b, &(gpa, len)| {
@@ -229,7 +229,7 @@ pub fn dual_memory(
     initial: PageState,
     base: u64,
     window_pages: usize,
-) -> (PrivateMemory, Arc<AttributesRecord>) {
+) -> (PrivateMemoryManager, Arc<AttributesRecord>) {
     use std::os::fd::OwnedFd;
 
     use kvm_bindings::{
@@ -318,7 +318,7 @@ pub fn dual_memory(
 ///
 /// When the check fails: that is the finding.
 pub fn check_page(
-    memory: &PrivateMemory,
+    memory: &PrivateMemoryManager,
     view: &GuestMemoryPrivate,
     gpa: u64,
 ) -> Option<PageState> {

@@ -12,7 +12,7 @@ use kvm_bindings::kvm_regs;
 use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vm_private_memory::{
-    ContentMode, GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemory, Strategy,
+    ContentMode, GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemoryManager, Strategy,
 };
 
 use crate::cpu::{enter_long_mode, Privilege};
@@ -97,12 +97,12 @@ pub struct GuestConfig {
 }
 
 /// A guest on private memory: the boot region `[0, 2 MiB)` and a data region at
-/// [`DATA_ADDR`], both in one [`PrivateMemory`] (in-place strategy), with vCPUs that
+/// [`DATA_ADDR`], both in one [`PrivateMemoryManager`] (in-place strategy), with vCPUs that
 /// all start at the same program, at CPL3, each with its own stack.
 #[derive(Debug)]
 pub struct PrivateGuest {
     kvm: Kvm,
-    memory: Arc<PrivateMemory>,
+    memory: Arc<PrivateMemoryManager>,
     vcpus: Vec<GuestVcpu>,
 }
 
@@ -113,7 +113,7 @@ pub struct GuestVcpu {
     fd: VcpuFd,
     sync_regs: bool,
     console: Vec<u8>,
-    memory: Arc<PrivateMemory>,
+    memory: Arc<PrivateMemoryManager>,
     served: Vec<Served>,
 }
 
@@ -221,7 +221,7 @@ impl PrivateGuest {
     }
 
     /// The guest's memory.
-    pub fn memory(&self) -> &Arc<PrivateMemory> {
+    pub fn memory(&self) -> &Arc<PrivateMemoryManager> {
         &self.memory
     }
 
@@ -241,7 +241,7 @@ impl PrivateGuest {
     }
 
     /// Asks KVM to let the guest's `KVM_HC_MAP_GPA_RANGE` hypercalls exit to us, through
-    /// the memory ([`PrivateMemory::enable_map_gpa_range_exits`]); returns whether the
+    /// the memory ([`PrivateMemoryManager::enable_map_gpa_range_exits`]); returns whether the
     /// host offers it.
     pub fn enable_map_gpa_range_exits(&self) -> Result<bool> {
         Ok(self.memory.enable_map_gpa_range_exits()?)
@@ -373,7 +373,7 @@ impl GuestVcpu {
 
 /// Serves one hypercall through the memory's one entry point and logs it in `log`.
 fn serve(
-    memory: &PrivateMemory,
+    memory: &PrivateMemoryManager,
     log: &mut Vec<Served>,
     nr: u64,
     args: [u64; 3],

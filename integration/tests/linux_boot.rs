@@ -20,7 +20,7 @@ use integration::linux::{
 };
 use integration::Error;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vm_private_memory::{private_page_refusal, PageState, PrivateMemory, Strategy};
+use vm_private_memory::{private_page_refusal, PageState, PrivateMemoryManager, Strategy};
 
 const RAM_SIZE: u64 = 256 << 20;
 /// A boot takes 8-15 s in the lab; one still running after this has hung.
@@ -60,7 +60,7 @@ fn used_kib(line: &str) -> u64 {
 }
 
 /// Bytes the shared side (the sealed memfd) holds.
-fn shared_side_bytes(memory: &PrivateMemory) -> u64 {
+fn shared_side_bytes(memory: &PrivateMemoryManager) -> u64 {
     let first = memory.regions()[0].start();
     memory
         .backing(first)

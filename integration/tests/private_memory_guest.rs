@@ -11,13 +11,13 @@ use common::Log;
 use guest_memfd::{PageRange, PAGE_SIZE};
 use integration::{programs, StopReason, TestVm};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vm_private_memory::{MemoryBuilder, PageState, PrivateMemory, Strategy};
+use vm_private_memory::{MemoryBuilder, PageState, PrivateMemoryManager, Strategy};
 
 const GIB4: u64 = 4 << 30;
 const SIZE: u64 = 2 << 20;
 const PATTERN: u64 = 0x0123_4567_89ab_cdef;
 
-fn guest_on_private_memory(test: &str) -> Option<(TestVm, PrivateMemory)> {
+fn guest_on_private_memory(test: &str) -> Option<(TestVm, PrivateMemoryManager)> {
     let vm = TestVm::new(programs::FILL_THEN_SUM, &[GIB4, SIZE, PATTERN]).unwrap();
     let memory = MemoryBuilder::new(vm.shared_vm())
         .region_at(GIB4, SIZE)

@@ -79,7 +79,7 @@ fn real_hypercall_exits_convert_memory_and_answer_the_guest() {
 
 /// A real KVM_EXIT_MEMORY_FAULT: the guest touches a private page whose region the host
 /// has removed. KVM cannot serve a private access without a guest_memfd slot and exits;
-/// the run loop hands the exit to `PrivateMemory::handle_memory_fault`, which refuses it
+/// the run loop hands the exit to `PrivateMemoryManager::handle_memory_fault`, which refuses it
 /// (the range is no longer guest memory). Once the host re-adds the region, backed by
 /// the same file, the guest's access completes and reads what it had written.
 ///

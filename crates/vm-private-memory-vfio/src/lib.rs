@@ -11,7 +11,7 @@
 //! follows conversions:
 //!
 //! - when attached ([`DmaMapper::attach`]) it maps what is shared now, through
-//!   [`PrivateMemory::subscribe_with_replay`], so no conversion slips in between;
+//!   [`PrivateMemoryManager::subscribe_with_replay`], so no conversion slips in between;
 //! - a conversion to shared maps the new pages after the bits change (`populate`); a
 //!   mapping the kernel refuses, or one past the mapping budget, refuses the conversion,
 //!   which is rolled back;
@@ -76,7 +76,7 @@
 //! dma.detach().unwrap();
 //! ```
 //!
-//! [`PrivateMemory::subscribe_with_replay`]: vm_private_memory::PrivateMemory::subscribe_with_replay
+//! [`PrivateMemoryManager::subscribe_with_replay`]: vm_private_memory::PrivateMemoryManager::subscribe_with_replay
 
 #![deny(missing_docs)]
 #![deny(missing_debug_implementations)]

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use guest_memfd::{PageRange, PAGE_SIZE};
 use vfio_ioctls::{VfioError, VfioOps};
-use vm_private_memory::{MemoryListener, PrivateMemory, SharedPages, Subscription};
+use vm_private_memory::{MemoryListener, PrivateMemoryManager, SharedPages, Subscription};
 
 use crate::unmap::{unmap_page, Unmapped};
 
@@ -98,17 +98,17 @@ impl DmaMapper {
 
     /// Maps every page of `range` that is shared now and follows every later conversion
     /// in `range`, with nothing missed in between
-    /// ([`PrivateMemory::subscribe_with_replay`]). Host addresses come from `memory`'s
-    /// own list of regions ([`PrivateMemory::shared_pages`]), which no holder of the
+    /// ([`PrivateMemoryManager::subscribe_with_replay`]). Host addresses come from `memory`'s
+    /// own list of regions ([`PrivateMemoryManager::shared_pages`]), which no holder of the
     /// vm-memory view can replace.
     ///
     /// The returned attachment holds the mapping: keep it for as long as the device may
     /// DMA. Dropping it (or [`DmaAttachment::detach`]) unmaps every page and only then
     /// stops following conversions, so no page can turn private while still mapped.
     ///
-    /// A region added later with shared pages ([`PrivateMemory::add_region`]) is mapped
+    /// A region added later with shared pages ([`PrivateMemoryManager::add_region`]) is mapped
     /// as it is added (a refusal fails the addition). Pages freed by
-    /// [`PrivateMemory::discard`] (a balloon) are unmapped with it and stay so until a
+    /// [`PrivateMemoryManager::discard`] (a balloon) are unmapped with it and stay so until a
     /// conversion next offers them: their memory is meant to go back to the host. A
     /// page the mapper holds is never private.
     ///
@@ -123,7 +123,7 @@ impl DmaMapper {
     /// [`vm_private_memory::Error::Reentrant`] from a listener callback.
     pub fn attach(
         self,
-        memory: &PrivateMemory,
+        memory: &PrivateMemoryManager,
         range: PageRange,
     ) -> vm_private_memory::Result<DmaAttachment> {
         let mapper = Arc::new(Mapper {

@@ -28,7 +28,7 @@ use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion,
     MemoryRegionAddress,
 };
-use vm_private_memory::{Error, ListenerRefusal, PageState, PrivateMemory};
+use vm_private_memory::{Error, ListenerRefusal, PageState, PrivateMemoryManager};
 use vm_private_memory_vfio::{DmaMapper, Error as MapperError};
 
 /// The whole check on one back end (see `edu_dma_follows_conversions_on_both_iommu_back_ends`).
@@ -212,7 +212,7 @@ fn pinned_kib() -> (u64, u64) {
 
 /// One `DMA-PIN` line; returns the pinned KiB above `base` (type1 accounts pinned pages
 /// in VmLck, iommufd in VmPin).
-fn report_pins(memory: &PrivateMemory, base: (u64, u64), what: &str) -> u64 {
+fn report_pins(memory: &PrivateMemoryManager, base: (u64, u64), what: &str) -> u64 {
     let (pin, lck) = pinned_kib();
     let held = shared_bytes_held(memory);
     let pinned = pin.saturating_sub(base.0).max(lck.saturating_sub(base.1));
@@ -229,7 +229,7 @@ fn median_us(mut samples: Vec<Duration>) -> f64 {
 }
 
 /// Converts `range` to shared and back `reps` times; one `DMA-COST` line.
-fn time_conversions(memory: &PrivateMemory, range: PageRange, reps: usize, what: &str) {
+fn time_conversions(memory: &PrivateMemoryManager, range: PageRange, reps: usize, what: &str) {
     let mut to_shared = Vec::with_capacity(reps);
     let mut to_private = Vec::with_capacity(reps);
     for _ in 0..reps {

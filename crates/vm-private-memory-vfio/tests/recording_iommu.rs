@@ -11,7 +11,8 @@ use guest_memfd::{PageRange, PAGE_SIZE};
 use vfio_ioctls::{VfioError, VfioOps};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 use vm_private_memory::{
-    Error, GuestMemoryPrivate, ListenerRefusal, MemoryBuilder, PageState, PrivateMemory, Strategy,
+    Error, GuestMemoryPrivate, ListenerRefusal, MemoryBuilder, PageState, PrivateMemoryManager,
+    Strategy,
 };
 use vm_private_memory_vfio::{DmaMapper, Error as MapperError};
 use vmm_sys_util::errno;
@@ -106,7 +107,7 @@ impl RecordingIommu {
     }
 }
 
-fn in_place_or_skip(test: &str) -> Option<PrivateMemory> {
+fn in_place_or_skip(test: &str) -> Option<PrivateMemoryManager> {
     let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
     if !guest_memfd::Capabilities::of_vm(&*vm).in_place_capable() {
         println!(
@@ -130,7 +131,7 @@ fn pages(range: PageRange) -> impl Iterator<Item = u64> {
 }
 
 /// The pages of `memory` that are shared now.
-fn shared_pages(memory: &PrivateMemory) -> Vec<u64> {
+fn shared_pages(memory: &PrivateMemoryManager) -> Vec<u64> {
     let snapshot = memory.shared_pages().snapshot();
     snapshot
         .runs(pr(0, 5 * MIB2))
@@ -139,7 +140,7 @@ fn shared_pages(memory: &PrivateMemory) -> Vec<u64> {
 }
 
 /// A recording IOMMU watching `memory`, and a mapper for it.
-fn setup(memory: &PrivateMemory) -> (Arc<RecordingIommu>, DmaMapper) {
+fn setup(memory: &PrivateMemoryManager) -> (Arc<RecordingIommu>, DmaMapper) {
     let iommu = Arc::new(RecordingIommu::default());
     *iommu.view.lock().unwrap() = Some(memory.memory());
     let mapper = DmaMapper::new(iommu.clone());

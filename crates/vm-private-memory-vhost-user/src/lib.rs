@@ -232,9 +232,9 @@
 //!   slowly, or not at all, stalls every conversion of the memory (and the vCPUs asking
 //!   for them). The deadline is per listener call, not per hold of the lock:
 //!   vm-private-memory calls the mapper once per changed run, and one hold of the lock
-//!   may change many runs (a guest's request, [`PrivateMemory::serve_request`], up to
+//!   may change many runs (a guest's request, [`PrivateMemoryManager::serve_request`], up to
 //!   [`vm_private_memory::GUEST_RUNS_PER_STEP`] = 1,024 in each of its steps; a VMM's own
-//!   [`PrivateMemory::convert`], however many its range holds), and a rollback makes
+//!   [`PrivateMemoryManager::convert`], however many its range holds), and a rollback makes
 //!   calls of its own. A backend that stops answering costs one timeout (it is broken
 //!   then, and later calls send nothing and return at once); one that answers each
 //!   message just inside the timeout can hold the lock for up to twice the timeout per
@@ -242,8 +242,8 @@
 //!   mapper's own messages, not the queries of [`VhostUserMapper::new`] nor the VMM's
 //!   negotiation.
 //!
-//!   [`PrivateMemory::serve_request`]: vm_private_memory::PrivateMemory::serve_request
-//!   [`PrivateMemory::convert`]: vm_private_memory::PrivateMemory::convert
+//!   [`PrivateMemoryManager::serve_request`]: vm_private_memory::PrivateMemoryManager::serve_request
+//!   [`PrivateMemoryManager::convert`]: vm_private_memory::PrivateMemoryManager::convert
 //! - **Telling a stuck backend from a dead one.** A broken backend keeps the ranges of
 //!   its table shared until the VMM calls [`VhostUserAttachment::backend_exited`]: the
 //!   mapper never decides by itself that a backend has let go of its mappings.

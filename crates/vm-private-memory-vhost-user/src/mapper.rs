@@ -8,7 +8,7 @@ use std::time::Duration;
 use guest_memfd::PageRange;
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vm_private_memory::{MemoryListener, PrivateMemory, Strategy};
+use vm_private_memory::{MemoryListener, PrivateMemoryManager, Strategy};
 
 use crate::attachment::VhostUserAttachment;
 use crate::deadline::Deadline;
@@ -106,7 +106,7 @@ impl VhostUserMapper {
     pub fn new(
         mut frontend: Frontend,
         acked: VhostUserProtocolFeatures,
-        memory: &PrivateMemory,
+        memory: &PrivateMemoryManager,
     ) -> Result<Self, Error> {
         shareable(memory)?;
         let missing = REQUIRED_PROTOCOL_FEATURES.difference(acked);
@@ -223,17 +223,17 @@ impl VhostUserMapper {
 
     /// Adds every run of `range` that is shared now to the backend's table and follows
     /// every later conversion in `range`, with nothing missed in between
-    /// ([`PrivateMemory::subscribe_with_replay`]). Host addresses and files come from
-    /// `memory`'s own list of regions ([`PrivateMemory::shared_pages`]).
+    /// ([`PrivateMemoryManager::subscribe_with_replay`]). Host addresses and files come from
+    /// `memory`'s own list of regions ([`PrivateMemoryManager::shared_pages`]).
     ///
     /// The returned attachment holds the backend's table: keep it for as long as the
     /// backend serves the guest. Dropping it (or [`VhostUserAttachment::detach`])
     /// removes every region and only then stops following conversions, so no page can
     /// turn private while the backend still maps it.
     ///
-    /// A region added later with shared pages ([`PrivateMemory::add_region`]) is added
+    /// A region added later with shared pages ([`PrivateMemoryManager::add_region`]) is added
     /// as it is added (a refusal fails the addition). Pages freed by
-    /// [`PrivateMemory::discard`] (a balloon) are removed with it and stay so until a
+    /// [`PrivateMemoryManager::discard`] (a balloon) are removed with it and stay so until a
     /// conversion next offers them: their memory is meant to go back to the host. A
     /// page the mapper holds is never private.
     ///
@@ -263,7 +263,7 @@ impl VhostUserMapper {
     /// to declare the backend exited with.
     pub fn attach(
         self,
-        memory: &PrivateMemory,
+        memory: &PrivateMemoryManager,
         range: PageRange,
     ) -> Result<VhostUserAttachment, Error> {
         shareable(memory)?;
@@ -295,7 +295,7 @@ impl VhostUserMapper {
     }
 }
 
-pub(crate) fn shareable(memory: &PrivateMemory) -> Result<(), Error> {
+pub(crate) fn shareable(memory: &PrivateMemoryManager) -> Result<(), Error> {
     match memory.strategy() {
         Strategy::Dual => Ok(()),
         strategy => Err(Error::NoShareableFile { strategy }),

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Per-call cost of `PrivateMemory::convert` in 4 KiB steps against the raw punch-hole
+//! Per-call cost of `PrivateMemoryManager::convert` in 4 KiB steps against the raw punch-hole
 //! call on a file bound the same way, alternating, on pages that hold no memory (so the
 //! system call is cheap and the engine's own cost shows).
 use std::os::fd::AsRawFd;

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use guest_memfd::{PageRange, PAGE_SIZE};
 use vm_private_memory::{
-    ConversionRequest, MemoryBuilder, PageState, PrivateMemory, PrivatePages, Strategy,
+    ConversionRequest, MemoryBuilder, PageState, PrivateMemoryManager, PrivatePages, Strategy,
 };
 
 const SIZE: u64 = 64 << 30;
@@ -32,7 +32,7 @@ fn reset_peak() {
 }
 
 /// Makes every other page of `memory` private (one batch restore of a bitmap state).
-fn alternate(memory: &PrivateMemory) {
+fn alternate(memory: &PrivateMemoryManager) {
     let mut state = memory.state();
     let pages = SIZE / PAGE_SIZE;
     state.regions[0].private = PrivatePages::Bitmap(vec![0x55; (pages / 8) as usize]);

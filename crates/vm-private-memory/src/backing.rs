@@ -12,9 +12,9 @@ use guest_memfd::PageRange;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::error::{Error, Result};
-use crate::memory::PrivateMemory;
+use crate::memory::PrivateMemoryManager;
 
-/// The files behind one region, as the owner sees them ([`PrivateMemory::backing`]).
+/// The files behind one region, as the owner sees them ([`PrivateMemoryManager::backing`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegionBacking {
     /// The region's guest-physical range.
@@ -30,7 +30,7 @@ pub struct RegionBacking {
     pub shared_bytes_held: Option<u64>,
 }
 
-impl PrivateMemory {
+impl PrivateMemoryManager {
     /// The files behind the region that starts at `start`.
     ///
     /// # Errors

@@ -11,8 +11,8 @@ use vm_memory::{GuestMemoryBackend, GuestRegionCollection};
 use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, LayoutError, Result};
 use crate::kvm_view::set_kvm_view;
-use crate::memory::{bind_regions, unbind_regions, Engine, PrivateMemory};
-use crate::region::{PrivateRegion, RegionParts};
+use crate::memory::{bind_regions, unbind_regions, Engine, PrivateMemoryManager};
+use crate::region::{GuestRegionPrivate, RegionParts};
 use crate::strategy::Strategy;
 
 /// The guest-physical address space the builder lays regions out in (48 bits).
@@ -34,7 +34,7 @@ enum Placement {
     Anywhere,
 }
 
-/// Builds a [`PrivateMemory`]: where each region goes in guest-physical space, which
+/// Builds a [`PrivateMemoryManager`]: where each region goes in guest-physical space, which
 /// strategy backs it, its initial state, and its memslots.
 ///
 /// The VM is anything that implements [`VmOps`]: a kvm-ioctls `VmFd`, or a VMM's own
@@ -173,7 +173,7 @@ impl MemoryBuilder {
 
     /// Adds guest_memfd creation flags to the ones the strategy needs (`MMAP |
     /// INIT_SHARED` in place, none for dual), for every guest_memfd this memory creates,
-    /// now and in [`PrivateMemory::add_region`]: flags a host offers beyond those
+    /// now and in [`PrivateMemoryManager::add_region`]: flags a host offers beyond those
     /// (`KVM_CAP_GUEST_MEMFD_FLAGS`, such as a patched kernel's `NO_DIRECT_MAP`; unknown
     /// bits are kept with `GuestMemfdFlags::from_bits_retain`). Flags the host does not
     /// offer fail [`MemoryBuilder::build`] with the file layer's `UnsupportedFlags`,
@@ -303,7 +303,7 @@ impl MemoryBuilder {
     /// [`Error::NoRegions`] and [`Error::Layout`] for a bad layout. Then the file layer's
     /// or KVM's error if creating, mapping or binding a region fails; nothing stays
     /// bound.
-    pub fn build(self) -> Result<PrivateMemory> {
+    pub fn build(self) -> Result<PrivateMemoryManager> {
         let caps = Capabilities::of_vm(&*self.vm);
         let strategy = Strategy::choose(self.strategy, &caps)?;
         let host_limit = if caps.nr_memslots > 0 {
@@ -334,7 +334,7 @@ impl MemoryBuilder {
         } else {
             None
         };
-        let mut regions: Vec<Arc<PrivateRegion>> = Vec::with_capacity(layout.len());
+        let mut regions: Vec<Arc<GuestRegionPrivate>> = Vec::with_capacity(layout.len());
         let mut offset = 0;
         for guest in layout {
             let (gmem, gmem_offset) = match &shared_file {
@@ -370,7 +370,7 @@ impl MemoryBuilder {
         );
         engine.patience = self.patience;
         engine.gmem_flags = flags;
-        Ok(PrivateMemory::assemble(
+        Ok(PrivateMemoryManager::assemble(
             self.vm, strategy, collection, engine,
         ))
     }
@@ -393,7 +393,7 @@ pub(crate) fn make_region(
     gmem_offset: u64,
     initial: PageState,
     slot: u32,
-) -> Result<PrivateRegion> {
+) -> Result<GuestRegionPrivate> {
     let file_range = PageRange::new(gmem_offset, guest.len())?;
     gmem.check_range(file_range)?;
     let (shared, host) = match strategy {
@@ -404,7 +404,7 @@ pub(crate) fn make_region(
             (Some(memfd), host)
         }
     };
-    Ok(PrivateRegion::new(RegionParts {
+    Ok(GuestRegionPrivate::new(RegionParts {
         guest,
         strategy,
         gmem,

@@ -10,8 +10,8 @@ use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, Result};
 use crate::kvm_view::set_kvm_view;
 use crate::listener::in_callback;
-use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemory};
-use crate::region::PrivateRegion;
+use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemoryManager};
+use crate::region::GuestRegionPrivate;
 use crate::strategy::{Strategy, UnavailableReason};
 
 mod batch;
@@ -65,7 +65,7 @@ pub struct ConversionReport {
     pub bytes_discarded: u64,
     /// Runs of consecutive pages that changed.
     pub runs_changed: u64,
-    /// How many times the conversion lock was taken (1 for [`PrivateMemory::convert`];
+    /// How many times the conversion lock was taken (1 for [`PrivateMemoryManager::convert`];
     /// guest requests are served in bounded steps).
     pub lock_holds: u64,
     /// The longest of those holds (measured for guest requests only).
@@ -118,10 +118,10 @@ fn plan_step<'a>(
     range: PageRange,
     limit: StepLimit,
     wanted: impl Fn(PageState) -> bool,
-    mut take: impl FnMut(&'a PrivateRegion, u64, u64, PageState) -> Result<()>,
+    mut take: impl FnMut(&'a GuestRegionPrivate, u64, u64, PageState) -> Result<()>,
 ) -> Result<u64> {
     let (mut runs, mut bytes) = (0u64, 0u64);
-    for piece in PrivateMemory::split(snapshot, range) {
+    for piece in PrivateMemoryManager::split(snapshot, range) {
         let (region, offset, len) = piece?;
         for crate::attributes::Run {
             first,
@@ -149,7 +149,7 @@ fn plan_step<'a>(
     Ok(range.end())
 }
 
-impl PrivateMemory {
+impl PrivateMemoryManager {
     /// Checks that `range` lies wholly in guest memory, before a stepped operation
     /// changes anything.
     pub(crate) fn check_inside(&self, range: PageRange) -> Result<()> {
@@ -175,7 +175,7 @@ impl PrivateMemory {
 
 /// One contiguous run of pages to change, inside one region.
 struct Piece<'a> {
-    region: &'a PrivateRegion,
+    region: &'a GuestRegionPrivate,
     first_page: u64,
     pages: u64,
 }
@@ -269,7 +269,7 @@ struct Progress {
     discarded: u64,
 }
 
-impl PrivateMemory {
+impl PrivateMemoryManager {
     /// Converts `range` to `to`, discarding content ([`ContentMode::Discard`]).
     ///
     /// `range` may span regions but must lie wholly inside guest memory. Pages already in
@@ -326,12 +326,12 @@ impl PrivateMemory {
     ///
     /// One call holds the conversion lock for as long as its system calls take, which
     /// grows with the number of runs it changes; guest requests are served in bounded
-    /// steps instead ([`PrivateMemory::serve_request`]).
+    /// steps instead ([`PrivateMemoryManager::serve_request`]).
     ///
     /// # Errors
     ///
     /// [`Error::StrategyUnavailable`] for [`ContentMode::Preserve`] with the dual
-    /// strategy (nothing changes); otherwise as [`PrivateMemory::convert`].
+    /// strategy (nothing changes); otherwise as [`PrivateMemoryManager::convert`].
     pub fn convert_with(
         &self,
         range: PageRange,
@@ -372,7 +372,7 @@ impl PrivateMemory {
         self.convert_planned(&mut engine, range, to, mode, limit)
     }
 
-    /// Converts the start of `range` as [`PrivateMemory::convert_step`] does, through a
+    /// Converts the start of `range` as [`PrivateMemoryManager::convert_step`] does, through a
     /// plan of the changed runs: any number of runs, regions and strategies. Kept out of
     /// line so that the one-run path stays a few cache lines of code.
     #[inline(never)]

@@ -199,7 +199,7 @@ pub enum Error {
     /// a listener could not let go of it (it panicked in `discard` while what it had
     /// accepted was taken back), so the conversion to shared stands there (bits, KVM's
     /// view), and only that listener may map it; for
-    /// [`crate::PrivateMemory::subscribe_with_replay`] the listener keeps hearing
+    /// [`crate::PrivateMemoryManager::subscribe_with_replay`] the listener keeps hearing
     /// `discard` for those runs until it lets go.
     ///
     /// To recover, once the listener can let go, convert `kept_shared` to private (it
@@ -239,7 +239,7 @@ pub enum Error {
     /// the host offers it.
     #[error("enabling KVM_HC_MAP_GPA_RANGE exits (KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)) failed: {0}; the guest's conversion hypercalls will be answered by KVM, not served")]
     EnableExits(#[source] errno::Error),
-    /// A launch population ([`crate::PrivateMemory::launch_private`]) was given a range
+    /// A launch population ([`crate::PrivateMemoryManager::launch_private`]) was given a range
     /// with private pages: the content it makes private must be in shared pages.
     #[error("launching {range} needs every page shared (written through the shared side), and {first_private:#x} is private; nothing was changed")]
     LaunchNeedsShared {

@@ -11,7 +11,7 @@ use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
 use crate::attributes::PageState;
 use crate::convert::{ContentMode, ConversionReport, StepLimit};
 use crate::error::{Error, Result};
-use crate::memory::PrivateMemory;
+use crate::memory::PrivateMemoryManager;
 
 /// `KVM_MAP_GPA_RANGE_PAGE_SZ_2M` (`include/uapi/linux/kvm_para.h`).
 pub const MAP_GPA_RANGE_PAGE_SZ_2M: u64 = 1 << 0;
@@ -199,7 +199,7 @@ pub const GUEST_RUNS_PER_STEP: u64 = 1024;
 /// touched costs time per byte (about 75 ms per GiB here).
 pub const GUEST_BYTES_PER_STEP: u64 = 256 << 20;
 
-impl PrivateMemory {
+impl PrivateMemoryManager {
     /// Serves a checked guest request: converts its range in steps of at most
     /// [`GUEST_RUNS_PER_STEP`] changed runs and [`GUEST_BYTES_PER_STEP`] changed bytes,
     /// each all or nothing under one hold of the conversion lock, so that a guest that
@@ -209,7 +209,7 @@ impl PrivateMemory {
     ///
     /// # Errors
     ///
-    /// As [`PrivateMemory::convert`]. A failing step is rolled back; the steps before
+    /// As [`PrivateMemoryManager::convert`]. A failing step is rolled back; the steps before
     /// it stay done (each page is either converted or not), as a guest retrying its
     /// request expects.
     pub fn serve_request(&self, request: ConversionRequest) -> Result<ConversionReport> {
@@ -231,7 +231,7 @@ impl PrivateMemory {
     /// # Errors
     ///
     /// [`Error::BadRequest`] for flags or a range KVM's ABI does not allow; otherwise as
-    /// [`PrivateMemory::serve_request`].
+    /// [`PrivateMemoryManager::serve_request`].
     pub fn handle_memory_fault(&self, flags: u64, gpa: u64, size: u64) -> Result<ConversionReport> {
         let request = ConversionRequest::from_memory_fault(flags, gpa, size)?;
         self.serve_request(request)
@@ -239,7 +239,7 @@ impl PrivateMemory {
 
     /// Serves a hypercall by the KVM register ABI: `nr` (rax) and its first three
     /// arguments (rbx, rcx, rdx). Returns the value for the guest's rax:
-    /// `KVM_HC_MAP_GPA_RANGE` is served by [`PrivateMemory::handle_map_gpa_range`], any
+    /// `KVM_HC_MAP_GPA_RANGE` is served by [`PrivateMemoryManager::handle_map_gpa_range`], any
     /// other number answers `-KVM_ENOSYS`.
     ///
     /// This is the one entry point for conversion requests however they arrive: a
@@ -247,20 +247,20 @@ impl PrivateMemory {
     /// into its `ret`), or the same registers carried over another transport (port I/O
     /// on hosts whose hypercall exits do not reach userspace).
     ///
-    /// [`PrivateMemory::serve_hypercall`] does the same and says why it refused.
+    /// [`PrivateMemoryManager::serve_hypercall`] does the same and says why it refused.
     pub fn handle_hypercall(&self, nr: u64, args: [u64; 3]) -> u64 {
         self.serve_hypercall(nr, args)
             .map_or_else(|e| e.hypercall_code(), |_| 0)
     }
 
-    /// Serves a hypercall as [`PrivateMemory::handle_hypercall`] does, and returns what
+    /// Serves a hypercall as [`PrivateMemoryManager::handle_hypercall`] does, and returns what
     /// it did, or why it refused; the guest's `rax` for either is `0` or
     /// [`Error::hypercall_code`].
     ///
     /// # Errors
     ///
     /// [`Error::BadRequest`] with [`RequestError::UnknownHypercall`] for another
-    /// hypercall (nothing done); otherwise as [`PrivateMemory::serve_map_gpa_range`].
+    /// hypercall (nothing done); otherwise as [`PrivateMemoryManager::serve_map_gpa_range`].
     pub fn serve_hypercall(&self, nr: u64, args: [u64; 3]) -> Result<ConversionReport> {
         if nr != guest_memfd::uapi::KVM_HC_MAP_GPA_RANGE {
             return Err(RequestError::UnknownHypercall(nr).into());
@@ -273,7 +273,7 @@ impl PrivateMemory {
     /// # Errors
     ///
     /// [`Error::BadRequest`] for arguments the ABI does not allow (nothing done);
-    /// otherwise as [`PrivateMemory::serve_request`].
+    /// otherwise as [`PrivateMemoryManager::serve_request`].
     pub fn serve_map_gpa_range(
         &self,
         gpa: u64,
@@ -289,7 +289,7 @@ impl PrivateMemory {
     /// or out-of-memory request, `-KVM_EAGAIN` if a host access still held the pages (the
     /// conversion was rolled back; the guest may retry), `-KVM_EFAULT` if the conversion
     /// itself failed (it was rolled back, except what a [`Error::RollbackFailed`] names:
-    /// [`PrivateMemory::serve_map_gpa_range`] says why).
+    /// [`PrivateMemoryManager::serve_map_gpa_range`] says why).
     pub fn handle_map_gpa_range(&self, gpa: u64, pages: u64, attributes: u64) -> u64 {
         self.serve_map_gpa_range(gpa, pages, attributes)
             .map_or_else(|e| e.hypercall_code(), |_| 0)

@@ -113,7 +113,7 @@ enum Held {
 
 /// Publishes a host access for as long as it lives (see the module documentation).
 ///
-/// This is the bitmap slice type of [`crate::PrivateRegion`]'s `VolatileSlice`s. It tracks
+/// This is the bitmap slice type of [`crate::GuestRegionPrivate`]'s `VolatileSlice`s. It tracks
 /// no dirty pages: `mark_dirty` does nothing and `dirty_at` is always false.
 #[derive(Debug)]
 pub struct AccessGuard {
@@ -255,7 +255,7 @@ impl Bitmap for AccessGuard {
     }
 }
 
-/// The bitmap type of [`crate::PrivateRegion`]: no dirty tracking, and slices that
+/// The bitmap type of [`crate::GuestRegionPrivate`]: no dirty tracking, and slices that
 /// carry an [`AccessGuard`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HostAccess;

@@ -15,15 +15,15 @@
 //! - [`MemoryBuilder`] lays regions out in guest-physical space (vm-allocator), chooses a
 //!   [`Strategy`] from the VM's capabilities, creates the files and binds each region to
 //!   a memslot (`KVM_SET_USER_MEMORY_REGION2`, slot numbers from vm-allocator).
-//! - [`PrivateMemory`] owns it all. [`PrivateMemory::memory`] is the vm-memory view, a
-//!   `GuestMemoryAtomic<GuestRegionCollection<PrivateRegion>>`: `Bytes`, `GuestMemory`
+//! - [`PrivateMemoryManager`] owns it all. [`PrivateMemoryManager::memory`] is the vm-memory view, a
+//!   `GuestMemoryAtomic<GuestRegionCollection<GuestRegionPrivate>>`: `Bytes`, `GuestMemory`
 //!   (with `Permissions`), `GuestMemoryBackend` and linux-loader work on it unchanged.
-//! - [`PrivateMemory::convert`] changes pages between private and shared, all or nothing;
-//!   [`PrivateMemory::discard`] frees pages (balloon, free page reporting).
+//! - [`PrivateMemoryManager::convert`] changes pages between private and shared, all or nothing;
+//!   [`PrivateMemoryManager::discard`] frees pages (balloon, free page reporting).
 //! - [`MemoryListener`]s (VFIO DMA maps, vhost-user tables, queue caches) hear `discard`
 //!   before host access to a range is revoked and `populate` after it is granted.
-//! - [`ConversionRequest`], [`PrivateMemory::handle_memory_fault`] and
-//!   [`PrivateMemory::handle_map_gpa_range`] serve the guest's requests
+//! - [`ConversionRequest`], [`PrivateMemoryManager::handle_memory_fault`] and
+//!   [`PrivateMemoryManager::handle_map_gpa_range`] serve the guest's requests
 //!   (`KVM_EXIT_MEMORY_FAULT`, `KVM_HC_MAP_GPA_RANGE`), checking every field.
 //! - [`MemoryState`] saves and restores the layout and the private/shared map.
 //! - [`VmOps`] (from `guest-memfd`) is every VM call this crate makes: implemented for
@@ -50,7 +50,7 @@
 //! `get_host_address` answers only while its *whole region* is shared, because rust-vmm
 //! code maps `get_host_address(0)` plus the region's length (VFIO, vhost-user).
 //!
-//! **The guarantee.** Once [`PrivateMemory::convert`] to private returns, no host access
+//! **The guarantee.** Once [`PrivateMemoryManager::convert`] to private returns, no host access
 //! made through a vm-memory call can still read or write the page: every slice the view
 //! hands out carries an [`AccessGuard`] that publishes its host range before the bits are
 //! checked and withdraws it when the slice (and every slice cut from it) is dropped, and
@@ -161,8 +161,8 @@ pub use exits::{
 pub use guard::{AccessGuard, HostAccess};
 pub use guest_memfd::VmOps;
 pub use listener::{MemoryListener, Subscription};
-pub use memory::{GuestMemoryPrivate, PrivateMemory};
-pub use region::{private_page_refusal, PrivateRegion};
+pub use memory::{GuestMemoryPrivate, PrivateMemoryManager};
+pub use region::{private_page_refusal, GuestRegionPrivate};
 pub use shared_runs::{SharedFile, SharedPages, SharedPagesSnapshot, SharedRun, SharedRuns};
 pub use state::{
     MemoryState, PageRun, PrivatePages, RegionState, SharedContent, StateError, STATE_VERSION,

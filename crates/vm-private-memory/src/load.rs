@@ -5,7 +5,7 @@
 //! Loaders (linux-loader, firmware loaders) write through vm-memory's `Bytes`, which
 //! refuses private pages; linux-loader then reports its own error
 //! (`ReadKernelImage`, `CommandLineCopy`) and the range is lost. Check the ranges with
-//! [`PrivateMemory::check_host_access`] first, and the error names the first private page.
+//! [`PrivateMemoryManager::check_host_access`] first, and the error names the first private page.
 
 use guest_memfd::{PageRange, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress};
@@ -13,10 +13,10 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::attributes::PageState;
 use crate::convert::ContentMode;
 use crate::error::{Error, GpaRange, Result};
-use crate::memory::PrivateMemory;
+use crate::memory::PrivateMemoryManager;
 use crate::strategy::{Strategy, UnavailableReason};
 
-impl PrivateMemory {
+impl PrivateMemoryManager {
     /// Checks that the host may access `[gpa, gpa + len)`: every byte inside guest
     /// memory and every page shared. Call it before handing ranges to a loader.
     ///
@@ -66,7 +66,7 @@ impl PrivateMemory {
     ///
     /// [`Error::StrategyUnavailable`] with the dual strategy, where the host cannot put
     /// content into private pages (a vendor launch measures and encrypts them instead);
-    /// [`Error::OutsideGuestMemory`] and conversion errors as [`PrivateMemory::convert`].
+    /// [`Error::OutsideGuestMemory`] and conversion errors as [`PrivateMemoryManager::convert`].
     /// On an error after the pages were made shared they are made private again, empty;
     /// if even that fails, [`Error::RollbackFailed`] names them in `kept_shared` (they
     /// may still be shared).

@@ -15,11 +15,11 @@ use vm_memory::{
 use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, Result};
 use crate::listener::{in_callback, Listeners, MemoryListener, Subscription};
-use crate::region::PrivateRegion;
+use crate::region::GuestRegionPrivate;
 use crate::strategy::Strategy;
 
 /// The vm-memory view of the guest's RAM: use it wherever `GuestMemoryMmap` was used.
-pub type GuestMemoryPrivate = GuestRegionCollection<PrivateRegion>;
+pub type GuestMemoryPrivate = GuestRegionCollection<GuestRegionPrivate>;
 
 /// State that only changes under the conversion lock.
 pub(crate) struct Engine {
@@ -71,9 +71,9 @@ impl Engine {
 
 /// Guest RAM with private and shared pages, on one VM.
 ///
-/// [`PrivateMemory::memory`] gives the vm-memory view (a [`GuestMemoryAtomic`] over
+/// [`PrivateMemoryManager::memory`] gives the vm-memory view (a [`GuestMemoryAtomic`] over
 /// [`GuestMemoryPrivate`]) for device emulation, loaders and vCPU set-up; this type owns
-/// the memslots and changes pages between private and shared ([`PrivateMemory::convert`]).
+/// the memslots and changes pages between private and shared ([`PrivateMemoryManager::convert`]).
 /// Dropping it unbinds every memslot.
 ///
 /// # The published view belongs to this memory
@@ -81,11 +81,11 @@ impl Engine {
 /// vm-memory lets any holder of a [`GuestMemoryAtomic`] replace its collection
 /// (`GuestMemoryAtomic::lock`). Do not: this memory keeps its own list of regions, and
 /// that list alone decides which memslots are bound, what conversions, `remove_region`
-/// and `Drop` act on, and what [`PrivateMemory::regions`] and [`PrivateMemory::state`]
+/// and `Drop` act on, and what [`PrivateMemoryManager::regions`] and [`PrivateMemoryManager::state`]
 /// report. A replaced collection is overwritten by the next `add_region` or
 /// `remove_region`, which publish this memory's list again; until then devices see the
 /// replacement. No replacement can make a region lose its memslot or keep one.
-pub struct PrivateMemory {
+pub struct PrivateMemoryManager {
     pub(crate) vm: Arc<dyn VmOps>,
     pub(crate) strategy: Strategy,
     /// The view handed out by `memory()`.
@@ -97,9 +97,9 @@ pub struct PrivateMemory {
     pub(crate) listeners: Listeners,
 }
 
-impl std::fmt::Debug for PrivateMemory {
+impl std::fmt::Debug for PrivateMemoryManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PrivateMemory")
+        f.debug_struct("PrivateMemoryManager")
             .field("strategy", &self.strategy)
             .field("regions", &self.regions())
             .finish()
@@ -142,7 +142,7 @@ pub(crate) fn unbind_regions(
     all_unbound
 }
 
-impl PrivateMemory {
+impl PrivateMemoryManager {
     /// Assembles a memory over `current`, whose regions are all bound already.
     pub(crate) fn assemble(
         vm: Arc<dyn VmOps>,
@@ -150,7 +150,7 @@ impl PrivateMemory {
         current: Arc<GuestMemoryPrivate>,
         engine: Engine,
     ) -> Self {
-        PrivateMemory {
+        PrivateMemoryManager {
             vm,
             strategy,
             memory: GuestMemoryAtomic::new((*current).clone()),
@@ -206,7 +206,7 @@ impl PrivateMemory {
     pub fn regions(&self) -> Vec<PageRange> {
         self.listed()
             .iter()
-            .map(PrivateRegion::guest_range)
+            .map(GuestRegionPrivate::guest_range)
             .collect()
     }
 
@@ -245,7 +245,7 @@ impl PrivateMemory {
     ///
     /// It hears of operations that start after this call returns: one already running
     /// may or may not tell it, and it is not told which pages are shared now
-    /// ([`PrivateMemory::subscribe_with_replay`] does both without a gap).
+    /// ([`PrivateMemoryManager::subscribe_with_replay`] does both without a gap).
     pub fn subscribe(&self, range: PageRange, listener: Arc<dyn MemoryListener>) -> Subscription {
         self.listeners.subscribe(range, listener)
     }
@@ -333,7 +333,7 @@ pub(crate) fn gpa(range: PageRange) -> GpaRange {
     }
 }
 
-impl Drop for PrivateMemory {
+impl Drop for PrivateMemoryManager {
     /// Unbinds every region this memory bound, from the engine's own list (not from the
     /// `GuestMemoryAtomic`, which a caller may have replaced). If a slot cannot be
     /// unbound (the kernel refused), KVM may still use its memory: every region is then
@@ -344,7 +344,7 @@ impl Drop for PrivateMemory {
     }
 }
 
-/// Iterator over the pieces of a range, region by region ([`PrivateMemory::split`]).
+/// Iterator over the pieces of a range, region by region ([`PrivateMemoryManager::split`]).
 pub(crate) struct Split<'a> {
     snapshot: &'a GuestMemoryPrivate,
     range: PageRange,
@@ -352,7 +352,7 @@ pub(crate) struct Split<'a> {
 }
 
 impl<'a> Iterator for Split<'a> {
-    type Item = Result<(&'a PrivateRegion, u64, u64)>;
+    type Item = Result<(&'a GuestRegionPrivate, u64, u64)>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.at >= self.range.end() {

@@ -24,38 +24,38 @@ type GuestResult<T> = std::result::Result<T, GuestMemoryError>;
 /// private/shared bit per page.
 ///
 /// It implements vm-memory's [`GuestMemoryRegion`] and [`Bytes`], so a
-/// `GuestRegionCollection<PrivateRegion>` is a [`vm_memory::GuestMemory`]. Every host
+/// `GuestRegionCollection<GuestRegionPrivate>` is a [`vm_memory::GuestMemory`]. Every host
 /// access path (`Bytes`, `get_slice`, `get_host_address`, and through them
 /// `GuestMemory::get_slices`) checks the pages it would touch and refuses, without
 /// touching memory, if any of them is private. The error is a
 /// `GuestMemoryError::IOError` of kind `PermissionDenied` that wraps
 /// [`Error::PrivatePage`]; [`private_page_refusal`] reads it back.
 ///
-/// Whoever holds the vm-memory view reaches a `&PrivateRegion`, so nothing here hands
+/// Whoever holds the vm-memory view reaches a `&GuestRegionPrivate`, so nothing here hands
 /// out the files or the memslot: a safe `GuestMemfd::map` of the region's file would
 /// reach every private page, and a safe unbind would leave KVM and this crate
 /// disagreeing. None of these compile (the owner's view of its files is
-/// [`crate::PrivateMemory::backing`]):
+/// [`crate::PrivateMemoryManager::backing`]):
 ///
 /// ```compile_fail
-/// # fn f(region: &vm_private_memory::PrivateRegion) {
+/// # fn f(region: &vm_private_memory::GuestRegionPrivate) {
 /// let file = region.gmem(); // the guest_memfd, private pages and all
 /// # }
 /// ```
 ///
 /// ```compile_fail
-/// # fn f(region: &vm_private_memory::PrivateRegion) {
+/// # fn f(region: &vm_private_memory::GuestRegionPrivate) {
 /// let shared = region.shared_memfd();
 /// # }
 /// ```
 ///
 /// ```compile_fail
-/// # fn f(region: &vm_private_memory::PrivateRegion) {
+/// # fn f(region: &vm_private_memory::GuestRegionPrivate) {
 /// let slot = region.memslot();
 /// # }
 /// ```
 #[derive(Debug)]
-pub struct PrivateRegion {
+pub struct GuestRegionPrivate {
     guest: PageRange,
     strategy: Strategy,
     gmem: GuestMemfd,
@@ -81,9 +81,9 @@ pub(crate) struct RegionParts {
     pub slot: u32,
 }
 
-impl PrivateRegion {
+impl GuestRegionPrivate {
     pub(crate) fn new(parts: RegionParts) -> Self {
-        PrivateRegion {
+        GuestRegionPrivate {
             attributes: PageAttributes::new(parts.guest.page_count(), parts.initial),
             private_pages: AtomicU64::new(match parts.initial {
                 PageState::Private => parts.guest.page_count(),
@@ -115,7 +115,7 @@ impl PrivateRegion {
     }
 
     /// The guest_memfd holding the region's (private) pages. Crate-internal: a safe
-    /// `GuestMemfd::map` of it would reach private pages (see [`crate::PrivateMemory`]
+    /// `GuestMemfd::map` of it would reach private pages (see [`crate::PrivateMemoryManager`]
     /// for what the owner may learn of its files).
     pub(crate) fn gmem(&self) -> &GuestMemfd {
         &self.gmem
@@ -272,7 +272,7 @@ pub fn private_page_refusal(err: &GuestMemoryError) -> Option<(GpaRange, u64)> {
     }
 }
 
-impl GuestMemoryRegion for PrivateRegion {
+impl GuestMemoryRegion for GuestRegionPrivate {
     type B = HostAccess;
 
     #[inline]
@@ -340,7 +340,7 @@ impl GuestMemoryRegion for PrivateRegion {
 /// Implemented by hand rather than through `GuestMemoryRegionBytes`: that trait's
 /// methods go through `as_volatile_slice()`, a slice of the whole region, so one private
 /// page anywhere would refuse every access. Here each access checks exactly its bytes.
-impl Bytes<MemoryRegionAddress> for PrivateRegion {
+impl Bytes<MemoryRegionAddress> for GuestRegionPrivate {
     type E = GuestMemoryError;
 
     fn write(&self, buf: &[u8], addr: MemoryRegionAddress) -> GuestResult<usize> {

@@ -13,11 +13,11 @@ use crate::convert::Undone;
 use crate::error::{Error, GpaRange, LayoutError, Result};
 use crate::kvm_view::set_kvm_view;
 use crate::listener::{in_callback, Listeners};
-use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemory};
-use crate::region::PrivateRegion;
+use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemoryManager};
+use crate::region::GuestRegionPrivate;
 use crate::strategy::Strategy;
 
-impl PrivateMemory {
+impl PrivateMemoryManager {
     /// Adds a region over `guest`, bound to a new memslot, its pages in `initial` state.
     /// It is backed by `backing`: a file and offset (for example the file of a region
     /// removed before, to keep its content), or `None` for a new guest_memfd.
@@ -26,7 +26,7 @@ impl PrivateMemory {
     /// whatever the guest had written there, private pages included, becomes readable by
     /// the host. Discard ranges first if that is not wanted.
     ///
-    /// The `GuestMemfd` handed back by [`PrivateMemory::remove_region`] is the owner's
+    /// The `GuestMemfd` handed back by [`PrivateMemoryManager::remove_region`] is the owner's
     /// tool, not device code's: its safe `map` maps every page, private ones included.
     /// Give it back here and drop other clones; keep it away from anything that holds
     /// only the vm-memory view.
@@ -105,7 +105,7 @@ impl PrivateMemory {
         backing: Option<(GuestMemfd, u64)>,
         initial: PageState,
         slot: u32,
-    ) -> Result<(Arc<PrivateRegion>, GuestMemoryPrivate)> {
+    ) -> Result<(Arc<GuestRegionPrivate>, GuestMemoryPrivate)> {
         let (gmem, offset) = match backing {
             Some(b) => b,
             None => (
@@ -137,7 +137,7 @@ impl PrivateMemory {
         &self,
         guest: PageRange,
         initial: PageState,
-        region: &Arc<PrivateRegion>,
+        region: &Arc<GuestRegionPrivate>,
     ) -> std::result::Result<(), (Error, bool)> {
         let memslot = region.memslot().map_err(|e| (e.into(), false))?;
         // SAFETY: the slot's userspace memory is the region's host mapping, which the
@@ -189,7 +189,7 @@ impl PrivateMemory {
         self.take_out(&mut engine, start, Listening::Tell)
     }
 
-    /// Removes the region that starts at `start` as [`PrivateMemory::remove_region`]
+    /// Removes the region that starts at `start` as [`PrivateMemoryManager::remove_region`]
     /// says, with the engine locked and the listeners held; `listening` says whether
     /// listeners hear of its shared pages (not when undoing an addition they refused).
     fn take_out(

@@ -10,7 +10,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 
 use crate::attributes::PageState;
 use crate::memory::GuestMemoryPrivate;
-use crate::region::PrivateRegion;
+use crate::region::GuestRegionPrivate;
 
 /// Runs of consecutive shared pages inside one region each, in address order (from
 /// [`SharedPagesSnapshot::runs`]).
@@ -25,7 +25,7 @@ pub struct SharedRuns<'a> {
 /// One run of consecutive shared pages inside one region.
 #[derive(Clone, Copy, Debug)]
 pub struct SharedRun<'a> {
-    region: &'a PrivateRegion,
+    region: &'a GuestRegionPrivate,
     guest: PageRange,
 }
 
@@ -121,14 +121,14 @@ impl<'a> SharedRun<'a> {
     }
 
     /// The region the run lies in.
-    pub fn region(&self) -> &'a PrivateRegion {
+    pub fn region(&self) -> &'a GuestRegionPrivate {
         self.region
     }
 }
 
 /// The owner's grant to device code of the shared pages, their host addresses and, with
 /// the dual strategy, the file another process may map
-/// ([`crate::PrivateMemory::shared_pages`]). It reads the memory's own list of regions,
+/// ([`crate::PrivateMemoryManager::shared_pages`]). It reads the memory's own list of regions,
 /// which no holder of the vm-memory view can replace, and only the owner hands it out:
 /// the vm-memory view alone reaches no file.
 ///
@@ -136,7 +136,7 @@ impl<'a> SharedRun<'a> {
 /// read. Code that keeps what it learns here (a device's IOMMU mapping, a backend's
 /// memory table, a mapping of the file) must hear of revocations as a
 /// [`crate::MemoryListener`], subscribed with
-/// [`crate::PrivateMemory::subscribe_with_replay`], which offers what is shared now and
+/// [`crate::PrivateMemoryManager::subscribe_with_replay`], which offers what is shared now and
 /// every change after it without a gap.
 ///
 /// ```

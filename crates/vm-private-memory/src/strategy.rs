@@ -60,11 +60,11 @@ pub enum UnavailableReason {
     /// [`crate::SharedContent::Keep`]) was asked of the dual strategy.
     #[error("content-preserving conversion needs the in-place strategy: the dual strategy keeps private and shared pages in different files")]
     PreserveNeedsInPlace,
-    /// Loading bytes into private pages ([`crate::PrivateMemory::load_private`]) was
+    /// Loading bytes into private pages ([`crate::PrivateMemoryManager::load_private`]) was
     /// asked of the dual strategy.
     #[error("the host can only load private pages in place; with the dual strategy private pages live in a guest_memfd no host process maps")]
     LoadNeedsInPlace,
-    /// A vendor launch ([`crate::PrivateMemory::launch_private`]) was asked of the
+    /// A vendor launch ([`crate::PrivateMemoryManager::launch_private`]) was asked of the
     /// in-place strategy, which has no shared side to populate from.
     #[error("launch population copies from the shared side into private memory, which needs the dual strategy; in-place memory keeps content across conversions (load_private)")]
     LaunchNeedsDual,

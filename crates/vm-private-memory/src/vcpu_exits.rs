@@ -2,17 +2,17 @@
 //! Conversion exits for VMMs on kvm-ioctls: asking KVM to forward the guest's
 //! conversion hypercalls, and serving a [`VcpuExit`] that carries one.
 //!
-//! The hypervisor-neutral entry points are [`PrivateMemory::serve_hypercall`] and
-//! [`PrivateMemory::handle_memory_fault`]; this module is a convenience on top.
+//! The hypervisor-neutral entry points are [`PrivateMemoryManager::serve_hypercall`] and
+//! [`PrivateMemoryManager::handle_memory_fault`]; this module is a convenience on top.
 
 use guest_memfd::{uapi::KVM_HC_MAP_GPA_RANGE, Capabilities};
 use kvm_ioctls::VcpuExit;
 
 use crate::convert::ConversionReport;
 use crate::error::{Error, Result};
-use crate::memory::PrivateMemory;
+use crate::memory::PrivateMemoryManager;
 
-impl PrivateMemory {
+impl PrivateMemoryManager {
     /// Asks the hypervisor to let the guest's `KVM_HC_MAP_GPA_RANGE` hypercalls (how
     /// TDX's MapGPA and SEV-SNP's page-state changes reach a VMM) exit to the VMM as
     /// `KVM_EXIT_HYPERCALL` (`KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)`), through the
@@ -56,7 +56,7 @@ impl PrivateMemory {
     /// or why it was refused.
     ///
     /// ```no_run
-    /// # let (memory, mut vcpu): (vm_private_memory::PrivateMemory, kvm_ioctls::VcpuFd) = todo!();
+    /// # let (memory, mut vcpu): (vm_private_memory::PrivateMemoryManager, kvm_ioctls::VcpuFd) = todo!();
     /// loop {
     ///     let mut exit = vcpu.run().unwrap();
     ///     match memory.serve_vcpu_exit(&mut exit) {

@@ -13,14 +13,14 @@ use common::{in_place_or_skip, pr, vm};
 use guest_memfd::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vm_private_memory::{
-    ContentMode, Error, MemoryBuilder, PageState, PrivateMemory, Strategy, KVM_EAGAIN,
+    ContentMode, Error, MemoryBuilder, PageState, PrivateMemoryManager, Strategy, KVM_EAGAIN,
 };
 
 const SIZE: u64 = 4 << 20;
 /// The page that goes back and forth: writers' ranges straddle it.
 const PAGE: u64 = 1 << 20;
 
-fn shared_memory(patience: Duration) -> PrivateMemory {
+fn shared_memory(patience: Duration) -> PrivateMemoryManager {
     MemoryBuilder::new(vm())
         .region_at(0, SIZE)
         .strategy(Strategy::InPlace)

@@ -11,12 +11,12 @@ use common::{dual, in_place, in_place_or_skip, pr, Heard, Recorder};
 use guest_memfd::{PageRange, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 use vm_private_memory::{
-    ContentMode, Error, GuestMemoryPrivate, MemoryListener, PageState, PrivateMemory,
+    ContentMode, Error, GuestMemoryPrivate, MemoryListener, PageState, PrivateMemoryManager,
 };
 
 const MIB2: u64 = 2 << 20;
 
-fn states(m: &PrivateMemory, size: u64) -> Vec<PageState> {
+fn states(m: &PrivateMemoryManager, size: u64) -> Vec<PageState> {
     (0..size / PAGE_SIZE)
         .map(|p| m.state_of(p * PAGE_SIZE).unwrap())
         .collect()
@@ -230,7 +230,7 @@ fn a_listener_that_converts_gets_an_error() {
         return;
     }
     struct Converter {
-        memory: Mutex<Option<Arc<PrivateMemory>>>,
+        memory: Mutex<Option<Arc<PrivateMemoryManager>>>,
         result: Mutex<Option<String>>,
     }
     impl MemoryListener for Converter {

@@ -35,7 +35,11 @@ fn vm_with_memory_attributes(test: &str) -> Option<Arc<VmFd>> {
 }
 
 /// Memory of `size` bytes at 0 on `vm`, every page in `initial`.
-fn memory_on(vm: Arc<VmFd>, size: u64, initial: PageState) -> vm_private_memory::PrivateMemory {
+fn memory_on(
+    vm: Arc<VmFd>,
+    size: u64,
+    initial: PageState,
+) -> vm_private_memory::PrivateMemoryManager {
     MemoryBuilder::new(vm)
         .region_at(0, size)
         .initial_state(initial)

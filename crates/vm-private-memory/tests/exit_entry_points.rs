@@ -15,14 +15,14 @@ use guest_memfd::{VmOps, PAGE_SIZE};
 use kvm_bindings::{kvm_create_guest_memfd, kvm_userspace_memory_region2};
 use kvm_ioctls::{HypercallExit, VcpuExit, VmFd};
 use vm_private_memory::{
-    Error, MemoryBuilder, PageState, PrivateMemory, RequestError, Strategy, KVM_EAGAIN, KVM_EINVAL,
-    KVM_ENOSYS, MAP_GPA_RANGE_ENCRYPTED,
+    Error, MemoryBuilder, PageState, PrivateMemoryManager, RequestError, Strategy, KVM_EAGAIN,
+    KVM_EINVAL, KVM_ENOSYS, MAP_GPA_RANGE_ENCRYPTED,
 };
 use vmm_sys_util::errno;
 
 const MIB2: u64 = 2 << 20;
 
-fn memory() -> Option<PrivateMemory> {
+fn memory() -> Option<PrivateMemoryManager> {
     in_place_or_skip("exit entry points").then(|| {
         MemoryBuilder::new(vm())
             .region_at(0, MIB2)

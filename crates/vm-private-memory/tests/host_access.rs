@@ -15,11 +15,11 @@ use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryBackend, GuestMemoryError,
     GuestMemoryRegion, MemoryRegionAddress, Permissions,
 };
-use vm_private_memory::{private_page_refusal, PageState, PrivateMemory};
+use vm_private_memory::{private_page_refusal, PageState, PrivateMemoryManager};
 
 const SIZE: u64 = 4 << 20;
 /// Page 0 shared, page 1 private, pages 2.. shared up to 2 MiB, the rest private.
-fn memory() -> PrivateMemory {
+fn memory() -> PrivateMemoryManager {
     let m = in_place(SIZE, PageState::Private);
     m.convert(pr(0, 2 << 20), PageState::Shared).unwrap();
     m.convert(pr(PAGE_SIZE, PAGE_SIZE), PageState::Private)

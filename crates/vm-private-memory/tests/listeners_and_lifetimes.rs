@@ -13,7 +13,7 @@ use common::{dual, gpa_is_free, in_place, in_place_or_skip, pr, vm, Heard, Recor
 use guest_memfd::{PageRange, PAGE_SIZE};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 use vm_private_memory::{
-    GuestMemoryPrivate, MemoryBuilder, MemoryListener, PageState, PrivateMemory,
+    GuestMemoryPrivate, MemoryBuilder, MemoryListener, PageState, PrivateMemoryManager,
 };
 
 const MIB2: u64 = 2 << 20;
@@ -136,7 +136,7 @@ fn region_changes_from_a_listener_are_refused() {
         return;
     }
     struct Remover {
-        memory: Mutex<Option<Arc<PrivateMemory>>>,
+        memory: Mutex<Option<Arc<PrivateMemoryManager>>>,
         results: Mutex<Vec<String>>,
     }
     impl MemoryListener for Remover {

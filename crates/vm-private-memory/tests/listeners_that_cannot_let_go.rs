@@ -50,7 +50,7 @@ fn ranges(r: &[GpaRange]) -> Vec<(u64, u64)> {
 }
 
 /// The pages in `state` among the first `pages` pages.
-fn pages_in(m: &vm_private_memory::PrivateMemory, pages: u64, state: PageState) -> Vec<u64> {
+fn pages_in(m: &vm_private_memory::PrivateMemoryManager, pages: u64, state: PageState) -> Vec<u64> {
     (0..pages)
         .filter(|p| m.state_of(p * PAGE_SIZE) == Some(state))
         .collect()

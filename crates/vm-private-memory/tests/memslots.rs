@@ -12,21 +12,21 @@ use common::{gpa_is_free, in_place_or_skip, pr};
 use guest_memfd::{Capabilities, PAGE_SIZE};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 use vm_private_memory::{
-    Error, GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemory, Strategy,
+    Error, GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemoryManager, Strategy,
 };
 
 const MIB2: u64 = 2 << 20;
 
 /// What `GuestMemoryAtomic::lock` lets any holder of the view do: publish another
 /// collection (here an empty one).
-fn replace_published_view(memory: &PrivateMemory) {
+fn replace_published_view(memory: &PrivateMemoryManager) {
     let view = memory.memory();
     view.lock().unwrap().replace(GuestMemoryPrivate::new());
     assert_eq!(memory.memory().memory().num_regions(), 0);
 }
 
 /// In-place memory of one region at 0 whose published view was then emptied.
-fn one_region_with_its_view_replaced() -> (std::sync::Arc<kvm_ioctls::VmFd>, PrivateMemory) {
+fn one_region_with_its_view_replaced() -> (std::sync::Arc<kvm_ioctls::VmFd>, PrivateMemoryManager) {
     let vm = common::vm();
     let memory = MemoryBuilder::new(vm.clone())
         .region_at(0, MIB2)

@@ -13,12 +13,14 @@ use std::sync::{Arc, Mutex};
 use common::{dual, in_place, in_place_or_skip, pr, Heard, Recorder};
 use guest_memfd::{PageRange, PAGE_SIZE};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
-use vm_private_memory::{Error, MemoryBuilder, MemoryListener, PageState, PrivateMemory, Strategy};
+use vm_private_memory::{
+    Error, MemoryBuilder, MemoryListener, PageState, PrivateMemoryManager, Strategy,
+};
 
 const MIB2: u64 = 2 << 20;
 
 /// Two in-place regions, at 0 and 8 MiB, all private.
-fn two_regions() -> PrivateMemory {
+fn two_regions() -> PrivateMemoryManager {
     MemoryBuilder::new(common::vm())
         .region_at(0, MIB2)
         .region_at(4 * MIB2, MIB2)
@@ -28,7 +30,7 @@ fn two_regions() -> PrivateMemory {
         .unwrap()
 }
 
-fn runs_of(m: &PrivateMemory, range: PageRange) -> Vec<PageRange> {
+fn runs_of(m: &PrivateMemoryManager, range: PageRange) -> Vec<PageRange> {
     m.shared_pages()
         .snapshot()
         .runs(range)

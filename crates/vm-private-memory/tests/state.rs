@@ -12,13 +12,13 @@ use std::sync::Arc;
 use common::{Heard, Recorder};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vm_private_memory::{
-    ContentMode, Error, MemoryBuilder, MemoryState, PageRun, PageState, PrivateMemory,
+    ContentMode, Error, MemoryBuilder, MemoryState, PageRun, PageState, PrivateMemoryManager,
     PrivatePages, SharedContent, StateError, Strategy, Subscription,
 };
 
 const MIB2: u64 = 2 << 20;
 
-fn source() -> PrivateMemory {
+fn source() -> PrivateMemoryManager {
     let m = MemoryBuilder::new(vm())
         .region_at(0, MIB2)
         .region_at(4 << 30, MIB2)
@@ -33,7 +33,7 @@ fn source() -> PrivateMemory {
     m
 }
 
-fn states(m: &PrivateMemory) -> Vec<PageState> {
+fn states(m: &PrivateMemoryManager) -> Vec<PageState> {
     m.regions()
         .iter()
         .flat_map(|r| (0..r.page_count()).map(move |p| r.start() + p * PAGE_SIZE))
@@ -212,7 +212,7 @@ proptest! {
 
 /// Two 2 MiB in-place regions, all private, with a listener on each; the second refuses
 /// `populate` while its `refuse` is set.
-fn two_regions_with_listeners() -> (PrivateMemory, Vec<Arc<Recorder>>, Vec<Subscription>) {
+fn two_regions_with_listeners() -> (PrivateMemoryManager, Vec<Arc<Recorder>>, Vec<Subscription>) {
     let m = MemoryBuilder::new(vm())
         .region_at(0, MIB2)
         .region_at(4 << 30, MIB2)
@@ -279,7 +279,7 @@ fn a_restore_refused_on_a_later_region_changes_no_region() {
 
 /// In-place memory whose page 1 is private and holds `SECRET`, and a state saved when
 /// that page was shared.
-fn a_secret_hidden_after_a_save() -> (PrivateMemory, MemoryState) {
+fn a_secret_hidden_after_a_save() -> (PrivateMemoryManager, MemoryState) {
     let m = MemoryBuilder::new(vm())
         .region_at(0, MIB2)
         .strategy(Strategy::InPlace)

@@ -7,15 +7,15 @@ mod common;
 use common::{in_place_or_skip, pr, vm};
 use guest_memfd::PAGE_SIZE;
 use vm_private_memory::{
-    Error, MemoryBuilder, MemoryState, PageRun, PageState, PrivateMemory, PrivatePages, StateError,
-    Strategy, STATE_VERSION,
+    Error, MemoryBuilder, MemoryState, PageRun, PageState, PrivateMemoryManager, PrivatePages,
+    StateError, Strategy, STATE_VERSION,
 };
 
 const GIB: u64 = 1 << 30;
 /// The bitmap of 1 GiB: one bit per 4 KiB page.
 const GIB_BITMAP: usize = (GIB / PAGE_SIZE / 8) as usize;
 
-fn shared_gib() -> PrivateMemory {
+fn shared_gib() -> PrivateMemoryManager {
     MemoryBuilder::new(vm())
         .region_at(0, GIB)
         .strategy(Strategy::InPlace)
@@ -29,7 +29,7 @@ fn json(state: &MemoryState) -> String {
 }
 
 /// `memory` with its map set to `private`, through a restore.
-fn with_map(memory: &PrivateMemory, private: PrivatePages) {
+fn with_map(memory: &PrivateMemoryManager, private: PrivatePages) {
     let mut target = memory.state();
     target.regions[0].private = private;
     target.update_checksum();
@@ -100,7 +100,7 @@ fn a_sparse_state_stays_a_few_runs_and_round_trips() {
 }
 
 /// A 2 MiB in-place memory, shared, with private pages 4-7 and 100.
-fn small() -> PrivateMemory {
+fn small() -> PrivateMemoryManager {
     let m = common::in_place(2 << 20, PageState::Shared);
     m.convert(pr(4 * PAGE_SIZE, 4 * PAGE_SIZE), PageState::Private)
         .unwrap();

@@ -54,7 +54,7 @@ use guest_memfd::PageRange;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::GuestAddressSpace;
-use vm_private_memory::{MemoryBuilder, PageState, PrivateMemory};
+use vm_private_memory::{MemoryBuilder, PageState, PrivateMemoryManager};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use acpi::{ACPI_TABLES_ADDR, PM1A_CNT_BLK, PM1A_EVT_BLK, S5_SLEEP_TYPE};
@@ -152,7 +152,7 @@ pub struct LinuxRun {
 /// A one-vCPU Linux guest, loaded and ready to run.
 #[derive(Debug)]
 pub struct LinuxVm {
-    memory: Arc<PrivateMemory>,
+    memory: Arc<PrivateMemoryManager>,
     vcpu: VcpuFd,
     devices: LegacyDevices,
     console: ConsoleLog,
@@ -273,7 +273,7 @@ impl LinuxVm {
     }
 
     /// The guest's memory.
-    pub fn memory(&self) -> &Arc<PrivateMemory> {
+    pub fn memory(&self) -> &Arc<PrivateMemoryManager> {
         &self.memory
     }
 
@@ -293,7 +293,7 @@ impl LinuxVm {
     pub fn run(
         &mut self,
         deadline: Duration,
-        mut on_line: impl FnMut(&str, &PrivateMemory),
+        mut on_line: impl FnMut(&str, &PrivateMemoryManager),
     ) -> Result<LinuxRun> {
         let watchdog = Watchdog::start(deadline)?;
         let start = Instant::now();

@@ -18,7 +18,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vfio_bindings::bindings::vfio::{VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd, VfioOps};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vm_private_memory::{MemoryBuilder, PageState, PrivateMemory, Strategy};
+use vm_private_memory::{MemoryBuilder, PageState, PrivateMemoryManager, Strategy};
 
 pub const MIB: u64 = 1 << 20;
 
@@ -115,7 +115,7 @@ pub fn edu_and_vm_or_skip(test: &str) -> Option<PathBuf> {
 }
 
 /// Dual-strategy memory of `size` bytes at 0, every page private, on a VM of its own.
-pub fn dual_memory(size: u64) -> PrivateMemory {
+pub fn dual_memory(size: u64) -> PrivateMemoryManager {
     let vm = vm_with_memory_attributes().expect("a VM type with memory attributes");
     let memory = MemoryBuilder::new(vm)
         .region_at(0, size)
@@ -127,7 +127,7 @@ pub fn dual_memory(size: u64) -> PrivateMemory {
     memory
 }
 
-pub fn shared_bytes_held(memory: &PrivateMemory) -> u64 {
+pub fn shared_bytes_held(memory: &PrivateMemoryManager) -> u64 {
     memory
         .backing(0)
         .unwrap()
@@ -305,7 +305,7 @@ pub fn pattern(seed: u8) -> Vec<u8> {
         .collect()
 }
 
-pub fn read_page(memory: &PrivateMemory, gpa: u64) -> Vec<u8> {
+pub fn read_page(memory: &PrivateMemoryManager, gpa: u64) -> Vec<u8> {
     let mut page = vec![0u8; PAGE_SIZE as usize];
     memory
         .memory()

@@ -11,7 +11,7 @@ use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vm_private_memory::PrivateMemory;
+use vm_private_memory::PrivateMemoryManager;
 use vm_private_memory_vhost_user::{VhostUserAttachment, VhostUserMapper};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -41,7 +41,7 @@ pub struct Options {
 
 /// A VMM's frontend with the mapper attached, and a guest driver for the queue.
 pub struct Harness {
-    pub memory: PrivateMemory,
+    pub memory: PrivateMemoryManager,
     /// (device, inode) of the memory's guest_memfd.
     pub guest_memfd: (u64, u64),
     /// (device, inode) of each region's sealed memfd of shared pages.

@@ -13,7 +13,7 @@ use kvm_bindings::{
     KVM_CAP_MEMORY_ATTRIBUTES, KVM_MEMORY_ATTRIBUTE_PRIVATE,
 };
 use kvm_ioctls::{Kvm, VmFd};
-use vm_private_memory::{MemoryBuilder, PageState, PrivateMemory, Strategy};
+use vm_private_memory::{MemoryBuilder, PageState, PrivateMemoryManager, Strategy};
 use vmm_sys_util::errno;
 
 use super::pr;
@@ -94,13 +94,13 @@ fn vm_with_memory_attributes(kvm: &Kvm) -> Option<VmFd> {
 /// Dual-strategy memory, all private but for the ring pages and the three buffer pages,
 /// and the (device, inode) of its guest_memfd. On a VM type with memory attributes where
 /// the host has one (the lab), else on a default VM with the stand-in.
-pub fn dual_memory() -> (PrivateMemory, (u64, u64)) {
+pub fn dual_memory() -> (PrivateMemoryManager, (u64, u64)) {
     dual_memory_with(false)
 }
 
 /// As [`dual_memory`]; with `high`, a second region at [`HIGH`] whose first page is
 /// shared too.
-pub fn dual_memory_with(high: bool) -> (PrivateMemory, (u64, u64)) {
+pub fn dual_memory_with(high: bool) -> (PrivateMemoryManager, (u64, u64)) {
     let kvm = Kvm::new().unwrap();
     let (inner, real) = match vm_with_memory_attributes(&kvm) {
         Some(vm) => (vm, true),
@@ -140,7 +140,7 @@ pub fn dual_memory_with(high: bool) -> (PrivateMemory, (u64, u64)) {
 }
 
 /// The pages of `range` that are shared now.
-pub fn shared_pages(memory: &PrivateMemory, range: PageRange) -> BTreeSet<u64> {
+pub fn shared_pages(memory: &PrivateMemoryManager, range: PageRange) -> BTreeSet<u64> {
     let snapshot = memory.shared_pages().snapshot();
     snapshot
         .runs(range)
@@ -153,24 +153,24 @@ pub fn pages(range: PageRange) -> impl Iterator<Item = u64> {
 }
 
 /// The frontend's host address of shared guest page `gpa`.
-pub fn host_address(memory: &PrivateMemory, gpa: u64) -> u64 {
+pub fn host_address(memory: &PrivateMemoryManager, gpa: u64) -> u64 {
     let snapshot = memory.shared_pages().snapshot();
     let run = snapshot.runs(pr(gpa, PAGE_SIZE)).next().unwrap();
     run.host_address() as u64
 }
 
 /// Bytes the sealed memfd of shared pages holds.
-pub fn shared_bytes_held(memory: &PrivateMemory) -> u64 {
+pub fn shared_bytes_held(memory: &PrivateMemoryManager) -> u64 {
     memory.backing(0).unwrap().shared_bytes_held.unwrap()
 }
 
 /// (device, inode) of the sealed memfd of shared pages of the region at 0.
-pub fn memfd_id(memory: &PrivateMemory) -> (u64, u64) {
+pub fn memfd_id(memory: &PrivateMemoryManager) -> (u64, u64) {
     memfd_of(memory, DESC)
 }
 
 /// (device, inode) of the sealed memfd that holds shared page `gpa`.
-pub fn memfd_of(memory: &PrivateMemory, gpa: u64) -> (u64, u64) {
+pub fn memfd_of(memory: &PrivateMemoryManager, gpa: u64) -> (u64, u64) {
     let snapshot = memory.shared_pages().snapshot();
     let run = snapshot.runs(pr(gpa, PAGE_SIZE)).next().unwrap();
     let fd = run.file().unwrap().fd.try_clone_to_owned().unwrap();

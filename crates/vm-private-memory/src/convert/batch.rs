@@ -8,7 +8,7 @@ use super::{ContentMode, Plan, Progress, Undone};
 use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, Result};
 use crate::listener::in_callback;
-use crate::memory::{GuestMemoryPrivate, PrivateMemory};
+use crate::memory::{GuestMemoryPrivate, PrivateMemoryManager};
 use crate::strategy::{Strategy, UnavailableReason};
 
 /// The pages a whole change turns private and shared: guest-physical ranges, each inside
@@ -21,7 +21,7 @@ pub(crate) struct Retarget {
     pub(crate) to_shared: Vec<PageRange>,
 }
 
-impl PrivateMemory {
+impl PrivateMemoryManager {
     /// Under one hold of the conversion lock: asks `plan` (given the engine's own list
     /// of regions) what to change, then turns `to_private` private and `to_shared`
     /// shared, all or nothing. On any failure the bits, KVM's view and the listeners'

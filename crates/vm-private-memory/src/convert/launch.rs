@@ -15,7 +15,7 @@ use super::{plan_step, ContentMode, Plan, Progress, StepLimit};
 use crate::attributes::PageState;
 use crate::error::{Error, Result};
 use crate::listener::in_callback;
-use crate::memory::{gpa, PrivateMemory};
+use crate::memory::{gpa, PrivateMemoryManager};
 use crate::strategy::{Strategy, UnavailableReason};
 
 /// What a launch step is given: the guest range to populate, and where its content is
@@ -32,7 +32,7 @@ pub struct LaunchSource {
 /// A launch step's error: the reason the vendor call refused.
 pub type LaunchStepError = Box<dyn std::error::Error + Send + Sync>;
 
-impl PrivateMemory {
+impl PrivateMemoryManager {
     /// Makes `range` private the way a vendor launch does, with its content: every page
     /// of it must be shared (the VMM wrote the guest's initial image there through the
     /// vm-memory view). Under one hold of the conversion lock, listeners hear `discard`,
@@ -40,7 +40,7 @@ impl PrivateMemory {
     /// `step` runs once per region the range covers, given the guest range and the host
     /// address of its content, which stays intact while it runs; once every step
     /// succeeded the shared side is punched. Dual strategy only: the in-place strategy
-    /// keeps content across conversions itself ([`PrivateMemory::load_private`]).
+    /// keeps content across conversions itself ([`PrivateMemoryManager::load_private`]).
     ///
     /// `step` is where the VMM makes its vendor call (`SNP_LAUNCH_UPDATE` with
     /// `uaddr = host_address`, `gfn_start = guest.start() >> 12`; TDX's
@@ -56,7 +56,7 @@ impl PrivateMemory {
     /// private page. Then, rolled back (the pages are shared again with their content,
     /// and whatever a step put in the private side is punched):
     /// [`Error::LaunchStep`] naming the range a step refused, or an error of the
-    /// conversion as [`PrivateMemory::convert`]. A failing punch of the shared side
+    /// conversion as [`PrivateMemoryManager::convert`]. A failing punch of the shared side
     /// after every step succeeded is [`Error::File`]: the pages are private then, and
     /// only memory is held twice until they are converted again.
     pub fn launch_private(

@@ -15,13 +15,13 @@ use super::{wait_for_host_accesses, ContentMode, ConversionReport, StepLimit, Un
 use crate::attributes::PageState;
 use crate::error::{Error, Result};
 use crate::listener::{Listeners, Refusal};
-use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemory};
-use crate::region::PrivateRegion;
+use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemoryManager};
+use crate::region::GuestRegionPrivate;
 use crate::strategy::Strategy;
 
 /// A range that one run of the in-place strategy converts.
 pub(super) struct OneRun<'a> {
-    region: &'a PrivateRegion,
+    region: &'a GuestRegionPrivate,
     /// The guest-physical range.
     guest: PageRange,
     /// Its first page in the region.
@@ -77,7 +77,7 @@ impl<'a> OneRun<'a> {
     }
 }
 
-impl PrivateMemory {
+impl PrivateMemoryManager {
     /// Converts `run` to `to`, in the general path's order (`run_steps`): towards
     /// private, listeners hear `discard`, the bits change, host accesses in flight are
     /// waited for, then the page is punched; towards shared, the page is punched before
@@ -142,7 +142,7 @@ impl PrivateMemory {
     }
 }
 
-impl PrivateMemory {
+impl PrivateMemoryManager {
     /// Undoes a conversion of `run` to shared that a listener refused: the listeners
     /// that accepted it let go of it, and the run turns private again, except the parts
     /// a listener cannot let go of, which stay shared (as in the general path's undo).

@@ -15,7 +15,7 @@ use crate::attributes::PageState;
 use crate::error::{Error, GpaRange};
 use crate::kvm_view::set_kvm_view;
 use crate::listener::{Listeners, Revocation};
-use crate::memory::{gpa, PrivateMemory};
+use crate::memory::{gpa, PrivateMemoryManager};
 use crate::strategy::Strategy;
 
 /// What a rollback could not put back.
@@ -88,7 +88,7 @@ pub(crate) fn without(ranges: &[PageRange], holes: &[PageRange]) -> Vec<PageRang
     parts
 }
 
-impl PrivateMemory {
+impl PrivateMemoryManager {
     /// Undoes what `done` says was done, newest first, and returns what could not be
     /// put back. Ranges a listener cannot let go of stay shared: bits, KVM's view, and
     /// (dual) their private side punched as a finished conversion would have.

@@ -24,7 +24,7 @@ use vm_memory::GuestMemoryBackend;
 
 use crate::builder::MemoryBuilder;
 use crate::listener::in_callback;
-use crate::memory::PrivateMemory;
+use crate::memory::PrivateMemoryManager;
 use crate::strategy::Strategy;
 
 pub use encoding::PrivatePages;
@@ -70,7 +70,7 @@ impl RegionState {
     }
 }
 
-/// The layout and private/shared map of a [`PrivateMemory`].
+/// The layout and private/shared map of a [`PrivateMemoryManager`].
 ///
 /// # Size
 ///
@@ -88,7 +88,7 @@ impl RegionState {
 /// `checksum` is the CRC-32 (IEEE, crc32fast) of the version, strategy, every region's
 /// place and file, and its map in the form written. Deserialization refuses a state
 /// whose version is not [`STATE_VERSION`] (naming both) or whose checksum does not
-/// match, and [`PrivateMemory::restore_state`] checks again. A CRC detects accidental
+/// match, and [`PrivateMemoryManager::restore_state`] checks again. A CRC detects accidental
 /// damage, not deliberate change: see the module documentation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "UncheckedState")]
@@ -137,7 +137,7 @@ impl TryFrom<UncheckedState> for MemoryState {
 
 impl MemoryState {
     /// A builder for memory with this state's layout and strategy (no content): build it,
-    /// then [`PrivateMemory::restore_state`].
+    /// then [`PrivateMemoryManager::restore_state`].
     pub fn builder(&self, vm: Arc<dyn VmOps>) -> MemoryBuilder {
         self.regions
             .iter()
@@ -187,7 +187,7 @@ impl MemoryState {
     }
 }
 
-impl PrivateMemory {
+impl PrivateMemoryManager {
     /// The current layout and private/shared map, with its checksum. Taken under the
     /// conversion lock, so no conversion is half-way through it (inside a listener
     /// callback, which already runs under it, the map is the one being changed).

@@ -10,10 +10,10 @@ use super::{MemoryState, PageRun, StateError};
 use crate::attributes::PageState;
 use crate::convert::{ContentMode, Retarget};
 use crate::error::{GpaRange, Result};
-use crate::memory::{GuestMemoryPrivate, PrivateMemory};
-use crate::region::PrivateRegion;
+use crate::memory::{GuestMemoryPrivate, PrivateMemoryManager};
+use crate::region::GuestRegionPrivate;
 
-/// What a page that becomes shared during [`PrivateMemory::restore_state_with`] holds.
+/// What a page that becomes shared during [`PrivateMemoryManager::restore_state_with`] holds.
 ///
 /// Pages that become private always keep their content: hiding a page from the host
 /// shows nothing, and it is how a VMM restoring a snapshot into fresh in-place memory
@@ -38,14 +38,14 @@ pub enum SharedContent {
     Keep,
 }
 
-impl PrivateMemory {
+impl PrivateMemoryManager {
     /// Makes this memory's private/shared map that of `state`, with
     /// [`SharedContent::Empty`]: pages that become private keep their content, pages
-    /// that become shared arrive empty. See [`PrivateMemory::restore_state_with`].
+    /// that become shared arrive empty. See [`PrivateMemoryManager::restore_state_with`].
     ///
     /// # Errors
     ///
-    /// As [`PrivateMemory::restore_state_with`].
+    /// As [`PrivateMemoryManager::restore_state_with`].
     pub fn restore_state(&self, state: &MemoryState) -> Result<()> {
         self.restore_state_with(state, SharedContent::Empty)
     }
@@ -64,7 +64,7 @@ impl PrivateMemory {
     ///
     /// Content follows [`SharedContent`]: a page becoming private keeps its content; a
     /// page becoming shared arrives empty, or with `SharedContent::Keep` (in-place only)
-    /// keeps it. As with [`PrivateMemory::convert`], a page punched on its way to shared
+    /// keeps it. As with [`PrivateMemoryManager::convert`], a page punched on its way to shared
     /// stays empty if the restore is then rolled back, and the dual strategy punches the
     /// sides no longer used last, after everything else succeeded.
     ///
@@ -73,7 +73,7 @@ impl PrivateMemory {
     /// [`Error::StateMismatch`](crate::Error::StateMismatch) when the state is damaged or does not describe this
     /// memory; [`Error::StrategyUnavailable`](crate::Error::StrategyUnavailable) for `SharedContent::Keep` on the dual
     /// strategy; [`Error::Reentrant`](crate::Error::Reentrant) from a listener callback; otherwise the error of
-    /// the step that failed (as [`PrivateMemory::convert`]), after rolling back.
+    /// the step that failed (as [`PrivateMemoryManager::convert`]), after rolling back.
     pub fn restore_state_with(&self, state: &MemoryState, shared: SharedContent) -> Result<()> {
         let targets = state.checked_runs()?;
         if state.strategy != self.strategy {
@@ -146,7 +146,7 @@ fn check_layout(state: &MemoryState, current: &GuestMemoryPrivate) -> Result<()>
 
 /// Adds to `retarget` the pages of `region` whose state differs from the map given by
 /// `private` (checked runs of private pages; every other page shared), in address order.
-fn diff(region: &PrivateRegion, private: &[PageRun], retarget: &mut Retarget) -> Result<()> {
+fn diff(region: &GuestRegionPrivate, private: &[PageRun], retarget: &mut Retarget) -> Result<()> {
     let attributes = region.attributes();
     let base = region.guest_range().start();
     let mut add = |first: u64, count: u64, to: PageState| -> Result<()> {

@@ -189,7 +189,7 @@ fn fail_punch_hole_on_this_thread(only_fd: Option<i32>) {
 }
 
 /// In-place memory of `size` bytes at 0, all pages in `initial`.
-pub fn in_place(size: u64, initial: PageState) -> vm_private_memory::PrivateMemory {
+pub fn in_place(size: u64, initial: PageState) -> vm_private_memory::PrivateMemoryManager {
     MemoryBuilder::new(vm())
         .region_at(0, size)
         .strategy(Strategy::InPlace)
@@ -199,7 +199,10 @@ pub fn in_place(size: u64, initial: PageState) -> vm_private_memory::PrivateMemo
 }
 
 /// Dual memory of `size` bytes at 0, on a VM that stands in for KVM's attributes.
-pub fn dual(size: u64, initial: PageState) -> (vm_private_memory::PrivateMemory, Arc<RecordingVm>) {
+pub fn dual(
+    size: u64,
+    initial: PageState,
+) -> (vm_private_memory::PrivateMemoryManager, Arc<RecordingVm>) {
     let view = RecordingVm::new(vm());
     let memory = MemoryBuilder::new(view.clone())
         .region_at(0, size)
@@ -257,7 +260,7 @@ pub fn gpa_is_free(vm: &kvm_ioctls::VmFd, range: PageRange) -> bool {
 }
 
 /// Bytes the first region's sealed memfd (the dual strategy's shared side) holds.
-pub fn shared_side_bytes(memory: &vm_private_memory::PrivateMemory) -> u64 {
+pub fn shared_side_bytes(memory: &vm_private_memory::PrivateMemoryManager) -> u64 {
     let first = memory.regions()[0].start();
     memory
         .backing(first)

@@ -130,6 +130,12 @@ pub enum Error {
     /// `fstat` on the file failed.
     #[error("fstat failed: {0}")]
     Stat(#[source] io::Error),
+    /// `lseek(SEEK_DATA / SEEK_HOLE)` on the file failed.
+    #[error("lseek(SEEK_DATA/SEEK_HOLE) failed: {source}")]
+    Seek {
+        /// The kernel's errno.
+        source: errno::Error,
+    },
     /// The name given to a sealed memfd contains a NUL byte.
     #[error("the memfd name {name:?} contains a NUL byte")]
     InvalidName {
@@ -194,7 +200,8 @@ impl Error {
         match self {
             Error::Create { source, .. }
             | Error::FileSpace { source, .. }
-            | Error::SetMemoryRegion { source, .. } => Some(source.errno()),
+            | Error::SetMemoryRegion { source, .. }
+            | Error::Seek { source } => Some(source.errno()),
             Error::Map {
                 source: MmapRegionError::Mmap(e),
                 ..

@@ -82,6 +82,7 @@ mod memfd;
 mod memslot;
 mod range;
 mod sealed;
+mod shared_backing;
 pub mod uapi;
 mod vm_ops;
 
@@ -92,4 +93,5 @@ pub use memfd::{supported_flags, GuestMemfd};
 pub use memslot::Memslot;
 pub use range::{is_page_aligned, Chunks, PageRange, PAGE_SIZE};
 pub use sealed::{SealedMemfd, SHARED_MEMORY_SEALS};
+pub use shared_backing::SharedBacking;
 pub use vm_ops::VmOps;

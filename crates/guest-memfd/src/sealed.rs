@@ -144,6 +144,10 @@ impl SealedMemfd {
     pub fn map_range(&self, range: PageRange) -> Result<MmapRegion> {
         self.file.map_shared(range)
     }
+
+    pub(crate) fn into_file(self) -> MemoryFile {
+        self.file
+    }
 }
 
 impl AsRawFd for SealedMemfd {

@@ -45,8 +45,11 @@ impl PrivateMemoryManager {
             .find(|r| r.guest_range().start() == start)
             .ok_or(Error::NoSuchRegion(GuestAddress(start)))?;
         let gmem = region.gmem().file().metadata().map_err(Error::Stat)?;
-        let shared_bytes_held = match region.shared_memfd() {
-            Some(memfd) => Some(memfd.file().metadata().map_err(Error::Stat)?.blocks() * 512),
+        let shared_bytes_held = match region.shared_side() {
+            Some(shared) => {
+                let whole = PageRange::new(0, region.guest_range().len())?;
+                Some(shared.backing.allocated_bytes(shared.in_file(whole)?)?)
+            }
             None => None,
         };
         Ok(RegionBacking {

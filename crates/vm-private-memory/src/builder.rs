@@ -2,9 +2,12 @@
 
 //! Laying out guest RAM and creating its files.
 
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
-use guest_memfd::{Capabilities, GuestMemfd, GuestMemfdFlags, PageRange, SealedMemfd, VmOps};
+use guest_memfd::{
+    Capabilities, GuestMemfd, GuestMemfdFlags, PageRange, SealedMemfd, SharedBacking, VmOps,
+};
 use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
 use vm_memory::{GuestMemoryBackend, GuestRegionCollection};
 
@@ -12,8 +15,8 @@ use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, LayoutError, Result};
 use crate::kvm_view::set_kvm_view;
 use crate::memory::{bind_regions, unbind_regions, Engine, PrivateMemoryManager};
-use crate::region::{GuestRegionPrivate, RegionParts};
-use crate::strategy::Strategy;
+use crate::region::{GuestRegionPrivate, RegionParts, SharedSide};
+use crate::strategy::{Strategy, UnavailableReason};
 
 /// The guest-physical address space the builder lays regions out in (48 bits).
 pub const GUEST_PHYS_LIMIT: u64 = 1 << 48;
@@ -80,6 +83,8 @@ pub struct MemoryBuilder {
     slots: (u32, Option<u32>),
     patience: std::time::Duration,
     extra_flags: GuestMemfdFlags,
+    /// The VMM's shared side of each region, by index in `regions` (dual strategy).
+    shared_backings: Vec<Option<(SharedBacking, u64)>>,
 }
 
 // By hand: the VM is an `Arc<dyn VmOps>`, which has no `Debug`.
@@ -117,12 +122,36 @@ impl MemoryBuilder {
             slots: (0, None),
             patience: DEFAULT_ACCESS_PATIENCE,
             extra_flags: GuestMemfdFlags::empty(),
+            shared_backings: Vec::new(),
         }
     }
 
     /// Adds a region of `size` bytes at guest-physical `gpa`.
     pub fn region_at(mut self, gpa: u64, size: u64) -> Self {
         self.regions.push((Placement::At(gpa), size));
+        self.shared_backings.push(None);
+        self
+    }
+
+    /// Adds a region of `size` bytes at guest-physical `gpa` whose shared pages live in
+    /// the VMM's own file, from byte `offset` (dual strategy only): a memory zone the
+    /// VMM set up itself (a memfd with a NUMA policy, a tmpfs or shared file), instead
+    /// of a sealed memfd this crate creates. The file must hold `[offset, offset + size)`
+    /// and be punchable in 4 KiB units (hugetlbfs files are not); with pages initially
+    /// private the range is punched at build time, so a file that cannot be fails
+    /// then. Device code is given this file and offset for the shared runs
+    /// ([`PrivateMemoryManager::shared_pages`]).
+    ///
+    /// Two regions may share a file, at ranges that do not overlap.
+    pub fn region_at_with_shared(
+        mut self,
+        gpa: u64,
+        size: u64,
+        backing: SharedBacking,
+        offset: u64,
+    ) -> Self {
+        self.regions.push((Placement::At(gpa), size));
+        self.shared_backings.push(Some((backing, offset)));
         self
     }
 
@@ -130,6 +159,7 @@ impl MemoryBuilder {
     /// fixed regions and reserved holes are placed).
     pub fn region(mut self, size: u64) -> Self {
         self.regions.push((Placement::Anywhere, size));
+        self.shared_backings.push(None);
         self
     }
 
@@ -303,9 +333,11 @@ impl MemoryBuilder {
     /// [`Error::NoRegions`] and [`Error::Layout`] for a bad layout. Then the file layer's
     /// or KVM's error if creating, mapping or binding a region fails; nothing stays
     /// bound.
-    pub fn build(self) -> Result<PrivateMemoryManager> {
+    pub fn build(mut self) -> Result<PrivateMemoryManager> {
         let caps = Capabilities::of_vm(&*self.vm);
         let strategy = Strategy::choose(self.strategy, &caps)?;
+        let mut shared_backings = std::mem::take(&mut self.shared_backings);
+        check_shared_backings(strategy, &self.regions, &shared_backings)?;
         let host_limit = if caps.nr_memslots > 0 {
             caps.nr_memslots
         } else {
@@ -336,14 +368,23 @@ impl MemoryBuilder {
         };
         let mut regions: Vec<Arc<GuestRegionPrivate>> = Vec::with_capacity(layout.len());
         let mut offset = 0;
-        for guest in layout {
+        for (index, guest) in layout.into_iter().enumerate() {
             let (gmem, gmem_offset) = match &shared_file {
                 Some(file) => (file.clone(), offset),
                 None => (GuestMemfd::create(&*self.vm, guest.len(), flags)?, 0),
             };
             offset += guest.len();
             let slot = slot_ids.allocate_id().map_err(|_| no_free_slot())?;
-            let region = make_region(strategy, guest, gmem, gmem_offset, self.initial, slot)?;
+            let shared = shared_backings[index].take();
+            let region = make_region(
+                strategy,
+                guest,
+                gmem,
+                gmem_offset,
+                self.initial,
+                slot,
+                shared,
+            )?;
             regions.push(Arc::new(region));
         }
         regions.sort_by_key(|r| r.guest_range().start());
@@ -384,8 +425,45 @@ pub(crate) fn gmem_flags(strategy: Strategy) -> GuestMemfdFlags {
     }
 }
 
+/// Checks the VMM's shared backings before anything is created: the dual strategy only,
+/// each range inside its file, and no two ranges of one file overlapping.
+fn check_shared_backings(
+    strategy: Strategy,
+    regions: &[(Placement, u64)],
+    backings: &[Option<(SharedBacking, u64)>],
+) -> Result<()> {
+    let mut ranges: Vec<((u64, u64), PageRange, usize)> = Vec::new();
+    for (index, given) in backings.iter().enumerate() {
+        let Some((backing, offset)) = given else {
+            continue;
+        };
+        if strategy != Strategy::Dual {
+            return Err(Error::StrategyUnavailable {
+                strategy,
+                reason: UnavailableReason::SharedBackingNeedsDual,
+            });
+        }
+        let in_file = PageRange::new(*offset, regions[index].1)?;
+        backing.check_range(in_file)?;
+        let meta = backing.file().metadata().map_err(Error::Stat)?;
+        let file = (meta.dev(), meta.ino());
+        if let Some((_, other, _)) = ranges
+            .iter()
+            .find(|(f, r, _)| *f == file && r.intersection(&in_file).is_some())
+        {
+            return Err(Error::SharedBackingOverlap {
+                first: *other,
+                second: in_file,
+            });
+        }
+        ranges.push((file, in_file, index));
+    }
+    Ok(())
+}
+
 /// A region over `guest`, backed by `gmem` from `gmem_offset`, with its host mapping
-/// (and, dual, its sealed memfd).
+/// (and, dual, its shared side: `shared`, the VMM's file and offset, or a new sealed
+/// memfd).
 pub(crate) fn make_region(
     strategy: Strategy,
     guest: PageRange,
@@ -393,15 +471,30 @@ pub(crate) fn make_region(
     gmem_offset: u64,
     initial: PageState,
     slot: u32,
+    shared: Option<(SharedBacking, u64)>,
 ) -> Result<GuestRegionPrivate> {
     let file_range = PageRange::new(gmem_offset, guest.len())?;
     gmem.check_range(file_range)?;
     let (shared, host) = match strategy {
         Strategy::InPlace => (None, gmem.map_range(file_range)?),
         Strategy::Dual => {
-            let memfd = SealedMemfd::create("guest-shared", guest.len())?;
-            let host = memfd.map()?;
-            (Some(memfd), host)
+            let (backing, offset) = match shared {
+                Some(given) => given,
+                None => (
+                    SharedBacking::from(SealedMemfd::create("guest-shared", guest.len())?),
+                    0,
+                ),
+            };
+            let side = SharedSide { backing, offset };
+            let in_file = side.in_file(PageRange::new(0, guest.len())?)?;
+            let host = side.backing.map_range(in_file)?;
+            // The shared side of private pages holds nothing: a file the VMM gave may
+            // hold old bytes (and a file that cannot be punched shows here, not at the
+            // first conversion).
+            if initial == PageState::Private {
+                side.backing.discard(in_file)?;
+            }
+            (Some(side), host)
         }
     };
     Ok(GuestRegionPrivate::new(RegionParts {

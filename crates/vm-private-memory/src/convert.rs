@@ -209,8 +209,8 @@ impl<'a> Piece<'a> {
         let in_region = self.region_range();
         match (self.region.strategy(), to) {
             (Strategy::Dual, PageState::Private) => {
-                let memfd = self.region.shared_memfd().expect("dual regions have one");
-                memfd.discard(in_region)?;
+                let shared = self.region.shared_side().expect("dual regions have one");
+                shared.discard(in_region)?;
             }
             _ => {
                 let in_file = in_region.checked_add(self.region.gmem_offset())?;
@@ -227,8 +227,8 @@ impl<'a> Piece<'a> {
     /// Punches the shared side (dual strategy) of pages that are private now: whatever
     /// reached it while they were private must not greet the host once they are shared.
     fn clear_shared_side(&self) -> Result<()> {
-        if let Some(memfd) = self.region.shared_memfd() {
-            memfd.discard(self.region_range())?;
+        if let Some(shared) = self.region.shared_side() {
+            shared.discard(self.region_range())?;
         }
         Ok(())
     }

@@ -257,6 +257,15 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Two regions were given the same file as shared backing at overlapping ranges: a
+    /// page of one would be a page of the other.
+    #[error("the shared backing file ranges {first} and {second} overlap: give each region its own range of the file")]
+    SharedBackingOverlap {
+        /// The range of the file one region was given.
+        first: PageRange,
+        /// The overlapping range another region was given.
+        second: PageRange,
+    },
     /// A guest's conversion request was malformed.
     #[error("malformed conversion request from the guest: {0}")]
     BadRequest(#[from] crate::exits::RequestError),

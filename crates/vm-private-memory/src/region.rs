@@ -5,7 +5,7 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use guest_memfd::{GuestMemfd, Memslot, PageRange, SealedMemfd, PAGE_SIZE};
+use guest_memfd::{GuestMemfd, Memslot, PageRange, SharedBacking, PAGE_SIZE};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{
     AtomicAccess, Bytes, FileOffset, GuestAddress, GuestMemoryError, GuestMemoryRegion, GuestUsize,
@@ -60,7 +60,7 @@ pub struct GuestRegionPrivate {
     strategy: Strategy,
     gmem: GuestMemfd,
     gmem_offset: u64,
-    shared: Option<SealedMemfd>,
+    shared: Option<SharedSide>,
     host: MmapRegion,
     attributes: PageAttributes,
     /// How many pages are private: kept by the conversion engine with the bits, so that
@@ -69,13 +69,33 @@ pub struct GuestRegionPrivate {
     slot: u32,
 }
 
+/// The shared side of a dual-strategy region: a file (the workspace's sealed memfd, or
+/// the VMM's own) and where the region's first page is in it.
+#[derive(Debug)]
+pub(crate) struct SharedSide {
+    pub(crate) backing: SharedBacking,
+    pub(crate) offset: u64,
+}
+
+impl SharedSide {
+    /// The file range of `in_region`, a range of the region's pages.
+    pub(crate) fn in_file(&self, in_region: PageRange) -> guest_memfd::Result<PageRange> {
+        in_region.checked_add(self.offset)
+    }
+
+    /// Punches `in_region`, a range of the region's pages, from the file.
+    pub(crate) fn discard(&self, in_region: PageRange) -> guest_memfd::Result<()> {
+        self.backing.discard(self.in_file(in_region)?)
+    }
+}
+
 /// The parts a region is made of (see [`crate::MemoryBuilder`]).
 pub(crate) struct RegionParts {
     pub guest: PageRange,
     pub strategy: Strategy,
     pub gmem: GuestMemfd,
     pub gmem_offset: u64,
-    pub shared: Option<SealedMemfd>,
+    pub shared: Option<SharedSide>,
     pub host: MmapRegion,
     pub initial: PageState,
     pub slot: u32,
@@ -126,8 +146,8 @@ impl GuestRegionPrivate {
         self.gmem_offset
     }
 
-    /// The sealed memfd holding the shared pages (dual strategy only).
-    pub(crate) fn shared_memfd(&self) -> Option<&SealedMemfd> {
+    /// The file holding the shared pages (dual strategy only).
+    pub(crate) fn shared_side(&self) -> Option<&SharedSide> {
         self.shared.as_ref()
     }
 

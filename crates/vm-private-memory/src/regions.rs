@@ -120,6 +120,7 @@ impl PrivateMemoryManager {
             offset,
             initial,
             slot,
+            None,
         )?);
         let with = engine
             .current

@@ -111,12 +111,11 @@ impl<'a> SharedRun<'a> {
     /// run's offset in it. `None` in-place: that file is the guest_memfd, whose private
     /// pages another process must never map.
     pub fn file(&self) -> Option<SharedFile<'a>> {
-        let shared = self.region.shared_memfd()?;
+        let shared = self.region.shared_side()?;
         let in_region = self.guest.start() - self.region.guest_range().start();
-        // Each dual region has a memfd of its own, holding the region from offset 0.
         Some(SharedFile {
-            fd: shared.as_fd(),
-            offset: in_region,
+            fd: shared.backing.as_fd(),
+            offset: shared.offset + in_region,
         })
     }
 

@@ -68,6 +68,11 @@ pub enum UnavailableReason {
     /// in-place strategy, which has no shared side to populate from.
     #[error("launch population copies from the shared side into private memory, which needs the dual strategy; in-place memory keeps content across conversions (load_private)")]
     LaunchNeedsDual,
+    /// A shared backing of the VMM's own
+    /// ([`crate::MemoryBuilder::region_at_with_shared`]) was given to the in-place
+    /// strategy, which has no separate shared side.
+    #[error("a shared backing file is for the dual strategy: in place, shared and private pages live in the one guest_memfd")]
+    SharedBackingNeedsDual,
 }
 
 impl Strategy {

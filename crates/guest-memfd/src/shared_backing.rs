@@ -1,0 +1,150 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! A file a VMM supplies for the shared half of guest memory, instead of a
+//! [`SealedMemfd`](crate::SealedMemfd): its own memory zone (a memfd it set a NUMA policy
+//! on, a tmpfs or shared file), as Cloud Hypervisor backs guest RAM.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use vm_memory::mmap::MmapRegion;
+use vmm_sys_util::errno;
+
+use crate::error::{Error, Result, SpaceOp};
+use crate::file::MemoryFile;
+use crate::range::{is_page_aligned, PageRange};
+use crate::sealed::SealedMemfd;
+
+/// A file of fixed, page-aligned size whose pages can be mapped `MAP_SHARED` and
+/// punched in 4 KiB units: the shared side of a dual-strategy region. Either a
+/// [`SealedMemfd`] (what the workspace creates by default) or a file the VMM opened.
+///
+/// The VMM must not change the file's size while a region uses it, nor write its pages
+/// through another mapping while they are private (this crate punches them when they
+/// turn shared again, so nothing written then reaches the guest, but it costs memory).
+#[derive(Clone, Debug)]
+pub struct SharedBacking {
+    file: MemoryFile,
+}
+
+impl SharedBacking {
+    /// Takes `file` as it is now: its size (`fstat`) must be a non-zero multiple of the
+    /// page size. Whether it can be punched in 4 KiB units (a hugetlbfs file cannot) is
+    /// found at the first punch; a memory builder punches the pages of a region that
+    /// starts private at once, so that shows at build time.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Stat`] if `fstat` fails; [`Error::InvalidSize`] for an empty file or a
+    /// size that is not page-aligned.
+    pub fn from_file(file: File) -> Result<Self> {
+        let size = file.metadata().map_err(Error::Stat)?.len();
+        if size == 0 || !is_page_aligned(size) {
+            return Err(Error::InvalidSize { size });
+        }
+        Ok(SharedBacking {
+            file: MemoryFile::new(file, size),
+        })
+    }
+
+    /// The file's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.file.size()
+    }
+
+    /// The file.
+    pub fn file(&self) -> &File {
+        self.file.file()
+    }
+
+    /// Checks that `range` lies inside the file.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfBounds`] if it does not.
+    pub fn check_range(&self, range: PageRange) -> Result<()> {
+        self.file.check_range(range)
+    }
+
+    /// Punches `range` (`fallocate(PUNCH_HOLE | KEEP_SIZE)`): its pages read as zeros
+    /// and hold no memory.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfBounds`] if `range` reaches past the end of the file (nothing is
+    /// called); [`Error::FileSpace`] with the kernel's errno if `fallocate` fails
+    /// (`EOPNOTSUPP` for a file system without punching, `EINVAL` for a hugetlbfs file).
+    pub fn discard(&self, range: PageRange) -> Result<()> {
+        self.file.fallocate(SpaceOp::Discard, range)
+    }
+
+    /// Maps `range` of the file, shared and read-write.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfBounds`] if `range` reaches past the end of the file (nothing is
+    /// called); [`Error::Map`] with the kernel's errno if `mmap` fails.
+    pub fn map_range(&self, range: PageRange) -> Result<MmapRegion> {
+        self.file.map_shared(range)
+    }
+
+    /// The bytes of `range` the file holds memory for (`SEEK_DATA`/`SEEK_HOLE`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfBounds`] if `range` reaches past the end of the file;
+    /// [`Error::Seek`] with the kernel's errno if `lseek` fails.
+    pub fn allocated_bytes(&self, range: PageRange) -> Result<u64> {
+        self.check_range(range)?;
+        let fd = self.file.file().as_raw_fd();
+        let seek = |offset: u64, whence: libc::c_int| -> Result<Option<u64>> {
+            let Ok(offset) = i64::try_from(offset) else {
+                return Ok(None);
+            };
+            // SAFETY: lseek reads only its integer arguments on a descriptor `self` owns;
+            // the result is checked.
+            let at = unsafe { libc::lseek64(fd, offset, whence) };
+            if at < 0 {
+                let e = errno::Error::last();
+                // ENXIO: no data (or hole) at or after `offset`.
+                return if e.errno() == libc::ENXIO {
+                    Ok(None)
+                } else {
+                    Err(Error::Seek { source: e })
+                };
+            }
+            Ok(Some(at as u64))
+        };
+        let mut held = 0;
+        let mut at = range.start();
+        while at < range.end() {
+            let Some(data) = seek(at, libc::SEEK_DATA)? else {
+                break;
+            };
+            if data >= range.end() {
+                break;
+            }
+            let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(range.end());
+            let end = hole.min(range.end());
+            if end <= at {
+                break;
+            }
+            held += end - data;
+            at = end;
+        }
+        Ok(held)
+    }
+}
+
+impl From<SealedMemfd> for SharedBacking {
+    fn from(memfd: SealedMemfd) -> Self {
+        SharedBacking {
+            file: memfd.into_file(),
+        }
+    }
+}
+
+impl AsFd for SharedBacking {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.file().as_fd()
+    }
+}

@@ -1,0 +1,171 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! A region whose shared pages live in the VMM's own file (`region_at_with_shared`):
+//! reads, writes, punches and device code's file all land at the region's offset in it,
+//! and bad backings are refused before anything is bound. Real memslots and files on
+//! `/dev/kvm`; KVM's attribute call stood in for the dual strategy.
+
+mod common;
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use common::{gpa_is_free, pr, vm, RecordingVm};
+use guest_memfd::{SealedMemfd, SharedBacking, PAGE_SIZE};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_private_memory::{Error, MemoryBuilder, PageState, Strategy, UnavailableReason};
+
+const MIB2: u64 = 2 << 20;
+
+/// The VMM's memory zone: a memfd of `size` bytes (a file the VMM made itself).
+fn vmm_zone(size: u64) -> File {
+    SealedMemfd::create("vmm-zone", size)
+        .unwrap()
+        .file()
+        .try_clone()
+        .unwrap()
+}
+
+fn backing(file: &File) -> SharedBacking {
+    SharedBacking::from_file(file.try_clone().unwrap()).unwrap()
+}
+
+#[test]
+fn a_region_s_shared_pages_live_in_the_vmm_s_file_at_its_offset() {
+    let zone = vmm_zone(4 * MIB2);
+    // Bytes of the file outside the region's range are the VMM's, and stay.
+    zone.write_all_at(b"vmm data", 0).unwrap();
+    zone.write_all_at(b"old bytes", MIB2 + PAGE_SIZE).unwrap();
+    let m = MemoryBuilder::new(RecordingVm::new(vm()))
+        .region_at_with_shared(0, MIB2, backing(&zone), MIB2)
+        .strategy(Strategy::Dual)
+        .initial_state(PageState::Private)
+        .build()
+        .unwrap();
+    let mut buf = [0u8; 9];
+    zone.read_exact_at(&mut buf, MIB2 + PAGE_SIZE).unwrap();
+    assert_eq!(
+        buf, [0; 9],
+        "the private pages' shared side was punched at build"
+    );
+
+    m.convert(pr(0, 4 * PAGE_SIZE), PageState::Shared).unwrap();
+    m.memory()
+        .memory()
+        .write_slice(b"guest bytes", GuestAddress(PAGE_SIZE))
+        .unwrap();
+    let mut buf = [0u8; 11];
+    zone.read_exact_at(&mut buf, MIB2 + PAGE_SIZE).unwrap();
+    assert_eq!(&buf, b"guest bytes");
+    assert_eq!(m.backing(0).unwrap().shared_bytes_held, Some(PAGE_SIZE));
+
+    // Device code gets the VMM's file, at the run's offset in it.
+    let pages = m.shared_pages();
+    let snapshot = pages.snapshot();
+    let run = snapshot.runs(pr(0, MIB2)).next().unwrap();
+    let file = run.file().unwrap();
+    let given = File::from(file.fd.try_clone_to_owned().unwrap());
+    assert_eq!(
+        given.metadata().unwrap().ino(),
+        zone.metadata().unwrap().ino()
+    );
+    assert_eq!(file.offset, MIB2);
+
+    // Going private punches the file there, and only there.
+    m.convert(pr(0, 4 * PAGE_SIZE), PageState::Private).unwrap();
+    zone.read_exact_at(&mut buf, MIB2 + PAGE_SIZE).unwrap();
+    assert_eq!(buf, [0; 11]);
+    assert_eq!(m.backing(0).unwrap().shared_bytes_held, Some(0));
+    let mut mine = [0u8; 8];
+    zone.read_exact_at(&mut mine, 0).unwrap();
+    assert_eq!(&mine, b"vmm data");
+}
+
+#[test]
+fn two_regions_share_a_file_at_ranges_that_do_not_overlap() {
+    let zone = vmm_zone(4 * MIB2);
+    let m = MemoryBuilder::new(RecordingVm::new(vm()))
+        .region_at_with_shared(0, MIB2, backing(&zone), 0)
+        .region_at_with_shared(4 * MIB2, MIB2, backing(&zone), MIB2)
+        .strategy(Strategy::Dual)
+        .initial_state(PageState::Shared)
+        .build()
+        .unwrap();
+    let view = m.memory();
+    view.memory().write_obj(1u64, GuestAddress(0)).unwrap();
+    view.memory()
+        .write_obj(2u64, GuestAddress(4 * MIB2))
+        .unwrap();
+    let mut word = [0u8; 8];
+    zone.read_exact_at(&mut word, MIB2).unwrap();
+    assert_eq!(u64::from_ne_bytes(word), 2);
+    zone.read_exact_at(&mut word, 0).unwrap();
+    assert_eq!(u64::from_ne_bytes(word), 1);
+}
+
+#[test]
+fn bad_shared_backings_are_refused_before_anything_is_bound() {
+    let zone = vmm_zone(2 * MIB2);
+    let vm = vm();
+    let dual = || MemoryBuilder::new(RecordingVm::new(vm.clone())).strategy(Strategy::Dual);
+
+    // Past the file's end.
+    let err = dual()
+        .region_at_with_shared(0, MIB2, backing(&zone), 2 * MIB2 - PAGE_SIZE)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::File(guest_memfd::Error::OutOfBounds { .. })),
+        "{err}"
+    );
+    // Two regions over the same pages of one file.
+    let err = dual()
+        .region_at_with_shared(0, MIB2, backing(&zone), 0)
+        .region_at_with_shared(4 * MIB2, MIB2, backing(&zone), MIB2 - PAGE_SIZE)
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, Error::SharedBackingOverlap { .. }), "{err}");
+    // An unaligned offset.
+    assert!(dual()
+        .region_at_with_shared(0, MIB2, backing(&zone), 100)
+        .build()
+        .is_err());
+    assert!(gpa_is_free(&vm, pr(0, MIB2)));
+    assert!(gpa_is_free(&vm, pr(4 * MIB2, MIB2)));
+
+    // The in-place strategy has no shared side.
+    if common::in_place_or_skip("bad_shared_backings_in_place") {
+        let err = MemoryBuilder::new(vm.clone())
+            .region_at_with_shared(0, MIB2, backing(&zone), 0)
+            .strategy(Strategy::InPlace)
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::StrategyUnavailable {
+                    reason: UnavailableReason::SharedBackingNeedsDual,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+    // A file whose size is not whole pages cannot be a backing.
+    let truncated = tempfile_of_size(PAGE_SIZE + 1);
+    assert!(matches!(
+        SharedBacking::from_file(truncated),
+        Err(guest_memfd::Error::InvalidSize { .. })
+    ));
+}
+
+/// An unsealed memfd of `size` bytes.
+fn tempfile_of_size(size: u64) -> File {
+    // SAFETY: memfd_create reads the NUL-terminated name; the descriptor it returns is
+    // new and owned by the `File` alone.
+    let fd = unsafe { libc::memfd_create(c"odd".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(size).unwrap();
+    file
+}

@@ -222,3 +222,30 @@ fn a_sealed_memfd_refuses_bad_input() {
         Err(Error::OutOfBounds { .. })
     ));
 }
+
+/// A fact of the kernel a migrating VMM must know: KVM refuses dirty logging
+/// (`KVM_MEM_LOG_DIRTY_PAGES`) on a memslot bound to a guest_memfd.
+#[test]
+fn kvm_refuses_dirty_logging_on_a_guest_memfd_memslot() {
+    use guest_memfd::VmOps;
+    let vm = vm();
+    if !require_mmap(&vm, "kvm_refuses_dirty_logging_on_a_guest_memfd_memslot") {
+        return;
+    }
+    let gmem = GuestMemfd::create(&vm, MIB2, shared_flags()).unwrap();
+    let map = gmem.map().unwrap();
+    let slot = Memslot::new(5, PageRange::new(0, MIB2).unwrap(), &gmem, 0)
+        .unwrap()
+        .with_userspace_mapping(&map)
+        .unwrap();
+    let mut region = slot.region();
+    region.flags |= kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+    // SAFETY: `map` outlives the call; were the slot created, it is deleted below
+    // (memory_size 0) before `map` goes.
+    let logged = unsafe { VmOps::set_user_memory_region2(&vm, region) };
+    assert_eq!(logged.map(|()| 0).unwrap_or_else(|e| e.errno()), libc::EINVAL);
+    // The same slot without dirty logging binds.
+    // SAFETY: as above; unbound right after.
+    unsafe { slot.bind(&vm) }.unwrap();
+    slot.unbind(&vm).unwrap();
+}

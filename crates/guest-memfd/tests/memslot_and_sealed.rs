@@ -243,7 +243,10 @@ fn kvm_refuses_dirty_logging_on_a_guest_memfd_memslot() {
     // SAFETY: `map` outlives the call; were the slot created, it is deleted below
     // (memory_size 0) before `map` goes.
     let logged = unsafe { VmOps::set_user_memory_region2(&vm, region) };
-    assert_eq!(logged.map(|()| 0).unwrap_or_else(|e| e.errno()), libc::EINVAL);
+    assert_eq!(
+        logged.map(|()| 0).unwrap_or_else(|e| e.errno()),
+        libc::EINVAL
+    );
     // The same slot without dirty logging binds.
     // SAFETY: as above; unbound right after.
     unsafe { slot.bind(&vm) }.unwrap();

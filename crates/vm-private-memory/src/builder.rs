@@ -14,7 +14,7 @@ use vm_memory::{GuestMemoryBackend, GuestRegionCollection};
 use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, LayoutError, Result};
 use crate::kvm_view::set_kvm_view;
-use crate::memory::{bind_regions, unbind_regions, Engine, PrivateMemoryManager};
+use crate::memory::{bind_regions, unbind_regions, Engine, PrivateMemoryManager, SlotBinding};
 use crate::region::{GuestRegionPrivate, RegionParts, SharedSide};
 use crate::strategy::{Strategy, UnavailableReason};
 
@@ -85,6 +85,8 @@ pub struct MemoryBuilder {
     extra_flags: GuestMemfdFlags,
     /// The VMM's shared side of each region, by index in `regions` (dual strategy).
     shared_backings: Vec<Option<(SharedBacking, u64)>>,
+    /// The VMM binds the memslots itself.
+    vmm_binds: bool,
 }
 
 // By hand: the VM is an `Arc<dyn VmOps>`, which has no `Debug`.
@@ -99,6 +101,7 @@ impl std::fmt::Debug for MemoryBuilder {
             .field("slots", &self.slots)
             .field("patience", &self.patience)
             .field("extra_flags", &self.extra_flags)
+            .field("vmm_binds", &self.vmm_binds)
             .finish_non_exhaustive()
     }
 }
@@ -123,6 +126,7 @@ impl MemoryBuilder {
             patience: DEFAULT_ACCESS_PATIENCE,
             extra_flags: GuestMemfdFlags::empty(),
             shared_backings: Vec::new(),
+            vmm_binds: false,
         }
     }
 
@@ -210,6 +214,26 @@ impl MemoryBuilder {
     /// naming them, before any file is created.
     pub fn guest_memfd_flags(mut self, extra: GuestMemfdFlags) -> Self {
         self.extra_flags = extra;
+        self
+    }
+
+    /// Leaves binding the regions' memslots to the VMM, which numbers and binds its own
+    /// slots (as Cloud Hypervisor and Firecracker do): the memory is built with its files
+    /// and mappings (and, dual, KVM's view of pages starting private), and
+    /// [`PrivateMemoryManager::memslots`] hands out the exact
+    /// `KVM_SET_USER_MEMORY_REGION2` description of each region for the VMM to bind.
+    /// Slot numbers come from [`MemoryBuilder::slots`]'s range.
+    ///
+    /// The contract that keeps memory sound: a region's mapping must outlive its slot. So
+    /// a dropped memory leaks its mappings (they stay mapped for the process's life)
+    /// until the VMM says, with the `unsafe`
+    /// [`PrivateMemoryManager::release_memslots`], that it has deleted every slot. Adding
+    /// and removing regions while the guest runs needs slots this memory binds, so
+    /// [`PrivateMemoryManager::add_region`] and
+    /// [`PrivateMemoryManager::remove_region`] are refused
+    /// ([`Error::VmmBindsMemslots`]).
+    pub fn vmm_binds_memslots(mut self) -> Self {
+        self.vmm_binds = true;
         self
     }
 
@@ -394,11 +418,15 @@ impl MemoryBuilder {
                 reason: LayoutError::Collection(e),
             })?;
         let collection = Arc::new(collection);
-        bind_regions(&*self.vm, &collection)?;
+        if !self.vmm_binds {
+            bind_regions(&*self.vm, &collection)?;
+        }
         if strategy == Strategy::Dual && self.initial == PageState::Private {
             for region in collection.iter() {
                 if let Err(e) = set_kvm_view(&*self.vm, region.guest_range(), PageState::Private) {
-                    unbind_regions(&*self.vm, &collection, collection.num_regions());
+                    if !self.vmm_binds {
+                        unbind_regions(&*self.vm, &collection, collection.num_regions());
+                    }
                     return Err(e);
                 }
             }
@@ -411,6 +439,9 @@ impl MemoryBuilder {
         );
         engine.patience = self.patience;
         engine.gmem_flags = flags;
+        if self.vmm_binds {
+            engine.binding = SlotBinding::Vmm;
+        }
         Ok(PrivateMemoryManager::assemble(
             self.vm, strategy, collection, engine,
         ))

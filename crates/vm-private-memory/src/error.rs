@@ -266,6 +266,14 @@ pub enum Error {
         /// The overlapping range another region was given.
         second: PageRange,
     },
+    /// Regions cannot be added or removed while the guest runs in a memory whose
+    /// memslots the VMM binds ([`crate::MemoryBuilder::vmm_binds_memslots`]): this
+    /// memory would have to bind or unbind the slot.
+    #[error("cannot add or remove the region at {range}: the VMM binds this memory's memslots (MemoryBuilder::vmm_binds_memslots), so regions are fixed at build")]
+    VmmBindsMemslots {
+        /// The region's range (its start only, for a removal).
+        range: GpaRange,
+    },
     /// A guest's conversion request was malformed.
     #[error("malformed conversion request from the guest: {0}")]
     BadRequest(#[from] crate::exits::RequestError),

@@ -144,6 +144,7 @@ mod state;
 mod strategy;
 mod sync;
 mod vcpu_exits;
+mod vmm_memslots;
 
 pub use attributes::{PageAttributes, PageState, Run, Runs};
 pub use backing::RegionBacking;

@@ -40,6 +40,21 @@ pub(crate) struct Engine {
     /// The flags of every guest_memfd this memory creates (the strategy's and the
     /// builder's extra ones).
     pub(crate) gmem_flags: guest_memfd::GuestMemfdFlags,
+    /// Who binds the regions' memslots.
+    pub(crate) binding: SlotBinding,
+}
+
+/// Who binds the regions' memslots ([`crate::MemoryBuilder::vmm_binds_memslots`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SlotBinding {
+    /// This memory: bound at build and `add_region`, unbound at `remove_region` and drop.
+    Memory,
+    /// The VMM, from [`PrivateMemoryManager::memslots`]; until it says it unbound them
+    /// all ([`PrivateMemoryManager::release_memslots`]), a dropped memory leaks its
+    /// mappings rather than free memory KVM may still map.
+    Vmm,
+    /// The VMM, and it has unbound them all.
+    VmmReleased,
 }
 
 impl Engine {
@@ -57,6 +72,7 @@ impl Engine {
             patience: crate::builder::DEFAULT_ACCESS_PATIENCE,
             scratch: Vec::new(),
             gmem_flags: guest_memfd::GuestMemfdFlags::empty(),
+            binding: SlotBinding::Memory,
         }
     }
 
@@ -337,10 +353,19 @@ impl Drop for PrivateMemoryManager {
     /// Unbinds every region this memory bound, from the engine's own list (not from the
     /// `GuestMemoryAtomic`, which a caller may have replaced). If a slot cannot be
     /// unbound (the kernel refused), KVM may still use its memory: every region is then
-    /// leaked, mappings and all, rather than unmapped.
+    /// leaked, mappings and all, rather than unmapped. Memory whose memslots the VMM
+    /// binds leaks its mappings the same way, unless the VMM released them
+    /// ([`PrivateMemoryManager::release_memslots`]).
     fn drop(&mut self) {
         let engine = self.lock_engine();
-        unbind_regions(&*self.vm, &engine.current, engine.current.num_regions());
+        match engine.binding {
+            SlotBinding::Memory => {
+                unbind_regions(&*self.vm, &engine.current, engine.current.num_regions());
+            }
+            // The VMM's slots may still use the mappings: keep them, for good.
+            SlotBinding::Vmm => std::mem::forget(Arc::clone(&engine.current)),
+            SlotBinding::VmmReleased => {}
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use crate::convert::Undone;
 use crate::error::{Error, GpaRange, LayoutError, Result};
 use crate::kvm_view::set_kvm_view;
 use crate::listener::{in_callback, Listeners};
-use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemoryManager};
+use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemoryManager, SlotBinding};
 use crate::region::GuestRegionPrivate;
 use crate::strategy::Strategy;
 
@@ -60,6 +60,9 @@ impl PrivateMemoryManager {
             return Err(Error::Reentrant { range: gpa(guest) });
         }
         let mut engine = self.lock_engine();
+        if engine.binding != SlotBinding::Memory {
+            return Err(Error::VmmBindsMemslots { range: gpa(guest) });
+        }
         if let Some(other) = engine
             .current
             .iter()
@@ -186,6 +189,11 @@ impl PrivateMemoryManager {
             });
         }
         let mut engine = self.lock_engine();
+        if engine.binding != SlotBinding::Memory {
+            return Err(Error::VmmBindsMemslots {
+                range: GpaRange { start, len: 0 },
+            });
+        }
         let _listeners = self.listeners.hold();
         self.take_out(&mut engine, start, Listening::Tell)
     }

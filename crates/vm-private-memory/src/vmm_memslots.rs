@@ -1,0 +1,66 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Memslots the VMM binds itself ([`crate::MemoryBuilder::vmm_binds_memslots`]): the
+//! exact `KVM_SET_USER_MEMORY_REGION2` descriptions, and the explicit release that
+//! keeps memory sound.
+//!
+//! Cloud Hypervisor and Firecracker number and bind their own slots (shared with VFIO
+//! and device BARs). The rule that keeps memory sound is KVM's: a region's host mapping
+//! must outlive its slot, since KVM reads and writes guest memory through it. So this
+//! memory never frees a mapping the VMM may still have bound: until the VMM says it has
+//! deleted every slot (an `unsafe` call, because only it can know), dropping the memory
+//! leaks the mappings instead.
+
+use kvm_bindings::kvm_userspace_memory_region2;
+use vm_memory::GuestMemoryBackend;
+
+use crate::error::Result;
+use crate::memory::{PrivateMemoryManager, SlotBinding};
+
+impl PrivateMemoryManager {
+    /// The memslot of each region, as `KVM_SET_USER_MEMORY_REGION2` takes it, in guest
+    /// address order: the slot number (from [`crate::MemoryBuilder::slots`]'s range), the
+    /// guest range, the region's host mapping as `userspace_addr` (which KVM requires to
+    /// be the guest_memfd's own mapping in place), `KVM_MEM_GUEST_MEMFD`, the
+    /// guest_memfd's descriptor and offset. With
+    /// [`crate::MemoryBuilder::vmm_binds_memslots`] the VMM binds these itself (as they
+    /// are: a changed address or size breaks what this memory enforces); otherwise they
+    /// are bound already and say how.
+    ///
+    /// # Errors
+    ///
+    /// The file layer's error if a region's description cannot be made (it was made
+    /// once already at build, so this does not happen for a memory that built).
+    pub fn memslots(&self) -> Result<Vec<kvm_userspace_memory_region2>> {
+        let engine = self.lock_engine();
+        engine
+            .current
+            .iter()
+            .map(|region| Ok(region.memslot()?.region()))
+            .collect()
+    }
+
+    /// Whether the VMM binds this memory's memslots
+    /// ([`crate::MemoryBuilder::vmm_binds_memslots`]).
+    pub fn vmm_binds_memslots(&self) -> bool {
+        self.lock_engine().binding != SlotBinding::Memory
+    }
+
+    /// Says that the VMM has deleted every memslot [`PrivateMemoryManager::memslots`]
+    /// described (`KVM_SET_USER_MEMORY_REGION2` with `memory_size` 0), or closed the VM,
+    /// so that dropping this memory may free the regions' mappings. Without this call a
+    /// memory whose memslots the VMM binds leaks its mappings when dropped. It does
+    /// nothing for a memory that binds its own memslots.
+    ///
+    /// # Safety
+    ///
+    /// No memslot described by [`PrivateMemoryManager::memslots`] may still be bound in
+    /// the VM, nor be bound again: KVM would read and write guest memory through a
+    /// mapping this memory frees when dropped, and whatever is mapped there next would
+    /// become guest memory.
+    pub unsafe fn release_memslots(&self) {
+        let mut engine = self.lock_engine();
+        if engine.binding == SlotBinding::Vmm {
+            engine.binding = SlotBinding::VmmReleased;
+        }
+    }
+}

@@ -68,3 +68,32 @@ CARGO_TARGET_DIR=$target cargo install --offline --debug --locked --root "$insta
 "$install_root/bin/privmem" probe --json >"$install_root/report.json"
 grep -q '"findings"' "$install_root/report.json"
 "$install_root/bin/privmem" probe
+
+log "a fresh project on the packages alone builds and runs a copy of the example VMM"
+project="$unpacked/../example-vmm-$$"
+trap 'rm -rf "$unpacked" "$install_root" "$project"' EXIT
+mkdir -p "$project/src"
+cp crates/vm-private-memory/examples/vmm.rs "$project/src/main.rs"
+cat >"$project/Cargo.toml" <<TOML
+[package]
+name = "example-vmm"
+version = "0.1.0"
+edition = "2021"
+publish = false
+
+[dependencies]
+guest-memfd = "$version"
+vm-private-memory = "$version"
+kvm-ioctls = "0.25"
+vm-memory = { version = "0.18", features = ["backend-mmap", "backend-atomic"] }
+virtio-queue = { version = "0.18", features = ["test-utils"] }
+
+[patch.crates-io]
+guest-memfd = { path = "$unpacked/guest-memfd-$version" }
+vm-private-memory = { path = "$unpacked/vm-private-memory-$version" }
+
+[workspace]
+TOML
+cp Cargo.lock "$project/"
+(cd "$project" && CARGO_TARGET_DIR=$target cargo run --offline) | tee "$project/output"
+grep -q "the host's read of it is refused: true" "$project/output"

@@ -146,9 +146,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-/// 4. The device side, on the window the guest shared: a virtqueue whose descriptors
-/// and buffers are in shared pages. The driver's part (placing a chain) is played here
-/// by virtio-queue's mock, as a guest driver would write it.
+/// Step 4, the device side, on the window the guest shared: a virtqueue whose
+/// descriptors and buffers are in shared pages. The driver's part (placing a chain) is
+/// played here by virtio-queue's mock, as a guest driver would write it.
 fn serve_the_device(
     memory: &vm_private_memory::PrivateMemoryManager,
 ) -> Result<(), Box<dyn Error>> {

@@ -130,6 +130,12 @@ pub enum Error {
     /// `fstat` on the file failed.
     #[error("fstat failed: {0}")]
     Stat(#[source] io::Error),
+    /// A shared backing file could not be sealed against changing size.
+    #[error("the shared backing file cannot be sealed against shrinking and growing: {source} (EINVAL: not a memfd; EPERM: made without MFD_ALLOW_SEALING, or sealed already); create it with memfd_create(MFD_ALLOW_SEALING), or use SharedBacking::from_file_unsealed and keep it from shrinking")]
+    NotSealable {
+        /// The kernel's errno.
+        source: errno::Error,
+    },
     /// `lseek(SEEK_DATA / SEEK_HOLE)` on the file failed.
     #[error("lseek(SEEK_DATA/SEEK_HOLE) failed: {source}")]
     Seek {
@@ -201,7 +207,8 @@ impl Error {
             Error::Create { source, .. }
             | Error::FileSpace { source, .. }
             | Error::SetMemoryRegion { source, .. }
-            | Error::Seek { source } => Some(source.errno()),
+            | Error::Seek { source }
+            | Error::NotSealable { source } => Some(source.errno()),
             Error::Map {
                 source: MmapRegionError::Mmap(e),
                 ..

@@ -27,16 +27,54 @@ pub struct SharedBacking {
 }
 
 impl SharedBacking {
-    /// Takes `file` as it is now: its size (`fstat`) must be a non-zero multiple of the
-    /// page size. Whether it can be punched in 4 KiB units (a hugetlbfs file cannot) is
-    /// found at the first punch; a memory builder punches the pages of a region that
-    /// starts private at once, so that shows at build time.
+    /// Takes `file`, a memfd, and seals its size (`F_SEAL_SHRINK | F_SEAL_GROW`, unless
+    /// it has them already): the file's descriptor goes to device code (a vhost-user
+    /// backend maps it), and a file that shrank under a mapping would turn the VMM's
+    /// own accesses into `SIGBUS`. Its size must be a non-zero multiple of the page size.
+    /// Whether it can be punched in 4 KiB units is found at the first punch; a memory
+    /// builder punches the pages of a region that starts private at once, so that shows
+    /// at build time.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Stat`] if `fstat` fails; [`Error::InvalidSize`] for an empty file or a
+    /// size that is not page-aligned; [`Error::NotSealable`] with the kernel's errno if
+    /// the file cannot be sealed (`EINVAL`: not a memfd; `EPERM`: a memfd made without
+    /// `MFD_ALLOW_SEALING`, or sealed against new seals): use
+    /// [`SharedBacking::from_file_unsealed`] for such a file, knowingly.
+    pub fn from_file(file: File) -> Result<Self> {
+        let wanted = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        let fd = file.as_raw_fd();
+        // SAFETY: F_GET_SEALS reads only the descriptor, which `file` owns.
+        let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+        if seals < 0 {
+            return Err(Error::NotSealable {
+                source: errno::Error::last(),
+            });
+        }
+        if seals & wanted != wanted {
+            // SAFETY: F_ADD_SEALS reads only its integer argument on the descriptor
+            // `file` owns; the result is checked.
+            if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, wanted) } < 0 {
+                return Err(Error::NotSealable {
+                    source: errno::Error::last(),
+                });
+            }
+        }
+        Self::from_file_unsealed(file)
+    }
+
+    /// Takes `file` as it is, without sealing its size: a tmpfs or disk file. The VMM
+    /// must then keep anything from shrinking it while it backs a region, the device
+    /// processes given its descriptor included (an access past the new end is a
+    /// `SIGBUS` in the VMM), and a disk-backed file can `SIGBUS` when its file system is
+    /// full. No private page's content is ever in it either way.
     ///
     /// # Errors
     ///
     /// [`Error::Stat`] if `fstat` fails; [`Error::InvalidSize`] for an empty file or a
     /// size that is not page-aligned.
-    pub fn from_file(file: File) -> Result<Self> {
+    pub fn from_file_unsealed(file: File) -> Result<Self> {
         let size = file.metadata().map_err(Error::Stat)?.len();
         if size == 0 || !is_page_aligned(size) {
             return Err(Error::InvalidSize { size });
@@ -72,7 +110,8 @@ impl SharedBacking {
     ///
     /// [`Error::OutOfBounds`] if `range` reaches past the end of the file (nothing is
     /// called); [`Error::FileSpace`] with the kernel's errno if `fallocate` fails
-    /// (`EOPNOTSUPP` for a file system without punching, `EINVAL` for a hugetlbfs file).
+    /// (`EOPNOTSUPP` for a file system without punching). On hugetlbfs a punch of
+    /// part of a huge page zeroes it without freeing memory.
     pub fn discard(&self, range: PageRange) -> Result<()> {
         self.file.fallocate(SpaceOp::Discard, range)
     }

@@ -112,9 +112,9 @@ pub trait VmOps: Send + Sync {
         Err(errno::Error::new(libc::ENOTTY))
     }
 
-    /// `KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)`: the hypercalls whose numbers are set in
-    /// `hypercalls` (bit `n` for hypercall `n`) exit to the VMM as `KVM_EXIT_HYPERCALL`
-    /// instead of being answered by the hypervisor.
+    /// `KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)`: sets the hypercalls that exit to the
+    /// VMM as `KVM_EXIT_HYPERCALL` to exactly those in `hypercalls` (bit `n` for
+    /// hypercall `n`), replacing the VM's earlier set.
     ///
     /// The default answers `ENOTTY`, as a kernel without the capability does.
     ///

@@ -59,6 +59,7 @@ pub struct PageAttributes {
 
 /// A run of consecutive pages in one state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Run {
     /// Its first page (an index among the region's pages).
     pub first: u64,

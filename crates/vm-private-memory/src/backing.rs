@@ -25,8 +25,8 @@ pub struct RegionBacking {
     pub gmem_size: u64,
     /// Where in the guest_memfd the region starts.
     pub gmem_offset: u64,
-    /// Bytes of memory the shared side holds (dual strategy: the sealed memfd's
-    /// allocated blocks); `None` in-place, whose shared pages live in the guest_memfd.
+    /// Bytes of memory the shared side holds over the region's range (dual strategy:
+    /// the data `SEEK_DATA` finds in its file there); `None` in-place, whose shared pages live in the guest_memfd.
     pub shared_bytes_held: Option<u64>,
 }
 

@@ -141,7 +141,8 @@ impl MemoryBuilder {
     /// the VMM's own file, from byte `offset` (dual strategy only): a memory zone the
     /// VMM set up itself (a memfd with a NUMA policy, a tmpfs or shared file), instead
     /// of a sealed memfd this crate creates. The file must hold `[offset, offset + size)`
-    /// and be punchable in 4 KiB units (hugetlbfs files are not); with pages initially
+    /// and be punchable in 4 KiB units (hugetlbfs maps only at huge-page-aligned offsets,
+    /// and punching part of a huge page frees nothing); with pages initially
     /// private the range is punched at build time, so a file that cannot be fails
     /// then. Device code is given this file and offset for the shared runs
     /// ([`PrivateMemoryManager::shared_pages`]).
@@ -205,13 +206,17 @@ impl MemoryBuilder {
         self
     }
 
-    /// Adds guest_memfd creation flags to the ones the strategy needs (`MMAP |
-    /// INIT_SHARED` in place, none for dual), for every guest_memfd this memory creates,
+    /// Sets extra guest_memfd creation flags, on top of the ones the strategy needs
+    /// (`MMAP | INIT_SHARED` in place, none for dual), for every guest_memfd this memory
+    /// creates,
     /// now and in [`PrivateMemoryManager::add_region`]: flags a host offers beyond those
     /// (`KVM_CAP_GUEST_MEMFD_FLAGS`, such as a patched kernel's `NO_DIRECT_MAP`; unknown
     /// bits are kept with `GuestMemfdFlags::from_bits_retain`). Flags the host does not
     /// offer fail [`MemoryBuilder::build`] with the file layer's `UnsupportedFlags`,
-    /// naming them, before any file is created.
+    /// naming them, before any file is created. The dual strategy refuses `MMAP` and
+    /// `INIT_SHARED` ([`UnavailableReason::FlagsOwnedByStrategy`]): a mappable
+    /// guest_memfd would bind as a slot whose shared pages KVM takes from the
+    /// guest_memfd, while devices use the shared side.
     pub fn guest_memfd_flags(mut self, extra: GuestMemfdFlags) -> Self {
         self.extra_flags = extra;
         self
@@ -360,6 +365,15 @@ impl MemoryBuilder {
     pub fn build(mut self) -> Result<PrivateMemoryManager> {
         let caps = Capabilities::of_vm(&*self.vm);
         let strategy = Strategy::choose(self.strategy, &caps)?;
+        let owned = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+        if strategy == Strategy::Dual && self.extra_flags.intersects(owned) {
+            return Err(Error::StrategyUnavailable {
+                strategy,
+                reason: UnavailableReason::FlagsOwnedByStrategy {
+                    flags: self.extra_flags & owned,
+                },
+            });
+        }
         let mut shared_backings = std::mem::take(&mut self.shared_backings);
         check_shared_backings(strategy, &self.regions, &shared_backings)?;
         let host_limit = if caps.nr_memslots > 0 {
@@ -421,9 +435,11 @@ impl MemoryBuilder {
         if !self.vmm_binds {
             bind_regions(&*self.vm, &collection)?;
         }
-        if strategy == Strategy::Dual && self.initial == PageState::Private {
+        // KVM keeps attributes per address, across memslots and earlier memories on the
+        // same VM: set them whatever the initial state.
+        if strategy == Strategy::Dual {
             for region in collection.iter() {
-                if let Err(e) = set_kvm_view(&*self.vm, region.guest_range(), PageState::Private) {
+                if let Err(e) = set_kvm_view(&*self.vm, region.guest_range(), self.initial) {
                     if !self.vmm_binds {
                         unbind_regions(&*self.vm, &collection, collection.num_regions());
                     }

@@ -90,7 +90,8 @@ impl Engine {
 /// [`PrivateMemoryManager::memory`] gives the vm-memory view (a [`GuestMemoryAtomic`] over
 /// [`GuestMemoryPrivate`]) for device emulation, loaders and vCPU set-up; this type owns
 /// the memslots and changes pages between private and shared ([`PrivateMemoryManager::convert`]).
-/// Dropping it unbinds every memslot.
+/// Dropping it unbinds every memslot it bound (see
+/// [`crate::MemoryBuilder::vmm_binds_memslots`] for slots the VMM binds).
 ///
 /// # The published view belongs to this memory
 ///

@@ -20,7 +20,7 @@ use crate::strategy::Strategy;
 type GuestResult<T> = std::result::Result<T, GuestMemoryError>;
 
 /// One region of guest RAM: a page-aligned guest-physical range backed by a guest_memfd
-/// (and, in the dual strategy, a sealed memfd for its shared pages), with one
+/// (and, in the dual strategy, a file for its shared pages), with one
 /// private/shared bit per page.
 ///
 /// It implements vm-memory's [`GuestMemoryRegion`] and [`Bytes`], so a

@@ -107,8 +107,10 @@ impl<'a> SharedRun<'a> {
         (start + offset as usize) as *mut u8
     }
 
-    /// Where another process may map the run: the dual strategy's sealed memfd and the
-    /// run's offset in it. `None` in-place: that file is the guest_memfd, whose private
+    /// Where another process may map the run: the dual strategy's shared side (a sealed
+    /// memfd, or the VMM's own file given with
+    /// [`crate::MemoryBuilder::region_at_with_shared`]) and the run's offset in it. The
+    /// descriptor reaches the whole file. `None` in-place: that file is the guest_memfd, whose private
     /// pages another process must never map.
     pub fn file(&self) -> Option<SharedFile<'a>> {
         let shared = self.region.shared_side()?;

@@ -73,6 +73,13 @@ pub enum UnavailableReason {
     /// strategy, which has no separate shared side.
     #[error("a shared backing file is for the dual strategy: in place, shared and private pages live in the one guest_memfd")]
     SharedBackingNeedsDual,
+    /// The dual strategy was given guest_memfd flags that decide where shared pages
+    /// live (`MMAP`, `INIT_SHARED`): its shared pages are in the shared side.
+    #[error("the dual strategy's guest_memfd must not have {flags}: with them KVM would take shared pages from the guest_memfd, while devices use the shared side")]
+    FlagsOwnedByStrategy {
+        /// The flags refused.
+        flags: GuestMemfdFlags,
+    },
 }
 
 impl Strategy {

@@ -17,8 +17,10 @@ impl PrivateMemoryManager {
     /// TDX's MapGPA and SEV-SNP's page-state changes reach a VMM) exit to the VMM as
     /// `KVM_EXIT_HYPERCALL` (`KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)`), through the
     /// memory's [`guest_memfd::VmOps`]. Returns whether the host offers it: without it,
-    /// KVM answers the hypercall itself and the guest's conversions never reach this
-    /// memory. Call it once, before the guest runs.
+    /// KVM refuses the hypercall itself (the guest gets `-KVM_ENOSYS`: a TDX MapGPA or
+    /// SEV-SNP page-state change fails) and no conversion reaches this memory. The
+    /// kernel replaces the VM's whole set of forwarded hypercalls with this one. Call it
+    /// once, before the guest runs.
     ///
     /// ```
     /// use std::sync::Arc;
@@ -50,19 +52,28 @@ impl PrivateMemoryManager {
     }
 
     /// Serves `exit` if it is a conversion request: a `KVM_HC_MAP_GPA_RANGE` hypercall
-    /// (the answer goes into its `ret`, for the guest's `rax`) or a memory fault (the
-    /// range is converted to what the guest used; re-enter the vCPU). Returns `None` for
-    /// any other exit, which is the VMM's to handle, and otherwise what the request did
-    /// or why it was refused.
+    /// (the answer goes into its `ret`, for the guest's `rax`) or a memory fault inside
+    /// this memory (the range is converted to what the guest used). Returns `None` for
+    /// any other exit, a fault outside this memory included, which is the VMM's to
+    /// handle, and otherwise what the request did or why it was refused.
+    ///
+    /// After a hypercall the vCPU goes on either way: the guest has its answer. A memory
+    /// fault has no answer: after `Err` the same access faults again, so re-enter only
+    /// for [`Error::HostAccessInFlight`] (a host access still held the pages; retry a
+    /// bounded number of times), and otherwise stop the vCPU. A fault served with no
+    /// page changed that comes back is not a conversion at all (a poisoned page reports
+    /// the same exit): stop the vCPU then too.
     ///
     /// ```no_run
     /// # let (memory, mut vcpu): (vm_private_memory::PrivateMemoryManager, kvm_ioctls::VcpuFd) = todo!();
     /// loop {
     ///     let mut exit = vcpu.run().unwrap();
+    ///     let is_fault = matches!(exit, kvm_ioctls::VcpuExit::MemoryFault { .. });
     ///     match memory.serve_vcpu_exit(&mut exit) {
     ///         Some(Ok(_)) => continue,
-    ///         // The guest got its answer; the VMM may log why it was refused.
-    ///         Some(Err(e)) => eprintln!("conversion refused: {e}"),
+    ///         // A hypercall's guest got its answer; a fault would only come back.
+    ///         Some(Err(e)) if !is_fault => eprintln!("conversion refused: {e}"),
+    ///         Some(Err(e)) => panic!("the vCPU cannot go on: {e}"),
     ///         None => { /* MMIO, port I/O, shutdown... */ }
     ///     }
     /// }
@@ -75,7 +86,11 @@ impl PrivateMemoryManager {
                 Some(served)
             }
             VcpuExit::MemoryFault { flags, gpa, size } => {
-                Some(self.handle_memory_fault(*flags, *gpa, *size))
+                match self.handle_memory_fault(*flags, *gpa, *size) {
+                    // Not this memory's: another device's, or no memory at all.
+                    Err(Error::OutsideGuestMemory { .. }) => None,
+                    served => Some(served),
+                }
             }
             _ => None,
         }

@@ -4,8 +4,9 @@
 //! keeps memory sound.
 //!
 //! Cloud Hypervisor and Firecracker number and bind their own slots (shared with VFIO
-//! and device BARs). The rule that keeps memory sound is KVM's: a region's host mapping
-//! must outlive its slot, since KVM reads and writes guest memory through it. So this
+//! and device BARs). The rule that keeps memory sound: a region's host mapping must
+//! outlive its slot, since KVM reads and writes guest memory through a slot's
+//! `userspace_addr`. So this
 //! memory never frees a mapping the VMM may still have bound: until the VMM says it has
 //! deleted every slot (an `unsafe` call, because only it can know), dropping the memory
 //! leaks the mappings instead.
@@ -28,8 +29,8 @@ impl PrivateMemoryManager {
     ///
     /// # Errors
     ///
-    /// The file layer's error if a region's description cannot be made (it was made
-    /// once already at build, so this does not happen for a memory that built).
+    /// The file layer's error if a region's description cannot be made (a region whose
+    /// host mapping does not cover its file range; the builder makes none such).
     pub fn memslots(&self) -> Result<Vec<kvm_userspace_memory_region2>> {
         let engine = self.lock_engine();
         engine
@@ -46,8 +47,9 @@ impl PrivateMemoryManager {
     }
 
     /// Says that the VMM has deleted every memslot [`PrivateMemoryManager::memslots`]
-    /// described (`KVM_SET_USER_MEMORY_REGION2` with `memory_size` 0), or closed the VM,
-    /// so that dropping this memory may free the regions' mappings. Without this call a
+    /// described (`KVM_SET_USER_MEMORY_REGION2` with `memory_size` 0), so that dropping
+    /// this memory may free the regions' mappings. (The VM cannot be gone while this
+    /// memory lives: the memory holds it.) Without this call a
     /// memory whose memslots the VMM binds leaks its mappings when dropped. It does
     /// nothing for a memory that binds its own memslots.
     ///

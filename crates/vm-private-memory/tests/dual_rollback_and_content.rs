@@ -143,3 +143,27 @@ fn a_listener_refusing_a_range_back_on_rollback_is_reported() {
     }
     assert_eq!(m.state_of(PAGE_SIZE), Some(PageState::Shared));
 }
+
+/// KVM keeps memory attributes per address, across memories built on one VM: a memory
+/// that starts shared says so to KVM, whatever an earlier one left there.
+#[test]
+fn a_memory_that_starts_shared_sets_kvm_s_view_whatever_an_earlier_one_left() {
+    let recording = common::RecordingVm::new(common::vm());
+    let build = |initial| {
+        vm_private_memory::MemoryBuilder::new(recording.clone())
+            .region_at(0, SIZE)
+            .strategy(vm_private_memory::Strategy::Dual)
+            .initial_state(initial)
+            .build()
+            .unwrap()
+    };
+    drop(build(PageState::Private));
+    drop(build(PageState::Shared));
+    assert_eq!(
+        recording.calls.lock().unwrap()[..],
+        [
+            (pr(0, SIZE), PageState::Private),
+            (pr(0, SIZE), PageState::Shared)
+        ]
+    );
+}

@@ -121,6 +121,13 @@ fn a_vcpu_exit_is_served_only_when_it_is_a_conversion_request() {
     };
     assert!(m.serve_vcpu_exit(&mut exit).unwrap().is_ok());
     assert_eq!(m.state_of(PAGE_SIZE), Some(PageState::Shared));
+    // One outside this memory is the VMM's.
+    let mut exit = VcpuExit::MemoryFault {
+        flags: 0,
+        gpa: 64 * MIB2,
+        size: PAGE_SIZE,
+    };
+    assert!(m.serve_vcpu_exit(&mut exit).is_none());
 }
 
 /// A VMM's own VM wrapper: forwards to a real VM, records hypercall-exit requests, and

@@ -6,36 +6,102 @@
 
 mod common;
 
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+
 use common::{gpa_is_free, pr, vm, RecordingVm};
-use guest_memfd::GuestMemfdFlags;
-use vm_private_memory::{Error, MemoryBuilder, PageState, Strategy};
+use guest_memfd::{GuestMemfdFlags, VmOps};
+use kvm_bindings::{kvm_create_guest_memfd, kvm_userspace_memory_region2};
+use kvm_ioctls::VmFd;
+use vm_private_memory::{Error, MemoryBuilder, PageState, Strategy, UnavailableReason};
+use vmm_sys_util::errno;
 
 const MIB2: u64 = 2 << 20;
 
+/// A host that offers one more guest_memfd flag than the kernel here (as a patched
+/// kernel offers `NO_DIRECT_MAP`): it records the flags asked for and creates the file
+/// without that bit.
+struct OffersMore {
+    inner: VmFd,
+    asked: Mutex<Vec<u64>>,
+}
+
+const MORE: u64 = 1 << 30;
+
+impl VmOps for OffersMore {
+    fn check_extension_raw(&self, cap: u32) -> i32 {
+        let answer = VmOps::check_extension_raw(&self.inner, cap);
+        if cap == guest_memfd::uapi::KVM_CAP_GUEST_MEMFD_FLAGS {
+            return answer | MORE as i32;
+        }
+        answer
+    }
+
+    fn create_guest_memfd(
+        &self,
+        mut request: kvm_create_guest_memfd,
+    ) -> Result<OwnedFd, errno::Error> {
+        self.asked.lock().unwrap().push(request.flags);
+        request.flags &= !MORE;
+        VmOps::create_guest_memfd(&self.inner, request)
+    }
+
+    unsafe fn set_user_memory_region2(
+        &self,
+        region: kvm_userspace_memory_region2,
+    ) -> Result<(), errno::Error> {
+        // SAFETY: the caller upholds the trait's contract, the same for the VM wrapped.
+        unsafe { VmOps::set_user_memory_region2(&self.inner, region) }
+    }
+}
+
 #[test]
 fn extra_flags_reach_every_guest_memfd_the_memory_creates() {
-    let recording = RecordingVm::new(vm());
-    let memory = MemoryBuilder::new(recording.clone())
+    if !common::in_place_or_skip("extra_flags_reach_every_guest_memfd_the_memory_creates") {
+        return;
+    }
+    let vm = Arc::new(OffersMore {
+        inner: kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap(),
+        asked: Mutex::default(),
+    });
+    let extra = GuestMemfdFlags::from_bits_retain(MORE);
+    let memory = MemoryBuilder::new(vm.clone())
         .region_at(0, MIB2)
         .region_at(4 * MIB2, MIB2)
-        .strategy(Strategy::Dual)
-        .guest_memfd_flags(GuestMemfdFlags::MMAP)
+        .strategy(Strategy::InPlace)
+        .guest_memfd_flags(extra)
         .build()
         .unwrap();
     memory
         .add_region(pr(8 * MIB2, MIB2), None, PageState::Private)
         .unwrap();
-    let mmap = GuestMemfdFlags::MMAP.bits();
-    assert_eq!(recording.guest_memfd_flags.lock().unwrap()[..], [mmap; 3]);
+    let expected = (GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED | extra).bits();
+    assert_eq!(vm.asked.lock().unwrap()[..], [expected; 3]);
+}
 
-    // Without extra flags, the dual strategy asks for none.
-    let recording = RecordingVm::new(vm());
-    let _memory = MemoryBuilder::new(recording.clone())
-        .region_at(0, MIB2)
-        .strategy(Strategy::Dual)
-        .build()
-        .unwrap();
-    assert_eq!(recording.guest_memfd_flags.lock().unwrap()[..], [0]);
+#[test]
+fn the_dual_strategy_refuses_flags_that_would_move_its_shared_pages() {
+    let vm = vm();
+    for flags in [
+        GuestMemfdFlags::MMAP,
+        GuestMemfdFlags::INIT_SHARED,
+        GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED,
+    ] {
+        let err = MemoryBuilder::new(RecordingVm::new(vm.clone()))
+            .region_at(0, MIB2)
+            .strategy(Strategy::Dual)
+            .guest_memfd_flags(flags)
+            .build()
+            .unwrap_err();
+        match &err {
+            Error::StrategyUnavailable {
+                reason: UnavailableReason::FlagsOwnedByStrategy { flags: refused },
+                ..
+            } => assert_eq!(*refused, flags),
+            other => panic!("{other}"),
+        }
+    }
+    assert!(gpa_is_free(&vm, pr(0, MIB2)));
 }
 
 #[test]

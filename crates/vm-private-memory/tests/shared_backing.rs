@@ -151,18 +151,50 @@ fn bad_shared_backings_are_refused_before_anything_is_bound() {
         );
     }
     // A file whose size is not whole pages cannot be a backing.
-    let truncated = tempfile_of_size(PAGE_SIZE + 1);
     assert!(matches!(
-        SharedBacking::from_file(truncated),
+        SharedBacking::from_file_unsealed(memfd_of_size(PAGE_SIZE + 1, false)),
         Err(guest_memfd::Error::InvalidSize { .. })
     ));
 }
 
-/// An unsealed memfd of `size` bytes.
-fn tempfile_of_size(size: u64) -> File {
+#[test]
+fn a_shared_backing_is_sealed_against_changing_size_or_taken_unsealed_knowingly() {
+    // A memfd that allows sealing is sealed: device code given it cannot shrink it.
+    let file = memfd_of_size(MIB2, true);
+    let backing = SharedBacking::from_file(file.try_clone().unwrap()).unwrap();
+    assert_eq!(backing.size(), MIB2);
+    assert!(file.set_len(PAGE_SIZE).is_err(), "the size is sealed");
+    // One that does not, and a file that is no memfd, are refused by `from_file`...
+    let err = SharedBacking::from_file(memfd_of_size(MIB2, false)).unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EPERM), "{err}");
+    let path = std::env::temp_dir().join(format!("shared-backing-{}", std::process::id()));
+    let plain = File::options()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    plain.set_len(MIB2).unwrap();
+    let err = SharedBacking::from_file(plain.try_clone().unwrap()).unwrap_err();
+    assert!(
+        matches!(err, guest_memfd::Error::NotSealable { .. }),
+        "{err}"
+    );
+    // ... and taken as they are by `from_file_unsealed`.
+    assert_eq!(
+        SharedBacking::from_file_unsealed(plain).unwrap().size(),
+        MIB2
+    );
+}
+
+/// A memfd of `size` bytes, which allows sealing if `sealable`.
+fn memfd_of_size(size: u64, sealable: bool) -> File {
+    let flags = libc::MFD_CLOEXEC | if sealable { libc::MFD_ALLOW_SEALING } else { 0 };
     // SAFETY: memfd_create reads the NUL-terminated name; the descriptor it returns is
     // new and owned by the `File` alone.
-    let fd = unsafe { libc::memfd_create(c"odd".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(c"zone".as_ptr(), flags) };
     assert!(fd >= 0);
     // SAFETY: `fd` is a new descriptor nothing else owns.
     let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };

@@ -42,6 +42,12 @@ impl PrivateMemoryManager {
     /// succeeded the shared side is punched. Dual strategy only: the in-place strategy
     /// keeps content across conversions itself ([`PrivateMemoryManager::load_private`]).
     ///
+    /// On real SEV-SNP or TDX the launch measurement already includes the pages stepped
+    /// before a failure, so a rolled-back launch usually means tearing the VM down. With
+    /// [`crate::MemoryBuilder::vmm_binds_memslots`], bind the slots before the call. If
+    /// `step` panics, the panic goes on: the pages stay private (in KVM's view too) and
+    /// the shared side still holds the source.
+    ///
     /// `step` is where the VMM makes its vendor call (`SNP_LAUNCH_UPDATE` with
     /// `uaddr = host_address`, `gfn_start = guest.start() >> 12`; TDX's
     /// `KVM_TDX_INIT_MEM_REGION`). It must not convert this memory (that fails with

@@ -232,11 +232,12 @@ impl MemoryBuilder {
     /// The contract that keeps memory sound: a region's mapping must outlive its slot. So
     /// a dropped memory leaks its mappings (they stay mapped for the process's life)
     /// until the VMM says, with the `unsafe`
-    /// [`PrivateMemoryManager::release_memslots`], that it has deleted every slot. Adding
-    /// and removing regions while the guest runs needs slots this memory binds, so
-    /// [`PrivateMemoryManager::add_region`] and
-    /// [`PrivateMemoryManager::remove_region`] are refused
-    /// ([`Error::VmmBindsMemslots`]).
+    /// [`PrivateMemoryManager::release_memslots`], that it has deleted every slot.
+    /// Regions may still come and go (memory hotplug): a region added with
+    /// [`PrivateMemoryManager::add_region`] is described for the VMM to bind, and one
+    /// whose slot the VMM deleted leaves with the `unsafe`
+    /// [`PrivateMemoryManager::remove_unbound_region`] ([`PrivateMemoryManager::remove_region`]
+    /// is refused, [`Error::VmmBindsMemslots`]).
     pub fn vmm_binds_memslots(mut self) -> Self {
         self.vmm_binds = true;
         self

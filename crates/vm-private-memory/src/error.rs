@@ -266,10 +266,11 @@ pub enum Error {
         /// The overlapping range another region was given.
         second: PageRange,
     },
-    /// Regions cannot be added or removed while the guest runs in a memory whose
-    /// memslots the VMM binds ([`crate::MemoryBuilder::vmm_binds_memslots`]): this
-    /// memory would have to bind or unbind the slot.
-    #[error("cannot add or remove the region at {range}: the VMM binds this memory's memslots (MemoryBuilder::vmm_binds_memslots), so regions are fixed at build")]
+    /// [`crate::PrivateMemoryManager::remove_region`] on a memory whose memslots the VMM
+    /// binds ([`crate::MemoryBuilder::vmm_binds_memslots`]): the VMM deletes the slot,
+    /// then removes the region with
+    /// [`crate::PrivateMemoryManager::remove_unbound_region`].
+    #[error("cannot remove the region at {range} here: the VMM binds this memory's memslots (MemoryBuilder::vmm_binds_memslots); delete its slot, then call remove_unbound_region")]
     VmmBindsMemslots {
         /// The region's range (its start only, for a removal).
         range: GpaRange,

@@ -22,6 +22,12 @@ impl PrivateMemoryManager {
     /// It is backed by `backing`: a file and offset (for example the file of a region
     /// removed before, to keep its content), or `None` for a new guest_memfd.
     ///
+    /// In a memory whose memslots the VMM binds
+    /// ([`crate::MemoryBuilder::vmm_binds_memslots`]) the new slot is not bound: its
+    /// description joins [`PrivateMemoryManager::memslots`] (a slot number from the
+    /// builder's range), and the VMM binds it before the guest uses the range (memory
+    /// hotplug), and deletes it before [`PrivateMemoryManager::remove_unbound_region`].
+    ///
     /// Re-using a file keeps its content: with `initial` shared and the in-place strategy,
     /// whatever the guest had written there, private pages included, becomes readable by
     /// the host. Discard ranges first if that is not wanted.
@@ -60,9 +66,7 @@ impl PrivateMemoryManager {
             return Err(Error::Reentrant { range: gpa(guest) });
         }
         let mut engine = self.lock_engine();
-        if engine.binding != SlotBinding::Memory {
-            return Err(Error::VmmBindsMemslots { range: gpa(guest) });
-        }
+        let ours = engine.binding == SlotBinding::Memory;
         if let Some(other) = engine
             .current
             .iter()
@@ -84,7 +88,7 @@ impl PrivateMemoryManager {
                 return Err(e);
             }
         };
-        if let Err((e, still_bound)) = self.bind_new_region(guest, initial, &region) {
+        if let Err((e, still_bound)) = self.bind_new_region(guest, initial, &region, ours) {
             // Still bound (KVM refused to unbind): the slot number stays taken, and the
             // region was leaked so its memory stays mapped.
             if !still_bound {
@@ -135,24 +139,28 @@ impl PrivateMemoryManager {
         Ok((region, with))
     }
 
-    /// Binds a new region's memslot and (dual) sets KVM's view of it. On error, says
-    /// whether the slot is still bound (KVM refused to unbind it; the region is leaked).
+    /// Binds a new region's memslot (if `ours`: not when the VMM binds them) and (dual)
+    /// sets KVM's view of it. On error, says whether the slot is still bound (KVM
+    /// refused to unbind it; the region is leaked).
     fn bind_new_region(
         &self,
         guest: PageRange,
         initial: PageState,
         region: &Arc<GuestRegionPrivate>,
+        ours: bool,
     ) -> std::result::Result<(), (Error, bool)> {
         let memslot = region.memslot().map_err(|e| (e.into(), false))?;
-        // SAFETY: the slot's userspace memory is the region's host mapping, which the
-        // engine's list keeps alive until `remove_region` or `Drop` unbinds the slot; on
-        // an error below the slot is unbound again, or the region leaked.
-        unsafe { memslot.bind(&*self.vm) }.map_err(|e| (e.into(), false))?;
+        if ours {
+            // SAFETY: the slot's userspace memory is the region's host mapping, which
+            // the engine's list keeps alive until `remove_region` or `Drop` unbinds the
+            // slot; on an error below the slot is unbound again, or the region leaked.
+            unsafe { memslot.bind(&*self.vm) }.map_err(|e| (e.into(), false))?;
+        }
         // KVM keeps memory attributes per guest-physical address, across memslot
         // deletion: set them for the new region whatever they were before.
         if self.strategy == Strategy::Dual {
             if let Err(e) = set_kvm_view(&*self.vm, guest, initial) {
-                let still_bound = memslot.unbind(&*self.vm).is_err();
+                let still_bound = ours && memslot.unbind(&*self.vm).is_err();
                 if still_bound {
                     std::mem::forget(Arc::clone(region));
                 }
@@ -194,6 +202,33 @@ impl PrivateMemoryManager {
                 range: GpaRange { start, len: 0 },
             });
         }
+        let _listeners = self.listeners.hold();
+        self.take_out(&mut engine, start, Listening::Tell)
+    }
+
+    /// Removes the region that starts at `start`, as [`PrivateMemoryManager::remove_region`]
+    /// does, from a memory whose memslots the VMM binds
+    /// ([`crate::MemoryBuilder::vmm_binds_memslots`]): the VMM has deleted the region's
+    /// memslot first, so this memory unbinds nothing and may free the region's mapping
+    /// once nothing else holds it. In a memory that binds its own memslots this is
+    /// [`PrivateMemoryManager::remove_region`].
+    ///
+    /// # Safety
+    ///
+    /// The region's memslot (its entry in [`PrivateMemoryManager::memslots`]) must be
+    /// deleted from the VM, and not be bound again: KVM would read and write guest memory
+    /// through a mapping that may be freed.
+    ///
+    /// # Errors
+    ///
+    /// As [`PrivateMemoryManager::remove_region`], without the memslot's.
+    pub unsafe fn remove_unbound_region(&self, start: u64) -> Result<(PageRange, GuestMemfd, u64)> {
+        if in_callback() {
+            return Err(Error::Reentrant {
+                range: GpaRange { start, len: 0 },
+            });
+        }
+        let mut engine = self.lock_engine();
         let _listeners = self.listeners.hold();
         self.take_out(&mut engine, start, Listening::Tell)
     }
@@ -260,8 +295,12 @@ impl PrivateMemoryManager {
         if let Err(e) = crate::convert::wait_for_host_accesses(engine, &current, gpa(guest)) {
             return undo(e);
         }
-        if let Err(e) = memslot.unbind(&*self.vm) {
-            return undo(e.into());
+        // When the VMM binds the memslots, it deleted this one (`remove_unbound_region`)
+        // or never bound it (an addition being undone): nothing to unbind.
+        if engine.binding == SlotBinding::Memory {
+            if let Err(e) = memslot.unbind(&*self.vm) {
+                return undo(e.into());
+            }
         }
         self.publish(engine, without);
         let _ = engine.slots.free_id(region.slot());

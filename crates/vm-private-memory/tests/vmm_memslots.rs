@@ -87,23 +87,41 @@ fn the_vmm_binds_the_slots_it_is_handed_and_conversions_work_on_them() {
 }
 
 #[test]
-fn regions_cannot_come_and_go_when_the_vmm_binds_the_slots() {
-    if !in_place_or_skip("regions_cannot_come_and_go_when_the_vmm_binds_the_slots") {
+fn regions_come_and_go_with_the_vmm_binding_their_slots() {
+    if !in_place_or_skip("regions_come_and_go_with_the_vmm_binding_their_slots") {
         return;
     }
     let vm = vm();
     let memory = vmm_bound(&vm);
+    vmm_sets(&vm, &memory, false);
+    // Hotplug: the new region is described, not bound, until the VMM binds it.
+    let added = pr(16 * MIB2, MIB2);
+    memory.add_region(added, None, PageState::Shared).unwrap();
+    let slots = memory.memslots().unwrap();
+    let new = *slots.last().unwrap();
+    assert_eq!((new.slot, new.guest_phys_addr), (102, added.start()));
+    assert!(gpa_is_free(&vm, added));
+    // SAFETY: the new region's own mapping, which outlives the slot (deleted below).
+    unsafe { vm.set_user_memory_region2(new) }.unwrap();
+    assert!(!gpa_is_free(&vm, added));
+
+    // Unplug: remove_region would unbind a slot that is the VMM's: refused.
     assert!(matches!(
-        memory.add_region(pr(16 * MIB2, MIB2), None, PageState::Shared),
+        memory.remove_region(added.start()),
         Err(Error::VmmBindsMemslots { .. })
     ));
-    assert!(matches!(
-        memory.remove_region(0),
-        Err(Error::VmmBindsMemslots { .. })
-    ));
-    assert_eq!(memory.regions().len(), 2);
-    assert!(gpa_is_free(&vm, pr(16 * MIB2, MIB2)));
-    // SAFETY: the VMM bound nothing.
+    let mut delete = new;
+    delete.memory_size = 0;
+    // SAFETY: deleting a slot has no requirement.
+    unsafe { vm.set_user_memory_region2(delete) }.unwrap();
+    // SAFETY: the region's slot was deleted just above.
+    let (range, _file, _offset) = unsafe { memory.remove_unbound_region(added.start()) }.unwrap();
+    assert_eq!(range, added);
+    assert_eq!(memory.memslots().unwrap().len(), 2);
+    assert!(gpa_is_free(&vm, added));
+
+    vmm_sets(&vm, &memory, true);
+    // SAFETY: every slot described was deleted.
     unsafe { memory.release_memslots() };
 }
 

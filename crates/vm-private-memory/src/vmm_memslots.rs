@@ -23,9 +23,11 @@ impl PrivateMemoryManager {
     /// guest range, the region's host mapping as `userspace_addr` (which KVM requires to
     /// be the guest_memfd's own mapping in place), `KVM_MEM_GUEST_MEMFD`, the
     /// guest_memfd's descriptor and offset. With
-    /// [`crate::MemoryBuilder::vmm_binds_memslots`] the VMM binds these itself (as they
-    /// are: a changed address or size breaks what this memory enforces); otherwise they
-    /// are bound already and say how.
+    /// [`crate::MemoryBuilder::vmm_binds_memslots`] the VMM binds these itself: as they
+    /// are, except the slot number, which the VMM may replace with one of its own
+    /// numbering (this memory never binds or unbinds them); a changed address, size,
+    /// mapping or file breaks what this memory enforces. Otherwise they are bound
+    /// already and say how.
     ///
     /// # Errors
     ///

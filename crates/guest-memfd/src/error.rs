@@ -136,12 +136,10 @@ pub enum Error {
         /// The kernel's errno.
         source: errno::Error,
     },
-    /// `lseek(SEEK_DATA / SEEK_HOLE)` on the file failed.
-    #[error("lseek(SEEK_DATA/SEEK_HOLE) failed: {source}")]
-    Seek {
-        /// The kernel's errno.
-        source: errno::Error,
-    },
+    /// `lseek(SEEK_DATA / SEEK_HOLE)` on the file (or duplicating its descriptor for it)
+    /// failed.
+    #[error("lseek(SEEK_DATA/SEEK_HOLE) failed: {0}")]
+    Seek(#[source] io::Error),
     /// The name given to a sealed memfd contains a NUL byte.
     #[error("the memfd name {name:?} contains a NUL byte")]
     InvalidName {
@@ -207,13 +205,13 @@ impl Error {
             Error::Create { source, .. }
             | Error::FileSpace { source, .. }
             | Error::SetMemoryRegion { source, .. }
-            | Error::Seek { source }
             | Error::NotSealable { source } => Some(source.errno()),
             Error::Map {
                 source: MmapRegionError::Mmap(e),
                 ..
             }
             | Error::Stat(e)
+            | Error::Seek(e)
             | Error::SealedMemfd { source: e, .. } => e.raw_os_error(),
             _ => None,
         }

@@ -8,6 +8,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use vm_memory::mmap::MmapRegion;
 use vmm_sys_util::errno;
+use vmm_sys_util::seek_hole::SeekHole;
 
 use crate::error::{Error, Result, SpaceOp};
 use crate::file::MemoryFile;
@@ -126,44 +127,29 @@ impl SharedBacking {
         self.file.map_shared(range)
     }
 
-    /// The bytes of `range` the file holds memory for (`SEEK_DATA`/`SEEK_HOLE`).
+    /// The bytes of `range` the file holds memory for (`SEEK_DATA`/`SEEK_HOLE`, through
+    /// vmm-sys-util's `SeekHole` on a duplicate of the descriptor, whose file offset
+    /// nothing here uses).
     ///
     /// # Errors
     ///
     /// [`Error::OutOfBounds`] if `range` reaches past the end of the file;
-    /// [`Error::Seek`] with the kernel's errno if `lseek` fails.
+    /// [`Error::Seek`] with the system's error if duplicating the descriptor or `lseek`
+    /// fails.
     pub fn allocated_bytes(&self, range: PageRange) -> Result<u64> {
         self.check_range(range)?;
-        let fd = self.file.file().as_raw_fd();
-        let seek = |offset: u64, whence: libc::c_int| -> Result<Option<u64>> {
-            let Ok(offset) = i64::try_from(offset) else {
-                return Ok(None);
-            };
-            // SAFETY: lseek reads only its integer arguments on a descriptor `self` owns;
-            // the result is checked.
-            let at = unsafe { libc::lseek64(fd, offset, whence) };
-            if at < 0 {
-                let e = errno::Error::last();
-                // ENXIO: no data (or hole) at or after `offset`.
-                return if e.errno() == libc::ENXIO {
-                    Ok(None)
-                } else {
-                    Err(Error::Seek { source: e })
-                };
-            }
-            Ok(Some(at as u64))
-        };
+        let mut file = self.file.file().try_clone().map_err(Error::Seek)?;
         let mut held = 0;
         let mut at = range.start();
         while at < range.end() {
-            let Some(data) = seek(at, libc::SEEK_DATA)? else {
+            let Some(data) = file.seek_data(at).map_err(Error::Seek)? else {
                 break;
             };
             if data >= range.end() {
                 break;
             }
-            let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(range.end());
-            let end = hole.min(range.end());
+            let hole = file.seek_hole(data).map_err(Error::Seek)?;
+            let end = hole.unwrap_or(range.end()).min(range.end());
             if end <= at {
                 break;
             }

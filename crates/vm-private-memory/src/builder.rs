@@ -68,9 +68,10 @@ enum Placement {
 ///
 /// ```compile_fail
 /// #![deny(unused_must_use)]
-/// let vm: std::sync::Arc<dyn guest_memfd::VmOps> = todo!();
-/// let builder = vm_private_memory::MemoryBuilder::new(vm);
-/// builder.region(2 << 20); // the region is lost: an error under deny(unused_must_use)
+/// fn configure(vm: std::sync::Arc<dyn guest_memfd::VmOps>) {
+///     let builder = vm_private_memory::MemoryBuilder::new(vm);
+///     builder.region(2 << 20); // the region is lost: an error under deny(unused_must_use)
+/// }
 /// ```
 #[must_use = "a MemoryBuilder does nothing until `build` is called on it"]
 pub struct MemoryBuilder {

@@ -98,6 +98,10 @@ impl PrivateMemoryManager {
         }
         let _listeners = self.listeners.hold();
         self.publish(&mut engine, with);
+        // A new slot for the VMM to bind: a release said before it does not cover it.
+        if engine.binding == SlotBinding::VmmReleased {
+            engine.binding = SlotBinding::Vmm;
+        }
         if initial == PageState::Shared {
             self.offer_new_region(&mut engine, guest)?;
         }

@@ -65,16 +65,20 @@ impl PrivateMemoryManager {
     /// the same exit): stop the vCPU then too.
     ///
     /// ```no_run
-    /// # let (memory, mut vcpu): (vm_private_memory::PrivateMemoryManager, kvm_ioctls::VcpuFd) = todo!();
-    /// loop {
-    ///     let mut exit = vcpu.run().unwrap();
-    ///     let is_fault = matches!(exit, kvm_ioctls::VcpuExit::MemoryFault { .. });
-    ///     match memory.serve_vcpu_exit(&mut exit) {
-    ///         Some(Ok(_)) => continue,
-    ///         // A hypercall's guest got its answer; a fault would only come back.
-    ///         Some(Err(e)) if !is_fault => eprintln!("conversion refused: {e}"),
-    ///         Some(Err(e)) => panic!("the vCPU cannot go on: {e}"),
-    ///         None => { /* MMIO, port I/O, shutdown... */ }
+    /// use kvm_ioctls::{VcpuExit, VcpuFd};
+    /// use vm_private_memory::PrivateMemoryManager;
+    ///
+    /// fn run(memory: &PrivateMemoryManager, vcpu: &mut VcpuFd) {
+    ///     loop {
+    ///         let mut exit = vcpu.run().unwrap();
+    ///         let is_fault = matches!(exit, VcpuExit::MemoryFault { .. });
+    ///         match memory.serve_vcpu_exit(&mut exit) {
+    ///             Some(Ok(_)) => continue,
+    ///             // A hypercall's guest got its answer; a fault would only come back.
+    ///             Some(Err(e)) if !is_fault => eprintln!("conversion refused: {e}"),
+    ///             Some(Err(e)) => panic!("the vCPU cannot go on: {e}"),
+    ///             None => { /* MMIO, port I/O, shutdown... */ }
+    ///         }
     ///     }
     /// }
     /// ```

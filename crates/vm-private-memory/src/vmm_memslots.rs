@@ -51,7 +51,8 @@ impl PrivateMemoryManager {
     /// Says that the VMM has deleted every memslot [`PrivateMemoryManager::memslots`]
     /// described (`KVM_SET_USER_MEMORY_REGION2` with `memory_size` 0), so that dropping
     /// this memory may free the regions' mappings. (The VM cannot be gone while this
-    /// memory lives: the memory holds it.) Without this call a
+    /// memory lives: the memory holds it.) A region added afterwards needs a release of
+    /// its own: [`PrivateMemoryManager::add_region`] takes this one back. Without this call a
     /// memory whose memslots the VMM binds leaks its mappings when dropped. It does
     /// nothing for a memory that binds its own memslots.
     ///

@@ -148,3 +148,30 @@ fn a_dropped_memory_keeps_its_mappings_while_the_vmm_may_still_bind_them() {
     assert_eq!(word, 0x5eed);
     assert!(!gpa_is_free(&vm, pr(0, MIB2)));
 }
+
+/// A release covers the slots described when it was said: a region added afterwards
+/// keeps its mapping through a drop until released in turn.
+#[test]
+fn a_region_added_after_a_release_is_kept_until_released_again() {
+    if !in_place_or_skip("a_region_added_after_a_release_is_kept_until_released_again") {
+        return;
+    }
+    let vm = vm();
+    let memory = vmm_bound(&vm);
+    // SAFETY: the VMM bound nothing yet.
+    unsafe { memory.release_memslots() };
+    let added = pr(16 * MIB2, MIB2);
+    memory.add_region(added, None, PageState::Shared).unwrap();
+    let new = *memory.memslots().unwrap().last().unwrap();
+    // SAFETY: the new region's own mapping, which this memory must now keep.
+    unsafe { vm.set_user_memory_region2(new) }.unwrap();
+    memory
+        .memory()
+        .memory()
+        .write_obj(0xadd_u64, GuestAddress(added.start()))
+        .unwrap();
+    drop(memory);
+    // SAFETY: the test checks that the memory kept this mapping; it is only read.
+    let word = unsafe { std::ptr::read_volatile(new.userspace_addr as *const u64) };
+    assert_eq!(word, 0xadd);
+}

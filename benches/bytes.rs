@@ -2,12 +2,15 @@
 
 //! vm-memory `Bytes` on shared pages of a `PrivateMemoryManager` (in-place strategy), against
 //! vm-memory's own `GuestMemoryMmap` over anonymous memory of the same size, in the same
-//! run: `read_slice` / `write_slice` of 4 KiB, 64 KiB and 1 MiB, and `read_obj::<u64>`.
+//! run: `read_slice` / `write_slice` of 4 KiB, 64 KiB and 1 MiB, and `read_obj::<u64>`;
+//! then writes with dirty tracking of host writes, both sides on vm-memory's
+//! `AtomicBitmap`.
 
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use vm_private_memory::{MemoryBuilder, PageState, Strategy};
 
@@ -90,5 +93,62 @@ fn bytes(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bytes);
+/// Writes with dirty tracking: `write_slice` of 4 KiB and `write_obj::<u64>`, on
+/// `PrivateMemoryManager<AtomicBitmap>` against `GuestMemoryMmap<AtomicBitmap>`.
+fn tracked_writes(c: &mut Criterion) {
+    let vm = Arc::new(benches::vm());
+    let private = MemoryBuilder::new(vm)
+        .region_at(0, SIZE)
+        .strategy(Strategy::InPlace)
+        .initial_state(PageState::Shared)
+        .build_with_bitmap::<AtomicBitmap>()
+        .expect("in-place memory (Linux 6.18+)");
+    let atomic = private.memory();
+    let ours = atomic.memory();
+    let peer =
+        GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), SIZE as usize)]).unwrap();
+    let ones = vec![1u8; SIZE as usize];
+    ours.write_slice(&ones, GuestAddress(0)).unwrap();
+    peer.write_slice(&ones, GuestAddress(0)).unwrap();
+
+    let len = 4usize << 10;
+    let steps = (SIZE as usize / len) as u64;
+    let buf = vec![0u8; len];
+    let mut group = c.benchmark_group("tracked_write_slice_4KiB");
+    group.throughput(Throughput::Bytes(len as u64));
+    let mut i = 0u64;
+    group.bench_function("GuestMemoryMmap<AtomicBitmap>", |b| {
+        b.iter(|| {
+            i = (i + 1) % steps;
+            peer.write_slice(&buf, GuestAddress(i * len as u64))
+                .unwrap();
+        })
+    });
+    group.bench_function("PrivateMemoryManager<AtomicBitmap>", |b| {
+        b.iter(|| {
+            i = (i + 1) % steps;
+            ours.write_slice(&buf, GuestAddress(i * len as u64))
+                .unwrap();
+        })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("tracked_write_obj_u64");
+    let mut addr = 0u64;
+    group.bench_function("GuestMemoryMmap<AtomicBitmap>", |b| {
+        b.iter(|| {
+            addr = (addr + 4104) % (SIZE - 8);
+            peer.write_obj(black_box(addr), GuestAddress(addr)).unwrap()
+        })
+    });
+    group.bench_function("PrivateMemoryManager<AtomicBitmap>", |b| {
+        b.iter(|| {
+            addr = (addr + 4104) % (SIZE - 8);
+            ours.write_obj(black_box(addr), GuestAddress(addr)).unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bytes, tracked_writes);
 criterion_main!(benches);

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use guest_memfd::{PageRange, PAGE_SIZE};
 use vfio_ioctls::{VfioError, VfioOps};
-use vm_private_memory::{MemoryListener, PrivateMemoryManager, SharedPages, Subscription};
+use vm_private_memory::{
+    DirtyBitmap, MemoryListener, PrivateMemoryManager, SharedPages, Subscription,
+};
 
 use crate::unmap::{unmap_page, Unmapped};
 
@@ -121,9 +123,9 @@ impl DmaMapper {
     /// stay mapped, and the memory keeps telling the mapper when they go private (it
     /// tries the unmap again) until they are unmapped.
     /// [`vm_private_memory::Error::Reentrant`] from a listener callback.
-    pub fn attach(
+    pub fn attach<B: DirtyBitmap>(
         self,
-        memory: &PrivateMemoryManager,
+        memory: &PrivateMemoryManager<B>,
         range: PageRange,
     ) -> vm_private_memory::Result<DmaAttachment> {
         let mapper = Arc::new(Mapper {

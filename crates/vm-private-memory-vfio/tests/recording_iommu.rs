@@ -487,3 +487,32 @@ fn a_detach_the_iommu_refuses_keeps_following_so_the_page_cannot_go_private() {
         .unwrap();
     assert_eq!(iommu.mapped(), [0]);
 }
+
+#[test]
+fn a_mapper_follows_memory_that_tracks_host_writes() {
+    let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+    if !guest_memfd::Capabilities::of_vm(&*vm).in_place_capable() {
+        println!(
+            "SKIPPED a_mapper_follows_memory_that_tracks_host_writes: needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)"
+        );
+        return;
+    }
+    let m = MemoryBuilder::new(vm)
+        .region_at(0, MIB2)
+        .strategy(Strategy::InPlace)
+        .initial_state(PageState::Private)
+        .build_with_bitmap::<vm_memory::bitmap::AtomicBitmap>()
+        .unwrap();
+    m.convert(pr(2 * PAGE_SIZE, 2 * PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    let iommu = Arc::new(RecordingIommu::default());
+    let _dma = DmaMapper::new(iommu.clone())
+        .attach(&m, pr(0, MIB2))
+        .unwrap();
+    assert_eq!(iommu.mapped(), [0x2000, 0x3000]);
+    m.convert(pr(3 * PAGE_SIZE, PAGE_SIZE), PageState::Private)
+        .unwrap();
+    m.convert(pr(8 * PAGE_SIZE, PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    assert_eq!(iommu.mapped(), [0x2000, 0x8000]);
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use guest_memfd::PageRange;
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vm_private_memory::{MemoryListener, PrivateMemoryManager, Strategy};
+use vm_private_memory::{DirtyBitmap, MemoryListener, PrivateMemoryManager, Strategy};
 
 use crate::attachment::VhostUserAttachment;
 use crate::deadline::Deadline;
@@ -103,10 +103,10 @@ impl VhostUserMapper {
     /// [`Error::NoShareableFile`] for in-place memory (checked first, before any
     /// message); [`Error::NotNegotiated`], [`Error::NotOffered`] or [`Error::Query`]
     /// if the protocol features or the slot count are not there.
-    pub fn new(
+    pub fn new<B: DirtyBitmap>(
         mut frontend: Frontend,
         acked: VhostUserProtocolFeatures,
-        memory: &PrivateMemoryManager,
+        memory: &PrivateMemoryManager<B>,
     ) -> Result<Self, Error> {
         shareable(memory)?;
         let missing = REQUIRED_PROTOCOL_FEATURES.difference(acked);
@@ -261,9 +261,9 @@ impl VhostUserMapper {
     /// during that rollback (a removal went unanswered), no removal is tried again and
     /// those runs stay shared for as long as the memory lives: there is no attachment
     /// to declare the backend exited with.
-    pub fn attach(
+    pub fn attach<B: DirtyBitmap>(
         self,
-        memory: &PrivateMemoryManager,
+        memory: &PrivateMemoryManager<B>,
         range: PageRange,
     ) -> Result<VhostUserAttachment, Error> {
         shareable(memory)?;
@@ -295,7 +295,7 @@ impl VhostUserMapper {
     }
 }
 
-pub(crate) fn shareable(memory: &PrivateMemoryManager) -> Result<(), Error> {
+pub(crate) fn shareable<B: DirtyBitmap>(memory: &PrivateMemoryManager<B>) -> Result<(), Error> {
     match memory.strategy() {
         Strategy::Dual => Ok(()),
         strategy => Err(Error::NoShareableFile { strategy }),

@@ -12,6 +12,7 @@ use guest_memfd::PageRange;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::error::{Error, Result};
+use crate::guard::DirtyBitmap;
 use crate::memory::PrivateMemoryManager;
 
 /// The files behind one region, as the owner sees them ([`PrivateMemoryManager::backing`]).
@@ -30,7 +31,7 @@ pub struct RegionBacking {
     pub shared_bytes_held: Option<u64>,
 }
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// The files behind the region that starts at `start`.
     ///
     /// # Errors

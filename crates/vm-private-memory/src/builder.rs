@@ -13,6 +13,7 @@ use vm_memory::{GuestMemoryBackend, GuestRegionCollection};
 
 use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, LayoutError, Result};
+use crate::guard::DirtyBitmap;
 use crate::kvm_view::set_kvm_view;
 use crate::memory::{bind_regions, unbind_regions, Engine, PrivateMemoryManager, SlotBinding};
 use crate::region::{GuestRegionPrivate, RegionParts, SharedSide};
@@ -364,7 +365,47 @@ impl MemoryBuilder {
     /// [`Error::NoRegions`] and [`Error::Layout`] for a bad layout. Then the file layer's
     /// or KVM's error if creating, mapping or binding a region fails; nothing stays
     /// bound.
-    pub fn build(mut self) -> Result<PrivateMemoryManager> {
+    pub fn build(self) -> Result<PrivateMemoryManager> {
+        self.build_with_bitmap()
+    }
+
+    /// [`MemoryBuilder::build`], with regions whose dirty bitmap is `B`: vm-memory's
+    /// `AtomicBitmap` records every host write made through the vm-memory view, as in
+    /// `GuestMemoryMmap<AtomicBitmap>` (see [`crate::GuestRegionPrivate`], "Dirty
+    /// tracking"). Regions added later ([`PrivateMemoryManager::add_region`]) get one too.
+    ///
+    /// # Errors
+    ///
+    /// As [`MemoryBuilder::build`].
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use vm_memory::bitmap::AtomicBitmap;
+    /// use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+    /// use vm_private_memory::{MemoryBuilder, PageState};
+    ///
+    /// // Needs /dev/kvm: without it, the example says so and stops.
+    /// let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+    ///     println!("SKIPPED: this example needs /dev/kvm");
+    ///     return;
+    /// };
+    /// let vm = Arc::new(kvm.create_vm().unwrap());
+    /// let memory = MemoryBuilder::new(vm)
+    ///     .region_at(0, 2 << 20)
+    ///     .initial_state(PageState::Shared)
+    ///     .build_with_bitmap::<AtomicBitmap>()
+    ///     .unwrap();
+    ///
+    /// // Device emulation writes a shared page...
+    /// memory.memory().memory().write_obj(7u64, GuestAddress(0x5008)).unwrap();
+    ///
+    /// // ...and a migration pass finds it dirty.
+    /// let view = memory.memory().memory();
+    /// let region = view.find_region(GuestAddress(0)).unwrap();
+    /// let dirty = region.dirty_bitmap().get_and_reset();
+    /// assert_eq!(dirty[0], 1 << 5); // page 5, counting from the region's start
+    /// ```
+    pub fn build_with_bitmap<B: DirtyBitmap>(mut self) -> Result<PrivateMemoryManager<B>> {
         let caps = Capabilities::of_vm(&*self.vm);
         let strategy = Strategy::choose(self.strategy, &caps)?;
         let owned = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
@@ -406,7 +447,7 @@ impl MemoryBuilder {
         } else {
             None
         };
-        let mut regions: Vec<Arc<GuestRegionPrivate>> = Vec::with_capacity(layout.len());
+        let mut regions: Vec<Arc<GuestRegionPrivate<B>>> = Vec::with_capacity(layout.len());
         let mut offset = 0;
         for (index, guest) in layout.into_iter().enumerate() {
             let (gmem, gmem_offset) = match &shared_file {
@@ -513,7 +554,7 @@ fn check_shared_backings(
 /// A region over `guest`, backed by `gmem` from `gmem_offset`, with its host mapping
 /// (and, dual, its shared side: `shared`, the VMM's file and offset, or a new sealed
 /// memfd).
-pub(crate) fn make_region(
+pub(crate) fn make_region<B: DirtyBitmap>(
     strategy: Strategy,
     guest: PageRange,
     gmem: GuestMemfd,
@@ -521,7 +562,7 @@ pub(crate) fn make_region(
     initial: PageState,
     slot: u32,
     shared: Option<(SharedBacking, u64)>,
-) -> Result<GuestRegionPrivate> {
+) -> Result<GuestRegionPrivate<B>> {
     let file_range = PageRange::new(gmem_offset, guest.len())?;
     gmem.check_range(file_range)?;
     let (shared, host) = match strategy {

@@ -8,6 +8,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, Result};
+use crate::guard::DirtyBitmap;
 use crate::kvm_view::set_kvm_view;
 use crate::listener::in_callback;
 use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemoryManager};
@@ -113,12 +114,12 @@ impl StepLimit {
 /// pages whose state `wanted` accepts, in address order, until `limit` runs or bytes are
 /// taken (at least one page), and returns where the step ends (`range.end()` when the
 /// whole range fits).
-fn plan_step<'a>(
-    snapshot: &'a GuestMemoryPrivate,
+fn plan_step<'a, B: DirtyBitmap>(
+    snapshot: &'a GuestMemoryPrivate<B>,
     range: PageRange,
     limit: StepLimit,
     wanted: impl Fn(PageState) -> bool,
-    mut take: impl FnMut(&'a GuestRegionPrivate, u64, u64, PageState) -> Result<()>,
+    mut take: impl FnMut(&'a GuestRegionPrivate<B>, u64, u64, PageState) -> Result<()>,
 ) -> Result<u64> {
     let (mut runs, mut bytes) = (0u64, 0u64);
     for piece in PrivateMemoryManager::split(snapshot, range) {
@@ -149,7 +150,7 @@ fn plan_step<'a>(
     Ok(range.end())
 }
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Checks that `range` lies wholly in guest memory, before a stepped operation
     /// changes anything.
     pub(crate) fn check_inside(&self, range: PageRange) -> Result<()> {
@@ -174,15 +175,15 @@ impl PrivateMemoryManager {
 }
 
 /// One contiguous run of pages to change, inside one region.
-struct Piece<'a> {
-    region: &'a GuestRegionPrivate,
+struct Piece<'a, B> {
+    region: &'a GuestRegionPrivate<B>,
     first_page: u64,
     pages: u64,
 }
 
-impl<'a> Piece<'a> {
+impl<'a, B: DirtyBitmap> Piece<'a, B> {
     /// The piece for `guest`, a range that lies inside one region of `snapshot`.
-    fn of(snapshot: &'a GuestMemoryPrivate, guest: PageRange) -> Self {
+    fn of(snapshot: &'a GuestMemoryPrivate<B>, guest: PageRange) -> Self {
         let region = snapshot
             .find_region(GuestAddress(guest.start()))
             .expect("planned ranges lie inside a region");
@@ -235,14 +236,14 @@ impl<'a> Piece<'a> {
 }
 
 /// The ranges one conversion changes, each inside one region, in address order.
-struct Plan<'a> {
-    snapshot: &'a GuestMemoryPrivate,
+struct Plan<'a, B> {
+    snapshot: &'a GuestMemoryPrivate<B>,
     requested: GpaRange,
     changed: Vec<PageRange>,
 }
 
-impl<'a> Plan<'a> {
-    fn pieces(&self) -> impl Iterator<Item = Piece<'a>> + '_ {
+impl<'a, B: DirtyBitmap> Plan<'a, B> {
+    fn pieces(&self) -> impl Iterator<Item = Piece<'a, B>> + '_ {
         self.changed.iter().map(|r| Piece::of(self.snapshot, *r))
     }
 
@@ -269,7 +270,7 @@ struct Progress {
     discarded: u64,
 }
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Converts `range` to `to`, discarding content ([`ContentMode::Discard`]).
     ///
     /// `range` may span regions but must lie wholly inside guest memory. Pages already in
@@ -378,7 +379,7 @@ impl PrivateMemoryManager {
     #[inline(never)]
     fn convert_planned(
         &self,
-        engine: &mut Engine,
+        engine: &mut Engine<B>,
         range: PageRange,
         to: PageState,
         mode: ContentMode,
@@ -435,8 +436,8 @@ impl PrivateMemoryManager {
 
     fn run_steps(
         &self,
-        engine: &Engine,
-        plan: &Plan<'_>,
+        engine: &Engine<B>,
+        plan: &Plan<'_, B>,
         to: PageState,
         mode: ContentMode,
         done: &mut Progress,
@@ -522,7 +523,7 @@ impl PrivateMemoryManager {
 
     /// Waits until no host access that passed its check before the bits changed is still
     /// touching a page that is private now (see the `inflight` module).
-    fn wait_for_accesses(&self, engine: &Engine, plan: &Plan<'_>) -> Result<()> {
+    fn wait_for_accesses(&self, engine: &Engine<B>, plan: &Plan<'_, B>) -> Result<()> {
         wait_for_host_accesses(engine, plan.snapshot, plan.requested)
     }
 }
@@ -530,9 +531,9 @@ impl PrivateMemoryManager {
 /// Waits until no host access that passed its check before the bits changed is still
 /// touching a page of `regions` that is private now (see the `inflight` module); fails
 /// with [`Error::HostAccessInFlight`] naming `range` once the memory's patience is out.
-pub(crate) fn wait_for_host_accesses(
-    engine: &Engine,
-    regions: &GuestMemoryPrivate,
+pub(crate) fn wait_for_host_accesses<B: DirtyBitmap>(
+    engine: &Engine<B>,
+    regions: &GuestMemoryPrivate<B>,
     range: GpaRange,
 ) -> Result<()> {
     #[cfg(not(loom))]

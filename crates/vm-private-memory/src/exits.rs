@@ -11,6 +11,7 @@ use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
 use crate::attributes::PageState;
 use crate::convert::{ContentMode, ConversionReport, StepLimit};
 use crate::error::{Error, Result};
+use crate::guard::DirtyBitmap;
 use crate::memory::PrivateMemoryManager;
 
 /// `KVM_MAP_GPA_RANGE_PAGE_SZ_2M` (`include/uapi/linux/kvm_para.h`).
@@ -199,7 +200,7 @@ pub const GUEST_RUNS_PER_STEP: u64 = 1024;
 /// touched costs time per byte (about 75 ms per GiB here).
 pub const GUEST_BYTES_PER_STEP: u64 = 256 << 20;
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Serves a checked guest request: converts its range in steps of at most
     /// [`GUEST_RUNS_PER_STEP`] changed runs and [`GUEST_BYTES_PER_STEP`] changed bytes,
     /// each all or nothing under one hold of the conversion lock, so that a guest that

@@ -26,6 +26,10 @@
 //!   [`PrivateMemoryManager::handle_map_gpa_range`] serve the guest's requests
 //!   (`KVM_EXIT_MEMORY_FAULT`, `KVM_HC_MAP_GPA_RANGE`), checking every field.
 //! - [`MemoryState`] saves and restores the layout and the private/shared map.
+//! - Dirty tracking of host writes, as `GuestMemoryMmap<AtomicBitmap>` does it: build
+//!   with [`MemoryBuilder::build_with_bitmap`] and read
+//!   [`GuestRegionPrivate::dirty_bitmap`] (KVM refuses dirty logging on guest_memfd
+//!   memslots, so guest writes are not tracked).
 //! - [`VmOps`] (from `guest-memfd`) is every VM call this crate makes: implemented for
 //!   kvm-ioctls' `VmFd`, and implementable by a VMM's own hypervisor wrapper, which
 //!   [`MemoryBuilder::new`] then takes instead.
@@ -159,7 +163,7 @@ pub use exits::{
     KVM_EFAULT, KVM_EINVAL, KVM_ENOSYS, MAP_GPA_RANGE_ENCRYPTED, MAP_GPA_RANGE_KNOWN,
     MAP_GPA_RANGE_PAGE_SZ_1G, MAP_GPA_RANGE_PAGE_SZ_2M,
 };
-pub use guard::{AccessGuard, HostAccess};
+pub use guard::{AccessGuard, DirtyBitmap, HostAccess};
 pub use guest_memfd::VmOps;
 pub use listener::{MemoryListener, Subscription};
 pub use memory::{GuestMemoryPrivate, PrivateMemoryManager};

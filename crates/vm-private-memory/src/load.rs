@@ -13,10 +13,11 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::attributes::PageState;
 use crate::convert::ContentMode;
 use crate::error::{Error, GpaRange, Result};
+use crate::guard::DirtyBitmap;
 use crate::memory::PrivateMemoryManager;
 use crate::strategy::{Strategy, UnavailableReason};
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Checks that the host may access `[gpa, gpa + len)`: every byte inside guest
     /// memory and every page shared. Call it before handing ranges to a loader.
     ///

@@ -14,20 +14,21 @@ use vm_memory::{
 
 use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, Result};
+use crate::guard::DirtyBitmap;
 use crate::listener::{in_callback, Listeners, MemoryListener, Subscription};
 use crate::region::GuestRegionPrivate;
 use crate::strategy::Strategy;
 
 /// The vm-memory view of the guest's RAM: use it wherever `GuestMemoryMmap` was used.
-pub type GuestMemoryPrivate = GuestRegionCollection<GuestRegionPrivate>;
+pub type GuestMemoryPrivate<B = ()> = GuestRegionCollection<GuestRegionPrivate<B>>;
 
 /// State that only changes under the conversion lock.
-pub(crate) struct Engine {
+pub(crate) struct Engine<B> {
     /// The engine's list of regions: the single source of truth. Every region in it is
     /// bound to its memslot, and a region's memslot is unbound exactly when the region
     /// leaves it (`remove_region`, `Drop`). Conversions read it here without an atomic
     /// load; the published views are copies of it.
-    pub(crate) current: Arc<GuestMemoryPrivate>,
+    pub(crate) current: Arc<GuestMemoryPrivate<B>>,
     pub(crate) slots: IdAllocator,
     /// The memslot numbers this memory may use, `first..=last`.
     pub(crate) slot_range: (u32, u32),
@@ -57,9 +58,9 @@ pub(crate) enum SlotBinding {
     VmmReleased,
 }
 
-impl Engine {
+impl<B> Engine<B> {
     pub(crate) fn new(
-        current: Arc<GuestMemoryPrivate>,
+        current: Arc<GuestMemoryPrivate<B>>,
         slots: IdAllocator,
         slot_range: (u32, u32),
         host_limit: u32,
@@ -102,19 +103,19 @@ impl Engine {
 /// report. A replaced collection is overwritten by the next `add_region` or
 /// `remove_region`, which publish this memory's list again; until then devices see the
 /// replacement. No replacement can make a region lose its memslot or keep one.
-pub struct PrivateMemoryManager {
+pub struct PrivateMemoryManager<B: DirtyBitmap = ()> {
     pub(crate) vm: Arc<dyn VmOps>,
     pub(crate) strategy: Strategy,
     /// The view handed out by `memory()`.
-    pub(crate) memory: GuestMemoryAtomic<GuestMemoryPrivate>,
+    pub(crate) memory: GuestMemoryAtomic<GuestMemoryPrivate<B>>,
     /// The engine's list, readable without the conversion lock (listeners may query
     /// while it is held); never handed out, so never replaced by anyone else.
-    listed: GuestMemoryAtomic<GuestMemoryPrivate>,
-    pub(crate) engine: Mutex<Engine>,
+    listed: GuestMemoryAtomic<GuestMemoryPrivate<B>>,
+    pub(crate) engine: Mutex<Engine<B>>,
     pub(crate) listeners: Listeners,
 }
 
-impl std::fmt::Debug for PrivateMemoryManager {
+impl<B: DirtyBitmap> std::fmt::Debug for PrivateMemoryManager<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PrivateMemoryManager")
             .field("strategy", &self.strategy)
@@ -125,7 +126,10 @@ impl std::fmt::Debug for PrivateMemoryManager {
 
 /// Binds every region of `regions` to its memslot. On failure the slots bound so far are
 /// unbound again (see [`unbind_regions`]) and the error is returned.
-pub(crate) fn bind_regions(vm: &dyn VmOps, regions: &Arc<GuestMemoryPrivate>) -> Result<()> {
+pub(crate) fn bind_regions<B: DirtyBitmap>(
+    vm: &dyn VmOps,
+    regions: &Arc<GuestMemoryPrivate<B>>,
+) -> Result<()> {
     for (i, region) in regions.iter().enumerate() {
         let bound = region.memslot().map_err(Error::from).and_then(|slot| {
             // SAFETY: the slot's userspace memory is the region's host mapping, owned by
@@ -144,9 +148,9 @@ pub(crate) fn bind_regions(vm: &dyn VmOps, regions: &Arc<GuestMemoryPrivate>) ->
 /// Unbinds the memslots of the first `count` regions of `regions`. If KVM refuses one,
 /// it may still use that region's memory: the collection is then leaked, mappings and
 /// all, rather than unmapped. Returns whether every slot was unbound.
-pub(crate) fn unbind_regions(
+pub(crate) fn unbind_regions<B: DirtyBitmap>(
     vm: &dyn VmOps,
-    regions: &Arc<GuestMemoryPrivate>,
+    regions: &Arc<GuestMemoryPrivate<B>>,
     count: usize,
 ) -> bool {
     let mut all_unbound = true;
@@ -159,13 +163,13 @@ pub(crate) fn unbind_regions(
     all_unbound
 }
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Assembles a memory over `current`, whose regions are all bound already.
     pub(crate) fn assemble(
         vm: Arc<dyn VmOps>,
         strategy: Strategy,
-        current: Arc<GuestMemoryPrivate>,
-        engine: Engine,
+        current: Arc<GuestMemoryPrivate<B>>,
+        engine: Engine<B>,
     ) -> Self {
         PrivateMemoryManager {
             vm,
@@ -177,22 +181,22 @@ impl PrivateMemoryManager {
         }
     }
 
-    pub(crate) fn lock_engine(&self) -> MutexGuard<'_, Engine> {
+    pub(crate) fn lock_engine(&self) -> MutexGuard<'_, Engine<B>> {
         // The engine's state is only changed by whole, undoable steps; a panic in a
         // listener leaves it consistent.
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The engine's list of regions, without taking the conversion lock.
-    pub(crate) fn listed(&self) -> GuestMemoryLoadGuard<GuestMemoryPrivate> {
+    pub(crate) fn listed(&self) -> GuestMemoryLoadGuard<GuestMemoryPrivate<B>> {
         self.listed.memory()
     }
 
     /// Makes `collection` the engine's list and publishes it, replacing whatever the
     /// published view held. Called with the engine locked, after KVM's memslots match
     /// `collection`.
-    pub(crate) fn publish(&self, engine: &mut Engine, collection: GuestMemoryPrivate) {
-        let replace = |view: &GuestMemoryAtomic<GuestMemoryPrivate>| {
+    pub(crate) fn publish(&self, engine: &mut Engine<B>, collection: GuestMemoryPrivate<B>) {
+        let replace = |view: &GuestMemoryAtomic<GuestMemoryPrivate<B>>| {
             view.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .replace(collection.clone());
@@ -203,7 +207,7 @@ impl PrivateMemoryManager {
     }
 
     /// The vm-memory view, shared: clone it into device threads, loaders, vCPU set-up.
-    pub fn memory(&self) -> GuestMemoryAtomic<GuestMemoryPrivate> {
+    pub fn memory(&self) -> GuestMemoryAtomic<GuestMemoryPrivate<B>> {
         self.memory.clone()
     }
 
@@ -298,7 +302,7 @@ impl PrivateMemoryManager {
         let subscription = self.listeners.subscribe(range, Arc::clone(&listener));
         let replayed = {
             let _listeners = self.listeners.hold();
-            let runs = crate::shared_runs::shared_runs(&engine.current, range)
+            let runs = crate::shared_runs::shared_runs(&*engine.current, range)
                 .map(|run| run.guest_range());
             Listeners::replay(&listener, runs)
         };
@@ -334,7 +338,7 @@ impl PrivateMemoryManager {
 
     /// Splits `range` by region: `(region, offset in the region, length)` for each piece,
     /// in order; an item is an error naming the first address outside guest memory.
-    pub(crate) fn split(snapshot: &GuestMemoryPrivate, range: PageRange) -> Split<'_> {
+    pub(crate) fn split(snapshot: &GuestMemoryPrivate<B>, range: PageRange) -> Split<'_, B> {
         Split {
             snapshot,
             range,
@@ -350,7 +354,7 @@ pub(crate) fn gpa(range: PageRange) -> GpaRange {
     }
 }
 
-impl Drop for PrivateMemoryManager {
+impl<B: DirtyBitmap> Drop for PrivateMemoryManager<B> {
     /// Unbinds every region this memory bound, from the engine's own list (not from the
     /// `GuestMemoryAtomic`, which a caller may have replaced). If a slot cannot be
     /// unbound (the kernel refused), KVM may still use its memory: every region is then
@@ -371,14 +375,14 @@ impl Drop for PrivateMemoryManager {
 }
 
 /// Iterator over the pieces of a range, region by region ([`PrivateMemoryManager::split`]).
-pub(crate) struct Split<'a> {
-    snapshot: &'a GuestMemoryPrivate,
+pub(crate) struct Split<'a, B> {
+    snapshot: &'a GuestMemoryPrivate<B>,
     range: PageRange,
     at: u64,
 }
 
-impl<'a> Iterator for Split<'a> {
-    type Item = Result<(&'a GuestRegionPrivate, u64, u64)>;
+impl<'a, B: DirtyBitmap> Iterator for Split<'a, B> {
+    type Item = Result<(&'a GuestRegionPrivate<B>, u64, u64)>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.at >= self.range.end() {

@@ -16,6 +16,7 @@ use crate::attributes::{PageAttributes, PageState};
 use crate::error::{Error, GpaRange};
 use crate::guard::{AccessGuard, HostAccess};
 use crate::strategy::Strategy;
+use vm_memory::bitmap::{Bitmap, NewBitmap, BS};
 
 type GuestResult<T> = std::result::Result<T, GuestMemoryError>;
 
@@ -54,8 +55,21 @@ type GuestResult<T> = std::result::Result<T, GuestMemoryError>;
 /// let slot = region.memslot();
 /// # }
 /// ```
+///
+/// # Dirty tracking
+///
+/// `B` is the region's dirty bitmap, as in vm-memory's `GuestRegionMmap<B>`: `()` (the
+/// default) tracks nothing; vm-memory's `AtomicBitmap` records every host write made
+/// through the vm-memory view (`Bytes`, slices, `GuestMemory` helpers), for a live
+/// migration's pass over shared memory. Build such memory with
+/// [`crate::MemoryBuilder::build_with_bitmap`] and read the bitmap with
+/// [`GuestRegionPrivate::dirty_bitmap`]. It records host writes only: KVM refuses dirty
+/// logging on guest_memfd memslots (`KVM_MEM_LOG_DIRTY_PAGES` with `KVM_MEM_GUEST_MEMFD`
+/// is `EINVAL`), so what the guest writes is not tracked, and conversions mark nothing.
+/// A page marked dirty may have gone private since: reading it for a migration pass is
+/// refused as any host access to a private page is.
 #[derive(Debug)]
-pub struct GuestRegionPrivate {
+pub struct GuestRegionPrivate<B = ()> {
     guest: PageRange,
     strategy: Strategy,
     gmem: GuestMemfd,
@@ -67,6 +81,8 @@ pub struct GuestRegionPrivate {
     /// "is the whole region shared" costs one load.
     private_pages: AtomicU64,
     slot: u32,
+    /// The dirty bitmap, whose slices carry the access guards.
+    access: HostAccess<B>,
 }
 
 /// The shared side of a dual-strategy region: a file (the workspace's sealed memfd, or
@@ -101,9 +117,11 @@ pub(crate) struct RegionParts {
     pub slot: u32,
 }
 
-impl GuestRegionPrivate {
+impl<B: NewBitmap> GuestRegionPrivate<B> {
     pub(crate) fn new(parts: RegionParts) -> Self {
         GuestRegionPrivate {
+            // A region's length fits its host mapping, so it fits in usize.
+            access: HostAccess::new(B::with_len(parts.host.size())),
             attributes: PageAttributes::new(parts.guest.page_count(), parts.initial),
             private_pages: AtomicU64::new(match parts.initial {
                 PageState::Private => parts.guest.page_count(),
@@ -117,6 +135,14 @@ impl GuestRegionPrivate {
             host: parts.host,
             slot: parts.slot,
         }
+    }
+}
+
+impl<B: Bitmap> GuestRegionPrivate<B> {
+    /// The region's dirty bitmap (see "Dirty tracking" above): offsets are region
+    /// offsets, as in `GuestRegionMmap`.
+    pub fn dirty_bitmap(&self) -> &B {
+        self.access.dirty_bitmap()
     }
 
     /// The guest-physical range.
@@ -239,7 +265,7 @@ impl GuestRegionPrivate {
         &self,
         offset: u64,
         count: usize,
-    ) -> GuestResult<VolatileSlice<'_, AccessGuard>> {
+    ) -> GuestResult<VolatileSlice<'_, AccessGuard<BS<'_, B>>>> {
         let end = offset
             .checked_add(count as u64)
             .ok_or(GuestMemoryError::GuestAddressOverflow)?;
@@ -248,10 +274,12 @@ impl GuestRegionPrivate {
         }
         // The region's length fits its mapping, so `offset` and `end` fit in usize.
         let ptr = self.host.as_ptr().wrapping_add(offset as usize);
+        // `offset` fits in usize (above).
+        let dirty = self.access.dirty_bitmap().slice_at(offset as usize);
         let guard = if count == 0 {
-            AccessGuard::nothing()
+            AccessGuard::nothing(dirty)
         } else {
-            AccessGuard::publish(ptr as usize, ptr as usize + count)
+            AccessGuard::publish(ptr as usize, ptr as usize + count, dirty)
         };
         self.check_shared(offset, count)?;
         // SAFETY: `[offset, end)` lies inside the region, whose mapping is `guest.len()`
@@ -292,8 +320,8 @@ pub fn private_page_refusal(err: &GuestMemoryError) -> Option<(GpaRange, u64)> {
     }
 }
 
-impl GuestMemoryRegion for GuestRegionPrivate {
-    type B = HostAccess;
+impl<B: Bitmap> GuestMemoryRegion for GuestRegionPrivate<B> {
+    type B = HostAccess<B>;
 
     #[inline]
     fn len(&self) -> GuestUsize {
@@ -305,8 +333,8 @@ impl GuestMemoryRegion for GuestRegionPrivate {
         GuestAddress(self.guest.start())
     }
 
-    fn bitmap(&self) -> AccessGuard {
-        AccessGuard::nothing()
+    fn bitmap(&self) -> AccessGuard<BS<'_, B>> {
+        self.access.slice_at(0)
     }
 
     /// The host address of `addr`, only while *every* page of the region is shared.
@@ -352,7 +380,7 @@ impl GuestMemoryRegion for GuestRegionPrivate {
         &self,
         offset: MemoryRegionAddress,
         count: usize,
-    ) -> GuestResult<VolatileSlice<'_, AccessGuard>> {
+    ) -> GuestResult<VolatileSlice<'_, AccessGuard<BS<'_, B>>>> {
         self.checked_slice(offset.0, count)
     }
 }
@@ -360,7 +388,7 @@ impl GuestMemoryRegion for GuestRegionPrivate {
 /// Implemented by hand rather than through `GuestMemoryRegionBytes`: that trait's
 /// methods go through `as_volatile_slice()`, a slice of the whole region, so one private
 /// page anywhere would refuse every access. Here each access checks exactly its bytes.
-impl Bytes<MemoryRegionAddress> for GuestRegionPrivate {
+impl<B: Bitmap> Bytes<MemoryRegionAddress> for GuestRegionPrivate<B> {
     type E = GuestMemoryError;
 
     fn write(&self, buf: &[u8], addr: MemoryRegionAddress) -> GuestResult<usize> {

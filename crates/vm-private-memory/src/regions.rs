@@ -11,13 +11,14 @@ use crate::attributes::PageState;
 use crate::builder::make_region;
 use crate::convert::Undone;
 use crate::error::{Error, GpaRange, LayoutError, Result};
+use crate::guard::DirtyBitmap;
 use crate::kvm_view::set_kvm_view;
 use crate::listener::{in_callback, Listeners};
 use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemoryManager, SlotBinding};
 use crate::region::GuestRegionPrivate;
 use crate::strategy::Strategy;
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Adds a region over `guest`, bound to a new memslot, its pages in `initial` state.
     /// It is backed by `backing`: a file and offset (for example the file of a region
     /// removed before, to keep its content), or `None` for a new guest_memfd.
@@ -111,12 +112,12 @@ impl PrivateMemoryManager {
     /// The region over `guest` and the engine's list with it, nothing bound yet.
     fn new_region(
         &self,
-        engine: &Engine,
+        engine: &Engine<B>,
         guest: PageRange,
         backing: Option<(GuestMemfd, u64)>,
         initial: PageState,
         slot: u32,
-    ) -> Result<(Arc<GuestRegionPrivate>, GuestMemoryPrivate)> {
+    ) -> Result<(Arc<GuestRegionPrivate<B>>, GuestMemoryPrivate<B>)> {
         let (gmem, offset) = match backing {
             Some(b) => b,
             None => (
@@ -150,7 +151,7 @@ impl PrivateMemoryManager {
         &self,
         guest: PageRange,
         initial: PageState,
-        region: &Arc<GuestRegionPrivate>,
+        region: &Arc<GuestRegionPrivate<B>>,
         ours: bool,
     ) -> std::result::Result<(), (Error, bool)> {
         let memslot = region.memslot().map_err(|e| (e.into(), false))?;
@@ -242,7 +243,7 @@ impl PrivateMemoryManager {
     /// listeners hear of its shared pages (not when undoing an addition they refused).
     fn take_out(
         &self,
-        engine: &mut Engine,
+        engine: &mut Engine<B>,
         start: u64,
         listening: Listening,
     ) -> Result<(PageRange, GuestMemfd, u64)> {
@@ -260,7 +261,7 @@ impl PrivateMemoryManager {
                 range: gpa(guest),
                 reason: LayoutError::Collection(e),
             })?;
-        let shared: Vec<PageRange> = crate::shared_runs::shared_runs(&current, guest)
+        let shared: Vec<PageRange> = crate::shared_runs::shared_runs(&*current, guest)
             .map(|run| run.guest_range())
             .collect();
         let tell = listening == Listening::Tell;
@@ -314,7 +315,7 @@ impl PrivateMemoryManager {
     /// Offers the shared pages of a region just added to the listeners. On a refusal
     /// the region is taken out again, unless a listener cannot let go of what it had
     /// accepted: the region then stays, and the error names those pages.
-    fn offer_new_region(&self, engine: &mut Engine, guest: PageRange) -> Result<()> {
+    fn offer_new_region(&self, engine: &mut Engine<B>, guest: PageRange) -> Result<()> {
         let Err(refusal) = self.listeners.populate(&[guest]) else {
             return Ok(());
         };

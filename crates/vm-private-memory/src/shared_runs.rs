@@ -3,30 +3,102 @@
 //! them: for a device's IOMMU (VFIO) or for another process (vhost-user).
 
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
 
 use guest_memfd::{PageRange, PAGE_SIZE};
-use vm_memory::atomic::GuestMemoryLoadGuard;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 
-use crate::attributes::PageState;
+use crate::attributes::{PageAttributes, PageState};
+use crate::guard::DirtyBitmap;
 use crate::memory::GuestMemoryPrivate;
-use crate::region::GuestRegionPrivate;
+use crate::region::{GuestRegionPrivate, SharedSide};
+
+/// What reading shared runs needs of a region, whatever its dirty bitmap: device code
+/// (and its crates) sees one type of run for every kind of memory.
+pub(crate) trait RunRegion: Sync {
+    fn guest_range(&self) -> PageRange;
+    fn host_start(&self) -> usize;
+    fn shared_side(&self) -> Option<&SharedSide>;
+    fn attributes(&self) -> &PageAttributes;
+}
+
+impl<B: Bitmap + Sync> RunRegion for GuestRegionPrivate<B> {
+    fn guest_range(&self) -> PageRange {
+        GuestRegionPrivate::guest_range(self)
+    }
+
+    fn host_start(&self) -> usize {
+        self.host_range().0
+    }
+
+    fn shared_side(&self) -> Option<&SharedSide> {
+        GuestRegionPrivate::shared_side(self)
+    }
+
+    fn attributes(&self) -> &PageAttributes {
+        GuestRegionPrivate::attributes(self)
+    }
+}
+
+/// A list of regions in address order, read for shared runs.
+pub(crate) trait RegionList: Send + Sync {
+    /// The region holding guest address `at`, or else the first one after it.
+    fn region_from(&self, at: u64) -> Option<&dyn RunRegion>;
+}
+
+impl<B: DirtyBitmap> RegionList for GuestMemoryPrivate<B> {
+    fn region_from(&self, at: u64) -> Option<&dyn RunRegion> {
+        self.iter()
+            .find(|r| r.guest_range().end() > at)
+            .map(|r| r as &dyn RunRegion)
+    }
+}
+
+/// Where the current list of regions is loaded from.
+trait ListSource: Send + Sync {
+    fn load(&self) -> Arc<dyn RegionList>;
+}
+
+impl<B: DirtyBitmap> ListSource for GuestMemoryAtomic<GuestMemoryPrivate<B>> {
+    fn load(&self) -> Arc<dyn RegionList> {
+        self.memory().into_inner()
+    }
+}
 
 /// Runs of consecutive shared pages inside one region each, in address order (from
 /// [`SharedPagesSnapshot::runs`]).
-#[derive(Debug)]
 pub struct SharedRuns<'a> {
-    memory: &'a GuestMemoryPrivate,
+    memory: &'a dyn RegionList,
     range: PageRange,
     /// The next guest address to look at.
     at: u64,
 }
 
+impl std::fmt::Debug for SharedRuns<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRuns")
+            .field("range", &self.range)
+            .field("at", &self.at)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One run of consecutive shared pages inside one region.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct SharedRun<'a> {
-    region: &'a GuestRegionPrivate,
+    region: &'a dyn RunRegion,
     guest: PageRange,
+}
+
+impl std::fmt::Debug for SharedRun<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRun")
+            .field("guest", &self.guest)
+            .field("host_address", &self.host_address())
+            .field("file", &self.file())
+            .finish()
+    }
 }
 
 /// A file another process may map to reach a run's pages: the dual strategy's sealed
@@ -45,7 +117,7 @@ pub struct SharedFile<'a> {
 /// a time: a run never spans two regions, and parts of `range` outside guest memory are
 /// skipped. Nothing is allocated: a fragmented guest costs time per run, not memory.
 /// Crate-internal: the public way in is the owner's [`SharedPages`].
-pub(crate) fn shared_runs(memory: &GuestMemoryPrivate, range: PageRange) -> SharedRuns<'_> {
+pub(crate) fn shared_runs(memory: &dyn RegionList, range: PageRange) -> SharedRuns<'_> {
     SharedRuns {
         memory,
         range,
@@ -60,10 +132,7 @@ impl<'a> Iterator for SharedRuns<'a> {
         let end = self.range.end();
         while self.at < end {
             // The region holding `at`, or else the first one after it.
-            let region = self
-                .memory
-                .iter()
-                .find(|r| r.guest_range().end() > self.at)?;
+            let region = self.memory.region_from(self.at)?;
             let inside = region.guest_range();
             let from = self.at.max(inside.start());
             let to = end.min(inside.end());
@@ -102,7 +171,7 @@ impl<'a> SharedRun<'a> {
     /// The host address of the run's first byte in the region's mapping; the run's pages
     /// follow it for [`PageRange::len`] bytes. Dual strategy: the shared side's mapping.
     pub fn host_address(&self) -> *mut u8 {
-        let (start, _) = self.region.host_range();
+        let start = self.region.host_start();
         let offset = self.guest.start() - self.region.guest_range().start();
         (start + offset as usize) as *mut u8
     }
@@ -119,11 +188,6 @@ impl<'a> SharedRun<'a> {
             fd: shared.backing.as_fd(),
             offset: shared.offset + in_region,
         })
-    }
-
-    /// The region the run lies in.
-    pub fn region(&self) -> &'a GuestRegionPrivate {
-        self.region
     }
 }
 
@@ -171,29 +235,43 @@ impl<'a> SharedRun<'a> {
 /// let files = vm_private_memory::shared_runs(view, range); // crate-internal
 /// # }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SharedPages {
-    listed: GuestMemoryAtomic<GuestMemoryPrivate>,
+    listed: Arc<dyn ListSource>,
+}
+
+impl std::fmt::Debug for SharedPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedPages").finish_non_exhaustive()
+    }
 }
 
 impl SharedPages {
-    pub(crate) fn new(listed: GuestMemoryAtomic<GuestMemoryPrivate>) -> Self {
-        SharedPages { listed }
+    pub(crate) fn new<B: DirtyBitmap>(listed: GuestMemoryAtomic<GuestMemoryPrivate<B>>) -> Self {
+        SharedPages {
+            listed: Arc::new(listed),
+        }
     }
 
     /// The memory's regions as they are now (later changes of the region list are not
     /// seen; changes of the bits are).
     pub fn snapshot(&self) -> SharedPagesSnapshot {
         SharedPagesSnapshot {
-            regions: self.listed.memory(),
+            regions: self.listed.load(),
         }
     }
 }
 
 /// The memory's regions at one moment, to read shared runs from ([`SharedPages`]).
-#[derive(Debug)]
 pub struct SharedPagesSnapshot {
-    regions: GuestMemoryLoadGuard<GuestMemoryPrivate>,
+    regions: Arc<dyn RegionList>,
+}
+
+impl std::fmt::Debug for SharedPagesSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedPagesSnapshot")
+            .finish_non_exhaustive()
+    }
 }
 
 impl SharedPagesSnapshot {
@@ -201,6 +279,6 @@ impl SharedPagesSnapshot {
     /// a run never spans two regions, and parts of `range` outside guest memory are
     /// skipped. Nothing is allocated: a fragmented guest costs time per run, not memory.
     pub fn runs(&self, range: PageRange) -> SharedRuns<'_> {
-        shared_runs(&self.regions, range)
+        shared_runs(&*self.regions, range)
     }
 }

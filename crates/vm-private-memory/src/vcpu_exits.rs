@@ -10,9 +10,10 @@ use kvm_ioctls::VcpuExit;
 
 use crate::convert::ConversionReport;
 use crate::error::{Error, Result};
+use crate::guard::DirtyBitmap;
 use crate::memory::PrivateMemoryManager;
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Asks the hypervisor to let the guest's `KVM_HC_MAP_GPA_RANGE` hypercalls (how
     /// TDX's MapGPA and SEV-SNP's page-state changes reach a VMM) exit to the VMM as
     /// `KVM_EXIT_HYPERCALL` (`KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)`), through the

@@ -15,9 +15,10 @@ use kvm_bindings::kvm_userspace_memory_region2;
 use vm_memory::GuestMemoryBackend;
 
 use crate::error::Result;
+use crate::guard::DirtyBitmap;
 use crate::memory::{PrivateMemoryManager, SlotBinding};
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// The memslot of each region, as `KVM_SET_USER_MEMORY_REGION2` takes it, in guest
     /// address order: the slot number (from [`crate::MemoryBuilder::slots`]'s range), the
     /// guest range, the region's host mapping as `userspace_addr` (which KVM requires to

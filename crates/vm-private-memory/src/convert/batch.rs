@@ -7,6 +7,7 @@ use guest_memfd::PageRange;
 use super::{ContentMode, Plan, Progress, Undone};
 use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, Result};
+use crate::guard::DirtyBitmap;
 use crate::listener::in_callback;
 use crate::memory::{GuestMemoryPrivate, PrivateMemoryManager};
 use crate::strategy::{Strategy, UnavailableReason};
@@ -21,7 +22,7 @@ pub(crate) struct Retarget {
     pub(crate) to_shared: Vec<PageRange>,
 }
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Under one hold of the conversion lock: asks `plan` (given the engine's own list
     /// of regions) what to change, then turns `to_private` private and `to_shared`
     /// shared, all or nothing. On any failure the bits, KVM's view and the listeners'
@@ -38,7 +39,7 @@ impl PrivateMemoryManager {
         &self,
         range: GpaRange,
         shared: ContentMode,
-        plan: impl FnOnce(&GuestMemoryPrivate) -> Result<Retarget>,
+        plan: impl FnOnce(&GuestMemoryPrivate<B>) -> Result<Retarget>,
     ) -> Result<()> {
         if in_callback() {
             return Err(Error::Reentrant { range });

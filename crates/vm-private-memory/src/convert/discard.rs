@@ -6,10 +6,11 @@ use guest_memfd::PageRange;
 
 use super::{plan_step, Piece, StepLimit};
 use crate::error::{Error, Result};
+use crate::guard::DirtyBitmap;
 use crate::listener::in_callback;
 use crate::memory::{gpa, PrivateMemoryManager};
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Frees `range` (balloon, free page reporting): listeners hear `discard`, every
     /// page is punched from the side that backs it, and the guest re-faults fresh zeroed
     /// pages. States do not change. Returns the bytes punched.

@@ -14,6 +14,7 @@ use guest_memfd::{PageRange, PAGE_SIZE};
 use super::{plan_step, ContentMode, Plan, Progress, StepLimit};
 use crate::attributes::PageState;
 use crate::error::{Error, Result};
+use crate::guard::DirtyBitmap;
 use crate::listener::in_callback;
 use crate::memory::{gpa, PrivateMemoryManager};
 use crate::strategy::{Strategy, UnavailableReason};
@@ -32,7 +33,7 @@ pub struct LaunchSource {
 /// A launch step's error: the reason the vendor call refused.
 pub type LaunchStepError = Box<dyn std::error::Error + Send + Sync>;
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Makes `range` private the way a vendor launch does, with its content: every page
     /// of it must be shared (the VMM wrote the guest's initial image there through the
     /// vm-memory view). Under one hold of the conversion lock, listeners hear `discard`,

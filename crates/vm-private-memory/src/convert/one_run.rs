@@ -14,14 +14,15 @@ use super::undo::without;
 use super::{wait_for_host_accesses, ContentMode, ConversionReport, StepLimit, Undone};
 use crate::attributes::PageState;
 use crate::error::{Error, Result};
+use crate::guard::DirtyBitmap;
 use crate::listener::{Listeners, Refusal};
 use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemoryManager};
 use crate::region::GuestRegionPrivate;
 use crate::strategy::Strategy;
 
 /// A range that one run of the in-place strategy converts.
-pub(super) struct OneRun<'a> {
-    region: &'a GuestRegionPrivate,
+pub(super) struct OneRun<'a, B> {
+    region: &'a GuestRegionPrivate<B>,
     /// The guest-physical range.
     guest: PageRange,
     /// Its first page in the region.
@@ -30,12 +31,12 @@ pub(super) struct OneRun<'a> {
     in_file: PageRange,
 }
 
-impl<'a> OneRun<'a> {
+impl<'a, B: DirtyBitmap> OneRun<'a, B> {
     /// `range` as one run towards `to`, if it is one: it lies inside one in-place region
     /// of `snapshot`, every page of it is in the other state, and it fits in `limit`.
     #[inline]
     pub(super) fn of(
-        snapshot: &'a GuestMemoryPrivate,
+        snapshot: &'a GuestMemoryPrivate<B>,
         range: PageRange,
         to: PageState,
         limit: StepLimit,
@@ -77,7 +78,7 @@ impl<'a> OneRun<'a> {
     }
 }
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Converts `run` to `to`, in the general path's order (`run_steps`): towards
     /// private, listeners hear `discard`, the bits change, host accesses in flight are
     /// waited for, then the page is punched; towards shared, the page is punched before
@@ -85,8 +86,8 @@ impl PrivateMemoryManager {
     /// what was done is undone, newest first, as there.
     pub(super) fn convert_one_run(
         &self,
-        engine: &Engine,
-        run: OneRun<'_>,
+        engine: &Engine<B>,
+        run: OneRun<'_, B>,
         to: PageState,
         mode: ContentMode,
     ) -> Result<ConversionReport> {
@@ -142,12 +143,12 @@ impl PrivateMemoryManager {
     }
 }
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Undoes a conversion of `run` to shared that a listener refused: the listeners
     /// that accepted it let go of it, and the run turns private again, except the parts
     /// a listener cannot let go of, which stay shared (as in the general path's undo).
     #[cold]
-    fn undo_one_run(&self, run: &OneRun<'_>, refusal: Refusal) -> Error {
+    fn undo_one_run(&self, run: &OneRun<'_, B>, refusal: Refusal) -> Error {
         let held = Listeners::withdraw(refusal.accepted);
         let back = without(std::slice::from_ref(&run.guest), &held);
         let region_start = run.region.guest_range().start();

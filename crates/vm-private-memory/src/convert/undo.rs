@@ -13,6 +13,7 @@ use guest_memfd::PageRange;
 use super::{Piece, Plan, Progress};
 use crate::attributes::PageState;
 use crate::error::{Error, GpaRange};
+use crate::guard::DirtyBitmap;
 use crate::kvm_view::set_kvm_view;
 use crate::listener::{Listeners, Revocation};
 use crate::memory::{gpa, PrivateMemoryManager};
@@ -88,11 +89,11 @@ pub(crate) fn without(ranges: &[PageRange], holes: &[PageRange]) -> Vec<PageRang
     parts
 }
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Undoes what `done` says was done, newest first, and returns what could not be
     /// put back. Ranges a listener cannot let go of stay shared: bits, KVM's view, and
     /// (dual) their private side punched as a finished conversion would have.
-    pub(super) fn undo(&self, plan: &Plan<'_>, done: Progress) -> Undone {
+    pub(super) fn undo(&self, plan: &Plan<'_, B>, done: Progress) -> Undone {
         let held = Listeners::withdraw(done.populated);
         // What goes back: everything, or (rarely) everything but what a listener holds.
         let (owned_back, kept) = if held.is_empty() {

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryBackend;
 
 use crate::builder::MemoryBuilder;
+use crate::guard::DirtyBitmap;
 use crate::listener::in_callback;
 use crate::memory::PrivateMemoryManager;
 use crate::strategy::Strategy;
@@ -187,7 +188,7 @@ impl MemoryState {
     }
 }
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// The current layout and private/shared map, with its checksum. Taken under the
     /// conversion lock, so no conversion is half-way through it (inside a listener
     /// callback, which already runs under it, the map is the one being changed).

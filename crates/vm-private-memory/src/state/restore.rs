@@ -10,6 +10,7 @@ use super::{MemoryState, PageRun, StateError};
 use crate::attributes::PageState;
 use crate::convert::{ContentMode, Retarget};
 use crate::error::{GpaRange, Result};
+use crate::guard::DirtyBitmap;
 use crate::memory::{GuestMemoryPrivate, PrivateMemoryManager};
 use crate::region::GuestRegionPrivate;
 
@@ -38,7 +39,7 @@ pub enum SharedContent {
     Keep,
 }
 
-impl PrivateMemoryManager {
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Makes this memory's private/shared map that of `state`, with
     /// [`SharedContent::Empty`]: pages that become private keep their content, pages
     /// that become shared arrive empty. See [`PrivateMemoryManager::restore_state_with`].
@@ -106,7 +107,10 @@ impl PrivateMemoryManager {
 }
 
 /// Checks that `state` describes the regions of `current`, one for one.
-fn check_layout(state: &MemoryState, current: &GuestMemoryPrivate) -> Result<()> {
+fn check_layout<B: DirtyBitmap>(
+    state: &MemoryState,
+    current: &GuestMemoryPrivate<B>,
+) -> Result<()> {
     let actual = current.num_regions();
     if actual != state.regions.len() {
         return Err(StateError::RegionCount {
@@ -146,7 +150,11 @@ fn check_layout(state: &MemoryState, current: &GuestMemoryPrivate) -> Result<()>
 
 /// Adds to `retarget` the pages of `region` whose state differs from the map given by
 /// `private` (checked runs of private pages; every other page shared), in address order.
-fn diff(region: &GuestRegionPrivate, private: &[PageRun], retarget: &mut Retarget) -> Result<()> {
+fn diff<B: DirtyBitmap>(
+    region: &GuestRegionPrivate<B>,
+    private: &[PageRun],
+    retarget: &mut Retarget,
+) -> Result<()> {
     let attributes = region.attributes();
     let base = region.guest_range().start();
     let mut add = |first: u64, count: u64, to: PageState| -> Result<()> {

@@ -4,6 +4,7 @@
 //! on, a tmpfs or shared file), as Cloud Hypervisor backs guest RAM.
 
 use std::fs::File;
+use std::io::{Seek, SeekFrom};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use vm_memory::mmap::MmapRegion;
@@ -128,8 +129,13 @@ impl SharedBacking {
     }
 
     /// The bytes of `range` the file holds memory for (`SEEK_DATA`/`SEEK_HOLE`, through
-    /// vmm-sys-util's `SeekHole` on a duplicate of the descriptor, whose file offset
-    /// nothing here uses).
+    /// vmm-sys-util's `SeekHole`).
+    ///
+    /// Seeking moves the file offset of the open file, which every duplicate of its
+    /// descriptor shares (the VMM's own ones too); it is put back where it was before
+    /// this returns. A thread that reads or writes the file through its offset
+    /// (`read`/`write`, not `pread`/`pwrite` or a mapping) at the same time may see it
+    /// moved: use positional I/O on a file given as a shared backing.
     ///
     /// # Errors
     ///
@@ -139,25 +145,36 @@ impl SharedBacking {
     pub fn allocated_bytes(&self, range: PageRange) -> Result<u64> {
         self.check_range(range)?;
         let mut file = self.file.file().try_clone().map_err(Error::Seek)?;
-        let mut held = 0;
-        let mut at = range.start();
-        while at < range.end() {
-            let Some(data) = file.seek_data(at).map_err(Error::Seek)? else {
-                break;
-            };
-            if data >= range.end() {
-                break;
-            }
-            let hole = file.seek_hole(data).map_err(Error::Seek)?;
-            let end = hole.unwrap_or(range.end()).min(range.end());
-            if end <= at {
-                break;
-            }
-            held += end - data;
-            at = end;
-        }
+        let saved = file.stream_position().map_err(Error::Seek)?;
+        let counted = count_data(&mut file, range);
+        let restored = file.seek(SeekFrom::Start(saved)).map_err(Error::Seek);
+        let held = counted?;
+        restored?;
         Ok(held)
     }
+}
+
+/// The bytes of `range` that hold data in `file`, by `SEEK_DATA`/`SEEK_HOLE` (which move
+/// its offset).
+fn count_data(file: &mut File, range: PageRange) -> Result<u64> {
+    let mut held = 0;
+    let mut at = range.start();
+    while at < range.end() {
+        let Some(data) = file.seek_data(at).map_err(Error::Seek)? else {
+            break;
+        };
+        if data >= range.end() {
+            break;
+        }
+        let hole = file.seek_hole(data).map_err(Error::Seek)?;
+        let end = hole.unwrap_or(range.end()).min(range.end());
+        if end <= at {
+            break;
+        }
+        held += end - data;
+        at = end;
+    }
+    Ok(held)
 }
 
 impl From<SealedMemfd> for SharedBacking {

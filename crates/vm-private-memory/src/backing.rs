@@ -39,9 +39,9 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// [`Error::NoSuchRegion`] if no region starts there; [`Error::Stat`] if `fstat` of
     /// one of its files fails.
     pub fn backing(&self, start: u64) -> Result<RegionBacking> {
-        let engine = self.lock_engine();
-        let region = engine
-            .current
+        // The engine's list without the conversion lock: a listener may ask.
+        let listed = self.listed();
+        let region = listed
             .iter()
             .find(|r| r.guest_range().start() == start)
             .ok_or(Error::NoSuchRegion(GuestAddress(start)))?;

@@ -15,7 +15,7 @@ use crate::attributes::PageState;
 use crate::error::{Error, GpaRange, LayoutError, Result};
 use crate::guard::DirtyBitmap;
 use crate::kvm_view::set_kvm_view;
-use crate::memory::{bind_regions, unbind_regions, Engine, PrivateMemoryManager, SlotBinding};
+use crate::memory::{bind_regions, unbind_regions, Engine, PrivateMemoryManager};
 use crate::region::{GuestRegionPrivate, RegionParts, SharedSide};
 use crate::strategy::{Strategy, UnavailableReason};
 
@@ -373,6 +373,8 @@ impl MemoryBuilder {
     /// `AtomicBitmap` records every host write made through the vm-memory view, as in
     /// `GuestMemoryMmap<AtomicBitmap>` (see [`crate::GuestRegionPrivate`], "Dirty
     /// tracking"). Regions added later ([`PrivateMemoryManager::add_region`]) get one too.
+    /// `AtomicBitmap` is behind vm-memory's `backend-bitmap` feature, which the VMM
+    /// enables in its own `Cargo.toml`.
     ///
     /// # Errors
     ///
@@ -498,11 +500,12 @@ impl MemoryBuilder {
         );
         engine.patience = self.patience;
         engine.gmem_flags = flags;
-        if self.vmm_binds {
-            engine.binding = SlotBinding::Vmm;
-        }
         Ok(PrivateMemoryManager::assemble(
-            self.vm, strategy, collection, engine,
+            self.vm,
+            strategy,
+            collection,
+            engine,
+            self.vmm_binds,
         ))
     }
 }
@@ -522,33 +525,55 @@ fn check_shared_backings(
     regions: &[(Placement, u64)],
     backings: &[Option<(SharedBacking, u64)>],
 ) -> Result<()> {
-    let mut ranges: Vec<((u64, u64), PageRange, usize)> = Vec::new();
+    let mut taken = Vec::new();
     for (index, given) in backings.iter().enumerate() {
         let Some((backing, offset)) = given else {
             continue;
         };
-        if strategy != Strategy::Dual {
-            return Err(Error::StrategyUnavailable {
-                strategy,
-                reason: UnavailableReason::SharedBackingNeedsDual,
-            });
-        }
-        let in_file = PageRange::new(*offset, regions[index].1)?;
-        backing.check_range(in_file)?;
-        let meta = backing.file().metadata().map_err(Error::Stat)?;
-        let file = (meta.dev(), meta.ino());
-        if let Some((_, other, _)) = ranges
-            .iter()
-            .find(|(f, r, _)| *f == file && r.intersection(&in_file).is_some())
-        {
-            return Err(Error::SharedBackingOverlap {
-                first: *other,
-                second: in_file,
-            });
-        }
-        ranges.push((file, in_file, index));
+        let range = check_shared_backing(strategy, regions[index].1, backing, *offset, &taken)?;
+        taken.push(range);
     }
     Ok(())
+}
+
+/// A range of a file: its (device, inode) and the bytes.
+pub(crate) type FileRange = ((u64, u64), PageRange);
+
+/// The range of `backing` at `offset` a region of `len` bytes would use, the file named
+/// by (device, inode), checked: the dual strategy only, inside the file, and overlapping
+/// none of `taken`.
+pub(crate) fn check_shared_backing(
+    strategy: Strategy,
+    len: u64,
+    backing: &SharedBacking,
+    offset: u64,
+    taken: &[FileRange],
+) -> Result<FileRange> {
+    if strategy != Strategy::Dual {
+        return Err(Error::StrategyUnavailable {
+            strategy,
+            reason: UnavailableReason::SharedBackingNeedsDual,
+        });
+    }
+    let in_file = PageRange::new(offset, len)?;
+    backing.check_range(in_file)?;
+    let file = file_id(backing)?;
+    if let Some((_, other)) = taken
+        .iter()
+        .find(|(f, r)| *f == file && r.intersection(&in_file).is_some())
+    {
+        return Err(Error::SharedBackingOverlap {
+            first: *other,
+            second: in_file,
+        });
+    }
+    Ok((file, in_file))
+}
+
+/// The (device, inode) of `backing`'s file.
+pub(crate) fn file_id(backing: &SharedBacking) -> Result<(u64, u64)> {
+    let meta = backing.file().metadata().map_err(Error::Stat)?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 /// A region over `guest`, backed by `gmem` from `gmem_offset`, with its host mapping

@@ -293,7 +293,18 @@ impl<S: BitmapSlice> Bitmap for AccessGuard<S> {
 /// The bitmap type of [`crate::GuestRegionPrivate`]: the region's dirty bitmap `B`
 /// (`()`, tracking nothing, by default; vm-memory's `AtomicBitmap` to track host
 /// writes), whose slices carry an [`AccessGuard`].
-#[derive(Clone, Copy, Debug, Default)]
+///
+/// Only a region makes one. A `HostAccess` of its own would let vm-memory code outside
+/// the region hand out slices without the access guard: vm-memory's `IommuMemory`
+/// replaces every slice's bitmap with a slice of its own IOVA bitmap, so over this
+/// memory it would drop the guard and let a held slice write a page after it went
+/// private. So there is no way to make one, and `IommuMemory` cannot be built over this
+/// memory (translate IOVAs before reaching the vm-memory view instead):
+///
+/// ```compile_fail
+/// let bitmap = vm_private_memory::HostAccess::<()>::default();
+/// ```
+#[derive(Clone, Copy, Debug)]
 pub struct HostAccess<B = ()> {
     dirty: B,
 }

@@ -41,21 +41,6 @@ pub(crate) struct Engine<B> {
     /// The flags of every guest_memfd this memory creates (the strategy's and the
     /// builder's extra ones).
     pub(crate) gmem_flags: guest_memfd::GuestMemfdFlags,
-    /// Who binds the regions' memslots.
-    pub(crate) binding: SlotBinding,
-}
-
-/// Who binds the regions' memslots ([`crate::MemoryBuilder::vmm_binds_memslots`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum SlotBinding {
-    /// This memory: bound at build and `add_region`, unbound at `remove_region` and drop.
-    Memory,
-    /// The VMM, from [`PrivateMemoryManager::memslots`]; until it says it unbound them
-    /// all ([`PrivateMemoryManager::release_memslots`]), a dropped memory leaks its
-    /// mappings rather than free memory KVM may still map.
-    Vmm,
-    /// The VMM, and it has unbound them all.
-    VmmReleased,
 }
 
 impl<B> Engine<B> {
@@ -73,7 +58,6 @@ impl<B> Engine<B> {
             patience: crate::builder::DEFAULT_ACCESS_PATIENCE,
             scratch: Vec::new(),
             gmem_flags: guest_memfd::GuestMemfdFlags::empty(),
-            binding: SlotBinding::Memory,
         }
     }
 
@@ -113,6 +97,15 @@ pub struct PrivateMemoryManager<B: DirtyBitmap = ()> {
     listed: GuestMemoryAtomic<GuestMemoryPrivate<B>>,
     pub(crate) engine: Mutex<Engine<B>>,
     pub(crate) listeners: Listeners,
+    /// Whether the VMM binds the memslots ([`crate::MemoryBuilder::vmm_binds_memslots`]);
+    /// else this memory binds them at build and `add_region` and unbinds them at
+    /// `remove_region` and drop.
+    pub(crate) vmm_binds: bool,
+    /// The VMM said it deleted every memslot ([`PrivateMemoryManager::release_memslots`]):
+    /// until then a dropped memory whose memslots the VMM binds leaks its mappings
+    /// rather than free memory KVM may still map. Atomic, so that neither the query nor
+    /// the release needs the conversion lock (a listener may call them).
+    pub(crate) memslots_released: std::sync::atomic::AtomicBool,
 }
 
 impl<B: DirtyBitmap> std::fmt::Debug for PrivateMemoryManager<B> {
@@ -170,6 +163,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         strategy: Strategy,
         current: Arc<GuestMemoryPrivate<B>>,
         engine: Engine<B>,
+        vmm_binds: bool,
     ) -> Self {
         PrivateMemoryManager {
             vm,
@@ -178,6 +172,8 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             listed: GuestMemoryAtomic::new((*current).clone()),
             engine: Mutex::new(Engine { current, ..engine }),
             listeners: Listeners::default(),
+            vmm_binds,
+            memslots_released: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -363,13 +359,14 @@ impl<B: DirtyBitmap> Drop for PrivateMemoryManager<B> {
     /// ([`PrivateMemoryManager::release_memslots`]).
     fn drop(&mut self) {
         let engine = self.lock_engine();
-        match engine.binding {
-            SlotBinding::Memory => {
-                unbind_regions(&*self.vm, &engine.current, engine.current.num_regions());
-            }
+        if !self.vmm_binds {
+            unbind_regions(&*self.vm, &engine.current, engine.current.num_regions());
+        } else if !self
+            .memslots_released
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             // The VMM's slots may still use the mappings: keep them, for good.
-            SlotBinding::Vmm => std::mem::forget(Arc::clone(&engine.current)),
-            SlotBinding::VmmReleased => {}
+            std::mem::forget(Arc::clone(&engine.current));
         }
     }
 }

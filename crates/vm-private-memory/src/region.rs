@@ -177,7 +177,9 @@ impl<B: Bitmap> GuestRegionPrivate<B> {
         self.shared.as_ref()
     }
 
-    /// The memslot number the region is bound at.
+    /// The memslot number this memory gave the region (from
+    /// [`crate::MemoryBuilder::slots`]). With [`crate::MemoryBuilder::vmm_binds_memslots`]
+    /// the VMM may bind it under a number of its own, which this memory never sees.
     pub fn slot(&self) -> u32 {
         self.slot
     }

@@ -2,19 +2,20 @@
 //! Adding and removing regions while the guest runs: memslots, the engine's list, the
 //! published view, and what listeners hear of the shared pages that come and go.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use guest_memfd::{GuestMemfd, PageRange};
+use guest_memfd::{GuestMemfd, PageRange, SharedBacking};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::attributes::PageState;
-use crate::builder::make_region;
+use crate::builder::{check_shared_backing, file_id, make_region};
 use crate::convert::Undone;
 use crate::error::{Error, GpaRange, LayoutError, Result};
 use crate::guard::DirtyBitmap;
 use crate::kvm_view::set_kvm_view;
 use crate::listener::{in_callback, Listeners};
-use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemoryManager, SlotBinding};
+use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemoryManager};
 use crate::region::GuestRegionPrivate;
 use crate::strategy::Strategy;
 
@@ -57,17 +58,54 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     ///
     /// `backing` is consumed either way: to keep a file whose addition may be refused,
     /// pass a clone of it.
+    ///
+    /// A dual region added here gets a new sealed memfd for its shared pages; to put
+    /// them in the VMM's own file, use [`PrivateMemoryManager::add_region_with_shared`].
     pub fn add_region(
         &self,
         guest: PageRange,
         backing: Option<(GuestMemfd, u64)>,
         initial: PageState,
     ) -> Result<()> {
+        self.add(guest, backing, None, initial)
+    }
+
+    /// [`PrivateMemoryManager::add_region`], with the region's shared pages in the VMM's
+    /// own file from byte `offset`, as [`crate::MemoryBuilder::region_at_with_shared`]
+    /// does at build time (dual strategy only): memory hotplug into the VMM's own memory
+    /// zone. A file re-added keeps its content in the pages added shared; with `initial`
+    /// private, the range is punched.
+    ///
+    /// # Errors
+    ///
+    /// As [`PrivateMemoryManager::add_region`], and before anything is created:
+    /// [`Error::StrategyUnavailable`] for in-place memory,
+    /// [`Error::OutOfBounds`](guest_memfd::Error::OutOfBounds) (as [`Error::File`]) if
+    /// the range reaches past the file's end, [`Error::SharedBackingOverlap`] if another
+    /// region of this memory keeps its shared pages in the same bytes of that file.
+    pub fn add_region_with_shared(
+        &self,
+        guest: PageRange,
+        backing: Option<(GuestMemfd, u64)>,
+        shared: SharedBacking,
+        offset: u64,
+        initial: PageState,
+    ) -> Result<()> {
+        self.add(guest, backing, Some((shared, offset)), initial)
+    }
+
+    fn add(
+        &self,
+        guest: PageRange,
+        backing: Option<(GuestMemfd, u64)>,
+        shared: Option<(SharedBacking, u64)>,
+        initial: PageState,
+    ) -> Result<()> {
         if in_callback() {
             return Err(Error::Reentrant { range: gpa(guest) });
         }
         let mut engine = self.lock_engine();
-        let ours = engine.binding == SlotBinding::Memory;
+        let ours = !self.vmm_binds;
         if let Some(other) = engine
             .current
             .iter()
@@ -78,11 +116,25 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
                 reason: LayoutError::OverlapsRegion(other.guest_range()),
             });
         }
+        if let Some((file, offset)) = &shared {
+            let taken = engine
+                .current
+                .iter()
+                .filter_map(|r| {
+                    let side = r.shared_side()?;
+                    let whole = PageRange::new(0, r.guest_range().len()).ok()?;
+                    Some((side, side.in_file(whole).ok()?))
+                })
+                .map(|(side, range)| Ok((file_id(&side.backing)?, range)))
+                .collect::<Result<Vec<_>>>()?;
+            check_shared_backing(self.strategy, guest.len(), file, *offset, &taken)?;
+        }
         let slot = engine
             .slots
             .allocate_id()
             .map_err(|_| engine.no_free_slot())?;
-        let (region, with) = match self.new_region(&engine, guest, backing, initial, slot) {
+        let made = self.new_region(&engine, guest, backing, shared, initial, slot);
+        let (region, with) = match made {
             Ok(made) => made,
             Err(e) => {
                 let _ = engine.slots.free_id(slot);
@@ -99,14 +151,20 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         }
         let _listeners = self.listeners.hold();
         self.publish(&mut engine, with);
-        // A new slot for the VMM to bind: a release said before it does not cover it.
-        if engine.binding == SlotBinding::VmmReleased {
-            engine.binding = SlotBinding::Vmm;
+        let offered = match initial {
+            PageState::Shared => self.offer_new_region(&mut engine, guest),
+            PageState::Private => Ok(()),
+        };
+        // A new slot for the VMM to bind, if the region stayed (a listener that cannot
+        // let go of it keeps it): a release said before it does not cover it.
+        let stayed = engine
+            .current
+            .iter()
+            .any(|r| r.guest_range().start() == guest.start());
+        if self.vmm_binds && stayed {
+            self.memslots_released.store(false, Ordering::Release);
         }
-        if initial == PageState::Shared {
-            self.offer_new_region(&mut engine, guest)?;
-        }
-        Ok(())
+        offered
     }
 
     /// The region over `guest` and the engine's list with it, nothing bound yet.
@@ -115,6 +173,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         engine: &Engine<B>,
         guest: PageRange,
         backing: Option<(GuestMemfd, u64)>,
+        shared: Option<(SharedBacking, u64)>,
         initial: PageState,
         slot: u32,
     ) -> Result<(Arc<GuestRegionPrivate<B>>, GuestMemoryPrivate<B>)> {
@@ -132,7 +191,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             offset,
             initial,
             slot,
-            None,
+            shared,
         )?);
         let with = engine
             .current
@@ -202,7 +261,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             });
         }
         let mut engine = self.lock_engine();
-        if engine.binding != SlotBinding::Memory {
+        if self.vmm_binds {
             return Err(Error::VmmBindsMemslots {
                 range: GpaRange { start, len: 0 },
             });
@@ -221,12 +280,15 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// # Safety
     ///
     /// The region's memslot (its entry in [`PrivateMemoryManager::memslots`]) must be
-    /// deleted from the VM, and not be bound again: KVM would read and write guest memory
-    /// through a mapping that may be freed.
+    /// deleted from the VM, and once this returns `Ok` never be bound again: KVM would
+    /// read and write guest memory through a mapping that may be freed.
     ///
     /// # Errors
     ///
-    /// As [`PrivateMemoryManager::remove_region`], without the memslot's.
+    /// As [`PrivateMemoryManager::remove_region`], without the memslot's. On an error the
+    /// region stays in this memory as it was, and in [`PrivateMemoryManager::memslots`]:
+    /// bind its slot again to give it back to the guest, or call this again (after a
+    /// [`Error::HostAccessInFlight`], once the slice that held it is dropped).
     pub unsafe fn remove_unbound_region(&self, start: u64) -> Result<(PageRange, GuestMemfd, u64)> {
         if in_callback() {
             return Err(Error::Reentrant {
@@ -302,7 +364,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         }
         // When the VMM binds the memslots, it deleted this one (`remove_unbound_region`)
         // or never bound it (an addition being undone): nothing to unbind.
-        if engine.binding == SlotBinding::Memory {
+        if !self.vmm_binds {
             if let Err(e) = memslot.unbind(&*self.vm) {
                 return undo(e.into());
             }

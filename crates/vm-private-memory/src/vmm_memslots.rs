@@ -11,12 +11,14 @@
 //! deleted every slot (an `unsafe` call, because only it can know), dropping the memory
 //! leaks the mappings instead.
 
+use std::sync::atomic::Ordering;
+
 use kvm_bindings::kvm_userspace_memory_region2;
 use vm_memory::GuestMemoryBackend;
 
 use crate::error::Result;
 use crate::guard::DirtyBitmap;
-use crate::memory::{PrivateMemoryManager, SlotBinding};
+use crate::memory::PrivateMemoryManager;
 
 impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// The memslot of each region, as `KVM_SET_USER_MEMORY_REGION2` takes it, in guest
@@ -35,9 +37,9 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// The file layer's error if a region's description cannot be made (a region whose
     /// host mapping does not cover its file range; the builder makes none such).
     pub fn memslots(&self) -> Result<Vec<kvm_userspace_memory_region2>> {
-        let engine = self.lock_engine();
-        engine
-            .current
+        // The engine's list without the conversion lock: a listener may ask (a region
+        // being added is listed before its shared pages are offered).
+        self.listed()
             .iter()
             .map(|region| Ok(region.memslot()?.region()))
             .collect()
@@ -46,7 +48,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Whether the VMM binds this memory's memslots
     /// ([`crate::MemoryBuilder::vmm_binds_memslots`]).
     pub fn vmm_binds_memslots(&self) -> bool {
-        self.lock_engine().binding != SlotBinding::Memory
+        self.vmm_binds
     }
 
     /// Says that the VMM has deleted every memslot [`PrivateMemoryManager::memslots`]
@@ -64,9 +66,8 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// mapping this memory frees when dropped, and whatever is mapped there next would
     /// become guest memory.
     pub unsafe fn release_memslots(&self) {
-        let mut engine = self.lock_engine();
-        if engine.binding == SlotBinding::Vmm {
-            engine.binding = SlotBinding::VmmReleased;
+        if self.vmm_binds {
+            self.memslots_released.store(true, Ordering::Release);
         }
     }
 }

@@ -189,6 +189,105 @@ fn a_shared_backing_is_sealed_against_changing_size_or_taken_unsealed_knowingly(
     );
 }
 
+#[test]
+fn a_region_hotplugged_into_the_vmm_s_file_lands_there_and_bad_ones_are_refused() {
+    let zone = vmm_zone(4 * MIB2);
+    let vm = vm();
+    let m = MemoryBuilder::new(RecordingVm::new(vm.clone()))
+        .region_at_with_shared(0, MIB2, backing(&zone), 0)
+        .strategy(Strategy::Dual)
+        .initial_state(PageState::Shared)
+        .build()
+        .unwrap();
+    let added = pr(8 * MIB2, MIB2);
+
+    // Over the bytes the first region uses, and past the file's end: refused, nothing
+    // bound.
+    let err = m
+        .add_region_with_shared(
+            added,
+            None,
+            backing(&zone),
+            MIB2 - PAGE_SIZE,
+            PageState::Shared,
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::SharedBackingOverlap { .. }), "{err}");
+    let err = m
+        .add_region_with_shared(
+            added,
+            None,
+            backing(&zone),
+            3 * MIB2 + PAGE_SIZE,
+            PageState::Shared,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::File(guest_memfd::Error::OutOfBounds { .. })),
+        "{err}"
+    );
+    assert!(gpa_is_free(&vm, added));
+    assert_eq!(m.regions().len(), 1);
+
+    // Into the zone at 2 MiB: the host's writes land there, conversions punch there.
+    zone.write_all_at(b"zone bytes", 2 * MIB2 + PAGE_SIZE)
+        .unwrap();
+    m.add_region_with_shared(added, None, backing(&zone), 2 * MIB2, PageState::Shared)
+        .unwrap();
+    assert!(!gpa_is_free(&vm, added));
+    let view = m.memory();
+    let mut buf = [0u8; 10];
+    view.memory()
+        .read_slice(&mut buf, GuestAddress(added.start() + PAGE_SIZE))
+        .unwrap();
+    assert_eq!(
+        &buf, b"zone bytes",
+        "added shared, the file's content is kept"
+    );
+    view.memory()
+        .write_slice(b"hotplugged", GuestAddress(added.start()))
+        .unwrap();
+    zone.read_exact_at(&mut buf, 2 * MIB2).unwrap();
+    assert_eq!(&buf, b"hotplugged");
+    m.convert(pr(added.start(), 2 * PAGE_SIZE), PageState::Private)
+        .unwrap();
+    zone.read_exact_at(&mut buf, 2 * MIB2 + PAGE_SIZE).unwrap();
+    assert_eq!(buf, [0; 10], "going private punches the VMM's file");
+
+    // Added private, the range is punched at once.
+    zone.write_all_at(b"stale", 3 * MIB2).unwrap();
+    m.add_region_with_shared(
+        pr(12 * MIB2, MIB2),
+        None,
+        backing(&zone),
+        3 * MIB2,
+        PageState::Private,
+    )
+    .unwrap();
+    let mut stale = [0u8; 5];
+    zone.read_exact_at(&mut stale, 3 * MIB2).unwrap();
+    assert_eq!(stale, [0; 5]);
+
+    // In-place memory has no shared side to put there.
+    if common::in_place_or_skip("hotplug_into_a_shared_backing_in_place") {
+        let in_place = common::in_place(MIB2, PageState::Shared);
+        let err = in_place
+            .add_region_with_shared(added, None, backing(&zone), 0, PageState::Shared)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::StrategyUnavailable {
+                    reason: UnavailableReason::SharedBackingNeedsDual,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(in_place.regions().len(), 1);
+    }
+}
+
 /// A memfd of `size` bytes, which allows sealing if `sealable`.
 fn memfd_of_size(size: u64, sealable: bool) -> File {
     let flags = libc::MFD_CLOEXEC | if sealable { libc::MFD_ALLOW_SEALING } else { 0 };

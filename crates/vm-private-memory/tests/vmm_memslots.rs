@@ -11,7 +11,7 @@ use std::sync::Arc;
 use common::{gpa_is_free, in_place_or_skip, pr, vm};
 use guest_memfd::PAGE_SIZE;
 use kvm_ioctls::VmFd;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vm_private_memory::{Error, MemoryBuilder, PageState, PrivateMemoryManager, Strategy};
 
 const MIB2: u64 = 2 << 20;
@@ -174,4 +174,139 @@ fn a_region_added_after_a_release_is_kept_until_released_again() {
     // SAFETY: the test checks that the memory kept this mapping; it is only read.
     let word = unsafe { std::ptr::read_volatile(new.userspace_addr as *const u64) };
     assert_eq!(word, 0xadd);
+}
+
+/// Whether this process still maps a file with inode `inode` (from /proc/self/maps,
+/// which names each mapping's inode: unlike an address, it cannot be reused by another
+/// test's mapping while the file lives).
+fn maps_inode(inode: u64) -> bool {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .any(|line| line.split_whitespace().nth(4) == Some(&inode.to_string()))
+}
+
+/// A listener that, hearing `populate`, asks the memory for its memslots and backing,
+/// as a VMM's hotplug listener binding a new slot would.
+struct AsksForSlots {
+    memory: std::sync::Mutex<std::sync::Weak<PrivateMemoryManager>>,
+    heard: std::sync::Mutex<Vec<(usize, bool, bool)>>,
+}
+
+impl vm_private_memory::MemoryListener for AsksForSlots {
+    fn discard(&self, _range: guest_memfd::PageRange) {}
+
+    fn populate(
+        &self,
+        range: guest_memfd::PageRange,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let Some(memory) = self.memory.lock().unwrap().upgrade() else {
+            return Ok(());
+        };
+        let slots = memory.memslots()?.len();
+        let backing = memory.backing(range.start()).is_ok();
+        let vmm = memory.vmm_binds_memslots();
+        self.heard.lock().unwrap().push((slots, backing, vmm));
+        Ok(())
+    }
+}
+
+#[test]
+fn a_listener_may_ask_for_the_memslots_while_a_region_is_added() {
+    if !in_place_or_skip("a_listener_may_ask_for_the_memslots_while_a_region_is_added") {
+        return;
+    }
+    let vm = vm();
+    let memory = Arc::new(vmm_bound(&vm));
+    let listener = Arc::new(AsksForSlots {
+        memory: std::sync::Mutex::new(Arc::downgrade(&memory)),
+        heard: Default::default(),
+    });
+    let _subscription = memory.subscribe(pr(0, 64 * MIB2), listener.clone());
+    let (done, finished) = std::sync::mpsc::channel();
+    let adder = Arc::clone(&memory);
+    std::thread::spawn(move || {
+        let added = adder.add_region(pr(16 * MIB2, MIB2), None, PageState::Shared);
+        let converted = adder.convert(pr(0, PAGE_SIZE), PageState::Private);
+        let back = adder.convert(pr(0, PAGE_SIZE), PageState::Shared);
+        done.send((added, converted, back)).unwrap();
+    });
+    let (added, converted, back) = finished
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("a listener asking for the memslots deadlocked the memory");
+    added.unwrap();
+    converted.unwrap();
+    back.unwrap();
+    // The new region is listed when its pages are offered; then the conversion back.
+    assert_eq!(
+        *listener.heard.lock().unwrap(),
+        [(3, true, true), (3, true, true)]
+    );
+    // SAFETY: the VMM bound nothing.
+    unsafe { memory.release_memslots() };
+}
+
+#[test]
+fn a_hotplugged_region_a_listener_refuses_leaves_the_release_standing() {
+    if !in_place_or_skip("a_hotplugged_region_a_listener_refuses_leaves_the_release_standing") {
+        return;
+    }
+    let vm = vm();
+    let memory = vmm_bound(&vm);
+    let inode = memory.backing(0).unwrap().gmem_inode;
+    // SAFETY: the VMM bound nothing.
+    unsafe { memory.release_memslots() };
+    let refuser = Arc::new(common::Recorder::default());
+    *refuser.refuse.lock().unwrap() = true;
+    let subscription = memory.subscribe(pr(0, 64 * MIB2), refuser);
+    let added = pr(16 * MIB2, MIB2);
+    assert!(matches!(
+        memory.add_region(added, None, PageState::Shared),
+        Err(Error::ListenerRefused { .. })
+    ));
+    assert_eq!(
+        memory.memslots().unwrap().len(),
+        2,
+        "the refused region left"
+    );
+    drop(subscription);
+    assert!(maps_inode(inode));
+    drop(memory);
+    // Nothing the VMM was told of is unreleased: the mappings are freed.
+    assert!(
+        !maps_inode(inode),
+        "the release was taken back by a refused addition"
+    );
+}
+
+#[test]
+fn a_region_whose_removal_fails_stays_and_its_slot_can_be_bound_again() {
+    if !in_place_or_skip("a_region_whose_removal_fails_stays_and_its_slot_can_be_bound_again") {
+        return;
+    }
+    let vm = vm();
+    let memory = vmm_bound(&vm);
+    vmm_sets(&vm, &memory, false);
+    let view = memory.memory();
+    let mem = view.memory();
+    let second = memory.memslots().unwrap()[1];
+    let held = mem.get_slice(GuestAddress(8 * MIB2), 8).unwrap();
+    let mut delete = second;
+    delete.memory_size = 0;
+    // SAFETY: deleting a slot has no requirement.
+    unsafe { vm.set_user_memory_region2(delete) }.unwrap();
+    // SAFETY: its slot was deleted just above; on an error it is bound again below.
+    let err = unsafe { memory.remove_unbound_region(8 * MIB2) }.unwrap_err();
+    assert!(matches!(err, Error::HostAccessInFlight { .. }), "{err}");
+    // Still there, as it was: bind it again and use it.
+    assert_eq!(memory.memslots().unwrap()[1], second);
+    // SAFETY: the region's own mapping, still this memory's.
+    unsafe { vm.set_user_memory_region2(second) }.unwrap();
+    held.write_obj(7u64, 0).unwrap();
+    drop(held);
+    assert_eq!(mem.read_obj::<u64>(GuestAddress(8 * MIB2)).unwrap(), 7);
+    assert!(!gpa_is_free(&vm, pr(8 * MIB2, MIB2)));
+    vmm_sets(&vm, &memory, true);
+    // SAFETY: every slot described was deleted.
+    unsafe { memory.release_memslots() };
 }

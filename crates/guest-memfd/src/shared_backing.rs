@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::Mutex;
 
 use vm_memory::mmap::MmapRegion;
 use vmm_sys_util::errno;
@@ -131,11 +132,13 @@ impl SharedBacking {
     /// The bytes of `range` the file holds memory for (`SEEK_DATA`/`SEEK_HOLE`, through
     /// vmm-sys-util's `SeekHole`).
     ///
-    /// Seeking moves the file offset of the open file, which every duplicate of its
-    /// descriptor shares (the VMM's own ones too); it is put back where it was before
-    /// this returns. A thread that reads or writes the file through its offset
-    /// (`read`/`write`, not `pread`/`pwrite` or a mapping) at the same time may see it
-    /// moved: use positional I/O on a file given as a shared backing.
+    /// Seeking moves a file offset, and every duplicate of a descriptor (the VMM's own
+    /// ones too) shares its open file's. So the seeks go to a new open file of their own,
+    /// reopened read-only through `/proc/self/fd`. Where that cannot be opened (no
+    /// `/proc` in a jail, a file without read permission), they go to the shared one,
+    /// and its offset is put back before this returns, with calls from this process
+    /// serialized; a thread doing `read`/`write` (rather than `pread`/`pwrite` or a
+    /// mapping) on that file at the same time may then see its offset move.
     ///
     /// # Errors
     ///
@@ -144,6 +147,13 @@ impl SharedBacking {
     /// fails.
     pub fn allocated_bytes(&self, range: PageRange) -> Result<u64> {
         self.check_range(range)?;
+        let fd = self.file.file().as_raw_fd();
+        if let Ok(mut own) = File::open(format!("/proc/self/fd/{fd}")) {
+            return count_data(&mut own, range);
+        }
+        /// Serializes the save-seek-restore of shared offsets in this process.
+        static SHARED_OFFSETS: Mutex<()> = Mutex::new(());
+        let _serial = SHARED_OFFSETS.lock().unwrap_or_else(|p| p.into_inner());
         let mut file = self.file.file().try_clone().map_err(Error::Seek)?;
         let saved = file.stream_position().map_err(Error::Seek)?;
         let counted = count_data(&mut file, range);

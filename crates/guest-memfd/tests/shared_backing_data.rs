@@ -52,4 +52,15 @@ fn allocated_bytes_leaves_the_shared_file_offset_where_it_was() {
     let whole = PageRange::from_pages(0, 16).unwrap();
     assert_eq!(backing.allocated_bytes(whole).unwrap(), PAGE_SIZE);
     assert_eq!(mine.stream_position().unwrap(), 100);
+    // Calls racing each other leave it there too.
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..200 {
+                    assert_eq!(backing.allocated_bytes(whole).unwrap(), PAGE_SIZE);
+                }
+            });
+        }
+    });
+    assert_eq!(mine.stream_position().unwrap(), 100);
 }

@@ -61,6 +61,13 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     ///
     /// A dual region added here gets a new sealed memfd for its shared pages; to put
     /// them in the VMM's own file, use [`PrivateMemoryManager::add_region_with_shared`].
+    ///
+    /// With memslots the VMM binds, bind the new slot once this returns `Ok`. The region
+    /// is listed while its shared pages are offered, so a listener may see it in
+    /// [`PrivateMemoryManager::memslots`] and bind it then; if another listener then
+    /// refuses it, the region leaves this memory but its mapping and slot number are
+    /// kept for good (leaked), never freed under a slot the VMM may have bound: delete
+    /// that slot if it was bound.
     pub fn add_region(
         &self,
         guest: PageRange,
@@ -83,6 +90,9 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// [`Error::OutOfBounds`](guest_memfd::Error::OutOfBounds) (as [`Error::File`]) if
     /// the range reaches past the file's end, [`Error::SharedBackingOverlap`] if another
     /// region of this memory keeps its shared pages in the same bytes of that file.
+    /// `shared` is consumed either way (clone it to keep it), and with `initial` private
+    /// an addition that fails after the region was made has already punched its range
+    /// of the file.
     pub fn add_region_with_shared(
         &self,
         guest: PageRange,
@@ -317,7 +327,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         let guest = region.guest_range();
         // Everything that can fail without side effects comes first.
         let memslot = region.memslot()?;
-        let (without, _removed) = current
+        let (without, removed) = current
             .remove_region(GuestAddress(start), guest.len())
             .map_err(|e| Error::Layout {
                 range: gpa(guest),
@@ -370,7 +380,14 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             }
         }
         self.publish(engine, without);
-        let _ = engine.slots.free_id(region.slot());
+        if self.vmm_binds && listening == Listening::Quiet {
+            // An addition undone after it was listed: a listener may have read its
+            // description (`memslots()`) and bound it. Keep its mapping, and its slot
+            // number, for good rather than free memory KVM may still map.
+            std::mem::forget(removed);
+        } else {
+            let _ = engine.slots.free_id(region.slot());
+        }
         Ok((guest, region.gmem().clone(), region.gmem_offset()))
     }
 

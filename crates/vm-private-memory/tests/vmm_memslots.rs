@@ -310,3 +310,90 @@ fn a_region_whose_removal_fails_stays_and_its_slot_can_be_bound_again() {
     // SAFETY: every slot described was deleted.
     unsafe { memory.release_memslots() };
 }
+
+/// A listener that binds every new region's slot from `populate`, as soon as the memory
+/// lists it, and records the guest_memfd inode of what it bound.
+struct BindsFromPopulate {
+    vm: Arc<VmFd>,
+    memory: std::sync::Mutex<std::sync::Weak<PrivateMemoryManager>>,
+    bound: std::sync::Mutex<Vec<(kvm_bindings::kvm_userspace_memory_region2, u64)>>,
+}
+
+impl vm_private_memory::MemoryListener for BindsFromPopulate {
+    fn discard(&self, _range: guest_memfd::PageRange) {}
+
+    fn populate(
+        &self,
+        range: guest_memfd::PageRange,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let Some(memory) = self.memory.lock().unwrap().upgrade() else {
+            return Ok(());
+        };
+        for slot in memory.memslots()? {
+            if slot.guest_phys_addr == range.start() {
+                let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+                // SAFETY: fstat writes a `stat` into the buffer it is given; the
+                // descriptor is the memory's guest_memfd, open while it lives.
+                let ret = unsafe { libc::fstat(slot.guest_memfd as i32, stat.as_mut_ptr()) };
+                assert_eq!(ret, 0);
+                // SAFETY: fstat succeeded, so it filled the buffer.
+                let inode = unsafe { stat.assume_init() }.st_ino;
+                // SAFETY: the slot's own mapping; the test checks it is never freed.
+                unsafe { self.vm.set_user_memory_region2(slot) }?;
+                self.bound.lock().unwrap().push((slot, inode));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_refused_addition_the_vmm_may_have_bound_keeps_its_mapping() {
+    if !in_place_or_skip("a_refused_addition_the_vmm_may_have_bound_keeps_its_mapping") {
+        return;
+    }
+    let vm = vm();
+    let memory = Arc::new(vmm_bound(&vm));
+    let binder = Arc::new(BindsFromPopulate {
+        vm: vm.clone(),
+        memory: std::sync::Mutex::new(Arc::downgrade(&memory)),
+        bound: Default::default(),
+    });
+    let refuser = Arc::new(common::Recorder::default());
+    *refuser.refuse.lock().unwrap() = true;
+    let _first = memory.subscribe(pr(0, 64 * MIB2), binder.clone());
+    let _second = memory.subscribe(pr(0, 64 * MIB2), refuser);
+    let added = pr(16 * MIB2, MIB2);
+    let err = memory
+        .add_region(added, None, PageState::Shared)
+        .unwrap_err();
+    assert!(matches!(err, Error::ListenerRefused { .. }), "{err}");
+    assert_eq!(
+        memory.memslots().unwrap().len(),
+        2,
+        "the region left the memory"
+    );
+    let (slot, inode) = binder.bound.lock().unwrap()[0];
+    // The slot the listener bound is still bound, so its mapping must still be there.
+    assert!(!gpa_is_free(&vm, added));
+    assert!(
+        maps_inode(inode),
+        "the mapping under a bound slot was freed"
+    );
+    let mut delete = slot;
+    delete.memory_size = 0;
+    // SAFETY: deleting a slot has no requirement.
+    unsafe { vm.set_user_memory_region2(delete) }.unwrap();
+    // The slot number stays taken: the next addition gets another.
+    memory
+        .add_region(pr(20 * MIB2, MIB2), None, PageState::Private)
+        .unwrap();
+    let numbers: Vec<u32> = memory.memslots().unwrap().iter().map(|s| s.slot).collect();
+    assert!(
+        !numbers.contains(&slot.slot),
+        "{numbers:?} reuses {}",
+        slot.slot
+    );
+    // SAFETY: the VMM bound nothing else.
+    unsafe { memory.release_memslots() };
+}

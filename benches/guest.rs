@@ -24,6 +24,7 @@ fn private_guest(program: &[u8], data_size: u64, vcpus: usize, all_private: bool
             data_size,
             vcpus,
             all_private,
+            data_policy: None,
         },
     )
     .expect("in-place memory (Linux 6.18+)")

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Boot time of a stock Linux kernel on private memory against the same kernel on
-//! shared memory: from `LinuxVm::new` (VM, memory, loading) to the guest's marker line.
+//! shared memory, on each strategy the kernel has (dual; in place on 7.x, also with
+//! kvmclock): from `LinuxVm::new` (VM, memory, loading) to the guest's marker line.
 //!
 //! Runs inside the nested lab (`bash fixtures/lab/run.sh --bench`), the only place our
 //! machines boot Linux; elsewhere it prints SKIPPED and measures nothing.
@@ -14,6 +15,7 @@ use integration::linux::{
     lab_guest_images, LinuxConfig, LinuxVm, Ram, GUEST_UP_MARKER, LAB_CMDLINE,
 };
 use integration::Error;
+use vm_private_memory::Strategy;
 
 const RAM_SIZE: u64 = 256 << 20;
 
@@ -45,19 +47,39 @@ fn boot_to_marker(config: &LinuxConfig) -> Duration {
 
 fn linux_boot(c: &mut Criterion) {
     let kvm = kvm_ioctls::Kvm::new().expect("the benchmarks need /dev/kvm");
-    let dual = integration::private_memory_vm(&kvm)
+    let dual = kvm
+        .create_vm_with_type(kvm_bindings::KVM_X86_SW_PROTECTED_VM.into())
         .is_ok_and(|vm| Capabilities::of_vm(&vm).dual_capable());
-    let images = lab_guest_images();
-    let (Some((kernel, initrd)), true) = (images, dual) else {
+    let in_place = kvm
+        .create_vm()
+        .is_ok_and(|vm| Capabilities::of_vm(&vm).in_place_capable());
+    let Some((kernel, initrd)) = lab_guest_images().filter(|_| dual || in_place) else {
         println!(
-            "SKIPPED linux_boot: needs the nested lab (a VM type with memory attributes and \
-             a guest kernel in /lab/guest): bash fixtures/lab/run.sh --bench"
+            "SKIPPED linux_boot: needs the nested lab (a KVM that runs guest kernels, and a \
+             guest kernel in /lab/guest): bash fixtures/lab/run.sh --bench"
         );
         return;
     };
+    // Each strategy the kernel has, private and shared, in one run; in place also with
+    // KVM's paravirtual structures (kvmclock), which only in-place memory can keep.
+    let mut cases = Vec::new();
+    if dual {
+        cases.push(("dual/private", Strategy::Dual, Ram::Private, false));
+        cases.push(("dual/shared", Strategy::Dual, Ram::Shared, false));
+    }
+    if in_place {
+        cases.push(("in-place/private", Strategy::InPlace, Ram::Private, false));
+        cases.push(("in-place/shared", Strategy::InPlace, Ram::Shared, false));
+        cases.push((
+            "in-place/private-kvmclock",
+            Strategy::InPlace,
+            Ram::Private,
+            true,
+        ));
+    }
     let mut group = c.benchmark_group("linux_boot_256MiB");
     group.sampling_mode(SamplingMode::Flat);
-    for (name, ram) in [("private", Ram::Private), ("shared", Ram::Shared)] {
+    for (name, strategy, ram, paravirt) in cases {
         let config = LinuxConfig {
             kernel: &kernel,
             initrd: &initrd,
@@ -65,6 +87,8 @@ fn linux_boot(c: &mut Criterion) {
             ram_size: RAM_SIZE,
             ram,
             echo_console: false,
+            paravirt,
+            strategy: Some(strategy),
         };
         group.bench_function(name, |b| {
             b.iter_custom(|iters| (0..iters).map(|_| boot_to_marker(&config)).sum())

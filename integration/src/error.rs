@@ -118,6 +118,9 @@ pub enum Error {
         /// The last part of its console.
         console_tail: String,
     },
+    /// KVM's paravirtual structures asked for on the dual strategy's private RAM.
+    #[error("KVM's paravirtual structures (LinuxConfig::paravirt) need in-place memory: with the dual strategy KVM writes them into the shared side of private pages, where the guest never reads")]
+    ParavirtNeedsInPlace,
 }
 
 /// The harness's result type.

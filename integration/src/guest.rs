@@ -94,6 +94,9 @@ pub struct GuestConfig {
     /// the in-place strategy, the data region only with the dual strategy (its host
     /// cannot load content into private pages).
     pub all_private: bool,
+    /// The NUMA policy of the data region's memory, if any (in-place strategy, Linux
+    /// 6.19+: [`MemoryBuilder::region_at_with_policy`]).
+    pub data_policy: Option<guest_memfd::NumaPolicy>,
 }
 
 /// A guest on private memory: the boot region `[0, 2 MiB)` and a data region at
@@ -132,17 +135,24 @@ pub struct Served {
     pub elapsed: Duration,
 }
 
+/// The environment variable that makes [`private_memory_vm`] choose the in-place
+/// strategy where it would choose dual: `PRIVMEM_STRATEGY=in-place` (the nested lab's
+/// second pass on kernels that have both).
+pub const STRATEGY_VAR: &str = "PRIVMEM_STRATEGY";
+
 /// A VM for private memory: `KVM_X86_SW_PROTECTED_VM` if this host offers it with memory
 /// attributes (the dual strategy: the nested lab), else the default type (the in-place
-/// strategy where guest_memfd is mappable: our hosts). SEV-SNP and TDX VM types are not
-/// used: this plain harness cannot launch their guests.
+/// strategy where guest_memfd is mappable: our hosts). With `PRIVMEM_STRATEGY=in-place`
+/// ([`STRATEGY_VAR`]), always the default type. SEV-SNP and TDX VM types are not used:
+/// this plain harness cannot launch their guests.
 pub fn private_memory_vm(kvm: &Kvm) -> Result<VmFd> {
     let create = |vm_type: u32| {
         kvm.create_vm_with_type(vm_type.into())
             .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))
     };
     let sw_protected = kvm_bindings::KVM_X86_SW_PROTECTED_VM;
-    if Capabilities::of_system(kvm).supports_vm_type(sw_protected) {
+    let in_place_asked = std::env::var(STRATEGY_VAR).is_ok_and(|v| v == "in-place");
+    if !in_place_asked && Capabilities::of_system(kvm).supports_vm_type(sw_protected) {
         let vm = create(sw_protected)?;
         if Capabilities::of_vm(&vm).dual_capable() {
             return Ok(vm);
@@ -162,12 +172,14 @@ impl PrivateGuest {
         }
         let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
         let vm = Arc::new(private_memory_vm(&kvm)?);
-        let memory = MemoryBuilder::new(vm.clone())
+        let builder = MemoryBuilder::new(vm.clone())
             .x86_mmio_hole()
-            .region_at(0, BOOT_SIZE)
-            .region_at(DATA_ADDR, config.data_size)
-            .initial_state(PageState::Shared)
-            .build()?;
+            .region_at(0, BOOT_SIZE);
+        let builder = match config.data_policy {
+            Some(policy) => builder.region_at_with_policy(DATA_ADDR, config.data_size, policy),
+            None => builder.region_at(DATA_ADDR, config.data_size),
+        };
+        let memory = builder.initial_state(PageState::Shared).build()?;
         let ram = memory.memory();
         let ram = ram.memory();
         for (i, entry) in gdt_entries().iter().enumerate() {

@@ -37,7 +37,7 @@ pub use error::{Error, Result};
 pub use footprint::resident_guest_memfd_bytes;
 pub use guest::{
     private_memory_vm, Device, GuestConfig, GuestVcpu, NoDevice, PrivateGuest, Served, SumDevice,
-    DATA_ADDR, SERVED_LOG, STACK_STRIDE,
+    DATA_ADDR, SERVED_LOG, STACK_STRIDE, STRATEGY_VAR,
 };
 pub use vm::{
     BoundMemory, Stop, StopReason, TestVm, BOOT_SLOT, PORT_CONSOLE, PORT_DEVICE, PORT_DONE,

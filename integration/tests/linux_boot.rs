@@ -7,8 +7,10 @@
 //! what the host saw at the guest's marker.
 //!
 //! Runs in the nested lab, which puts the kernel and a busybox initramfs at
-//! `/lab/guest/` (or `$PRIVMEM_LINUX_KERNEL`, `$PRIVMEM_LINUX_INITRD`). On our hosts it
-//! prints SKIPPED: their KVM emulates guest CPL0 code, and has no memory attributes.
+//! `/lab/guest/` (or `$PRIVMEM_LINUX_KERNEL`, `$PRIVMEM_LINUX_INITRD`): on the dual
+//! strategy, and with `PRIVMEM_STRATEGY=in-place` on in-place guest_memfd (the lab's 7.x
+//! in-place pass). On our hosts it prints SKIPPED: their KVM emulates guest CPL0 code,
+//! and has no memory attributes.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -31,9 +33,13 @@ const ATTEMPTS: u32 = 3;
 /// The kernel and initramfs, if this host can boot them on private memory.
 fn lab_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
     let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let dual = integration::private_memory_vm(&kvm)
-        .is_ok_and(|vm| Capabilities::of_vm(&vm).dual_capable());
-    if !dual {
+    let caps = integration::private_memory_vm(&kvm).map(|vm| Capabilities::of_vm(&vm));
+    let dual = caps.as_ref().is_ok_and(Capabilities::dual_capable);
+    // In place only where asked: the lab's in-place pass, on a kernel that runs guest
+    // kernels natively (our hosts' KVM emulates guest CPL0 code).
+    let in_place = std::env::var(integration::STRATEGY_VAR).is_ok_and(|v| v == "in-place")
+        && caps.as_ref().is_ok_and(Capabilities::in_place_capable);
+    if !dual && !in_place {
         println!(
             "SKIPPED {test}: needs a VM type with KVM_MEMORY_ATTRIBUTE_PRIVATE; of our machines \
              only the nested lab has one, and only its KVM runs guest kernels natively \
@@ -51,6 +57,14 @@ fn lab_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
     Some((kernel, initrd))
 }
 
+/// The guest's clock source, from its marker line's `clocksource=`.
+fn clocksource(line: &str) -> String {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix("clocksource="))
+        .unwrap_or("unknown")
+        .to_owned()
+}
+
 /// What the guest's marker line says: `PRIVMEM-GUEST-UP ... used_kib=N`.
 fn used_kib(line: &str) -> u64 {
     line.split_whitespace()
@@ -59,14 +73,15 @@ fn used_kib(line: &str) -> u64 {
         .unwrap_or_else(|| panic!("no used_kib= in the marker line {line:?}"))
 }
 
-/// Bytes the shared side (the sealed memfd) holds.
+/// Bytes the shared side (the dual strategy's sealed memfd) holds; 0 in place, where
+/// shared pages live in the guest_memfd.
 fn shared_side_bytes(memory: &PrivateMemoryManager) -> u64 {
     let first = memory.regions()[0].start();
     memory
         .backing(first)
         .expect("one region")
         .shared_bytes_held
-        .expect("a dual-strategy region")
+        .unwrap_or(0)
 }
 
 /// What the host saw while the guest waited on its marker line.
@@ -79,6 +94,7 @@ struct AtMarker {
     private_pages: u64,
     refused_reads: u64,
     readable_pages: u64,
+    clocksource: String,
 }
 
 /// Boots the guest; a boot that hangs is tried again, up to [`ATTEMPTS`] in all, each
@@ -94,9 +110,10 @@ fn boot(
     stop: &str,
     kernel: &PathBuf,
     initrd: &PathBuf,
+    paravirt: bool,
 ) -> (LinuxVm, AtMarker, LinuxExit) {
     for attempt in 1..=ATTEMPTS {
-        match boot_once(ram, stop, kernel, initrd) {
+        match boot_once(ram, stop, kernel, initrd, paravirt) {
             Ok(booted) => return booted,
             Err((Error::Timeout { exits, rip, .. }, marker)) if attempt < ATTEMPTS => println!(
                 "LINUX-BOOT-HUNG ram={ram:?} attempt={attempt} exits={exits} rip={rip:#x} \
@@ -115,6 +132,7 @@ fn boot_once(
     stop: &str,
     kernel: &PathBuf,
     initrd: &PathBuf,
+    paravirt: bool,
 ) -> Result<(LinuxVm, AtMarker, LinuxExit), (Error, bool)> {
     // The guest's init stops the way privmem_stop= says (fixtures/lab/guest-init).
     let cmdline = format!("{LAB_CMDLINE} privmem_stop={stop}");
@@ -125,10 +143,12 @@ fn boot_once(
         ram_size: RAM_SIZE,
         ram,
         echo_console: true,
+        paravirt,
+        strategy: None,
     };
     let unevictable_before = host_unevictable_bytes().unwrap();
     let mut vm = LinuxVm::new(&config).unwrap();
-    assert_eq!(vm.memory().strategy(), Strategy::Dual);
+    let strategy = vm.memory().strategy();
     let start = Instant::now();
     let mut seen: Option<AtMarker> = None;
     let run = vm
@@ -139,6 +159,7 @@ fn boot_once(
             let mut at = AtMarker {
                 seconds: start.elapsed().as_secs_f64(),
                 used_kib: used_kib(line),
+                clocksource: clocksource(line),
                 unevictable_growth: host_unevictable_bytes()
                     .unwrap()
                     .saturating_sub(unevictable_before),
@@ -174,7 +195,8 @@ fn boot_once(
     });
     println!(
         "LINUX-BOOT ram={ram:?} marker_s={:.2} stop_s={:.2} exits={} used_kib={} \
-         unevictable_growth_kib={} shared_side_kib={} private_pages={} refused_reads={}",
+         unevictable_growth_kib={} shared_side_kib={} private_pages={} refused_reads={} \
+         clocksource={} paravirt={} strategy={strategy}",
         at.seconds,
         run.elapsed.as_secs_f64(),
         run.exits,
@@ -183,6 +205,8 @@ fn boot_once(
         at.shared_side >> 10,
         at.private_pages,
         at.refused_reads,
+        at.clocksource,
+        u8::from(paravirt),
     );
     assert_eq!(run.memory_faults, 0, "a stock kernel converts nothing");
     Ok((vm, at, run.exit))
@@ -194,12 +218,14 @@ fn a_stock_linux_kernel_boots_on_private_memory() {
     let Some((kernel, initrd)) = lab_or_skip(test) else {
         return;
     };
-    let (vm, at, exit) = boot(Ram::Private, "poweroff", &kernel, &initrd);
+    let (vm, at, exit) = boot(Ram::Private, "poweroff", &kernel, &initrd, false);
     assert_eq!(
         exit,
         LinuxExit::PowerOff,
         "the guest's poweroff is a clean stop"
     );
+    // Without KVM's paravirtual structures the guest keeps time by the TSC.
+    assert_ne!(at.clocksource, "kvm-clock");
 
     // Only the pages linux-loader wrote are shared; the host reads those, nothing else.
     let host_written: u64 = vm.host_written().iter().map(|r| r.len()).sum();
@@ -231,11 +257,77 @@ fn the_same_kernel_boots_on_shared_memory_the_peer() {
     let Some((kernel, initrd)) = lab_or_skip(test) else {
         return;
     };
-    let (_vm, at, exit) = boot(Ram::Shared, "reboot", &kernel, &initrd);
+    let (vm, at, exit) = boot(Ram::Shared, "reboot", &kernel, &initrd, false);
     assert_eq!(exit, LinuxExit::Reset, "the guest's reboot is a clean stop");
     assert_eq!(at.private_pages, 0);
     assert_eq!(at.refused_reads, 0);
-    // Everything the guest touched is in the shared memfd, not in guest_memfd.
-    assert!(at.shared_side >= at.used_kib << 10);
-    assert!(at.unevictable_growth < at.shared_side / 4);
+    match vm.memory().strategy() {
+        // Everything the guest touched is in the shared memfd, not in guest_memfd.
+        Strategy::Dual => {
+            assert!(at.shared_side >= at.used_kib << 10);
+            assert!(at.unevictable_growth < at.shared_side / 4);
+        }
+        // In place, shared pages live in the guest_memfd: it grew by what the guest uses.
+        _ => {
+            assert_eq!(at.shared_side, 0);
+            assert!(at.unevictable_growth >= at.used_kib << 10);
+        }
+    }
+}
+
+/// In place, KVM writes kvmclock and its other paravirtual structures through the
+/// guest_memfd's own mapping, so a guest whose RAM is private may keep them: it boots,
+/// and runs on kvm-clock.
+#[test]
+fn a_stock_linux_kernel_boots_with_kvmclock_on_private_in_place_memory() {
+    let test = "a_stock_linux_kernel_boots_with_kvmclock_on_private_in_place_memory";
+    let Some((kernel, initrd)) = lab_or_skip(test) else {
+        return;
+    };
+    if integration::private_memory_vm(&kvm_ioctls::Kvm::new().unwrap())
+        .is_ok_and(|vm| Capabilities::of_vm(&vm).dual_capable())
+    {
+        println!("SKIPPED {test}: the harness takes the dual strategy here, whose private pages KVM's paravirtual structures cannot reach (the in-place pass runs it)");
+        return;
+    }
+    let (vm, at, exit) = boot(Ram::Private, "poweroff", &kernel, &initrd, true);
+    assert_eq!(exit, LinuxExit::PowerOff);
+    assert_eq!(vm.memory().strategy(), Strategy::InPlace);
+    assert_eq!(
+        at.clocksource, "kvm-clock",
+        "the guest should run on kvmclock"
+    );
+    let host_written: u64 = vm.host_written().iter().map(|r| r.len()).sum();
+    assert_eq!(at.readable_pages * PAGE_SIZE, host_written);
+}
+
+/// With the dual strategy a private page's host mapping is the shared side: KVM's
+/// paravirtual structures would land where the guest never reads. Asked for, they are
+/// refused before the guest runs.
+#[test]
+fn a_stock_linux_kernel_boots_without_kvmclock_on_dual_private_memory() {
+    let test = "a_stock_linux_kernel_boots_without_kvmclock_on_dual_private_memory";
+    let Some((kernel, initrd)) = lab_or_skip(test) else {
+        return;
+    };
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    if !integration::private_memory_vm(&kvm).is_ok_and(|vm| Capabilities::of_vm(&vm).dual_capable())
+    {
+        println!("SKIPPED {test}: the harness takes the in-place strategy here, where the structures are allowed");
+        return;
+    }
+    let config = LinuxConfig {
+        kernel: &kernel,
+        initrd: &initrd,
+        cmdline: LAB_CMDLINE,
+        ram_size: RAM_SIZE,
+        ram: Ram::Private,
+        echo_console: false,
+        paravirt: true,
+        strategy: None,
+    };
+    assert!(matches!(
+        LinuxVm::new(&config),
+        Err(Error::ParavirtNeedsInPlace)
+    ));
 }

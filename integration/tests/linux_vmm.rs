@@ -93,6 +93,8 @@ fn config<'a>(images: &'a Images, ram: Ram, cmdline: &'a str) -> LinuxConfig<'a>
         ram_size: RAM_SIZE,
         ram,
         echo_console: false,
+        paravirt: false,
+        strategy: None,
     }
 }
 

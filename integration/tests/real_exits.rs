@@ -36,6 +36,7 @@ fn real_hypercall_exits_convert_memory_and_answer_the_guest() {
             data_size: 2 << 20,
             vcpus: 1,
             all_private: true,
+            data_policy: None,
         },
     )
     .unwrap();
@@ -105,6 +106,7 @@ fn a_real_memory_fault_exit_reaches_the_handler() {
             data_size: size,
             vcpus: 1,
             all_private: true,
+            data_policy: None,
         },
     )
     .unwrap();

@@ -156,6 +156,11 @@ pub struct Report {
     pub dual_strategy: bool,
     /// The reading, feature by feature.
     pub findings: Vec<Finding>,
+    /// Whether guest_memfd places memory by a NUMA policy set through its mapping,
+    /// found by behaviour on a default VM ([`crate::numa_policy_support`]); `None` if not
+    /// probed, or the probe failed.
+    #[serde(default)]
+    pub numa_policy: Option<crate::NumaSupport>,
 }
 
 impl Report {
@@ -176,7 +181,12 @@ impl Report {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|e| format!("unknown ({e})"));
-        Self::from_parts(kernel, system, vm_types)
+        let mut report = Self::from_parts(kernel, system, vm_types);
+        report.numa_policy = kvm
+            .create_vm()
+            .ok()
+            .and_then(|vm| crate::numa_policy_support(&vm).ok());
+        report
     }
 
     /// Reads the answers already gathered (`probe` without the ioctls).
@@ -217,6 +227,7 @@ impl Report {
             in_place_strategy: in_place,
             dual_strategy,
             findings,
+            numa_policy: None,
         }
     }
 

@@ -196,6 +196,32 @@ pub enum Error {
         /// The kernel's answer.
         source: errno::Error,
     },
+    /// A NUMA node set with no node in it.
+    #[error("a NUMA node set must name at least one node")]
+    EmptyNodeSet,
+    /// A NUMA node number too large for a node set.
+    #[error("NUMA node {node} is out of range: node sets hold nodes 0 to 63")]
+    NodeOutOfRange {
+        /// The node given.
+        node: u32,
+    },
+    /// A NUMA node this host does not have online.
+    #[error("NUMA node {node} is not online on this host, which has nodes {online:?} (/sys/devices/system/node/online): name only those")]
+    NoSuchNode {
+        /// The node given.
+        node: u32,
+        /// The nodes the host has online.
+        online: Vec<u32>,
+    },
+    /// A NUMA system call (`mbind`, `get_mempolicy`, `getcpu`) or reading the host's
+    /// nodes failed.
+    #[error("{op} failed: {source}")]
+    Numa {
+        /// What was done.
+        op: &'static str,
+        /// The kernel's answer.
+        source: errno::Error,
+    },
 }
 
 impl Error {
@@ -205,7 +231,8 @@ impl Error {
             Error::Create { source, .. }
             | Error::FileSpace { source, .. }
             | Error::SetMemoryRegion { source, .. }
-            | Error::NotSealable { source } => Some(source.errno()),
+            | Error::NotSealable { source }
+            | Error::Numa { source, .. } => Some(source.errno()),
             Error::Map {
                 source: MmapRegionError::Mmap(e),
                 ..

@@ -80,6 +80,7 @@ mod file;
 mod flags;
 mod memfd;
 mod memslot;
+mod numa;
 mod range;
 mod sealed;
 mod shared_backing;
@@ -91,6 +92,9 @@ pub use error::{Error, Result, SpaceOp};
 pub use flags::GuestMemfdFlags;
 pub use memfd::{supported_flags, GuestMemfd};
 pub use memslot::Memslot;
+pub use numa::{
+    node_of_page, numa_policy_support, online_nodes, NodeSet, NumaPolicy, NumaSupport, MAX_NODES,
+};
 pub use range::{is_page_aligned, Chunks, PageRange, PAGE_SIZE};
 pub use sealed::{SealedMemfd, SHARED_MEMORY_SEALS};
 pub use shared_backing::SharedBacking;

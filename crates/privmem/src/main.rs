@@ -140,5 +140,16 @@ fn write_table(out: &mut impl Write, report: &Report) -> io::Result<()> {
             "not available"
         }
     )?;
+    writeln!(out)?;
+    match &report.numa_policy {
+        Some(support) => writeln!(
+            out,
+            "NUMA policy of guest_memfd (mbind on its mapping): {support}"
+        )?,
+        None => writeln!(
+            out,
+            "NUMA policy of guest_memfd: not probed (no mappable guest_memfd could be made)"
+        )?,
+    }
     Ok(())
 }

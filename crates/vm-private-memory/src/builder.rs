@@ -6,7 +6,8 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use guest_memfd::{
-    Capabilities, GuestMemfd, GuestMemfdFlags, PageRange, SealedMemfd, SharedBacking, VmOps,
+    Capabilities, GuestMemfd, GuestMemfdFlags, NumaPolicy, NumaSupport, PageRange, SealedMemfd,
+    SharedBacking, VmOps,
 };
 use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
 use vm_memory::{GuestMemoryBackend, GuestRegionCollection};
@@ -87,6 +88,8 @@ pub struct MemoryBuilder {
     extra_flags: GuestMemfdFlags,
     /// The VMM's shared side of each region, by index in `regions` (dual strategy).
     shared_backings: Vec<Option<(SharedBacking, u64)>>,
+    /// The NUMA policy of each region, by index in `regions` (in-place strategy).
+    policies: Vec<Option<NumaPolicy>>,
     /// The VMM binds the memslots itself.
     vmm_binds: bool,
 }
@@ -128,6 +131,7 @@ impl MemoryBuilder {
             patience: DEFAULT_ACCESS_PATIENCE,
             extra_flags: GuestMemfdFlags::empty(),
             shared_backings: Vec::new(),
+            policies: Vec::new(),
             vmm_binds: false,
         }
     }
@@ -136,6 +140,24 @@ impl MemoryBuilder {
     pub fn region_at(mut self, gpa: u64, size: u64) -> Self {
         self.regions.push((Placement::At(gpa), size));
         self.shared_backings.push(None);
+        self.policies.push(None);
+        self
+    }
+
+    /// Adds a region of `size` bytes at guest-physical `gpa` whose memory is placed on
+    /// NUMA nodes by `policy` (in-place strategy; Linux 6.19 or later): the policy is set
+    /// on the region's guest_memfd through its mapping (`mbind`) before any page is
+    /// allocated, and guest_memfd applies it to every page it allocates there, whether
+    /// the guest or the host touches it first, and again after a conversion punched a
+    /// page. The build checks that the nodes are online and, by behaviour, that the
+    /// kernel applies the policy ([`guest_memfd::numa_policy_support`]).
+    ///
+    /// The dual strategy refuses it: its guest_memfd has no mapping to carry a policy
+    /// ([`UnavailableReason::NumaPolicyNeedsInPlace`] says what to do instead).
+    pub fn region_at_with_policy(mut self, gpa: u64, size: u64, policy: NumaPolicy) -> Self {
+        self.regions.push((Placement::At(gpa), size));
+        self.shared_backings.push(None);
+        self.policies.push(Some(policy));
         self
     }
 
@@ -159,6 +181,7 @@ impl MemoryBuilder {
     ) -> Self {
         self.regions.push((Placement::At(gpa), size));
         self.shared_backings.push(Some((backing, offset)));
+        self.policies.push(None);
         self
     }
 
@@ -167,6 +190,7 @@ impl MemoryBuilder {
     pub fn region(mut self, size: u64) -> Self {
         self.regions.push((Placement::Anywhere, size));
         self.shared_backings.push(None);
+        self.policies.push(None);
         self
     }
 
@@ -421,6 +445,7 @@ impl MemoryBuilder {
         }
         let mut shared_backings = std::mem::take(&mut self.shared_backings);
         check_shared_backings(strategy, &self.regions, &shared_backings)?;
+        check_policies(strategy, &*self.vm, &self.policies)?;
         let host_limit = if caps.nr_memslots > 0 {
             caps.nr_memslots
         } else {
@@ -462,11 +487,11 @@ impl MemoryBuilder {
             let region = make_region(
                 strategy,
                 guest,
-                gmem,
-                gmem_offset,
+                (gmem, gmem_offset),
                 self.initial,
                 slot,
                 shared,
+                self.policies[index],
             )?;
             regions.push(Arc::new(region));
         }
@@ -536,6 +561,32 @@ fn check_shared_backings(
     Ok(())
 }
 
+/// Checks the regions' NUMA policies before anything is created: the in-place strategy
+/// only, nodes online, and a kernel that applies them (probed once, by behaviour).
+fn check_policies(
+    strategy: Strategy,
+    vm: &dyn VmOps,
+    policies: &[Option<NumaPolicy>],
+) -> Result<()> {
+    let mut given = policies.iter().flatten().peekable();
+    if given.peek().is_none() {
+        return Ok(());
+    }
+    if strategy != Strategy::InPlace {
+        return Err(Error::StrategyUnavailable {
+            strategy,
+            reason: UnavailableReason::NumaPolicyNeedsInPlace,
+        });
+    }
+    for policy in given {
+        policy.check()?;
+    }
+    match guest_memfd::numa_policy_support(vm)? {
+        NumaSupport::Honoured | NumaSupport::SingleNode => Ok(()),
+        support => Err(Error::NumaPolicyIgnored { support }),
+    }
+}
+
 /// A range of a file: its (device, inode) and the bytes.
 pub(crate) type FileRange = ((u64, u64), PageRange);
 
@@ -576,22 +627,30 @@ pub(crate) fn file_id(backing: &SharedBacking) -> Result<(u64, u64)> {
     Ok((meta.dev(), meta.ino()))
 }
 
-/// A region over `guest`, backed by `gmem` from `gmem_offset`, with its host mapping
-/// (and, dual, its shared side: `shared`, the VMM's file and offset, or a new sealed
-/// memfd).
+/// A region over `guest`, backed by `gmem` from `gmem_offset` (`file`), with its host
+/// mapping (and, dual, its shared side: `shared`, the VMM's file and offset, or a new
+/// sealed memfd; in place, `policy` set on the mapping).
 pub(crate) fn make_region<B: DirtyBitmap>(
     strategy: Strategy,
     guest: PageRange,
-    gmem: GuestMemfd,
-    gmem_offset: u64,
+    (gmem, gmem_offset): (GuestMemfd, u64),
     initial: PageState,
     slot: u32,
     shared: Option<(SharedBacking, u64)>,
+    policy: Option<NumaPolicy>,
 ) -> Result<GuestRegionPrivate<B>> {
     let file_range = PageRange::new(gmem_offset, guest.len())?;
     gmem.check_range(file_range)?;
     let (shared, host) = match strategy {
-        Strategy::InPlace => (None, gmem.map_range(file_range)?),
+        Strategy::InPlace => {
+            let host = gmem.map_range(file_range)?;
+            // Before any page of the mapping is touched: pages allocated from now on
+            // follow it.
+            if let Some(policy) = policy {
+                policy.apply(&host)?;
+            }
+            (None, host)
+        }
         Strategy::Dual => {
             let (backing, offset) = match shared {
                 Some(given) => given,

@@ -257,6 +257,14 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A region was given a NUMA policy ([`crate::MemoryBuilder::region_at_with_policy`])
+    /// on a kernel whose guest_memfd ignores it: a probe page bound to one node landed on
+    /// another.
+    #[error("this kernel does not apply a guest_memfd's NUMA policy: {support} (Linux 6.19 or later does); build without a policy, or on a kernel that has it")]
+    NumaPolicyIgnored {
+        /// What the probe found ([`guest_memfd::numa_policy_support`]).
+        support: guest_memfd::NumaSupport,
+    },
     /// Two regions were given the same file as shared backing at overlapping ranges: a
     /// page of one would be a page of the other.
     #[error("the shared backing file ranges {first} and {second} overlap: give each region its own range of the file")]

@@ -197,11 +197,11 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         let region = Arc::new(make_region(
             self.strategy,
             guest,
-            gmem,
-            offset,
+            (gmem, offset),
             initial,
             slot,
             shared,
+            None,
         )?);
         let with = engine
             .current

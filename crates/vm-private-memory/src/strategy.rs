@@ -68,6 +68,10 @@ pub enum UnavailableReason {
     /// in-place strategy, which has no shared side to populate from.
     #[error("launch population copies from the shared side into private memory, which needs the dual strategy; in-place memory keeps content across conversions (load_private)")]
     LaunchNeedsDual,
+    /// A NUMA policy ([`crate::MemoryBuilder::region_at_with_policy`]) was given to the
+    /// dual strategy, whose guest_memfd has no mapping to carry it.
+    #[error("a NUMA policy is set through a guest_memfd's mapping, and the dual strategy's guest_memfd has none (a mappable one would make KVM take shared pages from it too, Linux 7.x): put the shared side in a memfd of your own with its policy (region_at_with_shared), and private pages follow the policy of the vCPU threads that fault them (set_mempolicy)")]
+    NumaPolicyNeedsInPlace,
     /// A shared backing of the VMM's own
     /// ([`crate::MemoryBuilder::region_at_with_shared`]) was given to the in-place
     /// strategy, which has no separate shared side.

@@ -26,6 +26,8 @@
 //!     ram_size: 256 << 20,
 //!     ram: Ram::Private,
 //!     echo_console: true,
+//!     paravirt: false,
+//!     strategy: None,
 //! };
 //! let mut vm = LinuxVm::new(&config)?;
 //! let run = vm.run(Duration::from_secs(90), |line, memory| {
@@ -54,7 +56,7 @@ use guest_memfd::PageRange;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::GuestAddressSpace;
-use vm_private_memory::{MemoryBuilder, PageState, PrivateMemoryManager};
+use vm_private_memory::{MemoryBuilder, PageState, PrivateMemoryManager, Strategy};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use acpi::{ACPI_TABLES_ADDR, PM1A_CNT_BLK, PM1A_EVT_BLK, S5_SLEEP_TYPE};
@@ -118,6 +120,15 @@ pub struct LinuxConfig<'a> {
     pub ram: Ram,
     /// Whether to copy the guest's console to our standard output as it comes.
     pub echo_console: bool,
+    /// Whether the guest sees KVM's paravirtual structures (kvmclock, steal time, PV
+    /// EOI, async page faults; [`guest_cpuid`]): only sound in place, where KVM writes
+    /// them through the guest_memfd's own mapping. [`LinuxVm::new`] refuses it with the
+    /// dual strategy's private RAM.
+    pub paravirt: bool,
+    /// The strategy of the guest's RAM: `None` for the harness's choice
+    /// ([`crate::private_memory_vm`]: dual where the host has memory attributes, unless
+    /// `PRIVMEM_STRATEGY=in-place`); `Some` for that one (a VM of the type it needs).
+    pub strategy: Option<Strategy>,
 }
 
 /// Why a guest stopped.
@@ -164,7 +175,15 @@ impl LinuxVm {
     /// its RAM, devices and vCPU, and loads the kernel.
     pub fn new(config: &LinuxConfig) -> Result<Self> {
         let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
-        let vm = Arc::new(private_memory_vm(&kvm)?);
+        let vm = Arc::new(match config.strategy {
+            None => private_memory_vm(&kvm)?,
+            Some(Strategy::InPlace) => kvm
+                .create_vm()
+                .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?,
+            Some(_) => kvm
+                .create_vm_with_type(kvm_bindings::KVM_X86_SW_PROTECTED_VM.into())
+                .map_err(|e| Error::Kvm("KVM_CREATE_VM(KVM_X86_SW_PROTECTED_VM)", e))?,
+        });
         vm.set_tss_address(KVM_TSS_ADDR as usize)
             .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
         vm.create_irq_chip()
@@ -186,11 +205,18 @@ impl LinuxVm {
             Ram::Private => PageState::Private,
             Ram::Shared => PageState::Shared,
         };
-        let memory = MemoryBuilder::new(vm.clone())
+        let builder = MemoryBuilder::new(vm.clone())
             .x86_mmio_hole()
             .region_at(0, config.ram_size)
-            .initial_state(state)
-            .build()?;
+            .initial_state(state);
+        let memory = match config.strategy {
+            Some(strategy) => builder.strategy(strategy),
+            None => builder,
+        }
+        .build()?;
+        if config.paravirt && memory.strategy() == Strategy::Dual && config.ram == Ram::Private {
+            return Err(Error::ParavirtNeedsInPlace);
+        }
         let images = boot::BootImages::open(config.kernel, config.initrd, config.ram_size)?;
         let host_written = images.host_written()?;
         if config.ram == Ram::Private {
@@ -217,7 +243,7 @@ impl LinuxVm {
         let console = ConsoleLog::new(config.echo_console);
         let devices = LegacyDevices::new(irq, console.clone());
 
-        vcpu::enter_linux(&kvm, &vcpu, entry, BOOT_STACK)?;
+        vcpu::enter_linux(&kvm, &vcpu, entry, BOOT_STACK, config.paravirt)?;
         Ok(LinuxVm {
             memory: Arc::new(memory),
             vcpu,

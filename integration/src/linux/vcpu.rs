@@ -36,12 +36,20 @@ const LEAF7_EBX_XSAVE_STATE: u32 =
 const LEAF7_ECX_XSAVE_STATE: u32 = (1 << 1) | (1 << 6) | (0b11111 << 8) | (1 << 14);
 const LEAF7_EDX_XSAVE_STATE: u32 = (1 << 2) | (1 << 3) | (1 << 8) | (0b1111 << 22);
 
-/// KVM's supported CPUID with XSAVE and the paravirtual memory structures hidden.
+/// KVM's supported CPUID with XSAVE hidden, and KVM's paravirtual memory structures
+/// hidden unless `paravirt`.
 ///
 /// TCG's nested SVM, which runs our lab's L1, does not intercept XSETBV: a guest that
 /// sees XSAVE resets L1 now and then (HOST.md). What needs XSAVE-managed state (AVX and
 /// its successors, AMX) goes with it.
-pub fn guest_cpuid(kvm: &Kvm) -> Result<CpuId> {
+///
+/// With `paravirt` the guest gets KVM's paravirtual features as KVM offers them
+/// (kvmclock, steal time, PV EOI, async page faults): KVM writes those structures
+/// through the memslot's host mapping, which in place is the guest_memfd's own, so the
+/// guest reads them whether its pages are private or shared. With the dual strategy a
+/// private page's host mapping is the shared side, where the guest never looks: keep
+/// them hidden there.
+pub fn guest_cpuid(kvm: &Kvm, paravirt: bool) -> Result<CpuId> {
     let mut cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -66,7 +74,7 @@ pub fn guest_cpuid(kvm: &Kvm) -> Result<CpuId> {
             // reason). Without kvmclock the guest learns the TSC's frequency from
             // `tsc_early_khz=` (LinuxVm::new adds it). The peer on shared memory gets
             // the same CPUID.
-            KVM_CPUID_FEATURES => {
+            KVM_CPUID_FEATURES if !paravirt => {
                 entry.eax &= KVM_FEATURE_NOP_IO_DELAY;
             }
             7 if entry.index == 0 => {
@@ -92,8 +100,8 @@ pub fn guest_cpuid(kvm: &Kvm) -> Result<CpuId> {
 /// Puts the vCPU where the 64-bit boot protocol wants it: CPUID set first (KVM refuses
 /// long mode before it on 6.12), paging on with the boot page tables, `__BOOT_CS` and
 /// `__BOOT_DS` loaded, interrupts off, `rsi` = the zero page, `rip` = `entry`.
-pub fn enter_linux(kvm: &Kvm, vcpu: &VcpuFd, entry: u64, stack: u64) -> Result<()> {
-    vcpu.set_cpuid2(&guest_cpuid(kvm)?)
+pub fn enter_linux(kvm: &Kvm, vcpu: &VcpuFd, entry: u64, stack: u64, paravirt: bool) -> Result<()> {
+    vcpu.set_cpuid2(&guest_cpuid(kvm, paravirt)?)
         .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
 
     let mut sregs = vcpu

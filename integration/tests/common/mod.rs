@@ -32,6 +32,7 @@ pub fn guest(program: &[u8], data_size: u64, vcpus: usize, all_private: bool) ->
             data_size,
             vcpus,
             all_private,
+            data_policy: None,
         },
     )
     .unwrap()

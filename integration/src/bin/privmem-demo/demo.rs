@@ -91,6 +91,7 @@ fn all_private_story(
             data_size: data,
             vcpus: 1,
             all_private: true,
+            data_policy: None,
         },
     )?;
     let built = t.elapsed();
@@ -170,6 +171,7 @@ fn bounce_story(out: &mut impl Write, ok: &mut bool) -> Result<(), Box<dyn std::
             data_size: 4 * MIB,
             vcpus: 1,
             all_private: true,
+            data_policy: None,
         },
     )?;
     let memory = guest.memory().clone();

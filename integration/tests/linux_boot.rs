@@ -41,9 +41,9 @@ fn lab_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
         && caps.as_ref().is_ok_and(Capabilities::in_place_capable);
     if !dual && !in_place {
         println!(
-            "SKIPPED {test}: needs a VM type with KVM_MEMORY_ATTRIBUTE_PRIVATE; of our machines \
-             only the nested lab has one, and only its KVM runs guest kernels natively \
-             (bash fixtures/lab/run.sh)"
+            "SKIPPED {test}: needs a VM type with KVM_MEMORY_ATTRIBUTE_PRIVATE, or \
+             PRIVMEM_STRATEGY=in-place on a KVM that runs guest kernels natively; of our \
+             machines only the nested lab has either (bash fixtures/lab/run.sh)"
         );
         return None;
     }

@@ -7,8 +7,7 @@
 //! hosts (one node, 6.18) print SKIPPED with what is missing.
 
 use guest_memfd::{
-    node_of_page, numa_policy_support, online_nodes, NodeSet, NumaPolicy, NumaSupport, PageRange,
-    PAGE_SIZE,
+    node_of_page, numa_policy_support, NodeSet, NumaPolicy, NumaSupport, PageRange, PAGE_SIZE,
 };
 use integration::{programs, GuestConfig, NoDevice, PrivateGuest, DATA_ADDR};
 use vm_private_memory::{Error, MemoryBuilder, PageState, Strategy, UnavailableReason};
@@ -99,11 +98,42 @@ fn pages_the_guest_touches_land_on_the_nodes_the_policy_names_and_stay_there() {
 }
 
 #[test]
+fn a_policy_over_the_usable_nodes_builds_and_the_memory_works() {
+    let vm = std::sync::Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+    if !guest_memfd::Capabilities::of_vm(&*vm).in_place_capable() {
+        println!("SKIPPED a_policy_over_the_usable_nodes_builds_and_the_memory_works: needs guest_memfd MMAP | INIT_SHARED");
+        return;
+    }
+    let usable = guest_memfd::usable_nodes().unwrap();
+    let memory = MemoryBuilder::new(vm)
+        .region_at_with_policy(
+            0,
+            DATA,
+            NumaPolicy::Interleave(NodeSet::new(&usable).unwrap()),
+        )
+        .strategy(Strategy::InPlace)
+        .initial_state(PageState::Shared)
+        .build()
+        .unwrap();
+    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+    let view = memory.memory();
+    view.memory()
+        .write_obj(0x5eed_u64, GuestAddress(0x3000))
+        .unwrap();
+    assert_eq!(
+        view.memory().read_obj::<u64>(GuestAddress(0x3000)).unwrap(),
+        0x5eed
+    );
+    let host = memory.memslots().unwrap()[0].userspace_addr + 0x3000;
+    assert!(usable.contains(&node_of_page(host as usize).unwrap()));
+}
+
+#[test]
 fn bad_policies_are_refused_before_anything_is_built() {
     let vm = std::sync::Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
-    let online = online_nodes().unwrap();
+    let usable = guest_memfd::usable_nodes().unwrap();
     let missing = (0..guest_memfd::MAX_NODES)
-        .find(|n| !online.contains(n))
+        .find(|n| !usable.contains(n))
         .unwrap();
     // A node the host lacks.
     let err = MemoryBuilder::new(vm.clone())

@@ -157,10 +157,10 @@ pub struct Report {
     /// The reading, feature by feature.
     pub findings: Vec<Finding>,
     /// Whether guest_memfd places memory by a NUMA policy set through its mapping,
-    /// found by behaviour on a default VM ([`crate::numa_policy_support`]); `None` if not
-    /// probed, or the probe failed.
+    /// found by behaviour on a default VM ([`crate::numa_policy_support`]), or why the
+    /// probe failed; `None` if not probed (a report built with [`Report::from_parts`]).
     #[serde(default)]
-    pub numa_policy: Option<crate::NumaSupport>,
+    pub numa_policy: Option<std::result::Result<crate::NumaSupport, String>>,
 }
 
 impl Report {
@@ -182,10 +182,11 @@ impl Report {
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|e| format!("unknown ({e})"));
         let mut report = Self::from_parts(kernel, system, vm_types);
-        report.numa_policy = kvm
-            .create_vm()
-            .ok()
-            .and_then(|vm| crate::numa_policy_support(&vm).ok());
+        report.numa_policy = Some(
+            kvm.create_vm()
+                .map_err(|e| format!("creating a VM failed: {e}"))
+                .and_then(|vm| crate::numa_policy_support(&vm).map_err(|e| e.to_string())),
+        );
         report
     }
 

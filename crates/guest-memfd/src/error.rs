@@ -205,12 +205,13 @@ pub enum Error {
         /// The node given.
         node: u32,
     },
-    /// A NUMA node this host does not have online.
-    #[error("NUMA node {node} is not online on this host, which has nodes {online:?} (/sys/devices/system/node/online): name only those")]
+    /// A NUMA node this process cannot place memory on: offline, without memory, or
+    /// outside its cpuset.
+    #[error("NUMA node {node} is not a node this process may place memory on, which are {online:?} (online nodes with memory, within its cpuset): name only those")]
     NoSuchNode {
         /// The node given.
         node: u32,
-        /// The nodes the host has online.
+        /// The nodes this process may use ([`crate::usable_nodes`]).
         online: Vec<u32>,
     },
     /// A NUMA system call (`mbind`, `get_mempolicy`, `getcpu`) or reading the host's

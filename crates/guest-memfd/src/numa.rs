@@ -29,6 +29,9 @@ use crate::vm_ops::VmOps;
 const MPOL_F_NODE: libc::c_ulong = 1 << 0;
 /// `MPOL_F_ADDR` (`include/uapi/linux/mempolicy.h`): `get_mempolicy` looks at an address.
 const MPOL_F_ADDR: libc::c_ulong = 1 << 1;
+/// `MPOL_F_MEMS_ALLOWED` (`include/uapi/linux/mempolicy.h`): `get_mempolicy` returns the
+/// nodes the calling task may allocate on (its cpuset's).
+const MPOL_F_MEMS_ALLOWED: libc::c_ulong = 1 << 2;
 
 /// The highest node number a [`NodeSet`] holds, plus one.
 pub const MAX_NODES: u32 = 64;
@@ -112,31 +115,36 @@ pub enum NumaPolicy {
 
 impl NumaPolicy {
     /// The nodes it names.
-    pub fn nodes(&self) -> NodeSet {
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NodeOutOfRange`] for a preferred node of [`MAX_NODES`] or more.
+    pub fn nodes(&self) -> Result<NodeSet> {
         match *self {
-            NumaPolicy::Bind(set) | NumaPolicy::Interleave(set) => set,
-            // Out of range, it names node 63, which `check` refuses first.
-            NumaPolicy::Preferred(node) => NodeSet(1 << node.min(MAX_NODES - 1)),
+            NumaPolicy::Bind(set) | NumaPolicy::Interleave(set) => Ok(set),
+            NumaPolicy::Preferred(node) => NodeSet::new(&[node]),
         }
     }
 
-    /// Checks that every node it names is online on this host
-    /// (`/sys/devices/system/node/online`).
+    /// Checks that every node it names has memory this process may allocate on
+    /// ([`usable_nodes`]): a node that is offline, has no memory, or lies outside the
+    /// process's cpuset would make `mbind` fail, or (interleaved with usable ones) be
+    /// skipped without a word.
     ///
     /// # Errors
     ///
     /// [`Error::NodeOutOfRange`] for a preferred node of [`MAX_NODES`] or more;
-    /// [`Error::NoSuchNode`] for a node the host does not have online; [`Error::Numa`]
-    /// if the online nodes cannot be read.
+    /// [`Error::NoSuchNode`] for a node that is not usable here; [`Error::Numa`] if the
+    /// usable nodes cannot be read.
     pub fn check(&self) -> Result<()> {
-        if let NumaPolicy::Preferred(node) = *self {
-            if node >= MAX_NODES {
-                return Err(Error::NodeOutOfRange { node });
-            }
-        }
-        let online = online_nodes()?;
-        match self.nodes().nodes().find(|n| !online.contains(n)) {
-            Some(node) => Err(Error::NoSuchNode { node, online }),
+        let nodes = self.nodes()?;
+        let usable = usable_nodes()?;
+        let missing = nodes.nodes().find(|n| !usable.contains(n));
+        match missing {
+            Some(node) => Err(Error::NoSuchNode {
+                node,
+                online: usable,
+            }),
             None => Ok(()),
         }
     }
@@ -152,8 +160,7 @@ impl NumaPolicy {
     pub fn apply(&self, mapping: &MmapRegion) -> Result<()> {
         let (mode, mask) = match *self {
             NumaPolicy::Bind(set) => (libc::MPOL_BIND, set.0),
-            NumaPolicy::Preferred(node) if node < MAX_NODES => (libc::MPOL_PREFERRED, 1u64 << node),
-            NumaPolicy::Preferred(node) => return Err(Error::NodeOutOfRange { node }),
+            NumaPolicy::Preferred(_) => (libc::MPOL_PREFERRED, self.nodes()?.0),
             NumaPolicy::Interleave(set) => (libc::MPOL_INTERLEAVE, set.0),
         };
         // SAFETY: mbind reads `MAX_NODES` bits from `mask`, a live u64, and changes only
@@ -187,7 +194,8 @@ impl NumaPolicy {
 ///
 /// # Errors
 ///
-/// [`Error::Numa`] with the kernel's errno (`EFAULT` for an address not mapped).
+/// [`Error::Numa`] with the kernel's errno (`EFAULT` for an address not mapped, `ENOSYS`
+/// on a kernel without NUMA).
 pub fn node_of_page(addr: usize) -> Result<u32> {
     let mut node: libc::c_int = -1;
     // SAFETY: get_mempolicy writes one int to `node`, which lives; with a null mask and
@@ -245,37 +253,85 @@ fn parse_node_list(text: &str) -> Option<Vec<u32>> {
         match part.split_once('-') {
             Some((lo, hi)) => {
                 let (lo, hi): (u32, u32) = (lo.parse().ok()?, hi.parse().ok()?);
-                if hi < lo || hi >= MAX_NODES {
+                if hi < lo || hi - lo > 1 << 16 {
                     return None;
                 }
                 nodes.extend(lo..=hi);
             }
-            None => nodes.push(part.parse().ok().filter(|n| *n < MAX_NODES)?),
+            None => nodes.push(part.parse().ok()?),
         }
     }
     Some(nodes)
 }
 
-/// The node of the CPU the calling thread runs on (`getcpu(2)`).
-fn current_node() -> Result<u32> {
-    let (mut cpu, mut node): (libc::c_uint, libc::c_uint) = (0, 0);
-    // SAFETY: getcpu writes one unsigned int to each of the two pointers, which live; the
-    // third (a cache the kernel ignores) is null.
+/// The nodes this process may place memory on: those with memory
+/// (`/sys/devices/system/node/has_memory`, or `online` on kernels without it) that its
+/// cpuset allows (`get_mempolicy(MPOL_F_MEMS_ALLOWED)`). On a kernel without NUMA, node 0.
+///
+/// # Errors
+///
+/// [`Error::Numa`] if the nodes cannot be read.
+pub fn usable_nodes() -> Result<Vec<u32>> {
+    let with_memory = match std::fs::read_to_string("/sys/devices/system/node/has_memory") {
+        Ok(text) => parse_node_list(text.trim()).ok_or(Error::Numa {
+            op: "parse /sys/devices/system/node/has_memory",
+            source: errno::Error::new(libc::EINVAL),
+        })?,
+        Err(_) => online_nodes()?,
+    };
+    let mut allowed = [0u64; 16];
+    // SAFETY: with MPOL_F_MEMS_ALLOWED, get_mempolicy writes the allowed nodes into
+    // `allowed` (1,024 bits, its whole length, as maxnode says) and nothing else; the
+    // mode pointer and the address are null.
     let ret = unsafe {
         libc::syscall(
-            libc::SYS_getcpu,
-            &mut cpu as *mut libc::c_uint,
-            &mut node as *mut libc::c_uint,
-            std::ptr::null_mut::<libc::c_void>(),
+            libc::SYS_get_mempolicy,
+            std::ptr::null_mut::<libc::c_int>(),
+            allowed.as_mut_ptr(),
+            (allowed.len() * 64) as libc::c_ulong,
+            std::ptr::null::<u8>(),
+            MPOL_F_MEMS_ALLOWED,
+        )
+    };
+    if ret != 0 {
+        let e = errno::Error::last();
+        // A kernel without NUMA: one node.
+        if e.errno() == libc::ENOSYS {
+            return Ok(vec![0]);
+        }
+        return Err(Error::Numa {
+            op: "get_mempolicy(MPOL_F_MEMS_ALLOWED)",
+            source: e,
+        });
+    }
+    let is_allowed = |n: u32| {
+        let n = n as usize;
+        n < allowed.len() * 64 && allowed[n / 64] & (1 << (n % 64)) != 0
+    };
+    Ok(with_memory.into_iter().filter(|n| is_allowed(*n)).collect())
+}
+
+/// Sets the calling thread's own memory policy to `MPOL_BIND` on `node`
+/// (`set_mempolicy(2)`).
+fn bind_thread_to(node: u32) -> Result<()> {
+    let mask = NodeSet::new(&[node])?.0;
+    // SAFETY: set_mempolicy reads `MAX_NODES` bits from `mask`, a live u64, and changes
+    // only the calling thread's policy.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_set_mempolicy,
+            libc::MPOL_BIND,
+            &mask as *const u64,
+            libc::c_ulong::from(MAX_NODES) + 1,
         )
     };
     if ret != 0 {
         return Err(Error::Numa {
-            op: "getcpu",
+            op: "set_mempolicy",
             source: errno::Error::last(),
         });
     }
-    Ok(node)
+    Ok(())
 }
 
 /// Whether this host's guest_memfd follows a memory policy set through its mapping.
@@ -291,8 +347,9 @@ pub enum NumaSupport {
         /// The node the page landed on.
         landed: u32,
     },
-    /// The host has a single NUMA node: every page lands on it whatever the policy, so
-    /// support cannot be told (and does not matter).
+    /// This process may place memory on a single NUMA node ([`usable_nodes`]): every
+    /// page lands on it whatever the policy, so support cannot be told (and does not
+    /// matter; a policy is then not set at all).
     SingleNode,
     /// The VM cannot make a mappable guest_memfd (`MMAP | INIT_SHARED`), so no policy can
     /// be set through a mapping.
@@ -304,39 +361,48 @@ impl fmt::Display for NumaSupport {
         match self {
             NumaSupport::Honoured => f.write_str("honoured (a page landed on the node its policy named)"),
             NumaSupport::Ignored { asked, landed } => write!(f, "ignored (a page bound to node {asked} landed on node {landed}; Linux 6.19+ applies it)"),
-            NumaSupport::SingleNode => f.write_str("cannot tell: this host has one NUMA node"),
+            NumaSupport::SingleNode => f.write_str("cannot tell: this process may use one NUMA node only"),
             NumaSupport::NoMapping => f.write_str("no mappable guest_memfd (MMAP | INIT_SHARED) on this VM to set it through"),
         }
     }
 }
 
 /// Finds out by behaviour whether `vm`'s guest_memfd follows a memory policy: a page of
-/// a new one-page guest_memfd is bound to an online node other than the caller's, faulted
-/// in, and looked up ([`node_of_page`]).
+/// a new one-page guest_memfd is bound through its mapping to one usable node and faulted
+/// in by a thread whose own policy binds it to another, then looked up
+/// ([`node_of_page`]). Only a kernel that applies the mapping's policy puts the page on
+/// the first; one that ignores it follows the thread's.
 ///
 /// # Errors
 ///
 /// The file layer's error if the probe's guest_memfd cannot be created or mapped, and
 /// [`Error::Numa`] if a NUMA call fails.
 pub fn numa_policy_support(vm: &(impl VmOps + ?Sized)) -> Result<NumaSupport> {
-    let online = online_nodes()?;
-    if online.len() < 2 {
+    let usable = usable_nodes()?;
+    let (Some(&asked), Some(&other)) = (usable.first(), usable.get(1)) else {
         return Ok(NumaSupport::SingleNode);
-    }
+    };
     let wanted = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
     if !crate::memfd::supported_flags(vm).contains(wanted) {
         return Ok(NumaSupport::NoMapping);
     }
-    let here = current_node()?;
-    let asked = online
-        .iter()
-        .copied()
-        .find(|n| *n != here)
-        .unwrap_or(online[0]);
     let probe = GuestMemfd::create(vm, PAGE_SIZE, wanted)?;
     let mapping = probe.map_range(PageRange::new(0, PAGE_SIZE)?)?;
     NumaPolicy::Bind(NodeSet::new(&[asked])?).apply(&mapping)?;
-    let landed = node_of_page(mapping.as_ptr() as usize)?;
+    let addr = mapping.as_ptr() as usize;
+    // The fault happens on a thread of its own, so the caller's policy stays as it was.
+    let landed = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                bind_thread_to(other)?;
+                node_of_page(addr)
+            })
+            .join()
+            .unwrap_or(Err(Error::Numa {
+                op: "the probe thread",
+                source: errno::Error::new(libc::EIO),
+            }))
+    })?;
     Ok(if landed == asked {
         NumaSupport::Honoured
     } else {
@@ -354,7 +420,8 @@ mod tests {
         assert_eq!(parse_node_list("0-1"), Some(vec![0, 1]));
         assert_eq!(parse_node_list("0,2-3"), Some(vec![0, 2, 3]));
         assert_eq!(parse_node_list(""), Some(vec![]));
-        for bad in ["x", "1-0", "0-64", "64", "-1", "0-"] {
+        assert_eq!(parse_node_list("64"), Some(vec![64]));
+        for bad in ["x", "1-0", "-1", "0-", "0-99999999"] {
             assert_eq!(parse_node_list(bad), None, "{bad}");
         }
     }
@@ -379,7 +446,7 @@ mod tests {
 
     #[test]
     fn a_policy_naming_a_node_the_host_lacks_is_refused() {
-        let online = online_nodes().unwrap();
+        let online = usable_nodes().unwrap();
         let missing = (0..MAX_NODES).find(|n| !online.contains(n)).unwrap();
         let err = NumaPolicy::Bind(NodeSet::new(&[0, missing]).unwrap())
             .check()
@@ -393,5 +460,9 @@ mod tests {
             Err(Error::NodeOutOfRange { .. })
         ));
         NumaPolicy::Preferred(online[0]).check().unwrap();
+        assert!(matches!(
+            NumaPolicy::Preferred(100).nodes(),
+            Err(Error::NodeOutOfRange { node: 100 })
+        ));
     }
 }

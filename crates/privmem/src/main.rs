@@ -142,14 +142,12 @@ fn write_table(out: &mut impl Write, report: &Report) -> io::Result<()> {
     )?;
     writeln!(out)?;
     match &report.numa_policy {
-        Some(support) => writeln!(
+        Some(Ok(support)) => writeln!(
             out,
             "NUMA policy of guest_memfd (mbind on its mapping): {support}"
         )?,
-        None => writeln!(
-            out,
-            "NUMA policy of guest_memfd: not probed (no mappable guest_memfd could be made)"
-        )?,
+        Some(Err(e)) => writeln!(out, "NUMA policy of guest_memfd: the probe failed: {e}")?,
+        None => writeln!(out, "NUMA policy of guest_memfd: not probed")?,
     }
     Ok(())
 }

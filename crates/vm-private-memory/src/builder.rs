@@ -149,8 +149,10 @@ impl MemoryBuilder {
     /// on the region's guest_memfd through its mapping (`mbind`) before any page is
     /// allocated, and guest_memfd applies it to every page it allocates there, whether
     /// the guest or the host touches it first, and again after a conversion punched a
-    /// page. The build checks that the nodes are online and, by behaviour, that the
-    /// kernel applies the policy ([`guest_memfd::numa_policy_support`]).
+    /// page. The build checks that the nodes have memory this process may use and, by
+    /// behaviour, that the kernel applies the policy
+    /// ([`guest_memfd::numa_policy_support`]); where a single node is usable, every page
+    /// lands on it and no policy is set.
     ///
     /// The dual strategy refuses it: its guest_memfd has no mapping to carry a policy
     /// ([`UnavailableReason::NumaPolicyNeedsInPlace`] says what to do instead).
@@ -445,7 +447,11 @@ impl MemoryBuilder {
         }
         let mut shared_backings = std::mem::take(&mut self.shared_backings);
         check_shared_backings(strategy, &self.regions, &shared_backings)?;
-        check_policies(strategy, &*self.vm, &self.policies)?;
+        // With a single usable node every page lands there anyway: no policy is set (a
+        // kernel without NUMA has no mbind to set it with).
+        if !check_policies(strategy, &*self.vm, &self.policies)? {
+            self.policies.iter_mut().for_each(|p| *p = None);
+        }
         let host_limit = if caps.nr_memslots > 0 {
             caps.nr_memslots
         } else {
@@ -562,15 +568,16 @@ fn check_shared_backings(
 }
 
 /// Checks the regions' NUMA policies before anything is created: the in-place strategy
-/// only, nodes online, and a kernel that applies them (probed once, by behaviour).
+/// only, nodes this process may use, and a kernel that applies them (probed once, by
+/// behaviour). Says whether to set them: not where a single node is usable.
 fn check_policies(
     strategy: Strategy,
     vm: &dyn VmOps,
     policies: &[Option<NumaPolicy>],
-) -> Result<()> {
+) -> Result<bool> {
     let mut given = policies.iter().flatten().peekable();
     if given.peek().is_none() {
-        return Ok(());
+        return Ok(false);
     }
     if strategy != Strategy::InPlace {
         return Err(Error::StrategyUnavailable {
@@ -582,7 +589,8 @@ fn check_policies(
         policy.check()?;
     }
     match guest_memfd::numa_policy_support(vm)? {
-        NumaSupport::Honoured | NumaSupport::SingleNode => Ok(()),
+        NumaSupport::Honoured => Ok(true),
+        NumaSupport::SingleNode => Ok(false),
         support => Err(Error::NumaPolicyIgnored { support }),
     }
 }

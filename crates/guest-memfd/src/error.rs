@@ -207,12 +207,12 @@ pub enum Error {
     },
     /// A NUMA node this process cannot place memory on: offline, without memory, or
     /// outside its cpuset.
-    #[error("NUMA node {node} is not a node this process may place memory on, which are {online:?} (online nodes with memory, within its cpuset): name only those")]
+    #[error("NUMA node {node} is not a node this process may place memory on, which are {usable:?} (online nodes with memory, within its cpuset): name only those")]
     NoSuchNode {
         /// The node given.
         node: u32,
         /// The nodes this process may use ([`crate::usable_nodes`]).
-        online: Vec<u32>,
+        usable: Vec<u32>,
     },
     /// A NUMA system call (`mbind`, `get_mempolicy`, `getcpu`) or reading the host's
     /// nodes failed.

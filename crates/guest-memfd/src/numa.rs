@@ -141,10 +141,7 @@ impl NumaPolicy {
         let usable = usable_nodes()?;
         let missing = nodes.nodes().find(|n| !usable.contains(n));
         match missing {
-            Some(node) => Err(Error::NoSuchNode {
-                node,
-                online: usable,
-            }),
+            Some(node) => Err(Error::NoSuchNode { node, usable }),
             None => Ok(()),
         }
     }

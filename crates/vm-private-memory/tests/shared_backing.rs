@@ -300,3 +300,27 @@ fn memfd_of_size(size: u64, sealable: bool) -> File {
     file.set_len(size).unwrap();
     file
 }
+
+#[test]
+fn a_numa_policy_is_refused_by_the_dual_strategy_before_anything_is_bound() {
+    // The dual strategy's guest_memfd has no mapping to carry a policy (on the attribute
+    // stand-in, as the other dual tests here).
+    let vm = vm();
+    let policy = guest_memfd::NumaPolicy::Preferred(0);
+    let err = MemoryBuilder::new(RecordingVm::new(vm.clone()))
+        .region_at_with_policy(0, MIB2, policy)
+        .strategy(Strategy::Dual)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::StrategyUnavailable {
+                reason: UnavailableReason::NumaPolicyNeedsInPlace,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(gpa_is_free(&vm, pr(0, MIB2)));
+}

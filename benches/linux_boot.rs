@@ -2,7 +2,9 @@
 
 //! Boot time of a stock Linux kernel on private memory against the same kernel on
 //! shared memory, on each strategy the kernel has (dual; in place on 7.x, also with
-//! kvmclock): from `LinuxVm::new` (VM, memory, loading) to the guest's marker line.
+//! kvmclock), and against the ordinary VM on plain anonymous memory (vm-memory's
+//! `GuestMemoryMmap`, with and without kvmclock): from `LinuxVm::new` (VM, memory,
+//! loading) to the guest's marker line.
 //!
 //! Runs inside the nested lab (`bash fixtures/lab/run.sh --bench`), the only place our
 //! machines boot Linux; elsewhere it prints SKIPPED and measures nothing.
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use guest_memfd::Capabilities;
 use integration::linux::{
-    lab_guest_images, LinuxConfig, LinuxVm, Ram, GUEST_UP_MARKER, LAB_CMDLINE,
+    lab_guest_images, GuestRam, LinuxConfig, LinuxVm, Ram, GUEST_UP_MARKER, LAB_CMDLINE,
 };
 use integration::Error;
 use vm_private_memory::Strategy;
@@ -22,10 +24,13 @@ const RAM_SIZE: u64 = 256 << 20;
 /// Boots once to the marker; a boot that hangs (its timer interrupts stop, now and then
 /// in the lab, on shared memory as on private, see tests/linux_boot.rs) is not timed,
 /// reported on stderr, and tried again, up to three times.
-fn boot_to_marker(config: &LinuxConfig) -> Duration {
+fn boot_to_marker<M: GuestRam>(
+    config: &LinuxConfig,
+    new: fn(&LinuxConfig) -> integration::Result<LinuxVm<M>>,
+) -> Duration {
     for attempt in 1..=3 {
         let start = Instant::now();
-        let mut vm = LinuxVm::new(config).expect("the guest loads");
+        let mut vm = new(config).expect("the guest loads");
         let mut marker = None;
         match vm.run(Duration::from_secs(90), |line, _| {
             if marker.is_none() && line.contains(GUEST_UP_MARKER) {
@@ -64,19 +69,32 @@ fn linux_boot(c: &mut Criterion) {
     // KVM's paravirtual structures (kvmclock), which only in-place memory can keep.
     let mut cases = Vec::new();
     if dual {
-        cases.push(("dual/private", Strategy::Dual, Ram::Private, false));
-        cases.push(("dual/shared", Strategy::Dual, Ram::Shared, false));
+        cases.push(("dual/private", Some(Strategy::Dual), Ram::Private, false));
+        cases.push(("dual/shared", Some(Strategy::Dual), Ram::Shared, false));
     }
     if in_place {
-        cases.push(("in-place/private", Strategy::InPlace, Ram::Private, false));
-        cases.push(("in-place/shared", Strategy::InPlace, Ram::Shared, false));
+        cases.push((
+            "in-place/private",
+            Some(Strategy::InPlace),
+            Ram::Private,
+            false,
+        ));
+        cases.push((
+            "in-place/shared",
+            Some(Strategy::InPlace),
+            Ram::Shared,
+            false,
+        ));
         cases.push((
             "in-place/private-kvmclock",
-            Strategy::InPlace,
+            Some(Strategy::InPlace),
             Ram::Private,
             true,
         ));
     }
+    // The ordinary VM on anonymous memory, without and with kvmclock: the peer of both.
+    cases.push(("anonymous", None, Ram::Shared, false));
+    cases.push(("anonymous-kvmclock", None, Ram::Shared, true));
     let mut group = c.benchmark_group("linux_boot_256MiB");
     group.sampling_mode(SamplingMode::Flat);
     for (name, strategy, ram, paravirt) in cases {
@@ -88,10 +106,17 @@ fn linux_boot(c: &mut Criterion) {
             ram,
             echo_console: false,
             paravirt,
-            strategy: Some(strategy),
+            strategy,
         };
         group.bench_function(name, |b| {
-            b.iter_custom(|iters| (0..iters).map(|_| boot_to_marker(&config)).sum())
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| match strategy {
+                        Some(_) => boot_to_marker(&config, LinuxVm::new),
+                        None => boot_to_marker(&config, LinuxVm::new_anonymous),
+                    })
+                    .sum()
+            })
         });
     }
     group.finish();

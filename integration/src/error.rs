@@ -118,6 +118,14 @@ pub enum Error {
         /// The last part of its console.
         console_tail: String,
     },
+    /// Guest RAM of a size the machine cannot have.
+    #[error("guest RAM of {size:#x} bytes: {why}")]
+    RamSize {
+        /// The size asked for.
+        size: u64,
+        /// What is wrong with it, and the limit.
+        why: &'static str,
+    },
     /// KVM's paravirtual structures asked for on the dual strategy's private RAM.
     #[error("KVM's paravirtual structures (LinuxConfig::paravirt) need in-place memory: with the dual strategy KVM writes them into the shared side of private pages, where the guest never reads")]
     ParavirtNeedsInPlace,

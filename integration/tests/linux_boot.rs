@@ -3,8 +3,8 @@
 //! A stock Linux kernel (Debian's cloud kernel) booted by our harness with linux-loader,
 //! its RAM in guest_memfd: private except for the pages the host loads, as a TDX or
 //! SEV-SNP guest's is; it powers off through ACPI. And the same guest on all-shared
-//! memory, the peer, which reboots. Both print `LINUX-BOOT` lines with their times and
-//! what the host saw at the guest's marker.
+//! memory, and on plain anonymous memory (an ordinary VM), the peers, which reboot. Each
+//! prints a `LINUX-BOOT` line with its times and what the host saw at the guest's marker.
 //!
 //! Runs in the nested lab, which puts the kernel and a busybox initramfs at
 //! `/lab/guest/` (or `$PRIVMEM_LINUX_KERNEL`, `$PRIVMEM_LINUX_INITRD`): on the dual
@@ -21,7 +21,7 @@ use integration::linux::{
     GUEST_UP_MARKER, LAB_CMDLINE,
 };
 use integration::Error;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use vm_private_memory::{private_page_refusal, PageState, PrivateMemoryManager, Strategy};
 
 const RAM_SIZE: u64 = 256 << 20;
@@ -330,4 +330,75 @@ fn a_stock_linux_kernel_boots_without_kvmclock_on_dual_private_memory() {
         LinuxVm::new(&config),
         Err(Error::ParavirtNeedsInPlace)
     ));
+}
+
+/// The peer every boot is measured against: the same guest in an ordinary VM on plain
+/// anonymous memory (vm-memory's `GuestMemoryMmap`), no guest_memfd anywhere. It
+/// reboots, and the host reads every page of its RAM at the marker.
+#[test]
+fn the_same_kernel_boots_on_anonymous_memory_the_ordinary_vm() {
+    let test = "the_same_kernel_boots_on_anonymous_memory_the_ordinary_vm";
+    let Some((kernel, initrd)) = lab_or_skip(test) else {
+        return;
+    };
+    let cmdline = format!("{LAB_CMDLINE} privmem_stop=reboot");
+    let config = LinuxConfig {
+        kernel: &kernel,
+        initrd: &initrd,
+        cmdline: &cmdline,
+        ram_size: RAM_SIZE,
+        ram: Ram::Shared,
+        echo_console: true,
+        paravirt: false,
+        strategy: None,
+    };
+    for attempt in 1..=ATTEMPTS {
+        let mut vm = LinuxVm::new_anonymous(&config).unwrap();
+        let start = Instant::now();
+        let mut seen = None;
+        let run = vm.run(DEADLINE, |line, memory: &GuestMemoryMmap| {
+            if !line.contains(GUEST_UP_MARKER) || seen.is_some() {
+                return;
+            }
+            let readable = (0..RAM_SIZE)
+                .step_by(PAGE_SIZE as usize)
+                .filter(|&gpa| memory.read_obj::<u64>(GuestAddress(gpa)).is_ok())
+                .count() as u64;
+            seen = Some((
+                start.elapsed().as_secs_f64(),
+                used_kib(line),
+                clocksource(line),
+                readable,
+            ));
+        });
+        let run = match run {
+            Err(Error::Timeout { exits, rip, .. }) if attempt < ATTEMPTS => {
+                println!(
+                    "LINUX-BOOT-HUNG ram=Anonymous attempt={attempt} exits={exits} rip={rip:#x} \
+                     marker_seen={}",
+                    seen.is_some()
+                );
+                continue;
+            }
+            run => run.unwrap_or_else(|e| panic!("boot {attempt} on anonymous memory: {e}")),
+        };
+        let (seconds, used_kib, clocksource, readable) = seen
+            .unwrap_or_else(|| panic!("no {GUEST_UP_MARKER}; console:\n{}", vm.console().text()));
+        println!(
+            "LINUX-BOOT ram=Anonymous marker_s={seconds:.2} stop_s={:.2} exits={} \
+             used_kib={used_kib} readable_pages={readable} clocksource={clocksource}",
+            run.elapsed.as_secs_f64(),
+            run.exits,
+        );
+        assert_eq!(
+            run.exit,
+            LinuxExit::Reset,
+            "the guest's reboot is a clean stop"
+        );
+        assert_eq!(run.memory_faults, 0);
+        assert!(used_kib > 0);
+        assert_eq!(readable * PAGE_SIZE, RAM_SIZE, "every page is the host's");
+        assert_ne!(clocksource, "kvm-clock", "paravirt is off");
+        return;
+    }
 }

@@ -17,7 +17,7 @@ use integration::linux::{
 };
 use integration::Error;
 use linux_loader::loader::bootparam::boot_params;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 use vm_private_memory::{private_page_refusal, PageState};
 use vmm_sys_util::tempfile::TempFile;
 
@@ -364,4 +364,61 @@ fn bad_inputs_are_errors_that_say_what_is_wrong() {
     })
     .expect_err("no RAM is refused");
     assert!(matches!(err, Error::Backend(_)), "{err}");
+}
+
+/// The ordinary VM, the peer of private memory: the same machine on vm-memory's plain
+/// anonymous memory. The stand-in runs to its reset, and the host reads every page,
+/// loaded or not (on private RAM a page nobody loaded is refused, above).
+#[test]
+fn the_same_machine_runs_on_anonymous_memory() {
+    let images = images(&print_then(b"plain\n", &RESET), 4096);
+    let mut vm = LinuxVm::new_anonymous(&config(&images, Ram::Private, CMDLINE)).unwrap();
+    let mut lines = Vec::new();
+    let run = vm
+        .run(Duration::from_secs(60), |line, memory: &GuestMemoryMmap| {
+            assert_eq!(memory.num_regions(), 1);
+            lines.push(line.to_owned());
+        })
+        .unwrap();
+    assert_eq!(run.exit, LinuxExit::Reset);
+    assert_eq!(lines, ["plain"]);
+    assert_eq!(run.memory_faults, 0);
+    let ram = vm.memory();
+    for gpa in (0..RAM_SIZE).step_by(PAGE_SIZE as usize) {
+        ram.read_obj::<u64>(GuestAddress(gpa))
+            .unwrap_or_else(|e| panic!("page {gpa:#x}: {e}"));
+    }
+    // The loader wrote the same boot parameters it writes into private memory.
+    let params: boot_params = ram.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+    assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
+    assert_eq!(vm.host_written().len(), 4);
+}
+
+#[test]
+fn anonymous_ram_of_a_size_the_machine_cannot_have_is_refused() {
+    let good = images(&RESET, 4096);
+    for (size, what) in [
+        (0, "no RAM"),
+        (RAM_SIZE + 100, "whole number"),
+        ((3 << 30) + PAGE_SIZE, "MMIO hole"),
+        (u64::MAX - (PAGE_SIZE - 1), "MMIO hole"),
+    ] {
+        let err = LinuxVm::new_anonymous(&LinuxConfig {
+            ram_size: size,
+            ..config(&good, Ram::Shared, CMDLINE)
+        })
+        .expect_err("refused");
+        assert!(
+            matches!(err, Error::RamSize { size: s, .. } if s == size),
+            "{size:#x}: {err}"
+        );
+        assert!(err.to_string().contains(what), "{err}");
+    }
+    let missing = std::path::Path::new("/nonexistent/privmem/vmlinuz");
+    let err = LinuxVm::new_anonymous(&LinuxConfig {
+        kernel: missing,
+        ..config(&good, Ram::Shared, CMDLINE)
+    })
+    .expect_err("a missing kernel is an error");
+    assert!(matches!(err, Error::BootFile { .. }), "{err}");
 }

@@ -13,6 +13,8 @@
 //! S5, and an e820 map of the memory's layout. CPUID hides XSAVE and KVM's paravirtual
 //! structures ([`guest_cpuid`]); the TSC's frequency goes on the command line.
 //! [`LinuxVm::run`] runs the guest until it resets or powers off, or a deadline passes.
+//! [`LinuxVm::new_anonymous`] builds the same machine as an ordinary VM on plain
+//! anonymous memory (vm-memory's `GuestMemoryMmap`), the peer boots are measured against.
 //!
 //! ```no_run
 //! use std::path::Path;
@@ -46,16 +48,16 @@ mod boot;
 mod cmos;
 mod devices;
 mod vcpu;
+mod watchdog;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guest_memfd::PageRange;
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
-use vm_memory::GuestAddressSpace;
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 use vm_private_memory::{MemoryBuilder, PageState, PrivateMemoryManager, Strategy};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -68,6 +70,7 @@ pub use vcpu::guest_cpuid;
 
 use crate::error::{Error, Result};
 use crate::guest::private_memory_vm;
+use watchdog::Watchdog;
 
 /// What the lab's guest init (`fixtures/lab/guest-init`) prints once it runs, followed
 /// by `kernel=`, `total_kib=` and `used_kib=` (MemTotal - MemFree); then it reboots.
@@ -101,7 +104,8 @@ const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 pub enum Ram {
     /// Every page private except what the host loads: the confidential guest.
     Private,
-    /// Every page shared: the same guest as an ordinary VM's, the peer to compare with.
+    /// Every page shared, still in the strategy's memory (guest_memfd in place, the
+    /// sealed memfd with dual): the peer that isolates the cost of private pages.
     Shared,
 }
 
@@ -160,30 +164,55 @@ pub struct LinuxRun {
     pub memory_faults: u64,
 }
 
-/// A one-vCPU Linux guest, loaded and ready to run.
+/// The RAM a [`LinuxVm`] runs on: `vm-private-memory`'s [`PrivateMemoryManager`], or
+/// vm-memory's plain [`GuestMemoryMmap`] on anonymous memory (the ordinary VM, the peer
+/// to compare with). Sealed: these two only.
+pub trait GuestRam: sealed::Sealed + std::fmt::Debug {
+    /// The private memory, which serves `KVM_EXIT_MEMORY_FAULT`; `None` for anonymous
+    /// memory, where such an exit is unexpected.
+    fn private_memory(&self) -> Option<&PrivateMemoryManager>;
+}
+
+impl GuestRam for Arc<PrivateMemoryManager> {
+    fn private_memory(&self) -> Option<&PrivateMemoryManager> {
+        Some(self)
+    }
+}
+
+impl GuestRam for GuestMemoryMmap {
+    fn private_memory(&self) -> Option<&PrivateMemoryManager> {
+        None
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for std::sync::Arc<vm_private_memory::PrivateMemoryManager> {}
+    impl Sealed for vm_memory::GuestMemoryMmap {}
+}
+
+/// A one-vCPU Linux guest, loaded and ready to run, on private memory
+/// ([`LinuxVm::new`]) or on plain anonymous memory ([`LinuxVm::new_anonymous`]).
 #[derive(Debug)]
-pub struct LinuxVm {
-    memory: Arc<PrivateMemoryManager>,
+pub struct LinuxVm<M: GuestRam = Arc<PrivateMemoryManager>> {
+    // The vCPU goes before the memory its slot maps.
     vcpu: VcpuFd,
+    memory: M,
     devices: LegacyDevices,
     console: ConsoleLog,
     host_written: Vec<PageRange>,
 }
 
-impl LinuxVm {
-    /// Creates the VM (`KVM_X86_SW_PROTECTED_VM` where the host has memory attributes),
-    /// its RAM, devices and vCPU, and loads the kernel.
-    pub fn new(config: &LinuxConfig) -> Result<Self> {
-        let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
-        let vm = Arc::new(match config.strategy {
-            None => private_memory_vm(&kvm)?,
-            Some(Strategy::InPlace) => kvm
-                .create_vm()
-                .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?,
-            Some(_) => kvm
-                .create_vm_with_type(kvm_bindings::KVM_X86_SW_PROTECTED_VM.into())
-                .map_err(|e| Error::Kvm("KVM_CREATE_VM(KVM_X86_SW_PROTECTED_VM)", e))?,
-        });
+/// A VM with its irqchip, PIT and boot vCPU, before it has memory.
+struct Machine {
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    vcpu: VcpuFd,
+    boot_args: Vec<String>,
+}
+
+impl Machine {
+    fn new(kvm: Kvm, vm: VmFd, cmdline: &str) -> Result<Self> {
         vm.set_tss_address(KVM_TSS_ADDR as usize)
             .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
         vm.create_irq_chip()
@@ -194,18 +223,70 @@ impl LinuxVm {
         };
         vm.create_pit2(pit)
             .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
-
         // The vCPU comes first: its TSC frequency goes on the command line.
         let vcpu = vm
             .create_vcpu(0)
             .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
-        let boot_args = tsc_khz_arg(config.cmdline, &vcpu)?;
+        let boot_args = tsc_khz_arg(cmdline, &vcpu)?;
+        Ok(Machine {
+            kvm,
+            vm: Arc::new(vm),
+            vcpu,
+            boot_args,
+        })
+    }
+
+    /// Loads the guest into `ram` (whose layout `regions` gives), wires the console's
+    /// interrupt and puts the vCPU at the kernel's entry point.
+    fn boot<M: GuestRam>(
+        self,
+        config: &LinuxConfig,
+        images: boot::BootImages,
+        ram: &impl GuestMemoryBackend,
+        regions: &[PageRange],
+        memory: M,
+        host_written: Vec<PageRange>,
+    ) -> Result<LinuxVm<M>> {
+        let e820 = e820_map(regions);
+        let entry = images.load(ram, config.cmdline, &self.boot_args, &e820)?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e))?;
+        self.vm
+            .register_irqfd(&irq, COM1_IRQ)
+            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        let console = ConsoleLog::new(config.echo_console);
+        let devices = LegacyDevices::new(irq, console.clone());
+        vcpu::enter_linux(&self.kvm, &self.vcpu, entry, BOOT_STACK, config.paravirt)?;
+        Ok(LinuxVm {
+            vcpu: self.vcpu,
+            memory,
+            devices,
+            console,
+            host_written,
+        })
+    }
+}
+
+impl LinuxVm {
+    /// Creates the VM (`KVM_X86_SW_PROTECTED_VM` where the host has memory attributes),
+    /// its RAM, devices and vCPU, and loads the kernel.
+    pub fn new(config: &LinuxConfig) -> Result<Self> {
+        let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
+        let vm = match config.strategy {
+            None => private_memory_vm(&kvm)?,
+            Some(Strategy::InPlace) => kvm
+                .create_vm()
+                .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?,
+            Some(_) => kvm
+                .create_vm_with_type(kvm_bindings::KVM_X86_SW_PROTECTED_VM.into())
+                .map_err(|e| Error::Kvm("KVM_CREATE_VM(KVM_X86_SW_PROTECTED_VM)", e))?,
+        };
+        let machine = Machine::new(kvm, vm, config.cmdline)?;
 
         let state = match config.ram {
             Ram::Private => PageState::Private,
             Ram::Shared => PageState::Shared,
         };
-        let builder = MemoryBuilder::new(vm.clone())
+        let builder = MemoryBuilder::new(machine.vm.clone())
             .x86_mmio_hole()
             .region_at(0, config.ram_size)
             .initial_state(state);
@@ -229,30 +310,66 @@ impl LinuxVm {
         for range in &host_written {
             memory.check_host_access(range.start(), range.len())?;
         }
-        let e820 = e820_map(&memory.regions());
-        let entry = images.load(
-            &*memory.memory().memory(),
-            config.cmdline,
-            &boot_args,
-            &e820,
-        )?;
-
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e))?;
-        vm.register_irqfd(&irq, COM1_IRQ)
-            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
-        let console = ConsoleLog::new(config.echo_console);
-        let devices = LegacyDevices::new(irq, console.clone());
-
-        vcpu::enter_linux(&kvm, &vcpu, entry, BOOT_STACK, config.paravirt)?;
-        Ok(LinuxVm {
-            memory: Arc::new(memory),
-            vcpu,
-            devices,
-            console,
+        let regions = memory.regions();
+        let ram = memory.memory();
+        machine.boot(
+            config,
+            images,
+            &*ram.memory(),
+            &regions,
+            Arc::new(memory),
             host_written,
-        })
+        )
     }
+}
 
+impl LinuxVm<GuestMemoryMmap> {
+    /// The same machine as [`LinuxVm::new`]'s on plain anonymous memory: an ordinary VM
+    /// (`KVM_CREATE_VM` of the default type), its RAM one vm-memory [`GuestMemoryMmap`]
+    /// region in one memslot, with no guest_memfd. `config.ram` and `config.strategy`
+    /// describe private memory and do not apply; `config.paravirt` does.
+    ///
+    /// The peer a boot on private memory is measured against (`benches/linux_boot.rs`).
+    pub fn new_anonymous(config: &LinuxConfig) -> Result<Self> {
+        let region = anonymous_ram(config.ram_size)?;
+        let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        let machine = Machine::new(kvm, vm, config.cmdline)?;
+        let images = boot::BootImages::open(config.kernel, config.initrd, config.ram_size)?;
+        let host_written = images.host_written()?;
+        let memory =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), config.ram_size as usize)])
+                .map_err(|e| Error::Io("mmap guest RAM", std::io::Error::other(e)))?;
+        let host = memory
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| Error::Io("guest RAM's host address", std::io::Error::other(e)))?;
+        let slot = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: config.ram_size,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host` is the start of a live anonymous mapping of `ram_size` bytes that
+        // `memory` owns; the returned LinuxVm holds `memory` and drops its vCPU first, and
+        // the guest's accesses go through the host's page tables (KVM follows unmaps), so
+        // no access reaches memory Rust code owns for anything else.
+        unsafe { machine.vm.set_user_memory_region(slot) }
+            .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        machine.boot(
+            config,
+            images,
+            &memory,
+            &[region],
+            memory.clone(),
+            host_written,
+        )
+    }
+}
+
+impl<M: GuestRam> LinuxVm<M> {
     /// Runs the vCPU to its next exit and serves it; `Some` when the guest stopped.
     fn step(&mut self, memory_faults: &mut u64) -> Result<Option<LinuxExit>> {
         let effect = match self.vcpu.run() {
@@ -270,14 +387,17 @@ impl LinuxVm {
             Ok(VcpuExit::Shutdown) => return Ok(Some(LinuxExit::TripleFault)),
             Ok(VcpuExit::SystemEvent(kind, _)) => return Ok(Some(LinuxExit::SystemEvent(kind))),
             Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
-                self.memory.handle_memory_fault(flags, gpa, size)?;
+                let Some(memory) = self.memory.private_memory() else {
+                    let exit = format!("MemoryFault {{ flags: {flags:#x}, gpa: {gpa:#x}, size: {size:#x} }} on anonymous memory");
+                    return Err(self.unexpected_exit(exit));
+                };
+                memory.handle_memory_fault(flags, gpa, size)?;
                 *memory_faults += 1;
                 PortEffect::None
             }
             Ok(other) => {
                 let exit = format!("{other:?}");
-                let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                return Err(Error::UnexpectedExit { exit, rip });
+                return Err(self.unexpected_exit(exit));
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => PortEffect::None,
             Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
@@ -287,6 +407,11 @@ impl LinuxVm {
             PortEffect::PowerOff => Some(LinuxExit::PowerOff),
             PortEffect::None => None,
         })
+    }
+
+    fn unexpected_exit(&self, exit: String) -> Error {
+        let rip = self.vcpu.get_regs().map_or(0, |regs| regs.rip);
+        Error::UnexpectedExit { exit, rip }
     }
 
     fn timeout(&self, deadline: Duration, exits: u64) -> Error {
@@ -299,7 +424,7 @@ impl LinuxVm {
     }
 
     /// The guest's memory.
-    pub fn memory(&self) -> &Arc<PrivateMemoryManager> {
+    pub fn memory(&self) -> &M {
         &self.memory
     }
 
@@ -319,7 +444,7 @@ impl LinuxVm {
     pub fn run(
         &mut self,
         deadline: Duration,
-        mut on_line: impl FnMut(&str, &PrivateMemoryManager),
+        mut on_line: impl FnMut(&str, &M),
     ) -> Result<LinuxRun> {
         let watchdog = Watchdog::start(deadline)?;
         let start = Instant::now();
@@ -350,6 +475,21 @@ impl LinuxVm {
     }
 }
 
+/// `[0, size)` as guest RAM without a guest_memfd: whole pages, some, and below the x86
+/// MMIO hole (which [`LinuxVm::new`]'s builder reserves).
+fn anonymous_ram(size: u64) -> Result<PageRange> {
+    let why = if size == 0 {
+        "no RAM"
+    } else if size % guest_memfd::PAGE_SIZE != 0 {
+        "not a whole number of 4 KiB pages"
+    } else if size > vm_private_memory::X86_MMIO_HOLE.0 {
+        "more than the 3 GiB below the x86 MMIO hole"
+    } else {
+        return Ok(PageRange::new(0, size)?);
+    };
+    Err(Error::RamSize { size, why })
+}
+
 /// `tsc_early_khz=` with the vCPU's TSC frequency, unless `cmdline` sets it.
 ///
 /// The guest gets no kvmclock (see [`guest_cpuid`]); calibrating the TSC against the PIT
@@ -375,70 +515,6 @@ fn tail(text: &str, max: usize) -> String {
         from += 1;
     }
     text[from..].to_owned()
-}
-
-/// Interrupts `KVM_RUN` on the thread that started it once a deadline passes: it sends a
-/// real-time signal (with an empty handler, so the ioctl returns EINTR) every few
-/// milliseconds until the run loop notices, since a signal that lands between two
-/// `KVM_RUN`s is lost. vmm-sys-util registers the handler.
-struct Watchdog {
-    expired: Arc<AtomicBool>,
-    done: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-impl Watchdog {
-    fn start(deadline: Duration) -> Result<Self> {
-        let signal = vmm_sys_util::signal::SIGRTMIN();
-        vmm_sys_util::signal::register_signal_handler(signal, ignore_signal)
-            .map_err(|e| Error::Io("sigaction", std::io::Error::from_raw_os_error(e.errno())))?;
-        // SAFETY: pthread_self has no preconditions and returns the calling thread's id.
-        let target = unsafe { libc::pthread_self() };
-        let expired = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (expired, done) = (Arc::clone(&expired), Arc::clone(&done));
-            std::thread::spawn(move || {
-                let end = Instant::now() + deadline;
-                while !done.load(Ordering::Acquire) {
-                    let now = Instant::now();
-                    if now < end {
-                        // Woken early by Drop, or spuriously: the loop checks again.
-                        std::thread::park_timeout(end - now);
-                        continue;
-                    }
-                    expired.store(true, Ordering::Release);
-                    // SAFETY: `target` is the thread that owns this watchdog; it joins
-                    // this thread before it can exit (Drop), so the id is valid, and the
-                    // signal has a handler that does nothing.
-                    unsafe { libc::pthread_kill(target, signal) };
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            })
-        };
-        Ok(Watchdog {
-            expired,
-            done,
-            thread: Some(thread),
-        })
-    }
-
-    fn expired(&self) -> bool {
-        self.expired.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.done.store(true, Ordering::Release);
-        if let Some(thread) = self.thread.take() {
-            thread.thread().unpark();
-            // The thread only sleeps and signals; it cannot panic.
-            let _ = thread.join();
-        }
-    }
 }
 
 /// The host's `Unevictable` memory (`/proc/meminfo`), in bytes.

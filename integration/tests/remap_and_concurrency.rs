@@ -12,7 +12,7 @@ use std::sync::Arc;
 use guest_memfd::{GuestMemfd, GuestMemfdFlags, PageRange, PAGE_SIZE};
 use integration::{programs, Driver, NoDevice, DATA_ADDR};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vm_private_memory::{PageState, MAP_GPA_RANGE_ENCRYPTED};
+use vm_private_memory::{PageState, KVM_EAGAIN, MAP_GPA_RANGE_ENCRYPTED};
 
 const MIB: u64 = 1 << 20;
 
@@ -96,6 +96,29 @@ fn scenario_4_discard_and_remap_under_a_running_guest() {
 /// that passed its check just before a conversion to private can still be copying when
 /// the guest writes (the window the crate documents for the in-place strategy), and a
 /// test that relied on never hitting that window would be flaky.
+/// How many times a guest asks again after a busy answer before the test gives up.
+const BUSY_RETRIES: u32 = 500;
+
+/// The guest's MapGPA as Linux's TDX and SEV-SNP guests make it: a busy answer
+/// (`-KVM_EAGAIN`, a device still reading pages that were going private, rolled back) is
+/// asked again. Returns the final answer; counts the busy ones in `busy`.
+fn map_until_answered(
+    d: &mut Driver,
+    range: PageRange,
+    attributes: u64,
+    dev: &mut NoDevice,
+    busy: &mut u32,
+) -> u64 {
+    for _ in 0..=BUSY_RETRIES {
+        let answer = d.map(range.start(), range.len(), attributes, dev).unwrap();
+        if answer != KVM_EAGAIN.wrapping_neg() {
+            return answer;
+        }
+        *busy += 1;
+    }
+    panic!("{range}: still busy after {BUSY_RETRIES} retries");
+}
+
 #[test]
 fn scenario_5_two_vcpus_convert_while_a_device_reads() {
     if !private_memory_or_skip("scenario_5_two_vcpus_convert_while_a_device_reads") {
@@ -162,24 +185,23 @@ fn scenario_5_two_vcpus_convert_while_a_device_reads() {
                 let mut d = Driver::new(&mut vcpu, dev).unwrap();
                 let mine = own(i);
                 let private_byte = 0xa0 + i as u8;
-                let mut answers = Vec::new();
+                let (mut answers, mut busy) = (Vec::new(), 0);
                 for round in 0..ROUNDS {
-                    answers.push(
-                        d.map(mine.start(), mine.len(), MAP_GPA_RANGE_ENCRYPTED, dev)
-                            .unwrap(),
-                    );
+                    let encrypted = MAP_GPA_RANGE_ENCRYPTED;
+                    answers.push(map_until_answered(&mut d, mine, encrypted, dev, &mut busy));
                     d.check(mine.start(), mine.len(), 0, dev).unwrap();
                     d.fill(mine.start(), mine.len(), private_byte, dev).unwrap();
-                    answers.push(d.map(mine.start(), mine.len(), 0, dev).unwrap());
+                    answers.push(map_until_answered(&mut d, mine, 0, dev, &mut busy));
                     d.check(mine.start(), mine.len(), 0, dev).unwrap();
                     let attrs = if (round + i as usize) % 2 == 0 {
                         MAP_GPA_RANGE_ENCRYPTED
                     } else {
                         0
                     };
-                    answers.push(d.map(common.start(), common.len(), attrs, dev).unwrap());
+                    answers.push(map_until_answered(&mut d, common, attrs, dev, &mut busy));
                 }
                 d.done(dev).unwrap();
+                println!("SCENARIO-5 vcpu={i} busy_answers={busy}");
                 answers
             })
         })

@@ -6,8 +6,11 @@
 //! kernel that applies a guest_memfd's policy: the nested lab's 7.x L1 has both; our
 //! hosts (one node, 6.18) print SKIPPED with what is missing.
 
+use std::os::fd::AsRawFd;
+
 use guest_memfd::{
-    node_of_page, numa_policy_support, NodeSet, NumaPolicy, NumaSupport, PageRange, PAGE_SIZE,
+    node_of_page, numa_policy_support, Capabilities, GuestMemfd, GuestMemfdFlags, Memslot, NodeSet,
+    NumaPolicy, NumaSupport, PageRange, PAGE_SIZE,
 };
 use integration::{programs, GuestConfig, NoDevice, PrivateGuest, DATA_ADDR};
 use vm_private_memory::{Error, MemoryBuilder, PageState, Strategy, UnavailableReason};
@@ -181,5 +184,188 @@ fn bad_policies_are_refused_before_anything_is_built() {
             .build()
             .unwrap_err();
         assert!(matches!(err, Error::NumaPolicyIgnored { .. }), "{err}");
+    }
+}
+
+/// What a NUMA policy could cover with the dual strategy, measured: a private-capable
+/// VM (`KVM_X86_SW_PROTECTED_VM`) may create a mappable guest_memfd (`MMAP`, never
+/// `INIT_SHARED`), and `mbind` on its mapping takes a policy; but a memslot bound to it
+/// is "guest_memfd only": KVM takes the slot's *shared* pages from the guest_memfd too,
+/// not from `userspace_addr`. A guest writes a shared page and reads its byte back; the
+/// byte is not in the shared side the slot names. So a dual region cannot carry its
+/// policy this way without losing its shared side, and the builder refuses a policy
+/// there ([`UnavailableReason::NumaPolicyNeedsInPlace`]).
+#[test]
+fn a_mappable_guest_memfd_on_a_private_capable_vm_takes_its_shared_pages_too() {
+    let test = "a_mappable_guest_memfd_on_a_private_capable_vm_takes_its_shared_pages_too";
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let Ok(vm) = kvm.create_vm_with_type(kvm_bindings::KVM_X86_SW_PROTECTED_VM.into()) else {
+        println!("SKIPPED {test}: needs KVM_X86_SW_PROTECTED_VM (the nested lab's L1 has it)");
+        return;
+    };
+    let offered = Capabilities::of_vm(&vm).guest_memfd_flags;
+    if !offered.contains(GuestMemfdFlags::MMAP) {
+        println!("SKIPPED {test}: this kernel offers no mappable guest_memfd (GUEST_MEMFD_FLAG_MMAP, Linux 6.18+); it offers {offered}");
+        return;
+    }
+    // INIT_SHARED is for VMs without private memory.
+    assert!(!offered.contains(GuestMemfdFlags::INIT_SHARED), "{offered}");
+    let err = GuestMemfd::create(
+        &vm,
+        WINDOW,
+        GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED,
+    )
+    .expect_err("INIT_SHARED on a private-capable VM");
+    assert!(
+        matches!(err, guest_memfd::Error::UnsupportedFlags { .. }),
+        "{err}"
+    );
+
+    let gmem = GuestMemfd::create(&vm, WINDOW, GuestMemfdFlags::MMAP).unwrap();
+    // Its mapping takes a policy (over the nodes this process may use).
+    let gmem_map = RawMapping::new(WINDOW as usize, libc::MAP_SHARED, gmem.file().as_raw_fd());
+    let node = guest_memfd::usable_nodes().unwrap()[0];
+    let mask: u64 = 1 << node;
+    // SAFETY: mbind only changes the policy of pages in the range, which is our live
+    // mapping of the guest_memfd; `mask` outlives the call and holds 64 node bits.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mbind,
+            gmem_map.addr,
+            WINDOW as usize,
+            2, /* MPOL_BIND */
+            &mask,
+            64u64,
+            0u32,
+        )
+    };
+    assert_eq!(rc, 0, "mbind: {}", std::io::Error::last_os_error());
+
+    // Code in an ordinary slot at 0; the guest_memfd's slot at WINDOW_GPA, its
+    // userspace_addr a separate anonymous mapping: the would-be shared side.
+    let code = RawMapping::new(CODE_SIZE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+    code.write(CODE_GPA as usize, &WRITE_READ_REPORT);
+    let shared_side = RawMapping::new(WINDOW as usize, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+    let code_slot = kvm_bindings::kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: CODE_SIZE as u64,
+        userspace_addr: code.addr as u64,
+    };
+    // SAFETY: `code` stays mapped, for this VM only, until the end of the test, after
+    // the VM (and its vCPU) are dropped: they are declared after it.
+    unsafe { vm.set_user_memory_region(code_slot) }.unwrap();
+    let window = Memslot::new(1, PageRange::new(WINDOW_GPA, WINDOW).unwrap(), &gmem, 0)
+        .unwrap()
+        .with_userspace_addr(shared_side.addr as u64)
+        .unwrap();
+    // SAFETY: as above, for `shared_side`.
+    unsafe { window.bind(&vm) }.unwrap();
+
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    (sregs.cs.base, sregs.cs.selector) = (0, 0);
+    vcpu.set_sregs(&sregs).unwrap();
+    vcpu.set_regs(&kvm_bindings::kvm_regs {
+        rip: CODE_GPA,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let read_back = match vcpu.run().unwrap() {
+        kvm_ioctls::VcpuExit::IoOut(REPORT_PORT, data) => data[0],
+        other => panic!("the guest should report on port {REPORT_PORT:#x}, not {other:?}"),
+    };
+    // The page is shared (no attributes set): the guest read back its own byte...
+    assert_eq!(read_back, MARK, "the guest reads what it wrote");
+    // ...which is not in the shared side: it went to the guest_memfd.
+    assert_eq!(
+        shared_side.read(0),
+        0,
+        "the slot's userspace_addr was bypassed"
+    );
+    println!("MMAP-ON-PRIVATE-VM flags_offered={offered} mbind=ok guest_read_back={read_back:#x} shared_side_byte={:#x}", shared_side.read(0));
+}
+
+/// Where the code goes, and the window the guest writes through (real mode reaches the
+/// first MiB: the window's segment is WINDOW_GPA / 16).
+const CODE_GPA: u64 = 0x1000;
+const CODE_SIZE: usize = 0x2_0000;
+const WINDOW_GPA: u64 = 0x2_0000;
+const WINDOW: u64 = 0x1_0000;
+const MARK: u8 = 0x5a;
+const REPORT_PORT: u16 = 0x10;
+/// mov ax, 0x2000; mov ds, ax; mov byte [0], MARK; mov al, [0]; out REPORT_PORT, al; hlt
+const WRITE_READ_REPORT: [u8; 16] = [
+    0xb8,
+    0x00,
+    0x20,
+    0x8e,
+    0xd8,
+    0xc6,
+    0x06,
+    0x00,
+    0x00,
+    MARK,
+    0xa0,
+    0x00,
+    0x00,
+    0xe6,
+    REPORT_PORT as u8,
+    0xf4,
+];
+
+/// A raw mapping, unmapped on drop (the test needs one of a guest_memfd without
+/// `INIT_SHARED`, which `GuestMemfd::map` rightly refuses).
+struct RawMapping {
+    addr: *mut u8,
+    len: usize,
+}
+
+impl RawMapping {
+    fn new(len: usize, flags: i32, fd: i32) -> Self {
+        // SAFETY: a fresh mapping chosen by the kernel; nothing else is affected.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(
+            addr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        RawMapping {
+            addr: addr.cast(),
+            len,
+        }
+    }
+
+    fn write(&self, offset: usize, bytes: &[u8]) {
+        assert!(offset + bytes.len() <= self.len);
+        // SAFETY: in bounds of our anonymous mapping, checked above.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.addr.add(offset), bytes.len())
+        };
+    }
+
+    fn read(&self, offset: usize) -> u8 {
+        assert!(offset < self.len);
+        // SAFETY: in bounds of our anonymous mapping; volatile, as the guest wrote it.
+        unsafe { self.addr.add(offset).read_volatile() }
+    }
+}
+
+impl Drop for RawMapping {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, unmapped once.
+        unsafe { libc::munmap(self.addr.cast(), self.len) };
     }
 }

@@ -48,7 +48,11 @@ fn touched_nodes(guest: &mut PrivateGuest) -> Vec<u32> {
         .find(|s| s.guest_phys_addr == DATA_ADDR)
         .unwrap();
     (0..DATA / PAGE_SIZE)
-        .map(|page| node_of_page((slot.userspace_addr + page * PAGE_SIZE) as usize).unwrap())
+        .map(|page| {
+            node_of_page((slot.userspace_addr + page * PAGE_SIZE) as usize)
+                .unwrap()
+                .unwrap_or_else(|| panic!("page {page} is not allocated"))
+        })
         .collect()
 }
 
@@ -107,19 +111,23 @@ fn a_policy_over_the_usable_nodes_builds_and_the_memory_works() {
         println!("SKIPPED a_policy_over_the_usable_nodes_builds_and_the_memory_works: needs guest_memfd MMAP | INIT_SHARED");
         return;
     }
+    // Bound to the last usable node: with two, one the host would not pick by itself.
     let usable = guest_memfd::usable_nodes().unwrap();
+    let node = *usable.last().unwrap();
+    let honoured = numa_policy_support(&*vm).unwrap() == NumaSupport::Honoured;
     let memory = MemoryBuilder::new(vm)
-        .region_at_with_policy(
-            0,
-            DATA,
-            NumaPolicy::Interleave(NodeSet::new(&usable).unwrap()),
-        )
+        .region_at_with_policy(0, DATA, NumaPolicy::Bind(NodeSet::new(&[node]).unwrap()))
         .strategy(Strategy::InPlace)
         .initial_state(PageState::Shared)
         .build()
         .unwrap();
     use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
     let view = memory.memory();
+    let host = memory.memslots().unwrap()[0].userspace_addr as usize;
+    // Nothing allocated yet, and asking allocates nothing.
+    assert_eq!(node_of_page(host + 0x3000).unwrap(), None);
+    assert_eq!(node_of_page(host + 0x3000).unwrap(), None);
+    // The host touches first: the page follows the policy all the same.
     view.memory()
         .write_obj(0x5eed_u64, GuestAddress(0x3000))
         .unwrap();
@@ -127,8 +135,21 @@ fn a_policy_over_the_usable_nodes_builds_and_the_memory_works() {
         view.memory().read_obj::<u64>(GuestAddress(0x3000)).unwrap(),
         0x5eed
     );
-    let host = memory.memslots().unwrap()[0].userspace_addr + 0x3000;
-    assert!(usable.contains(&node_of_page(host as usize).unwrap()));
+    let landed = node_of_page(host + 0x3000).unwrap().expect("written");
+    if honoured {
+        assert_eq!(landed, node);
+    } else {
+        assert!(usable.contains(&landed), "{landed} of {usable:?}");
+    }
+    // A conversion punches the page: it is gone, and asking does not bring it back.
+    let page = PageRange::new(0x3000, PAGE_SIZE).unwrap();
+    memory.convert(page, PageState::Private).unwrap();
+    memory.convert(page, PageState::Shared).unwrap();
+    assert_eq!(node_of_page(host + 0x3000).unwrap(), None);
+    assert_eq!(
+        view.memory().read_obj::<u64>(GuestAddress(0x3000)).unwrap(),
+        0
+    );
 }
 
 #[test]
@@ -148,6 +169,13 @@ fn bad_policies_are_refused_before_anything_is_built() {
         matches!(err, Error::File(guest_memfd::Error::NoSuchNode { node, .. }) if node == missing),
         "{err}"
     );
+    // Nothing of it was left in the VM: the same range builds without a policy.
+    let plain = MemoryBuilder::new(vm.clone())
+        .region_at(0, DATA)
+        .strategy(Strategy::InPlace)
+        .build()
+        .expect("the refused build left nothing behind");
+    drop(plain);
     // Empty sets cannot be made.
     assert!(matches!(
         NodeSet::new(&[]),
@@ -198,6 +226,13 @@ fn bad_policies_are_refused_before_anything_is_built() {
 #[test]
 fn a_mappable_guest_memfd_on_a_private_capable_vm_takes_its_shared_pages_too() {
     let test = "a_mappable_guest_memfd_on_a_private_capable_vm_takes_its_shared_pages_too";
+    // The memory the slots name comes first, so that it is unmapped after the VM (and
+    // its vCPU, its slots) are gone: locals drop in reverse order.
+    // Code in an ordinary slot at 0; the guest_memfd's slot at WINDOW_GPA, its
+    // userspace_addr a separate anonymous mapping: the would-be shared side.
+    let code = RawMapping::new(CODE_SIZE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+    code.write(CODE_GPA as usize, &WRITE_READ_REPORT);
+    let shared_side = RawMapping::new(WINDOW as usize, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let Ok(vm) = kvm.create_vm_with_type(kvm_bindings::KVM_X86_SW_PROTECTED_VM.into()) else {
         println!("SKIPPED {test}: needs KVM_X86_SW_PROTECTED_VM (the nested lab's L1 has it)");
@@ -222,30 +257,45 @@ fn a_mappable_guest_memfd_on_a_private_capable_vm_takes_its_shared_pages_too() {
     );
 
     let gmem = GuestMemfd::create(&vm, WINDOW, GuestMemfdFlags::MMAP).unwrap();
-    // Its mapping takes a policy (over the nodes this process may use).
+    // Its mapping takes a policy (over a node this process may use), and the kernel
+    // gives it back for the mapping: the guest_memfd keeps it.
     let gmem_map = RawMapping::new(WINDOW as usize, libc::MAP_SHARED, gmem.file().as_raw_fd());
     let node = guest_memfd::usable_nodes().unwrap()[0];
     let mask: u64 = 1 << node;
     // SAFETY: mbind only changes the policy of pages in the range, which is our live
-    // mapping of the guest_memfd; `mask` outlives the call and holds 64 node bits.
+    // mapping of the guest_memfd; it reads 64 node bits from `mask`, a live u64.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_mbind,
             gmem_map.addr,
-            WINDOW as usize,
-            2, /* MPOL_BIND */
-            &mask,
-            64u64,
-            0u32,
+            WINDOW as libc::c_ulong,
+            libc::MPOL_BIND as libc::c_ulong,
+            &mask as *const u64,
+            65 as libc::c_ulong,
+            0 as libc::c_ulong,
         )
     };
     assert_eq!(rc, 0, "mbind: {}", std::io::Error::last_os_error());
+    let (mut mode, mut read_mask): (libc::c_int, u64) = (-1, 0);
+    // SAFETY: get_mempolicy writes one int to `mode` and 64 node bits to `read_mask`,
+    // both live; with MPOL_F_ADDR alone it reads the mapping's policy and faults nothing.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_get_mempolicy,
+            &mut mode as *mut libc::c_int,
+            &mut read_mask as *mut u64,
+            65 as libc::c_ulong,
+            gmem_map.addr,
+            MPOL_F_ADDR,
+        )
+    };
+    assert_eq!(rc, 0, "get_mempolicy: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        (mode, read_mask),
+        (libc::MPOL_BIND, mask),
+        "the policy read back"
+    );
 
-    // Code in an ordinary slot at 0; the guest_memfd's slot at WINDOW_GPA, its
-    // userspace_addr a separate anonymous mapping: the would-be shared side.
-    let code = RawMapping::new(CODE_SIZE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
-    code.write(CODE_GPA as usize, &WRITE_READ_REPORT);
-    let shared_side = RawMapping::new(WINDOW as usize, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
     let code_slot = kvm_bindings::kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
@@ -253,8 +303,8 @@ fn a_mappable_guest_memfd_on_a_private_capable_vm_takes_its_shared_pages_too() {
         memory_size: CODE_SIZE as u64,
         userspace_addr: code.addr as u64,
     };
-    // SAFETY: `code` stays mapped, for this VM only, until the end of the test, after
-    // the VM (and its vCPU) are dropped: they are declared after it.
+    // SAFETY: `code` is our anonymous mapping, used for nothing but this VM's memory,
+    // and stays mapped until after the VM is closed (declared before it).
     unsafe { vm.set_user_memory_region(code_slot) }.unwrap();
     let window = Memslot::new(1, PageRange::new(WINDOW_GPA, WINDOW).unwrap(), &gmem, 0)
         .unwrap()
@@ -285,8 +335,11 @@ fn a_mappable_guest_memfd_on_a_private_capable_vm_takes_its_shared_pages_too() {
         0,
         "the slot's userspace_addr was bypassed"
     );
-    println!("MMAP-ON-PRIVATE-VM flags_offered={offered} mbind=ok guest_read_back={read_back:#x} shared_side_byte={:#x}", shared_side.read(0));
+    println!("MMAP-ON-PRIVATE-VM flags_offered={offered} policy=bind:{node} guest_read_back={read_back:#x} shared_side_byte={:#x}", shared_side.read(0));
 }
+
+/// `get_mempolicy`'s flag: the policy of the mapping at `addr`.
+const MPOL_F_ADDR: libc::c_ulong = 1 << 1;
 
 /// Where the code goes, and the window the guest writes through (real mode reaches the
 /// first MiB: the window's segment is WINDOW_GPA / 16).

@@ -168,10 +168,10 @@ impl NumaPolicy {
                 libc::SYS_mbind,
                 mapping.as_ptr(),
                 mapping.size(),
-                mode,
+                mode as libc::c_ulong,
                 &mask as *const u64,
                 libc::c_ulong::from(MAX_NODES) + 1,
-                0 as libc::c_uint,
+                0 as libc::c_ulong,
             )
         };
         if ret != 0 {
@@ -185,15 +185,54 @@ impl NumaPolicy {
 }
 
 /// The node whose memory holds the page at host address `addr` of this process, as the
-/// kernel says
-/// (`get_mempolicy(MPOL_F_NODE | MPOL_F_ADDR)`). The page is faulted in for reading if it
-/// is not mapped yet, which allocates it under its policy; its content is not read.
+/// kernel says; `None` if no page is allocated there (a hole in a guest_memfd or memfd, a
+/// page never touched or discarded). It never allocates a page that is absent when it is
+/// called: it asks `mincore` first, which sees the file's pages (those KVM allocated for
+/// the guest included) whether or not the host has them mapped, and only then
+/// `get_mempolicy(MPOL_F_NODE | MPOL_F_ADDR)`, which maps the page for reading (its
+/// content is not read). A page discarded by another thread between the two is
+/// allocated again: do not race it with discards.
 ///
 /// # Errors
 ///
-/// [`Error::Numa`] with the kernel's errno (`EFAULT` for an address not mapped, `ENOSYS`
-/// on a kernel without NUMA).
-pub fn node_of_page(addr: usize) -> Result<u32> {
+/// [`Error::Numa`] with the kernel's errno: `ENOMEM` from `mincore` for an address not
+/// mapped, `EFAULT` from `get_mempolicy` for a page that cannot be mapped (private to
+/// the guest), `ENOSYS` on a kernel without NUMA.
+///
+/// ```
+/// use guest_memfd::node_of_page;
+///
+/// let page = vec![1u8; 2 * 4096];
+/// let addr = (page.as_ptr() as usize).next_multiple_of(4096);
+/// match node_of_page(addr) {
+///     Ok(node) => assert!(node.is_some(), "a page just written is allocated"),
+///     // A kernel built without NUMA.
+///     Err(e) => assert_eq!(e.errno(), Some(libc::ENOSYS), "{e}"),
+/// }
+/// ```
+pub fn node_of_page(addr: usize) -> Result<Option<u32>> {
+    let page = addr & !(PAGE_SIZE as usize - 1);
+    let mut resident = 0u8;
+    // SAFETY: mincore writes one byte per page of the range, here one page, to
+    // `resident`, which lives; it only looks the page up, never faults it in, and fails
+    // with ENOMEM if the range is not mapped.
+    let ret =
+        unsafe { libc::mincore(page as *mut libc::c_void, PAGE_SIZE as usize, &mut resident) };
+    if ret != 0 {
+        return Err(Error::Numa {
+            op: "mincore",
+            source: errno::Error::last(),
+        });
+    }
+    if resident & 1 == 0 {
+        return Ok(None);
+    }
+    locate_page(page).map(Some)
+}
+
+/// `get_mempolicy(MPOL_F_NODE | MPOL_F_ADDR)`: maps the page at `addr` for reading,
+/// which allocates it under its policy if it is absent, and says where it is.
+fn locate_page(addr: usize) -> Result<u32> {
     let mut node: libc::c_int = -1;
     // SAFETY: get_mempolicy writes one int to `node`, which lives; with a null mask and
     // a maxnode of 0 it writes nothing else. `addr` is only looked up by the kernel,
@@ -317,7 +356,7 @@ fn bind_thread_to(node: u32) -> Result<()> {
     let ret = unsafe {
         libc::syscall(
             libc::SYS_set_mempolicy,
-            libc::MPOL_BIND,
+            libc::MPOL_BIND as libc::c_ulong,
             &mask as *const u64,
             libc::c_ulong::from(MAX_NODES) + 1,
         )
@@ -367,7 +406,7 @@ impl fmt::Display for NumaSupport {
 /// Finds out by behaviour whether `vm`'s guest_memfd follows a memory policy: a page of
 /// a new one-page guest_memfd is bound through its mapping to one usable node and faulted
 /// in by a thread whose own policy binds it to another, then looked up
-/// ([`node_of_page`]). Only a kernel that applies the mapping's policy puts the page on
+/// (`get_mempolicy`, as [`node_of_page`]). Only a kernel that applies the mapping's policy puts the page on
 /// the first; one that ignores it follows the thread's.
 ///
 /// # Errors
@@ -392,7 +431,7 @@ pub fn numa_policy_support(vm: &(impl VmOps + ?Sized)) -> Result<NumaSupport> {
         scope
             .spawn(|| {
                 bind_thread_to(other)?;
-                node_of_page(addr)
+                locate_page(addr)
             })
             .join()
             .unwrap_or(Err(Error::Numa {

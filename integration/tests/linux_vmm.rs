@@ -302,6 +302,17 @@ fn bad_inputs_are_errors_that_say_what_is_wrong() {
         "{err}"
     );
 
+    // KVM's paravirtual structures on the dual strategy's private RAM: refused before
+    // any file is opened or VM created.
+    let err = LinuxVm::new(&LinuxConfig {
+        kernel: missing,
+        paravirt: true,
+        strategy: Some(vm_private_memory::Strategy::Dual),
+        ..config(&good, Ram::Private, CMDLINE)
+    })
+    .expect_err("kvmclock on dual private RAM");
+    assert!(matches!(err, Error::ParavirtNeedsInPlace), "{err}");
+
     let not_a_kernel = file(&[0x11; 8192]);
     let err = LinuxVm::new(&LinuxConfig {
         kernel: not_a_kernel.as_path(),
@@ -372,7 +383,7 @@ fn bad_inputs_are_errors_that_say_what_is_wrong() {
 #[test]
 fn the_same_machine_runs_on_anonymous_memory() {
     let images = images(&print_then(b"plain\n", &RESET), 4096);
-    let mut vm = LinuxVm::new_anonymous(&config(&images, Ram::Private, CMDLINE)).unwrap();
+    let mut vm = LinuxVm::new_anonymous(&config(&images, Ram::Shared, CMDLINE)).unwrap();
     let mut lines = Vec::new();
     let run = vm
         .run(Duration::from_secs(60), |line, memory: &GuestMemoryMmap| {

@@ -52,6 +52,12 @@ fn json_report_agrees_with_kvm() {
         report["vm_types"].as_array().unwrap().len() as u32,
         (types.max(1) as u32).count_ones()
     );
+    // NUMA support, as the library finds it on a VM of the same kind.
+    let numa = guest_memfd::numa_policy_support(&vm).unwrap();
+    assert_eq!(
+        report["numa_policy"],
+        serde_json::json!({ "Ok": serde_json::to_value(numa).unwrap() })
+    );
     let attrs = vm.check_extension_raw(kvm_bindings::KVM_CAP_MEMORY_ATTRIBUTES.into());
     if types & !1 == 0 {
         // Only the default VM: the dual strategy exists exactly when it has attributes.
@@ -76,6 +82,7 @@ fn table_report_names_every_feature_and_both_strategies() {
         "in-place (guest_memfd MMAP | INIT_SHARED): ",
         "dual (guest_memfd + sealed memfd, KVM_SET_MEMORY_ATTRIBUTES): ",
         "DEFAULT (0)",
+        "NUMA policy of guest_memfd (mbind on its mapping): ",
     ] {
         assert!(stdout.contains(feature), "missing {feature:?} in\n{stdout}");
     }

@@ -267,9 +267,20 @@ impl Machine {
 }
 
 impl LinuxVm {
-    /// Creates the VM (`KVM_X86_SW_PROTECTED_VM` where the host has memory attributes),
-    /// its RAM, devices and vCPU, and loads the kernel.
+    /// Creates the VM (of the type `config.strategy` needs, or for the harness's choice:
+    /// `KVM_X86_SW_PROTECTED_VM` where the host has memory attributes, unless
+    /// `PRIVMEM_STRATEGY=in-place`), its RAM, devices and vCPU, and loads the kernel.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ParavirtNeedsInPlace`] for `paravirt` on the dual strategy's private RAM,
+    /// before any file is opened; the backend's, the loader's and KVM's errors.
     pub fn new(config: &LinuxConfig) -> Result<Self> {
+        let paravirt_on_dual_private =
+            |strategy| config.paravirt && strategy == Strategy::Dual && config.ram == Ram::Private;
+        if config.strategy.is_some_and(paravirt_on_dual_private) {
+            return Err(Error::ParavirtNeedsInPlace);
+        }
         let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
         let vm = match config.strategy {
             None => private_memory_vm(&kvm)?,
@@ -295,7 +306,7 @@ impl LinuxVm {
             None => builder,
         }
         .build()?;
-        if config.paravirt && memory.strategy() == Strategy::Dual && config.ram == Ram::Private {
+        if paravirt_on_dual_private(memory.strategy()) {
             return Err(Error::ParavirtNeedsInPlace);
         }
         let images = boot::BootImages::open(config.kernel, config.initrd, config.ram_size)?;

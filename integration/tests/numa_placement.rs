@@ -422,3 +422,94 @@ impl Drop for RawMapping {
         unsafe { libc::munmap(self.addr.cast(), self.len) };
     }
 }
+
+/// Hotplug with a policy: a region added with `add_region_with_policy` lands on its
+/// node when the host touches it, and the policy belongs to its guest_memfd file: taken
+/// out and added again elsewhere without a policy, the file's new pages follow it still.
+#[test]
+fn a_hotplugged_region_lands_on_its_node_and_its_file_keeps_the_policy() {
+    if !placement_or_skip("a_hotplugged_region_lands_on_its_node_and_its_file_keeps_the_policy") {
+        return;
+    }
+    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+    let vm = std::sync::Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+    let memory = MemoryBuilder::new(vm)
+        .region_at(0, DATA)
+        .strategy(Strategy::InPlace)
+        .initial_state(PageState::Shared)
+        .build()
+        .unwrap();
+    let node = 1;
+    let added = PageRange::new(DATA, DATA).unwrap();
+    let policy = NumaPolicy::Bind(NodeSet::new(&[node]).unwrap());
+    memory
+        .add_region_with_policy(added, None, policy, PageState::Shared)
+        .unwrap();
+    let nodes_of = |range: PageRange, pages: std::ops::Range<u64>| -> Vec<u32> {
+        let view = memory.memory();
+        for page in pages.clone() {
+            view.memory()
+                .write_obj(0xfeed_u64, GuestAddress(range.start() + page * PAGE_SIZE))
+                .unwrap();
+        }
+        let slot = memory
+            .memslots()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.guest_phys_addr == range.start())
+            .unwrap();
+        pages
+            .map(|page| {
+                node_of_page((slot.userspace_addr + page * PAGE_SIZE) as usize)
+                    .unwrap()
+                    .expect("written")
+            })
+            .collect()
+    };
+    assert_eq!(nodes_of(added, 0..8), vec![node; 8]);
+    // The same file, elsewhere, without a policy: its untouched pages still follow it.
+    let (_, file, offset) = memory.remove_region(added.start()).unwrap();
+    let again = PageRange::new(2 * DATA, DATA).unwrap();
+    memory
+        .add_region(again, Some((file, offset)), PageState::Shared)
+        .unwrap();
+    assert_eq!(nodes_of(again, 8..16), vec![node; 8]);
+}
+
+#[test]
+fn a_hotplug_with_a_bad_policy_is_refused_and_adds_nothing() {
+    let vm = std::sync::Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+    if !guest_memfd::Capabilities::of_vm(&*vm).in_place_capable() {
+        println!("SKIPPED a_hotplug_with_a_bad_policy_is_refused_and_adds_nothing: needs guest_memfd MMAP | INIT_SHARED");
+        return;
+    }
+    let memory = MemoryBuilder::new(vm)
+        .region_at(0, DATA)
+        .strategy(Strategy::InPlace)
+        .build()
+        .unwrap();
+    let usable = guest_memfd::usable_nodes().unwrap();
+    let missing = (0..guest_memfd::MAX_NODES)
+        .find(|n| !usable.contains(n))
+        .unwrap();
+    let added = PageRange::new(DATA, DATA).unwrap();
+    let err = memory
+        .add_region_with_policy(
+            added,
+            None,
+            NumaPolicy::Preferred(missing),
+            PageState::Shared,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::File(guest_memfd::Error::NoSuchNode { node, .. }) if node == missing),
+        "{err}"
+    );
+    assert_eq!(memory.regions().len(), 1);
+    // Over the usable nodes it is added (and where one node is usable, no policy is set).
+    let usable_policy = NumaPolicy::Interleave(NodeSet::new(&usable).unwrap());
+    memory
+        .add_region_with_policy(added, None, usable_policy, PageState::Shared)
+        .expect("the refused addition left nothing behind");
+    assert_eq!(memory.regions().len(), 2);
+}

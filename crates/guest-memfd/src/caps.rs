@@ -143,6 +143,7 @@ pub struct Finding {
 
 /// Everything this host offers for guest private memory, with a reading of it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Report {
     /// The running kernel's release.
     pub kernel: String,

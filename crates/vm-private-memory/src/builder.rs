@@ -152,10 +152,17 @@ impl MemoryBuilder {
     /// page. The build checks that the nodes have memory this process may use and, by
     /// behaviour, that the kernel applies the policy
     /// ([`guest_memfd::numa_policy_support`]); where a single node is usable, every page
-    /// lands on it and no policy is set.
+    /// lands on it and no policy is set. The policy belongs to the guest_memfd file: it
+    /// follows the file through [`PrivateMemoryManager::remove_region`] and
+    /// `add_region`. Regions added later take one with
+    /// [`PrivateMemoryManager::add_region_with_policy`].
     ///
     /// The dual strategy refuses it: its guest_memfd has no mapping to carry a policy
-    /// ([`UnavailableReason::NumaPolicyNeedsInPlace`] says what to do instead).
+    /// ([`UnavailableReason::NumaPolicyNeedsInPlace`] says what to do instead). On Linux
+    /// 7.3 a private-capable VM may create a mappable guest_memfd whose mapping takes a
+    /// policy, but KVM then takes the memslot's shared pages from the guest_memfd as
+    /// well, bypassing the shared side (the nested lab's test
+    /// `a_mappable_guest_memfd_on_a_private_capable_vm_takes_its_shared_pages_too`).
     pub fn region_at_with_policy(mut self, gpa: u64, size: u64, policy: NumaPolicy) -> Self {
         self.regions.push((Placement::At(gpa), size));
         self.shared_backings.push(None);
@@ -570,7 +577,7 @@ fn check_shared_backings(
 /// Checks the regions' NUMA policies before anything is created: the in-place strategy
 /// only, nodes this process may use, and a kernel that applies them (probed once, by
 /// behaviour). Says whether to set them: not where a single node is usable.
-fn check_policies(
+pub(crate) fn check_policies(
     strategy: Strategy,
     vm: &dyn VmOps,
     policies: &[Option<NumaPolicy>],

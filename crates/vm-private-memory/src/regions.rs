@@ -5,11 +5,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use guest_memfd::{GuestMemfd, PageRange, SharedBacking};
+use guest_memfd::{GuestMemfd, NumaPolicy, PageRange, SharedBacking};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::attributes::PageState;
-use crate::builder::{check_shared_backing, file_id, make_region};
+use crate::builder::{check_policies, check_shared_backing, file_id, make_region};
 use crate::convert::Undone;
 use crate::error::{Error, GpaRange, LayoutError, Result};
 use crate::guard::DirtyBitmap;
@@ -74,7 +74,36 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         backing: Option<(GuestMemfd, u64)>,
         initial: PageState,
     ) -> Result<()> {
-        self.add(guest, backing, None, initial)
+        self.add(guest, backing, None, None, initial)
+    }
+
+    /// [`PrivateMemoryManager::add_region`], with the region's pages placed on NUMA nodes
+    /// by `policy`, as [`crate::MemoryBuilder::region_at_with_policy`] does at build time
+    /// (in-place strategy, Linux 6.19 or later): memory hotplug into a zone of its own
+    /// node. The policy is set through the region's mapping before any page of it is
+    /// touched. It belongs to the guest_memfd file, not to the region: a file taken out
+    /// with [`PrivateMemoryManager::remove_region`] and added again keeps it, with or
+    /// without a policy given then.
+    ///
+    /// # Errors
+    ///
+    /// As [`PrivateMemoryManager::add_region`], and before anything is created:
+    /// [`Error::StrategyUnavailable`] for dual memory
+    /// ([`crate::UnavailableReason::NumaPolicyNeedsInPlace`]), the file layer's
+    /// [`NoSuchNode`](guest_memfd::Error::NoSuchNode) or
+    /// [`NodeOutOfRange`](guest_memfd::Error::NodeOutOfRange) (as [`Error::File`]) for nodes
+    /// this process cannot use, [`Error::NumaPolicyIgnored`] on a kernel that ignores
+    /// the policy. Where a single node is usable every page lands there, and no policy
+    /// is set.
+    pub fn add_region_with_policy(
+        &self,
+        guest: PageRange,
+        backing: Option<(GuestMemfd, u64)>,
+        policy: NumaPolicy,
+        initial: PageState,
+    ) -> Result<()> {
+        let policy = check_policies(self.strategy, &*self.vm, &[Some(policy)])?.then_some(policy);
+        self.add(guest, backing, None, policy, initial)
     }
 
     /// [`PrivateMemoryManager::add_region`], with the region's shared pages in the VMM's
@@ -101,7 +130,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         offset: u64,
         initial: PageState,
     ) -> Result<()> {
-        self.add(guest, backing, Some((shared, offset)), initial)
+        self.add(guest, backing, Some((shared, offset)), None, initial)
     }
 
     fn add(
@@ -109,6 +138,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         guest: PageRange,
         backing: Option<(GuestMemfd, u64)>,
         shared: Option<(SharedBacking, u64)>,
+        policy: Option<NumaPolicy>,
         initial: PageState,
     ) -> Result<()> {
         if in_callback() {
@@ -143,7 +173,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             .slots
             .allocate_id()
             .map_err(|_| engine.no_free_slot())?;
-        let made = self.new_region(&engine, guest, backing, shared, initial, slot);
+        let made = self.new_region(&engine, guest, backing, (shared, policy), initial, slot);
         let (region, with) = match made {
             Ok(made) => made,
             Err(e) => {
@@ -183,7 +213,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         engine: &Engine<B>,
         guest: PageRange,
         backing: Option<(GuestMemfd, u64)>,
-        shared: Option<(SharedBacking, u64)>,
+        (shared, policy): (Option<(SharedBacking, u64)>, Option<NumaPolicy>),
         initial: PageState,
         slot: u32,
     ) -> Result<(Arc<GuestRegionPrivate<B>>, GuestMemoryPrivate<B>)> {
@@ -201,7 +231,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             initial,
             slot,
             shared,
-            None,
+            policy,
         )?);
         let with = engine
             .current

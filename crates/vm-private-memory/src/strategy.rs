@@ -70,7 +70,7 @@ pub enum UnavailableReason {
     LaunchNeedsDual,
     /// A NUMA policy ([`crate::MemoryBuilder::region_at_with_policy`]) was given to the
     /// dual strategy, whose guest_memfd has no mapping to carry it.
-    #[error("a NUMA policy is set through a guest_memfd's mapping, and the dual strategy's guest_memfd has none (a mappable one would make KVM take shared pages from it too, Linux 7.x): put the shared side in a memfd of your own with its policy (region_at_with_shared), and private pages follow the policy of the vCPU threads that fault them (set_mempolicy); or build in place (.strategy(Strategy::InPlace) on a default-type VM)")]
+    #[error("a NUMA policy is set through a guest_memfd's mapping, and the dual strategy's guest_memfd has none (a mappable one would make KVM take shared pages from it too, Linux 7.x): put the shared side in a memfd of your own with its policy (region_at_with_shared), and private pages follow the policy of the thread that allocates them (set_mempolicy on the vCPU threads that fault them, or on the thread that preallocates); or build in place (.strategy(Strategy::InPlace) on a default-type VM)")]
     NumaPolicyNeedsInPlace,
     /// A shared backing of the VMM's own
     /// ([`crate::MemoryBuilder::region_at_with_shared`]) was given to the in-place

@@ -324,3 +324,34 @@ fn a_numa_policy_is_refused_by_the_dual_strategy_before_anything_is_bound() {
     );
     assert!(gpa_is_free(&vm, pr(0, MIB2)));
 }
+
+#[test]
+fn a_hotplugged_region_with_a_policy_is_refused_by_the_dual_strategy_and_nothing_is_added() {
+    let vm = vm();
+    let memory = MemoryBuilder::new(RecordingVm::new(vm.clone()))
+        .region_at(0, MIB2)
+        .strategy(Strategy::Dual)
+        .build()
+        .unwrap();
+    let added = pr(MIB2, MIB2);
+    let err = memory
+        .add_region_with_policy(
+            added,
+            None,
+            guest_memfd::NumaPolicy::Preferred(0),
+            PageState::Shared,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::StrategyUnavailable {
+                reason: UnavailableReason::NumaPolicyNeedsInPlace,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(memory.regions(), [pr(0, MIB2)]);
+    assert!(gpa_is_free(&vm, added));
+}

@@ -21,6 +21,16 @@ use vm_private_memory::Strategy;
 
 const RAM_SIZE: u64 = 256 << 20;
 
+/// What a case's guest RAM is.
+#[derive(Clone, Copy)]
+enum Backing {
+    /// `vm-private-memory` with this strategy.
+    Private(Strategy),
+    /// An ordinary VM's anonymous memory (`LinuxVm::new_anonymous`).
+    Anonymous,
+}
+use Backing::{Anonymous, Private};
+
 /// Boots once to the marker; a boot that hangs (its timer interrupts stop, now and then
 /// in the lab, on shared memory as on private, see tests/linux_boot.rs) is not timed,
 /// reported on stderr, and tried again, up to three times.
@@ -69,35 +79,39 @@ fn linux_boot(c: &mut Criterion) {
     // KVM's paravirtual structures (kvmclock), which only in-place memory can keep.
     let mut cases = Vec::new();
     if dual {
-        cases.push(("dual/private", Some(Strategy::Dual), Ram::Private, false));
-        cases.push(("dual/shared", Some(Strategy::Dual), Ram::Shared, false));
+        cases.push(("dual/private", Private(Strategy::Dual), Ram::Private, false));
+        cases.push(("dual/shared", Private(Strategy::Dual), Ram::Shared, false));
     }
     if in_place {
         cases.push((
             "in-place/private",
-            Some(Strategy::InPlace),
+            Private(Strategy::InPlace),
             Ram::Private,
             false,
         ));
         cases.push((
             "in-place/shared",
-            Some(Strategy::InPlace),
+            Private(Strategy::InPlace),
             Ram::Shared,
             false,
         ));
         cases.push((
             "in-place/private-kvmclock",
-            Some(Strategy::InPlace),
+            Private(Strategy::InPlace),
             Ram::Private,
             true,
         ));
     }
     // The ordinary VM on anonymous memory, without and with kvmclock: the peer of both.
-    cases.push(("anonymous", None, Ram::Shared, false));
-    cases.push(("anonymous-kvmclock", None, Ram::Shared, true));
+    cases.push(("anonymous", Anonymous, Ram::Shared, false));
+    cases.push(("anonymous-kvmclock", Anonymous, Ram::Shared, true));
     let mut group = c.benchmark_group("linux_boot_256MiB");
     group.sampling_mode(SamplingMode::Flat);
-    for (name, strategy, ram, paravirt) in cases {
+    for (name, backing, ram, paravirt) in cases {
+        let strategy = match backing {
+            Private(strategy) => Some(strategy),
+            Anonymous => None,
+        };
         let config = LinuxConfig {
             kernel: &kernel,
             initrd: &initrd,
@@ -111,9 +125,9 @@ fn linux_boot(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 (0..iters)
-                    .map(|_| match strategy {
-                        Some(_) => boot_to_marker(&config, LinuxVm::new),
-                        None => boot_to_marker(&config, LinuxVm::new_anonymous),
+                    .map(|_| match backing {
+                        Private(_) => boot_to_marker(&config, LinuxVm::new),
+                        Anonymous => boot_to_marker(&config, LinuxVm::new_anonymous),
                     })
                     .sum()
             })

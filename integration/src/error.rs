@@ -118,6 +118,9 @@ pub enum Error {
         /// The last part of its console.
         console_tail: String,
     },
+    /// `PRIVMEM_STRATEGY` set to something the harness does not know.
+    #[error("PRIVMEM_STRATEGY={0:?}: the harness knows only \"in-place\" (unset: its own choice)")]
+    BadStrategyVar(String),
     /// Guest RAM of a size the machine cannot have.
     #[error("guest RAM of {size:#x} bytes: {why}")]
     RamSize {

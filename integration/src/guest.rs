@@ -145,13 +145,23 @@ pub const STRATEGY_VAR: &str = "PRIVMEM_STRATEGY";
 /// strategy where guest_memfd is mappable: our hosts). With `PRIVMEM_STRATEGY=in-place`
 /// ([`STRATEGY_VAR`]), always the default type. SEV-SNP and TDX VM types are not used:
 /// this plain harness cannot launch their guests.
+///
+/// # Errors
+///
+/// [`Error::BadStrategyVar`] if `PRIVMEM_STRATEGY` is set to anything but `in-place`
+/// (a misspelling would otherwise run the other strategy's pass silently); KVM's error
+/// if the VM cannot be created.
 pub fn private_memory_vm(kvm: &Kvm) -> Result<VmFd> {
     let create = |vm_type: u32| {
         kvm.create_vm_with_type(vm_type.into())
             .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))
     };
     let sw_protected = kvm_bindings::KVM_X86_SW_PROTECTED_VM;
-    let in_place_asked = std::env::var(STRATEGY_VAR).is_ok_and(|v| v == "in-place");
+    let in_place_asked = match std::env::var_os(STRATEGY_VAR) {
+        None => false,
+        Some(v) if v == "in-place" => true,
+        Some(v) => return Err(Error::BadStrategyVar(v.to_string_lossy().into_owned())),
+    };
     if !in_place_asked && Capabilities::of_system(kvm).supports_vm_type(sw_protected) {
         let vm = create(sw_protected)?;
         if Capabilities::of_vm(&vm).dual_capable() {

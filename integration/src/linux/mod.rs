@@ -284,12 +284,14 @@ impl LinuxVm {
         let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
         let vm = match config.strategy {
             None => private_memory_vm(&kvm)?,
-            Some(Strategy::InPlace) => kvm
-                .create_vm()
-                .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?,
-            Some(_) => kvm
+            Some(Strategy::Dual) => kvm
                 .create_vm_with_type(kvm_bindings::KVM_X86_SW_PROTECTED_VM.into())
                 .map_err(|e| Error::Kvm("KVM_CREATE_VM(KVM_X86_SW_PROTECTED_VM)", e))?,
+            // In place, and any strategy added later: the default type, on which the
+            // builder says whether the strategy can be had.
+            Some(_) => kvm
+                .create_vm()
+                .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?,
         };
         let machine = Machine::new(kvm, vm, config.cmdline)?;
 

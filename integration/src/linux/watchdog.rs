@@ -16,6 +16,9 @@ pub(super) struct Watchdog {
     expired: Arc<AtomicBool>,
     done: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Not `Send`: the signals go to the thread that started it, which must also be the
+    /// one that drops it (joining the signalling thread before it can exit).
+    _on_its_thread: std::marker::PhantomData<*const ()>,
 }
 
 extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -53,6 +56,7 @@ impl Watchdog {
             expired,
             done,
             thread: Some(thread),
+            _on_its_thread: std::marker::PhantomData,
         })
     }
 

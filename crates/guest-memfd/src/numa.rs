@@ -191,7 +191,10 @@ impl NumaPolicy {
 /// the guest included) whether or not the host has them mapped, and only then
 /// `get_mempolicy(MPOL_F_NODE | MPOL_F_ADDR)`, which maps the page for reading (its
 /// content is not read). A page discarded by another thread between the two is
-/// allocated again: do not race it with discards.
+/// allocated again: do not race it with discards. For a file mapping, `mincore` looks
+/// at the file only if this process may write the file or owns it (it always may for
+/// the files this crate opens read-write); otherwise the kernel reports every page
+/// present, and an absent one is allocated.
 ///
 /// # Errors
 ///

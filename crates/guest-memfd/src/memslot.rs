@@ -151,7 +151,9 @@ impl<'a> Memslot<'a> {
     ///
     /// [`Error::SlotOutOfRange`] if the slot number is at or above the VM's
     /// `KVM_CAP_NR_MEMSLOTS`; [`Error::SetMemoryRegion`] with the kernel's errno if
-    /// `KVM_SET_USER_MEMORY_REGION2` fails (an overlapping slot, a foreign guest_memfd).
+    /// `KVM_SET_USER_MEMORY_REGION2` fails (an overlapping slot, a foreign guest_memfd; a
+    /// file range another slot is bound to answers `EINVAL` up to Linux 6.18, `EEXIST` on
+    /// 7.3).
     ///
     /// # Safety
     ///

@@ -83,7 +83,9 @@ pub trait VmOps: Send + Sync {
     ///
     /// # Errors
     ///
-    /// The kernel's errno (`EINVAL` for an overlapping or malformed slot, `EEXIST`...).
+    /// The kernel's errno: `EEXIST` for a guest-physical range another slot covers;
+    /// `EINVAL` for a malformed slot or a foreign guest_memfd; for a guest_memfd range
+    /// another slot is bound to, `EINVAL` up to Linux 6.18 and `EEXIST` on 7.3.
     ///
     /// # Safety
     ///

@@ -33,12 +33,13 @@ const ATTEMPTS: u32 = 3;
 /// The kernel and initramfs, if this host can boot them on private memory.
 fn lab_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
     let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let caps = integration::private_memory_vm(&kvm).map(|vm| Capabilities::of_vm(&vm));
-    let dual = caps.as_ref().is_ok_and(Capabilities::dual_capable);
+    let vm = integration::private_memory_vm(&kvm).expect("a VM for private memory");
+    let caps = Capabilities::of_vm(&vm);
+    let dual = caps.dual_capable();
     // In place only where asked: the lab's in-place pass, on a kernel that runs guest
-    // kernels natively (our hosts' KVM emulates guest CPL0 code).
-    let in_place = std::env::var(integration::STRATEGY_VAR).is_ok_and(|v| v == "in-place")
-        && caps.as_ref().is_ok_and(Capabilities::in_place_capable);
+    // kernels natively (our hosts' KVM emulates guest CPL0 code). The harness took the
+    // default VM type for it above, and refused any other value of the variable.
+    let in_place = std::env::var_os(integration::STRATEGY_VAR).is_some() && caps.in_place_capable();
     if !dual && !in_place {
         println!(
             "SKIPPED {test}: needs a VM type with KVM_MEMORY_ATTRIBUTE_PRIVATE, or \
@@ -285,7 +286,8 @@ fn a_stock_linux_kernel_boots_with_kvmclock_on_private_in_place_memory() {
         return;
     };
     if integration::private_memory_vm(&kvm_ioctls::Kvm::new().unwrap())
-        .is_ok_and(|vm| Capabilities::of_vm(&vm).dual_capable())
+        .map(|vm| Capabilities::of_vm(&vm).dual_capable())
+        .unwrap()
     {
         println!("SKIPPED {test}: the harness takes the dual strategy here, whose private pages KVM's paravirtual structures cannot reach (the in-place pass runs it)");
         return;
@@ -302,18 +304,19 @@ fn a_stock_linux_kernel_boots_with_kvmclock_on_private_in_place_memory() {
 }
 
 /// With the dual strategy a private page's host mapping is the shared side: KVM's
-/// paravirtual structures would land where the guest never reads. Asked for, they are
-/// refused before the guest runs: before its kernel and initramfs are even opened.
+/// paravirtual structures would land where the guest never reads. Asked for where the
+/// harness takes the dual strategy by itself (`strategy: None`), they are refused once
+/// the memory says its strategy, before the kernel and initramfs are opened. (With
+/// `Some(Strategy::Dual)` they are refused before anything is made: `linux_vmm.rs`.)
 #[test]
 fn kvmclock_is_refused_on_dual_private_memory() {
     let test = "kvmclock_is_refused_on_dual_private_memory";
     let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let dual = kvm_bindings::KVM_X86_SW_PROTECTED_VM;
-    if !kvm
-        .create_vm_with_type(dual.into())
-        .is_ok_and(|vm| Capabilities::of_vm(&vm).dual_capable())
+    if !integration::private_memory_vm(&kvm)
+        .map(|vm| Capabilities::of_vm(&vm).dual_capable())
+        .unwrap()
     {
-        println!("SKIPPED {test}: needs KVM_X86_SW_PROTECTED_VM with memory attributes (the nested lab's L1 has it)");
+        println!("SKIPPED {test}: the harness takes the in-place strategy here, where the structures are allowed (needs KVM_X86_SW_PROTECTED_VM with memory attributes: the nested lab's dual pass)");
         return;
     }
     let missing = std::path::Path::new("/nonexistent/privmem/vmlinuz");
@@ -325,7 +328,7 @@ fn kvmclock_is_refused_on_dual_private_memory() {
         ram: Ram::Private,
         echo_console: false,
         paravirt: true,
-        strategy: Some(Strategy::Dual),
+        strategy: None,
     };
     assert!(matches!(
         LinuxVm::new(&config),

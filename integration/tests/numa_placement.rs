@@ -77,7 +77,10 @@ fn pages_the_guest_touches_land_on_the_nodes_the_policy_names_and_stay_there() {
         return;
     }
     let pages = (DATA / PAGE_SIZE) as usize;
-    for node in [1, 0] {
+    // Two nodes this process may use (placement_or_skip found them).
+    let usable = guest_memfd::usable_nodes().unwrap();
+    let (first, second) = (usable[0], usable[1]);
+    for node in [second, first] {
         for policy in [
             NumaPolicy::Bind(NodeSet::new(&[node]).unwrap()),
             NumaPolicy::Preferred(node),
@@ -97,10 +100,15 @@ fn pages_the_guest_touches_land_on_the_nodes_the_policy_names_and_stay_there() {
         }
     }
     // Interleaved: page by page over both nodes, half on each.
-    let mut guest = guest_with(NumaPolicy::Interleave(NodeSet::new(&[0, 1]).unwrap()));
+    let both = NodeSet::new(&[first, second]).unwrap();
+    let mut guest = guest_with(NumaPolicy::Interleave(both));
     let nodes = touched_nodes(&mut guest);
-    let on_1 = nodes.iter().filter(|n| **n == 1).count();
-    assert_eq!(on_1 * 2, pages, "{nodes:?}");
+    let on_second = nodes.iter().filter(|n| **n == second).count();
+    assert_eq!(on_second * 2, pages, "{nodes:?}");
+    assert!(
+        nodes.iter().all(|n| *n == first || *n == second),
+        "{nodes:?}"
+    );
     assert!(nodes.windows(2).all(|w| w[0] != w[1]), "{nodes:?}");
 }
 
@@ -257,8 +265,8 @@ fn a_mappable_guest_memfd_on_a_private_capable_vm_takes_its_shared_pages_too() {
     );
 
     let gmem = GuestMemfd::create(&vm, WINDOW, GuestMemfdFlags::MMAP).unwrap();
-    // Its mapping takes a policy (over a node this process may use), and the kernel
-    // gives it back for the mapping: the guest_memfd keeps it.
+    // Its mapping takes a policy (over a node this process may use), and the
+    // guest_memfd keeps it.
     let gmem_map = RawMapping::new(WINDOW as usize, libc::MAP_SHARED, gmem.file().as_raw_fd());
     let node = guest_memfd::usable_nodes().unwrap()[0];
     let mask: u64 = 1 << node;
@@ -276,6 +284,9 @@ fn a_mappable_guest_memfd_on_a_private_capable_vm_takes_its_shared_pages_too() {
         )
     };
     assert_eq!(rc, 0, "mbind: {}", std::io::Error::last_os_error());
+    // Read back through a second, fresh mapping, which has no policy of its own: only
+    // the file's (guest_memfd's get_policy) can answer.
+    let fresh = RawMapping::new(WINDOW as usize, libc::MAP_SHARED, gmem.file().as_raw_fd());
     let (mut mode, mut read_mask): (libc::c_int, u64) = (-1, 0);
     // SAFETY: get_mempolicy writes one int to `mode` and 64 node bits to `read_mask`,
     // both live; with MPOL_F_ADDR alone it reads the mapping's policy and faults nothing.
@@ -285,7 +296,7 @@ fn a_mappable_guest_memfd_on_a_private_capable_vm_takes_its_shared_pages_too() {
             &mut mode as *mut libc::c_int,
             &mut read_mask as *mut u64,
             65 as libc::c_ulong,
-            gmem_map.addr,
+            fresh.addr,
             MPOL_F_ADDR,
         )
     };
@@ -293,7 +304,7 @@ fn a_mappable_guest_memfd_on_a_private_capable_vm_takes_its_shared_pages_too() {
     assert_eq!(
         (mode, read_mask),
         (libc::MPOL_BIND, mask),
-        "the policy read back"
+        "the guest_memfd's policy, read back through another mapping"
     );
 
     let code_slot = kvm_bindings::kvm_userspace_memory_region {
@@ -439,7 +450,7 @@ fn a_hotplugged_region_lands_on_its_node_and_its_file_keeps_the_policy() {
         .initial_state(PageState::Shared)
         .build()
         .unwrap();
-    let node = 1;
+    let node = guest_memfd::usable_nodes().unwrap()[1];
     let added = PageRange::new(DATA, DATA).unwrap();
     let policy = NumaPolicy::Bind(NodeSet::new(&[node]).unwrap());
     memory

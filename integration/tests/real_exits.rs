@@ -17,10 +17,7 @@ use vm_private_memory::{PageState, KVM_EINVAL};
 fn real_hypercall_exits_convert_memory_and_answer_the_guest() {
     let test = "real_hypercall_exits_convert_memory_and_answer_the_guest";
     let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let Ok(vm) = integration::private_memory_vm(&kvm) else {
-        println!("SKIPPED {test}: no VM for private memory");
-        return;
-    };
+    let vm = integration::private_memory_vm(&kvm).expect("a VM for private memory");
     let caps = Capabilities::of_vm(&vm);
     if !caps.dual_capable() {
         println!(
@@ -92,7 +89,8 @@ fn a_real_memory_fault_exit_reaches_the_handler() {
     let test = "a_real_memory_fault_exit_reaches_the_handler";
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let dual = integration::private_memory_vm(&kvm)
-        .is_ok_and(|vm| Capabilities::of_vm(&vm).dual_capable());
+        .map(|vm| Capabilities::of_vm(&vm).dual_capable())
+        .expect("a VM for private memory");
     if !dual {
         println!(
             "SKIPPED {test}: needs a VM type with KVM_MEMORY_ATTRIBUTE_PRIVATE (the nested lab)"

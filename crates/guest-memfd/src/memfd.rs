@@ -145,7 +145,9 @@ impl GuestMemfd {
         self.file.check_range(range)
     }
 
-    /// Backs `range` with memory (`fallocate(FALLOC_FL_KEEP_SIZE)`).
+    /// Backs `range` with memory (`fallocate(FALLOC_FL_KEEP_SIZE)`). The pages are held,
+    /// on the nodes of the file's policy, but not zeroed until first touched; until then
+    /// [`crate::node_of_page`] reports them not resident.
     ///
     /// # Errors
     ///

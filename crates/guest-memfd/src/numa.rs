@@ -185,10 +185,12 @@ impl NumaPolicy {
 }
 
 /// The node whose memory holds the page at host address `addr` of this process, as the
-/// kernel says; `None` if no page is allocated there (a hole in a guest_memfd or memfd, a
-/// page never touched or discarded). It never allocates a page that is absent when it is
-/// called: it asks `mincore` first, which sees the file's pages (those KVM allocated for
-/// the guest included) whether or not the host has them mapped, and only then
+/// kernel says; `None` if the page is not resident: a hole in a guest_memfd or memfd (never
+/// touched, or discarded), a page reserved with `fallocate` ([`GuestMemfd::allocate`])
+/// that nothing has touched yet (the kernel zeroes it at first use, and counts it only
+/// then), or a shared-memory page swapped out. It never allocates a page that is absent
+/// when it is called: it asks `mincore` first, which sees the file's pages (those KVM
+/// allocated for the guest included) whether or not the host has them mapped, and only then
 /// `get_mempolicy(MPOL_F_NODE | MPOL_F_ADDR)`, which maps the page for reading (its
 /// content is not read). A page discarded by another thread between the two is
 /// allocated again: do not race it with discards. For a file mapping, `mincore` looks

@@ -346,3 +346,47 @@ fn a_created_guest_memfd_is_close_on_exec_where_the_kernel_makes_it_inheritable(
     let flags = unsafe { libc::fcntl(gmem.as_raw_fd(), libc::F_GETFD) };
     assert_ne!(flags & libc::FD_CLOEXEC, 0);
 }
+
+/// `node_of_page` says where a resident page is and never makes one resident: a hole, a
+/// page reserved with `fallocate` and not touched yet, and a discarded page are `None`,
+/// and stay absent after being asked about.
+#[test]
+fn node_of_page_sees_resident_pages_only_and_allocates_none() {
+    let vm = vm();
+    let test = "node_of_page_sees_resident_pages_only_and_allocates_none";
+    if !require_mmap(&vm, test) {
+        return;
+    }
+    let flags = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+    let gmem = GuestMemfd::create(&vm, 4 * PAGE_SIZE, flags).unwrap();
+    let map = gmem.map().unwrap();
+    let page = |i: u64| map.as_ptr() as usize + (i * PAGE_SIZE) as usize;
+    let node = |i: u64| match guest_memfd::node_of_page(page(i)) {
+        Err(e) if e.errno() == Some(libc::ENOSYS) => None,
+        other => other.unwrap(),
+    };
+    let numa = guest_memfd::node_of_page(page(0))
+        .map_or_else(|e| e.errno() != Some(libc::ENOSYS), |_| true);
+    // A hole, asked twice: still a hole.
+    assert_eq!(node(0), None);
+    assert_eq!(node(0), None);
+    // Reserved but never touched: held, not yet resident.
+    gmem.allocate(PageRange::new(PAGE_SIZE, PAGE_SIZE).unwrap())
+        .unwrap();
+    assert_eq!(node(1), None);
+    // Written: resident, on a node this process may use.
+    // SAFETY: page 2 lies inside `map`, a live read-write mapping owned by this test.
+    unsafe { (page(2) as *mut u8).write_volatile(1) };
+    if numa {
+        let usable = guest_memfd::usable_nodes().unwrap();
+        assert!(usable.contains(&node(2).expect("written")));
+    }
+    // Discarded: gone, and asking leaves it gone (asked twice, as the hole).
+    gmem.discard(PageRange::new(2 * PAGE_SIZE, PAGE_SIZE).unwrap())
+        .unwrap();
+    assert_eq!(node(2), None);
+    assert_eq!(node(2), None);
+    // An address nothing maps is an error, not a page.
+    let err = guest_memfd::node_of_page(8).unwrap_err();
+    assert_eq!(err.errno(), Some(libc::ENOMEM), "{err}");
+}

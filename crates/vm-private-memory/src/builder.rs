@@ -152,9 +152,10 @@ impl MemoryBuilder {
     /// page. The build checks that the nodes have memory this process may use and, by
     /// behaviour, that the kernel applies the policy
     /// ([`guest_memfd::numa_policy_support`]); where a single node is usable, every page
-    /// lands on it and no policy is set. The policy belongs to the guest_memfd file: it
-    /// follows the file through [`PrivateMemoryManager::remove_region`] and
-    /// `add_region`. Regions added later take one with
+    /// lands on it and no policy is set. The policy belongs to the guest_memfd file, per
+    /// range of the file: it follows the file through
+    /// [`PrivateMemoryManager::remove_region`] and `add_region` at the same offset.
+    /// Regions added later take one with
     /// [`PrivateMemoryManager::add_region_with_policy`].
     ///
     /// The dual strategy refuses it: its guest_memfd has no mapping to carry a policy

@@ -80,10 +80,11 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// [`PrivateMemoryManager::add_region`], with the region's pages placed on NUMA nodes
     /// by `policy`, as [`crate::MemoryBuilder::region_at_with_policy`] does at build time
     /// (in-place strategy, Linux 6.19 or later): memory hotplug into a zone of its own
-    /// node. The policy is set through the region's mapping before any page of it is
-    /// touched. It belongs to the guest_memfd file, not to the region: a file taken out
-    /// with [`PrivateMemoryManager::remove_region`] and added again keeps it, with or
-    /// without a policy given then.
+    /// node. The policy is set through the region's mapping before the guest runs on it;
+    /// pages `backing` already holds stay where they are. It belongs to the guest_memfd
+    /// file, per range of the file: a file taken out with
+    /// [`PrivateMemoryManager::remove_region`] and added again at the same offset
+    /// without a policy keeps it for that range, and a policy given then replaces it.
     ///
     /// # Errors
     ///
@@ -102,6 +103,10 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         policy: NumaPolicy,
         initial: PageState,
     ) -> Result<()> {
+        // Before the policy's checks, which probe the kernel: a listener cannot add.
+        if in_callback() {
+            return Err(Error::Reentrant { range: gpa(guest) });
+        }
         let policy = check_policies(self.strategy, &*self.vm, &[Some(policy)])?.then_some(policy);
         self.add(guest, backing, None, policy, initial)
     }

@@ -273,8 +273,10 @@ impl LinuxVm {
     ///
     /// # Errors
     ///
-    /// [`Error::ParavirtNeedsInPlace`] for `paravirt` on the dual strategy's private RAM,
-    /// before any file is opened; the backend's, the loader's and KVM's errors.
+    /// [`Error::ParavirtNeedsInPlace`] for `paravirt` on the dual strategy's private RAM:
+    /// with `strategy: Some(Strategy::Dual)` before anything is made; where the harness
+    /// chooses dual, once the RAM is built, before the kernel is opened. The backend's,
+    /// the loader's and KVM's errors.
     pub fn new(config: &LinuxConfig) -> Result<Self> {
         let paravirt_on_dual_private =
             |strategy| config.paravirt && strategy == Strategy::Dual && config.ram == Ram::Private;

@@ -214,8 +214,8 @@ pub enum Error {
         /// The nodes this process may use ([`crate::usable_nodes`]).
         usable: Vec<u32>,
     },
-    /// A NUMA system call (`mbind`, `get_mempolicy`, `getcpu`) or reading the host's
-    /// nodes failed.
+    /// A NUMA system call (`mbind`, `get_mempolicy`, `set_mempolicy`, `mincore`) or
+    /// reading the host's nodes failed.
     #[error("{op} failed: {source}")]
     Numa {
         /// What was done.

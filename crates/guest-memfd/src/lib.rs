@@ -93,8 +93,7 @@ pub use flags::GuestMemfdFlags;
 pub use memfd::{supported_flags, GuestMemfd};
 pub use memslot::Memslot;
 pub use numa::{
-    node_of_page, numa_policy_support, online_nodes, usable_nodes, NodeSet, NumaPolicy,
-    NumaSupport, MAX_NODES,
+    node_of_page, numa_policy_support, usable_nodes, NodeSet, NumaPolicy, NumaSupport, MAX_NODES,
 };
 pub use range::{is_page_aligned, Chunks, PageRange, PAGE_SIZE};
 pub use sealed::{SealedMemfd, SHARED_MEMORY_SEALS};

@@ -10,8 +10,8 @@
 //! found by behaviour ([`numa_policy_support`]): a page allocated under a policy, and
 //! where the kernel says it landed.
 //!
-//! `mbind`, `get_mempolicy` and `getcpu` are called through `libc::syscall`: libc has no
-//! wrappers for them (they live in libnuma, a C library), and no maintained crate
+//! `mbind`, `get_mempolicy` and `set_mempolicy` are called through `libc::syscall`: libc
+//! has no wrappers for them (they live in libnuma, a C library), and no maintained crate
 //! offers them without it.
 
 use std::fmt;
@@ -270,7 +270,7 @@ fn locate_page(addr: usize) -> Result<u32> {
 /// # Errors
 ///
 /// [`Error::Numa`] if the file exists but cannot be read or parsed.
-pub fn online_nodes() -> Result<Vec<u32>> {
+fn online_nodes() -> Result<Vec<u32>> {
     let text = match std::fs::read_to_string("/sys/devices/system/node/online") {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![0]),

@@ -643,7 +643,7 @@ pub(crate) fn file_id(backing: &SharedBacking) -> Result<(u64, u64)> {
     Ok((meta.dev(), meta.ino()))
 }
 
-/// A region over `guest`, backed by `gmem` from `gmem_offset` (`file`), with its host
+/// A region over `guest`, backed by `gmem` from `gmem_offset`, with its host
 /// mapping (and, dual, its shared side: `shared`, the VMM's file and offset, or a new
 /// sealed memfd; in place, `policy` set on the mapping).
 pub(crate) fn make_region<B: DirtyBitmap>(

@@ -258,8 +258,8 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A region was given a NUMA policy ([`crate::MemoryBuilder::region_at_with_policy`],
-    /// [`crate::PrivateMemoryManager::add_region_with_policy`]) on a kernel whose guest_memfd ignores it: a probe page bound to one node landed on
-    /// another.
+    /// [`crate::PrivateMemoryManager::add_region_with_policy`]) on a kernel whose
+    /// guest_memfd ignores it: a probe page bound to one node landed on another.
     #[error("this kernel does not apply a guest_memfd's NUMA policy: {support}; build without a policy, or on a kernel that has it")]
     NumaPolicyIgnored {
         /// What the probe found ([`guest_memfd::numa_policy_support`]).

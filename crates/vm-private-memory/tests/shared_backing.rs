@@ -301,6 +301,20 @@ fn memfd_of_size(size: u64, sealable: bool) -> File {
     file
 }
 
+/// `err` is the dual strategy's refusal of a NUMA policy.
+fn assert_numa_refusal(err: &Error) {
+    assert!(
+        matches!(
+            err,
+            Error::StrategyUnavailable {
+                reason: UnavailableReason::NumaPolicyNeedsInPlace,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_numa_policy_is_refused_by_the_dual_strategy_before_anything_is_bound() {
     // The dual strategy's guest_memfd has no mapping to carry a policy (on the attribute
@@ -312,16 +326,7 @@ fn a_numa_policy_is_refused_by_the_dual_strategy_before_anything_is_bound() {
         .strategy(Strategy::Dual)
         .build()
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::StrategyUnavailable {
-                reason: UnavailableReason::NumaPolicyNeedsInPlace,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_numa_refusal(&err);
     assert!(gpa_is_free(&vm, pr(0, MIB2)));
 }
 
@@ -342,16 +347,7 @@ fn a_hotplugged_region_with_a_policy_is_refused_by_the_dual_strategy_and_nothing
             PageState::Shared,
         )
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::StrategyUnavailable {
-                reason: UnavailableReason::NumaPolicyNeedsInPlace,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_numa_refusal(&err);
     assert_eq!(memory.regions(), [pr(0, MIB2)]);
     assert!(gpa_is_free(&vm, added));
 }

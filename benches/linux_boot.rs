@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use guest_memfd::Capabilities;
 use integration::linux::{
-    lab_guest_images, GuestRam, LinuxConfig, LinuxVm, Ram, GUEST_UP_MARKER, LAB_CMDLINE,
+    lab_guest_images, GuestRam, LinuxConfig, LinuxVm, Ram, GUEST_UP_MARKER, LAB_BOOT_ATTEMPTS,
+    LAB_BOOT_DEADLINE, LAB_CMDLINE,
 };
 use integration::Error;
 use vm_private_memory::Strategy;
@@ -32,17 +33,17 @@ enum Backing {
 use Backing::{Anonymous, Private};
 
 /// Boots once to the marker; a boot that hangs (its timer interrupts stop, now and then
-/// in the lab, on shared memory as on private, see tests/linux_boot.rs) is not timed,
-/// reported on stderr, and tried again, up to three times.
+/// in the lab, on every backing: [`LAB_BOOT_ATTEMPTS`]) is not timed, reported on
+/// stderr, and tried again, up to [`LAB_BOOT_ATTEMPTS`] times.
 fn boot_to_marker<M: GuestRam>(
     config: &LinuxConfig,
     new: fn(&LinuxConfig) -> integration::Result<LinuxVm<M>>,
 ) -> Duration {
-    for attempt in 1..=3 {
+    for attempt in 1..=LAB_BOOT_ATTEMPTS {
         let start = Instant::now();
         let mut vm = new(config).expect("the guest loads");
         let mut marker = None;
-        match vm.run(Duration::from_secs(90), |line, _| {
+        match vm.run(LAB_BOOT_DEADLINE, |line, _| {
             if marker.is_none() && line.contains(GUEST_UP_MARKER) {
                 marker = Some(start.elapsed());
             }
@@ -51,7 +52,7 @@ fn boot_to_marker<M: GuestRam>(
                 return marker
                     .unwrap_or_else(|| panic!("no marker; console:\n{}", vm.console().text()))
             }
-            Err(Error::Timeout { rip, .. }) if attempt < 3 => {
+            Err(Error::Timeout { rip, .. }) if attempt < LAB_BOOT_ATTEMPTS => {
                 eprintln!("LINUX-BOOT-HUNG attempt={attempt} rip={rip:#x}, not timed")
             }
             Err(e) => panic!("the guest did not run to its stop: {e}"),

@@ -83,6 +83,16 @@ pub const GUEST_UP_MARKER: &str = "PRIVMEM-GUEST-UP";
 pub const LAB_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule \
                                8250.nr_uarts=1 tsc=reliable quiet";
 
+/// How long a boot of the lab's guest may take before it counts as hung: it reaches its
+/// stop in 4-15 s in the lab.
+pub const LAB_BOOT_DEADLINE: Duration = Duration::from_secs(45);
+
+/// How many times a boot of the lab's guest that hangs is tried. In the lab about one boot
+/// in twenty stops getting timer interrupts early on (its deferred work never runs; it
+/// hangs in the idle loop at the first sleep, often only on its way down): that is the
+/// lab's TCG-emulated SVM, on every backing, anonymous memory included.
+pub const LAB_BOOT_ATTEMPTS: u32 = 5;
+
 /// The lab guest's kernel and initramfs, if present: `$PRIVMEM_LINUX_KERNEL` and
 /// `$PRIVMEM_LINUX_INITRD`, by default `/lab/guest/vmlinuz` and
 /// `/lab/guest/initrd.cpio.gz`, where `fixtures/lab/run.sh` puts them inside L1.

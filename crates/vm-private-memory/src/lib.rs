@@ -142,6 +142,7 @@ mod listener;
 mod load;
 mod memory;
 mod region;
+mod region_setup;
 mod regions;
 mod shared_runs;
 mod state;

@@ -9,7 +9,6 @@ use guest_memfd::{GuestMemfd, NumaPolicy, PageRange, SharedBacking};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::attributes::PageState;
-use crate::builder::{check_policies, check_shared_backing, file_id, make_region};
 use crate::convert::Undone;
 use crate::error::{Error, GpaRange, LayoutError, Result};
 use crate::guard::DirtyBitmap;
@@ -17,6 +16,7 @@ use crate::kvm_view::set_kvm_view;
 use crate::listener::{in_callback, Listeners};
 use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemoryManager};
 use crate::region::GuestRegionPrivate;
+use crate::region_setup::{check_policies, check_shared_backing, file_id, make_region};
 use crate::strategy::Strategy;
 
 impl<B: DirtyBitmap> PrivateMemoryManager<B> {

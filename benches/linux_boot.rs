@@ -33,8 +33,9 @@ enum Backing {
 use Backing::{Anonymous, Private};
 
 /// Boots once to the marker; a boot that hangs (its timer interrupts stop, now and then
-/// in the lab, on every backing: [`LAB_BOOT_ATTEMPTS`]) is not timed, reported on
-/// stderr, and tried again, up to [`LAB_BOOT_ATTEMPTS`] times.
+/// in the lab, on every backing) is not timed, reported on stderr with its console's
+/// last line, and tried again: [`LAB_BOOT_ATTEMPTS`] boots in all, each given
+/// [`LAB_BOOT_DEADLINE`].
 fn boot_to_marker<M: GuestRam>(
     config: &LinuxConfig,
     new: fn(&LinuxConfig) -> integration::Result<LinuxVm<M>>,
@@ -52,8 +53,14 @@ fn boot_to_marker<M: GuestRam>(
                 return marker
                     .unwrap_or_else(|| panic!("no marker; console:\n{}", vm.console().text()))
             }
-            Err(Error::Timeout { rip, .. }) if attempt < LAB_BOOT_ATTEMPTS => {
-                eprintln!("LINUX-BOOT-HUNG attempt={attempt} rip={rip:#x}, not timed")
+            Err(Error::Timeout {
+                rip, console_tail, ..
+            }) if attempt < LAB_BOOT_ATTEMPTS => {
+                let last = console_tail.lines().rev().find(|l| !l.trim().is_empty());
+                eprintln!(
+                    "LINUX-BOOT-HUNG attempt={attempt} rip={rip:#x} console_ends={:?}, not timed",
+                    last.unwrap_or("").trim()
+                )
             }
             Err(e) => panic!("the guest did not run to its stop: {e}"),
         }

@@ -12,6 +12,7 @@
 //! in-place pass). On our hosts it prints SKIPPED: their KVM emulates guest CPL0 code,
 //! and has no memory attributes.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -52,6 +53,12 @@ fn lab_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
         return None;
     };
     Some((kernel, initrd))
+}
+
+/// Prints `line` at once, past the test harness's capture (as the guest's console is): a
+/// binary killed while hung boots are retried still shows them.
+fn report(line: &str) {
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 /// The last non-empty line of a console.
@@ -105,7 +112,7 @@ struct AtMarker {
 }
 
 /// Boots the guest; a boot that hangs is tried again, up to [`ATTEMPTS`] in all, each
-/// hang printed as a `LINUX-BOOT-HUNG` line with the last line of its console.
+/// hang printed at once as a `LINUX-BOOT-HUNG` line with the last line of its console.
 ///
 /// In the nested lab about one boot in twenty stops getting timer interrupts early in
 /// its boot, on every backing, anonymous memory included: its deferred work never runs
@@ -132,11 +139,11 @@ fn boot(
                     ..
                 },
                 marker,
-            )) if attempt < ATTEMPTS => println!(
+            )) if attempt < ATTEMPTS => report(&format!(
                 "LINUX-BOOT-HUNG ram={ram:?} attempt={attempt} exits={exits} rip={rip:#x} \
                  marker_seen={marker} console_ends={:?}",
                 last_line(&console_tail)
-            ),
+            )),
             Err((e, _)) => panic!("boot {attempt} of {ATTEMPTS} on {ram:?} memory: {e}"),
         }
     }
@@ -399,12 +406,12 @@ fn the_same_kernel_boots_on_anonymous_memory_the_ordinary_vm() {
                 console_tail,
                 ..
             }) if attempt < ATTEMPTS => {
-                println!(
+                report(&format!(
                     "LINUX-BOOT-HUNG ram=Anonymous attempt={attempt} exits={exits} rip={rip:#x} \
                      marker_seen={} console_ends={:?}",
                     seen.is_some(),
                     last_line(&console_tail)
-                );
+                ));
                 continue;
             }
             run => run.unwrap_or_else(|e| panic!("boot {attempt} on anonymous memory: {e}")),

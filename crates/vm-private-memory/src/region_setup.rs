@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Setting up one region, at build time or hotplugged: the checks on what the VMM gives
-//! for it (a shared backing, a NUMA policy), and its files and host mapping.
+//! Setting up regions, at build time or hotplugged: the checks on what the VMM gives for
+//! them (shared backings, NUMA policies), and one region's host mapping, with its policy
+//! set, or with the dual strategy its shared side (a new sealed memfd where the VMM gave
+//! no file).
 
 use std::os::unix::fs::MetadataExt;
 

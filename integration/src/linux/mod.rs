@@ -18,8 +18,9 @@
 //!
 //! ```no_run
 //! use std::path::Path;
-//! use std::time::Duration;
-//! use integration::linux::{LinuxConfig, LinuxExit, LinuxVm, Ram, LAB_CMDLINE};
+//! use integration::linux::{
+//!     LinuxConfig, LinuxExit, LinuxVm, Ram, LAB_BOOT_DEADLINE, LAB_CMDLINE,
+//! };
 //!
 //! let config = LinuxConfig {
 //!     kernel: Path::new("/lab/guest/vmlinuz"),
@@ -32,7 +33,7 @@
 //!     strategy: None,
 //! };
 //! let mut vm = LinuxVm::new(&config)?;
-//! let run = vm.run(Duration::from_secs(90), |line, memory| {
+//! let run = vm.run(LAB_BOOT_DEADLINE, |line, memory| {
 //!     // Each console line, while the vCPU waits: look at the guest's memory here.
 //!     println!("{line} ({} private pages)", memory.private_pages());
 //! })?;
@@ -87,11 +88,12 @@ pub const LAB_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule 
 /// stop in 4-15 s in the lab.
 pub const LAB_BOOT_DEADLINE: Duration = Duration::from_secs(45);
 
-/// How many times a boot of the lab's guest that hangs is tried. In the lab about one boot
+/// How many boots in all the lab's guest gets when they hang. In the lab about one boot
 /// in twenty stops getting timer interrupts early on (its deferred work never runs; it
 /// hangs in the idle loop at the first sleep, often only on its way down): that is the
 /// lab's TCG-emulated SVM, on every backing, anonymous memory included.
 pub const LAB_BOOT_ATTEMPTS: u32 = 5;
+const _: () = assert!(LAB_BOOT_ATTEMPTS >= 1, "a test must boot at least once");
 
 /// The lab guest's kernel and initramfs, if present: `$PRIVMEM_LINUX_KERNEL` and
 /// `$PRIVMEM_LINUX_INITRD`, by default `/lab/guest/vmlinuz` and

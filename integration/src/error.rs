@@ -132,6 +132,15 @@ pub enum Error {
     /// KVM's paravirtual structures asked for on the dual strategy's private RAM.
     #[error("KVM's paravirtual structures (LinuxConfig::paravirt) need in-place memory: with the dual strategy KVM writes them into the shared side of private pages, where the guest never reads")]
     ParavirtNeedsInPlace,
+    /// [`crate::linux::LinuxVm::new_anonymous`] asked for private memory or a strategy:
+    /// an ordinary VM's anonymous RAM is all the host's.
+    #[error("an ordinary VM's anonymous RAM has no private pages and no strategy, but the config asks for ram {ram:?}, strategy {strategy:?}: give Ram::Shared and no strategy, or use LinuxVm::new for private memory")]
+    NotAnonymous {
+        /// The `ram` the config gave.
+        ram: crate::linux::Ram,
+        /// The `strategy` the config gave.
+        strategy: Option<vm_private_memory::Strategy>,
+    },
 }
 
 /// The harness's result type.

@@ -18,7 +18,7 @@ use integration::linux::{
 use integration::Error;
 use linux_loader::loader::bootparam::boot_params;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
-use vm_private_memory::{private_page_refusal, PageState};
+use vm_private_memory::{private_page_refusal, PageState, Strategy};
 use vmm_sys_util::tempfile::TempFile;
 
 const RAM_SIZE: u64 = 64 << 20;
@@ -403,6 +403,33 @@ fn the_same_machine_runs_on_anonymous_memory() {
     let params: boot_params = ram.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
     assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
     assert_eq!(vm.host_written().len(), 4);
+}
+
+/// Anonymous RAM cannot be private: a config that asks for private RAM or a strategy is
+/// refused before anything is made (the missing kernel is never opened), not quietly
+/// booted on all-shared memory.
+#[test]
+fn anonymous_ram_refuses_a_config_for_private_memory() {
+    let missing = std::path::Path::new("/nonexistent/privmem/vmlinuz");
+    let good = images(&RESET, 4096);
+    for (ram, strategy) in [
+        (Ram::Private, None),
+        (Ram::Shared, Some(Strategy::InPlace)),
+        (Ram::Shared, Some(Strategy::Dual)),
+        (Ram::Private, Some(Strategy::InPlace)),
+    ] {
+        let err = LinuxVm::new_anonymous(&LinuxConfig {
+            kernel: missing,
+            strategy,
+            ..config(&good, ram, CMDLINE)
+        })
+        .expect_err("refused");
+        assert!(
+            matches!(err, Error::NotAnonymous { ram: r, strategy: s } if r == ram && s == strategy),
+            "{ram:?} {strategy:?}: {err}"
+        );
+        assert!(err.to_string().contains("LinuxVm::new"), "{err}");
+    }
 }
 
 #[test]

@@ -353,11 +353,23 @@ impl LinuxVm {
 impl LinuxVm<GuestMemoryMmap> {
     /// The same machine as [`LinuxVm::new`]'s on plain anonymous memory: an ordinary VM
     /// (`KVM_CREATE_VM` of the default type), its RAM one vm-memory [`GuestMemoryMmap`]
-    /// region in one memslot, with no guest_memfd. `config.ram` and `config.strategy`
-    /// describe private memory and do not apply; `config.paravirt` does.
+    /// region in one memslot, with no guest_memfd. `config.paravirt` applies as with
+    /// private memory.
     ///
     /// The peer a boot on private memory is measured against (`benches/linux_boot.rs`).
+    ///
+    /// # Errors
+    /// [`Error::NotAnonymous`] if `config.ram` is [`Ram::Private`] or `config.strategy` is
+    /// given (private memory is [`LinuxVm::new`]'s), before anything is made;
+    /// [`Error::RamSize`] for a size the machine cannot have; the kernel's and initramfs's
+    /// errors as with [`LinuxVm::new`].
     pub fn new_anonymous(config: &LinuxConfig) -> Result<Self> {
+        if config.ram != Ram::Shared || config.strategy.is_some() {
+            return Err(Error::NotAnonymous {
+                ram: config.ram,
+                strategy: config.strategy,
+            });
+        }
         let region = anonymous_ram(config.ram_size)?;
         let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
         let vm = kvm

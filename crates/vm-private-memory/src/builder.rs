@@ -38,6 +38,28 @@ enum Placement {
     Anywhere,
 }
 
+/// One region the builder is asked for: where, how big, and what the VMM gave for it.
+#[derive(Debug)]
+struct RegionSpec {
+    placement: Placement,
+    size: u64,
+    /// The VMM's shared side (dual strategy): its file and the offset in it.
+    shared: Option<(SharedBacking, u64)>,
+    /// Where its pages are allocated (in-place strategy).
+    policy: Option<NumaPolicy>,
+}
+
+impl RegionSpec {
+    fn at(gpa: u64, size: u64) -> Self {
+        RegionSpec {
+            placement: Placement::At(gpa),
+            size,
+            shared: None,
+            policy: None,
+        }
+    }
+}
+
 /// Builds a [`PrivateMemoryManager`]: where each region goes in guest-physical space, which
 /// strategy backs it, its initial state, and its memslots.
 ///
@@ -77,7 +99,7 @@ enum Placement {
 #[must_use = "a MemoryBuilder does nothing until `build` is called on it"]
 pub struct MemoryBuilder {
     vm: Arc<dyn VmOps>,
-    regions: Vec<(Placement, u64)>,
+    regions: Vec<RegionSpec>,
     reserved: Vec<(u64, u64)>,
     strategy: Option<Strategy>,
     initial: PageState,
@@ -85,10 +107,6 @@ pub struct MemoryBuilder {
     slots: (u32, Option<u32>),
     patience: std::time::Duration,
     extra_flags: GuestMemfdFlags,
-    /// The VMM's shared side of each region, by index in `regions` (dual strategy).
-    shared_backings: Vec<Option<(SharedBacking, u64)>>,
-    /// The NUMA policy of each region, by index in `regions` (in-place strategy).
-    policies: Vec<Option<NumaPolicy>>,
     /// The VMM binds the memslots itself.
     vmm_binds: bool,
 }
@@ -129,17 +147,13 @@ impl MemoryBuilder {
             slots: (0, None),
             patience: DEFAULT_ACCESS_PATIENCE,
             extra_flags: GuestMemfdFlags::empty(),
-            shared_backings: Vec::new(),
-            policies: Vec::new(),
             vmm_binds: false,
         }
     }
 
     /// Adds a region of `size` bytes at guest-physical `gpa`.
     pub fn region_at(mut self, gpa: u64, size: u64) -> Self {
-        self.regions.push((Placement::At(gpa), size));
-        self.shared_backings.push(None);
-        self.policies.push(None);
+        self.regions.push(RegionSpec::at(gpa, size));
         self
     }
 
@@ -164,9 +178,10 @@ impl MemoryBuilder {
     /// well, bypassing the shared side (the nested lab's test
     /// `a_mappable_guest_memfd_on_a_private_capable_vm_takes_its_shared_pages_too`).
     pub fn region_at_with_policy(mut self, gpa: u64, size: u64, policy: NumaPolicy) -> Self {
-        self.regions.push((Placement::At(gpa), size));
-        self.shared_backings.push(None);
-        self.policies.push(Some(policy));
+        self.regions.push(RegionSpec {
+            policy: Some(policy),
+            ..RegionSpec::at(gpa, size)
+        });
         self
     }
 
@@ -188,18 +203,20 @@ impl MemoryBuilder {
         backing: SharedBacking,
         offset: u64,
     ) -> Self {
-        self.regions.push((Placement::At(gpa), size));
-        self.shared_backings.push(Some((backing, offset)));
-        self.policies.push(None);
+        self.regions.push(RegionSpec {
+            shared: Some((backing, offset)),
+            ..RegionSpec::at(gpa, size)
+        });
         self
     }
 
     /// Adds a region of `size` bytes at the lowest free, 2 MiB-aligned address (after
     /// fixed regions and reserved holes are placed).
     pub fn region(mut self, size: u64) -> Self {
-        self.regions.push((Placement::Anywhere, size));
-        self.shared_backings.push(None);
-        self.policies.push(None);
+        self.regions.push(RegionSpec {
+            placement: Placement::Anywhere,
+            ..RegionSpec::at(0, size)
+        });
         self
     }
 
@@ -330,18 +347,14 @@ impl MemoryBuilder {
             size,
             region: None,
         });
-        let regions = self
-            .regions
-            .iter()
-            .enumerate()
-            .map(|(i, (p, size))| Request {
-                at: match p {
-                    Placement::At(gpa) => Some(*gpa),
-                    Placement::Anywhere => None,
-                },
-                size: *size,
-                region: Some(i),
-            });
+        let regions = self.regions.iter().enumerate().map(|(i, spec)| Request {
+            at: match spec.placement {
+                Placement::At(gpa) => Some(gpa),
+                Placement::Anywhere => None,
+            },
+            size: spec.size,
+            region: Some(i),
+        });
         let mut requests: Vec<Request> = holes.chain(regions).collect();
         requests.sort_by_key(|r| r.at.is_none());
         let mut placed = vec![None; self.regions.len()];
@@ -452,12 +465,12 @@ impl MemoryBuilder {
                 },
             });
         }
-        let mut shared_backings = std::mem::take(&mut self.shared_backings);
-        check_shared_backings(strategy, &self.regions, &shared_backings)?;
+        check_shared_backings(strategy, &self.regions)?;
         // With a single usable node every page lands there anyway: no policy is set (a
         // kernel without NUMA has no mbind to set it with).
-        if !check_policies(strategy, &*self.vm, &self.policies)? {
-            self.policies.iter_mut().for_each(|p| *p = None);
+        let policies = self.regions.iter().filter_map(|spec| spec.policy.as_ref());
+        if !check_policies(strategy, &*self.vm, policies)? {
+            self.regions.iter_mut().for_each(|spec| spec.policy = None);
         }
         let host_limit = if caps.nr_memslots > 0 {
             caps.nr_memslots
@@ -496,15 +509,15 @@ impl MemoryBuilder {
             };
             offset += guest.len();
             let slot = slot_ids.allocate_id().map_err(|_| no_free_slot())?;
-            let shared = shared_backings[index].take();
+            let spec = &mut self.regions[index];
             let region = make_region(
                 strategy,
                 guest,
                 (gmem, gmem_offset),
                 self.initial,
                 slot,
-                shared,
-                self.policies[index],
+                spec.shared.take(),
+                spec.policy,
             )?;
             regions.push(Arc::new(region));
         }
@@ -558,17 +571,13 @@ pub(crate) fn gmem_flags(strategy: Strategy) -> GuestMemfdFlags {
 
 /// Checks the VMM's shared backings before anything is created: the dual strategy only,
 /// each range inside its file, and no two ranges of one file overlapping.
-fn check_shared_backings(
-    strategy: Strategy,
-    regions: &[(Placement, u64)],
-    backings: &[Option<(SharedBacking, u64)>],
-) -> Result<()> {
+fn check_shared_backings(strategy: Strategy, regions: &[RegionSpec]) -> Result<()> {
     let mut taken = Vec::new();
-    for (index, given) in backings.iter().enumerate() {
-        let Some((backing, offset)) = given else {
+    for spec in regions {
+        let Some((backing, offset)) = &spec.shared else {
             continue;
         };
-        let range = check_shared_backing(strategy, regions[index].1, backing, *offset, &taken)?;
+        let range = check_shared_backing(strategy, spec.size, backing, *offset, &taken)?;
         taken.push(range);
     }
     Ok(())

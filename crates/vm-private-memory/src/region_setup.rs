@@ -20,12 +20,12 @@ use crate::strategy::{Strategy, UnavailableReason};
 /// Checks the regions' NUMA policies before anything is created: the in-place strategy
 /// only, nodes this process may use, and a kernel that applies them (probed once, by
 /// behaviour). Says whether to set them: not where a single node is usable.
-pub(crate) fn check_policies(
+pub(crate) fn check_policies<'a>(
     strategy: Strategy,
     vm: &dyn VmOps,
-    policies: &[Option<NumaPolicy>],
+    policies: impl IntoIterator<Item = &'a NumaPolicy>,
 ) -> Result<bool> {
-    let mut given = policies.iter().flatten().peekable();
+    let mut given = policies.into_iter().peekable();
     if given.peek().is_none() {
         return Ok(false);
     }

@@ -107,7 +107,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         if in_callback() {
             return Err(Error::Reentrant { range: gpa(guest) });
         }
-        let policy = check_policies(self.strategy, &*self.vm, &[Some(policy)])?.then_some(policy);
+        let policy = check_policies(self.strategy, &*self.vm, [&policy])?.then_some(policy);
         self.add(guest, backing, None, policy, initial)
     }
 

@@ -265,6 +265,17 @@ pub enum Error {
         /// What the probe found ([`guest_memfd::numa_policy_support`]).
         support: guest_memfd::NumaSupport,
     },
+    /// Setting a region's NUMA policy on its guest_memfd mapping (`mbind`) failed after
+    /// the policy's checks passed: a node went offline, or this process's allowed nodes
+    /// changed, in between. Nothing of the region is kept.
+    #[error("setting the NUMA policy of guest-physical {range} failed: {source}; check the policy's nodes against guest_memfd::usable_nodes() and try again")]
+    NumaPolicyNotSet {
+        /// The region's guest-physical range.
+        range: GpaRange,
+        /// The file layer's error, with the kernel's errno.
+        #[source]
+        source: guest_memfd::Error,
+    },
     /// Two regions were given the same file as shared backing at overlapping ranges: a
     /// page of one would be a page of the other.
     #[error("the shared backing file ranges {first} and {second} overlap: give each region its own range of the file")]
@@ -296,6 +307,7 @@ impl Error {
             Error::SetAttributes { source, .. } => Some(source.errno()),
             Error::EnableExits(source) => Some(source.errno()),
             Error::RollbackFailed { cause, .. } => cause.errno(),
+            Error::NumaPolicyNotSet { source, .. } => source.errno(),
             _ => None,
         }
     }

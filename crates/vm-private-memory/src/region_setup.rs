@@ -12,7 +12,7 @@ use guest_memfd::{
 };
 
 use crate::attributes::PageState;
-use crate::error::{Error, Result};
+use crate::error::{Error, GpaRange, Result};
 use crate::guard::DirtyBitmap;
 use crate::region::{GuestRegionPrivate, RegionParts, SharedSide};
 use crate::strategy::{Strategy, UnavailableReason};
@@ -105,7 +105,15 @@ pub(crate) fn make_region<B: DirtyBitmap>(
             // Before any page of the mapping is touched: pages allocated from now on
             // follow it.
             if let Some(policy) = policy {
-                policy.apply(&host)?;
+                policy
+                    .apply(&host)
+                    .map_err(|source| Error::NumaPolicyNotSet {
+                        range: GpaRange {
+                            start: guest.start(),
+                            len: guest.len(),
+                        },
+                        source,
+                    })?;
             }
             (None, host)
         }
@@ -139,4 +147,51 @@ pub(crate) fn make_region<B: DirtyBitmap>(
         initial,
         slot,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_memfd::{Capabilities, GuestMemfdFlags, NodeSet};
+
+    /// A policy the kernel refuses when it is set (here a node that is not online, which
+    /// the builder's checks refuse first; a node going offline in between gets here)
+    /// names the region's guest-physical range and the errno.
+    #[test]
+    fn a_policy_the_kernel_refuses_names_the_region() {
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+        let vm = kvm.create_vm().expect("a VM");
+        if !Capabilities::of_vm(&vm).in_place_capable() {
+            println!("SKIPPED a_policy_the_kernel_refuses_names_the_region: needs a mappable guest_memfd (in-place capable KVM)");
+            return;
+        }
+        let guest = PageRange::new(0x4000_0000, 2 << 20).unwrap();
+        let flags = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+        let gmem = GuestMemfd::create(&vm, guest.len(), flags).expect("a guest_memfd");
+        let offline = guest_memfd::MAX_NODES - 1;
+        let policy = NumaPolicy::Bind(NodeSet::new(&[offline]).unwrap());
+        let err = make_region::<()>(
+            Strategy::InPlace,
+            guest,
+            (gmem, 0),
+            PageState::Shared,
+            0,
+            None,
+            Some(policy),
+        )
+        .map(|_| ())
+        .expect_err("mbind refuses a node that is not online");
+        assert!(
+            matches!(
+                &err,
+                Error::NumaPolicyNotSet { range, .. }
+                    if *range == GpaRange { start: 0x4000_0000, len: 2 << 20 }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.errno(), Some(libc::EINVAL), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("[0x40000000, 0x40200000)"), "{text}");
+        assert!(text.contains("usable_nodes"), "{text}");
+    }
 }

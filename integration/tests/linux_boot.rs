@@ -18,8 +18,9 @@ use std::time::Instant;
 
 use guest_memfd::{Capabilities, PAGE_SIZE};
 use integration::linux::{
-    host_unevictable_bytes, lab_guest_images, LinuxConfig, LinuxExit, LinuxVm, Ram,
-    GUEST_UP_MARKER, LAB_BOOT_ATTEMPTS as ATTEMPTS, LAB_BOOT_DEADLINE as DEADLINE, LAB_CMDLINE,
+    host_unevictable_bytes, lab_guest_images, GuestRam, KvmStats, LinuxConfig, LinuxExit, LinuxVm,
+    Ram, GUEST_UP_MARKER, LAB_BOOT_ATTEMPTS as ATTEMPTS, LAB_BOOT_DEADLINE as DEADLINE,
+    LAB_CMDLINE,
 };
 use integration::Error;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
@@ -59,6 +60,26 @@ fn lab_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
 /// binary killed while hung boots are retried still shows them.
 fn report(line: &str) {
     let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
+/// What KVM counted over a boot, as `LINUX-BOOT` fields: the page faults it took and
+/// fixed (nested ones: the guest's memory is mapped on demand) and the pages it maps
+/// with 4 KiB and 2 MiB entries at the stop. A booted kernel has pages mapped.
+fn kvm_counts<M: GuestRam>(vm: &LinuxVm<M>) -> String {
+    let get = |stats: &KvmStats, name: &str| stats.get(name).unwrap().unwrap_or(0);
+    let (taken, fixed) = (
+        get(vm.vcpu_stats(), "pf_taken"),
+        get(vm.vcpu_stats(), "pf_fixed"),
+    );
+    let (small, large) = (
+        get(vm.vm_stats(), "pages_4k"),
+        get(vm.vm_stats(), "pages_2m"),
+    );
+    assert!(
+        small + large > 0,
+        "KVM maps none of a booted kernel's pages"
+    );
+    format!("pf_taken={taken} pf_fixed={fixed} pages_4k={small} pages_2m={large}")
 }
 
 /// The last non-empty line of a console.
@@ -220,7 +241,7 @@ fn boot_once(
     });
     println!(
         "LINUX-BOOT ram={ram:?} marker_s={:.2} stop_s={:.2} exits={} used_kib={} \
-         unevictable_growth_kib={} shared_side_kib={} private_pages={} refused_reads={} \
+         unevictable_growth_kib={} shared_side_kib={} private_pages={} refused_reads={} {} \
          clocksource={} paravirt={} strategy={strategy}",
         at.seconds,
         run.elapsed.as_secs_f64(),
@@ -230,6 +251,7 @@ fn boot_once(
         at.shared_side >> 10,
         at.private_pages,
         at.refused_reads,
+        kvm_counts(&vm),
         at.clocksource,
         u8::from(paravirt),
     );
@@ -420,9 +442,10 @@ fn the_same_kernel_boots_on_anonymous_memory_the_ordinary_vm() {
             .unwrap_or_else(|| panic!("no {GUEST_UP_MARKER}; console:\n{}", vm.console().text()));
         println!(
             "LINUX-BOOT ram=Anonymous marker_s={seconds:.2} stop_s={:.2} exits={} \
-             used_kib={used_kib} readable_pages={readable} clocksource={clocksource}",
+             used_kib={used_kib} readable_pages={readable} {} clocksource={clocksource}",
             run.elapsed.as_secs_f64(),
             run.exits,
+            kvm_counts(&vm),
         );
         assert_eq!(
             run.exit,

@@ -117,6 +117,40 @@ fn the_guest_prints_on_its_console_and_its_reset_stops_the_vm() {
     assert!(run.exits >= 12, "one exit per console byte at least");
 }
 
+/// KVM's own counts of a run, read from its statistics: every exit the VMM served is
+/// among the vCPU's `exits` (which also count those KVM handled itself), the counts of
+/// the pages KVM maps are there, and a statistic this kernel does not have is `None`.
+/// On private memory and on the ordinary VM's anonymous memory.
+#[test]
+fn kvm_statistics_count_the_exits_and_the_pages_kvm_maps() {
+    let images = images(&print_then(b"counted\n", &RESET), 4096);
+    let private = LinuxVm::new(&config(&images, Ram::Private, CMDLINE)).unwrap();
+    let anonymous = LinuxVm::new_anonymous(&config(&images, Ram::Shared, CMDLINE)).unwrap();
+    fn check<M: integration::linux::GuestRam>(mut vm: LinuxVm<M>) {
+        let stat = |vm: &LinuxVm<M>, name| vm.vcpu_stats().get(name).unwrap();
+        let before = stat(&vm, "exits").expect("x86 KVM counts exits");
+        let run = vm.run(Duration::from_secs(60), |_, _| {}).unwrap();
+        assert_eq!(run.exit, LinuxExit::Reset);
+        let after = stat(&vm, "exits").unwrap();
+        assert!(
+            after - before >= run.exits,
+            "KVM counted {} exits, the VMM served {}",
+            after - before,
+            run.exits
+        );
+        // Our hosts emulate the stand-in's every instruction, so KVM maps none of its
+        // pages here (the lab's linux_boot asserts it maps a booted kernel's); the
+        // counts are there, and read.
+        for name in ["pages_4k", "pages_2m"] {
+            assert!(vm.vm_stats().get(name).unwrap().is_some(), "{name}");
+        }
+        assert!(vm.vcpu_stats().names().any(|name| name == "pf_taken"));
+        assert_eq!(stat(&vm, "no_such_statistic"), None);
+    }
+    check(private);
+    check(anonymous);
+}
+
 /// mov dx, PM1A_CNT_BLK; mov ax, S5 | SLP_EN; out dx, ax: ACPI's power-off, as Linux's.
 fn acpi_power_off() -> Vec<u8> {
     let value = (S5_SLEEP_TYPE << 10) | (1 << 13);

@@ -48,6 +48,7 @@ mod acpi;
 mod boot;
 mod cmos;
 mod devices;
+mod kvm_stats;
 mod vcpu;
 mod watchdog;
 
@@ -67,6 +68,7 @@ pub use boot::{
     e820_map, BOOT_STACK, CMDLINE_ADDR, CMDLINE_MAX, HIGH_MEMORY, IDENTITY_MAPPED, ZERO_PAGE_ADDR,
 };
 pub use devices::{ConsoleLog, LegacyDevices, PortEffect, ResetLatch, COM1, COM1_IRQ};
+pub use kvm_stats::KvmStats;
 pub use vcpu::guest_cpuid;
 
 use crate::error::{Error, Result};
@@ -213,6 +215,8 @@ pub struct LinuxVm<M: GuestRam = Arc<PrivateMemoryManager>> {
     devices: LegacyDevices,
     console: ConsoleLog,
     host_written: Vec<PageRange>,
+    vm_stats: KvmStats,
+    vcpu_stats: KvmStats,
 }
 
 /// A VM with its irqchip, PIT and boot vCPU, before it has memory.
@@ -269,6 +273,8 @@ impl Machine {
         let devices = LegacyDevices::new(irq, console.clone());
         vcpu::enter_linux(&self.kvm, &self.vcpu, entry, BOOT_STACK, config.paravirt)?;
         Ok(LinuxVm {
+            vm_stats: KvmStats::of(&*self.vm)?,
+            vcpu_stats: KvmStats::of(&self.vcpu)?,
             vcpu: self.vcpu,
             memory,
             devices,
@@ -475,6 +481,19 @@ impl<M: GuestRam> LinuxVm<M> {
     /// The guest's console so far.
     pub fn console(&self) -> &ConsoleLog {
         &self.console
+    }
+
+    /// KVM's statistics of the VM, such as how many of the guest's pages KVM maps with
+    /// 4 KiB and 2 MiB entries (`pages_4k`, `pages_2m`).
+    pub fn vm_stats(&self) -> &KvmStats {
+        &self.vm_stats
+    }
+
+    /// KVM's statistics of the vCPU, such as the (nested) page faults KVM took and fixed
+    /// (`pf_taken`, `pf_fixed`) and every exit, those KVM handled itself included
+    /// (`exits`).
+    pub fn vcpu_stats(&self) -> &KvmStats {
+        &self.vcpu_stats
     }
 
     /// Runs the guest until it stops or `deadline` passes (then [`Error::Timeout`]).

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use guest_memfd::Capabilities;
 use integration::linux::{
-    lab_guest_images, GuestRam, LinuxConfig, LinuxVm, Ram, GUEST_UP_MARKER, LAB_BOOT_ATTEMPTS,
-    LAB_BOOT_DEADLINE, LAB_CMDLINE,
+    console_summary, lab_guest_images, GuestRam, LinuxConfig, LinuxVm, Ram, GUEST_UP_MARKER,
+    LAB_BOOT_ATTEMPTS, LAB_BOOT_DEADLINE, LAB_CMDLINE,
 };
 use integration::Error;
 use vm_private_memory::Strategy;
@@ -32,10 +32,10 @@ enum Backing {
 }
 use Backing::{Anonymous, Private};
 
-/// Boots once to the marker; a boot that hangs (its timer interrupts stop, now and then
-/// in the lab, on every backing) is not timed, reported on stderr with its console's
-/// last line, and tried again: [`LAB_BOOT_ATTEMPTS`] boots in all, each given
-/// [`LAB_BOOT_DEADLINE`].
+/// Boots once to the marker; a boot that hangs or stops without its marker (the lab's
+/// emulated CPU, now and then, on every backing: [`LAB_BOOT_ATTEMPTS`]) is not timed,
+/// reported on stderr with what its console says, and tried again:
+/// [`LAB_BOOT_ATTEMPTS`] boots in all, each given [`LAB_BOOT_DEADLINE`].
 fn boot_to_marker<M: GuestRam>(
     config: &LinuxConfig,
     new: fn(&LinuxConfig) -> integration::Result<LinuxVm<M>>,
@@ -44,24 +44,25 @@ fn boot_to_marker<M: GuestRam>(
         let start = Instant::now();
         let mut vm = new(config).expect("the guest loads");
         let mut marker = None;
+        let last = attempt == LAB_BOOT_ATTEMPTS;
         match vm.run(LAB_BOOT_DEADLINE, |line, _| {
             if marker.is_none() && line.contains(GUEST_UP_MARKER) {
                 marker = Some(start.elapsed());
             }
         }) {
-            Ok(_) => {
-                return marker
-                    .unwrap_or_else(|| panic!("no marker; console:\n{}", vm.console().text()))
-            }
+            Ok(_) if marker.is_some() => return marker.expect("just seen"),
+            Ok(run) if !last => eprintln!(
+                "LINUX-BOOT-CRASHED attempt={attempt} exit={:?} console_says={:?}, not timed",
+                run.exit,
+                console_summary(&vm.console().text())
+            ),
+            Ok(_) => panic!("no marker in any boot; console:\n{}", vm.console().text()),
             Err(Error::Timeout {
                 rip, console_tail, ..
-            }) if attempt < LAB_BOOT_ATTEMPTS => {
-                let last = console_tail.lines().rev().find(|l| !l.trim().is_empty());
-                eprintln!(
-                    "LINUX-BOOT-HUNG attempt={attempt} rip={rip:#x} console_ends={:?}, not timed",
-                    last.unwrap_or("").trim()
-                )
-            }
+            }) if !last => eprintln!(
+                "LINUX-BOOT-HUNG attempt={attempt} rip={rip:#x} console_says={:?}, not timed",
+                console_summary(&console_tail)
+            ),
             Err(e) => panic!("the guest did not run to its stop: {e}"),
         }
     }

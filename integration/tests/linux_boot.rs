@@ -18,9 +18,9 @@ use std::time::Instant;
 
 use guest_memfd::{Capabilities, PAGE_SIZE};
 use integration::linux::{
-    host_unevictable_bytes, lab_guest_images, GuestRam, KvmStats, LinuxConfig, LinuxExit, LinuxVm,
-    Ram, GUEST_UP_MARKER, LAB_BOOT_ATTEMPTS as ATTEMPTS, LAB_BOOT_DEADLINE as DEADLINE,
-    LAB_CMDLINE,
+    console_summary, host_unevictable_bytes, lab_guest_images, GuestRam, KvmStats, LinuxConfig,
+    LinuxExit, LinuxVm, Ram, GUEST_UP_MARKER, LAB_BOOT_ATTEMPTS as ATTEMPTS,
+    LAB_BOOT_DEADLINE as DEADLINE, LAB_CMDLINE,
 };
 use integration::Error;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
@@ -82,16 +82,6 @@ fn kvm_counts<M: GuestRam>(vm: &LinuxVm<M>) -> String {
     format!("pf_taken={taken} pf_fixed={fixed} pages_4k={small} pages_2m={large}")
 }
 
-/// The last non-empty line of a console.
-fn last_line(console: &str) -> &str {
-    console
-        .lines()
-        .rev()
-        .find(|line| !line.trim().is_empty())
-        .unwrap_or("")
-        .trim()
-}
-
 /// The guest's clock source, from its marker line's `clocksource=`.
 fn clocksource(line: &str) -> String {
     line.split_whitespace()
@@ -151,7 +141,16 @@ fn boot(
 ) -> (LinuxVm, AtMarker, LinuxExit) {
     for attempt in 1..=ATTEMPTS {
         match boot_once(ram, stop, kernel, initrd, paravirt) {
-            Ok(booted) => return booted,
+            Ok(Attempt::Booted(vm, at, exit)) => return (*vm, at, exit),
+            Ok(Attempt::NoMarker(exit, console)) if attempt < ATTEMPTS => report(&format!(
+                "LINUX-BOOT-CRASHED ram={ram:?} attempt={attempt} exit={exit:?} \
+                 console_says={:?}",
+                console_summary(&console)
+            )),
+            Ok(Attempt::NoMarker(exit, console)) => panic!(
+                "the guest stopped ({exit:?}) without printing {GUEST_UP_MARKER}, \
+                 {ATTEMPTS} boots of {ATTEMPTS}; console:\n{console}"
+            ),
             Err((
                 Error::Timeout {
                     exits,
@@ -162,8 +161,8 @@ fn boot(
                 marker,
             )) if attempt < ATTEMPTS => report(&format!(
                 "LINUX-BOOT-HUNG ram={ram:?} attempt={attempt} exits={exits} rip={rip:#x} \
-                 marker_seen={marker} console_ends={:?}",
-                last_line(&console_tail)
+                 marker_seen={marker} console_says={:?}",
+                console_summary(&console_tail)
             )),
             Err((e, _)) => panic!("boot {attempt} of {ATTEMPTS} on {ram:?} memory: {e}"),
         }
@@ -171,15 +170,22 @@ fn boot(
     unreachable!("the last attempt returns or panics")
 }
 
-/// One boot: the VM, what the host saw at the marker, how it stopped; or the error and
-/// whether the marker had been seen.
+/// How one boot that ran to a stop went.
+enum Attempt {
+    /// The VM, what the host saw at the marker, how it stopped.
+    Booted(Box<LinuxVm>, AtMarker, LinuxExit),
+    /// It stopped without printing its marker: how, and its console.
+    NoMarker(LinuxExit, String),
+}
+
+/// One boot; or the error and whether the marker had been seen.
 fn boot_once(
     ram: Ram,
     stop: &str,
     kernel: &PathBuf,
     initrd: &PathBuf,
     paravirt: bool,
-) -> Result<(LinuxVm, AtMarker, LinuxExit), (Error, bool)> {
+) -> Result<Attempt, (Error, bool)> {
     // The guest's init stops the way privmem_stop= says (fixtures/lab/guest-init).
     let cmdline = format!("{LAB_CMDLINE} privmem_stop={stop}");
     let config = LinuxConfig {
@@ -232,13 +238,9 @@ fn boot_once(
             seen = Some(at);
         })
         .map_err(|e| (e, seen.is_some()))?;
-    let at = seen.unwrap_or_else(|| {
-        panic!(
-            "the guest stopped ({:?}) without printing {GUEST_UP_MARKER}; console:\n{}",
-            run.exit,
-            vm.console().text()
-        )
-    });
+    let Some(at) = seen else {
+        return Ok(Attempt::NoMarker(run.exit, vm.console().text()));
+    };
     println!(
         "LINUX-BOOT ram={ram:?} marker_s={:.2} stop_s={:.2} exits={} used_kib={} \
          unevictable_growth_kib={} shared_side_kib={} private_pages={} refused_reads={} {} \
@@ -256,7 +258,7 @@ fn boot_once(
         u8::from(paravirt),
     );
     assert_eq!(run.memory_faults, 0, "a stock kernel converts nothing");
-    Ok((vm, at, run.exit))
+    Ok(Attempt::Booted(Box::new(vm), at, run.exit))
 }
 
 #[test]
@@ -430,16 +432,29 @@ fn the_same_kernel_boots_on_anonymous_memory_the_ordinary_vm() {
             }) if attempt < ATTEMPTS => {
                 report(&format!(
                     "LINUX-BOOT-HUNG ram=Anonymous attempt={attempt} exits={exits} rip={rip:#x} \
-                     marker_seen={} console_ends={:?}",
+                     marker_seen={} console_says={:?}",
                     seen.is_some(),
-                    last_line(&console_tail)
+                    console_summary(&console_tail)
                 ));
                 continue;
             }
             run => run.unwrap_or_else(|e| panic!("boot {attempt} on anonymous memory: {e}")),
         };
-        let (seconds, used_kib, clocksource, readable) = seen
-            .unwrap_or_else(|| panic!("no {GUEST_UP_MARKER}; console:\n{}", vm.console().text()));
+        let Some((seconds, used_kib, clocksource, readable)) = seen else {
+            let console = vm.console().text();
+            assert!(
+                attempt < ATTEMPTS,
+                "the guest stopped ({:?}) without printing {GUEST_UP_MARKER}, {ATTEMPTS} boots \
+                 of {ATTEMPTS}; console:\n{console}",
+                run.exit
+            );
+            report(&format!(
+                "LINUX-BOOT-CRASHED ram=Anonymous attempt={attempt} exit={:?} console_says={:?}",
+                run.exit,
+                console_summary(&console)
+            ));
+            continue;
+        };
         println!(
             "LINUX-BOOT ram=Anonymous marker_s={seconds:.2} stop_s={:.2} exits={} \
              used_kib={used_kib} readable_pages={readable} {} clocksource={clocksource}",

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use guest_memfd::PAGE_SIZE;
 use integration::linux::{
-    LinuxConfig, LinuxExit, LinuxVm, Ram, ACPI_TABLES_ADDR, CMDLINE_ADDR, CMDLINE_MAX, HIGH_MEMORY,
-    PM1A_CNT_BLK, S5_SLEEP_TYPE, ZERO_PAGE_ADDR,
+    console_summary, LinuxConfig, LinuxExit, LinuxVm, Ram, ACPI_TABLES_ADDR, CMDLINE_ADDR,
+    CMDLINE_MAX, HIGH_MEMORY, PM1A_CNT_BLK, S5_SLEEP_TYPE, ZERO_PAGE_ADDR,
 };
 use integration::Error;
 use linux_loader::loader::bootparam::boot_params;
@@ -149,6 +149,24 @@ fn kvm_statistics_count_the_exits_and_the_pages_kvm_maps() {
     }
     check(private);
     check(anonymous);
+}
+
+/// What a failed boot's report quotes from its console: the first line of a kernel
+/// fault if there is one, otherwise the last line that is not blank.
+#[test]
+fn a_consoles_summary_is_its_first_fault_else_its_last_line() {
+    let crashed = "[ 0.1] booting\n[ 2.4] Oops: general protection fault, maybe for address 0x10\n\
+                   [ 2.4] RIP: 0010:text_poke_early+0x68/0xa0\n[ 2.5] Kernel panic - not syncing\n";
+    assert_eq!(
+        console_summary(crashed),
+        "[ 2.4] Oops: general protection fault, maybe for address 0x10"
+    );
+    assert_eq!(
+        console_summary("[ 3.0] PRIVMEM-GUEST-UP used_kib=1\n\n  \n"),
+        "[ 3.0] PRIVMEM-GUEST-UP used_kib=1"
+    );
+    assert_eq!(console_summary(""), "");
+    assert_eq!(console_summary("\n \n"), "");
 }
 
 /// mov dx, PM1A_CNT_BLK; mov ax, S5 | SLP_EN; out dx, ax: ACPI's power-off, as Linux's.

@@ -408,9 +408,11 @@ impl MemoryBuilder {
     /// Before anything is created: [`Error::StrategyUnavailable`] if the VM cannot run
     /// the strategy, [`Error::NotEnoughSlots`] if the memslot numbers (configured with
     /// [`MemoryBuilder::slots`], inside the host's) are fewer than the regions,
-    /// [`Error::NoRegions`] and [`Error::Layout`] for a bad layout. Then the file layer's
-    /// or KVM's error if creating, mapping or binding a region fails; nothing stays
-    /// bound.
+    /// [`Error::NoRegions`] and [`Error::Layout`] for a bad layout; for regions with a
+    /// NUMA policy, the errors [`MemoryBuilder::region_at_with_policy`] names. Then the
+    /// file layer's or KVM's error if creating, mapping or binding a region fails, and
+    /// [`Error::NumaPolicyNotSet`] if the kernel refuses a policy when it is set; nothing
+    /// stays bound.
     pub fn build(self) -> Result<PrivateMemoryManager> {
         self.build_with_bitmap()
     }

@@ -94,8 +94,9 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// [`NoSuchNode`](guest_memfd::Error::NoSuchNode) or
     /// [`NodeOutOfRange`](guest_memfd::Error::NodeOutOfRange) (as [`Error::File`]) for nodes
     /// this process cannot use, [`Error::NumaPolicyIgnored`] on a kernel that ignores
-    /// the policy. Where a single node is usable every page lands there, and no policy
-    /// is set.
+    /// the policy. Then [`Error::NumaPolicyNotSet`] if the kernel refuses the policy when
+    /// it is set (a node gone offline in between); nothing of the region is kept. Where
+    /// a single node is usable every page lands there, and no policy is set.
     pub fn add_region_with_policy(
         &self,
         guest: PageRange,

@@ -93,24 +93,38 @@ pub const LAB_BOOT_DEADLINE: Duration = Duration::from_secs(45);
 /// How many boots in all the lab's guest gets when they hang or crash. In the lab about
 /// one boot in twenty stops getting timer interrupts early on (its deferred work never
 /// runs; it hangs in the idle loop at the first sleep, often only on its way down), and
-/// now and then the guest kernel takes a fault the emulated CPU made (seen once: a
-/// general protection fault on `iretq` in `text_poke_early`, with corrupt flags) and
-/// restarts without its marker: that is the lab's TCG-emulated SVM, on every backing,
-/// anonymous memory included. A guest that fails every boot fails the test.
+/// rarely the guest kernel takes a fault the emulated CPU made (seen once: a general
+/// protection fault on `iretq` in `text_poke_early`, with corrupt flags) and restarts
+/// without its marker: that is the lab's TCG-emulated SVM, on every backing, anonymous
+/// memory included. Only a crash that printed a kernel fault, restarted, and converted
+/// nothing is booted again, at most [`LAB_BOOT_CRASHES_ALLOWED`] per test; a guest that
+/// fails every boot fails the test.
 pub const LAB_BOOT_ATTEMPTS: u32 = 5;
 const _: () = assert!(LAB_BOOT_ATTEMPTS >= 1, "a test must boot at least once");
 
-/// The line of a guest's console that best says why it stopped: the first line of a
-/// kernel Oops, BUG or panic if it printed one, otherwise its last non-empty line.
-pub fn console_summary(console: &str) -> &str {
-    let mut lines = console.lines().map(str::trim).filter(|l| !l.is_empty());
+/// The first line of a kernel fault in a guest's console (an Oops, a BUG, a general
+/// protection fault, a panic), if it printed one.
+pub fn console_fault(console: &str) -> Option<&str> {
     let fault = ["Oops", "BUG:", "Kernel panic", "general protection fault"];
-    lines
-        .clone()
+    console
+        .lines()
+        .map(str::trim)
         .find(|l| fault.iter().any(|f| l.contains(f)))
-        .or_else(|| lines.next_back())
+}
+
+/// The line of a guest's console that best says why it stopped: its first kernel fault
+/// ([`console_fault`]), otherwise its last non-empty line.
+pub fn console_summary(console: &str) -> &str {
+    console_fault(console)
+        .or_else(|| console.lines().map(str::trim).rfind(|l| !l.is_empty()))
         .unwrap_or("")
 }
+
+/// How many boots of one test may crash (stop without their marker after a kernel
+/// fault, [`LAB_BOOT_ATTEMPTS`]) before the test fails: the lab's emulated CPU did it
+/// once in about 300 boots, so a second crash in one test is the memory's doing until
+/// shown otherwise.
+pub const LAB_BOOT_CRASHES_ALLOWED: u32 = 1;
 
 /// The lab guest's kernel and initramfs, if present: `$PRIVMEM_LINUX_KERNEL` and
 /// `$PRIVMEM_LINUX_INITRD`, by default `/lab/guest/vmlinuz` and
@@ -230,8 +244,10 @@ pub struct LinuxVm<M: GuestRam = Arc<PrivateMemoryManager>> {
     devices: LegacyDevices,
     console: ConsoleLog,
     host_written: Vec<PageRange>,
-    vm_stats: KvmStats,
-    vcpu_stats: KvmStats,
+    /// `None` where the kernel has no statistics (before Linux 5.14) or they are
+    /// malformed: a diagnostic, never a reason for a guest not to run.
+    vm_stats: Option<KvmStats>,
+    vcpu_stats: Option<KvmStats>,
 }
 
 /// A VM with its irqchip, PIT and boot vCPU, before it has memory.
@@ -288,8 +304,8 @@ impl Machine {
         let devices = LegacyDevices::new(irq, console.clone());
         vcpu::enter_linux(&self.kvm, &self.vcpu, entry, BOOT_STACK, config.paravirt)?;
         Ok(LinuxVm {
-            vm_stats: KvmStats::of(&*self.vm)?,
-            vcpu_stats: KvmStats::of(&self.vcpu)?,
+            vm_stats: KvmStats::of_vm(&self.vm).ok(),
+            vcpu_stats: KvmStats::of_vcpu(&self.vcpu).ok(),
             vcpu: self.vcpu,
             memory,
             devices,
@@ -499,16 +515,17 @@ impl<M: GuestRam> LinuxVm<M> {
     }
 
     /// KVM's statistics of the VM, such as how many of the guest's pages KVM maps with
-    /// 4 KiB and 2 MiB entries (`pages_4k`, `pages_2m`).
-    pub fn vm_stats(&self) -> &KvmStats {
-        &self.vm_stats
+    /// 4 KiB and 2 MiB entries (`pages_4k`, `pages_2m`); `None` where the kernel has none
+    /// (before Linux 5.14).
+    pub fn vm_stats(&self) -> Option<&KvmStats> {
+        self.vm_stats.as_ref()
     }
 
     /// KVM's statistics of the vCPU, such as the (nested) page faults KVM took and fixed
     /// (`pf_taken`, `pf_fixed`) and every exit, those KVM handled itself included
-    /// (`exits`).
-    pub fn vcpu_stats(&self) -> &KvmStats {
-        &self.vcpu_stats
+    /// (`exits`); `None` where the kernel has none.
+    pub fn vcpu_stats(&self) -> Option<&KvmStats> {
+        self.vcpu_stats.as_ref()
     }
 
     /// Runs the guest until it stops or `deadline` passes (then [`Error::Timeout`]).

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use guest_memfd::PAGE_SIZE;
 use integration::linux::{
-    console_summary, LinuxConfig, LinuxExit, LinuxVm, Ram, ACPI_TABLES_ADDR, CMDLINE_ADDR,
-    CMDLINE_MAX, HIGH_MEMORY, PM1A_CNT_BLK, S5_SLEEP_TYPE, ZERO_PAGE_ADDR,
+    console_summary, lab_cpu_crash, LinuxConfig, LinuxExit, LinuxRun, LinuxVm, Ram,
+    ACPI_TABLES_ADDR, CMDLINE_ADDR, CMDLINE_MAX, HIGH_MEMORY, PM1A_CNT_BLK, S5_SLEEP_TYPE,
+    ZERO_PAGE_ADDR,
 };
 use integration::Error;
 use linux_loader::loader::bootparam::boot_params;
@@ -161,9 +162,10 @@ fn kvm_statistics_count_the_exits_and_the_pages_kvm_maps() {
 }
 
 /// What a failed boot's report quotes from its console: the first line of a kernel
-/// fault if there is one, otherwise the last line that is not blank.
+/// fault if there is one, otherwise the last line that is not blank; and which stops
+/// without a marker look like the lab's emulated CPU.
 #[test]
-fn a_consoles_summary_is_its_first_fault_else_its_last_line() {
+fn a_consoles_summary_and_what_counts_as_the_lab_cpus_crash() {
     let crashed = "[ 0.1] booting\n[ 2.4] Oops: general protection fault, maybe for address 0x10\n\
                    [ 2.4] RIP: 0010:text_poke_early+0x68/0xa0\n[ 2.5] Kernel panic - not syncing\n";
     assert_eq!(
@@ -176,6 +178,25 @@ fn a_consoles_summary_is_its_first_fault_else_its_last_line() {
     );
     assert_eq!(console_summary(""), "");
     assert_eq!(console_summary("\n \n"), "");
+
+    // Only a fault printed, a restart and nothing converted look like the lab's CPU.
+    let run = |exit, memory_faults| LinuxRun {
+        exit,
+        elapsed: Duration::ZERO,
+        exits: 1,
+        memory_faults,
+    };
+    let oops = "[ 2.4] Oops: general protection fault, maybe for address 0x10";
+    assert_eq!(
+        lab_cpu_crash(&run(LinuxExit::Reset, 0), crashed),
+        Some(oops)
+    );
+    assert_eq!(lab_cpu_crash(&run(LinuxExit::Reset, 1), crashed), None);
+    assert_eq!(lab_cpu_crash(&run(LinuxExit::PowerOff, 0), crashed), None);
+    assert_eq!(
+        lab_cpu_crash(&run(LinuxExit::Reset, 0), "[ 3.0] reboot\n"),
+        None
+    );
 }
 
 /// mov dx, PM1A_CNT_BLK; mov ax, S5 | SLP_EN; out dx, ax: ACPI's power-off, as Linux's.

@@ -50,9 +50,9 @@ struct RegionSpec {
 }
 
 impl RegionSpec {
-    fn at(gpa: u64, size: u64) -> Self {
+    fn new(placement: Placement, size: u64) -> Self {
         RegionSpec {
-            placement: Placement::At(gpa),
+            placement,
             size,
             shared: None,
             policy: None,
@@ -153,7 +153,7 @@ impl MemoryBuilder {
 
     /// Adds a region of `size` bytes at guest-physical `gpa`.
     pub fn region_at(mut self, gpa: u64, size: u64) -> Self {
-        self.regions.push(RegionSpec::at(gpa, size));
+        self.regions.push(RegionSpec::new(Placement::At(gpa), size));
         self
     }
 
@@ -180,7 +180,7 @@ impl MemoryBuilder {
     pub fn region_at_with_policy(mut self, gpa: u64, size: u64, policy: NumaPolicy) -> Self {
         self.regions.push(RegionSpec {
             policy: Some(policy),
-            ..RegionSpec::at(gpa, size)
+            ..RegionSpec::new(Placement::At(gpa), size)
         });
         self
     }
@@ -205,7 +205,7 @@ impl MemoryBuilder {
     ) -> Self {
         self.regions.push(RegionSpec {
             shared: Some((backing, offset)),
-            ..RegionSpec::at(gpa, size)
+            ..RegionSpec::new(Placement::At(gpa), size)
         });
         self
     }
@@ -213,10 +213,8 @@ impl MemoryBuilder {
     /// Adds a region of `size` bytes at the lowest free, 2 MiB-aligned address (after
     /// fixed regions and reserved holes are placed).
     pub fn region(mut self, size: u64) -> Self {
-        self.regions.push(RegionSpec {
-            placement: Placement::Anywhere,
-            ..RegionSpec::at(0, size)
-        });
+        self.regions
+            .push(RegionSpec::new(Placement::Anywhere, size));
         self
     }
 

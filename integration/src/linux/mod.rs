@@ -102,9 +102,15 @@ pub const LAB_BOOT_DEADLINE: Duration = Duration::from_secs(45);
 pub const LAB_BOOT_ATTEMPTS: u32 = 5;
 const _: () = assert!(LAB_BOOT_ATTEMPTS >= 1, "a test must boot at least once");
 
+/// How many boots of one test may crash (stop without their marker after a kernel
+/// fault, [`LAB_BOOT_ATTEMPTS`]) before the test fails: the lab's emulated CPU did it
+/// once in about 300 boots, so a second crash in one test is the memory's doing until
+/// shown otherwise.
+pub const LAB_BOOT_CRASHES_ALLOWED: u32 = 1;
+
 /// The first line of a kernel fault in a guest's console (an Oops, a BUG, a general
 /// protection fault, a panic), if it printed one.
-pub fn console_fault(console: &str) -> Option<&str> {
+fn console_fault(console: &str) -> Option<&str> {
     let fault = ["Oops", "BUG:", "Kernel panic", "general protection fault"];
     console
         .lines()
@@ -113,18 +119,25 @@ pub fn console_fault(console: &str) -> Option<&str> {
 }
 
 /// The line of a guest's console that best says why it stopped: its first kernel fault
-/// ([`console_fault`]), otherwise its last non-empty line.
+/// (an Oops, a BUG, a general protection fault, a panic), otherwise its last non-empty line.
 pub fn console_summary(console: &str) -> &str {
     console_fault(console)
         .or_else(|| console.lines().map(str::trim).rfind(|l| !l.is_empty()))
         .unwrap_or("")
 }
 
-/// How many boots of one test may crash (stop without their marker after a kernel
-/// fault, [`LAB_BOOT_ATTEMPTS`]) before the test fails: the lab's emulated CPU did it
-/// once in about 300 boots, so a second crash in one test is the memory's doing until
-/// shown otherwise.
-pub const LAB_BOOT_CRASHES_ALLOWED: u32 = 1;
+/// For a run that stopped without the guest's marker, the kernel fault its console shows
+/// if the crash looks like the lab's emulated CPU and nothing of ours: the kernel printed
+/// a fault and restarted (`panic=-1`), and nothing was converted (a stock kernel never
+/// converts). The tests boot such a guest again ([`LAB_BOOT_CRASHES_ALLOWED`]); any
+/// other stop without the marker is a failure.
+pub fn lab_cpu_crash<'a>(run: &LinuxRun, console: &'a str) -> Option<&'a str> {
+    if run.exit == LinuxExit::Reset && run.memory_faults == 0 {
+        console_fault(console)
+    } else {
+        None
+    }
+}
 
 /// The lab guest's kernel and initramfs, if present: `$PRIVMEM_LINUX_KERNEL` and
 /// `$PRIVMEM_LINUX_INITRD`, by default `/lab/guest/vmlinuz` and

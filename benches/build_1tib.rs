@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use benches::{slow_criterion, vm};
+use benches::{slow_criterion, vm, Need};
 use criterion::{criterion_group, criterion_main, Criterion};
 use guest_memfd::{GuestMemfd, GuestMemfdFlags, Memslot, PageRange};
 use vm_private_memory::{MemoryBuilder, PageState, Strategy};
@@ -16,6 +16,9 @@ const TIB: u64 = 1 << 40;
 const BASE: u64 = 4 << 30;
 
 fn build_1tib(c: &mut Criterion) {
+    if !benches::kernel_has("build_1tib", Need::InPlace) {
+        return;
+    }
     let mut group = c.benchmark_group("build_1TiB");
     group.bench_function("raw_steps", |b| {
         b.iter_custom(|iters| {

@@ -9,6 +9,7 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
+use benches::Need;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
@@ -17,6 +18,9 @@ use vm_private_memory::{MemoryBuilder, PageState, Strategy};
 const SIZE: u64 = 64 << 20;
 
 fn bytes(c: &mut Criterion) {
+    if !benches::kernel_has("bytes", Need::InPlace) {
+        return;
+    }
     let vm = Arc::new(benches::vm());
     let private = MemoryBuilder::new(vm)
         .region_at(0, SIZE)
@@ -96,6 +100,9 @@ fn bytes(c: &mut Criterion) {
 /// Writes with dirty tracking: `write_slice` of 4 KiB and `write_obj::<u64>`, on
 /// `PrivateMemoryManager<AtomicBitmap>` against `GuestMemoryMmap<AtomicBitmap>`.
 fn tracked_writes(c: &mut Criterion) {
+    if !benches::kernel_has("bytes", Need::InPlace) {
+        return;
+    }
     let vm = Arc::new(benches::vm());
     let private = MemoryBuilder::new(vm)
         .region_at(0, SIZE)

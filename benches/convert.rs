@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use benches::slow_criterion;
+use benches::{slow_criterion, Need};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use guest_memfd::{GuestMemfd, GuestMemfdFlags, Memslot, PageRange, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
@@ -37,6 +37,9 @@ fn raw_punch(fd: i32, range: PageRange) {
 }
 
 fn convert_1gib(c: &mut Criterion) {
+    if !benches::kernel_has("convert", Need::InPlace) {
+        return;
+    }
     let vm = Arc::new(benches::vm());
     let memory = MemoryBuilder::new(vm.clone())
         .region_at(0, GIB)

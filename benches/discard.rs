@@ -9,7 +9,7 @@ use std::num::NonZeroU64;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use benches::{slow_criterion, vm};
+use benches::{slow_criterion, vm, Need};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use guest_memfd::{GuestMemfd, GuestMemfdFlags, PAGE_SIZE};
 
@@ -40,6 +40,9 @@ fn timed_passes(gmem: &GuestMemfd, iters: u64, mut pass: impl FnMut()) -> Durati
 }
 
 fn discard_1gib(c: &mut Criterion) {
+    if !benches::kernel_has("discard", Need::GuestMemfd) {
+        return;
+    }
     let vm = vm();
     let gmem = GuestMemfd::create(&vm, GIB, GuestMemfdFlags::empty()).unwrap();
     let fd = gmem.as_raw_fd();

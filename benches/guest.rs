@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use benches::slow_criterion;
+use benches::{slow_criterion, Need};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use guest_memfd::{PageRange, PAGE_SIZE};
 use integration::{programs, GuestConfig, NoDevice, PrivateGuest, TestVm, DATA_ADDR};
@@ -31,6 +31,9 @@ fn private_guest(program: &[u8], data_size: u64, vcpus: usize, all_private: bool
 }
 
 fn first_touch(c: &mut Criterion) {
+    if !benches::kernel_has("guest", Need::InPlace) {
+        return;
+    }
     let mut group = c.benchmark_group("first_touch_256MiB");
     group.throughput(Throughput::Bytes(TOUCH));
     group.bench_function("anonymous", |b| {
@@ -78,6 +81,9 @@ fn exit_loop(pages: u64, trips: u64, mode: u64) -> Duration {
 }
 
 fn round_trips(c: &mut Criterion) {
+    if !benches::kernel_has("guest", Need::InPlace) {
+        return;
+    }
     let mut group = c.benchmark_group("round_trip");
     group.bench_function(BenchmarkId::new("bare_port_exit", "-"), |b| {
         b.iter_custom(|iters| exit_loop(1, iters, 0))
@@ -94,6 +100,9 @@ fn round_trips(c: &mut Criterion) {
 }
 
 fn sustained(c: &mut Criterion) {
+    if !benches::kernel_has("guest", Need::InPlace) {
+        return;
+    }
     const PER_VCPU: u64 = 20_000;
     let mut group = c.benchmark_group("sustained_conversions");
     group.throughput(Throughput::Elements(2 * PER_VCPU));

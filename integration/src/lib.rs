@@ -27,6 +27,7 @@ mod driver;
 mod error;
 mod footprint;
 mod guest;
+mod host;
 pub mod layout;
 pub mod linux;
 mod vm;
@@ -35,6 +36,7 @@ pub use cpu::{enter_long_mode, enter_user_mode, Privilege};
 pub use driver::Driver;
 pub use error::{Error, Result};
 pub use footprint::resident_guest_memfd_bytes;
+pub use host::{host_lacks, lacking, Need, LAB_BENCH, LAB_DEMO};
 pub use guest::{
     private_memory_vm, Device, GuestConfig, GuestVcpu, NoDevice, PrivateGuest, Served, SumDevice,
     DATA_ADDR, SERVED_LOG, STACK_STRIDE, STRATEGY_VAR,

@@ -3,6 +3,8 @@
 //! The guest cases of the kernel's `guest_memfd_test.c`, and the seed's invalidation,
 //! shown on a running guest on the real `/dev/kvm`.
 
+mod common;
+
 use guest_memfd::{supported_flags, GuestMemfd, GuestMemfdFlags, Memslot, PageRange, PAGE_SIZE};
 use integration::{programs, Error, StopReason, TestVm};
 use vm_memory::{Bytes, VolatileMemory};
@@ -22,6 +24,9 @@ fn mappable(vm: &TestVm, test: &str) -> bool {
 /// and writes 0xff, the host reads 0xff back: the selftest's `test_guest_memfd_guest`.
 #[test]
 fn guest_round_trip_through_a_memslot_at_4_gib() {
+    if !common::guest_memfd_or_skip("guest_round_trip_through_a_memslot_at_4_gib") {
+        return;
+    }
     let size = PAGE_SIZE;
     let mut vm = TestVm::new(programs::ROUND_TRIP, &[GIB4, size]).unwrap();
     if !mappable(&vm, "guest_round_trip_through_a_memslot_at_4_gib") {
@@ -48,6 +53,9 @@ fn guest_round_trip_through_a_memslot_at_4_gib() {
 /// The guest program's check can fail: without the host's 0xaa it reports the offset.
 #[test]
 fn guest_round_trip_detects_wrong_content() {
+    if !common::guest_memfd_or_skip("guest_round_trip_detects_wrong_content") {
+        return;
+    }
     let size = 2 * PAGE_SIZE;
     let mut vm = TestVm::new(programs::ROUND_TRIP, &[GIB4, size]).unwrap();
     if !mappable(&vm, "guest_round_trip_detects_wrong_content") {
@@ -69,6 +77,9 @@ fn guest_round_trip_detects_wrong_content() {
 /// guest then reads zeros there (and its pattern everywhere else).
 #[test]
 fn a_running_guest_reads_zeros_after_the_host_punches_a_hole() {
+    if !common::guest_memfd_or_skip("a_running_guest_reads_zeros_after_the_host_punches_a_hole") {
+        return;
+    }
     const SIZE: u64 = 2 << 20;
     const PATTERN: u64 = 0x5a5a_0123_4567_89ab;
     let mut vm = TestVm::new(programs::FILL_THEN_SUM, &[GIB4, SIZE, PATTERN]).unwrap();
@@ -108,6 +119,9 @@ fn a_running_guest_reads_zeros_after_the_host_punches_a_hole() {
 /// flags 0) naming the page. Before the close, the same guest uses the slot normally.
 #[test]
 fn a_guest_touching_a_closed_guest_memfd_gets_a_memory_fault_exit() {
+    if !common::guest_memfd_or_skip("a_guest_touching_a_closed_guest_memfd_gets_a_memory_fault_exit") {
+        return;
+    }
     const SIZE: u64 = 4 * PAGE_SIZE;
     let mut vm = TestVm::new(programs::FILL_THEN_SUM, &[GIB4, SIZE, 0x77]).unwrap();
     if !mappable(

@@ -7,6 +7,8 @@
 //! the boot parameters, which pages are shared, the vCPU's entry state, the console,
 //! reset, the deadline, and refusals of bad input.
 
+mod common;
+
 use std::io::Write;
 use std::time::Duration;
 
@@ -101,6 +103,9 @@ fn config<'a>(images: &'a Images, ram: Ram, cmdline: &'a str) -> LinuxConfig<'a>
 
 #[test]
 fn the_guest_prints_on_its_console_and_its_reset_stops_the_vm() {
+    if !common::private_memory_or_skip("the_guest_prints_on_its_console_and_its_reset_stops_the_vm") {
+        return;
+    }
     let images = images(&print_then(b"hello\nworld\n", &RESET), 4096);
     let mut vm = LinuxVm::new(&config(&images, Ram::Private, CMDLINE)).unwrap();
     let mut lines = Vec::new();
@@ -124,6 +129,9 @@ fn the_guest_prints_on_its_console_and_its_reset_stops_the_vm() {
 /// On private memory and on the ordinary VM's anonymous memory.
 #[test]
 fn kvm_statistics_count_the_exits_and_the_pages_kvm_maps() {
+    if !common::private_memory_or_skip("kvm_statistics_count_the_exits_and_the_pages_kvm_maps") {
+        return;
+    }
     let images = images(&print_then(b"counted\n", &RESET), 4096);
     let private = LinuxVm::new(&config(&images, Ram::Private, CMDLINE)).unwrap();
     let anonymous = LinuxVm::new_anonymous(&config(&images, Ram::Shared, CMDLINE)).unwrap();
@@ -212,6 +220,9 @@ fn acpi_power_off() -> Vec<u8> {
 
 #[test]
 fn the_guests_acpi_power_off_stops_the_vm_as_a_power_off() {
+    if !common::private_memory_or_skip("the_guests_acpi_power_off_stops_the_vm_as_a_power_off") {
+        return;
+    }
     let images = images(&print_then(b"bye\n", &acpi_power_off()), 4096);
     let mut vm = LinuxVm::new(&config(&images, Ram::Private, CMDLINE)).unwrap();
     let run = vm.run(Duration::from_secs(60), |_, _| {}).unwrap();
@@ -221,6 +232,9 @@ fn the_guests_acpi_power_off_stops_the_vm_as_a_power_off() {
 
 #[test]
 fn a_guest_that_never_stops_ends_at_the_deadline_with_its_console() {
+    if !common::private_memory_or_skip("a_guest_that_never_stops_ends_at_the_deadline_with_its_console") {
+        return;
+    }
     let images = images(&print_then(b"still here\n", &SPIN), 4096);
     let mut vm = LinuxVm::new(&config(&images, Ram::Shared, CMDLINE)).unwrap();
     let err = vm.run(Duration::from_secs(2), |_, _| {}).unwrap_err();
@@ -249,6 +263,9 @@ fn a_guest_that_never_stops_ends_at_the_deadline_with_its_console() {
 
 #[test]
 fn only_what_the_loader_writes_is_shared_and_the_boot_parameters_describe_it() {
+    if !common::private_memory_or_skip("only_what_the_loader_writes_is_shared_and_the_boot_parameters_describe_it") {
+        return;
+    }
     let images = images(&RESET, 3 * 4096 + 17);
     let vm = LinuxVm::new(&config(&images, Ram::Private, CMDLINE)).unwrap();
     let memory = vm.memory();
@@ -329,6 +346,9 @@ fn only_what_the_loader_writes_is_shared_and_the_boot_parameters_describe_it() {
 
 #[test]
 fn a_tsc_frequency_on_the_command_line_is_kept() {
+    if !common::private_memory_or_skip("a_tsc_frequency_on_the_command_line_is_kept") {
+        return;
+    }
     let images = images(&RESET, 4096);
     let cmdline = format!("{CMDLINE} tsc_early_khz=1234567");
     let vm = LinuxVm::new(&config(&images, Ram::Shared, &cmdline)).unwrap();
@@ -343,6 +363,9 @@ fn a_tsc_frequency_on_the_command_line_is_kept() {
 
 #[test]
 fn the_tsc_frequency_goes_before_the_init_arguments() {
+    if !common::private_memory_or_skip("the_tsc_frequency_goes_before_the_init_arguments") {
+        return;
+    }
     let images = images(&RESET, 4096);
     let cmdline = format!("{CMDLINE} -- init-arg");
     let vm = LinuxVm::new(&config(&images, Ram::Shared, &cmdline)).unwrap();
@@ -363,6 +386,9 @@ fn the_tsc_frequency_goes_before_the_init_arguments() {
 
 #[test]
 fn with_shared_ram_nothing_is_private() {
+    if !common::private_memory_or_skip("with_shared_ram_nothing_is_private") {
+        return;
+    }
     let images = images(&RESET, 4096);
     let vm = LinuxVm::new(&config(&images, Ram::Shared, CMDLINE)).unwrap();
     assert_eq!(vm.memory().private_pages(), 0);
@@ -370,6 +396,9 @@ fn with_shared_ram_nothing_is_private() {
 
 #[test]
 fn bad_inputs_are_errors_that_say_what_is_wrong() {
+    if !common::private_memory_or_skip("bad_inputs_are_errors_that_say_what_is_wrong") {
+        return;
+    }
     let good = images(&RESET, 4096);
 
     let missing = std::path::Path::new("/nonexistent/privmem/vmlinuz");

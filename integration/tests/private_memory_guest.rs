@@ -18,6 +18,9 @@ const SIZE: u64 = 2 << 20;
 const PATTERN: u64 = 0x0123_4567_89ab_cdef;
 
 fn guest_on_private_memory(test: &str) -> Option<(TestVm, PrivateMemoryManager)> {
+    if !common::guest_memfd_or_skip(test) {
+        return None;
+    }
     let vm = TestVm::new(programs::FILL_THEN_SUM, &[GIB4, SIZE, PATTERN]).unwrap();
     let memory = MemoryBuilder::new(vm.shared_vm())
         .region_at(GIB4, SIZE)

@@ -182,6 +182,9 @@ fn the_benchmark_programs_work() {
 /// The debug console: a guest's bytes reach the host, on both harness VMs.
 #[test]
 fn the_debug_console_carries_the_guests_text() {
+    if !common::guest_memfd_or_skip("the_debug_console_carries_the_guests_text") {
+        return;
+    }
     let mut vm = integration::TestVm::new(programs::HELLO, &[]).unwrap();
     let done = vm.run_to_done().unwrap();
     assert_eq!(vm.console(), "hello from CPL3 on guest_memfd\n");

@@ -84,6 +84,8 @@ mod numa;
 mod range;
 mod sealed;
 mod shared_backing;
+#[cfg(feature = "test-utils")]
+pub mod stand_in;
 pub mod uapi;
 mod vm_ops;
 

@@ -21,7 +21,9 @@ const PUNCH: i32 = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
 
 #[test]
 fn every_flag_bit_is_accepted_exactly_when_the_host_lists_it() {
-    let vm = vm();
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("every_flag_bit_is_accepted_exactly_when_the_host_lists_it") else {
+        return;
+    };
     let supported = guest_memfd::supported_flags(&vm);
     for bit in 0..64 {
         let flag = GuestMemfdFlags::from_bits_retain(1 << bit);
@@ -59,7 +61,9 @@ fn every_flag_bit_is_accepted_exactly_when_the_host_lists_it() {
 
 #[test]
 fn the_unsupported_flags_error_lists_both_sets() {
-    let vm = vm();
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("the_unsupported_flags_error_lists_both_sets") else {
+        return;
+    };
     let err =
         GuestMemfd::create(&vm, PAGE_SIZE, GuestMemfdFlags::from_bits_retain(1 << 40)).unwrap_err();
     let text = err.to_string();
@@ -72,7 +76,9 @@ fn the_unsupported_flags_error_lists_both_sets() {
 
 #[test]
 fn several_files_per_vm_have_their_own_size_and_inode() {
-    let vm = vm();
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("several_files_per_vm_have_their_own_size_and_inode") else {
+        return;
+    };
     let one = GuestMemfd::create(&vm, PAGE_SIZE, GuestMemfdFlags::empty()).unwrap();
     let two = GuestMemfd::create(&vm, 2 * PAGE_SIZE, GuestMemfdFlags::empty()).unwrap();
     let (m1, m2) = (
@@ -88,7 +94,9 @@ fn several_files_per_vm_have_their_own_size_and_inode() {
 
 #[test]
 fn invalid_sizes_are_refused_before_the_ioctl() {
-    let vm = vm();
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("invalid_sizes_are_refused_before_the_ioctl") else {
+        return;
+    };
     for flags in flag_sets(&vm) {
         let sizes = (0..PAGE_SIZE).chain(PAGE_SIZE + 1..2 * PAGE_SIZE);
         for size in sizes {
@@ -115,7 +123,9 @@ fn invalid_sizes_are_refused_before_the_ioctl() {
 
 #[test]
 fn read_write_pread_and_pwrite_are_refused() {
-    let vm = vm();
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("read_write_pread_and_pwrite_are_refused") else {
+        return;
+    };
     for flags in flag_sets(&vm) {
         let gmem = GuestMemfd::create(&vm, TOTAL, flags).unwrap();
         let mut file = gmem.file();
@@ -135,7 +145,9 @@ fn read_write_pread_and_pwrite_are_refused() {
 
 #[test]
 fn file_size_and_block_size() {
-    let vm = vm();
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("file_size_and_block_size") else {
+        return;
+    };
     for flags in flag_sets(&vm) {
         let gmem = GuestMemfd::create(&vm, TOTAL, flags).unwrap();
         let meta = gmem.file().metadata().unwrap();
@@ -147,7 +159,9 @@ fn file_size_and_block_size() {
 
 #[test]
 fn a_file_without_mmap_cannot_be_mapped() {
-    let vm = vm();
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("a_file_without_mmap_cannot_be_mapped") else {
+        return;
+    };
     let gmem = GuestMemfd::create(&vm, TOTAL, GuestMemfdFlags::empty()).unwrap();
     assert!(matches!(gmem.map(), Err(Error::NotMappable { .. })));
     // The kernel refuses too, for one page and for the whole file.
@@ -202,7 +216,9 @@ fn a_shared_mapping_reads_writes_and_sees_punched_pages_as_zero() {
 
 #[test]
 fn map_private_is_never_offered_and_the_kernel_refuses_it() {
-    let vm = vm();
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("map_private_is_never_offered_and_the_kernel_refuses_it") else {
+        return;
+    };
     for flags in flag_sets(&vm) {
         let gmem = GuestMemfd::create(&vm, TOTAL, flags).unwrap();
         let errno = raw_mmap(gmem.as_raw_fd(), TOTAL as usize, libc::MAP_PRIVATE);
@@ -234,7 +250,9 @@ fn a_mapping_past_the_end_of_the_file_is_refused() {
 
 #[test]
 fn fallocate_alignment_and_bounds() {
-    let vm = vm();
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("fallocate_alignment_and_bounds") else {
+        return;
+    };
     for flags in flag_sets(&vm) {
         let gmem = GuestMemfd::create(&vm, TOTAL, flags).unwrap();
         let fd = gmem.as_raw_fd();
@@ -282,7 +300,9 @@ fn fallocate_alignment_and_bounds() {
 
 #[test]
 fn every_invalid_punch_hole_of_the_selftest_is_refused() {
-    let vm = vm();
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("every_invalid_punch_hole_of_the_selftest_is_refused") else {
+        return;
+    };
     let p = PAGE_SIZE;
     let cases = [
         (0, 1),
@@ -317,7 +337,9 @@ fn every_invalid_punch_hole_of_the_selftest_is_refused() {
 
 #[test]
 fn out_of_bounds_errors_name_the_range_and_the_file_size() {
-    let vm = vm();
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("out_of_bounds_errors_name_the_range_and_the_file_size") else {
+        return;
+    };
     let gmem = GuestMemfd::create(&vm, TOTAL, GuestMemfdFlags::empty()).unwrap();
     let err = gmem
         .allocate(PageRange::new(TOTAL, PAGE_SIZE).unwrap())
@@ -330,7 +352,9 @@ fn out_of_bounds_errors_name_the_range_and_the_file_size() {
 
 #[test]
 fn a_created_guest_memfd_is_close_on_exec_where_the_kernel_makes_it_inheritable() {
-    let vm = vm();
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("a_created_guest_memfd_is_close_on_exec_where_the_kernel_makes_it_inheritable") else {
+        return;
+    };
     let raw = kvm_create_guest_memfd {
         size: PAGE_SIZE,
         ..Default::default()

@@ -52,7 +52,9 @@ fn a_slot_binds_unbinds_and_rebinds_at_another_offset() {
 
 #[test]
 fn one_file_backs_two_slots_at_different_offsets() {
-    let vm = vm();
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("one_file_backs_two_slots_at_different_offsets") else {
+        return;
+    };
     let gmem = GuestMemfd::create(&vm, 2 * MIB2, GuestMemfdFlags::empty()).unwrap();
     let low = Memslot::new(0, PageRange::new(0, MIB2).unwrap(), &gmem, 0).unwrap();
     let high = Memslot::new(1, PageRange::new(GIB4, MIB2).unwrap(), &gmem, MIB2).unwrap();
@@ -92,7 +94,9 @@ fn one_file_backs_two_slots_at_different_offsets() {
 
 #[test]
 fn another_vms_guest_memfd_is_refused_by_the_kernel_with_context() {
-    let vm_a = vm();
+    let Some(vm_a) = common::vm_with_guest_memfd_or_skip("another_vms_guest_memfd_is_refused_by_the_kernel_with_context") else {
+        return;
+    };
     let vm_b = vm();
     let foreign = GuestMemfd::create(&vm_b, MIB2, GuestMemfdFlags::empty()).unwrap();
     let slot = Memslot::new(0, PageRange::new(0, MIB2).unwrap(), &foreign, 0).unwrap();
@@ -104,7 +108,9 @@ fn another_vms_guest_memfd_is_refused_by_the_kernel_with_context() {
 
 #[test]
 fn slots_that_overrun_the_file_are_refused_before_the_ioctl() {
-    let vm = vm();
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("slots_that_overrun_the_file_are_refused_before_the_ioctl") else {
+        return;
+    };
     let gmem = GuestMemfd::create(&vm, MIB2, GuestMemfdFlags::empty()).unwrap();
     let guest = PageRange::new(GIB4, MIB2).unwrap();
     // Offset + size past the end of the file.
@@ -162,7 +168,9 @@ fn userspace_addresses_are_checked() {
 
 #[test]
 fn slot_numbers_beyond_the_host_limit_are_refused_before_the_ioctl() {
-    let vm = vm();
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("slot_numbers_beyond_the_host_limit_are_refused_before_the_ioctl") else {
+        return;
+    };
     let limit = vm.check_extension_int(kvm_ioctls::Cap::NrMemslots) as u32;
     assert!(limit > 0);
     let gmem = GuestMemfd::create(&vm, MIB2, GuestMemfdFlags::empty()).unwrap();

@@ -107,8 +107,10 @@ impl RecordingIommu {
     }
 }
 
+/// In-place memory, on real KVM where the host has it, else on the stand-in for KVM
+/// (`guest_memfd::stand_in`): the mapper's logic is the same on both.
 fn in_place_or_skip(test: &str) -> Option<PrivateMemoryManager> {
-    let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+    let vm = guest_memfd::stand_in::vm_for_logic_tests();
     if !guest_memfd::Capabilities::of_vm(&*vm).in_place_capable() {
         println!(
             "SKIPPED {test}: needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)"
@@ -490,13 +492,7 @@ fn a_detach_the_iommu_refuses_keeps_following_so_the_page_cannot_go_private() {
 
 #[test]
 fn a_mapper_follows_memory_that_tracks_host_writes() {
-    let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
-    if !guest_memfd::Capabilities::of_vm(&*vm).in_place_capable() {
-        println!(
-            "SKIPPED a_mapper_follows_memory_that_tracks_host_writes: needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)"
-        );
-        return;
-    }
+    let vm = guest_memfd::stand_in::vm_for_logic_tests();
     let m = MemoryBuilder::new(vm)
         .region_at(0, MIB2)
         .strategy(Strategy::InPlace)

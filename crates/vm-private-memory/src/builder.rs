@@ -76,6 +76,11 @@ impl RegionSpec {
 ///     return;
 /// };
 /// let vm = Arc::new(kvm.create_vm().unwrap());
+/// // And guest_memfd with MMAP | INIT_SHARED (Linux 6.18), for in-place memory.
+/// if !guest_memfd::Capabilities::of_vm(&*vm).in_place_capable() {
+///     println!("SKIPPED: this example needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)");
+///     return;
+/// }
 /// let memory = MemoryBuilder::new(vm.clone())
 ///     .x86_mmio_hole()
 ///     .region_at(0, 2 << 20)
@@ -438,6 +443,11 @@ impl MemoryBuilder {
     ///     return;
     /// };
     /// let vm = Arc::new(kvm.create_vm().unwrap());
+    /// // And guest_memfd with MMAP | INIT_SHARED (Linux 6.18), for in-place memory.
+    /// if !guest_memfd::Capabilities::of_vm(&*vm).in_place_capable() {
+    ///     println!("SKIPPED: this example needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)");
+    ///     return;
+    /// }
     /// let memory = MemoryBuilder::new(vm)
     ///     .region_at(0, 2 << 20)
     ///     .initial_state(PageState::Shared)

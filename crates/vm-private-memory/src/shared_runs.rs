@@ -215,6 +215,11 @@ impl<'a> SharedRun<'a> {
 ///     return;
 /// };
 /// let vm = Arc::new(kvm.create_vm().unwrap());
+/// // And guest_memfd with MMAP | INIT_SHARED (Linux 6.18), for in-place memory.
+/// if !guest_memfd::Capabilities::of_vm(&*vm).in_place_capable() {
+///     println!("SKIPPED: this example needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)");
+///     return;
+/// }
 /// let memory = MemoryBuilder::new(vm).region_at(0, 4 << 20).build().unwrap();
 /// memory.convert(PageRange::new(0x10000, 0x3000).unwrap(), PageState::Shared).unwrap();
 /// memory.convert(PageRange::new(0x20000, 0x1000).unwrap(), PageState::Shared).unwrap();

@@ -13,7 +13,7 @@ use common::{in_place_or_skip, vm};
 use guest_memfd::uapi::KVM_HC_MAP_GPA_RANGE;
 use guest_memfd::{VmOps, PAGE_SIZE};
 use kvm_bindings::{kvm_create_guest_memfd, kvm_userspace_memory_region2};
-use kvm_ioctls::{HypercallExit, VcpuExit, VmFd};
+use kvm_ioctls::{HypercallExit, VcpuExit};
 use vm_private_memory::{
     Error, MemoryBuilder, PageState, PrivateMemoryManager, RequestError, Strategy, KVM_EAGAIN,
     KVM_EINVAL, KVM_ENOSYS, MAP_GPA_RANGE_ENCRYPTED,
@@ -133,7 +133,7 @@ fn a_vcpu_exit_is_served_only_when_it_is_a_conversion_request() {
 /// A VMM's own VM wrapper: forwards to a real VM, records hypercall-exit requests, and
 /// may report the exit missing or refuse to enable it.
 struct OwnWrapper {
-    inner: VmFd,
+    inner: Arc<dyn VmOps>,
     offers_exit: bool,
     refuse: bool,
     enabled: Mutex<Vec<u64>>,
@@ -144,11 +144,11 @@ impl VmOps for OwnWrapper {
         if cap == kvm_bindings::KVM_CAP_EXIT_HYPERCALL && !self.offers_exit {
             return 0;
         }
-        VmOps::check_extension_raw(&self.inner, cap)
+        self.inner.check_extension_raw(cap)
     }
 
     fn create_guest_memfd(&self, request: kvm_create_guest_memfd) -> Result<OwnedFd, errno::Error> {
-        VmOps::create_guest_memfd(&self.inner, request)
+        self.inner.create_guest_memfd(request)
     }
 
     unsafe fn set_user_memory_region2(
@@ -156,7 +156,7 @@ impl VmOps for OwnWrapper {
         region: kvm_userspace_memory_region2,
     ) -> Result<(), errno::Error> {
         // SAFETY: the caller upholds the trait's contract, the same for the VM wrapped.
-        unsafe { VmOps::set_user_memory_region2(&self.inner, region) }
+        unsafe { self.inner.set_user_memory_region2(region) }
     }
 
     fn enable_hypercall_exits(&self, hypercalls: u64) -> Result<(), errno::Error> {
@@ -164,7 +164,7 @@ impl VmOps for OwnWrapper {
             return Err(errno::Error::new(libc::EINVAL));
         }
         self.enabled.lock().unwrap().push(hypercalls);
-        VmOps::enable_hypercall_exits(&self.inner, hypercalls)
+        self.inner.enable_hypercall_exits(hypercalls)
     }
 }
 
@@ -177,7 +177,7 @@ fn the_hypercall_exit_is_enabled_through_the_vm_operations() {
     }
     let own = |offers_exit, refuse| {
         let vm = Arc::new(OwnWrapper {
-            inner: kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap(),
+            inner: vm(),
             offers_exit,
             refuse,
             enabled: Mutex::default(),
@@ -200,11 +200,19 @@ fn the_hypercall_exit_is_enabled_through_the_vm_operations() {
     let err = memory.enable_map_gpa_range_exits().unwrap_err();
     assert!(matches!(err, Error::EnableExits(_)), "{err}");
     assert_eq!(err.errno(), Some(libc::EINVAL));
+}
 
-    // kvm-ioctls' own VmFd enables it for real.
-    let memory = MemoryBuilder::new(common::vm())
-        .region_at(0, MIB2)
-        .build()
-        .unwrap();
+#[test]
+fn kvm_ioctls_vm_fd_enables_the_hypercall_exit_for_real() {
+    let Some(vm) =
+        common::kvm_in_place_or_skip("kvm_ioctls_vm_fd_enables_the_hypercall_exit_for_real")
+    else {
+        return;
+    };
+    if !guest_memfd::Capabilities::of_vm(&*vm).map_gpa_range_exit() {
+        println!("SKIPPED kvm_ioctls_vm_fd_enables_the_hypercall_exit_for_real: needs KVM_CAP_EXIT_HYPERCALL with KVM_HC_MAP_GPA_RANGE");
+        return;
+    }
+    let memory = MemoryBuilder::new(vm).region_at(0, MIB2).build().unwrap();
     assert!(memory.enable_map_gpa_range_exits().unwrap());
 }

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Extra guest_memfd creation flags a VMM asks for (`MemoryBuilder::guest_memfd_flags`):
 //! every guest_memfd the memory creates carries them, and flags the host does not offer
-//! are refused before any file is created. Real `/dev/kvm`; KVM's attribute call stood
-//! in for the dual strategy.
+//! are refused before any file is created. Real `/dev/kvm` where it has in-place
+//! guest_memfd, else the stand-in for it; KVM's attribute call stood in for the dual
+//! strategy.
 
 mod common;
 
@@ -12,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use common::{gpa_is_free, pr, vm, RecordingVm};
 use guest_memfd::{GuestMemfdFlags, VmOps};
 use kvm_bindings::{kvm_create_guest_memfd, kvm_userspace_memory_region2};
-use kvm_ioctls::VmFd;
 use vm_private_memory::{Error, MemoryBuilder, PageState, Strategy, UnavailableReason};
 use vmm_sys_util::errno;
 
@@ -22,7 +22,7 @@ const MIB2: u64 = 2 << 20;
 /// kernel offers `NO_DIRECT_MAP`): it records the flags asked for and creates the file
 /// without that bit.
 struct OffersMore {
-    inner: VmFd,
+    inner: Arc<dyn VmOps>,
     asked: Mutex<Vec<u64>>,
 }
 
@@ -30,7 +30,7 @@ const MORE: u64 = 1 << 30;
 
 impl VmOps for OffersMore {
     fn check_extension_raw(&self, cap: u32) -> i32 {
-        let answer = VmOps::check_extension_raw(&self.inner, cap);
+        let answer = self.inner.check_extension_raw(cap);
         if cap == guest_memfd::uapi::KVM_CAP_GUEST_MEMFD_FLAGS {
             return answer | MORE as i32;
         }
@@ -43,7 +43,7 @@ impl VmOps for OffersMore {
     ) -> Result<OwnedFd, errno::Error> {
         self.asked.lock().unwrap().push(request.flags);
         request.flags &= !MORE;
-        VmOps::create_guest_memfd(&self.inner, request)
+        self.inner.create_guest_memfd(request)
     }
 
     unsafe fn set_user_memory_region2(
@@ -51,7 +51,7 @@ impl VmOps for OffersMore {
         region: kvm_userspace_memory_region2,
     ) -> Result<(), errno::Error> {
         // SAFETY: the caller upholds the trait's contract, the same for the VM wrapped.
-        unsafe { VmOps::set_user_memory_region2(&self.inner, region) }
+        unsafe { self.inner.set_user_memory_region2(region) }
     }
 }
 
@@ -61,7 +61,7 @@ fn extra_flags_reach_every_guest_memfd_the_memory_creates() {
         return;
     }
     let vm = Arc::new(OffersMore {
-        inner: kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap(),
+        inner: vm(),
         asked: Mutex::default(),
     });
     let extra = GuestMemfdFlags::from_bits_retain(MORE);

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Memslots the VMM binds itself (`MemoryBuilder::vmm_binds_memslots`) on the real
-//! `/dev/kvm`: the descriptions are exact and bind as they are, conversions work on
+//! `/dev/kvm` (or the stand-in for it, where the host has no in-place guest_memfd): the descriptions are exact and bind as they are, conversions work on
 //! them, regions cannot come and go, and a dropped memory keeps its mappings until the
 //! VMM says it deleted every slot.
 
@@ -10,13 +10,13 @@ use std::sync::Arc;
 
 use common::{gpa_is_free, in_place_or_skip, pr, vm};
 use guest_memfd::PAGE_SIZE;
-use kvm_ioctls::VmFd;
+use guest_memfd::VmOps;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vm_private_memory::{Error, MemoryBuilder, PageState, PrivateMemoryManager, Strategy};
 
 const MIB2: u64 = 2 << 20;
 
-fn vmm_bound(vm: &Arc<VmFd>) -> PrivateMemoryManager {
+fn vmm_bound(vm: &Arc<dyn VmOps>) -> PrivateMemoryManager {
     MemoryBuilder::new(vm.clone())
         .region_at(0, MIB2)
         .region_at(8 * MIB2, MIB2)
@@ -29,7 +29,7 @@ fn vmm_bound(vm: &Arc<VmFd>) -> PrivateMemoryManager {
 }
 
 /// Binds (or with `delete`, deletes) every slot `memory` describes, as a VMM does.
-fn vmm_sets(vm: &VmFd, memory: &PrivateMemoryManager, delete: bool) {
+fn vmm_sets(vm: &dyn VmOps, memory: &PrivateMemoryManager, delete: bool) {
     for mut region in memory.memslots().unwrap() {
         if delete {
             region.memory_size = 0;
@@ -314,7 +314,7 @@ fn a_region_whose_removal_fails_stays_and_its_slot_can_be_bound_again() {
 /// A listener that binds every new region's slot from `populate`, as soon as the memory
 /// lists it, and records the guest_memfd inode of what it bound.
 struct BindsFromPopulate {
-    vm: Arc<VmFd>,
+    vm: Arc<dyn VmOps>,
     memory: std::sync::Mutex<std::sync::Weak<PrivateMemoryManager>>,
     bound: std::sync::Mutex<Vec<(kvm_bindings::kvm_userspace_memory_region2, u64)>>,
 }

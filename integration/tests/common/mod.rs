@@ -25,6 +25,19 @@ pub fn private_memory_or_skip(test: &str) -> bool {
     ok
 }
 
+/// Whether this host's KVM has guest_memfd, which the test harness's own VM
+/// (`integration::TestVm`) keeps its guest's code in; prints a visible SKIPPED line for
+/// `test`, naming the capability as `privmem probe` does, if not.
+pub fn guest_memfd_or_skip(test: &str) -> bool {
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+    let ok = Capabilities::of_vm(&vm).guest_memfd;
+    if !ok {
+        println!("SKIPPED {test}: needs guest_memfd (KVM_CAP_GUEST_MEMFD)");
+    }
+    ok
+}
+
 /// A guest running `program` with a data region of `data_size` bytes.
 pub fn guest(program: &[u8], data_size: u64, vcpus: usize, all_private: bool) -> PrivateGuest {
     PrivateGuest::new(

@@ -13,6 +13,19 @@ pub fn vm() -> VmFd {
     kvm.create_vm().expect("KVM_CREATE_VM")
 }
 
+/// A fresh default-type VM whose KVM has guest_memfd; `None`, after a `SKIPPED` line
+/// naming the missing capability as `privmem probe` names it, where it has not. These
+/// tests check the kernel's guest_memfd: where the host lacks it, the nested lab runs
+/// them (`fixtures/lab/run.sh`, its in-place pass).
+pub fn vm_with_guest_memfd_or_skip(test: &str) -> Option<VmFd> {
+    let vm = vm();
+    if guest_memfd::Capabilities::of_vm(&vm).guest_memfd {
+        return Some(vm);
+    }
+    println!("SKIPPED {test}: needs guest_memfd (KVM_CAP_GUEST_MEMFD)");
+    None
+}
+
 /// Every combination of flags this VM accepts, as the kernel selftest iterates them.
 pub fn flag_sets(vm: &VmFd) -> Vec<GuestMemfdFlags> {
     let supported = supported_flags(vm);

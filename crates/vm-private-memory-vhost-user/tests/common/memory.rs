@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Guest memory: dual strategy on a real VM, with a stand-in for memory attributes.
+//! Guest memory: dual strategy on a real VM, with a stand-in for memory attributes; on a
+//! host whose KVM has no in-place guest_memfd, on the stand-in for KVM
+//! (`guest_memfd::stand_in`), which prints a `STAND-IN` line.
 
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -23,7 +25,7 @@ use super::pr;
 /// VM has real attributes) it reports `KVM_CAP_MEMORY_ATTRIBUTES` = PRIVATE and accepts
 /// `KVM_SET_MEMORY_ATTRIBUTES` without making it.
 pub struct AttributesStandIn {
-    inner: VmFd,
+    inner: Arc<dyn VmOps>,
     /// The VM has memory attributes of its own (a `KVM_X86_SW_PROTECTED_VM` in the lab):
     /// forward those calls too.
     real: bool,
@@ -36,11 +38,11 @@ impl VmOps for AttributesStandIn {
         if cap == KVM_CAP_MEMORY_ATTRIBUTES && !self.real {
             return KVM_MEMORY_ATTRIBUTE_PRIVATE as i32;
         }
-        VmOps::check_extension_raw(&self.inner, cap)
+        self.inner.check_extension_raw(cap)
     }
 
     fn create_guest_memfd(&self, request: kvm_create_guest_memfd) -> Result<OwnedFd, errno::Error> {
-        let fd = VmOps::create_guest_memfd(&self.inner, request)?;
+        let fd = self.inner.create_guest_memfd(request)?;
         let meta = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
         self.guest_memfds
             .lock()
@@ -55,12 +57,12 @@ impl VmOps for AttributesStandIn {
     ) -> Result<(), errno::Error> {
         // SAFETY: the caller upholds the trait's contract, which is the same for the VM
         // this forwards to.
-        unsafe { VmOps::set_user_memory_region2(&self.inner, region) }
+        unsafe { self.inner.set_user_memory_region2(region) }
     }
 
     fn set_memory_attributes(&self, attributes: kvm_memory_attributes) -> Result<(), errno::Error> {
         if self.real {
-            return VmOps::set_memory_attributes(&self.inner, attributes);
+            return self.inner.set_memory_attributes(attributes);
         }
         Ok(())
     }
@@ -102,9 +104,9 @@ pub fn dual_memory() -> (PrivateMemoryManager, (u64, u64)) {
 /// shared too.
 pub fn dual_memory_with(high: bool) -> (PrivateMemoryManager, (u64, u64)) {
     let kvm = Kvm::new().unwrap();
-    let (inner, real) = match vm_with_memory_attributes(&kvm) {
-        Some(vm) => (vm, true),
-        None => (kvm.create_vm().unwrap(), false),
+    let (inner, real): (Arc<dyn VmOps>, bool) = match vm_with_memory_attributes(&kvm) {
+        Some(vm) => (Arc::new(vm), true),
+        None => (guest_memfd::stand_in::vm_for_logic_tests(), false),
     };
     println!(
         "dual memory with {} memory attributes",

@@ -1,6 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Helpers for the tests that run on the real `/dev/kvm`.
+//! Helpers for the tests of this crate's logic. They run on the real `/dev/kvm` where
+//! the host's KVM has in-place guest_memfd, and on `guest_memfd::stand_in::StandInVm`
+//! where it has not (each such test prints a `STAND-IN` line); the nested lab runs them
+//! on real KVM again (`fixtures/lab/run.sh`, its in-place pass).
 
 #![allow(dead_code)]
 
@@ -16,14 +19,21 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_private_memory::{MemoryBuilder, MemoryListener, PageState, Strategy};
 use vmm_sys_util::errno;
 
-/// A fresh default-type VM.
-pub fn vm() -> Arc<VmFd> {
+/// A fresh default-type VM: real where the host's KVM has in-place guest_memfd, the
+/// stand-in otherwise (`guest_memfd::stand_in::vm_for_logic_tests`).
+pub fn vm() -> Arc<dyn VmOps> {
+    guest_memfd::stand_in::vm_for_logic_tests()
+}
+
+/// A fresh default-type VM on the real `/dev/kvm`, for what only the kernel can answer.
+pub fn kvm_vm() -> Arc<VmFd> {
     Arc::new(Kvm::new().unwrap().create_vm().unwrap())
 }
 
 /// Whether the host can run the in-place strategy; prints a visible skip line if not.
+/// With the stand-in ([`vm`]) it always can.
 pub fn in_place_or_skip(test: &str) -> bool {
-    let caps = guest_memfd::Capabilities::of_vm(&vm());
+    let caps = guest_memfd::Capabilities::of_vm(&*vm());
     let ok = caps.in_place_capable();
     if !ok {
         println!(
@@ -33,13 +43,30 @@ pub fn in_place_or_skip(test: &str) -> bool {
     ok
 }
 
+/// A real VM with in-place guest_memfd, for what only the kernel can answer (a vCPU, the
+/// kernel's own refusals); `None`, after a `SKIPPED` line naming the missing capability as
+/// `privmem probe` names it, where the host's KVM lacks it.
+pub fn kvm_in_place_or_skip(test: &str) -> Option<Arc<VmFd>> {
+    let vm = kvm_vm();
+    let caps = guest_memfd::Capabilities::of_vm(&*vm);
+    if caps.in_place_capable() {
+        return Some(vm);
+    }
+    if caps.guest_memfd {
+        println!("SKIPPED {test}: needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)");
+    } else {
+        println!("SKIPPED {test}: needs guest_memfd (KVM_CAP_GUEST_MEMFD)");
+    }
+    None
+}
+
 /// A VM that stands in for KVM's memory attributes, so the dual strategy runs on hosts
 /// without them: it wraps a real VM and forwards every call to it, except that it reports
 /// `KVM_CAP_MEMORY_ATTRIBUTES` = PRIVATE and records `KVM_SET_MEMORY_ATTRIBUTES` calls
 /// instead of making them. While `fail` is set, those calls fail with `EIO`; with
 /// `fail_after` set to `Some(n)`, every call after the first `n` recorded ones fails.
 pub struct RecordingVm {
-    pub inner: Arc<VmFd>,
+    pub inner: Arc<dyn VmOps>,
     pub calls: Mutex<Vec<(PageRange, PageState)>>,
     pub fail: Mutex<bool>,
     pub fail_after: Mutex<Option<usize>>,
@@ -50,7 +77,7 @@ pub struct RecordingVm {
 }
 
 impl RecordingVm {
-    pub fn new(inner: Arc<VmFd>) -> Arc<Self> {
+    pub fn new(inner: Arc<dyn VmOps>) -> Arc<Self> {
         Arc::new(RecordingVm {
             inner,
             calls: Mutex::default(),
@@ -246,7 +273,7 @@ pub fn pr(start: u64, len: u64) -> PageRange {
 }
 
 /// Whether guest-physical `range` is free in `vm`: a probe slot binds there only then.
-pub fn gpa_is_free(vm: &kvm_ioctls::VmFd, range: PageRange) -> bool {
+pub fn gpa_is_free(vm: &dyn VmOps, range: PageRange) -> bool {
     let probe =
         guest_memfd::GuestMemfd::create(vm, range.len(), guest_memfd::GuestMemfdFlags::empty())
             .unwrap();

@@ -36,11 +36,11 @@ pub use cpu::{enter_long_mode, enter_user_mode, Privilege};
 pub use driver::Driver;
 pub use error::{Error, Result};
 pub use footprint::resident_guest_memfd_bytes;
-pub use host::{host_lacks, lacking, Need, LAB_BENCH, LAB_DEMO};
 pub use guest::{
     private_memory_vm, Device, GuestConfig, GuestVcpu, NoDevice, PrivateGuest, Served, SumDevice,
     DATA_ADDR, SERVED_LOG, STACK_STRIDE, STRATEGY_VAR,
 };
+pub use host::{host_lacks, lacking, Need, LAB_BENCH, LAB_DEMO};
 pub use vm::{
     BoundMemory, Stop, StopReason, TestVm, BOOT_SLOT, PORT_CONSOLE, PORT_DEVICE, PORT_DONE,
     PORT_FAIL, PORT_HCALL, PORT_NOP, PORT_PAUSE,

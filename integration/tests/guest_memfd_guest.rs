@@ -119,7 +119,9 @@ fn a_running_guest_reads_zeros_after_the_host_punches_a_hole() {
 /// flags 0) naming the page. Before the close, the same guest uses the slot normally.
 #[test]
 fn a_guest_touching_a_closed_guest_memfd_gets_a_memory_fault_exit() {
-    if !common::guest_memfd_or_skip("a_guest_touching_a_closed_guest_memfd_gets_a_memory_fault_exit") {
+    if !common::guest_memfd_or_skip(
+        "a_guest_touching_a_closed_guest_memfd_gets_a_memory_fault_exit",
+    ) {
         return;
     }
     const SIZE: u64 = 4 * PAGE_SIZE;

@@ -103,7 +103,8 @@ fn config<'a>(images: &'a Images, ram: Ram, cmdline: &'a str) -> LinuxConfig<'a>
 
 #[test]
 fn the_guest_prints_on_its_console_and_its_reset_stops_the_vm() {
-    if !common::private_memory_or_skip("the_guest_prints_on_its_console_and_its_reset_stops_the_vm") {
+    if !common::private_memory_or_skip("the_guest_prints_on_its_console_and_its_reset_stops_the_vm")
+    {
         return;
     }
     let images = images(&print_then(b"hello\nworld\n", &RESET), 4096);
@@ -232,7 +233,9 @@ fn the_guests_acpi_power_off_stops_the_vm_as_a_power_off() {
 
 #[test]
 fn a_guest_that_never_stops_ends_at_the_deadline_with_its_console() {
-    if !common::private_memory_or_skip("a_guest_that_never_stops_ends_at_the_deadline_with_its_console") {
+    if !common::private_memory_or_skip(
+        "a_guest_that_never_stops_ends_at_the_deadline_with_its_console",
+    ) {
         return;
     }
     let images = images(&print_then(b"still here\n", &SPIN), 4096);
@@ -263,7 +266,9 @@ fn a_guest_that_never_stops_ends_at_the_deadline_with_its_console() {
 
 #[test]
 fn only_what_the_loader_writes_is_shared_and_the_boot_parameters_describe_it() {
-    if !common::private_memory_or_skip("only_what_the_loader_writes_is_shared_and_the_boot_parameters_describe_it") {
+    if !common::private_memory_or_skip(
+        "only_what_the_loader_writes_is_shared_and_the_boot_parameters_describe_it",
+    ) {
         return;
     }
     let images = images(&RESET, 3 * 4096 + 17);

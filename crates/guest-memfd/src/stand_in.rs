@@ -44,10 +44,10 @@
 //! assert_eq!(vm.memslots().len(), 1);
 //! ```
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::ffi::CStr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::cell::Cell;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{
@@ -117,7 +117,9 @@ impl StandInVm {
 
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while the table was held leaves it as consistent as any call left it.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The memslots bound now, by slot number.
@@ -164,7 +166,9 @@ impl VmOps for StandInVm {
     fn check_extension_raw(&self, cap: u32) -> i32 {
         match cap {
             KVM_CAP_USER_MEMORY2 | KVM_CAP_MEMORY_FAULT_INFO | KVM_CAP_GUEST_MEMFD => 1,
-            KVM_CAP_GUEST_MEMFD_FLAGS => (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED) as i32,
+            KVM_CAP_GUEST_MEMFD_FLAGS => {
+                (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED) as i32
+            }
             KVM_CAP_MEMORY_ATTRIBUTES if self.memory_attributes => {
                 KVM_MEMORY_ATTRIBUTE_PRIVATE as i32
             }
@@ -228,7 +232,10 @@ impl VmOps for StandInVm {
             || !is_page_aligned(region.guest_phys_addr)
             || !is_page_aligned(region.userspace_addr)
             || (gmem && !is_page_aligned(region.guest_memfd_offset))
-            || region.guest_phys_addr.checked_add(region.memory_size).is_none()
+            || region
+                .guest_phys_addr
+                .checked_add(region.memory_size)
+                .is_none()
         {
             return Err(einval());
         }
@@ -403,24 +410,30 @@ mod tests {
     #[test]
     fn attributes_are_kept_per_page_and_merge() {
         let vm = StandInVm::with_memory_attributes();
-        vm.set_memory_attributes(attrs(0, 4 * PAGE_SIZE, true)).unwrap();
-        vm.set_memory_attributes(attrs(PAGE_SIZE, PAGE_SIZE, false)).unwrap();
+        vm.set_memory_attributes(attrs(0, 4 * PAGE_SIZE, true))
+            .unwrap();
+        vm.set_memory_attributes(attrs(PAGE_SIZE, PAGE_SIZE, false))
+            .unwrap();
         assert_eq!(
             vm.private_ranges(),
             vec![(0, PAGE_SIZE), (2 * PAGE_SIZE, 4 * PAGE_SIZE)]
         );
         assert!(!vm.is_private(PAGE_SIZE));
         assert!(vm.is_private(3 * PAGE_SIZE));
-        vm.set_memory_attributes(attrs(PAGE_SIZE, PAGE_SIZE, true)).unwrap();
+        vm.set_memory_attributes(attrs(PAGE_SIZE, PAGE_SIZE, true))
+            .unwrap();
         assert_eq!(vm.private_ranges(), vec![(0, 4 * PAGE_SIZE)]);
-        vm.set_memory_attributes(attrs(4 * PAGE_SIZE, PAGE_SIZE, true)).unwrap();
+        vm.set_memory_attributes(attrs(4 * PAGE_SIZE, PAGE_SIZE, true))
+            .unwrap();
         assert_eq!(vm.private_ranges(), vec![(0, 5 * PAGE_SIZE)]);
         assert_eq!(
-            vm.set_memory_attributes(attrs(1, PAGE_SIZE, true)).unwrap_err().errno(),
+            vm.set_memory_attributes(attrs(1, PAGE_SIZE, true))
+                .unwrap_err()
+                .errno(),
             libc::EINVAL
         );
         assert_eq!(
-            vm.set_memory_attributes(attrs(u64::MAX & !0xfff, PAGE_SIZE, true))
+            vm.set_memory_attributes(attrs(!0xfff, PAGE_SIZE, true))
                 .unwrap_err()
                 .errno(),
             libc::EINVAL
@@ -432,7 +445,9 @@ mod tests {
         let vm = StandInVm::new();
         assert_eq!(vm.check_extension_raw(KVM_CAP_MEMORY_ATTRIBUTES), 0);
         assert_eq!(
-            vm.set_memory_attributes(attrs(0, PAGE_SIZE, true)).unwrap_err().errno(),
+            vm.set_memory_attributes(attrs(0, PAGE_SIZE, true))
+                .unwrap_err()
+                .errno(),
             libc::ENOTTY
         );
     }
@@ -446,7 +461,13 @@ mod tests {
         .unwrap()
     }
 
-    fn slot(slot: u32, gpa: u64, size: u64, fd: &OwnedFd, offset: u64) -> kvm_userspace_memory_region2 {
+    fn slot(
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        fd: &OwnedFd,
+        offset: u64,
+    ) -> kvm_userspace_memory_region2 {
         kvm_userspace_memory_region2 {
             slot,
             flags: KVM_MEM_GUEST_MEMFD,
@@ -469,16 +490,37 @@ mod tests {
         assert_eq!(bind(slot(0, 0, 2 * PAGE_SIZE, &file, 0)), Ok(()));
         // The same again is a no-op; a move of a guest_memfd slot is refused.
         assert_eq!(bind(slot(0, 0, 2 * PAGE_SIZE, &file, 0)), Ok(()));
-        assert_eq!(bind(slot(0, PAGE_SIZE << 8, 2 * PAGE_SIZE, &file, 0)), Err(libc::EINVAL));
+        assert_eq!(
+            bind(slot(0, PAGE_SIZE << 8, 2 * PAGE_SIZE, &file, 0)),
+            Err(libc::EINVAL)
+        );
         // Guest-physical overlap, file overlap, past the file, unaligned offset.
-        assert_eq!(bind(slot(1, PAGE_SIZE, PAGE_SIZE, &file, 2 * PAGE_SIZE)), Err(libc::EEXIST));
-        assert_eq!(bind(slot(1, 1 << 30, PAGE_SIZE, &file, PAGE_SIZE)), Err(libc::EINVAL));
-        assert_eq!(bind(slot(1, 1 << 30, 4 * PAGE_SIZE, &file, 2 * PAGE_SIZE)), Err(libc::EINVAL));
-        assert_eq!(bind(slot(1, 1 << 30, PAGE_SIZE, &file, 1)), Err(libc::EINVAL));
-        assert_eq!(bind(slot(1, 1 << 30, 2 * PAGE_SIZE, &file, 2 * PAGE_SIZE)), Ok(()));
+        assert_eq!(
+            bind(slot(1, PAGE_SIZE, PAGE_SIZE, &file, 2 * PAGE_SIZE)),
+            Err(libc::EEXIST)
+        );
+        assert_eq!(
+            bind(slot(1, 1 << 30, PAGE_SIZE, &file, PAGE_SIZE)),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(
+            bind(slot(1, 1 << 30, 4 * PAGE_SIZE, &file, 2 * PAGE_SIZE)),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(
+            bind(slot(1, 1 << 30, PAGE_SIZE, &file, 1)),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(
+            bind(slot(1, 1 << 30, 2 * PAGE_SIZE, &file, 2 * PAGE_SIZE)),
+            Ok(())
+        );
         // A file this VM did not create, and one that is not open.
         let other = gmem(&StandInVm::new(), PAGE_SIZE);
-        assert_eq!(bind(slot(2, 1 << 31, PAGE_SIZE, &other, 0)), Err(libc::EINVAL));
+        assert_eq!(
+            bind(slot(2, 1 << 31, PAGE_SIZE, &other, 0)),
+            Err(libc::EINVAL)
+        );
         let mut closed = slot(2, 1 << 31, PAGE_SIZE, &other, 0);
         closed.guest_memfd = 100_000;
         assert_eq!(bind(closed), Err(libc::EINVAL));
@@ -504,8 +546,12 @@ mod tests {
         assert_eq!(create(PAGE_SIZE + 1, 0), Err(libc::EINVAL));
         assert_eq!(create(PAGE_SIZE, 1 << 2), Err(libc::EINVAL));
         assert_eq!(create(PAGE_SIZE, 3), Ok(()));
-        assert_eq!(vm.enable_hypercall_exits(1).unwrap_err().errno(), libc::EINVAL);
-        vm.enable_hypercall_exits(1 << KVM_HC_MAP_GPA_RANGE).unwrap();
+        assert_eq!(
+            vm.enable_hypercall_exits(1).unwrap_err().errno(),
+            libc::EINVAL
+        );
+        vm.enable_hypercall_exits(1 << KVM_HC_MAP_GPA_RANGE)
+            .unwrap();
         assert_eq!(vm.hypercall_exits(), 1 << KVM_HC_MAP_GPA_RANGE);
     }
 }

@@ -21,7 +21,9 @@ const PUNCH: i32 = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
 
 #[test]
 fn every_flag_bit_is_accepted_exactly_when_the_host_lists_it() {
-    let Some(vm) = common::vm_with_guest_memfd_or_skip("every_flag_bit_is_accepted_exactly_when_the_host_lists_it") else {
+    let Some(vm) = common::vm_with_guest_memfd_or_skip(
+        "every_flag_bit_is_accepted_exactly_when_the_host_lists_it",
+    ) else {
         return;
     };
     let supported = guest_memfd::supported_flags(&vm);
@@ -61,7 +63,9 @@ fn every_flag_bit_is_accepted_exactly_when_the_host_lists_it() {
 
 #[test]
 fn the_unsupported_flags_error_lists_both_sets() {
-    let Some(vm) = common::vm_with_guest_memfd_or_skip("the_unsupported_flags_error_lists_both_sets") else {
+    let Some(vm) =
+        common::vm_with_guest_memfd_or_skip("the_unsupported_flags_error_lists_both_sets")
+    else {
         return;
     };
     let err =
@@ -76,7 +80,9 @@ fn the_unsupported_flags_error_lists_both_sets() {
 
 #[test]
 fn several_files_per_vm_have_their_own_size_and_inode() {
-    let Some(vm) = common::vm_with_guest_memfd_or_skip("several_files_per_vm_have_their_own_size_and_inode") else {
+    let Some(vm) =
+        common::vm_with_guest_memfd_or_skip("several_files_per_vm_have_their_own_size_and_inode")
+    else {
         return;
     };
     let one = GuestMemfd::create(&vm, PAGE_SIZE, GuestMemfdFlags::empty()).unwrap();
@@ -94,7 +100,9 @@ fn several_files_per_vm_have_their_own_size_and_inode() {
 
 #[test]
 fn invalid_sizes_are_refused_before_the_ioctl() {
-    let Some(vm) = common::vm_with_guest_memfd_or_skip("invalid_sizes_are_refused_before_the_ioctl") else {
+    let Some(vm) =
+        common::vm_with_guest_memfd_or_skip("invalid_sizes_are_refused_before_the_ioctl")
+    else {
         return;
     };
     for flags in flag_sets(&vm) {
@@ -123,7 +131,8 @@ fn invalid_sizes_are_refused_before_the_ioctl() {
 
 #[test]
 fn read_write_pread_and_pwrite_are_refused() {
-    let Some(vm) = common::vm_with_guest_memfd_or_skip("read_write_pread_and_pwrite_are_refused") else {
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("read_write_pread_and_pwrite_are_refused")
+    else {
         return;
     };
     for flags in flag_sets(&vm) {
@@ -159,7 +168,8 @@ fn file_size_and_block_size() {
 
 #[test]
 fn a_file_without_mmap_cannot_be_mapped() {
-    let Some(vm) = common::vm_with_guest_memfd_or_skip("a_file_without_mmap_cannot_be_mapped") else {
+    let Some(vm) = common::vm_with_guest_memfd_or_skip("a_file_without_mmap_cannot_be_mapped")
+    else {
         return;
     };
     let gmem = GuestMemfd::create(&vm, TOTAL, GuestMemfdFlags::empty()).unwrap();
@@ -216,7 +226,9 @@ fn a_shared_mapping_reads_writes_and_sees_punched_pages_as_zero() {
 
 #[test]
 fn map_private_is_never_offered_and_the_kernel_refuses_it() {
-    let Some(vm) = common::vm_with_guest_memfd_or_skip("map_private_is_never_offered_and_the_kernel_refuses_it") else {
+    let Some(vm) = common::vm_with_guest_memfd_or_skip(
+        "map_private_is_never_offered_and_the_kernel_refuses_it",
+    ) else {
         return;
     };
     for flags in flag_sets(&vm) {
@@ -300,7 +312,9 @@ fn fallocate_alignment_and_bounds() {
 
 #[test]
 fn every_invalid_punch_hole_of_the_selftest_is_refused() {
-    let Some(vm) = common::vm_with_guest_memfd_or_skip("every_invalid_punch_hole_of_the_selftest_is_refused") else {
+    let Some(vm) =
+        common::vm_with_guest_memfd_or_skip("every_invalid_punch_hole_of_the_selftest_is_refused")
+    else {
         return;
     };
     let p = PAGE_SIZE;
@@ -337,7 +351,9 @@ fn every_invalid_punch_hole_of_the_selftest_is_refused() {
 
 #[test]
 fn out_of_bounds_errors_name_the_range_and_the_file_size() {
-    let Some(vm) = common::vm_with_guest_memfd_or_skip("out_of_bounds_errors_name_the_range_and_the_file_size") else {
+    let Some(vm) = common::vm_with_guest_memfd_or_skip(
+        "out_of_bounds_errors_name_the_range_and_the_file_size",
+    ) else {
         return;
     };
     let gmem = GuestMemfd::create(&vm, TOTAL, GuestMemfdFlags::empty()).unwrap();
@@ -352,7 +368,9 @@ fn out_of_bounds_errors_name_the_range_and_the_file_size() {
 
 #[test]
 fn a_created_guest_memfd_is_close_on_exec_where_the_kernel_makes_it_inheritable() {
-    let Some(vm) = common::vm_with_guest_memfd_or_skip("a_created_guest_memfd_is_close_on_exec_where_the_kernel_makes_it_inheritable") else {
+    let Some(vm) = common::vm_with_guest_memfd_or_skip(
+        "a_created_guest_memfd_is_close_on_exec_where_the_kernel_makes_it_inheritable",
+    ) else {
         return;
     };
     let raw = kvm_create_guest_memfd {

@@ -52,7 +52,9 @@ fn a_slot_binds_unbinds_and_rebinds_at_another_offset() {
 
 #[test]
 fn one_file_backs_two_slots_at_different_offsets() {
-    let Some(vm) = common::vm_with_guest_memfd_or_skip("one_file_backs_two_slots_at_different_offsets") else {
+    let Some(vm) =
+        common::vm_with_guest_memfd_or_skip("one_file_backs_two_slots_at_different_offsets")
+    else {
         return;
     };
     let gmem = GuestMemfd::create(&vm, 2 * MIB2, GuestMemfdFlags::empty()).unwrap();
@@ -94,7 +96,9 @@ fn one_file_backs_two_slots_at_different_offsets() {
 
 #[test]
 fn another_vms_guest_memfd_is_refused_by_the_kernel_with_context() {
-    let Some(vm_a) = common::vm_with_guest_memfd_or_skip("another_vms_guest_memfd_is_refused_by_the_kernel_with_context") else {
+    let Some(vm_a) = common::vm_with_guest_memfd_or_skip(
+        "another_vms_guest_memfd_is_refused_by_the_kernel_with_context",
+    ) else {
         return;
     };
     let vm_b = vm();
@@ -108,7 +112,9 @@ fn another_vms_guest_memfd_is_refused_by_the_kernel_with_context() {
 
 #[test]
 fn slots_that_overrun_the_file_are_refused_before_the_ioctl() {
-    let Some(vm) = common::vm_with_guest_memfd_or_skip("slots_that_overrun_the_file_are_refused_before_the_ioctl") else {
+    let Some(vm) = common::vm_with_guest_memfd_or_skip(
+        "slots_that_overrun_the_file_are_refused_before_the_ioctl",
+    ) else {
         return;
     };
     let gmem = GuestMemfd::create(&vm, MIB2, GuestMemfdFlags::empty()).unwrap();
@@ -168,7 +174,9 @@ fn userspace_addresses_are_checked() {
 
 #[test]
 fn slot_numbers_beyond_the_host_limit_are_refused_before_the_ioctl() {
-    let Some(vm) = common::vm_with_guest_memfd_or_skip("slot_numbers_beyond_the_host_limit_are_refused_before_the_ioctl") else {
+    let Some(vm) = common::vm_with_guest_memfd_or_skip(
+        "slot_numbers_beyond_the_host_limit_are_refused_before_the_ioctl",
+    ) else {
         return;
     };
     let limit = vm.check_extension_int(kvm_ioctls::Cap::NrMemslots) as u32;

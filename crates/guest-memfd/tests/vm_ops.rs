@@ -64,7 +64,11 @@ fn logging_vm(hide_guest_memfd: bool) -> LoggingVm {
 
 #[test]
 fn a_vmm_s_own_vm_type_creates_binds_and_probes_through_the_trait() {
-    if common::vm_with_guest_memfd_or_skip("a_vmm_s_own_vm_type_creates_binds_and_probes_through_the_trait").is_none() {
+    if common::vm_with_guest_memfd_or_skip(
+        "a_vmm_s_own_vm_type_creates_binds_and_probes_through_the_trait",
+    )
+    .is_none()
+    {
         return;
     }
     let vm = logging_vm(false);

@@ -7,8 +7,9 @@
 //! privmem probe --json   # the same, as JSON
 //! ```
 //!
-//! It depends on the `guest-memfd` crate alone, so `cargo install privmem` works from
-//! the package. The workspace's demo (small guests on private memory, as a story) is
+//! It depends on the `guest-memfd` crate alone, so it installs on its own:
+//! `cargo install --path crates/privmem` from the workspace (nothing is published on
+//! crates.io). The workspace's demo (small guests on private memory, as a story) is
 //! `cargo run --release -p integration --bin privmem-demo`.
 
 #![deny(missing_debug_implementations)]

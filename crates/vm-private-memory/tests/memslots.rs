@@ -26,7 +26,8 @@ fn replace_published_view(memory: &PrivateMemoryManager) {
 }
 
 /// In-place memory of one region at 0 whose published view was then emptied.
-fn one_region_with_its_view_replaced() -> (std::sync::Arc<dyn guest_memfd::VmOps>, PrivateMemoryManager) {
+fn one_region_with_its_view_replaced(
+) -> (std::sync::Arc<dyn guest_memfd::VmOps>, PrivateMemoryManager) {
     let vm = common::vm();
     let memory = MemoryBuilder::new(vm.clone())
         .region_at(0, MIB2)

@@ -9,8 +9,8 @@ mod common;
 use std::sync::Arc;
 
 use common::{gpa_is_free, in_place_or_skip, pr, vm};
-use guest_memfd::PAGE_SIZE;
 use guest_memfd::VmOps;
+use guest_memfd::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vm_private_memory::{Error, MemoryBuilder, PageState, PrivateMemoryManager, Strategy};
 

@@ -173,7 +173,6 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
 
 #[cfg(all(test, not(loom)))]
 mod tests {
-    use std::sync::Arc;
 
     use super::*;
     use crate::MemoryBuilder;

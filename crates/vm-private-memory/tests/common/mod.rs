@@ -53,7 +53,9 @@ pub fn kvm_in_place_or_skip(test: &str) -> Option<Arc<VmFd>> {
         return Some(vm);
     }
     if caps.guest_memfd {
-        println!("SKIPPED {test}: needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)");
+        println!(
+            "SKIPPED {test}: needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)"
+        );
     } else {
         println!("SKIPPED {test}: needs guest_memfd (KVM_CAP_GUEST_MEMFD)");
     }

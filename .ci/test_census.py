@@ -5,7 +5,10 @@
 - how many of the host test binaries' tests ran for real (on real KVM, or on the
   stand-in for KVM where the host lacks in-place guest_memfd: `STAND-IN` lines) and how
   many skipped (`SKIPPED` lines), with the share that ran;
-- whether every skip is covered elsewhere, and fails (exit 1) if one is not:
+- whether every skip is covered elsewhere, and fails (exit 1) if one is not (doc tests
+  and examples, whose output cargo does not show, are judged by their source: one that
+  can say SKIPPED for want of guest_memfd must be in the lab's IN_PLACE_DOCTESTS or
+  IN_PLACE_EXAMPLES):
   * a test skipped because this host's KVM lacks guest_memfd or its MMAP | INIT_SHARED
     flags must be run by the nested lab's in-place pass on 7.x: its binary must be in
     fixtures/lab/run.sh's IN_PLACE_TESTS, with a filter the test's name matches;
@@ -30,20 +33,44 @@ import sys
 GUEST_MEMFD_REASON = re.compile(r"KVM_CAP_GUEST_MEMFD|MMAP \| INIT_SHARED")
 
 
-def lab_entries(script, name):
-    """The entries of bash array `name` in the lab script: (package, test, filter)."""
+def lab_array(script, name):
+    """The words of bash array `name` in the lab script (quoted entries stay whole)."""
     text = open(script, encoding="utf-8").read()
-    match = re.search(r"^%s=\(\n(.*?)^\)" % re.escape(name), text, re.S | re.M)
+    match = re.search(r"^%s=\((.*?)\)\s*$" % re.escape(name), text, re.S | re.M)
     if not match:
         sys.exit(f"test_census: no {name}=( ... ) in {script}")
-    entries = []
-    for line in match.group(1).splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        words = shlex.split(line)[0].split()
-        entries.append((words[0], words[1], words[2] if len(words) > 2 else ""))
-    return entries
+    return shlex.split(match.group(1), comments=True)
+
+
+def lab_entries(script, name):
+    """The entries of array `name` in the lab script: (package, test, filter)."""
+    return [tuple((entry.split() + [""])[:3]) for entry in lab_array(script, name)]
+
+
+def needs_guest_memfd(path):
+    """Whether the doc examples or example program in `path` can say SKIPPED for want of
+    guest_memfd."""
+    text = open(path, encoding="utf-8").read()
+    return re.search(r'println!\("SKIPPED: this example needs guest_memfd', text) is not None
+
+
+def examples_outside_the_lab(top, script):
+    """The doc tests and examples that can skip for want of guest_memfd and that the
+    lab's in-place pass does not run: (what, why) pairs."""
+    doctests = set(lab_array(script, "IN_PLACE_DOCTESTS"))
+    examples = {tuple(e.split()[:2]) for e in lab_array(script, "IN_PLACE_EXAMPLES")}
+    missing = []
+    for manifest in glob.glob(os.path.join(top, "crates/*/Cargo.toml")):
+        crate = os.path.dirname(manifest)
+        name = re.search(r'^name = "([^"]+)"', open(manifest).read(), re.M).group(1)
+        sources = glob.glob(os.path.join(crate, "src/**/*.rs"), recursive=True)
+        if name not in doctests and any(needs_guest_memfd(f) for f in sources):
+            missing.append((f"{name}'s doc tests", "not in the lab's IN_PLACE_DOCTESTS"))
+        for example in glob.glob(os.path.join(crate, "examples/*.rs")):
+            stem = os.path.splitext(os.path.basename(example))[0]
+            if needs_guest_memfd(example) and (name, stem) not in examples:
+                missing.append((f"{name}'s example {stem}", "not in the lab's IN_PLACE_EXAMPLES"))
+    return missing
 
 
 def package_of(test_file, top):
@@ -175,12 +202,18 @@ def main():
                 elif not allowed.search(skip):
                     uncovered.append((source, skip, "not a skip the lab's dual pass covers"))
 
+    for what, why in examples_outside_the_lab(top, args.lab_script):
+        uncovered.append((what, "may say SKIPPED for want of guest_memfd", why))
+
     share = 100.0 * ran / total if total else 0.0
     print(f"host tests: {total}; ran for real here: {ran} ({share:.1f}%), "
           f"{stand_in} of them on the stand-in for KVM; skipped: {skipped}")
     if lab_binaries:
         print("skipped here for want of guest_memfd, run by the lab's 7.x in-place pass: "
               + ", ".join(sorted(lab_binaries)))
+    print("the lab's in-place pass also runs the doc tests of "
+          + ", ".join(lab_array(args.lab_script, "IN_PLACE_DOCTESTS"))
+          + " and the examples " + ", ".join(lab_array(args.lab_script, "IN_PLACE_EXAMPLES")))
     if uncovered:
         for source, skip, why in uncovered:
             print(f"UNCOVERED {source}: {skip}\n    {why}")

@@ -372,9 +372,9 @@ pub fn vm_for_logic_tests() -> Arc<dyn VmOps> {
             return Arc::new(vm);
         }
         say_stand_in(if caps.guest_memfd {
-            "this host's guest_memfd has no MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)"
+            "a default-type VM here has guest_memfd without MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)"
         } else {
-            "this host's KVM has no guest_memfd (KVM_CAP_GUEST_MEMFD)"
+            "a default-type VM here has no guest_memfd (KVM_CAP_GUEST_MEMFD 0)"
         });
     } else {
         say_stand_in("this host has no /dev/kvm");

@@ -133,11 +133,13 @@ fn one_file_can_back_every_region() {
 }
 
 #[test]
-fn a_sparse_terabyte_costs_one_bit_per_page() {
-    if !in_place_or_skip("a_sparse_terabyte_costs_one_bit_per_page") {
+fn a_sparse_half_terabyte_costs_one_bit_per_page() {
+    if !in_place_or_skip("a_sparse_half_terabyte_costs_one_bit_per_page") {
         return;
     }
-    let tib = 1u64 << 40;
+    // Half a TiB above 4 GiB fits a guest-physical space of 40 bits (the nested lab's
+    // CPU has no more; KVM refuses a slot past it with EINVAL).
+    let tib = 1u64 << 39;
     let m = MemoryBuilder::new(vm())
         .region_at(4 * GIB, tib)
         .initial_state(PageState::Private)

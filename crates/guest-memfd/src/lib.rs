@@ -38,7 +38,8 @@
 //! let vm = kvm.create_vm().unwrap();
 //! let caps = Capabilities::of_vm(&vm);
 //! if !caps.in_place_capable() {
-//!     return; // this host has no mappable guest_memfd
+//!     println!("SKIPPED: this example needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)");
+//!     return;
 //! }
 //!
 //! // 2 MiB of guest memory that the host may map while it is shared.
@@ -62,6 +63,7 @@
 //! slot.unbind(&vm).unwrap();
 //! ```
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![deny(missing_debug_implementations)]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -85,6 +87,7 @@ mod range;
 mod sealed;
 mod shared_backing;
 #[cfg(feature = "test-utils")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-utils")))]
 pub mod stand_in;
 pub mod uapi;
 mod vm_ops;

@@ -22,8 +22,16 @@
 //!
 //! What it cannot stand in for: a guest. No vCPU runs on it, so nothing checks that a
 //! guest sees what the host wrote, that a punched page is gone from the guest's view, or
-//! what the kernel's guest_memfd refuses beyond the checks above (an `mmap` of a file
-//! created without `MMAP` succeeds here). Tests of those run on real KVM.
+//! what the kernel's guest_memfd refuses beyond the checks above. Its files are memfds,
+//! so unlike a guest_memfd they take `read`, `write`, `pread`, `pwrite`, `MAP_PRIVATE`
+//! mappings, a mapping of a file created without `MMAP`, and `fallocate` without
+//! `KEEP_SIZE`; past the end of the file they answer `EPERM` where guest_memfd answers
+//! `EINVAL`; and anyone may read their "private" pages through `/proc/self/fd`. Tests of
+//! those run on real KVM (the `guest-memfd` crate's own tests, and the nested lab).
+//!
+//! It is for tests only: it protects nothing, and a VMM that hands it to
+//! `vm-private-memory` gets memory no guest can run on. Enable the feature in
+//! `[dev-dependencies]`, never in `[dependencies]`.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -68,11 +76,20 @@ use crate::vm_ops::VmOps;
 
 /// Memslots per address space, as our hosts' KVM answers `KVM_CAP_NR_MEMSLOTS`.
 pub const STAND_IN_MEMSLOTS: u32 = 32764;
+/// Address spaces (x86 KVM has two: the second is System Management Mode's).
+const STAND_IN_ADDRESS_SPACES: u32 = 2;
+/// x86 KVM's `KVM_MEM_MAX_NR_PAGES`: the most pages one memslot may have.
+const MAX_PAGES_PER_SLOT: u64 = (1 << 31) - 1;
+/// The guest-physical address width [`StandInVm::new`] assumes: the narrowest CPU this
+/// project's tests meet (the nested lab's emulated one), so that a layout the stand-in
+/// takes fits the machines the same test runs on.
+pub const STAND_IN_ADDRESS_BITS: u32 = 40;
 
 /// A userspace stand-in for a KVM VM: see the [module docs](self).
 #[derive(Debug)]
 pub struct StandInVm {
     memory_attributes: bool,
+    address_bits: u32,
     state: Mutex<State>,
 }
 
@@ -80,7 +97,9 @@ pub struct StandInVm {
 struct State {
     /// The files created, by (device, inode): their size.
     files: BTreeMap<(u64, u64), u64>,
-    slots: BTreeMap<u32, kvm_userspace_memory_region2>,
+    /// The slots bound, by slot number (address space in the high 16 bits), each with
+    /// the (device, inode) of its guest_memfd, taken when it was bound.
+    slots: BTreeMap<u32, (kvm_userspace_memory_region2, Option<(u64, u64)>)>,
     /// Private guest-physical ranges, start -> end, disjoint and not adjacent.
     private: BTreeMap<u64, u64>,
     hypercall_exits: u64,
@@ -102,16 +121,36 @@ impl StandInVm {
     pub fn new() -> Self {
         StandInVm {
             memory_attributes: false,
+            address_bits: STAND_IN_ADDRESS_BITS,
             state: Mutex::default(),
         }
     }
 
     /// A stand-in for a VM with memory attributes (`KVM_MEMORY_ATTRIBUTE_PRIVATE`), as
-    /// `KVM_X86_SW_PROTECTED_VM` has: both strategies can run on it.
+    /// `KVM_X86_SW_PROTECTED_VM` has: the dual strategy runs on it. As on x86 KVM, such
+    /// a VM offers guest_memfd `MMAP` but not `INIT_SHARED` (its pages start private),
+    /// so the in-place strategy does not.
     pub fn with_memory_attributes() -> Self {
         StandInVm {
             memory_attributes: true,
-            state: Mutex::default(),
+            ..StandInVm::new()
+        }
+    }
+
+    /// The same stand-in with a guest-physical address width of `bits` (KVM refuses a
+    /// memslot whose last page lies past it, with `EINVAL`).
+    pub fn with_address_bits(self, bits: u32) -> Self {
+        StandInVm {
+            address_bits: bits.min(63),
+            ..self
+        }
+    }
+
+    fn guest_memfd_flags(&self) -> u64 {
+        if self.memory_attributes {
+            GUEST_MEMFD_FLAG_MMAP
+        } else {
+            GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
         }
     }
 
@@ -124,7 +163,7 @@ impl StandInVm {
 
     /// The memslots bound now, by slot number.
     pub fn memslots(&self) -> Vec<kvm_userspace_memory_region2> {
-        self.state().slots.values().copied().collect()
+        self.state().slots.values().map(|(slot, _)| *slot).collect()
     }
 
     /// Whether the page at guest-physical `gpa` has the private attribute.
@@ -152,7 +191,9 @@ impl StandInVm {
     fn identity(fd: RawFd) -> Result<(u64, u64), errno::Error> {
         let mut stat = std::mem::MaybeUninit::<libc::stat>::zeroed();
         // SAFETY: fstat writes at most one `struct stat` into `stat`, which is that
-        // large; an fd that is not open makes it fail with EBADF and write nothing.
+        // large; an fd that is not open makes it fail with EBADF and write nothing, and
+        // a number since reused by another file only reads that file's metadata (which
+        // then matches no file of this VM).
         if unsafe { libc::fstat(fd, stat.as_mut_ptr()) } != 0 {
             return Err(errno::Error::last());
         }
@@ -166,13 +207,12 @@ impl VmOps for StandInVm {
     fn check_extension_raw(&self, cap: u32) -> i32 {
         match cap {
             KVM_CAP_USER_MEMORY2 | KVM_CAP_MEMORY_FAULT_INFO | KVM_CAP_GUEST_MEMFD => 1,
-            KVM_CAP_GUEST_MEMFD_FLAGS => {
-                (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED) as i32
-            }
+            KVM_CAP_GUEST_MEMFD_FLAGS => self.guest_memfd_flags() as i32,
             KVM_CAP_MEMORY_ATTRIBUTES if self.memory_attributes => {
                 KVM_MEMORY_ATTRIBUTE_PRIVATE as i32
             }
-            KVM_CAP_VM_TYPES => 1,
+            // DEFAULT, and SW_PROTECTED where the VM has attributes.
+            KVM_CAP_VM_TYPES => 1 | i32::from(self.memory_attributes) << 1,
             KVM_CAP_EXIT_HYPERCALL => 1 << KVM_HC_MAP_GPA_RANGE,
             KVM_CAP_NR_MEMSLOTS => STAND_IN_MEMSLOTS as i32,
             _ => 0,
@@ -180,11 +220,9 @@ impl VmOps for StandInVm {
     }
 
     fn create_guest_memfd(&self, request: kvm_create_guest_memfd) -> Result<OwnedFd, errno::Error> {
-        let known = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
-        if request.flags & !known != 0
+        if request.flags & !self.guest_memfd_flags() != 0
             || request.size == 0
             || !is_page_aligned(request.size)
-            || request.reserved.iter().any(|&r| r != 0)
         {
             return Err(einval());
         }
@@ -223,76 +261,93 @@ impl VmOps for StandInVm {
         &self,
         region: kvm_userspace_memory_region2,
     ) -> Result<(), errno::Error> {
+        // The checks of Linux 6.18's `kvm_set_memory_region`, in its order.
         let known = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD;
         let gmem = region.flags & KVM_MEM_GUEST_MEMFD != 0;
-        if region.slot >= STAND_IN_MEMSLOTS
-            || region.flags & !known != 0
+        let (address_space, id) = (region.slot >> 16, region.slot & 0xffff);
+        let end = region.guest_phys_addr.checked_add(region.memory_size);
+        if region.flags & !known != 0
             || (gmem && region.flags & (KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY) != 0)
             || !is_page_aligned(region.memory_size)
             || !is_page_aligned(region.guest_phys_addr)
             || !is_page_aligned(region.userspace_addr)
             || (gmem && !is_page_aligned(region.guest_memfd_offset))
-            || region
-                .guest_phys_addr
-                .checked_add(region.memory_size)
-                .is_none()
+            || (gmem
+                && region
+                    .guest_memfd_offset
+                    .checked_add(region.memory_size)
+                    .is_none())
+            || address_space >= STAND_IN_ADDRESS_SPACES
+            || id >= STAND_IN_MEMSLOTS
+            || end.is_none()
+            || region.memory_size / PAGE_SIZE > MAX_PAGES_PER_SLOT
         {
             return Err(einval());
         }
+        let end = end.unwrap_or(u64::MAX);
         let mut state = self.state();
+        let old = state.slots.get(&region.slot).map(|(old, _)| *old);
         if region.memory_size == 0 {
             return match state.slots.remove(&region.slot) {
                 Some(_) => Ok(()),
                 None => Err(einval()),
             };
         }
-        if let Some(old) = state.slots.get(&region.slot) {
-            // KVM takes the same slot again as a no-op, and refuses any change to a
-            // guest_memfd slot (a move, a resize, new flags or a new address).
-            let same = old.flags == region.flags
-                && old.guest_phys_addr == region.guest_phys_addr
-                && old.memory_size == region.memory_size
-                && old.userspace_addr == region.userspace_addr
-                && (!gmem
-                    || (old.guest_memfd == region.guest_memfd
-                        && old.guest_memfd_offset == region.guest_memfd_offset));
-            return if same { Ok(()) } else { Err(einval()) };
+        if let Some(old) = old {
+            // Guest_memfd slots are immutable (they can only be deleted); another may
+            // move or change its dirty logging, but not its size, address or
+            // read-only flag.
+            if gmem
+                || old.userspace_addr != region.userspace_addr
+                || old.memory_size != region.memory_size
+                || (old.flags ^ region.flags) & KVM_MEM_READONLY != 0
+            {
+                return Err(einval());
+            }
+            if old.guest_phys_addr == region.guest_phys_addr {
+                if old.flags != region.flags {
+                    state.slots.insert(region.slot, (region, None));
+                }
+                return Ok(());
+            }
         }
-        let end = region.guest_phys_addr + region.memory_size;
-        if state.slots.values().any(|other| {
-            region.guest_phys_addr < other.guest_phys_addr + other.memory_size
+        let overlaps = state.slots.iter().any(|(&slot, (other, _))| {
+            slot != region.slot
+                && slot >> 16 == address_space
+                && region.guest_phys_addr < other.guest_phys_addr + other.memory_size
                 && other.guest_phys_addr < end
-        }) {
+        });
+        if overlaps {
             return Err(errno::Error::new(libc::EEXIST));
         }
+        let mut bound = None;
         if gmem {
-            let file = i32::try_from(region.guest_memfd).map_err(|_| einval())?;
-            let id = Self::identity(file).map_err(|_| einval())?;
+            // `kvm_gmem_bind`: an open descriptor, a file of this VM, the range inside
+            // it and bound to no other slot.
+            let id = i32::try_from(region.guest_memfd)
+                .map_err(|_| errno::Error::new(libc::EBADF))
+                .and_then(Self::identity)?;
             let size = *state.files.get(&id).ok_or_else(einval)?;
-            let file_end = region
-                .guest_memfd_offset
-                .checked_add(region.memory_size)
-                .ok_or_else(einval)?;
+            let file_end = region.guest_memfd_offset + region.memory_size;
             if file_end > size {
                 return Err(einval());
             }
-            // A file range another slot is bound to (EINVAL up to Linux 6.18).
-            for other in state.slots.values() {
-                if other.flags & KVM_MEM_GUEST_MEMFD == 0 {
-                    continue;
-                }
-                let other_id = i32::try_from(other.guest_memfd)
-                    .ok()
-                    .and_then(|fd| Self::identity(fd).ok());
-                if other_id == Some(id)
+            let taken = state.slots.values().any(|(other, other_id)| {
+                *other_id == Some(id)
                     && region.guest_memfd_offset < other.guest_memfd_offset + other.memory_size
                     && other.guest_memfd_offset < file_end
-                {
-                    return Err(einval());
-                }
+            });
+            if taken {
+                return Err(einval());
             }
+            bound = Some(id);
         }
-        state.slots.insert(region.slot, region);
+        // Then x86's's `kvm_arch_prepare_memory_region`: the last page within the CPU's
+        // guest-physical address width.
+        if (end - 1) >> self.address_bits != 0 {
+            return Err(einval());
+        }
+        state.slots.insert(region.slot, (region, bound));
         Ok(())
     }
 
@@ -376,8 +431,8 @@ pub fn vm_for_logic_tests() -> Arc<dyn VmOps> {
         } else {
             "a default-type VM here has no guest_memfd (KVM_CAP_GUEST_MEMFD 0)"
         });
-    } else {
-        say_stand_in("this host has no /dev/kvm");
+    } else if let Err(e) = kvm_ioctls::Kvm::new() {
+        say_stand_in(&format!("/dev/kvm cannot be opened here ({e})"));
     }
     Arc::new(StandInVm::new())
 }
@@ -488,8 +543,8 @@ mod tests {
             unsafe { vm.set_user_memory_region2(r) }.map_err(|e| e.errno())
         };
         assert_eq!(bind(slot(0, 0, 2 * PAGE_SIZE, &file, 0)), Ok(()));
-        // The same again is a no-op; a move of a guest_memfd slot is refused.
-        assert_eq!(bind(slot(0, 0, 2 * PAGE_SIZE, &file, 0)), Ok(()));
+        // A guest_memfd slot is immutable: the same again, or moved, is refused.
+        assert_eq!(bind(slot(0, 0, 2 * PAGE_SIZE, &file, 0)), Err(libc::EINVAL));
         assert_eq!(
             bind(slot(0, PAGE_SIZE << 8, 2 * PAGE_SIZE, &file, 0)),
             Err(libc::EINVAL)
@@ -515,19 +570,68 @@ mod tests {
             bind(slot(1, 1 << 30, 2 * PAGE_SIZE, &file, 2 * PAGE_SIZE)),
             Ok(())
         );
-        // A file this VM did not create, and one that is not open.
-        let other = gmem(&StandInVm::new(), PAGE_SIZE);
+        // The same guest-physical range in the other address space (SMM's) is free.
         assert_eq!(
-            bind(slot(2, 1 << 31, PAGE_SIZE, &other, 0)),
+            bind(slot(1 << 16 | 7, 0, PAGE_SIZE, &file, 3 * PAGE_SIZE)),
             Err(libc::EINVAL)
         );
-        let mut closed = slot(2, 1 << 31, PAGE_SIZE, &other, 0);
+        let other_file = gmem(&vm, PAGE_SIZE);
+        assert_eq!(
+            bind(slot(1 << 16 | 7, 0, PAGE_SIZE, &other_file, 0)),
+            Ok(())
+        );
+        assert_eq!(
+            bind(slot(2 << 16 | 7, 1 << 31, PAGE_SIZE, &other_file, 0)),
+            Err(libc::EINVAL)
+        );
+        // A file another VM created, and a descriptor that is not open.
+        let foreign = gmem(&StandInVm::new(), PAGE_SIZE);
+        assert_eq!(
+            bind(slot(2, 1 << 31, PAGE_SIZE, &foreign, 0)),
+            Err(libc::EINVAL)
+        );
+        let mut closed = slot(2, 1 << 31, PAGE_SIZE, &foreign, 0);
         closed.guest_memfd = 100_000;
-        assert_eq!(bind(closed), Err(libc::EINVAL));
+        assert_eq!(bind(closed), Err(libc::EBADF));
+        // Past the guest-physical address width (40 bits by default).
+        let wide = gmem(&vm, 2 * PAGE_SIZE);
+        assert_eq!(
+            bind(slot(3, (1 << 40) - PAGE_SIZE, 2 * PAGE_SIZE, &wide, 0)),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(
+            bind(slot(3, (1 << 40) - 2 * PAGE_SIZE, 2 * PAGE_SIZE, &wide, 0)),
+            Ok(())
+        );
         // Delete, and delete again.
         assert_eq!(bind(slot(0, 0, 0, &file, 0)), Ok(()));
         assert_eq!(bind(slot(0, 0, 0, &file, 0)), Err(libc::EINVAL));
-        assert_eq!(vm.memslots().len(), 1);
+        assert_eq!(vm.memslots().len(), 3);
+    }
+
+    #[test]
+    fn a_slot_without_guest_memfd_may_move_and_change_its_logging_only() {
+        let vm = StandInVm::new();
+        let plain = |slot, gpa, flags| kvm_userspace_memory_region2 {
+            slot,
+            flags,
+            guest_phys_addr: gpa,
+            memory_size: 2 * PAGE_SIZE,
+            userspace_addr: 1 << 30,
+            ..Default::default()
+        };
+        let bind = |r| {
+            // SAFETY: the stand-in never touches `userspace_addr`.
+            unsafe { vm.set_user_memory_region2(r) }.map_err(|e| e.errno())
+        };
+        assert_eq!(bind(plain(0, 0, 0)), Ok(()));
+        assert_eq!(bind(plain(0, 0, 0)), Ok(()));
+        assert_eq!(bind(plain(0, 0, KVM_MEM_LOG_DIRTY_PAGES)), Ok(()));
+        assert_eq!(bind(plain(0, 0, KVM_MEM_READONLY)), Err(libc::EINVAL));
+        assert_eq!(bind(plain(1, 1 << 20, 0)), Ok(()));
+        assert_eq!(bind(plain(0, 1 << 20, 0)), Err(libc::EEXIST));
+        assert_eq!(bind(plain(0, 1 << 21, 0)), Ok(()));
+        assert_eq!(vm.memslots()[0].guest_phys_addr, 1 << 21);
     }
 
     #[test]
@@ -546,6 +650,19 @@ mod tests {
         assert_eq!(create(PAGE_SIZE + 1, 0), Err(libc::EINVAL));
         assert_eq!(create(PAGE_SIZE, 1 << 2), Err(libc::EINVAL));
         assert_eq!(create(PAGE_SIZE, 3), Ok(()));
+        // A VM with memory attributes offers MMAP, not INIT_SHARED, as x86 KVM does.
+        let dual = StandInVm::with_memory_attributes();
+        assert_eq!(dual.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS), 1);
+        assert_eq!(
+            dual.create_guest_memfd(kvm_create_guest_memfd {
+                size: PAGE_SIZE,
+                flags: GUEST_MEMFD_FLAG_INIT_SHARED,
+                ..Default::default()
+            })
+            .unwrap_err()
+            .errno(),
+            libc::EINVAL
+        );
         assert_eq!(
             vm.enable_hypercall_exits(1).unwrap_err().errno(),
             libc::EINVAL

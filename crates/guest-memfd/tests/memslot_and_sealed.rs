@@ -275,3 +275,23 @@ fn kvm_refuses_dirty_logging_on_a_guest_memfd_memslot() {
     unsafe { slot.bind(&vm) }.unwrap();
     slot.unbind(&vm).unwrap();
 }
+
+/// KVM's guest_memfd memslots are immutable: binding the same slot again, even exactly
+/// as it is, is refused (the stand-in for KVM, `guest_memfd::stand_in`, answers the
+/// same, and this pins it on the kernel).
+#[test]
+fn a_guest_memfd_slot_cannot_be_set_again_even_unchanged() {
+    let Some(vm) = common::vm_with_guest_memfd_or_skip(
+        "a_guest_memfd_slot_cannot_be_set_again_even_unchanged",
+    ) else {
+        return;
+    };
+    let gmem = GuestMemfd::create(&vm, MIB2, GuestMemfdFlags::empty()).unwrap();
+    let slot = Memslot::new(5, PageRange::new(GIB4, MIB2).unwrap(), &gmem, 0).unwrap();
+    // SAFETY: no userspace address is set.
+    unsafe { slot.bind(&vm) }.unwrap();
+    // SAFETY: as above.
+    let again = unsafe { kvm_ioctls::VmFd::set_user_memory_region2(&vm, slot.region()) };
+    assert_eq!(again.unwrap_err().errno(), libc::EINVAL);
+    slot.unbind(&vm).unwrap();
+}

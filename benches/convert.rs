@@ -60,7 +60,9 @@ fn convert_1gib(c: &mut Criterion) {
     )
     .unwrap();
     let peer_map = peer.map().unwrap();
-    let peer_slot = Memslot::new(100, PageRange::new(1 << 40, GIB).unwrap(), &peer, 0)
+    // Guest-physical addresses stay below 1 TiB: the lab's L1 (QEMU TCG, 40 physical
+    // address bits) refuses memslots past it.
+    let peer_slot = Memslot::new(100, PageRange::new(4 * GIB, GIB).unwrap(), &peer, 0)
         .unwrap()
         .with_userspace_mapping(&peer_map)
         .unwrap();
@@ -122,7 +124,7 @@ fn convert_1gib(c: &mut Criterion) {
     // conversion. Here a device thread keeps reading a page of another memory; the peer
     // makes the same punches plus the same membarrier call, with the same thread running.
     let device_memory = MemoryBuilder::new(Arc::new(benches::vm()))
-        .region_at(1 << 41, 2 << 20)
+        .region_at(8 * GIB, 2 << 20)
         .strategy(Strategy::InPlace)
         .initial_state(PageState::Shared)
         .build()
@@ -134,7 +136,7 @@ fn convert_1gib(c: &mut Criterion) {
             while !stop.load(Ordering::Relaxed) {
                 black_box(
                     view.memory()
-                        .read_obj::<u64>(GuestAddress(1 << 41))
+                        .read_obj::<u64>(GuestAddress(8 * GIB))
                         .unwrap(),
                 );
             }
@@ -201,7 +203,9 @@ fn timed_passes(iters: u64, mut setup: impl FnMut(), mut pass: impl FnMut()) -> 
 
 /// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, the call a conversion to private adds
 /// while other threads access guest memory (the process registered for it when the
-/// device thread made its first access).
+/// device thread made its first access). Where it fails, as on a kernel without
+/// `membarrier` (the lab's L1 is built without it), a full fence instead, as the crate
+/// makes where its registration failed.
 fn raw_membarrier() {
     // SAFETY: integers only.
     let ret = unsafe {
@@ -212,7 +216,9 @@ fn raw_membarrier() {
             0,
         )
     };
-    assert_eq!(ret, 0, "{}", std::io::Error::last_os_error());
+    if ret != 0 {
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
 }
 
 criterion_group! {

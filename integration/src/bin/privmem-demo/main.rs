@@ -53,7 +53,7 @@ Exit status:
 fn not_here(lacks: &str) -> String {
     format!(
         "privmem-demo: nothing shown: this host lacks what the demo needs: {lacks}; `privmem probe` tells the rest.\n\
-         To see the demo anyway, in the nested lab (QEMU TCG, L1 Linux 7.x with in-place guest_memfd, a few minutes): {LAB_DEMO}"
+         To see the demo anyway, in the nested lab (QEMU TCG, L1 Linux 7.x with in-place guest_memfd): {LAB_DEMO}"
     )
 }
 

@@ -35,7 +35,8 @@ import shlex
 import sys
 
 # The reasons a skip may give for this host lacking what the in-place pass has.
-GUEST_MEMFD_REASON = re.compile(r"KVM_CAP_GUEST_MEMFD|MMAP \| INIT_SHARED")
+# As `privmem probe` names them: KVM_CAP_GUEST_MEMFD (234), KVM_CAP_GUEST_MEMFD_FLAGS (244).
+GUEST_MEMFD_REASON = re.compile(r"KVM_CAP_GUEST_MEMFD(_FLAGS)? \(\d+\)")
 # What a skip line must look like, and the word that makes a line look like one.
 SKIP_LINE = re.compile(r"^SKIPPED \S+: ")
 SKIP_WORD = re.compile(r"\bskip", re.I)
@@ -176,6 +177,14 @@ def host_capabilities():
     found = {"kvm": True, "guest_memfd": guest_memfd,
              "in_place": guest_memfd and cap(244) & 3 == 3, "attributes": cap(233) & 8 != 0}
     os.close(vm)
+    # Memory attributes may belong to KVM_X86_SW_PROTECTED_VM (type 1) only.
+    try:
+        protected = fcntl.ioctl(kvm, kvm_create_vm, 1)
+        vm = protected
+        found["attributes"] = found["attributes"] or cap(233) & 8 != 0
+        os.close(protected)
+    except OSError:
+        pass
     os.close(kvm)
     return found
 
@@ -206,6 +215,8 @@ def main():
     args = parser.parse_args()
     top = os.path.dirname(os.path.dirname(os.path.abspath(args.lab_script)))
     top = os.path.dirname(top)
+    # The dual pass, where the skips --allowed names must run.
+    dual = lab_entries(args.lab_script, "OUR_TESTS")
     if args.in_place is not None:
         in_place = [tuple((e.split() + [""])[:3]) for e in args.in_place.split(";") if e.strip()]
     else:
@@ -217,9 +228,11 @@ def main():
     uncovered = []
     lab_binaries = set()
 
-    def in_lab(binary, test, kind):
-        """Whether the lab's in-place pass runs `test` of `source`; else an UNCOVERED
-        entry saying why, for a test that `kind` (skipped, or met only the stand-in)."""
+    def in_lab(binary, test, kind, passes=None):
+        """Whether the lab's in-place pass (or `passes`) runs `test` of `binary`; else an
+        UNCOVERED entry saying why, for a test that `kind` (skipped, or met only the
+        stand-in)."""
+        entries = in_place if passes is None else passes
         source = binary["source"]
         if source.startswith("tests/"):
             package = package_of(source, top)
@@ -228,11 +241,13 @@ def main():
             # Unit tests: "package lib" in the lab's list.
             package = package_of_artifact(binary["artifact"], top)
             stem = "lib"
-        if any(p == package and t == stem and f in test for p, t, f in in_place):
-            lab_binaries.add(f"{package} {stem}")
+        if any(p == package and t == stem and f in test for p, t, f in entries):
+            if passes is None:
+                lab_binaries.add(f"{package} {stem}")
             return True
+        lists = "IN_PLACE_TESTS" if passes is None else "OUR_TESTS or IN_PLACE_TESTS"
         uncovered.append((source, f"{test} {kind}",
-                          f'"{package} {stem}" is not in the lab\'s IN_PLACE_TESTS (or its filter misses {test})'))
+                          f'"{package} {stem}" is not in the lab\'s {lists} (or its filter misses {test})'))
         return False
 
     for binary in parse(args.log):
@@ -265,6 +280,8 @@ def main():
                         in_lab(binary, test, "skipped")
                 elif not allowed.search(skip):
                     uncovered.append((source, skip, "not a skip the lab's dual pass covers"))
+                else:
+                    in_lab(binary, test, "skipped", passes=dual + in_place)
 
     if total == 0:
         uncovered.append((args.log, "no test", "the log holds no test at all"))

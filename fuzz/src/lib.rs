@@ -19,10 +19,11 @@ use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
 use guest_memfd::PAGE_SIZE;
-use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress};
+use vm_private_memory::VmOps;
 use vm_private_memory::{
-    private_page_refusal, GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemoryManager, Strategy,
+    private_page_refusal, GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemoryManager,
+    Strategy,
 };
 
 /// A `u64` shaped by its variant: the fuzzer picks the shape, then the value.
@@ -164,14 +165,15 @@ pub mod oracle {
     }
 }
 
-/// A default-type VM on `/dev/kvm`.
+/// A default-type VM: real where the host's KVM has in-place guest_memfd, else the
+/// stand-in for KVM (`guest_memfd::stand_in`, which says so once): what is fuzzed is
+/// this workspace's userspace logic, which both serve alike.
 ///
 /// # Panics
 ///
-/// If `/dev/kvm` cannot be opened or the VM cannot be created: the targets need it.
-pub fn vm() -> Arc<VmFd> {
-    let kvm = Kvm::new().expect("/dev/kvm: the fuzz targets run on real KVM");
-    Arc::new(kvm.create_vm().expect("KVM_CREATE_VM"))
+/// If `/dev/kvm` opens but no VM can be created on it.
+pub fn vm() -> Arc<dyn VmOps> {
+    guest_memfd::stand_in::vm_for_logic_tests()
 }
 
 /// Builds in-place memory with `regions` (`(gpa, bytes)`), every page `initial`.
@@ -179,7 +181,11 @@ pub fn vm() -> Arc<VmFd> {
 /// # Panics
 ///
 /// If the host cannot build it (no in-place guest_memfd, no free memslot).
-pub fn in_place_memory(vm: Arc<VmFd>, regions: &[(u64, u64)], initial: PageState) -> PrivateMemoryManager {
+pub fn in_place_memory(
+    vm: Arc<dyn VmOps>,
+    regions: &[(u64, u64)],
+    initial: PageState,
+) -> PrivateMemoryManager {
     regions
         .iter()
         .fold(MemoryBuilder::new(vm), |b, &(gpa, len)| {
@@ -224,7 +230,7 @@ impl AttributesRecord {
 ///
 /// If the host cannot build it.
 pub fn dual_memory(
-    vm: Arc<VmFd>,
+    vm: Arc<dyn VmOps>,
     regions: &[(u64, u64)],
     initial: PageState,
     base: u64,
@@ -236,11 +242,10 @@ pub fn dual_memory(
         kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region2,
         KVM_CAP_MEMORY_ATTRIBUTES, KVM_MEMORY_ATTRIBUTE_PRIVATE,
     };
-    use vm_private_memory::VmOps;
     use vmm_sys_util::errno;
 
     struct Recorder {
-        vm: Arc<VmFd>,
+        vm: Arc<dyn VmOps>,
         record: Arc<AttributesRecord>,
     }
 

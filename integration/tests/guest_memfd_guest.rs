@@ -15,7 +15,7 @@ fn mappable(vm: &TestVm, test: &str) -> bool {
     let wanted = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
     let ok = supported_flags(vm.vm()).contains(wanted);
     if !ok {
-        println!("SKIPPED {test}: this host lacks GUEST_MEMFD_FLAG_MMAP | INIT_SHARED");
+        println!("SKIPPED {test}: this host lacks GUEST_MEMFD_FLAG_MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS (244))");
     }
     ok
 }

@@ -116,7 +116,7 @@ fn pages_the_guest_touches_land_on_the_nodes_the_policy_names_and_stay_there() {
 fn a_policy_over_the_usable_nodes_builds_and_the_memory_works() {
     let vm = std::sync::Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
     if !guest_memfd::Capabilities::of_vm(&*vm).in_place_capable() {
-        println!("SKIPPED a_policy_over_the_usable_nodes_builds_and_the_memory_works: needs guest_memfd MMAP | INIT_SHARED");
+        println!("SKIPPED a_policy_over_the_usable_nodes_builds_and_the_memory_works: needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS (244))");
         return;
     }
     // Bound to the last usable node: with two, one the host would not pick by itself.
@@ -249,7 +249,7 @@ fn a_mappable_guest_memfd_on_a_private_capable_vm_takes_its_shared_pages_too() {
     };
     let offered = Capabilities::of_vm(&vm).guest_memfd_flags;
     if !offered.contains(GuestMemfdFlags::MMAP) {
-        println!("SKIPPED {test}: this kernel offers no mappable guest_memfd (GUEST_MEMFD_FLAG_MMAP, Linux 6.18+); it offers {offered}");
+        println!("SKIPPED {test}: this kernel offers no mappable guest_memfd (GUEST_MEMFD_FLAG_MMAP in KVM_CAP_GUEST_MEMFD_FLAGS (244), Linux 6.18+); it offers {offered}");
         return;
     }
     // INIT_SHARED is for VMs without private memory.
@@ -492,7 +492,7 @@ fn a_hotplugged_region_lands_on_its_node_and_its_file_keeps_the_policy() {
 fn a_hotplug_with_a_bad_policy_is_refused_and_adds_nothing() {
     let vm = std::sync::Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
     if !guest_memfd::Capabilities::of_vm(&*vm).in_place_capable() {
-        println!("SKIPPED a_hotplug_with_a_bad_policy_is_refused_and_adds_nothing: needs guest_memfd MMAP | INIT_SHARED");
+        println!("SKIPPED a_hotplug_with_a_bad_policy_is_refused_and_adds_nothing: needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS (244))");
         return;
     }
     let memory = MemoryBuilder::new(vm)

@@ -38,7 +38,7 @@
 //! let vm = kvm.create_vm().unwrap();
 //! let caps = Capabilities::of_vm(&vm);
 //! if !caps.in_place_capable() {
-//!     println!("SKIPPED: this example needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)");
+//!     println!("SKIPPED: this example needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS (244))");
 //!     return;
 //! }
 //!

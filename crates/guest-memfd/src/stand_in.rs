@@ -298,6 +298,7 @@ impl VmOps for StandInVm {
             // move or change its dirty logging, but not its size, address or
             // read-only flag.
             if gmem
+                || old.flags & KVM_MEM_GUEST_MEMFD != 0
                 || old.userspace_addr != region.userspace_addr
                 || old.memory_size != region.memory_size
                 || (old.flags ^ region.flags) & KVM_MEM_READONLY != 0
@@ -440,7 +441,13 @@ pub fn vm_for_logic_tests() -> Arc<dyn VmOps> {
 fn say_stand_in(why: &str) {
     if !SAID_STAND_IN.with(|said| said.replace(true)) {
         let thread = std::thread::current();
-        let test = thread.name().unwrap_or("this test");
+        // Under libtest the thread is named after the test; elsewhere, the program.
+        let program = std::env::args().next().unwrap_or_default();
+        let program = program.rsplit('/').next().unwrap_or("this program");
+        let test = thread
+            .name()
+            .filter(|name| *name != "main")
+            .unwrap_or(program);
         println!("STAND-IN {test}: {why}; its logic runs on guest_memfd::stand_in::StandInVm, the kernel's part in the nested lab");
     }
 }

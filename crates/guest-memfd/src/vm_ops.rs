@@ -61,7 +61,7 @@ use vmm_sys_util::errno;
 /// };
 /// let vm = MyVm(kvm.create_vm().unwrap());
 /// if !Capabilities::of_vm(&vm).guest_memfd {
-///     println!("SKIPPED: this example needs guest_memfd (KVM_CAP_GUEST_MEMFD)");
+///     println!("SKIPPED: this example needs guest_memfd (KVM_CAP_GUEST_MEMFD (234) is 0)");
 ///     return;
 /// }
 /// let gmem = GuestMemfd::create(&vm, 2 << 20, GuestMemfdFlags::empty()).unwrap();

@@ -113,7 +113,7 @@ fn in_place_or_skip(test: &str) -> Option<PrivateMemoryManager> {
     let vm = guest_memfd::stand_in::vm_for_logic_tests();
     if !guest_memfd::Capabilities::of_vm(&*vm).in_place_capable() {
         println!(
-            "SKIPPED {test}: needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)"
+            "SKIPPED {test}: needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS (244))"
         );
         return None;
     }

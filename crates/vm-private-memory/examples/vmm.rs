@@ -65,7 +65,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     };
     let vm = Arc::new(kvm.create_vm()?);
     if !Capabilities::of_vm(&*vm).in_place_capable() {
-        println!("SKIPPED: this example needs guest_memfd MMAP | INIT_SHARED (Linux 6.18+)");
+        println!("SKIPPED: this example needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS (244), Linux 6.18+)");
         return Ok(());
     }
 

@@ -78,7 +78,7 @@ impl RegionSpec {
 /// let vm = Arc::new(kvm.create_vm().unwrap());
 /// // And guest_memfd with MMAP | INIT_SHARED (Linux 6.18), for in-place memory.
 /// if !guest_memfd::Capabilities::of_vm(&*vm).in_place_capable() {
-///     println!("SKIPPED: this example needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)");
+///     println!("SKIPPED: this example needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS (244))");
 ///     return;
 /// }
 /// let memory = MemoryBuilder::new(vm.clone())
@@ -445,7 +445,7 @@ impl MemoryBuilder {
     /// let vm = Arc::new(kvm.create_vm().unwrap());
     /// // And guest_memfd with MMAP | INIT_SHARED (Linux 6.18), for in-place memory.
     /// if !guest_memfd::Capabilities::of_vm(&*vm).in_place_capable() {
-    ///     println!("SKIPPED: this example needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)");
+    ///     println!("SKIPPED: this example needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS (244))");
     ///     return;
     /// }
     /// let memory = MemoryBuilder::new(vm)

@@ -95,7 +95,7 @@
 //! let vm = Arc::new(kvm.create_vm().unwrap());
 //! // And guest_memfd with MMAP | INIT_SHARED (Linux 6.18), for in-place memory.
 //! if !guest_memfd::Capabilities::of_vm(&*vm).in_place_capable() {
-//!     println!("SKIPPED: this example needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)");
+//!     println!("SKIPPED: this example needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS (244))");
 //!     return;
 //! }
 //! // 4 MiB of guest RAM at 0, all private, as a TDX or SNP guest starts.

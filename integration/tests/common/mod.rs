@@ -20,7 +20,7 @@ pub fn private_memory_or_skip(test: &str) -> bool {
     let caps = Capabilities::of_vm(&vm);
     let ok = caps.in_place_capable() || caps.dual_capable();
     if !ok {
-        println!("SKIPPED {test}: needs guest_memfd with MMAP | INIT_SHARED or a VM type with memory attributes");
+        println!("SKIPPED {test}: needs guest_memfd with MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS (244)) or a VM type with memory attributes (KVM_CAP_MEMORY_ATTRIBUTES (233))");
     }
     ok
 }
@@ -33,7 +33,7 @@ pub fn guest_memfd_or_skip(test: &str) -> bool {
     let vm = kvm.create_vm().expect("KVM_CREATE_VM");
     let ok = Capabilities::of_vm(&vm).guest_memfd;
     if !ok {
-        println!("SKIPPED {test}: needs guest_memfd (KVM_CAP_GUEST_MEMFD)");
+        println!("SKIPPED {test}: needs guest_memfd (KVM_CAP_GUEST_MEMFD (234) is 0)");
     }
     ok
 }

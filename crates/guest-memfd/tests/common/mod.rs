@@ -22,7 +22,7 @@ pub fn vm_with_guest_memfd_or_skip(test: &str) -> Option<VmFd> {
     if guest_memfd::Capabilities::of_vm(&vm).guest_memfd {
         return Some(vm);
     }
-    println!("SKIPPED {test}: needs guest_memfd (KVM_CAP_GUEST_MEMFD)");
+    println!("SKIPPED {test}: needs guest_memfd (KVM_CAP_GUEST_MEMFD (234) is 0)");
     None
 }
 
@@ -43,7 +43,7 @@ pub fn flag_sets(vm: &VmFd) -> Vec<GuestMemfdFlags> {
 pub fn require_mmap(vm: &VmFd, test: &str) -> bool {
     let ok = supported_flags(vm).contains(GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED);
     if !ok {
-        println!("SKIPPED {test}: this host lacks GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)");
+        println!("SKIPPED {test}: this host lacks GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS (244))");
     }
     ok
 }

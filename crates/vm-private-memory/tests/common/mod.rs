@@ -37,7 +37,7 @@ pub fn in_place_or_skip(test: &str) -> bool {
     let ok = caps.in_place_capable();
     if !ok {
         println!(
-            "SKIPPED {test}: needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)"
+            "SKIPPED {test}: needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS (244))"
         );
     }
     ok
@@ -54,10 +54,10 @@ pub fn kvm_in_place_or_skip(test: &str) -> Option<Arc<VmFd>> {
     }
     if caps.guest_memfd {
         println!(
-            "SKIPPED {test}: needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)"
+            "SKIPPED {test}: needs guest_memfd MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS (244))"
         );
     } else {
-        println!("SKIPPED {test}: needs guest_memfd (KVM_CAP_GUEST_MEMFD)");
+        println!("SKIPPED {test}: needs guest_memfd (KVM_CAP_GUEST_MEMFD (234) is 0)");
     }
     None
 }

@@ -421,19 +421,20 @@ thread_local! {
 /// If `/dev/kvm` can be opened but no VM can be created on it: that is a broken host,
 /// not a missing capability.
 pub fn vm_for_logic_tests() -> Arc<dyn VmOps> {
-    if let Ok(kvm) = kvm_ioctls::Kvm::new() {
-        let vm = kvm.create_vm().expect("KVM_CREATE_VM of a default-type VM");
-        let caps = Capabilities::of_vm(&vm);
-        if caps.in_place_capable() {
-            return Arc::new(vm);
+    match kvm_ioctls::Kvm::new() {
+        Ok(kvm) => {
+            let vm = kvm.create_vm().expect("KVM_CREATE_VM of a default-type VM");
+            let caps = Capabilities::of_vm(&vm);
+            if caps.in_place_capable() {
+                return Arc::new(vm);
+            }
+            say_stand_in(if caps.guest_memfd {
+                "a default-type VM here has guest_memfd without MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS (244))"
+            } else {
+                "a default-type VM here has no guest_memfd (KVM_CAP_GUEST_MEMFD (234) is 0)"
+            });
         }
-        say_stand_in(if caps.guest_memfd {
-            "a default-type VM here has guest_memfd without MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS)"
-        } else {
-            "a default-type VM here has no guest_memfd (KVM_CAP_GUEST_MEMFD 0)"
-        });
-    } else if let Err(e) = kvm_ioctls::Kvm::new() {
-        say_stand_in(&format!("/dev/kvm cannot be opened here ({e})"));
+        Err(e) => say_stand_in(&format!("/dev/kvm cannot be opened here ({e})")),
     }
     Arc::new(StandInVm::new())
 }

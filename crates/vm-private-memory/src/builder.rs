@@ -16,8 +16,8 @@ use crate::guard::DirtyBitmap;
 use crate::kvm_view::set_kvm_view;
 use crate::memory::{bind_regions, unbind_regions, Engine, PrivateMemoryManager};
 use crate::region::GuestRegionPrivate;
-use crate::region_setup::{check_policies, check_shared_backing, make_region};
-use crate::strategy::{Strategy, UnavailableReason};
+use crate::region_setup::{check_gmem_flags, check_policies, check_shared_backing, make_region};
+use crate::strategy::Strategy;
 
 /// The guest-physical address space the builder lays regions out in (48 bits).
 pub const GUEST_PHYS_LIMIT: u64 = 1 << 48;
@@ -269,7 +269,7 @@ impl MemoryBuilder {
     /// bits are kept with `GuestMemfdFlags::from_bits_retain`). Flags the host does not
     /// offer fail [`MemoryBuilder::build`] with the file layer's `UnsupportedFlags`,
     /// naming them, before any file is created. The dual strategy refuses `MMAP` and
-    /// `INIT_SHARED` ([`UnavailableReason::FlagsOwnedByStrategy`]): a mappable
+    /// `INIT_SHARED` ([`crate::UnavailableReason::FlagsOwnedByStrategy`]): a mappable
     /// guest_memfd would bind as a slot whose shared pages KVM takes from the
     /// guest_memfd, while devices use the shared side.
     pub fn guest_memfd_flags(mut self, extra: GuestMemfdFlags) -> Self {
@@ -466,15 +466,8 @@ impl MemoryBuilder {
     pub fn build_with_bitmap<B: DirtyBitmap>(mut self) -> Result<PrivateMemoryManager<B>> {
         let caps = Capabilities::of_vm(&*self.vm);
         let strategy = Strategy::choose(self.strategy, &caps)?;
-        let owned = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
-        if strategy == Strategy::Dual && self.extra_flags.intersects(owned) {
-            return Err(Error::StrategyUnavailable {
-                strategy,
-                reason: UnavailableReason::FlagsOwnedByStrategy {
-                    flags: self.extra_flags & owned,
-                },
-            });
-        }
+        let flags = gmem_flags(strategy) | self.extra_flags;
+        check_gmem_flags(strategy, flags)?;
         check_shared_backings(strategy, &self.regions)?;
         // With a single usable node every page lands there anyway: no policy is set (a
         // kernel without NUMA has no mbind to set it with).
@@ -503,7 +496,6 @@ impl MemoryBuilder {
             host_limit,
         };
 
-        let flags = gmem_flags(strategy) | self.extra_flags;
         let shared_file = if self.single_file {
             let total = layout.iter().map(PageRange::len).sum();
             Some(GuestMemfd::create(&*self.vm, total, flags)?)
@@ -561,6 +553,11 @@ impl MemoryBuilder {
         );
         engine.patience = self.patience;
         engine.gmem_flags = flags;
+        engine.reserved = self
+            .reserved
+            .iter()
+            .map(|&(gpa, size)| PageRange::new(gpa, size))
+            .collect::<std::result::Result<_, _>>()?;
         Ok(PrivateMemoryManager::assemble(
             self.vm,
             strategy,

@@ -64,6 +64,24 @@ pub enum LayoutError {
     /// the address to remove).
     #[error("{0}")]
     Collection(#[source] GuestRegionCollectionError),
+    /// The region reaches past the guest-physical space this memory lays regions out in
+    /// ([`crate::GUEST_PHYS_LIMIT`]).
+    #[error("it reaches past the guest-physical limit {limit:#x}")]
+    PastLimit {
+        /// The first address past the space.
+        limit: u64,
+    },
+    /// The guest_memfd range given for the region already backs another region: two
+    /// guest ranges over the same file pages would let one read the other's private
+    /// pages (KVM refuses to bind it; with memslots the VMM binds, this memory refuses
+    /// first).
+    #[error("bytes {file_range} of its guest_memfd already back region {region}: give another offset, or a new file")]
+    BackingInUse {
+        /// The region already backed by those bytes.
+        region: PageRange,
+        /// The bytes of the file both would use.
+        file_range: PageRange,
+    },
 }
 
 /// Why a listener refused a range ([`Error::ListenerRefused`]).
@@ -202,23 +220,31 @@ pub enum Error {
     /// [`crate::PrivateMemoryManager::subscribe_with_replay`] the listener keeps hearing
     /// `discard` for those runs until it lets go.
     ///
+    /// A guest request or a load undone after a later step failed may leave shared what
+    /// could not be made private again (`kept_shared`), and private what could not be
+    /// made shared again (`kept_private`: the guest, told its request failed, may take
+    /// those pages for shared; its accesses then fault and ask again).
+    ///
     /// To recover, once the listener can let go, convert `kept_shared` to private (it
     /// hears `discard`), then to shared again if it should be shared: a conversion to
     /// shared of pages already shared offers them to no listener. Or treat the VM as
     /// broken and stop it.
     #[error(
         "{cause}; the rollback failed too:{}",
-        rollback_failures(unknown, listeners_refused, kept_shared)
+        rollback_failures(unknown, listeners_refused, kept_shared, kept_private)
     )]
+    #[non_exhaustive]
     RollbackFailed {
         /// Why the operation failed.
         cause: Box<Error>,
         /// The ranges whose state in KVM is unknown.
-        unknown: Vec<GpaRange>,
+        unknown: Box<[GpaRange]>,
         /// The ranges listeners refused (or panicked on) when offered back.
-        listeners_refused: Vec<GpaRange>,
-        /// The ranges left shared because a listener could not let go of them.
-        kept_shared: Vec<GpaRange>,
+        listeners_refused: Box<[GpaRange]>,
+        /// The ranges left shared although the operation meant them private or undone.
+        kept_shared: Box<[GpaRange]>,
+        /// The ranges left private although undoing the operation meant them shared.
+        kept_private: Box<[GpaRange]>,
     },
     /// Writing a loader's bytes into guest memory failed.
     #[error("loading {range} failed: {source}")]
@@ -318,6 +344,7 @@ fn rollback_failures(
     unknown: &[GpaRange],
     listeners_refused: &[GpaRange],
     kept_shared: &[GpaRange],
+    kept_private: &[GpaRange],
 ) -> String {
     let mut parts = Vec::new();
     if !unknown.is_empty() {
@@ -336,9 +363,16 @@ fn rollback_failures(
     }
     if !kept_shared.is_empty() {
         parts.push(format!(
-            " {} range(s) stay shared because a listener could not let go of them{}",
+            " {} range(s) stay shared (a listener could not let go of them, or making them private again failed){}",
             kept_shared.len(),
             first(kept_shared)
+        ));
+    }
+    if !kept_private.is_empty() {
+        parts.push(format!(
+            " {} range(s) stay private (making them shared again failed){}",
+            kept_private.len(),
+            first(kept_private)
         ));
     }
     parts.join(";")

@@ -57,20 +57,21 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     }
 
     /// Writes `bytes` at `gpa` into pages that end up private, as a loader of an
-    /// in-place guest needs: the pages covering the bytes are made shared (arriving
-    /// empty), written, and made private again with their content. Whatever those pages
-    /// held before is gone, including the parts of the first and last page the bytes do
-    /// not cover, which read as zeros. Call it before the guest runs (the pages are
-    /// briefly shared).
+    /// in-place guest needs: the pages covering the bytes are made shared, written, and
+    /// made private again with their content. Pages that were private arrive empty, so
+    /// the parts of them the bytes do not cover (at the start of the first page, the end
+    /// of the last) read as zeros; pages that were shared already keep their other
+    /// bytes. Call it before the guest runs (the pages are briefly shared).
     ///
     /// # Errors
     ///
     /// [`Error::StrategyUnavailable`] with the dual strategy, where the host cannot put
-    /// content into private pages (a vendor launch measures and encrypts them instead);
-    /// [`Error::OutsideGuestMemory`] and conversion errors as [`PrivateMemoryManager::convert`].
-    /// On an error after the pages were made shared they are made private again, empty;
-    /// if even that fails, [`Error::RollbackFailed`] names them in `kept_shared` (they
-    /// may still be shared).
+    /// content into private pages (a vendor launch measures and encrypts them instead:
+    /// [`PrivateMemoryManager::launch_private`]); [`Error::OutsideGuestMemory`] and
+    /// conversion errors as [`PrivateMemoryManager::convert`]. Whatever fails after the
+    /// pages were made shared, they end up private (emptied) and the first error is
+    /// returned; if even that fails, [`Error::RollbackFailed`] names in `kept_shared`
+    /// the runs still shared. The pages are never left shared without saying so.
     pub fn load_private(&self, gpa: u64, bytes: &[u8]) -> Result<()> {
         if self.strategy != Strategy::InPlace {
             return Err(Error::StrategyUnavailable {
@@ -83,29 +84,38 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         }
         let pages = page_span(gpa, bytes.len() as u64)?;
         self.convert(pages, PageState::Shared)?;
-        let written = self
+        let loaded = self
             .listed()
             .write_slice(bytes, GuestAddress(gpa))
             .map_err(|source| Error::Load {
                 range: gpa_of(gpa, bytes.len()),
                 source,
+            })
+            .and_then(|()| {
+                self.convert_with(pages, PageState::Private, ContentMode::Preserve)
+                    .map(drop)
             });
-        if let Err(e) = written {
-            // Back to private, content dropped: never leave the pages open to the host.
-            // Should that fail too, say so: the pages stay shared (in-place, KVM keeps no
-            // view of its own to be in doubt).
-            return Err(match self.convert(pages, PageState::Private) {
-                Ok(_) => e,
-                Err(_) => Error::RollbackFailed {
-                    cause: Box::new(e),
-                    unknown: Vec::new(),
-                    listeners_refused: Vec::new(),
-                    kept_shared: vec![crate::memory::gpa(pages)],
-                },
-            });
+        let Err(e) = loaded else {
+            return Ok(());
+        };
+        // Back to private, content dropped: never leave the pages open to the host. Should
+        // that fail too, say which runs are still shared.
+        if self.convert(pages, PageState::Private).is_ok() {
+            return Err(e);
         }
-        self.convert_with(pages, PageState::Private, ContentMode::Preserve)
-            .map(drop)
+        let kept_shared = crate::shared_runs::shared_runs(&*self.listed(), pages)
+            .map(|run| crate::memory::gpa(run.guest_range()))
+            .collect::<Box<[_]>>();
+        if kept_shared.is_empty() {
+            return Err(e);
+        }
+        Err(Error::RollbackFailed {
+            cause: Box::new(e),
+            unknown: Box::default(),
+            listeners_refused: Box::default(),
+            kept_shared,
+            kept_private: Box::default(),
+        })
     }
 }
 

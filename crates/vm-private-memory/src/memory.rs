@@ -41,6 +41,9 @@ pub(crate) struct Engine<B> {
     /// The flags of every guest_memfd this memory creates (the strategy's and the
     /// builder's extra ones).
     pub(crate) gmem_flags: guest_memfd::GuestMemfdFlags,
+    /// The ranges the builder kept free of RAM ([`crate::MemoryBuilder::reserve`]), which
+    /// regions added later keep free too.
+    pub(crate) reserved: Vec<PageRange>,
 }
 
 impl<B> Engine<B> {
@@ -58,6 +61,7 @@ impl<B> Engine<B> {
             patience: crate::builder::DEFAULT_ACCESS_PATIENCE,
             scratch: Vec::new(),
             gmem_flags: guest_memfd::GuestMemfdFlags::empty(),
+            reserved: Vec::new(),
         }
     }
 

@@ -8,7 +8,8 @@
 use std::os::unix::fs::MetadataExt;
 
 use guest_memfd::{
-    GuestMemfd, NumaPolicy, NumaSupport, PageRange, SealedMemfd, SharedBacking, VmOps,
+    GuestMemfd, GuestMemfdFlags, NumaPolicy, NumaSupport, PageRange, SealedMemfd, SharedBacking,
+    VmOps,
 };
 
 use crate::attributes::PageState;
@@ -66,7 +67,7 @@ pub(crate) fn check_shared_backing(
     }
     let in_file = PageRange::new(offset, len)?;
     backing.check_range(in_file)?;
-    let file = file_id(backing)?;
+    let file = file_id(backing.file())?;
     if let Some((_, other)) = taken
         .iter()
         .find(|(f, r)| *f == file && r.intersection(&in_file).is_some())
@@ -79,10 +80,27 @@ pub(crate) fn check_shared_backing(
     Ok((file, in_file))
 }
 
-/// The (device, inode) of `backing`'s file.
-pub(crate) fn file_id(backing: &SharedBacking) -> Result<(u64, u64)> {
-    let meta = backing.file().metadata().map_err(Error::Stat)?;
+/// The (device, inode) of a file: clones and duplicated descriptors of one file agree.
+pub(crate) fn file_id(file: &std::fs::File) -> Result<(u64, u64)> {
+    let meta = file.metadata().map_err(Error::Stat)?;
     Ok((meta.dev(), meta.ino()))
+}
+
+/// Checks the flags of a guest_memfd for `strategy`: in place, the host maps it
+/// (`MMAP | INIT_SHARED`); dual, it must not decide where shared pages live (KVM would
+/// take them from it while devices use the shared side).
+pub(crate) fn check_gmem_flags(strategy: Strategy, flags: GuestMemfdFlags) -> Result<()> {
+    let owned = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+    let reason = match strategy {
+        Strategy::Dual if flags.intersects(owned) => UnavailableReason::FlagsOwnedByStrategy {
+            flags: flags & owned,
+        },
+        Strategy::InPlace if !flags.contains(owned) => UnavailableReason::BackingLacksFlags {
+            flags: owned - flags,
+        },
+        _ => return Ok(()),
+    };
+    Err(Error::StrategyUnavailable { strategy, reason })
 }
 
 /// A region over `guest`, backed by `gmem` from `gmem_offset`, with its host
@@ -152,7 +170,7 @@ pub(crate) fn make_region<B: DirtyBitmap>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use guest_memfd::{Capabilities, GuestMemfdFlags, NodeSet};
+    use guest_memfd::{Capabilities, NodeSet};
 
     /// A policy the kernel refuses when it is set (here a node that is not online, which
     /// the builder's checks refuse first; a node going offline in between gets here)

@@ -16,7 +16,9 @@ use crate::kvm_view::set_kvm_view;
 use crate::listener::{in_callback, Listeners};
 use crate::memory::{gpa, Engine, GuestMemoryPrivate, PrivateMemoryManager};
 use crate::region::GuestRegionPrivate;
-use crate::region_setup::{check_policies, check_shared_backing, file_id, make_region};
+use crate::region_setup::{
+    check_gmem_flags, check_policies, check_shared_backing, file_id, make_region,
+};
 use crate::strategy::Strategy;
 
 impl<B: DirtyBitmap> PrivateMemoryManager<B> {
@@ -152,15 +154,10 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         }
         let mut engine = self.lock_engine();
         let ours = !self.vmm_binds;
-        if let Some(other) = engine
-            .current
-            .iter()
-            .find(|r| r.guest_range().intersection(&guest).is_some())
-        {
-            return Err(Error::Layout {
-                range: gpa(guest),
-                reason: LayoutError::OverlapsRegion(other.guest_range()),
-            });
+        check_placement(&engine, guest)?;
+        if let Some((gmem, offset)) = &backing {
+            check_gmem_flags(self.strategy, gmem.flags())?;
+            check_backing_free(&engine, guest, gmem, *offset)?;
         }
         if let Some((file, offset)) = &shared {
             let taken = engine
@@ -171,7 +168,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
                     let whole = PageRange::new(0, r.guest_range().len()).ok()?;
                     Some((side, side.in_file(whole).ok()?))
                 })
-                .map(|(side, range)| Ok((file_id(&side.backing)?, range)))
+                .map(|(side, range)| Ok((file_id(side.backing.file())?, range)))
                 .collect::<Result<Vec<_>>>()?;
             check_shared_backing(self.strategy, guest.len(), file, *offset, &taken)?;
         }
@@ -458,6 +455,68 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             .into_error(refused)),
         }
     }
+}
+
+/// Checks that a region over `guest` fits the memory's layout: inside
+/// [`crate::GUEST_PHYS_LIMIT`], clear of the builder's reserved ranges and of every region.
+fn check_placement<B: DirtyBitmap>(engine: &Engine<B>, guest: PageRange) -> Result<()> {
+    let refuse = |reason| {
+        Err(Error::Layout {
+            range: gpa(guest),
+            reason,
+        })
+    };
+    if guest.end() > crate::GUEST_PHYS_LIMIT {
+        return refuse(LayoutError::PastLimit {
+            limit: crate::GUEST_PHYS_LIMIT,
+        });
+    }
+    if let Some(hole) = engine
+        .reserved
+        .iter()
+        .find(|hole| hole.intersection(&guest).is_some())
+    {
+        return refuse(LayoutError::OverlapsReserved(*hole));
+    }
+    if let Some(other) = engine
+        .current
+        .iter()
+        .find(|r| r.guest_range().intersection(&guest).is_some())
+    {
+        return refuse(LayoutError::OverlapsRegion(other.guest_range()));
+    }
+    Ok(())
+}
+
+/// Checks that `gmem`'s bytes from `offset` for a region over `guest` lie inside the
+/// file and back no region of the memory: a second guest range over the same pages
+/// would reach the first one's private pages through its own, shared, ones. KVM refuses
+/// such a binding itself, but not where the VMM binds the memslots and this memory
+/// never asks it.
+fn check_backing_free<B: DirtyBitmap>(
+    engine: &Engine<B>,
+    guest: PageRange,
+    gmem: &GuestMemfd,
+    offset: u64,
+) -> Result<()> {
+    let wanted = PageRange::new(offset, guest.len())?;
+    gmem.check_range(wanted)?;
+    let file = file_id(gmem.file())?;
+    for region in engine.current.iter() {
+        let used = PageRange::new(region.gmem_offset(), region.guest_range().len())?;
+        if let Some(both) = used.intersection(&wanted) {
+            if file_id(region.gmem().file())? == file {
+                return Err(Error::Layout {
+                    range: gpa(guest),
+                    reason: LayoutError::BackingInUse {
+                        region: region.guest_range(),
+                        file_range: both,
+                    },
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether removing a region tells listeners.

@@ -62,7 +62,7 @@ pub enum UnavailableReason {
     PreserveNeedsInPlace,
     /// Loading bytes into private pages ([`crate::PrivateMemoryManager::load_private`]) was
     /// asked of the dual strategy.
-    #[error("the host can only load private pages in place; with the dual strategy private pages live in a guest_memfd no host process maps")]
+    #[error("load_private writes private pages through the host's mapping, which only in-place memory has (dual private pages live in a guest_memfd no host process maps): with the dual strategy, write the image into shared pages and make them private with launch_private")]
     LoadNeedsInPlace,
     /// A vendor launch ([`crate::PrivateMemoryManager::launch_private`]) was asked of the
     /// in-place strategy, which has no shared side to populate from.
@@ -82,6 +82,13 @@ pub enum UnavailableReason {
     #[error("the dual strategy's guest_memfd must not have {flags}: with them KVM would take shared pages from the guest_memfd, while devices use the shared side")]
     FlagsOwnedByStrategy {
         /// The flags refused.
+        flags: GuestMemfdFlags,
+    },
+    /// A guest_memfd given for an in-place region lacks flags the strategy needs
+    /// (`MMAP | INIT_SHARED`): the host maps the region through it.
+    #[error("the in-place strategy maps its guest_memfd, and the file given lacks {flags}: create it with MMAP | INIT_SHARED")]
+    BackingLacksFlags {
+        /// The flags missing.
         flags: GuestMemfdFlags,
     },
 }

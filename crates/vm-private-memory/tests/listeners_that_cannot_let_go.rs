@@ -77,9 +77,11 @@ fn a_range_a_listener_cannot_let_go_of_stays_shared_when_a_conversion_to_shared_
             unknown,
             listeners_refused,
             kept_shared,
+            kept_private,
+            ..
         } => {
             assert!(matches!(**cause, Error::ListenerRefused { .. }), "{cause}");
-            assert!(unknown.is_empty() && listeners_refused.is_empty());
+            assert!(unknown.is_empty() && listeners_refused.is_empty() && kept_private.is_empty());
             assert_eq!(ranges(kept_shared), [(0, 4 * PAGE_SIZE)]);
         }
         other => panic!("reported as {other}"),

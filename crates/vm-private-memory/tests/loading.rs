@@ -5,10 +5,13 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
 use common::{dual, in_place, in_place_or_skip, pr};
-use guest_memfd::PAGE_SIZE;
+use guest_memfd::{PageRange, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vm_private_memory::{ContentMode, Error, PageState, Strategy};
+use vm_private_memory::{ContentMode, Error, MemoryListener, PageState, Strategy};
 
 const SIZE: u64 = 4 << 20;
 
@@ -115,4 +118,112 @@ fn the_dual_strategy_refuses_to_load_private_pages() {
         })
     ));
     assert_eq!(m.private_pages(), SIZE / PAGE_SIZE);
+}
+
+/// A device that cannot let go of pages `discard` takes from it the first `panics` times
+/// (it panics: the conversion to private stops and is undone).
+struct ClingsFor {
+    panics: AtomicU32,
+}
+
+impl MemoryListener for ClingsFor {
+    fn discard(&self, _: PageRange) {
+        if self
+            .panics
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("the device still maps the page");
+        }
+    }
+
+    fn populate(&self, _: PageRange) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(())
+    }
+}
+
+/// The load's last step (making the pages private with their content) fails: the pages
+/// still end up private, emptied, and the error is the step's.
+#[test]
+fn a_load_whose_last_step_fails_still_ends_private() {
+    let m = in_place(SIZE, PageState::Private);
+    let device = Arc::new(ClingsFor {
+        panics: AtomicU32::new(1),
+    });
+    let _subscribed = m.subscribe(pr(0, SIZE), device);
+    let err = m
+        .load_private(0x20000, b"kernel image bytes")
+        .expect_err("the device refused the first discard");
+    assert!(matches!(err, Error::ListenerRefused { .. }), "{err}");
+    assert_eq!(m.state_of(0x20000), Some(PageState::Private));
+    assert!(m
+        .memory()
+        .memory()
+        .read_obj::<u8>(GuestAddress(0x20000))
+        .is_err());
+    // Emptied: made shared keeping content, the page holds zeros.
+    m.convert_with(
+        pr(0x20000, PAGE_SIZE),
+        PageState::Shared,
+        ContentMode::Preserve,
+    )
+    .unwrap();
+    let mut back = [0xffu8; 18];
+    m.memory()
+        .memory()
+        .read_slice(&mut back, GuestAddress(0x20000))
+        .unwrap();
+    assert_eq!(back, [0u8; 18]);
+}
+
+/// Neither the last step nor the way back to private works: the error says the pages
+/// stay shared (`kept_shared`), not that the load was undone.
+#[test]
+fn a_load_that_cannot_make_its_pages_private_says_they_stay_shared() {
+    let m = in_place(SIZE, PageState::Private);
+    let device = Arc::new(ClingsFor {
+        panics: AtomicU32::new(u32::MAX),
+    });
+    let _subscribed = m.subscribe(pr(0, SIZE), device);
+    let err = m
+        .load_private(0x20000 + 8, b"kernel image bytes")
+        .expect_err("the device never lets go");
+    match &err {
+        Error::RollbackFailed {
+            cause, kept_shared, ..
+        } => {
+            assert!(matches!(**cause, Error::ListenerRefused { .. }), "{err}");
+            assert_eq!(kept_shared.len(), 1, "{err}");
+            assert_eq!(
+                (kept_shared[0].start, kept_shared[0].len),
+                (0x20000, PAGE_SIZE)
+            );
+        }
+        other => panic!("not a failed rollback: {other}"),
+    }
+    assert!(err.to_string().contains("stay shared"), "{err}");
+    assert_eq!(m.state_of(0x20000), Some(PageState::Shared));
+}
+
+/// Pages already shared keep the bytes the load does not cover; pages that were private
+/// arrive empty (as the documentation says).
+#[test]
+fn a_load_keeps_the_other_bytes_of_pages_already_shared() {
+    let m = in_place(SIZE, PageState::Private);
+    m.convert(pr(0x30000, PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    m.memory()
+        .memory()
+        .write_obj(0xabcd_u64, GuestAddress(0x30000))
+        .unwrap();
+    m.load_private(0x30000 + 64, &[7; 64]).unwrap();
+    m.convert_with(
+        pr(0x30000, PAGE_SIZE),
+        PageState::Shared,
+        ContentMode::Preserve,
+    )
+    .unwrap();
+    let view = m.memory().memory();
+    assert_eq!(view.read_obj::<u64>(GuestAddress(0x30000)).unwrap(), 0xabcd);
+    assert_eq!(view.read_obj::<u8>(GuestAddress(0x30000 + 64)).unwrap(), 7);
 }

@@ -26,8 +26,11 @@ pub(crate) struct Undone {
     pub(crate) unknown: Vec<GpaRange>,
     /// Ranges listeners refused to take back.
     pub(crate) listeners_refused: Vec<GpaRange>,
-    /// Ranges left shared because a listener could not let go of them.
+    /// Ranges left shared because a listener could not let go of them, or making them
+    /// private again failed.
     pub(crate) kept_shared: Vec<GpaRange>,
+    /// Ranges left private because making them shared again failed.
+    pub(crate) kept_private: Vec<GpaRange>,
 }
 
 impl Undone {
@@ -36,6 +39,7 @@ impl Undone {
         self.unknown.extend(other.unknown);
         self.listeners_refused.extend(other.listeners_refused);
         self.kept_shared.extend(other.kept_shared);
+        self.kept_private.extend(other.kept_private);
     }
 
     /// The error for a step that failed with `cause` and was rolled back this far.
@@ -43,14 +47,16 @@ impl Undone {
         if self.unknown.is_empty()
             && self.listeners_refused.is_empty()
             && self.kept_shared.is_empty()
+            && self.kept_private.is_empty()
         {
             return cause;
         }
         Error::RollbackFailed {
             cause: Box::new(cause),
-            unknown: self.unknown,
-            listeners_refused: self.listeners_refused,
-            kept_shared: self.kept_shared,
+            unknown: self.unknown.into(),
+            listeners_refused: self.listeners_refused.into(),
+            kept_shared: self.kept_shared.into(),
+            kept_private: self.kept_private.into(),
         }
     }
 
@@ -154,6 +160,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             unknown,
             listeners_refused,
             kept_shared: kept.into_iter().map(gpa).collect(),
+            kept_private: Vec::new(),
         }
     }
 }

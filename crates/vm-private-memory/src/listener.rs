@@ -138,6 +138,21 @@ pub(crate) fn in_callback() -> bool {
     IN_CALLBACK.with(Cell::get)
 }
 
+/// Runs `f`, code of the VMM's called with the conversion lock held (a launch step),
+/// marked as a callback: its calls back into the memory fail with
+/// [`crate::Error::Reentrant`] instead of waiting for the lock this thread holds. A
+/// panic in it goes on (the mark is cleared first).
+pub(crate) fn as_marked_callback<R>(f: impl FnOnce() -> R) -> R {
+    struct Unmark(bool);
+    impl Drop for Unmark {
+        fn drop(&mut self) {
+            IN_CALLBACK.with(|c| c.set(self.0));
+        }
+    }
+    let _unmark = Unmark(IN_CALLBACK.with(|c| c.replace(true)));
+    f()
+}
+
 /// Runs a listener callback `f`, marked as such. A panic in it is caught and returned as
 /// `Err`, so that a misbehaving listener cannot leave a conversion half done.
 fn as_callback<R>(f: impl FnOnce() -> R) -> Result<R, ListenerRefusal> {

@@ -136,3 +136,75 @@ fn a_launch_refuses_private_pages_outside_ranges_and_in_place_memory_before_any_
     }
     assert_eq!(steps, 0);
 }
+
+/// A launch step that calls back into the memory (as a VMM's vendor call might, through
+/// a device mapper's `attach` or a state query) is refused with `Reentrant` instead of
+/// waiting for the lock its own thread holds. On a deadlock the test fails after 20 s.
+#[test]
+fn a_launch_step_that_calls_back_into_the_memory_is_refused_not_deadlocked() {
+    let (m, _vm) = dual(SIZE, PageState::Shared);
+    let m = Arc::new(m);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let launching = Arc::clone(&m);
+    std::thread::spawn(move || {
+        let mut answers = Vec::new();
+        let result = launching.launch_private(pr(0, 4 * PAGE_SIZE), |_| {
+            let reentrant = |r: Result<(), Error>| matches!(r, Err(Error::Reentrant { .. }));
+            answers.push((
+                "convert",
+                reentrant(
+                    launching
+                        .convert(pr(8 * PAGE_SIZE, PAGE_SIZE), PageState::Private)
+                        .map(drop),
+                ),
+            ));
+            answers.push((
+                "discard",
+                reentrant(launching.discard(pr(8 * PAGE_SIZE, PAGE_SIZE)).map(drop)),
+            ));
+            answers.push((
+                "add_region",
+                reentrant(launching.add_region(pr(16 << 20, SIZE), None, PageState::Shared)),
+            ));
+            answers.push((
+                "subscribe_with_replay",
+                reentrant(
+                    launching
+                        .subscribe_with_replay(pr(0, SIZE), Arc::new(Recorder::default()))
+                        .map(drop),
+                ),
+            ));
+            // A query answers with the map being changed.
+            let state = launching.state();
+            answers.push(("state", state.regions.len() == 1));
+            Ok(())
+        });
+        tx.send((result.map_err(|e| e.to_string()), answers))
+            .unwrap();
+    });
+    let (result, answers) = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the launch step deadlocked on the conversion lock");
+    result.unwrap();
+    for (call, refused) in answers {
+        assert!(refused, "{call} from a launch step");
+    }
+    assert_eq!(m.state_of(0), Some(PageState::Private));
+    assert_eq!(m.state_of(8 * PAGE_SIZE), Some(PageState::Shared));
+    assert_eq!(m.regions(), [pr(0, SIZE)]);
+    // Outside the step, calls work again (the mark is gone).
+    m.convert(pr(8 * PAGE_SIZE, PAGE_SIZE), PageState::Private)
+        .unwrap();
+}
+
+/// A launch step that panics leaves no mark behind: the thread's later calls work.
+#[test]
+fn a_panicking_launch_step_leaves_the_thread_free_to_call_again() {
+    let (m, _vm) = dual(SIZE, PageState::Shared);
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = m.launch_private(pr(0, PAGE_SIZE), |_| panic!("vendor call failed"));
+    }));
+    assert!(panicked.is_err());
+    m.convert(pr(8 * PAGE_SIZE, PAGE_SIZE), PageState::Private)
+        .unwrap();
+}

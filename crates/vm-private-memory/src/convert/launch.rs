@@ -15,7 +15,7 @@ use super::{plan_step, ContentMode, Plan, Progress, StepLimit};
 use crate::attributes::PageState;
 use crate::error::{Error, Result};
 use crate::guard::DirtyBitmap;
-use crate::listener::in_callback;
+use crate::listener::{as_marked_callback, in_callback};
 use crate::memory::{gpa, PrivateMemoryManager};
 use crate::strategy::{Strategy, UnavailableReason};
 
@@ -51,9 +51,12 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     ///
     /// `step` is where the VMM makes its vendor call (`SNP_LAUNCH_UPDATE` with
     /// `uaddr = host_address`, `gfn_start = guest.start() >> 12`; TDX's
-    /// `KVM_TDX_INIT_MEM_REGION`). It must not convert this memory (that fails with
-    /// [`Error::Reentrant`]). The hosts this crate is tested on have no launch call:
-    /// the tests give a recording step.
+    /// `KVM_TDX_INIT_MEM_REGION`). It runs with the conversion lock held, so it must not
+    /// call back into this memory to change it: converting, discarding, adding or
+    /// removing regions and subscribing with replay (a `DmaMapper`'s `attach`) fail
+    /// with [`Error::Reentrant`] there, and [`PrivateMemoryManager::state`] gives the
+    /// map being changed. The hosts this crate is tested on have no launch call: the
+    /// tests give a recording step.
     ///
     /// # Errors
     ///
@@ -126,9 +129,11 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
                 let guest = piece.guest_range();
                 let host_address =
                     piece.region.host_range().0 as u64 + piece.first_page * PAGE_SIZE;
-                step(LaunchSource {
-                    guest,
-                    host_address,
+                as_marked_callback(|| {
+                    step(LaunchSource {
+                        guest,
+                        host_address,
+                    })
                 })
                 .map_err(|source| Error::LaunchStep {
                     range: gpa(guest),

@@ -344,20 +344,22 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         to: PageState,
         mode: ContentMode,
     ) -> Result<ConversionReport> {
-        self.convert_step(range, to, mode, StepLimit::NONE)
+        self.convert_step(range, to, mode, StepLimit::NONE, None)
             .map(|(report, _)| report)
     }
 
     /// Converts the start of `range` to `to`, all or nothing, under one hold of the
     /// conversion lock: at most `limit.runs` changed runs and `limit.bytes` changed bytes
     /// (at least one page). Returns the report and the end of the part converted
-    /// (`range.end()` once the whole range is done).
+    /// (`range.end()` once the whole range is done). With `record`, the runs it changed
+    /// are appended there once it succeeded.
     pub(crate) fn convert_step(
         &self,
         range: PageRange,
         to: PageState,
         mode: ContentMode,
         limit: StepLimit,
+        record: Option<&mut Vec<PageRange>>,
     ) -> Result<(ConversionReport, u64)> {
         if in_callback() {
             return Err(Error::Reentrant { range: gpa(range) });
@@ -370,12 +372,14 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         }
         let mut engine = self.lock_engine();
         if let Some(run) = OneRun::of(&engine.current, range, to, limit) {
-            return self
-                .convert_one_run(&engine, run, to, mode)
-                .map(|report| (report, range.end()));
+            let report = self.convert_one_run(&engine, run, to, mode)?;
+            if let Some(record) = record {
+                record.push(range);
+            }
+            return Ok((report, range.end()));
         }
         let _listeners = self.listeners.hold();
-        self.convert_planned(&mut engine, range, to, mode, limit)
+        self.convert_planned(&mut engine, range, to, mode, limit, record)
     }
 
     /// Converts the start of `range` as [`PrivateMemoryManager::convert_step`] does, through a
@@ -389,6 +393,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         to: PageState,
         mode: ContentMode,
         limit: StepLimit,
+        record: Option<&mut Vec<PageRange>>,
     ) -> Result<(ConversionReport, u64)> {
         // The plan's list reuses the engine's buffer: no allocation per small conversion.
         let mut changed = std::mem::take(&mut engine.scratch);
@@ -423,6 +428,9 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         }
         let runs_changed = plan.changed.len() as u64;
         let mut changed = plan.changed;
+        if let (Ok(()), Some(record)) = (&result, record) {
+            record.extend_from_slice(&changed);
+        }
         // Keep a small buffer for the next conversion; give a large one back.
         if changed.capacity() <= SCRATCH_KEPT {
             changed.clear();

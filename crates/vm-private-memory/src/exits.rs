@@ -9,10 +9,10 @@ use guest_memfd::{PageRange, PAGE_SIZE};
 use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
 
 use crate::attributes::PageState;
-use crate::convert::{ContentMode, ConversionReport, StepLimit};
+use crate::convert::{without, ContentMode, ConversionReport, StepLimit, Undone};
 use crate::error::{Error, Result};
 use crate::guard::DirtyBitmap;
-use crate::memory::PrivateMemoryManager;
+use crate::memory::{gpa, PrivateMemoryManager};
 
 /// `KVM_MAP_GPA_RANGE_PAGE_SZ_2M` (`include/uapi/linux/kvm_para.h`).
 pub const MAP_GPA_RANGE_PAGE_SZ_2M: u64 = 1 << 0;
@@ -200,32 +200,109 @@ pub const GUEST_RUNS_PER_STEP: u64 = 1024;
 /// touched costs time per byte (about 75 ms per GiB here).
 pub const GUEST_BYTES_PER_STEP: u64 = 256 << 20;
 
+/// Whether one step surely serves `range` whole: it has no more pages (so no more
+/// changed runs, and fewer bytes) than a step may take.
+fn fits_one_step(range: PageRange) -> bool {
+    range.page_count() <= GUEST_RUNS_PER_STEP
+}
+
+/// `runs`, in address order, with runs that touch merged (a step may end inside a run
+/// the next step goes on with).
+fn coalesced(runs: &[PageRange]) -> Vec<PageRange> {
+    let mut merged: Vec<PageRange> = Vec::new();
+    for run in runs {
+        match merged.last_mut() {
+            Some(last) if last.end() == run.start() => {
+                *last = PageRange::new(last.start(), run.end() - last.start())
+                    .expect("adjacent page ranges");
+            }
+            _ => merged.push(*run),
+        }
+    }
+    merged
+}
+
 impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Serves a checked guest request: converts its range in steps of at most
     /// [`GUEST_RUNS_PER_STEP`] changed runs and [`GUEST_BYTES_PER_STEP`] changed bytes,
-    /// each all or nothing under one hold of the conversion lock, so that a guest that
-    /// fragments its memory cannot hold the lock (and other vCPUs' conversions) for long,
-    /// and the host memory a request costs stays bounded whatever its size. The whole
-    /// range is checked to lie in guest memory before any step.
+    /// each under one hold of the conversion lock, so that a guest that fragments its
+    /// memory cannot hold the lock (and other vCPUs' conversions) for long, and the host
+    /// memory a step costs stays bounded whatever the request's size. The whole range is
+    /// checked to lie in guest memory before any step.
+    ///
+    /// The request is all or nothing, as one `KVM_HC_MAP_GPA_RANGE` exit is to every
+    /// path of KVM that makes one: the generic hypercall hands the guest nothing but
+    /// `rax`; TDX's MapGPA gives the guest the start of the failed exit's range (each exit
+    /// at most 2 MiB) and SEV-SNP's page-state change the first entry of the failed
+    /// exit's batch, with the exits before counted as done. So if a step fails, the
+    /// steps before it are undone: the pages they changed go back to their old state
+    /// (empty, as any conversion leaves them). Served in one step (every exit up to
+    /// 2 MiB) nothing needs undoing; a longer request records the runs its steps change,
+    /// 16 bytes per run, each of which cost a system call to change.
     ///
     /// # Errors
     ///
-    /// As [`PrivateMemoryManager::convert`]. A failing step is rolled back; the steps before
-    /// it stay done (each page is either converted or not), as a guest retrying its
-    /// request expects.
+    /// As [`PrivateMemoryManager::convert`], the request undone. If undoing a step
+    /// fails too, [`Error::RollbackFailed`] names the pages left in the state asked for:
+    /// `kept_shared` (a request for shared pages) or `kept_private`.
     pub fn serve_request(&self, request: ConversionRequest) -> Result<ConversionReport> {
         self.check_inside(request.range)?;
         let mut report = ConversionReport::default();
-        Self::in_steps(request.range, |rest| {
+        // A request one step serves is undone by that step's own rollback.
+        let recording = !fits_one_step(request.range);
+        let mut changed = Vec::new();
+        let served = Self::in_steps(request.range, |rest| {
             let started = std::time::Instant::now();
-            let (step, next) =
-                self.convert_step(rest, request.to, ContentMode::Discard, StepLimit::GUEST)?;
+            let (step, next) = self.convert_step(
+                rest,
+                request.to,
+                ContentMode::Discard,
+                StepLimit::GUEST,
+                recording.then_some(&mut changed),
+            )?;
             report.absorb(&step, started.elapsed());
             Ok(next)
-        })?;
-        Ok(report)
+        });
+        match served {
+            Ok(()) => Ok(report),
+            Err(e) if changed.is_empty() => Err(e),
+            Err(e) => Err(self.undo_request(&changed, request.to, e)),
+        }
     }
 
+    /// Puts `changed`, the runs the done steps of a request for `to` changed, back to
+    /// the other state, and returns the request's error with what could not be put back.
+    #[cold]
+    fn undo_request(&self, changed: &[PageRange], to: PageState, cause: Error) -> Error {
+        let back = to.flipped();
+        let mut undone = Undone::default();
+        for run in coalesced(changed) {
+            let result = Self::in_steps(run, |rest| {
+                self.convert_step(rest, back, ContentMode::Discard, StepLimit::GUEST, None)
+                    .map(|(_, next)| next)
+            });
+            let Err(e) = result else { continue };
+            if let Error::RollbackFailed {
+                unknown,
+                listeners_refused,
+                ..
+            } = e
+            {
+                undone.unknown.extend(unknown.iter());
+                undone.listeners_refused.extend(listeners_refused.iter());
+            }
+            let shared: Vec<PageRange> = crate::shared_runs::shared_runs(&*self.listed(), run)
+                .map(|r| r.guest_range())
+                .collect();
+            match to {
+                PageState::Shared => undone.kept_shared.extend(shared.into_iter().map(gpa)),
+                PageState::Private => undone
+                    .kept_private
+                    .extend(without(&[run], &shared).into_iter().map(gpa)),
+            }
+        }
+        undone.into_error(cause)
+    }
     /// Serves a `KVM_EXIT_MEMORY_FAULT`: converts the faulting range to what the guest
     /// used. Then re-enter the vCPU.
     ///

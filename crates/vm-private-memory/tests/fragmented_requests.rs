@@ -116,3 +116,135 @@ fn a_fragmented_discard_is_done_in_steps_listeners_hear_in_order() {
     // States did not change.
     assert_eq!(m.private_pages(), pages);
 }
+
+/// A listener that refuses `populate` of runs touching `refuse_populate`, and cannot let
+/// go (panics in `discard`) of runs touching `cling_to`.
+#[derive(Default)]
+struct Picky {
+    refuse_populate: std::sync::Mutex<Option<guest_memfd::PageRange>>,
+    cling_to: std::sync::Mutex<Option<guest_memfd::PageRange>>,
+}
+
+impl vm_private_memory::MemoryListener for Picky {
+    fn discard(&self, range: guest_memfd::PageRange) {
+        let clung = *self.cling_to.lock().unwrap();
+        if let Some(held) = clung {
+            if held.intersection(&range).is_some() {
+                panic!("the device still maps {held}");
+            }
+        }
+    }
+
+    fn populate(
+        &self,
+        range: guest_memfd::PageRange,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        match *self.refuse_populate.lock().unwrap() {
+            Some(refused) if refused.intersection(&range).is_some() => Err("refused".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Memory whose even pages (of `2 * pages`) are in `odd`'s other state: a request over
+/// all of it changes `pages` runs, more than two steps' worth.
+fn alternating(odd: PageState) -> (vm_private_memory::PrivateMemoryManager, u64, u64) {
+    let pages = 2 * GUEST_RUNS_PER_STEP + 10;
+    let size = (2 * pages * PAGE_SIZE).next_multiple_of(2 << 20);
+    let m = in_place(size, odd);
+    for page in 0..pages {
+        m.convert(pr(2 * page * PAGE_SIZE, PAGE_SIZE), odd.flipped())
+            .unwrap();
+    }
+    (m, pages, size)
+}
+
+fn even_pages_in(m: &vm_private_memory::PrivateMemoryManager, pages: u64, state: PageState) -> u64 {
+    (0..pages)
+        .filter(|p| m.state_of(2 * p * PAGE_SIZE) == Some(state))
+        .count() as u64
+}
+
+/// A request whose third step fails is undone whole: the two steps before it go back, and
+/// the guest, told its request failed, finds every page as it was.
+#[test]
+fn a_request_whose_later_step_fails_is_undone_whole() {
+    let (m, pages, size) = alternating(PageState::Shared);
+    let picky = Arc::new(Picky::default());
+    // A run of the third step.
+    let late = pr(2 * (2 * GUEST_RUNS_PER_STEP + 5) * PAGE_SIZE, PAGE_SIZE);
+    *picky.refuse_populate.lock().unwrap() = Some(late);
+    let _sub = m.subscribe(pr(0, size), picky);
+    assert_eq!(
+        m.handle_map_gpa_range(0, size / PAGE_SIZE, 0),
+        (libc::EFAULT as u64).wrapping_neg()
+    );
+    assert_eq!(m.private_pages(), pages);
+    assert_eq!(even_pages_in(&m, pages, PageState::Private), pages);
+}
+
+/// If undoing an earlier step fails (a device cannot let go of a page it was given), the
+/// error names what stays shared; everything else went back.
+#[test]
+fn a_request_whose_undo_fails_names_the_pages_left_shared() {
+    let (m, pages, size) = alternating(PageState::Shared);
+    let picky = Arc::new(Picky::default());
+    let late = pr(2 * (2 * GUEST_RUNS_PER_STEP + 5) * PAGE_SIZE, PAGE_SIZE);
+    let early = pr(2 * 3 * PAGE_SIZE, PAGE_SIZE);
+    *picky.refuse_populate.lock().unwrap() = Some(late);
+    *picky.cling_to.lock().unwrap() = Some(early);
+    let _sub = m.subscribe(pr(0, size), picky);
+    let request = ConversionRequest::from_map_gpa_range(0, size / PAGE_SIZE, 0).unwrap();
+    let err = m.serve_request(request).expect_err("a step was refused");
+    match &err {
+        Error::RollbackFailed {
+            cause,
+            kept_shared,
+            kept_private,
+            ..
+        } => {
+            assert!(matches!(**cause, Error::ListenerRefused { .. }), "{err}");
+            let kept: Vec<_> = kept_shared.iter().map(|r| (r.start, r.len)).collect();
+            assert_eq!(kept, [(early.start(), PAGE_SIZE)], "{err}");
+            assert!(kept_private.is_empty(), "{err}");
+        }
+        other => panic!("not a failed rollback: {other}"),
+    }
+    assert_eq!(m.private_pages(), pages - 1);
+    assert_eq!(m.state_of(early.start()), Some(PageState::Shared));
+}
+
+/// The same for a request towards private: what cannot go back to shared is named in
+/// `kept_private`.
+#[test]
+fn a_request_towards_private_whose_undo_fails_names_the_pages_left_private() {
+    let (m, pages, size) = alternating(PageState::Private);
+    let picky = Arc::new(Picky::default());
+    let late = pr(2 * (2 * GUEST_RUNS_PER_STEP + 5) * PAGE_SIZE, PAGE_SIZE);
+    let early = pr(2 * 3 * PAGE_SIZE, PAGE_SIZE);
+    *picky.cling_to.lock().unwrap() = Some(late);
+    *picky.refuse_populate.lock().unwrap() = Some(early);
+    let _sub = m.subscribe(pr(0, size), picky);
+    let request = ConversionRequest::from_map_gpa_range(
+        0,
+        size / PAGE_SIZE,
+        vm_private_memory::MAP_GPA_RANGE_ENCRYPTED,
+    )
+    .unwrap();
+    let err = m.serve_request(request).expect_err("a step was refused");
+    match &err {
+        Error::RollbackFailed {
+            kept_shared,
+            kept_private,
+            ..
+        } => {
+            let kept: Vec<_> = kept_private.iter().map(|r| (r.start, r.len)).collect();
+            assert_eq!(kept, [(early.start(), PAGE_SIZE)], "{err}");
+            assert!(kept_shared.is_empty(), "{err}");
+        }
+        other => panic!("not a failed rollback: {other}"),
+    }
+    assert!(err.to_string().contains("stay private"), "{err}");
+    assert_eq!(even_pages_in(&m, pages, PageState::Shared), pages - 1);
+    assert_eq!(m.state_of(early.start()), Some(PageState::Private));
+}

@@ -212,3 +212,37 @@ fn dual_memory_tracks_writes_to_its_shared_side() {
     assert!(mem.write_obj(1u8, GuestAddress(0x5000)).is_err());
     assert_eq!(take_dirty(&memory), [(0, 3), (0, 4)].into());
 }
+
+/// A balloon's discard changes the bytes of the shared pages it frees (they read as zeros
+/// afterwards): they are marked dirty, so a migration pass that sent them sends them
+/// again; private pages it frees are not (the view never carried them).
+#[test]
+fn a_discard_marks_the_shared_pages_it_frees_dirty() {
+    if !in_place_or_skip("a_discard_marks_the_shared_pages_it_frees_dirty") {
+        return;
+    }
+    let memory = tracked(Duration::from_millis(100));
+    memory
+        .memory()
+        .memory()
+        .write_obj(5u64, GuestAddress(0x30000))
+        .unwrap();
+    memory
+        .convert(pr(0x32000, 0x1000), PageState::Private)
+        .unwrap();
+    // The migration pass sends what is dirty, and the guest balloons pages 0x30-0x33.
+    take_dirty(&memory);
+    memory.discard(pr(0x30000, 0x4000)).unwrap();
+    assert_eq!(
+        take_dirty(&memory),
+        [(0, 0x30), (0, 0x31), (0, 0x33)].into()
+    );
+    assert_eq!(
+        memory
+            .memory()
+            .memory()
+            .read_obj::<u64>(GuestAddress(0x30000))
+            .unwrap(),
+        0
+    );
+}

@@ -2,9 +2,11 @@
 //! Freeing pages without changing their state (balloon, free page reporting), in
 //! bounded steps.
 
-use guest_memfd::PageRange;
+use guest_memfd::{PageRange, PAGE_SIZE};
+use vm_memory::bitmap::Bitmap;
 
 use super::{plan_step, Piece, StepLimit};
+use crate::attributes::PageState;
 use crate::error::{Error, Result};
 use crate::guard::DirtyBitmap;
 use crate::listener::in_callback;
@@ -13,7 +15,8 @@ use crate::memory::{gpa, PrivateMemoryManager};
 impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Frees `range` (balloon, free page reporting): listeners hear `discard`, every
     /// page is punched from the side that backs it, and the guest re-faults fresh zeroed
-    /// pages. States do not change. Returns the bytes punched.
+    /// pages. States do not change. Returns the bytes punched. Shared pages freed are
+    /// marked dirty in the regions' dirty bitmaps (their bytes changed, to zeros).
     ///
     /// The range is freed in steps of at most [`crate::GUEST_RUNS_PER_STEP`] runs and
     /// [`crate::GUEST_BYTES_PER_STEP`] bytes, each under one hold of the conversion lock
@@ -76,6 +79,15 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             // The side that backs a page is the one a conversion *to* the other state
             // would punch.
             bytes += piece.discard_old_side(state.flipped())?;
+            // A shared page's bytes changed (to zeros) as surely as if the host had
+            // written them: a migration pass that sent them must send them again.
+            if state == PageState::Shared {
+                let offset = piece.first_page * PAGE_SIZE;
+                piece
+                    .region
+                    .dirty_bitmap()
+                    .mark_dirty(offset as usize, (piece.pages * PAGE_SIZE) as usize);
+            }
         }
         Ok((bytes, next))
     }

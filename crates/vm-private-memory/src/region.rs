@@ -367,14 +367,14 @@ impl<B: Bitmap> GuestMemoryRegion for GuestRegionPrivate<B> {
         Ok(self.host.as_ptr().wrapping_add(addr.0 as usize))
     }
 
-    /// The shared file behind the region's host mapping, in the dual strategy (its
-    /// private pages hold nothing there). `None` in-place: that file is the guest_memfd,
-    /// whose private pages another process must not map.
+    /// `None`, whatever the strategy: the vm-memory view alone reaches no file. In place
+    /// the file is the guest_memfd, whose private pages no other mapping may reach; with
+    /// the dual strategy vm-memory's safe `MmapRegion::from_file` would map the shared
+    /// side with no access guard (writes untracked, pages held twice across
+    /// conversions). Device code the owner trusts with files gets them, shared runs
+    /// only, from [`crate::PrivateMemoryManager::shared_pages`].
     fn file_offset(&self) -> Option<&FileOffset> {
-        match self.strategy {
-            Strategy::Dual => self.host.file_offset(),
-            Strategy::InPlace => None,
-        }
+        None
     }
 
     #[inline]

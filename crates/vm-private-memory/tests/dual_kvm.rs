@@ -112,30 +112,28 @@ fn memory_fault_requests_convert_with_real_memory_attributes() {
     assert_eq!(memory.state_of(0x3000), Some(PageState::Shared));
 }
 
-/// Bytes that reached the shared side of a private page (through the shared file, which
-/// the region exposes for other processes) are gone once the page turns shared.
+/// Bytes that reached the shared side of a private page (through the VMM's shared file,
+/// which other processes may map) are gone once the page turns shared.
 #[test]
 fn dual_strategy_a_page_turned_shared_arrives_empty_with_real_memory_attributes() {
     use std::os::unix::fs::FileExt;
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
     let Some(vm) = vm_with_memory_attributes(
         "dual_strategy_a_page_turned_shared_arrives_empty_with_real_memory_attributes",
     ) else {
         return;
     };
-    let memory = memory_on(vm, 2 << 20, PageState::Private);
+    // The shared side in the VMM's own file, where something else may write.
+    let zone = guest_memfd::SealedMemfd::create("vmm-zone", 2 << 20).unwrap();
+    let file = zone.file().try_clone().unwrap();
+    let memory = MemoryBuilder::new(vm)
+        .region_at_with_shared(0, 2 << 20, guest_memfd::SharedBacking::from(zone), 0)
+        .initial_state(PageState::Private)
+        .build()
+        .unwrap();
     let view = memory.memory();
     let page = 3 * PAGE_SIZE;
-    let (file, start) = {
-        let mem = view.memory();
-        let offset = mem
-            .find_region(GuestAddress(0))
-            .unwrap()
-            .file_offset()
-            .unwrap();
-        (offset.arc().clone(), offset.start())
-    };
-    file.write_all_at(&[0xee; 64], start + page).unwrap();
+    file.write_all_at(&[0xee; 64], page).unwrap();
     memory
         .convert(PageRange::new(page, PAGE_SIZE).unwrap(), PageState::Shared)
         .unwrap();

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 
 use common::{dual, pr};
 use guest_memfd::PAGE_SIZE;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vm_private_memory::{Error, PageState};
 
 const SIZE: u64 = 2 << 20;
@@ -58,23 +58,20 @@ fn a_failed_rollback_of_kvm_s_view_is_reported_with_the_ranges() {
 
 #[test]
 fn a_page_turned_shared_arrives_empty_whatever_reached_its_shared_side() {
-    let (m, _vm) = dual(SIZE, PageState::Private);
+    // The shared side in the VMM's own file, at an offset.
+    let zone = guest_memfd::SealedMemfd::create("vmm-zone", 2 * SIZE).unwrap();
+    let file = zone.file().try_clone().unwrap();
+    let m = vm_private_memory::MemoryBuilder::new(common::RecordingVm::new(common::vm()))
+        .region_at_with_shared(0, SIZE, guest_memfd::SharedBacking::from(zone), SIZE)
+        .strategy(vm_private_memory::Strategy::Dual)
+        .initial_state(PageState::Private)
+        .build()
+        .unwrap();
     let view = m.memory();
     let page = 5 * PAGE_SIZE;
     // Something with the shared file (another process mapping it, a late write) puts
     // bytes on the shared side of a private page.
-    let shared_file = {
-        let mem = view.memory();
-        let region = mem.find_region(GuestAddress(0)).unwrap();
-        let offset = region
-            .file_offset()
-            .expect("dual regions expose the shared file");
-        (offset.arc().clone(), offset.start())
-    };
-    shared_file
-        .0
-        .write_all_at(&[0xee; 64], shared_file.1 + page)
-        .unwrap();
+    file.write_all_at(&[0xee; 64], SIZE + page).unwrap();
     m.convert(pr(page, PAGE_SIZE), PageState::Shared).unwrap();
     assert_eq!(
         view.memory().read_obj::<u64>(GuestAddress(page)).unwrap(),

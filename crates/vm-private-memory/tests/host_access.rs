@@ -156,7 +156,7 @@ fn slices_and_host_addresses_are_refused_for_private_pages() {
         PRIVATE,
         "region read_obj",
     );
-    // In-place regions do not hand out the guest_memfd for others to map.
+    // Regions do not hand out the guest_memfd for others to map.
     assert!(region.file_offset().is_none());
 }
 

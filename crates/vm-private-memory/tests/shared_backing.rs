@@ -351,3 +351,30 @@ fn a_hotplugged_region_with_a_policy_is_refused_by_the_dual_strategy_and_nothing
     assert_eq!(memory.regions(), [pr(0, MIB2)]);
     assert!(gpa_is_free(&vm, added));
 }
+
+/// The vm-memory view reaches no file, with the dual strategy either: vm-memory's safe
+/// `MmapRegion::from_file` would map a region's `file_offset()` with no access guard.
+/// Device code the owner trusts with files gets the shared runs' files from
+/// `shared_pages()`.
+#[test]
+fn the_dual_strategy_s_vm_memory_view_reaches_no_file() {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let zone = vmm_zone(2 * MIB2);
+    let memory = MemoryBuilder::new(RecordingVm::new(vm()))
+        .region_at_with_shared(0, MIB2, backing(&zone), 0)
+        .region_at(4 * MIB2, MIB2)
+        .strategy(Strategy::Dual)
+        .initial_state(PageState::Shared)
+        .build()
+        .unwrap();
+    let view = memory.memory();
+    let mem = view.memory();
+    for region in mem.iter() {
+        assert!(region.file_offset().is_none(), "{:?}", region.start_addr());
+    }
+    // The owner's path to the files is still there, for shared runs.
+    let pages = memory.shared_pages().snapshot();
+    let runs: Vec<_> = pages.runs(pr(0, 8 * MIB2)).collect();
+    assert_eq!(runs.len(), 2);
+    assert!(runs.iter().all(|run| run.file().is_some()));
+}

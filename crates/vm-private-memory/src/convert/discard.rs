@@ -3,7 +3,6 @@
 //! bounded steps.
 
 use guest_memfd::{PageRange, PAGE_SIZE};
-use vm_memory::bitmap::Bitmap;
 
 use super::{plan_step, Piece, StepLimit};
 use crate::attributes::PageState;

@@ -176,6 +176,7 @@ pub use memory::{GuestMemoryPrivate, PrivateMemoryManager};
 pub use region::{private_page_refusal, GuestRegionPrivate};
 pub use shared_runs::{SharedFile, SharedPages, SharedPagesSnapshot, SharedRun, SharedRuns};
 pub use state::{
-    MemoryState, PageRun, PrivatePages, RegionState, SharedContent, StateError, STATE_VERSION,
+    FileIdentity, MemoryState, PageRun, PrivatePages, RegionState, SharedContent, StateError,
+    STATE_VERSION,
 };
 pub use strategy::{Strategy, UnavailableReason};

@@ -70,7 +70,17 @@ fn state_round_trips_through_json_into_fresh_memory() {
     assert_ne!(states(&fresh), states(&m));
     fresh.restore_state(&back).unwrap();
     assert_eq!(states(&fresh), states(&m));
-    assert_eq!(fresh.state(), state);
+    // The same layout and map; another memory, over other files.
+    let again = fresh.state();
+    assert_ne!(again.origin, state.origin);
+    for (a, b) in again.regions.iter().zip(&state.regions) {
+        assert_eq!(
+            (a.guest, a.gmem_offset, a.gmem_size),
+            (b.guest, b.gmem_offset, b.gmem_size)
+        );
+        assert_eq!(a.private, b.private);
+        assert_ne!(a.gmem_file, b.gmem_file);
+    }
 }
 
 #[test]
@@ -91,7 +101,7 @@ fn corrupted_or_mismatched_states_are_errors() {
             e,
             StateError::Version {
                 found: 99,
-                supported: 2
+                supported: vm_private_memory::STATE_VERSION
             }
         )
     }));
@@ -316,19 +326,96 @@ fn a_restore_onto_live_memory_does_not_reveal_private_content() {
     assert_eq!(seen, 0, "the page became shared empty");
 }
 
+/// `SharedContent::Keep` with a state of the same memory, taken before the guest hid a
+/// secret in a page the state has shared: refused, nothing changes.
 #[test]
-fn a_live_update_keeps_shared_content_when_asked() {
-    if !in_place_or_skip("a_live_update_keeps_shared_content_when_asked") {
+fn keeping_content_with_a_stale_state_of_the_same_memory_is_refused() {
+    if !in_place_or_skip("keeping_content_with_a_stale_state_of_the_same_memory_is_refused") {
         return;
     }
     let (m, saved) = a_secret_hidden_after_a_save();
-    m.restore_state_with(&saved, SharedContent::Keep).unwrap();
-    let seen: u64 = m
+    let err = m
+        .restore_state_with(&saved, SharedContent::Keep)
+        .expect_err("the state is stale");
+    assert!(
+        matches!(
+            err,
+            Error::StateMismatch(StateError::KeepOfTheSameMemory { first })
+                if first == pr(PAGE_SIZE, PAGE_SIZE)
+        ),
+        "{err}"
+    );
+    assert_eq!(m.state_of(PAGE_SIZE), Some(PageState::Private));
+    // A state that changes nothing about shared pages is fine.
+    m.restore_state_with(&m.state(), SharedContent::Keep)
+        .unwrap();
+}
+
+/// `SharedContent::Keep` with a state of another memory (other files): refused.
+#[test]
+fn keeping_content_with_a_state_of_other_files_is_refused() {
+    if !in_place_or_skip("keeping_content_with_a_state_of_other_files_is_refused") {
+        return;
+    }
+    let (other, _) = a_secret_hidden_after_a_save();
+    let mut saved = other.state();
+    saved.regions[0].private = runs(&[(2, 510)]);
+    saved.update_checksum();
+    let m = common::in_place(MIB2, PageState::Private);
+    let err = m
+        .restore_state_with(&saved, SharedContent::Keep)
+        .expect_err("another memory's files");
+    assert!(
+        matches!(
+            err,
+            Error::StateMismatch(StateError::KeepOverAnotherFile { index: 0, .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(m.private_pages(), MIB2 / PAGE_SIZE);
+}
+
+/// A live update: a new memory built over the old one's guest_memfd file takes the old
+/// memory's last state, keeping the shared pages' content (virtio rings and buffers).
+#[test]
+fn a_live_update_over_the_same_files_keeps_shared_content() {
+    if !in_place_or_skip("a_live_update_over_the_same_files_keeps_shared_content") {
+        return;
+    }
+    let vm = vm();
+    let old = MemoryBuilder::new(vm.clone())
+        .region_at(0, MIB2)
+        .strategy(Strategy::InPlace)
+        .initial_state(PageState::Private)
+        .build()
+        .unwrap();
+    old.convert(pr(PAGE_SIZE, PAGE_SIZE), PageState::Shared)
+        .unwrap();
+    old.memory()
+        .memory()
+        .write_obj(SECRET, GuestAddress(PAGE_SIZE))
+        .unwrap();
+    let saved = old.state();
+    // The old process hands its file over and goes.
+    let (range, file, offset) = old.remove_region(0).unwrap();
+    drop(old);
+    let new = MemoryBuilder::new(vm)
+        .region_at(64 * MIB2, MIB2)
+        .strategy(Strategy::InPlace)
+        .initial_state(PageState::Private)
+        .build()
+        .unwrap();
+    new.add_region(range, Some((file, offset)), PageState::Private)
+        .unwrap();
+    new.remove_region(64 * MIB2).unwrap();
+    new.restore_state_with(&saved, SharedContent::Keep).unwrap();
+    let seen: u64 = new
         .memory()
         .memory()
         .read_obj(GuestAddress(PAGE_SIZE))
         .unwrap();
     assert_eq!(seen, SECRET);
+    assert_eq!(new.private_pages(), MIB2 / PAGE_SIZE - 1);
 }
 
 #[test]

@@ -62,7 +62,7 @@ fn alternating_pages_over_a_gib_fit_the_size_bound_and_round_trip() {
         .build()
         .unwrap();
     fresh.restore_state(&back).unwrap();
-    assert_eq!(fresh.state(), state);
+    assert!(same_map(&fresh.state(), &state));
     assert_eq!(fresh.state_of(0), Some(PageState::Private));
     assert_eq!(fresh.state_of(PAGE_SIZE), Some(PageState::Shared));
 }
@@ -96,7 +96,7 @@ fn a_sparse_state_stays_a_few_runs_and_round_trips() {
     let back: MemoryState = serde_json::from_str(&text).unwrap();
     let fresh = back.builder(vm()).build().unwrap();
     fresh.restore_state(&back).unwrap();
-    assert_eq!(fresh.state(), state);
+    assert!(same_map(&fresh.state(), &state));
 }
 
 /// A 2 MiB in-place memory, shared, with private pages 4-7 and 100.
@@ -210,7 +210,7 @@ fn an_older_state_version_is_refused_naming_both_versions() {
     );
     let text = err.to_string();
     assert!(
-        text.contains("version 1") && text.contains("version 2"),
+        text.contains("version 1") && text.contains(&format!("version {STATE_VERSION}")),
         "{text}"
     );
 }
@@ -225,4 +225,15 @@ fn a_state_without_a_checksum_is_refused() {
     let without = format!("{}}}", &text[..at]);
     let err = serde_json::from_str::<MemoryState>(&without).unwrap_err();
     assert!(err.to_string().contains("no checksum"), "{err}");
+}
+
+/// Whether two states have the same layout and map (whatever memory and files they were
+/// taken of).
+fn same_map(a: &MemoryState, b: &MemoryState) -> bool {
+    a.strategy == b.strategy
+        && a.regions.len() == b.regions.len()
+        && a.regions.iter().zip(&b.regions).all(|(x, y)| {
+            (x.guest, x.gmem_offset, x.gmem_size) == (y.guest, y.gmem_offset, y.gmem_size)
+                && x.private == y.private
+        })
 }

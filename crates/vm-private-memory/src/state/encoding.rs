@@ -204,6 +204,7 @@ pub(super) fn checksum(state: &MemoryState) -> u32 {
         &[
             u64::from(state.version),
             strategy,
+            state.origin,
             state.regions.len() as u64,
         ],
     );
@@ -215,6 +216,8 @@ pub(super) fn checksum(state: &MemoryState) -> u32 {
                 region.guest.len(),
                 region.gmem_offset,
                 region.gmem_size,
+                region.gmem_file.device,
+                region.gmem_file.inode,
             ],
         );
         match &region.private {

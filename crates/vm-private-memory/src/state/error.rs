@@ -101,6 +101,26 @@ pub enum StateError {
         /// The real size of the memory's guest_memfd.
         actual_size: u64,
     },
+    /// [`crate::SharedContent::Keep`] with a state taken over another guest_memfd than
+    /// this memory's region's: the pages it makes shared would show the host whatever
+    /// that file's private pages hold.
+    #[error("region {index}: the state was taken over another guest_memfd ({saved}; this memory's is {actual}): SharedContent::Keep would show the host what its private pages hold; restore with SharedContent::Empty")]
+    KeepOverAnotherFile {
+        /// The region's index, in address order.
+        index: usize,
+        /// The state's file.
+        saved: super::FileIdentity,
+        /// The memory's file.
+        actual: super::FileIdentity,
+    },
+    /// [`crate::SharedContent::Keep`] with a state taken of this very memory, which
+    /// would make private pages shared with their content: they hold what the guest
+    /// put there since the state was taken.
+    #[error("the state was taken of this same memory: with SharedContent::Keep it would show the host {first} and any other page private now, holding what the guest wrote since; restore with SharedContent::Empty")]
+    KeepOfTheSameMemory {
+        /// The first run it would make shared.
+        first: PageRange,
+    },
     /// The size of a region's guest_memfd could not be read.
     #[error("region {region}: fstat of its guest_memfd failed: {source}")]
     FileSize {

@@ -33,8 +33,25 @@ pub use error::StateError;
 pub use restore::SharedContent;
 
 /// The version of [`MemoryState`] this crate writes and reads. Version 2 added the
-/// checksum and the bitmap form of the map; version 1 states are refused.
-pub const STATE_VERSION: u32 = 2;
+/// checksum and the bitmap form of the map; version 3 what ties a state to the memory
+/// it was taken of (its origin, each region's file). Older states are refused.
+pub const STATE_VERSION: u32 = 3;
+
+/// A file's identity, as `fstat` gives it: its device and inode. Clones and
+/// descriptors of one file passed to another process (a live update) share it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FileIdentity {
+    /// `st_dev`.
+    pub device: u64,
+    /// `st_ino`.
+    pub inode: u64,
+}
+
+impl std::fmt::Display for FileIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "device {:#x}, inode {}", self.device, self.inode)
+    }
+}
 
 /// A run of private pages: `count` pages from page `first` of its region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +71,10 @@ pub struct RegionState {
     pub gmem_offset: u64,
     /// The size of that guest_memfd.
     pub gmem_size: u64,
+    /// That guest_memfd's identity (all zeros if `fstat` failed, which matches no file).
+    /// Older states have none, and are refused for their version.
+    #[serde(default)]
+    pub gmem_file: FileIdentity,
     /// Its private pages, as runs or as a bitmap, whichever is shorter.
     pub private: PrivatePages,
 }
@@ -86,8 +107,8 @@ impl RegionState {
 ///
 /// # Integrity
 ///
-/// `checksum` is the CRC-32 (IEEE, crc32fast) of the version, strategy, every region's
-/// place and file, and its map in the form written. Deserialization refuses a state
+/// `checksum` is the CRC-32 (IEEE, crc32fast) of the version, strategy, origin, every
+/// region's place and file (its identity included), and its map in the form written. Deserialization refuses a state
 /// whose version is not [`STATE_VERSION`] (naming both) or whose checksum does not
 /// match, and [`PrivateMemoryManager::restore_state`] checks again. A CRC detects accidental
 /// damage, not deliberate change: see the module documentation.
@@ -98,6 +119,9 @@ pub struct MemoryState {
     pub version: u32,
     /// The backing strategy.
     pub strategy: Strategy,
+    /// The memory the state was taken of: a number drawn when it was built, which no
+    /// other memory shares (in this process or another).
+    pub origin: u64,
     /// Every region, in address order.
     pub regions: Vec<RegionState>,
     /// The CRC-32 of the fields above ([`MemoryState::computed_checksum`]).
@@ -110,6 +134,8 @@ pub struct MemoryState {
 struct UncheckedState {
     version: u32,
     strategy: Strategy,
+    #[serde(default)]
+    origin: u64,
     regions: Vec<RegionState>,
     #[serde(default)]
     checksum: Option<u32>,
@@ -128,6 +154,7 @@ impl TryFrom<UncheckedState> for MemoryState {
         let state = MemoryState {
             version: raw.version,
             strategy: raw.strategy,
+            origin: raw.origin,
             regions: raw.regions,
             checksum: raw.checksum.ok_or(StateError::MissingChecksum)?,
         };
@@ -204,6 +231,9 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
                 guest: region.guest_range(),
                 gmem_offset: region.gmem_offset(),
                 gmem_size: region.gmem().size(),
+                gmem_file: crate::region_setup::file_id(region.gmem().file())
+                    .map(|(device, inode)| FileIdentity { device, inode })
+                    .unwrap_or_default(),
                 private: PrivatePages::of(region.attributes()),
             })
             .collect();
@@ -211,6 +241,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         let mut state = MemoryState {
             version: STATE_VERSION,
             strategy: self.strategy,
+            origin: self.origin,
             regions,
             checksum: 0,
         };

@@ -32,10 +32,14 @@ pub enum SharedContent {
     #[default]
     Empty,
     /// A page that becomes shared keeps its content, as after [`ContentMode::Preserve`]:
-    /// for a live update, where the memory restored into is built over the saved memory's
-    /// own guest_memfd files (the shared pages' content, virtio rings and buffers
-    /// included, is still in them). In-place strategy only; whatever is in a page that
-    /// becomes shared is then readable by the host, so use it only on those files.
+    /// for a live update, where the memory restored into is another memory (a new
+    /// process's) built over the saved memory's own guest_memfd files (the shared pages'
+    /// content, virtio rings and buffers included, is still in them). In-place strategy
+    /// only. The state must have been taken over those very files (each region's
+    /// [`super::FileIdentity`]), and not of the memory it is restored into (whose private
+    /// pages hold what the guest wrote since): both are refused. Take the state last,
+    /// once the guest stopped: a state the old process took before later conversions
+    /// cannot be told from its last one.
     Keep,
 }
 
@@ -95,11 +99,18 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             },
             _ => GpaRange { start: 0, len: 0 },
         };
+        let keep = shared == SharedContent::Keep;
         self.retarget(span, mode, |current| {
-            check_layout(state, current)?;
+            check_layout(state, current, keep)?;
             let mut retarget = Retarget::default();
             for (region, runs) in current.iter().zip(&targets) {
                 diff(region, runs, &mut retarget)?;
+            }
+            if let (true, Some(first)) = (
+                keep && state.origin == self.origin,
+                retarget.to_shared.first(),
+            ) {
+                return Err(StateError::KeepOfTheSameMemory { first: *first }.into());
             }
             Ok(retarget)
         })
@@ -110,6 +121,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
 fn check_layout<B: DirtyBitmap>(
     state: &MemoryState,
     current: &GuestMemoryPrivate<B>,
+    keep: bool,
 ) -> Result<()> {
     let actual = current.num_regions();
     if actual != state.regions.len() {
@@ -143,6 +155,19 @@ fn check_layout<B: DirtyBitmap>(
                 actual_size,
             }
             .into());
+        }
+        if keep {
+            let actual = crate::region_setup::file_id(region.gmem().file())
+                .map(|(device, inode)| super::FileIdentity { device, inode })
+                .unwrap_or_default();
+            if saved.gmem_file != actual || actual == super::FileIdentity::default() {
+                return Err(StateError::KeepOverAnotherFile {
+                    index,
+                    saved: saved.gmem_file,
+                    actual,
+                }
+                .into());
+            }
         }
     }
     Ok(())

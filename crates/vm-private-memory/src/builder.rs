@@ -388,9 +388,16 @@ impl MemoryBuilder {
                 Some(gpa) => (AllocPolicy::ExactMatch(gpa), guest_memfd::PAGE_SIZE),
                 None => (AllocPolicy::FirstMatch, REGION_ALIGNMENT),
             };
-            let got = space
-                .allocate(range.len(), align, policy)
-                .map_err(|e| layout_err(LayoutError::Allocator(e)))?;
+            let got = space.allocate(range.len(), align, policy).map_err(|e| {
+                match (request.at, request.region) {
+                    // A floating region has no address to name: say what did not fit.
+                    (None, Some(index)) => Error::NoRoomForRegion {
+                        index,
+                        size: request.size,
+                    },
+                    _ => layout_err(LayoutError::Allocator(e)),
+                }
+            })?;
             let got = PageRange::new(got.start(), range.len())?;
             taken.push((got, request.region.is_none()));
             if let Some(i) = request.region {

@@ -208,17 +208,25 @@ impl<'a, B: DirtyBitmap> Piece<'a, B> {
     /// Punches the side that `to` no longer uses.
     fn discard_old_side(&self, to: PageState) -> Result<u64> {
         let in_region = self.region_range();
-        match (self.region.strategy(), to) {
+        let punched = match (self.region.strategy(), to) {
             (Strategy::Dual, PageState::Private) => {
                 let shared = self.region.shared_side().expect("dual regions have one");
-                shared.discard(in_region)?;
+                shared.discard(in_region)
             }
-            _ => {
-                let in_file = in_region.checked_add(self.region.gmem_offset())?;
-                self.region.gmem().discard(in_file)?;
-            }
-        }
+            _ => in_region
+                .checked_add(self.region.gmem_offset())
+                .and_then(|in_file| self.region.gmem().discard(in_file)),
+        };
+        punched.map_err(|source| self.punch_error(source))?;
         Ok(in_region.len())
+    }
+
+    /// A failed punch of this piece, named by its guest range.
+    fn punch_error(&self, source: guest_memfd::Error) -> Error {
+        Error::Punch {
+            range: gpa(self.guest_range()),
+            source,
+        }
     }
 
     fn set_bits(&self, state: PageState) {
@@ -229,7 +237,9 @@ impl<'a, B: DirtyBitmap> Piece<'a, B> {
     /// reached it while they were private must not greet the host once they are shared.
     fn clear_shared_side(&self) -> Result<()> {
         if let Some(shared) = self.region.shared_side() {
-            shared.discard(self.region_range())?;
+            shared
+                .discard(self.region_range())
+                .map_err(|source| self.punch_error(source))?;
         }
         Ok(())
     }
@@ -291,7 +301,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// `populate`; [`Error::HostAccessInFlight`] if a host access through the vm-memory
     /// view still touches a page going private when the memory's patience runs out;
     /// [`Error::SetAttributes`] (dual) if `KVM_SET_MEMORY_ATTRIBUTES` fails;
-    /// [`Error::File`] if punching a page fails. [`Error::RollbackFailed`] if, after one
+    /// [`Error::Punch`] if punching a page fails. [`Error::RollbackFailed`] if, after one
     /// of those, the rollback failed too: KVM's view of the ranges it lists as `unknown`
     /// is unknown; listeners refused `listeners_refused` back; or a listener could not
     /// let go of `kept_shared` (it panicked in `discard` while the conversion to shared

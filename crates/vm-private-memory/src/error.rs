@@ -100,14 +100,28 @@ pub enum ListenerRefusal {
 }
 
 /// Everything that can go wrong in this crate.
-#[derive(Debug, thiserror::Error)]
+///
+/// Its `Debug` text is its `Display` text (each message carries its cause), so that
+/// `fn main() -> Result<(), Error>` and `unwrap` print a sentence, not a structure.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The file layer refused (bad range, ioctl or fallocate failure).
     #[error(transparent)]
     File(#[from] guest_memfd::Error),
-    /// The requested strategy cannot run on this host or VM.
-    #[error("the {strategy} strategy is not available: {reason}")]
+    /// Punching (freeing) pages of a conversion or discard failed: `range` is the guest
+    /// range of the run, the file layer's error names the file's bytes and the errno.
+    #[error("punching guest range {range} failed: {source}")]
+    Punch {
+        /// The guest-physical range of the run being punched.
+        range: GpaRange,
+        /// The file layer's error (`fallocate`'s errno and the file's bytes).
+        #[source]
+        source: guest_memfd::Error,
+    },
+    /// The requested strategy cannot run on this host or VM, or cannot do what was
+    /// asked of it.
+    #[error("{}", strategy_refusal(*strategy, reason))]
     StrategyUnavailable {
         /// The strategy asked for.
         strategy: Strategy,
@@ -123,6 +137,25 @@ pub enum Error {
         /// Why: an overlap, or vm-allocator's or vm-memory's error.
         #[source]
         reason: LayoutError,
+    },
+    /// No strategy was asked for, and the VM can run neither: what each lacks.
+    #[error("neither backing strategy can run on this VM: in-place: {in_place}; dual: {dual}")]
+    NoStrategy {
+        /// Why the in-place strategy cannot run.
+        in_place: UnavailableReason,
+        /// Why the dual strategy cannot run.
+        dual: UnavailableReason,
+    },
+    /// A region the builder places itself ([`crate::MemoryBuilder::region`]) finds no
+    /// room: no free range of its size, on a [`crate::REGION_ALIGNMENT`] boundary, is
+    /// left below [`crate::GUEST_PHYS_LIMIT`] outside the fixed regions and reserved
+    /// ranges.
+    #[error("region {index} ({size:#x} bytes, placed by the builder) does not fit: no free range of that size on a 2 MiB boundary is left below {limit:#x} outside the fixed regions and reserved ranges; make it smaller or place it with region_at", limit = crate::GUEST_PHYS_LIMIT)]
+    NoRoomForRegion {
+        /// The region's index, in the order the builder was given regions.
+        index: usize,
+        /// Its size in bytes.
+        size: u64,
     },
     /// The builder was given no region.
     #[error("no memory region was added: add at least one with MemoryBuilder::region")]
@@ -329,13 +362,29 @@ impl Error {
     /// The errno the kernel answered with, if the error came from a system call.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Error::File(e) => e.errno(),
+            Error::File(e) | Error::Punch { source: e, .. } => e.errno(),
             Error::SetAttributes { source, .. } => Some(source.errno()),
             Error::EnableExits(source) => Some(source.errno()),
             Error::RollbackFailed { cause, .. } => cause.errno(),
             Error::NumaPolicyNotSet { source, .. } => source.errno(),
             _ => None,
         }
+    }
+}
+
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// A strategy's refusal: one it cannot run at all ("not available"), or one it runs but
+/// cannot do this with.
+fn strategy_refusal(strategy: Strategy, reason: &UnavailableReason) -> String {
+    if reason.is_capability() {
+        format!("the {strategy} strategy is not available: {reason}")
+    } else {
+        format!("the {strategy} strategy cannot do this: {reason}")
     }
 }
 

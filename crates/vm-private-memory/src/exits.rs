@@ -326,6 +326,32 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// on hosts whose hypercall exits do not reach userspace).
     ///
     /// [`PrivateMemoryManager::serve_hypercall`] does the same and says why it refused.
+    ///
+    /// Over port I/O the registers are not in the exit: read them once the `out` exits,
+    /// serve, write the answer into `rax`, then re-enter (KVM has already stepped past the
+    /// instruction):
+    ///
+    /// ```no_run
+    /// use kvm_ioctls::{VcpuExit, VcpuFd};
+    /// use vm_private_memory::PrivateMemoryManager;
+    ///
+    /// /// The port this VMM's guests write to instead of `vmcall`.
+    /// const HYPERCALL_PORT: u16 = 0x5fe;
+    ///
+    /// fn run(memory: &PrivateMemoryManager, vcpu: &mut VcpuFd) {
+    ///     loop {
+    ///         let port = match vcpu.run().unwrap() {
+    ///             VcpuExit::IoOut(port, _) => port,
+    ///             _ => continue, // MMIO, other exits...
+    ///         };
+    ///         if port == HYPERCALL_PORT {
+    ///             let mut regs = vcpu.get_regs().unwrap();
+    ///             regs.rax = memory.handle_hypercall(regs.rax, [regs.rbx, regs.rcx, regs.rdx]);
+    ///             vcpu.set_regs(&regs).unwrap();
+    ///         }
+    ///     }
+    /// }
+    /// ```
     pub fn handle_hypercall(&self, nr: u64, args: [u64; 3]) -> u64 {
         self.serve_hypercall(nr, args)
             .map_or_else(|e| e.hypercall_code(), |_| 0)

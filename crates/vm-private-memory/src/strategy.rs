@@ -93,6 +93,20 @@ pub enum UnavailableReason {
     },
 }
 
+impl UnavailableReason {
+    /// Whether the VM lacks something the strategy needs to run at all (rather than the
+    /// strategy being unable to do one operation).
+    pub fn is_capability(&self) -> bool {
+        matches!(
+            self,
+            UnavailableReason::NoGuestMemfd
+                | UnavailableReason::NoUserMemory2
+                | UnavailableReason::NotMappable { .. }
+                | UnavailableReason::NoPrivateAttribute { .. }
+        )
+    }
+}
+
 impl Strategy {
     /// Why this strategy cannot run with `caps`, or `None` if it can.
     pub fn unavailable_because(self, caps: &Capabilities) -> Option<UnavailableReason> {
@@ -119,8 +133,8 @@ impl Strategy {
     /// # Errors
     ///
     /// [`Error::StrategyUnavailable`] if `wanted` is given and the VM cannot run it
-    /// (with the reason), or if it is not and the VM can run neither (with in-place's
-    /// reason).
+    /// (with the reason); [`Error::NoStrategy`] if it is not and the VM can run neither
+    /// (with both reasons).
     pub fn choose(wanted: Option<Strategy>, caps: &Capabilities) -> Result<Strategy> {
         if let Some(strategy) = wanted {
             return match strategy.unavailable_because(caps) {
@@ -133,11 +147,14 @@ impl Strategy {
                 return Ok(strategy);
             }
         }
-        Err(Error::StrategyUnavailable {
-            strategy: Strategy::InPlace,
-            reason: Strategy::InPlace
+        let reason = |strategy: Strategy| {
+            strategy
                 .unavailable_because(caps)
-                .unwrap_or(UnavailableReason::NoGuestMemfd),
+                .unwrap_or(UnavailableReason::NoGuestMemfd)
+        };
+        Err(Error::NoStrategy {
+            in_place: reason(Strategy::InPlace),
+            dual: reason(Strategy::Dual),
         })
     }
 }

@@ -67,6 +67,13 @@ fn bad_layouts_are_refused_with_the_region_named() {
                 .region(MIB2),
             "memslots 5..=5",
         ),
+        // A floating region with no room is named by its index and size, not address 0.
+        (
+            MemoryBuilder::new(vm())
+                .region_at(0, MIB2)
+                .region(vm_private_memory::GUEST_PHYS_LIMIT),
+            "region 1 (0x1000000000000 bytes, placed by the builder) does not fit",
+        ),
     ];
     for (builder, needle) in cases {
         let err = builder.build().unwrap_err();
@@ -220,4 +227,59 @@ fn dropping_the_memory_unbinds_its_slots() {
     assert!(!gpa_is_free(&vm, pr(0, MIB2)));
     drop(m);
     assert!(gpa_is_free(&vm, pr(0, MIB2)));
+}
+
+/// A VM whose guest_memfd takes no flags (a kernel before 6.18) and which has no
+/// memory attributes: neither strategy can run.
+struct NoFlagsNoAttributes(std::sync::Arc<dyn guest_memfd::VmOps>);
+
+impl guest_memfd::VmOps for NoFlagsNoAttributes {
+    fn check_extension_raw(&self, cap: u32) -> i32 {
+        if cap == guest_memfd::uapi::KVM_CAP_GUEST_MEMFD_FLAGS
+            || cap == kvm_bindings::KVM_CAP_MEMORY_ATTRIBUTES
+        {
+            return 0;
+        }
+        self.0.check_extension_raw(cap)
+    }
+
+    fn create_guest_memfd(
+        &self,
+        request: kvm_bindings::kvm_create_guest_memfd,
+    ) -> Result<std::os::fd::OwnedFd, vmm_sys_util::errno::Error> {
+        self.0.create_guest_memfd(request)
+    }
+
+    unsafe fn set_user_memory_region2(
+        &self,
+        region: kvm_bindings::kvm_userspace_memory_region2,
+    ) -> Result<(), vmm_sys_util::errno::Error> {
+        // SAFETY: the caller upholds the trait's contract, the same for the VM wrapped.
+        unsafe { self.0.set_user_memory_region2(region) }
+    }
+}
+
+/// With no strategy asked for and none possible, the error names why for each, and
+/// reads the same through `Debug` (what `main() -> Result` and `unwrap` print).
+#[test]
+fn when_no_strategy_can_run_the_error_names_both_reasons() {
+    let vm = std::sync::Arc::new(NoFlagsNoAttributes(vm()));
+    let err = MemoryBuilder::new(vm).region(MIB2).build().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::NoStrategy {
+                in_place: UnavailableReason::NotMappable { .. },
+                dual: UnavailableReason::NoPrivateAttribute { .. },
+            }
+        ),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("in-place: guest_memfd accepts flags"),
+        "{text}"
+    );
+    assert!(text.contains("dual: KVM_CAP_MEMORY_ATTRIBUTES"), "{text}");
+    assert_eq!(format!("{err:?}"), text);
 }

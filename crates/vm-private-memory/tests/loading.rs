@@ -110,13 +110,24 @@ fn bytes_load_into_pages_that_end_up_private() {
 #[test]
 fn the_dual_strategy_refuses_to_load_private_pages() {
     let (m, _) = dual(SIZE, PageState::Private);
-    assert!(matches!(
-        m.load_private(0, &[1; 8]),
-        Err(Error::StrategyUnavailable {
-            strategy: Strategy::Dual,
-            reason: vm_private_memory::UnavailableReason::LoadNeedsInPlace,
-        })
-    ));
+    let err = m.load_private(0, &[1; 8]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::StrategyUnavailable {
+                strategy: Strategy::Dual,
+                reason: vm_private_memory::UnavailableReason::LoadNeedsInPlace,
+            }
+        ),
+        "{err}"
+    );
+    // The dual strategy runs; it cannot do this, and the message says what to do.
+    let text = err.to_string();
+    assert!(
+        text.starts_with("the dual strategy cannot do this"),
+        "{text}"
+    );
+    assert!(text.contains("launch_private"), "{text}");
     assert_eq!(m.private_pages(), SIZE / PAGE_SIZE);
 }
 

@@ -28,7 +28,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// [`Error::OutsideGuestMemory`] if `range` reaches outside every region (nothing is
     /// done); [`Error::ListenerRefused`] if a listener panics in `discard` (the steps
     /// before were done; [`Error::RollbackFailed`] if listeners told before it then
-    /// refused their ranges back, named in `listeners_refused`); [`Error::File`] if a
+    /// refused their ranges back, named in `listeners_refused`); [`Error::Punch`] if a
     /// punch fails, after listeners heard
     /// `discard` and the runs before it were punched (they read as zeros; nothing else
     /// changed).

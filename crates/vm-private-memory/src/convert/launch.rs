@@ -67,7 +67,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// and whatever a step put in the private side is punched):
     /// [`Error::LaunchStep`] naming the range a step refused, or an error of the
     /// conversion as [`PrivateMemoryManager::convert`]. A failing punch of the shared side
-    /// after every step succeeded is [`Error::File`]: the pages are private then, and
+    /// after every step succeeded is [`Error::Punch`]: the pages are private then, and
     /// only memory is held twice until they are converted again.
     pub fn launch_private(
         &self,

@@ -74,7 +74,13 @@ impl<'a, B: DirtyBitmap> OneRun<'a, B> {
     /// Punches the run in the region's guest_memfd.
     #[inline]
     fn punch(&self) -> Result<()> {
-        Ok(self.region.gmem().discard(self.in_file)?)
+        self.region
+            .gmem()
+            .discard(self.in_file)
+            .map_err(|source| Error::Punch {
+                range: gpa(self.guest),
+                source,
+            })
     }
 }
 

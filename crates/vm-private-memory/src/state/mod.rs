@@ -111,7 +111,10 @@ impl RegionState {
 /// region's place and file (its identity included), and its map in the form written. Deserialization refuses a state
 /// whose version is not [`STATE_VERSION`] (naming both) or whose checksum does not
 /// match, and [`PrivateMemoryManager::restore_state`] checks again. A CRC detects accidental
-/// damage, not deliberate change: see the module documentation.
+/// damage (a flipped bit on disk or on the wire, a truncated edit), not deliberate change:
+/// anyone can recompute it ([`MemoryState::update_checksum`]). A VMM that loads states
+/// from an untrusted place must authenticate them itself (a MAC or signature over the
+/// serialized bytes).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "UncheckedState")]
 pub struct MemoryState {

@@ -28,7 +28,7 @@ fn bytes(c: &mut Criterion) {
         .initial_state(PageState::Shared)
         .build()
         .expect("in-place memory (Linux 6.18+)");
-    let atomic = private.memory();
+    let atomic = private.guest_memory();
     let ours = atomic.memory();
     let peer = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), SIZE as usize)]).unwrap();
     // Touch every page of both, so no benchmark pays for first faults.
@@ -110,7 +110,7 @@ fn tracked_writes(c: &mut Criterion) {
         .initial_state(PageState::Shared)
         .build_with_bitmap::<AtomicBitmap>()
         .expect("in-place memory (Linux 6.18+)");
-    let atomic = private.memory();
+    let atomic = private.guest_memory();
     let ours = atomic.memory();
     let peer =
         GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), SIZE as usize)]).unwrap();

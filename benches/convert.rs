@@ -131,7 +131,7 @@ fn convert_1gib(c: &mut Criterion) {
         .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let device = {
-        let (view, stop) = (device_memory.memory(), Arc::clone(&stop));
+        let (view, stop) = (device_memory.guest_memory(), Arc::clone(&stop));
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 black_box(

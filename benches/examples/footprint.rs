@@ -31,7 +31,7 @@ fn main() {
         memory.metadata_bytes(),
         memory.metadata_bytes()
     );
-    let ram = memory.memory();
+    let ram = memory.guest_memory();
     let whole = PageRange::new(0, GIB).unwrap();
     println!(
         "fresh:                          {:>8} KiB resident",

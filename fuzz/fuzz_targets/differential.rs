@@ -340,7 +340,7 @@ impl Subject {
                     u64::from(at) % WINDOW as u64,
                     u64::from(len) % (3 * PAGE_SIZE) + 1,
                 );
-                let view = self.memory.memory();
+                let view = self.memory.guest_memory();
                 let data = vec![byte; len as usize];
                 let result = view
                     .memory()
@@ -356,7 +356,7 @@ impl Subject {
                     u64::from(at) % WINDOW as u64,
                     u64::from(len) % (3 * PAGE_SIZE) + 1,
                 );
-                let view = self.memory.memory();
+                let view = self.memory.guest_memory();
                 let mut buf = vec![0u8; len as usize];
                 let result = view
                     .memory()
@@ -376,7 +376,7 @@ impl Subject {
 
     /// Every page's state, readability and (dual) KVM's view against the model.
     fn check_states(&self, what: &str) {
-        let view = self.memory.memory();
+        let view = self.memory.guest_memory();
         let view = view.memory();
         for page in 0..WINDOW_PAGES {
             let gpa = self.base + page * PAGE_SIZE;
@@ -401,7 +401,7 @@ impl Subject {
 
     /// Every shared page's content against the model.
     fn check_content(&self) {
-        let view = self.memory.memory();
+        let view = self.memory.guest_memory();
         let view = view.memory();
         let mut buf = vec![0u8; PAGE];
         for page in 0..WINDOW_PAGES {

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The exit handlers (`handle_map_gpa_range`, `handle_memory_fault`, `handle_hypercall`)
+//! The exit handlers (`handle_map_gpa_range`, `serve_memory_fault`, `handle_hypercall`)
 //! on real in-place memory on `/dev/kvm`, fed sequences of guest requests and host writes.
 //!
 //! Layout (one VM and one memory per process, built on the first input; every input
@@ -141,7 +141,7 @@ fn check_touched(
         ),
         Err(_) => (0, 0),
     };
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let view = view.memory();
     for page in first.saturating_sub(1)..(end + 1).min(WINDOW_PAGES) {
         let state = check_page(memory, &view, page * PAGE_SIZE);
@@ -209,7 +209,7 @@ fuzz_target!(|calls: Vec<Call>| {
                 let verdict = oracle::memory_fault(flags, gpa, size);
                 let malformed = verdict.is_err();
                 request(verdict, || {
-                    match memory.handle_memory_fault(flags, gpa, size) {
+                    match memory.serve_memory_fault(flags, gpa, size) {
                         Ok(report) => Ok(report.pages_changed),
                         Err(Error::BadRequest(_)) if malformed => Err(()),
                         Err(Error::OutsideGuestMemory { .. }) if !malformed => Err(()),
@@ -219,7 +219,7 @@ fuzz_target!(|calls: Vec<Call>| {
             }
             Call::HostWrite { page, byte } => {
                 let gpa = u64::from(page) % WINDOW_PAGES * PAGE_SIZE;
-                let view = memory.memory();
+                let view = memory.guest_memory();
                 let written = view
                     .memory()
                     .write_slice(&[byte; PAGE_SIZE as usize], GuestAddress(gpa));

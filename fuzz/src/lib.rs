@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use arbitrary::Arbitrary;
 use guest_memfd::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress};
-use vm_private_memory::VmOps;
+use vm_private_memory::VmMemoryOps;
 use vm_private_memory::{
     private_page_refusal, GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemoryManager,
     Strategy,
@@ -172,7 +172,7 @@ pub mod oracle {
 /// # Panics
 ///
 /// If `/dev/kvm` opens but no VM can be created on it.
-pub fn vm() -> Arc<dyn VmOps> {
+pub fn vm() -> Arc<dyn VmMemoryOps> {
     guest_memfd::stand_in::vm_for_logic_tests()
 }
 
@@ -182,7 +182,7 @@ pub fn vm() -> Arc<dyn VmOps> {
 ///
 /// If the host cannot build it (no in-place guest_memfd, no free memslot).
 pub fn in_place_memory(
-    vm: Arc<dyn VmOps>,
+    vm: Arc<dyn VmMemoryOps>,
     regions: &[(u64, u64)],
     initial: PageState,
 ) -> PrivateMemoryManager {
@@ -222,7 +222,7 @@ impl AttributesRecord {
 /// `[base, base + window_pages * 4 KiB)`.
 ///
 /// This host has no `KVM_SET_MEMORY_ATTRIBUTES`, so the dual strategy runs on a stand-in
-/// VM (a `VmOps` wrapping `vm`) that reports memory attributes and records that call
+/// VM (a `VmMemoryOps` wrapping `vm`) that reports memory attributes and records that call
 /// instead of making it; memslots, files and mappings are real. This is the only
 /// function that knows how that stand-in is built.
 ///
@@ -230,7 +230,7 @@ impl AttributesRecord {
 ///
 /// If the host cannot build it.
 pub fn dual_memory(
-    vm: Arc<dyn VmOps>,
+    vm: Arc<dyn VmMemoryOps>,
     regions: &[(u64, u64)],
     initial: PageState,
     base: u64,
@@ -245,23 +245,23 @@ pub fn dual_memory(
     use vmm_sys_util::errno;
 
     struct Recorder {
-        vm: Arc<dyn VmOps>,
+        vm: Arc<dyn VmMemoryOps>,
         record: Arc<AttributesRecord>,
     }
 
-    impl VmOps for Recorder {
+    impl VmMemoryOps for Recorder {
         fn check_extension_raw(&self, cap: u32) -> i32 {
             if cap == KVM_CAP_MEMORY_ATTRIBUTES {
                 return KVM_MEMORY_ATTRIBUTE_PRIVATE as i32;
             }
-            VmOps::check_extension_raw(&*self.vm, cap)
+            VmMemoryOps::check_extension_raw(&*self.vm, cap)
         }
 
         fn create_guest_memfd(
             &self,
             request: kvm_create_guest_memfd,
         ) -> Result<OwnedFd, errno::Error> {
-            VmOps::create_guest_memfd(&*self.vm, request)
+            VmMemoryOps::create_guest_memfd(&*self.vm, request)
         }
 
         unsafe fn set_user_memory_region2(
@@ -270,7 +270,7 @@ pub fn dual_memory(
         ) -> Result<(), errno::Error> {
             // SAFETY: the caller upholds the trait's contract, the same for the VM this
             // forwards to.
-            unsafe { VmOps::set_user_memory_region2(&*self.vm, region) }
+            unsafe { VmMemoryOps::set_user_memory_region2(&*self.vm, region) }
         }
 
         fn set_memory_attributes(

@@ -190,7 +190,7 @@ impl PrivateGuest {
             None => builder.region_at(DATA_ADDR, config.data_size),
         };
         let memory = builder.initial_state(PageState::Shared).build()?;
-        let ram = memory.memory();
+        let ram = memory.guest_memory();
         let ram = ram.memory();
         for (i, entry) in gdt_entries().iter().enumerate() {
             ram.write_obj(*entry, GuestAddress(GDT_ADDR + i as u64 * 8))
@@ -318,7 +318,7 @@ impl GuestVcpu {
                     continue;
                 }
                 Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
-                    self.memory.handle_memory_fault(flags, gpa, size)?;
+                    self.memory.serve_memory_fault(flags, gpa, size)?;
                     continue;
                 }
                 Ok(exit) => {
@@ -341,7 +341,7 @@ impl GuestVcpu {
                 let args = [regs.rbx, regs.rcx, regs.rdx];
                 serve(&self.memory, &mut self.served, regs.rax, args, false)
             } else {
-                let ram = self.memory.memory();
+                let ram = self.memory.guest_memory();
                 device.kick(&ram.memory(), regs.rbx, regs.rcx)
             };
             if self.sync_regs {

@@ -29,7 +29,7 @@ fn run_case(offset: u64, size: u64) {
     let mut guest = common::guest(programs::DRIVER, AREA, 1, false);
     guest.start(0, &[]).unwrap();
     let memory = guest.memory().clone();
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let dev = &mut NoDevice;
     let mut d = Driver::new(guest.vcpu(0), dev).unwrap();
     let (base, start, end) = (DATA_ADDR, DATA_ADDR + offset, DATA_ADDR + offset + size);
@@ -124,7 +124,7 @@ fn the_driver_reports_a_wrong_byte() {
     }
     let mut guest = common::guest(programs::DRIVER, 2 << 20, 1, false);
     guest.start(0, &[]).unwrap();
-    let view = guest.memory().memory();
+    let view = guest.memory().guest_memory();
     let dev = &mut NoDevice;
     let mut d = Driver::new(guest.vcpu(0), dev).unwrap();
     d.fill(DATA_ADDR, 8192, 7, dev).unwrap();

@@ -253,7 +253,7 @@ fn boot_once(
                 ..AtMarker::default()
             };
             // Every page of guest RAM, read by the host through the backend's Bytes.
-            let ram = memory.memory();
+            let ram = memory.guest_memory();
             let ram = ram.memory();
             for gpa in (0..RAM_SIZE).step_by(PAGE_SIZE as usize) {
                 match ram.read_obj::<u64>(GuestAddress(gpa)) {

@@ -292,7 +292,7 @@ fn only_what_the_loader_writes_is_shared_and_the_boot_parameters_describe_it() {
     }
     assert_eq!(memory.private_pages(), RAM_SIZE / PAGE_SIZE - shared);
 
-    let ram = memory.memory();
+    let ram = memory.guest_memory();
     let ram = ram.memory();
     let params: boot_params = ram.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
     let hdr = params.hdr;
@@ -357,7 +357,7 @@ fn a_tsc_frequency_on_the_command_line_is_kept() {
     let images = images(&RESET, 4096);
     let cmdline = format!("{CMDLINE} tsc_early_khz=1234567");
     let vm = LinuxVm::new(&config(&images, Ram::Shared, &cmdline)).unwrap();
-    let ram = vm.memory().memory();
+    let ram = vm.memory().guest_memory();
     let mut line = vec![0u8; cmdline.len() + 1];
     ram.memory()
         .read_slice(&mut line, GuestAddress(CMDLINE_ADDR))
@@ -374,7 +374,7 @@ fn the_tsc_frequency_goes_before_the_init_arguments() {
     let images = images(&RESET, 4096);
     let cmdline = format!("{CMDLINE} -- init-arg");
     let vm = LinuxVm::new(&config(&images, Ram::Shared, &cmdline)).unwrap();
-    let ram = vm.memory().memory();
+    let ram = vm.memory().guest_memory();
     let mut line = vec![0u8; 200];
     ram.memory()
         .read_slice(&mut line, GuestAddress(CMDLINE_ADDR))

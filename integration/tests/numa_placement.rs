@@ -130,7 +130,7 @@ fn a_policy_over_the_usable_nodes_builds_and_the_memory_works() {
         .build()
         .unwrap();
     use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let host = memory.memslots().unwrap()[0].userspace_addr as usize;
     // Nothing allocated yet, and asking allocates nothing.
     assert_eq!(node_of_page(host + 0x3000).unwrap(), None);
@@ -458,7 +458,7 @@ fn a_hotplugged_region_lands_on_its_node_and_its_file_keeps_the_policy() {
         .add_region_with_policy(added, None, policy, PageState::Shared)
         .unwrap();
     let nodes_of = |range: PageRange, pages: std::ops::Range<u64>| -> Vec<u32> {
-        let view = memory.memory();
+        let view = memory.guest_memory();
         for page in pages.clone() {
             view.memory()
                 .write_obj(0xfeed_u64, GuestAddress(range.start() + page * PAGE_SIZE))

@@ -48,7 +48,7 @@ fn a_guest_re_faults_zeroed_pages_after_a_discard() {
     let _s = memory.subscribe(PageRange::new(GIB4, SIZE).unwrap(), log.clone());
     assert_eq!(vm.run().unwrap().reason, StopReason::Pause);
     // The guest's writes are visible to the host through the backend.
-    let ram = memory.memory();
+    let ram = memory.guest_memory();
     assert_eq!(
         ram.memory().read_obj::<u64>(GuestAddress(GIB4)).unwrap(),
         PATTERN
@@ -78,7 +78,7 @@ fn a_guest_sees_fresh_pages_after_a_private_round_trip() {
     let range = PageRange::new(GIB4, 16 * PAGE_SIZE).unwrap();
     memory.convert(range, PageState::Private).unwrap();
     // While private, the host cannot read what the guest wrote there.
-    let ram = memory.memory();
+    let ram = memory.guest_memory();
     assert!(ram.memory().read_obj::<u64>(GuestAddress(GIB4)).is_err());
     memory.convert(range, PageState::Shared).unwrap();
     let done = vm.run_to_done().unwrap();

@@ -50,7 +50,7 @@ fn real_hypercall_exits_convert_memory_and_answer_the_guest() {
     let stop = vcpu.run(&mut NoDevice).unwrap();
     assert_eq!(stop.reason, StopReason::Pause);
     assert_eq!(memory.state_of(buffer), Some(PageState::Shared));
-    let ram = memory.memory();
+    let ram = memory.guest_memory();
     assert_eq!(
         ram.memory().read_obj::<u64>(GuestAddress(buffer)).unwrap(),
         0x5a5a_5a5a_5a5a_5a5a,
@@ -77,7 +77,7 @@ fn real_hypercall_exits_convert_memory_and_answer_the_guest() {
 
 /// A real KVM_EXIT_MEMORY_FAULT: the guest touches a private page whose region the host
 /// has removed. KVM cannot serve a private access without a guest_memfd slot and exits;
-/// the run loop hands the exit to `PrivateMemoryManager::handle_memory_fault`, which refuses it
+/// the run loop hands the exit to `PrivateMemoryManager::serve_memory_fault`, which refuses it
 /// (the range is no longer guest memory). Once the host re-adds the region, backed by
 /// the same file, the guest's access completes and reads what it had written.
 ///

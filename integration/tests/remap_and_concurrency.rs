@@ -77,7 +77,7 @@ fn scenario_4_discard_and_remap_under_a_running_guest() {
     d.check(DATA_ADDR, size, 0x7e, dev).unwrap();
     assert_eq!(
         memory
-            .memory()
+            .guest_memory()
             .memory()
             .read_obj::<u8>(GuestAddress(DATA_ADDR))
             .unwrap(),
@@ -136,7 +136,7 @@ fn scenario_5_two_vcpus_convert_while_a_device_reads() {
     let own = |i: u64| PageRange::new(DATA_ADDR + i * 2 * MIB, 2 * MIB).unwrap();
     let common = PageRange::new(DATA_ADDR + 4 * MIB, MIB).unwrap();
     let sentinel = PageRange::new(DATA_ADDR + 6 * MIB, 2 * MIB).unwrap();
-    let ram = memory.memory();
+    let ram = memory.guest_memory();
     ram.memory()
         .write_slice(
             &vec![0x5a; sentinel.len() as usize],

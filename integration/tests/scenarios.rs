@@ -50,7 +50,7 @@ fn scenario_1_an_all_private_guest_computes_and_the_host_reads_nothing() {
     let done = guest.vcpu(0).run_to_done(&mut NoDevice).unwrap();
     assert_eq!(done.rax, expected_checksum(size / 8));
 
-    let ram = memory.memory();
+    let ram = memory.guest_memory();
     for (what, gpa) in [
         ("code", layout::CODE_ADDR),
         ("page tables", layout::PML4_ADDR),
@@ -106,7 +106,7 @@ fn scenario_2_a_bounce_buffer_round_trip_through_shared_memory() {
     assert_eq!(*dma.0.lock().unwrap(), vec![(true, whole), (false, whole)]);
     assert_eq!(memory.state_of(buffer), Some(PageState::Private));
     assert!(memory
-        .memory()
+        .guest_memory()
         .memory()
         .read_obj::<u64>(GuestAddress(buffer))
         .is_err());

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::flags::GuestMemfdFlags;
 use crate::uapi::{KVM_CAP_GUEST_MEMFD_FLAGS, KVM_HC_MAP_GPA_RANGE};
-use crate::vm_ops::VmOps;
+use crate::vm_ops::VmMemoryOps;
 
 /// The answers of `KVM_CHECK_EXTENSION` that matter for guest private memory, from the
 /// system fd (`/dev/kvm`) or from one VM fd (which may answer differently per VM type).
@@ -45,9 +45,9 @@ impl Capabilities {
         Self::from_checker(|cap| i64::from(kvm.check_extension_raw(cap.into())))
     }
 
-    /// Probes a VM (a kvm-ioctls `VmFd`, or any other [`VmOps`]); VM-specific answers
+    /// Probes a VM (a kvm-ioctls `VmFd`, or any other [`VmMemoryOps`]); VM-specific answers
     /// (memory attributes, guest_memfd flags) depend on the VM's type.
-    pub fn of_vm(vm: &(impl VmOps + ?Sized)) -> Self {
+    pub fn of_vm(vm: &(impl VmMemoryOps + ?Sized)) -> Self {
         Self::from_checker(|cap| i64::from(vm.check_extension_raw(cap)))
     }
 

@@ -103,4 +103,4 @@ pub use numa::{
 pub use range::{is_page_aligned, Chunks, PageRange, PAGE_SIZE};
 pub use sealed::{SealedMemfd, SHARED_MEMORY_SEALS};
 pub use shared_backing::SharedBacking;
-pub use vm_ops::VmOps;
+pub use vm_ops::VmMemoryOps;

@@ -15,7 +15,7 @@ use crate::file::MemoryFile;
 use crate::flags::GuestMemfdFlags;
 use crate::range::{is_page_aligned, PageRange};
 use crate::uapi::KVM_CAP_GUEST_MEMFD_FLAGS;
-use crate::vm_ops::VmOps;
+use crate::vm_ops::VmMemoryOps;
 use vmm_sys_util::errno;
 
 /// A KVM guest_memfd: a file of guest memory that belongs to one VM.
@@ -47,14 +47,14 @@ pub struct GuestMemfd {
 
 /// The guest_memfd flags `vm` accepts (`KVM_CAP_GUEST_MEMFD_FLAGS`; none on hosts that
 /// predate the capability).
-pub fn supported_flags(vm: &(impl VmOps + ?Sized)) -> GuestMemfdFlags {
+pub fn supported_flags(vm: &(impl VmMemoryOps + ?Sized)) -> GuestMemfdFlags {
     let mask = vm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS);
     GuestMemfdFlags::from_bits_retain(u64::try_from(mask).unwrap_or(0))
 }
 
 impl GuestMemfd {
     /// Creates a guest_memfd of `size` bytes on `vm` (a kvm-ioctls `VmFd`, or any other
-    /// [`VmOps`]).
+    /// [`VmMemoryOps`]).
     ///
     /// Checks, before asking the kernel, that the VM supports guest_memfd, that `size` is a
     /// non-zero multiple of the page size and that `flags` are among those the VM accepts.
@@ -70,7 +70,11 @@ impl GuestMemfd {
     /// `FD_CLOEXEC`, and a process the VMM starts (a vhost-user backend, a helper) must
     /// not inherit the file of the guest's private pages. A `fork` and `exec` on another
     /// thread between the ioctl and the `fcntl` that sets the flag can still inherit it.
-    pub fn create(vm: &(impl VmOps + ?Sized), size: u64, flags: GuestMemfdFlags) -> Result<Self> {
+    pub fn create(
+        vm: &(impl VmMemoryOps + ?Sized),
+        size: u64,
+        flags: GuestMemfdFlags,
+    ) -> Result<Self> {
         if vm.check_extension_raw(KVM_CAP_GUEST_MEMFD) <= 0 {
             return Err(Error::GuestMemfdUnsupported);
         }

@@ -10,7 +10,7 @@ use vm_memory::mmap::MmapRegion;
 use crate::error::{Error, Result};
 use crate::memfd::GuestMemfd;
 use crate::range::{is_page_aligned, PageRange};
-use crate::vm_ops::VmOps;
+use crate::vm_ops::VmMemoryOps;
 
 /// A checked memslot backed by a guest_memfd, ready to bind.
 ///
@@ -145,7 +145,7 @@ impl<'a> Memslot<'a> {
         }
     }
 
-    /// Creates the slot in `vm` (a kvm-ioctls `VmFd`, or any other [`VmOps`]).
+    /// Creates the slot in `vm` (a kvm-ioctls `VmFd`, or any other [`VmMemoryOps`]).
     ///
     /// # Errors
     ///
@@ -160,7 +160,7 @@ impl<'a> Memslot<'a> {
     /// If a userspace address was set, the host memory there must stay mapped, and must
     /// not be used for anything but this guest's memory, until the slot is unbound (or
     /// the VM is closed): the guest and KVM read and write it.
-    pub unsafe fn bind(&self, vm: &(impl VmOps + ?Sized)) -> Result<()> {
+    pub unsafe fn bind(&self, vm: &(impl VmMemoryOps + ?Sized)) -> Result<()> {
         self.check_slot_limit(vm)?;
         // SAFETY: the caller guarantees the userspace memory outlives the binding; the
         // guest_memfd is borrowed for the call, so its fd number is valid.
@@ -180,7 +180,7 @@ impl<'a> Memslot<'a> {
     /// # Errors
     ///
     /// [`Error::SetMemoryRegion`] with the kernel's errno if the deletion fails.
-    pub fn unbind(&self, vm: &(impl VmOps + ?Sized)) -> Result<()> {
+    pub fn unbind(&self, vm: &(impl VmMemoryOps + ?Sized)) -> Result<()> {
         let region = kvm_userspace_memory_region2 {
             memory_size: 0,
             ..self.region()
@@ -195,7 +195,7 @@ impl<'a> Memslot<'a> {
         })
     }
 
-    fn check_slot_limit(&self, vm: &(impl VmOps + ?Sized)) -> Result<()> {
+    fn check_slot_limit(&self, vm: &(impl VmMemoryOps + ?Sized)) -> Result<()> {
         let limit = u32::try_from(vm.check_extension_raw(KVM_CAP_NR_MEMSLOTS)).unwrap_or(0);
         let id = self.slot & 0xffff;
         if limit > 0 && id >= limit {

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::flags::GuestMemfdFlags;
 use crate::memfd::GuestMemfd;
 use crate::range::{PageRange, PAGE_SIZE};
-use crate::vm_ops::VmOps;
+use crate::vm_ops::VmMemoryOps;
 
 /// `MPOL_F_NODE` (`include/uapi/linux/mempolicy.h`): `get_mempolicy` returns a node.
 const MPOL_F_NODE: libc::c_ulong = 1 << 0;
@@ -418,7 +418,7 @@ impl fmt::Display for NumaSupport {
 ///
 /// The file layer's error if the probe's guest_memfd cannot be created or mapped, and
 /// [`Error::Numa`] if a NUMA call fails.
-pub fn numa_policy_support(vm: &(impl VmOps + ?Sized)) -> Result<NumaSupport> {
+pub fn numa_policy_support(vm: &(impl VmMemoryOps + ?Sized)) -> Result<NumaSupport> {
     let usable = usable_nodes()?;
     let (Some(&asked), Some(&other)) = (usable.first(), usable.get(1)) else {
         return Ok(NumaSupport::SingleNode);

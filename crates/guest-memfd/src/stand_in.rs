@@ -2,7 +2,7 @@
 
 //! A stand-in for KVM, for tests of code built on this crate: [`StandInVm`].
 //!
-//! Behind the `test-utils` cargo feature. It implements [`VmOps`] in userspace, without
+//! Behind the `test-utils` cargo feature. It implements [`VmMemoryOps`] in userspace, without
 //! `/dev/kvm`, so that the userspace logic above this crate (planning, rollback,
 //! listeners, state, bounds, device mappers) can be tested on any host, also on one whose
 //! KVM has no guest_memfd. It checks what KVM checks, with KVM's errnos, and records
@@ -72,7 +72,7 @@ use crate::uapi::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD_FLAGS,
     KVM_HC_MAP_GPA_RANGE,
 };
-use crate::vm_ops::VmOps;
+use crate::vm_ops::VmMemoryOps;
 
 /// Memslots per address space, as our hosts' KVM answers `KVM_CAP_NR_MEMSLOTS`.
 pub const STAND_IN_MEMSLOTS: u32 = 32764;
@@ -203,7 +203,7 @@ impl StandInVm {
     }
 }
 
-impl VmOps for StandInVm {
+impl VmMemoryOps for StandInVm {
     fn check_extension_raw(&self, cap: u32) -> i32 {
         match cap {
             KVM_CAP_USER_MEMORY2 | KVM_CAP_MEMORY_FAULT_INFO | KVM_CAP_GUEST_MEMFD => 1,
@@ -420,7 +420,7 @@ thread_local! {
 ///
 /// If `/dev/kvm` can be opened but no VM can be created on it: that is a broken host,
 /// not a missing capability.
-pub fn vm_for_logic_tests() -> Arc<dyn VmOps> {
+pub fn vm_for_logic_tests() -> Arc<dyn VmMemoryOps> {
     match kvm_ioctls::Kvm::new() {
         Ok(kvm) => {
             let vm = kvm.create_vm().expect("KVM_CREATE_VM of a default-type VM");

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The VM operations this workspace needs from a hypervisor, as a trait: [`VmOps`].
+//! The VM operations this workspace needs from a hypervisor, as a trait: [`VmMemoryOps`].
 //!
 //! Everything that touches a VM (probing capabilities, creating a guest_memfd, binding
 //! memslots, changing memory attributes, enabling hypercall exits) goes through this
@@ -28,12 +28,12 @@ use vmm_sys_util::errno;
 /// default answers as a kernel without the operation would (`ENOTTY`).
 ///
 /// ```
-/// use guest_memfd::{Capabilities, GuestMemfd, GuestMemfdFlags, VmOps};
+/// use guest_memfd::{Capabilities, GuestMemfd, GuestMemfdFlags, VmMemoryOps};
 ///
 /// // A VMM's own VM type: it implements the operations by forwarding to its fd.
 /// struct MyVm(kvm_ioctls::VmFd);
 ///
-/// impl VmOps for MyVm {
+/// impl VmMemoryOps for MyVm {
 ///     fn check_extension_raw(&self, cap: u32) -> i32 {
 ///         self.0.check_extension_raw(cap.into())
 ///     }
@@ -42,7 +42,7 @@ use vmm_sys_util::errno;
 ///         request: kvm_bindings::kvm_create_guest_memfd,
 ///     ) -> Result<std::os::fd::OwnedFd, vmm_sys_util::errno::Error> {
 ///         // Through the `VmFd` implementation, which takes ownership of the new fd.
-///         VmOps::create_guest_memfd(&self.0, request)
+///         VmMemoryOps::create_guest_memfd(&self.0, request)
 ///     }
 ///     unsafe fn set_user_memory_region2(
 ///         &self,
@@ -67,7 +67,7 @@ use vmm_sys_util::errno;
 /// let gmem = GuestMemfd::create(&vm, 2 << 20, GuestMemfdFlags::empty()).unwrap();
 /// assert_eq!(gmem.size(), 2 << 20);
 /// ```
-pub trait VmOps: Send + Sync {
+pub trait VmMemoryOps: Send + Sync {
     /// `KVM_CHECK_EXTENSION` on the VM: the kernel's answer for capability `cap`
     /// (a `KVM_CAP_*` number), zero when absent, negative on error.
     fn check_extension_raw(&self, cap: u32) -> i32;
@@ -131,7 +131,7 @@ pub trait VmOps: Send + Sync {
     }
 }
 
-impl VmOps for VmFd {
+impl VmMemoryOps for VmFd {
     fn check_extension_raw(&self, cap: u32) -> i32 {
         VmFd::check_extension_raw(self, cap.into())
     }
@@ -168,7 +168,7 @@ impl VmOps for VmFd {
 
 macro_rules! forward_vm_ops {
     ($($wrapper:ty),*) => {$(
-        impl<T: VmOps + ?Sized> VmOps for $wrapper {
+        impl<T: VmMemoryOps + ?Sized> VmMemoryOps for $wrapper {
             fn check_extension_raw(&self, cap: u32) -> i32 {
                 (**self).check_extension_raw(cap)
             }

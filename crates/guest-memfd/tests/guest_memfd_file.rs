@@ -378,7 +378,7 @@ fn a_created_guest_memfd_is_close_on_exec_where_the_kernel_makes_it_inheritable(
         ..Default::default()
     };
     // KVM itself hands out an inheritable descriptor ...
-    let kernels = guest_memfd::VmOps::create_guest_memfd(&vm, raw).unwrap();
+    let kernels = guest_memfd::VmMemoryOps::create_guest_memfd(&vm, raw).unwrap();
     // SAFETY: F_GETFD takes no argument; the descriptor is open.
     let kernel_flags = unsafe { libc::fcntl(kernels.as_raw_fd(), libc::F_GETFD) };
     assert_eq!(kernel_flags & libc::FD_CLOEXEC, 0);

@@ -250,7 +250,7 @@ fn a_sealed_memfd_refuses_bad_input() {
 /// (`KVM_MEM_LOG_DIRTY_PAGES`) on a memslot bound to a guest_memfd.
 #[test]
 fn kvm_refuses_dirty_logging_on_a_guest_memfd_memslot() {
-    use guest_memfd::VmOps;
+    use guest_memfd::VmMemoryOps;
     let vm = vm();
     if !require_mmap(&vm, "kvm_refuses_dirty_logging_on_a_guest_memfd_memslot") {
         return;
@@ -265,7 +265,7 @@ fn kvm_refuses_dirty_logging_on_a_guest_memfd_memslot() {
     region.flags |= kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
     // SAFETY: `map` outlives the call; were the slot created, it is deleted below
     // (memory_size 0) before `map` goes.
-    let logged = unsafe { VmOps::set_user_memory_region2(&vm, region) };
+    let logged = unsafe { VmMemoryOps::set_user_memory_region2(&vm, region) };
     assert_eq!(
         logged.map(|()| 0).unwrap_or_else(|e| e.errno()),
         libc::EINVAL

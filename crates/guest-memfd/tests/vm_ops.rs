@@ -9,7 +9,9 @@ mod common;
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 
-use guest_memfd::{Capabilities, Error, GuestMemfd, GuestMemfdFlags, Memslot, PageRange, VmOps};
+use guest_memfd::{
+    Capabilities, Error, GuestMemfd, GuestMemfdFlags, Memslot, PageRange, VmMemoryOps,
+};
 use kvm_bindings::{
     kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region2,
     KVM_CAP_GUEST_MEMFD,
@@ -27,18 +29,18 @@ struct LoggingVm {
     log: Mutex<Vec<String>>,
 }
 
-impl VmOps for LoggingVm {
+impl VmMemoryOps for LoggingVm {
     fn check_extension_raw(&self, cap: u32) -> i32 {
         self.log.lock().unwrap().push(format!("check {cap}"));
         if self.hide_guest_memfd && cap == KVM_CAP_GUEST_MEMFD {
             return 0;
         }
-        VmOps::check_extension_raw(&self.vm, cap)
+        VmMemoryOps::check_extension_raw(&self.vm, cap)
     }
 
     fn create_guest_memfd(&self, request: kvm_create_guest_memfd) -> Result<OwnedFd, errno::Error> {
         self.log.lock().unwrap().push("create".into());
-        VmOps::create_guest_memfd(&self.vm, request)
+        VmMemoryOps::create_guest_memfd(&self.vm, request)
     }
 
     unsafe fn set_user_memory_region2(
@@ -50,7 +52,7 @@ impl VmOps for LoggingVm {
             region.slot, region.memory_size
         ));
         // SAFETY: the caller upholds the trait's contract, the same for the `VmFd`.
-        unsafe { VmOps::set_user_memory_region2(&self.vm, region) }
+        unsafe { VmMemoryOps::set_user_memory_region2(&self.vm, region) }
     }
 }
 
@@ -89,7 +91,7 @@ fn a_vmm_s_own_vm_type_creates_binds_and_probes_through_the_trait() {
         "unbind deletes the slot"
     );
     // Through a trait object too.
-    let dynamic: &dyn VmOps = &vm;
+    let dynamic: &dyn VmMemoryOps = &vm;
     assert!(GuestMemfd::create(dynamic, MIB2, GuestMemfdFlags::empty()).is_ok());
 }
 
@@ -120,7 +122,7 @@ fn memory_attributes_answer_as_the_kernel_does_without_them_by_default() {
             attributes: u64::from(kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE),
             ..attributes
         };
-        let err = VmOps::set_memory_attributes(&vm.vm, private).unwrap_err();
+        let err = VmMemoryOps::set_memory_attributes(&vm.vm, private).unwrap_err();
         assert!(matches!(err.errno(), libc::ENOTTY | libc::EINVAL), "{err}");
     }
 }

@@ -51,7 +51,7 @@ fn dma_follows_conversions(backend: Backend, sysfs: &Path) {
     assert!(mapper.is_mapped(source) && mapper.is_mapped(target));
 
     // RAM -> edu from one shared page, edu -> RAM into another.
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let first = pattern(0x11);
     view.memory()
         .write_slice(&first, GuestAddress(source))
@@ -307,7 +307,7 @@ fn measure(backend: Backend, sysfs: &Path) {
     // while any page is private, so the idiom works only at a moment when all of memory
     // is shared; after it the guest turns all but the window private again.
     let memory = dual_memory(GUEST);
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let refused = view
         .memory()
         .iter()

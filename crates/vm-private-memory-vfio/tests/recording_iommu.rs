@@ -144,7 +144,7 @@ fn shared_pages(memory: &PrivateMemoryManager) -> Vec<u64> {
 /// A recording IOMMU watching `memory`, and a mapper for it.
 fn setup(memory: &PrivateMemoryManager) -> (Arc<RecordingIommu>, DmaMapper) {
     let iommu = Arc::new(RecordingIommu::default());
-    *iommu.view.lock().unwrap() = Some(memory.memory());
+    *iommu.view.lock().unwrap() = Some(memory.guest_memory());
     let mapper = DmaMapper::new(iommu.clone());
     (iommu, mapper)
 }

@@ -80,7 +80,7 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     // 2. The code, in pages that end private: the host cannot read it back.
     memory.load_private(CODE, &GUEST)?;
-    let view = memory.memory();
+    let view = memory.guest_memory();
     assert!(view.memory().read_obj::<u8>(GuestAddress(CODE)).is_err());
     println!("guest code loaded at {CODE:#x}, private: the host's read is refused");
 
@@ -154,7 +154,7 @@ fn serve_the_device(
 ) -> Result<(), Box<dyn Error>> {
     let window = PageRange::new(WINDOW, WINDOW_PAGES * PAGE_SIZE)?;
     assert_eq!(memory.state_of(window.start()), Some(PageState::Shared));
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let mem = view.memory();
     mem.write_slice(b"ping from guest!", GuestAddress(REQUEST))?;
     let driver = MockSplitQueue::create(&*mem, GuestAddress(WINDOW), 16);

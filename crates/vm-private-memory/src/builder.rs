@@ -5,13 +5,13 @@
 use std::sync::Arc;
 
 use guest_memfd::{
-    Capabilities, GuestMemfd, GuestMemfdFlags, NumaPolicy, PageRange, SharedBacking, VmOps,
+    Capabilities, GuestMemfd, GuestMemfdFlags, NumaPolicy, PageRange, SharedBacking, VmMemoryOps,
 };
 use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
 use vm_memory::{GuestMemoryBackend, GuestRegionCollection};
 
 use crate::attributes::PageState;
-use crate::error::{Error, GpaRange, LayoutError, Result};
+use crate::error::{ByteRange, Error, LayoutError, Result};
 use crate::guard::DirtyBitmap;
 use crate::kvm_view::set_kvm_view;
 use crate::memory::{bind_regions, unbind_regions, Engine, PrivateMemoryManager};
@@ -63,7 +63,7 @@ impl RegionSpec {
 /// Builds a [`PrivateMemoryManager`]: where each region goes in guest-physical space, which
 /// strategy backs it, its initial state, and its memslots.
 ///
-/// The VM is anything that implements [`VmOps`]: a kvm-ioctls `VmFd`, or a VMM's own
+/// The VM is anything that implements [`VmMemoryOps`]: a kvm-ioctls `VmFd`, or a VMM's own
 /// hypervisor wrapper.
 ///
 /// ```
@@ -96,14 +96,14 @@ impl RegionSpec {
 ///
 /// ```compile_fail
 /// #![deny(unused_must_use)]
-/// fn configure(vm: std::sync::Arc<dyn guest_memfd::VmOps>) {
+/// fn configure(vm: std::sync::Arc<dyn guest_memfd::VmMemoryOps>) {
 ///     let builder = vm_private_memory::MemoryBuilder::new(vm);
 ///     builder.region(2 << 20); // the region is lost: an error under deny(unused_must_use)
 /// }
 /// ```
 #[must_use = "a MemoryBuilder does nothing until `build` is called on it"]
 pub struct MemoryBuilder {
-    vm: Arc<dyn VmOps>,
+    vm: Arc<dyn VmMemoryOps>,
     regions: Vec<RegionSpec>,
     reserved: Vec<(u64, u64)>,
     strategy: Option<Strategy>,
@@ -116,7 +116,7 @@ pub struct MemoryBuilder {
     vmm_binds: bool,
 }
 
-// By hand: the VM is an `Arc<dyn VmOps>`, which has no `Debug`.
+// By hand: the VM is an `Arc<dyn VmMemoryOps>`, which has no `Debug`.
 impl std::fmt::Debug for MemoryBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryBuilder")
@@ -137,11 +137,11 @@ impl MemoryBuilder {
     /// Starts a layout for `vm`: no regions, strategy chosen from the VM's capabilities,
     /// pages initially private (as a TDX or SNP guest starts), one guest_memfd per region.
     ///
-    /// `vm` is an `Arc` of a kvm-ioctls `VmFd` or of any other [`VmOps`]; the memory
+    /// `vm` is an `Arc` of a kvm-ioctls `VmFd` or of any other [`VmMemoryOps`]; the memory
     /// keeps it, and makes every VM call through it. From an `Arc<VmFd>` named `vm`, pass
-    /// `vm.clone()`: `Arc::clone(&vm)` would be inferred as `Arc<dyn VmOps>` and not
+    /// `vm.clone()`: `Arc::clone(&vm)` would be inferred as `Arc<dyn VmMemoryOps>` and not
     /// compile.
-    pub fn new(vm: Arc<dyn VmOps>) -> Self {
+    pub fn new(vm: Arc<dyn VmMemoryOps>) -> Self {
         MemoryBuilder {
             vm,
             regions: Vec::new(),
@@ -333,7 +333,7 @@ impl MemoryBuilder {
             return Err(Error::NoRegions);
         }
         let mut space = AddressAllocator::new(0, GUEST_PHYS_LIMIT).map_err(|e| Error::Layout {
-            range: GpaRange {
+            range: ByteRange {
                 start: 0,
                 len: GUEST_PHYS_LIMIT,
             },
@@ -367,7 +367,7 @@ impl MemoryBuilder {
         let mut taken: Vec<(PageRange, bool)> = Vec::new();
         for request in requests {
             let layout_err = |reason: LayoutError| Error::Layout {
-                range: GpaRange {
+                range: ByteRange {
                     start: request.at.unwrap_or(0),
                     len: request.size,
                 },
@@ -462,10 +462,10 @@ impl MemoryBuilder {
     ///     .unwrap();
     ///
     /// // Device emulation writes a shared page...
-    /// memory.memory().memory().write_obj(7u64, GuestAddress(0x5008)).unwrap();
+    /// memory.guest_memory().memory().write_obj(7u64, GuestAddress(0x5008)).unwrap();
     ///
     /// // ...and a migration pass finds it dirty.
-    /// let view = memory.memory().memory();
+    /// let view = memory.guest_memory().memory();
     /// let region = view.find_region(GuestAddress(0)).unwrap();
     /// let dirty = region.dirty_bitmap().get_and_reset();
     /// assert_eq!(dirty[0], 1 << 5); // page 5, counting from the region's start
@@ -490,7 +490,7 @@ impl MemoryBuilder {
         let (first_slot, last_slot) = self.slot_range(host_limit)?;
         let layout = self.layout()?;
         let mut slot_ids = IdAllocator::new(first_slot, last_slot).map_err(|e| Error::Layout {
-            range: GpaRange { start: 0, len: 0 },
+            range: ByteRange { start: 0, len: 0 },
             reason: LayoutError::SlotRange {
                 first: first_slot,
                 last: last_slot,
@@ -533,7 +533,7 @@ impl MemoryBuilder {
         regions.sort_by_key(|r| r.guest_range().start());
         let collection =
             GuestRegionCollection::from_arc_regions(regions).map_err(|e| Error::Layout {
-                range: GpaRange { start: 0, len: 0 },
+                range: ByteRange { start: 0, len: 0 },
                 reason: LayoutError::Collection(e),
             })?;
         let collection = Arc::new(collection);

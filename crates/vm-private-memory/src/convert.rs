@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::attributes::PageState;
-use crate::error::{Error, GpaRange, Result};
+use crate::error::{ByteRange, Error, Result};
 use crate::guard::DirtyBitmap;
 use crate::kvm_view::set_kvm_view;
 use crate::listener::in_callback;
@@ -248,7 +248,7 @@ impl<'a, B: DirtyBitmap> Piece<'a, B> {
 /// The ranges one conversion changes, each inside one region, in address order.
 struct Plan<'a, B> {
     snapshot: &'a GuestMemoryPrivate<B>,
-    requested: GpaRange,
+    requested: ByteRange,
     changed: Vec<PageRange>,
 }
 
@@ -325,7 +325,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     ///     return;
     /// }
     /// let memory = MemoryBuilder::new(vm).region_at(0, 4 << 20).build().unwrap();
-    /// let view = memory.memory();
+    /// let view = memory.guest_memory();
     /// // Everything starts private: the host cannot read it.
     /// assert!(view.memory().read_obj::<u64>(GuestAddress(0x1000)).is_err());
     ///
@@ -557,7 +557,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
 pub(crate) fn wait_for_host_accesses<B: DirtyBitmap>(
     engine: &Engine<B>,
     regions: &GuestMemoryPrivate<B>,
-    range: GpaRange,
+    range: ByteRange,
 ) -> Result<()> {
     #[cfg(not(loom))]
     {

@@ -13,16 +13,18 @@ use crate::strategy::{Strategy, UnavailableReason};
 /// The result type of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// A guest-physical range, for messages: `[start, end)`.
+/// A guest-physical range of bytes, as errors name it: `[start, end)`, any bytes (a
+/// loader's range need not be page-aligned), unlike [`guest_memfd::PageRange`], which
+/// holds whole pages and is what operations take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GpaRange {
+pub struct ByteRange {
     /// First byte.
     pub start: u64,
     /// Length in bytes.
     pub len: u64,
 }
 
-impl std::fmt::Display for GpaRange {
+impl std::fmt::Display for ByteRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
@@ -114,7 +116,7 @@ pub enum Error {
     #[error("punching guest range {range} failed: {source}")]
     Punch {
         /// The guest-physical range of the run being punched.
-        range: GpaRange,
+        range: ByteRange,
         /// The file layer's error (`fallocate`'s errno and the file's bytes).
         #[source]
         source: guest_memfd::Error,
@@ -133,7 +135,7 @@ pub enum Error {
     #[error("region {range} cannot be placed: {reason}")]
     Layout {
         /// The region.
-        range: GpaRange,
+        range: ByteRange,
         /// Why: an overlap, or vm-allocator's or vm-memory's error.
         #[source]
         reason: LayoutError,
@@ -166,7 +168,7 @@ pub enum Error {
     )]
     OutsideGuestMemory {
         /// The range given.
-        range: GpaRange,
+        range: ByteRange,
         /// The first address that belongs to no region.
         first_outside: u64,
     },
@@ -174,7 +176,7 @@ pub enum Error {
     #[error("host access to {range} refused: page {page:#x} is private to the guest")]
     PrivatePage {
         /// The range accessed.
-        range: GpaRange,
+        range: ByteRange,
         /// The guest-physical address of the first private page in it.
         page: u64,
     },
@@ -183,7 +185,7 @@ pub enum Error {
     #[error("a listener refused {range}: {reason}; the operation was undone")]
     ListenerRefused {
         /// The range offered to the listener (clipped to its subscription).
-        range: GpaRange,
+        range: ByteRange,
         /// The listener's error, or its panic.
         #[source]
         reason: ListenerRefusal,
@@ -193,13 +195,13 @@ pub enum Error {
     #[error("a change to {range} was requested from inside a listener callback: listeners must not convert, discard, add or remove memory")]
     Reentrant {
         /// The range asked for.
-        range: GpaRange,
+        range: ByteRange,
     },
     /// `KVM_SET_MEMORY_ATTRIBUTES` failed.
     #[error("KVM_SET_MEMORY_ATTRIBUTES({state}) of {range} failed: {source}")]
     SetAttributes {
         /// The range.
-        range: GpaRange,
+        range: ByteRange,
         /// The state asked for.
         state: PageState,
         /// The kernel's answer.
@@ -239,7 +241,7 @@ pub enum Error {
     #[error("converting {range} to private waited {waited:?} for a host access still touching it; the conversion was rolled back and may be retried")]
     HostAccessInFlight {
         /// The range asked for.
-        range: GpaRange,
+        range: ByteRange,
         /// How long the conversion waited.
         waited: std::time::Duration,
     },
@@ -271,19 +273,19 @@ pub enum Error {
         /// Why the operation failed.
         cause: Box<Error>,
         /// The ranges whose state in KVM is unknown.
-        unknown: Box<[GpaRange]>,
+        unknown: Box<[ByteRange]>,
         /// The ranges listeners refused (or panicked on) when offered back.
-        listeners_refused: Box<[GpaRange]>,
+        listeners_refused: Box<[ByteRange]>,
         /// The ranges left shared although the operation meant them private or undone.
-        kept_shared: Box<[GpaRange]>,
+        kept_shared: Box<[ByteRange]>,
         /// The ranges left private although undoing the operation meant them shared.
-        kept_private: Box<[GpaRange]>,
+        kept_private: Box<[ByteRange]>,
     },
     /// Writing a loader's bytes into guest memory failed.
     #[error("loading {range} failed: {source}")]
     Load {
         /// The bytes' guest-physical range.
-        range: GpaRange,
+        range: ByteRange,
         /// vm-memory's error.
         source: vm_memory::GuestMemoryError,
     },
@@ -303,7 +305,7 @@ pub enum Error {
     #[error("launching {range} needs every page shared (written through the shared side), and {first_private:#x} is private; nothing was changed")]
     LaunchNeedsShared {
         /// The range asked for.
-        range: GpaRange,
+        range: ByteRange,
         /// The first private page.
         first_private: u64,
     },
@@ -311,7 +313,7 @@ pub enum Error {
     #[error("the launch step refused {range}: {source}; the launch was rolled back (the pages are shared, with their content)")]
     LaunchStep {
         /// The range the step was given.
-        range: GpaRange,
+        range: ByteRange,
         /// The step's error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -330,7 +332,7 @@ pub enum Error {
     #[error("setting the NUMA policy of guest-physical {range} failed: {source}; check the policy's nodes against guest_memfd::usable_nodes() and try again")]
     NumaPolicyNotSet {
         /// The region's guest-physical range.
-        range: GpaRange,
+        range: ByteRange,
         /// The file layer's error, with the kernel's errno.
         #[source]
         source: guest_memfd::Error,
@@ -351,7 +353,7 @@ pub enum Error {
     #[error("cannot remove the region at {range} here: the VMM binds this memory's memslots (MemoryBuilder::vmm_binds_memslots); delete its slot, then call remove_unbound_region")]
     VmmBindsMemslots {
         /// The region's range (its start only, for a removal).
-        range: GpaRange,
+        range: ByteRange,
     },
     /// A guest's conversion request was malformed.
     #[error("malformed conversion request from the guest: {0}")]
@@ -390,10 +392,10 @@ fn strategy_refusal(strategy: Strategy, reason: &UnavailableReason) -> String {
 
 /// What a rollback could not put back, naming only what happened.
 fn rollback_failures(
-    unknown: &[GpaRange],
-    listeners_refused: &[GpaRange],
-    kept_shared: &[GpaRange],
-    kept_private: &[GpaRange],
+    unknown: &[ByteRange],
+    listeners_refused: &[ByteRange],
+    kept_shared: &[ByteRange],
+    kept_private: &[ByteRange],
 ) -> String {
     let mut parts = Vec::new();
     if !unknown.is_empty() {
@@ -428,7 +430,7 @@ fn rollback_failures(
 }
 
 /// `" (first [a, b))"` for a non-empty list of ranges, for messages.
-fn first(ranges: &[GpaRange]) -> String {
+fn first(ranges: &[ByteRange]) -> String {
     ranges
         .first()
         .map(|r| format!(" (first {r})"))

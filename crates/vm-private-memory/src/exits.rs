@@ -310,9 +310,21 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     ///
     /// [`Error::BadRequest`] for flags or a range KVM's ABI does not allow; otherwise as
     /// [`PrivateMemoryManager::serve_request`].
-    pub fn handle_memory_fault(&self, flags: u64, gpa: u64, size: u64) -> Result<ConversionReport> {
+    pub fn serve_memory_fault(&self, flags: u64, gpa: u64, size: u64) -> Result<ConversionReport> {
         let request = ConversionRequest::from_memory_fault(flags, gpa, size)?;
         self.serve_request(request)
+    }
+
+    /// The old name of [`PrivateMemoryManager::serve_memory_fault`].
+    ///
+    /// # Errors
+    ///
+    /// As [`PrivateMemoryManager::serve_memory_fault`].
+    #[deprecated(
+        note = "renamed serve_memory_fault: serve_* returns a Result, handle_* the guest's rax"
+    )]
+    pub fn handle_memory_fault(&self, flags: u64, gpa: u64, size: u64) -> Result<ConversionReport> {
+        self.serve_memory_fault(flags, gpa, size)
     }
 
     /// Serves a hypercall by the KVM register ABI: `nr` (rax) and its first three

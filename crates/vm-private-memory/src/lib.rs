@@ -22,7 +22,7 @@
 //!   [`PrivateMemoryManager::discard`] frees pages (balloon, free page reporting).
 //! - [`MemoryListener`]s (VFIO DMA maps, vhost-user tables, queue caches) hear `discard`
 //!   before host access to a range is revoked and `populate` after it is granted.
-//! - [`ConversionRequest`], [`PrivateMemoryManager::handle_memory_fault`] and
+//! - [`ConversionRequest`], [`PrivateMemoryManager::serve_memory_fault`] and
 //!   [`PrivateMemoryManager::handle_map_gpa_range`] serve the guest's requests
 //!   (`KVM_EXIT_MEMORY_FAULT`, `KVM_HC_MAP_GPA_RANGE`), checking every field.
 //! - [`MemoryState`] saves and restores the layout and the private/shared map.
@@ -30,7 +30,7 @@
 //!   with [`MemoryBuilder::build_with_bitmap`] and read
 //!   [`GuestRegionPrivate::dirty_bitmap`] (KVM refuses dirty logging on guest_memfd
 //!   memslots, so guest writes are not tracked).
-//! - [`VmOps`] (from `guest-memfd`) is every VM call this crate makes: implemented for
+//! - [`VmMemoryOps`] (from `guest-memfd`) is every VM call this crate makes: implemented for
 //!   kvm-ioctls' `VmFd`, and implementable by a VMM's own hypervisor wrapper, which
 //!   [`MemoryBuilder::new`] then takes instead.
 //!
@@ -104,7 +104,7 @@
 //!     .initial_state(PageState::Private)
 //!     .build()
 //!     .unwrap();
-//! let guest_ram = memory.memory();
+//! let guest_ram = memory.guest_memory();
 //!
 //! // The host cannot read private memory.
 //! let err = guest_ram.memory().read_obj::<u64>(GuestAddress(0x1000)).unwrap_err();
@@ -163,14 +163,18 @@ pub use builder::{
     REGION_ALIGNMENT, X86_MMIO_HOLE,
 };
 pub use convert::{ContentMode, ConversionReport, LaunchSource, LaunchStepError, Step};
-pub use error::{Error, GpaRange, LayoutError, ListenerRefusal, Result};
+pub use error::{ByteRange, Error, LayoutError, ListenerRefusal, Result};
+
+/// The old name of [`ByteRange`].
+#[deprecated(note = "renamed ByteRange: a range of bytes, beside PageRange's whole pages")]
+pub type GpaRange = ByteRange;
 pub use exits::{
     ConversionRequest, RequestError, GUEST_BYTES_PER_STEP, GUEST_RUNS_PER_STEP, KVM_EAGAIN,
     KVM_EFAULT, KVM_EINVAL, KVM_ENOSYS, MAP_GPA_RANGE_ENCRYPTED, MAP_GPA_RANGE_KNOWN,
     MAP_GPA_RANGE_PAGE_SZ_1G, MAP_GPA_RANGE_PAGE_SZ_2M,
 };
 pub use guard::{AccessGuard, DirtyBitmap, HostAccess};
-pub use guest_memfd::VmOps;
+pub use guest_memfd::VmMemoryOps;
 pub use listener::{MemoryListener, Subscription};
 pub use memory::{GuestMemoryPrivate, PrivateMemoryManager};
 pub use region::{private_page_refusal, GuestRegionPrivate};

@@ -12,7 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::attributes::PageState;
 use crate::convert::ContentMode;
-use crate::error::{Error, GpaRange, Result};
+use crate::error::{ByteRange, Error, Result};
 use crate::guard::DirtyBitmap;
 use crate::memory::PrivateMemoryManager;
 use crate::strategy::{Strategy, UnavailableReason};
@@ -31,7 +31,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             return Ok(());
         }
         let whole = page_span(gpa, len)?;
-        let asked = GpaRange { start: gpa, len };
+        let asked = ByteRange { start: gpa, len };
         let snapshot = self.listed();
         for piece in Self::split(&snapshot, whole) {
             let (region, offset, piece_len) = piece.map_err(|e| match e {
@@ -119,8 +119,8 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     }
 }
 
-fn gpa_of(start: u64, len: usize) -> GpaRange {
-    GpaRange {
+fn gpa_of(start: u64, len: usize) -> ByteRange {
+    ByteRange {
         start,
         len: len as u64,
     }

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use guest_memfd::{PageRange, VmOps};
+use guest_memfd::{PageRange, VmMemoryOps};
 
 use vm_allocator::IdAllocator;
 use vm_memory::atomic::GuestMemoryLoadGuard;
@@ -13,7 +13,7 @@ use vm_memory::{
 };
 
 use crate::attributes::PageState;
-use crate::error::{Error, GpaRange, Result};
+use crate::error::{ByteRange, Error, Result};
 use crate::guard::DirtyBitmap;
 use crate::listener::{in_callback, Listeners, MemoryListener, Subscription};
 use crate::region::GuestRegionPrivate;
@@ -92,7 +92,7 @@ impl<B> Engine<B> {
 /// `remove_region`, which publish this memory's list again; until then devices see the
 /// replacement. No replacement can make a region lose its memslot or keep one.
 pub struct PrivateMemoryManager<B: DirtyBitmap = ()> {
-    pub(crate) vm: Arc<dyn VmOps>,
+    pub(crate) vm: Arc<dyn VmMemoryOps>,
     pub(crate) strategy: Strategy,
     /// The view handed out by `memory()`.
     pub(crate) memory: GuestMemoryAtomic<GuestMemoryPrivate<B>>,
@@ -127,7 +127,7 @@ impl<B: DirtyBitmap> std::fmt::Debug for PrivateMemoryManager<B> {
 /// Binds every region of `regions` to its memslot. On failure the slots bound so far are
 /// unbound again (see [`unbind_regions`]) and the error is returned.
 pub(crate) fn bind_regions<B: DirtyBitmap>(
-    vm: &dyn VmOps,
+    vm: &dyn VmMemoryOps,
     regions: &Arc<GuestMemoryPrivate<B>>,
 ) -> Result<()> {
     for (i, region) in regions.iter().enumerate() {
@@ -149,7 +149,7 @@ pub(crate) fn bind_regions<B: DirtyBitmap>(
 /// it may still use that region's memory: the collection is then leaked, mappings and
 /// all, rather than unmapped. Returns whether every slot was unbound.
 pub(crate) fn unbind_regions<B: DirtyBitmap>(
-    vm: &dyn VmOps,
+    vm: &dyn VmMemoryOps,
     regions: &Arc<GuestMemoryPrivate<B>>,
     count: usize,
 ) -> bool {
@@ -166,7 +166,7 @@ pub(crate) fn unbind_regions<B: DirtyBitmap>(
 impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Assembles a memory over `current`, whose regions are all bound already.
     pub(crate) fn assemble(
-        vm: Arc<dyn VmOps>,
+        vm: Arc<dyn VmMemoryOps>,
         strategy: Strategy,
         current: Arc<GuestMemoryPrivate<B>>,
         engine: Engine<B>,
@@ -210,14 +210,22 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         engine.current = Arc::new(collection);
     }
 
-    /// The vm-memory view, shared: clone it into device threads, loaders, vCPU set-up.
-    pub fn memory(&self) -> GuestMemoryAtomic<GuestMemoryPrivate<B>> {
+    /// The vm-memory view, shared: clone it into device threads, loaders, vCPU set-up
+    /// (`memory.guest_memory().memory()` is a snapshot of it, as with any
+    /// [`GuestMemoryAtomic`]).
+    pub fn guest_memory(&self) -> GuestMemoryAtomic<GuestMemoryPrivate<B>> {
         self.memory.clone()
+    }
+
+    /// The old name of [`PrivateMemoryManager::guest_memory`].
+    #[deprecated(note = "renamed guest_memory(): memory.memory().memory() read as a stutter")]
+    pub fn memory(&self) -> GuestMemoryAtomic<GuestMemoryPrivate<B>> {
+        self.guest_memory()
     }
 
     /// The VM, as the operations this memory uses on it. A VMM that needs its own VM
     /// type (a kvm-ioctls `VmFd` for vCPUs, for example) keeps its own handle.
-    pub fn vm(&self) -> &Arc<dyn VmOps> {
+    pub fn vm(&self) -> &Arc<dyn VmMemoryOps> {
         &self.vm
     }
 
@@ -365,8 +373,8 @@ fn draw_origin() -> u64 {
     hasher.finish()
 }
 
-pub(crate) fn gpa(range: PageRange) -> GpaRange {
-    GpaRange {
+pub(crate) fn gpa(range: PageRange) -> ByteRange {
+    ByteRange {
         start: range.start(),
         len: range.len(),
     }

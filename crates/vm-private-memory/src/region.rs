@@ -13,7 +13,7 @@ use vm_memory::{
 };
 
 use crate::attributes::{PageAttributes, PageState};
-use crate::error::{Error, GpaRange};
+use crate::error::{ByteRange, Error};
 use crate::guard::{AccessGuard, HostAccess};
 use crate::strategy::Strategy;
 use vm_memory::bitmap::{Bitmap, NewBitmap, BS};
@@ -250,7 +250,7 @@ impl<B: Bitmap> GuestRegionPrivate<B> {
         match self.attributes.first_private(first, last) {
             None => Ok(()),
             Some(page) => Err(refusal(
-                GpaRange {
+                ByteRange {
                     start: self.guest.start() + offset,
                     len: count as u64,
                 },
@@ -303,7 +303,7 @@ impl<B: Bitmap> GuestRegionPrivate<B> {
 
 /// The `GuestMemoryError` for a refused access, wrapping [`Error::PrivatePage`].
 #[cold]
-fn refusal(range: GpaRange, page: u64) -> GuestMemoryError {
+fn refusal(range: ByteRange, page: u64) -> GuestMemoryError {
     GuestMemoryError::IOError(io::Error::new(
         io::ErrorKind::PermissionDenied,
         Error::PrivatePage { range, page },
@@ -312,7 +312,7 @@ fn refusal(range: GpaRange, page: u64) -> GuestMemoryError {
 
 /// If `err` is this crate's refusal of a private page, the range accessed and the first
 /// private page.
-pub fn private_page_refusal(err: &GuestMemoryError) -> Option<(GpaRange, u64)> {
+pub fn private_page_refusal(err: &GuestMemoryError) -> Option<(ByteRange, u64)> {
     match err {
         GuestMemoryError::IOError(e) => match e.get_ref()?.downcast_ref::<Error>()? {
             Error::PrivatePage { range, page } => Some((*range, *page)),
@@ -357,7 +357,7 @@ impl<B: Bitmap> GuestMemoryRegion for GuestRegionPrivate<B> {
                 .attributes
                 .find(0, self.attributes.pages(), PageState::Private);
             return Err(refusal(
-                GpaRange {
+                ByteRange {
                     start: self.guest.start(),
                     len: self.guest.len(),
                 },

@@ -9,11 +9,11 @@ use std::os::unix::fs::MetadataExt;
 
 use guest_memfd::{
     GuestMemfd, GuestMemfdFlags, NumaPolicy, NumaSupport, PageRange, SealedMemfd, SharedBacking,
-    VmOps,
+    VmMemoryOps,
 };
 
 use crate::attributes::PageState;
-use crate::error::{Error, GpaRange, Result};
+use crate::error::{ByteRange, Error, Result};
 use crate::guard::DirtyBitmap;
 use crate::region::{GuestRegionPrivate, RegionParts, SharedSide};
 use crate::strategy::{Strategy, UnavailableReason};
@@ -23,7 +23,7 @@ use crate::strategy::{Strategy, UnavailableReason};
 /// behaviour). Says whether to set them: not where a single node is usable.
 pub(crate) fn check_policies<'a>(
     strategy: Strategy,
-    vm: &dyn VmOps,
+    vm: &dyn VmMemoryOps,
     policies: impl IntoIterator<Item = &'a NumaPolicy>,
 ) -> Result<bool> {
     let mut given = policies.into_iter().peekable();
@@ -126,7 +126,7 @@ pub(crate) fn make_region<B: DirtyBitmap>(
                 policy
                     .apply(&host)
                     .map_err(|source| Error::NumaPolicyNotSet {
-                        range: GpaRange {
+                        range: ByteRange {
                             start: guest.start(),
                             len: guest.len(),
                         },
@@ -201,7 +201,7 @@ mod tests {
             matches!(
                 &err,
                 Error::NumaPolicyNotSet { range, .. }
-                    if *range == GpaRange { start: 0x4000_0000, len: 2 << 20 }
+                    if *range == ByteRange { start: 0x4000_0000, len: 2 << 20 }
             ),
             "{err}"
         );

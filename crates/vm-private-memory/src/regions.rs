@@ -10,7 +10,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::attributes::PageState;
 use crate::convert::Undone;
-use crate::error::{Error, GpaRange, LayoutError, Result};
+use crate::error::{ByteRange, Error, LayoutError, Result};
 use crate::guard::DirtyBitmap;
 use crate::kvm_view::set_kvm_view;
 use crate::listener::{in_callback, Listeners};
@@ -300,13 +300,13 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     pub fn remove_region(&self, start: u64) -> Result<(PageRange, GuestMemfd, u64)> {
         if in_callback() {
             return Err(Error::Reentrant {
-                range: GpaRange { start, len: 0 },
+                range: ByteRange { start, len: 0 },
             });
         }
         let mut engine = self.lock_engine();
         if self.vmm_binds {
             return Err(Error::VmmBindsMemslots {
-                range: GpaRange { start, len: 0 },
+                range: ByteRange { start, len: 0 },
             });
         }
         let _listeners = self.listeners.hold();
@@ -335,7 +335,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     pub unsafe fn remove_unbound_region(&self, start: u64) -> Result<(PageRange, GuestMemfd, u64)> {
         if in_callback() {
             return Err(Error::Reentrant {
-                range: GpaRange { start, len: 0 },
+                range: ByteRange { start, len: 0 },
             });
         }
         let mut engine = self.lock_engine();

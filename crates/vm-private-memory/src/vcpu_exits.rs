@@ -3,7 +3,7 @@
 //! conversion hypercalls, and serving a [`VcpuExit`] that carries one.
 //!
 //! The hypervisor-neutral entry points are [`PrivateMemoryManager::serve_hypercall`] and
-//! [`PrivateMemoryManager::handle_memory_fault`]; this module is a convenience on top.
+//! [`PrivateMemoryManager::serve_memory_fault`]; this module is a convenience on top.
 
 use guest_memfd::{uapi::KVM_HC_MAP_GPA_RANGE, Capabilities};
 use kvm_ioctls::VcpuExit;
@@ -17,7 +17,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Asks the hypervisor to let the guest's `KVM_HC_MAP_GPA_RANGE` hypercalls (how
     /// TDX's MapGPA and SEV-SNP's page-state changes reach a VMM) exit to the VMM as
     /// `KVM_EXIT_HYPERCALL` (`KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)`), through the
-    /// memory's [`guest_memfd::VmOps`]. Returns whether the host offers it: without it,
+    /// memory's [`guest_memfd::VmMemoryOps`]. Returns whether the host offers it: without it,
     /// KVM refuses the hypercall itself (the guest gets `-KVM_ENOSYS`: a TDX MapGPA or
     /// SEV-SNP page-state change fails) and no conversion reaches this memory. The
     /// kernel replaces the VM's whole set of forwarded hypercalls with this one. Call it
@@ -96,7 +96,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
                 Some(served)
             }
             VcpuExit::MemoryFault { flags, gpa, size } => {
-                match self.handle_memory_fault(*flags, *gpa, *size) {
+                match self.serve_memory_fault(*flags, *gpa, *size) {
                     // Not this memory's: another device's, or no memory at all.
                     Err(Error::OutsideGuestMemory { .. }) => None,
                     served => Some(served),

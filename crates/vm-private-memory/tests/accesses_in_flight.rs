@@ -40,7 +40,7 @@ fn no_host_write_lands_in_a_page_after_it_went_private() {
         return;
     }
     let memory = Arc::new(shared_memory(Duration::from_secs(1)));
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let stop = Arc::new(AtomicBool::new(false));
     let paused = Arc::new(AtomicBool::new(false));
     let writers = 2;
@@ -122,7 +122,7 @@ fn a_held_slice_makes_a_conversion_of_its_page_fail_rolled_back_and_retryable() 
         return;
     }
     let memory = shared_memory(Duration::from_millis(30));
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let mem = view.memory();
     let slice = mem.get_slice(GuestAddress(PAGE + 8), 16).unwrap();
 
@@ -175,7 +175,7 @@ fn sub_slices_and_clones_keep_the_page_held_until_the_last_one_goes() {
         return;
     }
     let memory = shared_memory(Duration::from_millis(10));
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let mem = view.memory();
     let page = pr(PAGE, PAGE_SIZE);
     let slice = mem.get_slice(GuestAddress(PAGE), 64).unwrap();
@@ -197,7 +197,7 @@ fn many_slices_held_at_once_are_all_waited_for() {
         return;
     }
     let memory = shared_memory(Duration::from_millis(10));
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let mem = view.memory();
     // More slices than a thread has entries: the last ones are covered by one range.
     let slices: Vec<_> = (0..20)
@@ -231,7 +231,7 @@ fn a_slice_held_by_another_thread_is_waited_for_and_released() {
         return;
     }
     let memory = Arc::new(shared_memory(Duration::from_secs(5)));
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let holding = Arc::new(Barrier::new(2));
     let holder = {
         let holding = Arc::clone(&holding);
@@ -260,7 +260,7 @@ fn a_slice_held_by_another_thread_is_waited_for_and_released() {
         .unwrap();
     assert_eq!(
         memory
-            .memory()
+            .guest_memory()
             .memory()
             .read_obj::<u64>(GuestAddress(PAGE))
             .unwrap(),
@@ -274,7 +274,7 @@ fn host_addresses_are_given_only_for_wholly_shared_regions() {
         return;
     }
     let memory = shared_memory(Duration::from_millis(10));
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let mem = view.memory();
     let region = mem.find_region(GuestAddress(0)).unwrap();
     let base = mem.get_host_address(GuestAddress(0)).unwrap();
@@ -314,7 +314,7 @@ fn a_view_taken_before_a_region_was_removed_no_longer_reaches_it() {
         return;
     }
     let memory = shared_memory(Duration::from_millis(10));
-    let old = memory.memory().memory();
+    let old = memory.guest_memory().memory();
     old.write_obj(1u64, GuestAddress(PAGE)).unwrap();
     // The region leaves, and its file comes back with every page private: what the guest
     // writes there must not be readable through the view held from before.
@@ -337,7 +337,7 @@ fn a_held_slice_makes_removing_its_region_fail_with_nothing_changed() {
         return;
     }
     let memory = shared_memory(Duration::from_millis(10));
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let mem = view.memory();
     let slice = mem.get_slice(GuestAddress(PAGE), 8).unwrap();
     assert!(matches!(
@@ -358,7 +358,7 @@ fn a_conversion_never_waits_without_bound_whatever_patience_is_asked() {
         return;
     }
     let memory = shared_memory(Duration::MAX);
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let mem = view.memory();
     let slice = mem.get_slice(GuestAddress(PAGE), 8).unwrap();
     let started = Instant::now();

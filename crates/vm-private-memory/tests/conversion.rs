@@ -52,7 +52,7 @@ fn content_is_discarded_on_conversion_unless_preserved() {
         return;
     }
     let m = in_place(MIB2, PageState::Shared);
-    let mem = m.memory().memory();
+    let mem = m.guest_memory().memory();
     mem.write_obj(0xdead_beefu32, GuestAddress(0)).unwrap();
     mem.write_obj(0xcafe_f00du32, GuestAddress(PAGE_SIZE))
         .unwrap();
@@ -93,7 +93,7 @@ fn a_conversion_punches_its_own_pages_in_a_file_shared_by_regions() {
         .initial_state(PageState::Shared)
         .build()
         .unwrap();
-    let mem = m.memory().memory();
+    let mem = m.guest_memory().memory();
     let second = 4 * MIB2;
     for base in [0, second] {
         for page in 0..8 {
@@ -192,7 +192,7 @@ fn listeners_hear_clipped_ranges_in_order_while_access_is_still_allowed() {
     }
     let m = in_place(2 * MIB2, PageState::Private);
     let toucher = Arc::new(Toucher {
-        view: m.memory(),
+        view: m.guest_memory(),
         log: Mutex::new(Vec::new()),
     });
     let other = Arc::new(Recorder::default());
@@ -400,7 +400,7 @@ fn a_failure_at_any_step_leaves_everything_as_it_was() {
                         common::with_failing_punch(Some(fd), || m.convert(range, to))
                     }
                     Failure::HostAccessHeld => {
-                        let view = m.memory();
+                        let view = m.guest_memory();
                         let mem = view.memory();
                         let _held = mem.get_slice(GuestAddress(range.start()), 8).unwrap();
                         m.convert(range, to)
@@ -496,7 +496,7 @@ fn a_failure_at_any_step_leaves_everything_as_it_was() {
 #[test]
 fn dual_frees_the_shared_side_when_pages_go_private() {
     let (m, view) = dual(MIB2, PageState::Shared);
-    let mem = m.memory().memory();
+    let mem = m.guest_memory().memory();
     mem.write_slice(&vec![0x5a; MIB2 as usize], GuestAddress(0))
         .unwrap();
     assert_eq!(
@@ -536,7 +536,7 @@ fn discard_frees_pages_tells_listeners_and_keeps_states() {
     let m = in_place(MIB2, PageState::Shared);
     let listener = Arc::new(Recorder::default());
     let _s = m.subscribe(pr(0, MIB2), listener.clone());
-    let mem = m.memory().memory();
+    let mem = m.guest_memory().memory();
     mem.write_obj(0x77u64, GuestAddress(PAGE_SIZE)).unwrap();
     m.convert(pr(3 * PAGE_SIZE, PAGE_SIZE), PageState::Private)
         .unwrap();

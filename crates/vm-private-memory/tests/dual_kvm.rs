@@ -58,7 +58,7 @@ fn dual_strategy_converts_with_real_memory_attributes() {
     let range = PageRange::new(0, 16 * PAGE_SIZE).unwrap();
     let report = memory.convert(range, PageState::Shared).unwrap();
     assert_eq!(report.pages_changed, 16);
-    let view = memory.memory();
+    let view = memory.guest_memory();
     view.memory().write_obj(5u64, GuestAddress(0)).unwrap();
     memory.convert(range, PageState::Private).unwrap();
     assert!(view.memory().read_obj::<u64>(GuestAddress(0)).is_err());
@@ -78,7 +78,7 @@ fn dual_strategy_frees_the_shared_side_with_real_memory_attributes() {
     };
     let size = 2u64 << 20;
     let memory = memory_on(vm, size, PageState::Shared);
-    let view = memory.memory();
+    let view = memory.guest_memory();
     view.memory()
         .write_slice(&vec![0x5a; size as usize], GuestAddress(0))
         .unwrap();
@@ -105,7 +105,7 @@ fn memory_fault_requests_convert_with_real_memory_attributes() {
     let memory = memory_on(vm, 2 << 20, PageState::Shared);
     let private = u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE);
     memory
-        .handle_memory_fault(private, 0x3000, PAGE_SIZE)
+        .serve_memory_fault(private, 0x3000, PAGE_SIZE)
         .unwrap();
     assert_eq!(memory.state_of(0x3000), Some(PageState::Private));
     assert_eq!(memory.handle_map_gpa_range(0x3000, 1, 0), 0);
@@ -131,7 +131,7 @@ fn dual_strategy_a_page_turned_shared_arrives_empty_with_real_memory_attributes(
         .initial_state(PageState::Private)
         .build()
         .unwrap();
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let page = 3 * PAGE_SIZE;
     file.write_all_at(&[0xee; 64], page).unwrap();
     memory
@@ -194,7 +194,7 @@ fn a_range_a_listener_cannot_let_go_of_stays_shared_with_real_memory_attributes(
         }
         other => panic!("{other:?}"),
     }
-    let view = memory.memory();
+    let view = memory.guest_memory();
     view.memory()
         .write_obj(3u64, GuestAddress(held.start()))
         .unwrap();

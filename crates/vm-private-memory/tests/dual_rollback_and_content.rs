@@ -67,7 +67,7 @@ fn a_page_turned_shared_arrives_empty_whatever_reached_its_shared_side() {
         .initial_state(PageState::Private)
         .build()
         .unwrap();
-    let view = m.memory();
+    let view = m.guest_memory();
     let page = 5 * PAGE_SIZE;
     // Something with the shared file (another process mapping it, a late write) puts
     // bytes on the shared side of a private page.

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use common::{in_place_or_skip, vm};
 use guest_memfd::uapi::KVM_HC_MAP_GPA_RANGE;
-use guest_memfd::{VmOps, PAGE_SIZE};
+use guest_memfd::{VmMemoryOps, PAGE_SIZE};
 use kvm_bindings::{kvm_create_guest_memfd, kvm_userspace_memory_region2};
 use kvm_ioctls::{HypercallExit, VcpuExit};
 use vm_private_memory::{
@@ -57,7 +57,7 @@ fn a_hypercall_says_why_it_was_refused_and_the_guest_gets_the_matching_code() {
     assert!(matches!(err, Error::OutsideGuestMemory { .. }), "{err}");
     assert_eq!(err.hypercall_code(), KVM_EINVAL.wrapping_neg());
     // A held slice makes the conversion to private wait, then refuse, retryably.
-    let view = vm_memory::GuestAddressSpace::memory(&m.memory());
+    let view = vm_memory::GuestAddressSpace::memory(&m.guest_memory());
     let held =
         vm_memory::GuestMemoryBackend::get_slice(&*view, vm_memory::GuestAddress(0), 8).unwrap();
     let err = refused(KVM_HC_MAP_GPA_RANGE, [0, 1, MAP_GPA_RANGE_ENCRYPTED]);
@@ -133,13 +133,13 @@ fn a_vcpu_exit_is_served_only_when_it_is_a_conversion_request() {
 /// A VMM's own VM wrapper: forwards to a real VM, records hypercall-exit requests, and
 /// may report the exit missing or refuse to enable it.
 struct OwnWrapper {
-    inner: Arc<dyn VmOps>,
+    inner: Arc<dyn VmMemoryOps>,
     offers_exit: bool,
     refuse: bool,
     enabled: Mutex<Vec<u64>>,
 }
 
-impl VmOps for OwnWrapper {
+impl VmMemoryOps for OwnWrapper {
     fn check_extension_raw(&self, cap: u32) -> i32 {
         if cap == kvm_bindings::KVM_CAP_EXIT_HYPERCALL && !self.offers_exit {
             return 0;

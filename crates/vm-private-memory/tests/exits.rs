@@ -126,9 +126,9 @@ fn hypercalls_convert_real_memory_and_answer_the_guest() {
         KVM_ENOSYS.wrapping_neg()
     );
     // A memory fault converts to what the guest used.
-    m.handle_memory_fault(0, 3 * PAGE_SIZE, PAGE_SIZE).unwrap();
+    m.serve_memory_fault(0, 3 * PAGE_SIZE, PAGE_SIZE).unwrap();
     assert_eq!(m.state_of(3 * PAGE_SIZE), Some(PageState::Shared));
-    assert!(m.handle_memory_fault(0xff, 0, PAGE_SIZE).is_err());
+    assert!(m.serve_memory_fault(0xff, 0, PAGE_SIZE).is_err());
 }
 
 proptest! {

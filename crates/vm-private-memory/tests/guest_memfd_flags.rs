@@ -11,7 +11,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use common::{gpa_is_free, pr, vm, RecordingVm};
-use guest_memfd::{GuestMemfdFlags, VmOps};
+use guest_memfd::{GuestMemfdFlags, VmMemoryOps};
 use kvm_bindings::{kvm_create_guest_memfd, kvm_userspace_memory_region2};
 use vm_private_memory::{Error, MemoryBuilder, PageState, Strategy, UnavailableReason};
 use vmm_sys_util::errno;
@@ -22,13 +22,13 @@ const MIB2: u64 = 2 << 20;
 /// kernel offers `NO_DIRECT_MAP`): it records the flags asked for and creates the file
 /// without that bit.
 struct OffersMore {
-    inner: Arc<dyn VmOps>,
+    inner: Arc<dyn VmMemoryOps>,
     asked: Mutex<Vec<u64>>,
 }
 
 const MORE: u64 = 1 << 30;
 
-impl VmOps for OffersMore {
+impl VmMemoryOps for OffersMore {
     fn check_extension_raw(&self, cap: u32) -> i32 {
         let answer = self.inner.check_extension_raw(cap);
         if cap == guest_memfd::uapi::KVM_CAP_GUEST_MEMFD_FLAGS {

@@ -49,7 +49,7 @@ fn bytes_methods_refuse_private_pages_and_serve_shared_ones() {
         return;
     }
     let m = memory();
-    let mem = m.memory().memory();
+    let mem = m.guest_memory().memory();
     let mut buf = [0u8; 8];
     for (addr, ok) in [(SHARED, true), (PRIVATE, false), (STRADDLE, false)] {
         let a = GuestAddress(addr);
@@ -96,7 +96,7 @@ fn a_refused_write_changes_nothing() {
         return;
     }
     let m = memory();
-    let mem = m.memory().memory();
+    let mem = m.guest_memory().memory();
     mem.write_slice(&[0x11; 4], GuestAddress(STRADDLE)).unwrap();
     // The straddling write is refused as a whole: its shared half is not written either.
     assert!(mem.write_slice(&[0xee; 8], GuestAddress(STRADDLE)).is_err());
@@ -111,7 +111,7 @@ fn slices_and_host_addresses_are_refused_for_private_pages() {
         return;
     }
     let m = memory();
-    let mem = m.memory().memory();
+    let mem = m.guest_memory().memory();
     assert!(mem.get_slice(GuestAddress(SHARED), 8).is_ok());
     assert_refused(
         mem.get_slice(GuestAddress(PRIVATE), 8).map(|_| ()),
@@ -166,7 +166,7 @@ fn get_slices_refuses_for_every_permission() {
         return;
     }
     let m = memory();
-    let mem = m.memory().memory();
+    let mem = m.guest_memory().memory();
     for access in [
         Permissions::No,
         Permissions::Read,
@@ -208,7 +208,7 @@ fn accesses_spanning_two_regions_are_checked_in_each() {
         .initial_state(PageState::Shared)
         .build()
         .unwrap();
-    let mem = m.memory().memory();
+    let mem = m.guest_memory().memory();
     let boundary = GuestAddress((2 << 20) - 4);
     mem.write_obj(0x1122_3344_5566_7788u64, boundary).unwrap();
     assert_eq!(
@@ -249,7 +249,7 @@ fn guest_memory_atomic_sees_conversions_without_reloading() {
         return;
     }
     let m = in_place(2 << 20, PageState::Shared);
-    let atomic = m.memory();
+    let atomic = m.guest_memory();
     let guard = atomic.memory();
     guard.write_obj(1u8, GuestAddress(0)).unwrap();
     m.convert(pr(0, PAGE_SIZE), PageState::Private).unwrap();
@@ -272,7 +272,7 @@ fn linux_loader_writes_the_command_line_and_boot_params_into_shared_pages_only()
         return;
     }
     let m = memory();
-    let mem = m.memory().memory();
+    let mem = m.guest_memory().memory();
     let mut cmdline = Cmdline::new(256).unwrap();
     cmdline.insert_str("console=ttyS0 quiet").unwrap();
     load_cmdline(&*mem, GuestAddress(0x2000), &cmdline).unwrap();

@@ -36,7 +36,7 @@ fn tracked(patience: Duration) -> PrivateMemoryManager<AtomicBitmap> {
 /// Every dirty page as (region start, page index in the region), read from the regions'
 /// bitmaps (and cleared).
 fn take_dirty(memory: &PrivateMemoryManager<AtomicBitmap>) -> BTreeSet<(u64, u64)> {
-    let view = memory.memory().memory();
+    let view = memory.guest_memory().memory();
     let mut dirty = BTreeSet::new();
     for region in view.iter() {
         let start = region.start_addr().0;
@@ -62,7 +62,7 @@ fn host_writes_through_the_view_mark_exactly_their_pages() {
         return;
     }
     let memory = tracked(Duration::from_millis(100));
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let mem = view.memory();
     assert!(take_dirty(&memory).is_empty(), "a new memory starts clean");
 
@@ -106,7 +106,7 @@ fn refused_writes_and_conversions_mark_nothing() {
     memory
         .convert(pr(0x10000, 0x2000), PageState::Private)
         .unwrap();
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let mem = view.memory();
 
     // Into a private page, and straddling a shared and a private one: refused whole.
@@ -148,7 +148,7 @@ fn a_held_slice_with_a_dirty_bitmap_still_holds_back_a_conversion() {
         return;
     }
     let memory = tracked(Duration::from_millis(50));
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let mem = view.memory();
     let slice = mem.get_slice(GuestAddress(0x40000), 64).unwrap();
     // A sub-slice carries the bitmap at its own offset, and the guard with it.
@@ -184,7 +184,7 @@ fn a_region_added_later_tracks_host_writes() {
     let memory = tracked(Duration::from_millis(100));
     let added = pr(16 << 20, REGION);
     memory.add_region(added, None, PageState::Shared).unwrap();
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let mem = view.memory();
     let region = mem.find_region(GuestAddress(added.start())).unwrap();
     assert_eq!(region.dirty_bitmap().byte_size(), REGION as usize);
@@ -206,7 +206,7 @@ fn dual_memory_tracks_writes_to_its_shared_side() {
     memory
         .convert(pr(0x3000, 0x2000), PageState::Shared)
         .unwrap();
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let mem = view.memory();
     mem.write_slice(&[4; 0x1800], GuestAddress(0x3800)).unwrap();
     assert!(mem.write_obj(1u8, GuestAddress(0x5000)).is_err());
@@ -223,7 +223,7 @@ fn a_discard_marks_the_shared_pages_it_frees_dirty() {
     }
     let memory = tracked(Duration::from_millis(100));
     memory
-        .memory()
+        .guest_memory()
         .memory()
         .write_obj(5u64, GuestAddress(0x30000))
         .unwrap();
@@ -239,7 +239,7 @@ fn a_discard_marks_the_shared_pages_it_frees_dirty() {
     );
     assert_eq!(
         memory
-            .memory()
+            .guest_memory()
             .memory()
             .read_obj::<u64>(GuestAddress(0x30000))
             .unwrap(),

@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{pr, vm, RecordingVm};
-use guest_memfd::{GuestMemfd, GuestMemfdFlags, VmOps};
+use guest_memfd::{GuestMemfd, GuestMemfdFlags, VmMemoryOps};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vm_private_memory::{
     Error, LayoutError, MemoryBuilder, PageState, PrivateMemoryManager, Strategy,
@@ -20,7 +20,7 @@ use vm_private_memory::{
 const MIB2: u64 = 2 << 20;
 const SECRET: &[u8] = b"guest secret";
 
-fn in_place(vm: &Arc<dyn VmOps>, vmm_binds: bool) -> PrivateMemoryManager {
+fn in_place(vm: &Arc<dyn VmMemoryOps>, vmm_binds: bool) -> PrivateMemoryManager {
     let builder = MemoryBuilder::new(vm.clone())
         .region_at(0, MIB2)
         .x86_mmio_hole()
@@ -42,7 +42,7 @@ fn region_with_a_secret(memory: &PrivateMemoryManager, file: &GuestMemfd) {
         .add_region(first, Some((file.clone(), 0)), PageState::Shared)
         .unwrap();
     memory
-        .memory()
+        .guest_memory()
         .memory()
         .write_slice(SECRET, GuestAddress(first.start()))
         .unwrap();
@@ -88,7 +88,7 @@ fn a_second_region_cannot_reuse_a_file_range_in_use(vmm_binds: bool) {
     // The secret stays out of reach.
     let mut read = [0u8; 12];
     assert!(memory
-        .memory()
+        .guest_memory()
         .memory()
         .read_slice(&mut read, GuestAddress(16 << 20))
         .is_err());
@@ -98,7 +98,7 @@ fn a_second_region_cannot_reuse_a_file_range_in_use(vmm_binds: bool) {
         .add_region(second, Some((file, MIB2)), PageState::Shared)
         .unwrap();
     memory
-        .memory()
+        .guest_memory()
         .memory()
         .read_slice(&mut read, GuestAddress(second.start()))
         .unwrap();

@@ -25,7 +25,7 @@ fn a_launch_populates_from_intact_shared_content_and_leaves_the_pages_private() 
     let _s = m.subscribe(pr(0, SIZE), listener.clone());
     let range = pr(4 * PAGE_SIZE, 4 * PAGE_SIZE);
     let content = image(range.len() as usize);
-    m.memory()
+    m.guest_memory()
         .memory()
         .write_slice(&content, GuestAddress(range.start()))
         .unwrap();
@@ -62,7 +62,7 @@ fn a_launch_populates_from_intact_shared_content_and_leaves_the_pages_private() 
     assert_eq!(listener.heard.lock().unwrap()[..], [Heard::Discard(range)]);
     assert_eq!(m.state_of(range.start()), Some(PageState::Private));
     assert!(m
-        .memory()
+        .guest_memory()
         .memory()
         .read_obj::<u8>(GuestAddress(range.start()))
         .is_err());
@@ -74,7 +74,7 @@ fn a_refused_launch_step_rolls_back_with_the_content_intact() {
     let (m, vm) = dual(SIZE, PageState::Shared);
     let range = pr(0, 2 * PAGE_SIZE);
     let content = image(range.len() as usize);
-    m.memory()
+    m.guest_memory()
         .memory()
         .write_slice(&content, GuestAddress(0))
         .unwrap();
@@ -95,7 +95,7 @@ fn a_refused_launch_step_rolls_back_with_the_content_intact() {
         "KVM's view went back to shared"
     );
     let mut back = vec![0u8; content.len()];
-    m.memory()
+    m.guest_memory()
         .memory()
         .read_slice(&mut back, GuestAddress(0))
         .unwrap();

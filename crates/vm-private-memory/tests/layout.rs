@@ -231,9 +231,9 @@ fn dropping_the_memory_unbinds_its_slots() {
 
 /// A VM whose guest_memfd takes no flags (a kernel before 6.18) and which has no
 /// memory attributes: neither strategy can run.
-struct NoFlagsNoAttributes(std::sync::Arc<dyn guest_memfd::VmOps>);
+struct NoFlagsNoAttributes(std::sync::Arc<dyn guest_memfd::VmMemoryOps>);
 
-impl guest_memfd::VmOps for NoFlagsNoAttributes {
+impl guest_memfd::VmMemoryOps for NoFlagsNoAttributes {
     fn check_extension_raw(&self, cap: u32) -> i32 {
         if cap == guest_memfd::uapi::KVM_CAP_GUEST_MEMFD_FLAGS
             || cap == kvm_bindings::KVM_CAP_MEMORY_ATTRIBUTES

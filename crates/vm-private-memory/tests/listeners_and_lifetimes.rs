@@ -27,7 +27,7 @@ fn drop_unbinds_its_regions_even_if_the_published_collection_was_replaced() {
         .region_at(0, MIB2)
         .build()
         .unwrap();
-    let view = m.memory();
+    let view = m.guest_memory();
     view.lock().unwrap().replace(GuestMemoryPrivate::new());
     drop(view);
     drop(m);
@@ -249,7 +249,7 @@ fn a_region_added_shared_is_offered_to_listeners_and_a_refusal_undoes_the_additi
     }
     assert_eq!(m.state_of(refused.start()), None, "the region stayed");
     assert!(m
-        .memory()
+        .guest_memory()
         .memory()
         .find_region(vm_memory::GuestAddress(refused.start()))
         .is_none());

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use common::{dual, in_place_or_skip, pr, Heard, Recorder};
 use guest_memfd::{PageRange, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vm_private_memory::{Error, GpaRange, MemoryBuilder, MemoryListener, PageState, Strategy};
+use vm_private_memory::{ByteRange, Error, MemoryBuilder, MemoryListener, PageState, Strategy};
 
 const SIZE: u64 = 2 << 20;
 
@@ -45,7 +45,7 @@ fn refuser() -> Arc<Recorder> {
     r
 }
 
-fn ranges(r: &[GpaRange]) -> Vec<(u64, u64)> {
+fn ranges(r: &[ByteRange]) -> Vec<(u64, u64)> {
     r.iter().map(|g| (g.start, g.len)).collect()
 }
 
@@ -103,7 +103,7 @@ fn a_range_a_listener_cannot_let_go_of_stays_shared_when_a_conversion_to_shared_
         lets_go.heard.lock().unwrap().last(),
         Some(&Heard::Discard(pr(8 * PAGE_SIZE, 8 * PAGE_SIZE)))
     );
-    let view = m.memory();
+    let view = m.guest_memory();
     view.memory()
         .write_obj(9u64, GuestAddress(PAGE_SIZE))
         .unwrap();

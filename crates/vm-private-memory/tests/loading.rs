@@ -45,7 +45,7 @@ fn a_loader_range_check_names_the_first_private_page() {
     // linux-loader itself only says "CommandLineCopy": the check says where.
     let mut line = linux_loader::cmdline::Cmdline::new(64).unwrap();
     line.insert_str("console=ttyS0").unwrap();
-    let view = m.memory();
+    let view = m.guest_memory();
     assert!(
         linux_loader::loader::load_cmdline(&*view.memory(), GuestAddress(0x14000), &line).is_err()
     );
@@ -75,7 +75,7 @@ fn bytes_load_into_pages_that_end_up_private() {
         );
     }
     assert_eq!(m.private_pages(), SIZE / PAGE_SIZE);
-    let view = m.memory();
+    let view = m.guest_memory();
     assert!(view.memory().read_obj::<u8>(GuestAddress(at)).is_err());
     // ...but the guest sees the bytes: made shared again keeping content (in-place),
     // they are there, and the uncovered ends of the pages are zero.
@@ -168,7 +168,7 @@ fn a_load_whose_last_step_fails_still_ends_private() {
     assert!(matches!(err, Error::ListenerRefused { .. }), "{err}");
     assert_eq!(m.state_of(0x20000), Some(PageState::Private));
     assert!(m
-        .memory()
+        .guest_memory()
         .memory()
         .read_obj::<u8>(GuestAddress(0x20000))
         .is_err());
@@ -180,7 +180,7 @@ fn a_load_whose_last_step_fails_still_ends_private() {
     )
     .unwrap();
     let mut back = [0xffu8; 18];
-    m.memory()
+    m.guest_memory()
         .memory()
         .read_slice(&mut back, GuestAddress(0x20000))
         .unwrap();
@@ -223,7 +223,7 @@ fn a_load_keeps_the_other_bytes_of_pages_already_shared() {
     let m = in_place(SIZE, PageState::Private);
     m.convert(pr(0x30000, PAGE_SIZE), PageState::Shared)
         .unwrap();
-    m.memory()
+    m.guest_memory()
         .memory()
         .write_obj(0xabcd_u64, GuestAddress(0x30000))
         .unwrap();
@@ -234,7 +234,7 @@ fn a_load_keeps_the_other_bytes_of_pages_already_shared() {
         ContentMode::Preserve,
     )
     .unwrap();
-    let view = m.memory().memory();
+    let view = m.guest_memory().memory();
     assert_eq!(view.read_obj::<u64>(GuestAddress(0x30000)).unwrap(), 0xabcd);
     assert_eq!(view.read_obj::<u8>(GuestAddress(0x30000 + 64)).unwrap(), 7);
 }

@@ -20,14 +20,16 @@ const MIB2: u64 = 2 << 20;
 /// What `GuestMemoryAtomic::lock` lets any holder of the view do: publish another
 /// collection (here an empty one).
 fn replace_published_view(memory: &PrivateMemoryManager) {
-    let view = memory.memory();
+    let view = memory.guest_memory();
     view.lock().unwrap().replace(GuestMemoryPrivate::new());
-    assert_eq!(memory.memory().memory().num_regions(), 0);
+    assert_eq!(memory.guest_memory().memory().num_regions(), 0);
 }
 
 /// In-place memory of one region at 0 whose published view was then emptied.
-fn one_region_with_its_view_replaced(
-) -> (std::sync::Arc<dyn guest_memfd::VmOps>, PrivateMemoryManager) {
+fn one_region_with_its_view_replaced() -> (
+    std::sync::Arc<dyn guest_memfd::VmMemoryOps>,
+    PrivateMemoryManager,
+) {
     let vm = common::vm();
     let memory = MemoryBuilder::new(vm.clone())
         .region_at(0, MIB2)
@@ -50,7 +52,7 @@ fn a_region_stays_listed_and_bound_when_the_published_view_was_replaced() {
         .unwrap();
     assert_eq!(memory.regions(), vec![pr(0, MIB2), pr(4 * MIB2, MIB2)]);
     assert_eq!(
-        memory.memory().memory().num_regions(),
+        memory.guest_memory().memory().num_regions(),
         2,
         "adding a region publishes the memory's own list again"
     );
@@ -91,7 +93,7 @@ fn a_region_that_fails_to_be_added_leaves_no_memslot_and_no_trace() {
         .unwrap_err();
     assert!(matches!(err, Error::SetAttributes { .. }), "{err}");
     assert_eq!(memory.regions(), vec![pr(0, MIB2)]);
-    assert_eq!(memory.memory().memory().num_regions(), 1);
+    assert_eq!(memory.guest_memory().memory().num_regions(), 1);
     assert!(gpa_is_free(&stand_in.inner, pr(4 * MIB2, MIB2)));
     // Overlapping an existing region is refused before anything is created.
     let err = memory

@@ -44,7 +44,7 @@ proptest! {
             return Ok(());
         }
         // Dual runs on a VM that stands in for KVM's memory attributes.
-        let vm: std::sync::Arc<dyn vm_private_memory::VmOps> = if dual {
+        let vm: std::sync::Arc<dyn vm_private_memory::VmMemoryOps> = if dual {
             common::RecordingVm::new(common::vm())
         } else {
             common::vm()
@@ -59,7 +59,7 @@ proptest! {
             builder.strategy(Backing::InPlace)
         };
         let memory = builder.build().unwrap();
-        let view = memory.memory();
+        let view = memory.guest_memory();
         let mut model = vec![true; PAGES as usize]; // true = private
 
         for op in ops {

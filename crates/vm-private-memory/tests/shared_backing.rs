@@ -49,7 +49,7 @@ fn a_region_s_shared_pages_live_in_the_vmm_s_file_at_its_offset() {
     );
 
     m.convert(pr(0, 4 * PAGE_SIZE), PageState::Shared).unwrap();
-    m.memory()
+    m.guest_memory()
         .memory()
         .write_slice(b"guest bytes", GuestAddress(PAGE_SIZE))
         .unwrap();
@@ -90,7 +90,7 @@ fn two_regions_share_a_file_at_ranges_that_do_not_overlap() {
         .initial_state(PageState::Shared)
         .build()
         .unwrap();
-    let view = m.memory();
+    let view = m.guest_memory();
     view.memory().write_obj(1u64, GuestAddress(0)).unwrap();
     view.memory()
         .write_obj(2u64, GuestAddress(4 * MIB2))
@@ -235,7 +235,7 @@ fn a_region_hotplugged_into_the_vmm_s_file_lands_there_and_bad_ones_are_refused(
     m.add_region_with_shared(added, None, backing(&zone), 2 * MIB2, PageState::Shared)
         .unwrap();
     assert!(!gpa_is_free(&vm, added));
-    let view = m.memory();
+    let view = m.guest_memory();
     let mut buf = [0u8; 10];
     view.memory()
         .read_slice(&mut buf, GuestAddress(added.start() + PAGE_SIZE))
@@ -367,7 +367,7 @@ fn the_dual_strategy_s_vm_memory_view_reaches_no_file() {
         .initial_state(PageState::Shared)
         .build()
         .unwrap();
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let mem = view.memory();
     for region in mem.iter() {
         assert!(region.file_offset().is_none(), "{:?}", region.start_addr());

@@ -88,7 +88,7 @@ fn a_run_gives_its_host_address_and_only_the_dual_shared_file() {
     let m = in_place(MIB2, PageState::Private);
     m.convert(pr(5 * PAGE_SIZE, 2 * PAGE_SIZE), PageState::Shared)
         .unwrap();
-    let view = m.memory();
+    let view = m.guest_memory();
     let mem = view.memory();
     let snapshot = m.shared_pages().snapshot();
     let run = snapshot.runs(pr(0, MIB2)).next().unwrap();

@@ -299,7 +299,7 @@ fn a_secret_hidden_after_a_save() -> (PrivateMemoryManager, MemoryState) {
     let page = pr(PAGE_SIZE, PAGE_SIZE);
     m.convert(page, PageState::Shared).unwrap();
     let saved = m.state();
-    m.memory()
+    m.guest_memory()
         .memory()
         .write_obj(SECRET, GuestAddress(PAGE_SIZE))
         .unwrap();
@@ -319,7 +319,7 @@ fn a_restore_onto_live_memory_does_not_reveal_private_content() {
     m.restore_state(&saved).unwrap();
     assert_eq!(m.state_of(PAGE_SIZE), Some(PageState::Shared));
     let seen: u64 = m
-        .memory()
+        .guest_memory()
         .memory()
         .read_obj(GuestAddress(PAGE_SIZE))
         .unwrap();
@@ -391,7 +391,7 @@ fn a_live_update_over_the_same_files_keeps_shared_content() {
         .unwrap();
     old.convert(pr(PAGE_SIZE, PAGE_SIZE), PageState::Shared)
         .unwrap();
-    old.memory()
+    old.guest_memory()
         .memory()
         .write_obj(SECRET, GuestAddress(PAGE_SIZE))
         .unwrap();
@@ -410,7 +410,7 @@ fn a_live_update_over_the_same_files_keeps_shared_content() {
     new.remove_region(64 * MIB2).unwrap();
     new.restore_state_with(&saved, SharedContent::Keep).unwrap();
     let seen: u64 = new
-        .memory()
+        .guest_memory()
         .memory()
         .read_obj(GuestAddress(PAGE_SIZE))
         .unwrap();
@@ -425,7 +425,7 @@ fn pages_a_restore_makes_private_keep_their_content() {
     }
     // A snapshot restored into fresh memory: built shared, content written, map applied.
     let m = common::in_place(MIB2, PageState::Shared);
-    m.memory()
+    m.guest_memory()
         .memory()
         .write_obj(SECRET, GuestAddress(3 * PAGE_SIZE))
         .unwrap();
@@ -441,7 +441,7 @@ fn pages_a_restore_makes_private_keep_their_content() {
     )
     .unwrap();
     let seen: u64 = m
-        .memory()
+        .guest_memory()
         .memory()
         .read_obj(GuestAddress(3 * PAGE_SIZE))
         .unwrap();

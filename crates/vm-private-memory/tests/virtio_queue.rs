@@ -31,7 +31,7 @@ fn virtio_queue_serves_chains_in_shared_pages_and_refuses_private_buffers() {
     let memory = in_place(SIZE, PageState::Private);
     // The ring and both buffers are shared, as a guest's driver would make them.
     memory.convert(pr(0, 2 << 20), PageState::Shared).unwrap();
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let mem = view.memory();
     assert!(mem.get_host_address(GuestAddress(0)).is_err());
     mem.write_slice(b"ping from guest!", GuestAddress(REQUEST))

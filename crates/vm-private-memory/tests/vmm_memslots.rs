@@ -9,14 +9,14 @@ mod common;
 use std::sync::Arc;
 
 use common::{gpa_is_free, in_place_or_skip, pr, vm};
-use guest_memfd::VmOps;
+use guest_memfd::VmMemoryOps;
 use guest_memfd::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vm_private_memory::{Error, MemoryBuilder, PageState, PrivateMemoryManager, Strategy};
 
 const MIB2: u64 = 2 << 20;
 
-fn vmm_bound(vm: &Arc<dyn VmOps>) -> PrivateMemoryManager {
+fn vmm_bound(vm: &Arc<dyn VmMemoryOps>) -> PrivateMemoryManager {
     MemoryBuilder::new(vm.clone())
         .region_at(0, MIB2)
         .region_at(8 * MIB2, MIB2)
@@ -29,7 +29,7 @@ fn vmm_bound(vm: &Arc<dyn VmOps>) -> PrivateMemoryManager {
 }
 
 /// Binds (or with `delete`, deletes) every slot `memory` describes, as a VMM does.
-fn vmm_sets(vm: &dyn VmOps, memory: &PrivateMemoryManager, delete: bool) {
+fn vmm_sets(vm: &dyn VmMemoryOps, memory: &PrivateMemoryManager, delete: bool) {
     for mut region in memory.memslots().unwrap() {
         if delete {
             region.memory_size = 0;
@@ -70,12 +70,12 @@ fn the_vmm_binds_the_slots_it_is_handed_and_conversions_work_on_them() {
         .convert(pr(0, 4 * PAGE_SIZE), PageState::Private)
         .unwrap();
     assert!(memory
-        .memory()
+        .guest_memory()
         .memory()
         .read_obj::<u8>(GuestAddress(0))
         .is_err());
     memory
-        .memory()
+        .guest_memory()
         .memory()
         .write_obj(9u64, GuestAddress(8 * MIB2))
         .unwrap();
@@ -134,7 +134,7 @@ fn a_dropped_memory_keeps_its_mappings_while_the_vmm_may_still_bind_them() {
     let memory = vmm_bound(&vm);
     vmm_sets(&vm, &memory, false);
     memory
-        .memory()
+        .guest_memory()
         .memory()
         .write_obj(0x5eed_u64, GuestAddress(PAGE_SIZE))
         .unwrap();
@@ -166,7 +166,7 @@ fn a_region_added_after_a_release_is_kept_until_released_again() {
     // SAFETY: the new region's own mapping, which this memory must now keep.
     unsafe { vm.set_user_memory_region2(new) }.unwrap();
     memory
-        .memory()
+        .guest_memory()
         .memory()
         .write_obj(0xadd_u64, GuestAddress(added.start()))
         .unwrap();
@@ -287,7 +287,7 @@ fn a_region_whose_removal_fails_stays_and_its_slot_can_be_bound_again() {
     let vm = vm();
     let memory = vmm_bound(&vm);
     vmm_sets(&vm, &memory, false);
-    let view = memory.memory();
+    let view = memory.guest_memory();
     let mem = view.memory();
     let second = memory.memslots().unwrap()[1];
     let held = mem.get_slice(GuestAddress(8 * MIB2), 8).unwrap();
@@ -314,7 +314,7 @@ fn a_region_whose_removal_fails_stays_and_its_slot_can_be_bound_again() {
 /// A listener that binds every new region's slot from `populate`, as soon as the memory
 /// lists it, and records the guest_memfd inode of what it bound.
 struct BindsFromPopulate {
-    vm: Arc<dyn VmOps>,
+    vm: Arc<dyn VmMemoryOps>,
     memory: std::sync::Mutex<std::sync::Weak<PrivateMemoryManager>>,
     bound: std::sync::Mutex<Vec<(kvm_bindings::kvm_userspace_memory_region2, u64)>>,
 }

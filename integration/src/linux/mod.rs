@@ -388,7 +388,7 @@ impl LinuxVm {
             memory.check_host_access(range.start(), range.len())?;
         }
         let regions = memory.regions();
-        let ram = memory.memory();
+        let ram = memory.guest_memory();
         machine.boot(
             config,
             images,
@@ -480,7 +480,7 @@ impl<M: GuestRam> LinuxVm<M> {
                     let exit = format!("MemoryFault {{ flags: {flags:#x}, gpa: {gpa:#x}, size: {size:#x} }} on anonymous memory");
                     return Err(self.unexpected_exit(exit));
                 };
-                memory.handle_memory_fault(flags, gpa, size)?;
+                memory.serve_memory_fault(flags, gpa, size)?;
                 *memory_faults += 1;
                 PortEffect::None
             }

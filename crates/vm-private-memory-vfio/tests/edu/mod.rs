@@ -308,7 +308,7 @@ pub fn pattern(seed: u8) -> Vec<u8> {
 pub fn read_page(memory: &PrivateMemoryManager, gpa: u64) -> Vec<u8> {
     let mut page = vec![0u8; PAGE_SIZE as usize];
     memory
-        .memory()
+        .guest_memory()
         .memory()
         .read_slice(&mut page, GuestAddress(gpa))
         .unwrap();

@@ -209,7 +209,7 @@ impl Harness {
     /// ring, then its index) and kicks the device: `input` at [`INPUT`], `output_len`
     /// bytes at `output`, the status byte at [`STATUS`] (set to 0xff first).
     pub fn submit(&mut self, input: &[u8], output: u64, output_len: u32) {
-        let view = self.memory.memory();
+        let view = self.memory.guest_memory();
         let mem = view.memory();
         mem.write_slice(input, GuestAddress(INPUT)).unwrap();
         mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
@@ -237,7 +237,7 @@ impl Harness {
 
     /// Waits (at most 10 s) for the device to use the last request, and reads its answer.
     pub fn complete(&self) -> Completion {
-        let view = self.memory.memory();
+        let view = self.memory.guest_memory();
         let mem = view.memory();
         let deadline = Instant::now() + Duration::from_secs(10);
         while mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() != self.avail_idx {
@@ -299,7 +299,7 @@ impl Harness {
 
     /// `len` bytes of guest memory at `gpa`, read by the frontend.
     pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
-        let view = self.memory.memory();
+        let view = self.memory.guest_memory();
         let mut buf = vec![0; len];
         view.memory()
             .read_slice(&mut buf, GuestAddress(gpa))

@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 
-use guest_memfd::{Capabilities, PageRange, VmOps, PAGE_SIZE};
+use guest_memfd::{Capabilities, PageRange, VmMemoryOps, PAGE_SIZE};
 use kvm_bindings::{
     kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region2,
     KVM_CAP_MEMORY_ATTRIBUTES, KVM_MEMORY_ATTRIBUTE_PRIVATE,
@@ -25,7 +25,7 @@ use super::pr;
 /// VM has real attributes) it reports `KVM_CAP_MEMORY_ATTRIBUTES` = PRIVATE and accepts
 /// `KVM_SET_MEMORY_ATTRIBUTES` without making it.
 pub struct AttributesStandIn {
-    inner: Arc<dyn VmOps>,
+    inner: Arc<dyn VmMemoryOps>,
     /// The VM has memory attributes of its own (a `KVM_X86_SW_PROTECTED_VM` in the lab):
     /// forward those calls too.
     real: bool,
@@ -33,7 +33,7 @@ pub struct AttributesStandIn {
     guest_memfds: Mutex<Vec<(u64, u64)>>,
 }
 
-impl VmOps for AttributesStandIn {
+impl VmMemoryOps for AttributesStandIn {
     fn check_extension_raw(&self, cap: u32) -> i32 {
         if cap == KVM_CAP_MEMORY_ATTRIBUTES && !self.real {
             return KVM_MEMORY_ATTRIBUTE_PRIVATE as i32;
@@ -104,7 +104,7 @@ pub fn dual_memory() -> (PrivateMemoryManager, (u64, u64)) {
 /// shared too.
 pub fn dual_memory_with(high: bool) -> (PrivateMemoryManager, (u64, u64)) {
     let kvm = Kvm::new().unwrap();
-    let (inner, real): (Arc<dyn VmOps>, bool) = match vm_with_memory_attributes(&kvm) {
+    let (inner, real): (Arc<dyn VmMemoryOps>, bool) = match vm_with_memory_attributes(&kvm) {
         Some(vm) => (Arc::new(vm), true),
         None => (guest_memfd::stand_in::vm_for_logic_tests(), false),
     };

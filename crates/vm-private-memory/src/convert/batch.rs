@@ -6,7 +6,7 @@ use guest_memfd::PageRange;
 
 use super::{ContentMode, Plan, Progress, Undone};
 use crate::attributes::PageState;
-use crate::error::{Error, GpaRange, Result};
+use crate::error::{ByteRange, Error, Result};
 use crate::guard::DirtyBitmap;
 use crate::listener::in_callback;
 use crate::memory::{GuestMemoryPrivate, PrivateMemoryManager};
@@ -37,7 +37,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// `range` names the change in a [`Error::Reentrant`] refusal.
     pub(crate) fn retarget(
         &self,
-        range: GpaRange,
+        range: ByteRange,
         shared: ContentMode,
         plan: impl FnOnce(&GuestMemoryPrivate<B>) -> Result<Retarget>,
     ) -> Result<()> {

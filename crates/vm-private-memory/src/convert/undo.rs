@@ -12,7 +12,7 @@ use guest_memfd::PageRange;
 
 use super::{Piece, Plan, Progress};
 use crate::attributes::PageState;
-use crate::error::{Error, GpaRange};
+use crate::error::{ByteRange, Error};
 use crate::guard::DirtyBitmap;
 use crate::kvm_view::set_kvm_view;
 use crate::listener::{Listeners, Revocation};
@@ -23,14 +23,14 @@ use crate::strategy::Strategy;
 #[derive(Default)]
 pub(crate) struct Undone {
     /// Ranges whose state in KVM is unknown.
-    pub(crate) unknown: Vec<GpaRange>,
+    pub(crate) unknown: Vec<ByteRange>,
     /// Ranges listeners refused to take back.
-    pub(crate) listeners_refused: Vec<GpaRange>,
+    pub(crate) listeners_refused: Vec<ByteRange>,
     /// Ranges left shared because a listener could not let go of them, or making them
     /// private again failed.
-    pub(crate) kept_shared: Vec<GpaRange>,
+    pub(crate) kept_shared: Vec<ByteRange>,
     /// Ranges left private because making them shared again failed.
-    pub(crate) kept_private: Vec<GpaRange>,
+    pub(crate) kept_private: Vec<ByteRange>,
 }
 
 impl Undone {

@@ -18,7 +18,7 @@ mod restore;
 
 use std::sync::Arc;
 
-use guest_memfd::{PageRange, VmOps};
+use guest_memfd::{PageRange, VmMemoryOps};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryBackend;
 
@@ -169,7 +169,7 @@ impl TryFrom<UncheckedState> for MemoryState {
 impl MemoryState {
     /// A builder for memory with this state's layout and strategy (no content): build it,
     /// then [`PrivateMemoryManager::restore_state`].
-    pub fn builder(&self, vm: Arc<dyn VmOps>) -> MemoryBuilder {
+    pub fn builder(&self, vm: Arc<dyn VmMemoryOps>) -> MemoryBuilder {
         self.regions
             .iter()
             .fold(MemoryBuilder::new(vm).strategy(self.strategy), |b, r| {

@@ -9,7 +9,7 @@ use vm_memory::GuestMemoryBackend;
 use super::{MemoryState, PageRun, StateError};
 use crate::attributes::PageState;
 use crate::convert::{ContentMode, Retarget};
-use crate::error::{GpaRange, Result};
+use crate::error::{ByteRange, Result};
 use crate::guard::DirtyBitmap;
 use crate::memory::{GuestMemoryPrivate, PrivateMemoryManager};
 use crate::region::GuestRegionPrivate;
@@ -93,11 +93,11 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             SharedContent::Keep => ContentMode::Preserve,
         };
         let span = match (state.regions.first(), state.regions.last()) {
-            (Some(first), Some(last)) => GpaRange {
+            (Some(first), Some(last)) => ByteRange {
                 start: first.guest.start(),
                 len: last.guest.end().saturating_sub(first.guest.start()),
             },
-            _ => GpaRange { start: 0, len: 0 },
+            _ => ByteRange { start: 0, len: 0 },
         };
         let keep = shared == SharedContent::Keep;
         self.retarget(span, mode, |current| {

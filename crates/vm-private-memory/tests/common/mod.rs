@@ -10,7 +10,7 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use guest_memfd::{PageRange, VmOps};
+use guest_memfd::{PageRange, VmMemoryOps};
 use kvm_bindings::{
     kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region2,
     KVM_CAP_MEMORY_ATTRIBUTES, KVM_MEMORY_ATTRIBUTE_PRIVATE,
@@ -21,7 +21,7 @@ use vmm_sys_util::errno;
 
 /// A fresh default-type VM: real where the host's KVM has in-place guest_memfd, the
 /// stand-in otherwise (`guest_memfd::stand_in::vm_for_logic_tests`).
-pub fn vm() -> Arc<dyn VmOps> {
+pub fn vm() -> Arc<dyn VmMemoryOps> {
     guest_memfd::stand_in::vm_for_logic_tests()
 }
 
@@ -68,7 +68,7 @@ pub fn kvm_in_place_or_skip(test: &str) -> Option<Arc<VmFd>> {
 /// instead of making them. While `fail` is set, those calls fail with `EIO`; with
 /// `fail_after` set to `Some(n)`, every call after the first `n` recorded ones fails.
 pub struct RecordingVm {
-    pub inner: Arc<dyn VmOps>,
+    pub inner: Arc<dyn VmMemoryOps>,
     pub calls: Mutex<Vec<(PageRange, PageState)>>,
     pub fail: Mutex<bool>,
     pub fail_after: Mutex<Option<usize>>,
@@ -79,7 +79,7 @@ pub struct RecordingVm {
 }
 
 impl RecordingVm {
-    pub fn new(inner: Arc<dyn VmOps>) -> Arc<Self> {
+    pub fn new(inner: Arc<dyn VmMemoryOps>) -> Arc<Self> {
         Arc::new(RecordingVm {
             inner,
             calls: Mutex::default(),
@@ -91,16 +91,16 @@ impl RecordingVm {
     }
 }
 
-impl VmOps for RecordingVm {
+impl VmMemoryOps for RecordingVm {
     fn check_extension_raw(&self, cap: u32) -> i32 {
         if cap == KVM_CAP_MEMORY_ATTRIBUTES {
             return KVM_MEMORY_ATTRIBUTE_PRIVATE as i32;
         }
-        VmOps::check_extension_raw(&*self.inner, cap)
+        VmMemoryOps::check_extension_raw(&*self.inner, cap)
     }
 
     fn create_guest_memfd(&self, request: kvm_create_guest_memfd) -> Result<OwnedFd, errno::Error> {
-        let fd = VmOps::create_guest_memfd(&*self.inner, request)?;
+        let fd = VmMemoryOps::create_guest_memfd(&*self.inner, request)?;
         self.guest_memfds.lock().unwrap().push(fd.as_raw_fd());
         self.guest_memfd_flags.lock().unwrap().push(request.flags);
         Ok(fd)
@@ -112,7 +112,7 @@ impl VmOps for RecordingVm {
     ) -> Result<(), errno::Error> {
         // SAFETY: the caller upholds the trait's contract, which is the same for the VM
         // this forwards to.
-        unsafe { VmOps::set_user_memory_region2(&*self.inner, region) }
+        unsafe { VmMemoryOps::set_user_memory_region2(&*self.inner, region) }
     }
 
     fn set_memory_attributes(&self, attributes: kvm_memory_attributes) -> Result<(), errno::Error> {
@@ -275,7 +275,7 @@ pub fn pr(start: u64, len: u64) -> PageRange {
 }
 
 /// Whether guest-physical `range` is free in `vm`: a probe slot binds there only then.
-pub fn gpa_is_free(vm: &dyn VmOps, range: PageRange) -> bool {
+pub fn gpa_is_free(vm: &dyn VmMemoryOps, range: PageRange) -> bool {
     let probe =
         guest_memfd::GuestMemfd::create(vm, range.len(), guest_memfd::GuestMemfdFlags::empty())
             .unwrap();

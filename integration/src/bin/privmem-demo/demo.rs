@@ -148,7 +148,7 @@ fn all_private_story(
         done.rax
     )?;
     check(out, ok, done.rax == expected, "checksum")?;
-    let ram = memory.memory();
+    let ram = memory.guest_memory();
     for (what, gpa) in [
         ("its code", layout::CODE_ADDR),
         ("its page tables", layout::PML4_ADDR),
@@ -217,7 +217,7 @@ fn bounce_story(out: &mut impl Write, ok: &mut bool) -> Result<(), Box<dyn std::
         done.rbx
     )?;
     check(out, ok, done.rbx == 0, "fresh buffer")?;
-    let (refused, said) = host_read(&memory.memory().memory(), buffer);
+    let (refused, said) = host_read(&memory.guest_memory().memory(), buffer);
     writeln!(out, "   host reads the buffer at {buffer:#x} now: {said}")?;
     check(
         out,

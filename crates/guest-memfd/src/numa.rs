@@ -185,8 +185,13 @@ impl NumaPolicy {
 }
 
 /// The node whose memory holds the page at host address `addr` of this process, as the
-/// kernel says; `None` if the page is not resident: a hole in a guest_memfd or memfd (never
-/// touched, or discarded), a page reserved with `fallocate` ([`GuestMemfd::allocate`])
+/// kernel says. It reads no content, and tells only what the host kernel knows of any
+/// page, a guest's private pages included (whether it is resident, and where): for a
+/// TDX or SEV-SNP guest the host sees that much too, so it is a diagnostic, not a way
+/// into private memory. It is safe to call with any address.
+///
+/// `None` if the page is not resident: a hole in a guest_memfd or memfd (never touched,
+/// or discarded), a page reserved with `fallocate` ([`GuestMemfd::allocate`])
 /// that nothing has touched yet (the kernel zeroes it at first use, and counts it only
 /// then), or a shared-memory page swapped out. It never allocates a page that is absent
 /// when it is called: it asks `mincore` first, which sees the file's pages (those KVM

@@ -355,6 +355,10 @@ pub enum Error {
         /// The region's range (its start only, for a removal).
         range: ByteRange,
     },
+    /// [`crate::PrivateMemoryManager::memslots`] on a memory that binds its own
+    /// memslots: there is nothing for the VMM to bind.
+    #[error("this memory binds its own memslots: their descriptions (raw host addresses and guest_memfd descriptors) are handed out only with MemoryBuilder::vmm_binds_memslots")]
+    MemoryBindsMemslots,
     /// A guest's conversion request was malformed.
     #[error("malformed conversion request from the guest: {0}")]
     BadRequest(#[from] crate::exits::RequestError),

@@ -170,6 +170,11 @@ impl<'a> SharedRun<'a> {
 
     /// The host address of the run's first byte in the region's mapping; the run's pages
     /// follow it for [`PageRange::len`] bytes. Dual strategy: the shared side's mapping.
+    ///
+    /// A raw pointer: using it needs `unsafe`, and the caller promises what the memory
+    /// cannot check there: to touch the run only while it is shared (a listener hears
+    /// `discard` before any of it turns private, and must stop then), and only within
+    /// its bytes (in place, the neighbouring pages of the mapping may be private).
     pub fn host_address(&self) -> *mut u8 {
         let start = self.region.host_start();
         let offset = self.guest.start() - self.region.guest_range().start();

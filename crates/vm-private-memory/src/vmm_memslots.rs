@@ -29,14 +29,24 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// [`crate::MemoryBuilder::vmm_binds_memslots`] the VMM binds these itself: as they
     /// are, except the slot number, which the VMM may replace with one of its own
     /// numbering (this memory never binds or unbinds them); a changed address, size,
-    /// mapping or file breaks what this memory enforces. Otherwise they are bound
-    /// already and say how.
+    /// mapping or file breaks what this memory enforces.
+    ///
+    /// The descriptions are raw: `userspace_addr` is the host address of every page of
+    /// the region, private ones included, and `guest_memfd` the file's descriptor
+    /// number. They are for `KVM_SET_USER_MEMORY_REGION2` only; reading through the
+    /// address or taking the descriptor (both need `unsafe`) bypasses every check this
+    /// memory makes, and the caller promises not to. A memory that binds its own
+    /// memslots has nothing for the VMM to bind, and hands none out.
     ///
     /// # Errors
     ///
-    /// The file layer's error if a region's description cannot be made (a region whose
-    /// host mapping does not cover its file range; the builder makes none such).
+    /// [`crate::Error::MemoryBindsMemslots`] if the memory binds its own memslots; the
+    /// file layer's error if a region's description cannot be made (a region whose host
+    /// mapping does not cover its file range; the builder makes none such).
     pub fn memslots(&self) -> Result<Vec<kvm_userspace_memory_region2>> {
+        if !self.vmm_binds {
+            return Err(crate::Error::MemoryBindsMemslots);
+        }
         // The engine's list without the conversion lock: a listener may ask (a region
         // being added is listed before its shared pages are offered).
         self.listed()

@@ -397,3 +397,17 @@ fn a_refused_addition_the_vmm_may_have_bound_keeps_its_mapping() {
     // SAFETY: the VMM bound nothing else.
     unsafe { memory.release_memslots() };
 }
+
+/// A memory that binds its own memslots hands out no descriptions (raw host addresses
+/// of private pages, guest_memfd descriptors): there is nothing for the VMM to bind.
+#[test]
+fn a_memory_binding_its_own_memslots_hands_out_no_descriptions() {
+    let memory = MemoryBuilder::new(vm())
+        .region_at(0, MIB2)
+        .strategy(Strategy::InPlace)
+        .build()
+        .unwrap();
+    let err = memory.memslots().expect_err("nothing for the VMM to bind");
+    assert!(matches!(err, Error::MemoryBindsMemslots), "{err}");
+    assert!(err.to_string().contains("vmm_binds_memslots"), "{err}");
+}

@@ -26,7 +26,9 @@ use crate::strategy::{Strategy, UnavailableReason};
 pub struct LaunchSource {
     /// The guest-physical range, inside one region, private in KVM's view by now.
     pub guest: PageRange,
-    /// The host address of its content (SNP's `uaddr`, TDX's `source_addr`).
+    /// The host address of its content (SNP's `uaddr`, TDX's `source_addr`): the shared
+    /// side's mapping, which holds the image the VMM wrote there. For the vendor call
+    /// during the step only: the shared side is punched once every step succeeded.
     pub host_address: u64,
 }
 

@@ -9,8 +9,8 @@
 use std::os::fd::AsRawFd;
 
 use guest_memfd::{
-    node_of_page, numa_policy_support, Capabilities, GuestMemfd, GuestMemfdFlags, Memslot, NodeSet,
-    NumaPolicy, NumaSupport, PageRange, PAGE_SIZE,
+    numa_policy_support, Capabilities, GuestMemfd, GuestMemfdFlags, Memslot, NodeSet, NumaPolicy,
+    NumaSupport, PageRange, PAGE_SIZE,
 };
 use integration::{programs, GuestConfig, NoDevice, PrivateGuest, DATA_ADDR};
 use vm_private_memory::{Error, MemoryBuilder, PageState, Strategy, UnavailableReason};
@@ -40,16 +40,11 @@ fn touched_nodes(guest: &mut PrivateGuest) -> Vec<u32> {
     guest.start(0, &[DATA_ADDR, DATA]).unwrap();
     let done = guest.vcpu(0).run_to_done(&mut NoDevice).unwrap();
     assert_eq!(done.rax, DATA / PAGE_SIZE, "the guest touched every page");
-    let slot = guest
-        .memory()
-        .memslots()
-        .unwrap()
-        .into_iter()
-        .find(|s| s.guest_phys_addr == DATA_ADDR)
-        .unwrap();
     (0..DATA / PAGE_SIZE)
         .map(|page| {
-            node_of_page((slot.userspace_addr + page * PAGE_SIZE) as usize)
+            guest
+                .memory()
+                .node_of(DATA_ADDR + page * PAGE_SIZE)
                 .unwrap()
                 .unwrap_or_else(|| panic!("page {page} is not allocated"))
         })
@@ -131,10 +126,9 @@ fn a_policy_over_the_usable_nodes_builds_and_the_memory_works() {
         .unwrap();
     use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
     let view = memory.guest_memory();
-    let host = memory.memslots().unwrap()[0].userspace_addr as usize;
     // Nothing allocated yet, and asking allocates nothing.
-    assert_eq!(node_of_page(host + 0x3000).unwrap(), None);
-    assert_eq!(node_of_page(host + 0x3000).unwrap(), None);
+    assert_eq!(memory.node_of(0x3000).unwrap(), None);
+    assert_eq!(memory.node_of(0x3000).unwrap(), None);
     // The host touches first: the page follows the policy all the same.
     view.memory()
         .write_obj(0x5eed_u64, GuestAddress(0x3000))
@@ -143,7 +137,7 @@ fn a_policy_over_the_usable_nodes_builds_and_the_memory_works() {
         view.memory().read_obj::<u64>(GuestAddress(0x3000)).unwrap(),
         0x5eed
     );
-    let landed = node_of_page(host + 0x3000).unwrap().expect("written");
+    let landed = memory.node_of(0x3000).unwrap().expect("written");
     if honoured {
         assert_eq!(landed, node);
     } else {
@@ -153,7 +147,7 @@ fn a_policy_over_the_usable_nodes_builds_and_the_memory_works() {
     let page = PageRange::new(0x3000, PAGE_SIZE).unwrap();
     memory.convert(page, PageState::Private).unwrap();
     memory.convert(page, PageState::Shared).unwrap();
-    assert_eq!(node_of_page(host + 0x3000).unwrap(), None);
+    assert_eq!(memory.node_of(0x3000).unwrap(), None);
     assert_eq!(
         view.memory().read_obj::<u64>(GuestAddress(0x3000)).unwrap(),
         0
@@ -464,15 +458,10 @@ fn a_hotplugged_region_lands_on_its_node_and_its_file_keeps_the_policy() {
                 .write_obj(0xfeed_u64, GuestAddress(range.start() + page * PAGE_SIZE))
                 .unwrap();
         }
-        let slot = memory
-            .memslots()
-            .unwrap()
-            .into_iter()
-            .find(|s| s.guest_phys_addr == range.start())
-            .unwrap();
         pages
             .map(|page| {
-                node_of_page((slot.userspace_addr + page * PAGE_SIZE) as usize)
+                memory
+                    .node_of(range.start() + page * PAGE_SIZE)
                     .unwrap()
                     .expect("written")
             })

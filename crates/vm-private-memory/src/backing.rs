@@ -62,3 +62,30 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         })
     }
 }
+
+impl<B: DirtyBitmap> PrivateMemoryManager<B> {
+    /// The NUMA node whose memory holds the page at `gpa`, as the kernel says; `None` if
+    /// the page is not resident. Private pages included: it reads no content and tells
+    /// what the host kernel knows of any page (see [`guest_memfd::node_of_page`]), so
+    /// placement can be checked without a raw address. With the dual strategy it is the
+    /// shared side's page (a private page lives in a guest_memfd with no mapping).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutsideGuestMemory`] if no region holds `gpa`; the file layer's
+    /// [`Numa`](guest_memfd::Error::Numa) error (as [`Error::File`]) with the kernel's
+    /// errno (`ENOSYS` on a kernel without NUMA).
+    pub fn node_of(&self, gpa: u64) -> Result<Option<u32>> {
+        let listed = self.listed();
+        let region = listed
+            .find_region(GuestAddress(gpa))
+            .ok_or(Error::OutsideGuestMemory {
+                range: crate::ByteRange { start: gpa, len: 1 },
+                first_outside: gpa,
+            })?;
+        let page = (gpa - region.guest_range().start()) / guest_memfd::PAGE_SIZE;
+        let (start, _) = region.host_range();
+        let addr = start + (page * guest_memfd::PAGE_SIZE) as usize;
+        Ok(guest_memfd::node_of_page(addr)?)
+    }
+}

@@ -286,3 +286,28 @@ fn linux_loader_writes_the_command_line_and_boot_params_into_shared_pages_only()
     let private_params = BootParams::new(&boot_params::default(), GuestAddress(PRIVATE));
     assert!(LinuxBootConfigurator::write_bootparams(&private_params, &*mem).is_err());
 }
+
+/// The owner learns where a page lives without a raw address (`node_of`): nothing for a
+/// page never touched, a node once written; an address outside guest memory is named.
+#[test]
+fn node_of_tells_placement_without_a_raw_address() {
+    let memory = common::in_place(2 << 20, PageState::Shared);
+    match memory.node_of(0x3000) {
+        Ok(node) => assert_eq!(node, None, "never touched"),
+        // A kernel without NUMA.
+        Err(e) => {
+            assert_eq!(e.errno(), Some(libc::ENOSYS), "{e}");
+            return;
+        }
+    }
+    memory
+        .guest_memory()
+        .memory()
+        .write_obj(1u64, GuestAddress(0x3000))
+        .unwrap();
+    assert!(memory.node_of(0x3008).unwrap().is_some(), "written");
+    assert!(matches!(
+        memory.node_of(4 << 20),
+        Err(vm_private_memory::Error::OutsideGuestMemory { first_outside, .. }) if first_outside == 4 << 20
+    ));
+}

@@ -67,6 +67,15 @@ pub enum Error {
         /// The size of the file.
         file_size: u64,
     },
+    /// A range of a guest_memfd that overlaps one another user holds
+    /// ([`crate::GuestMemfd::claim`]).
+    #[error("bytes {requested} of the guest_memfd overlap bytes {claimed} another region holds: use another offset, or another file")]
+    RangeClaimed {
+        /// The range asked for.
+        requested: PageRange,
+        /// The claim it overlaps.
+        claimed: PageRange,
+    },
     /// A file size that is zero or not a multiple of the page size.
     #[error("a file size of {size:#x} bytes is invalid: it must be a non-zero multiple of the page size ({PAGE_SIZE:#x})")]
     InvalidSize {

@@ -77,6 +77,7 @@ compile_error!(
 );
 
 mod caps;
+mod claim;
 mod error;
 mod file;
 mod flags;
@@ -93,6 +94,7 @@ pub mod uapi;
 mod vm_ops;
 
 pub use caps::{vm_type_name, Capabilities, Finding, Report, VmTypeReport, VM_TYPE_NAMES};
+pub use claim::RangeClaim;
 pub use error::{Error, Result, SpaceOp};
 pub use flags::GuestMemfdFlags;
 pub use memfd::{supported_flags, GuestMemfd};
@@ -104,3 +106,7 @@ pub use range::{is_page_aligned, Chunks, PageRange, PAGE_SIZE};
 pub use sealed::{SealedMemfd, SHARED_MEMORY_SEALS};
 pub use shared_backing::SharedBacking;
 pub use vm_ops::VmMemoryOps;
+/// The old name of [`VmMemoryOps`] (renamed apart from Cloud Hypervisor's
+/// `hypervisor::vm::VmOps`); kept so that existing code builds.
+#[doc(hidden)]
+pub use vm_ops::VmMemoryOps as VmOps;

@@ -10,6 +10,7 @@ use kvm_bindings::KVM_CAP_GUEST_MEMFD;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 
+use crate::claim::{Claims, RangeClaim};
 use crate::error::{Error, Result, SpaceOp};
 use crate::file::MemoryFile;
 use crate::flags::GuestMemfdFlags;
@@ -43,6 +44,8 @@ use vmm_sys_util::errno;
 pub struct GuestMemfd {
     file: MemoryFile,
     flags: GuestMemfdFlags,
+    /// The ranges users hold ([`GuestMemfd::claim`]), shared by every clone.
+    claims: Claims,
 }
 
 /// The guest_memfd flags `vm` accepts (`KVM_CAP_GUEST_MEMFD_FLAGS`; none on hosts that
@@ -112,7 +115,21 @@ impl GuestMemfd {
         Ok(GuestMemfd {
             file: MemoryFile::new(File::from(fd), size),
             flags,
+            claims: Claims::default(),
         })
+    }
+
+    /// Claims `range` of the file for one user (a region of guest memory), shared by
+    /// every clone of this value: it fails while another claim overlaps it. The claim
+    /// holds the range until it is released or dropped.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfBounds`] if `range` reaches past the file; [`Error::RangeClaimed`]
+    /// naming the claim it overlaps.
+    pub fn claim(&self, range: PageRange) -> Result<RangeClaim> {
+        self.check_range(range)?;
+        RangeClaim::take(&self.claims, range)
     }
 
     /// The file's size in bytes (fixed at creation: guest_memfd cannot be resized).

@@ -73,16 +73,16 @@ pub enum LayoutError {
         /// The first address past the space.
         limit: u64,
     },
-    /// The guest_memfd range given for the region already backs another region: two
-    /// guest ranges over the same file pages would let one read the other's private
-    /// pages (KVM refuses to bind it; with memslots the VMM binds, this memory refuses
-    /// first).
-    #[error("bytes {file_range} of its guest_memfd already back region {region}: give another offset, or a new file")]
+    /// The guest_memfd range given for the region is held by another region (of this
+    /// memory or another, bound or not): two guest ranges over the same file pages would
+    /// let one read the other's private pages. KVM refuses such a binding itself, but
+    /// not where the VMM binds the memslots or another memory holds the range.
+    #[error("bytes {file_range} of its guest_memfd overlap bytes {claimed} another region holds: give another offset, or a new file")]
     BackingInUse {
-        /// The region already backed by those bytes.
-        region: PageRange,
-        /// The bytes of the file both would use.
+        /// The bytes of the file the region would use.
         file_range: PageRange,
+        /// The bytes another region holds.
+        claimed: PageRange,
     },
 }
 

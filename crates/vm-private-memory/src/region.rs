@@ -81,6 +81,9 @@ pub struct GuestRegionPrivate<B = ()> {
     /// "is the whole region shared" costs one load.
     private_pages: AtomicU64,
     slot: u32,
+    /// Its bytes of the guest_memfd: no other region, of this memory or another, may use
+    /// them while it holds them (released when it leaves its memory, kept if leaked).
+    claim: guest_memfd::RangeClaim,
     /// The dirty bitmap, whose slices carry the access guards.
     access: HostAccess<B>,
 }
@@ -115,6 +118,8 @@ pub(crate) struct RegionParts {
     pub host: MmapRegion,
     pub initial: PageState,
     pub slot: u32,
+    /// The region's bytes of `gmem`, held while it is in a memory.
+    pub claim: guest_memfd::RangeClaim,
 }
 
 impl<B: NewBitmap> GuestRegionPrivate<B> {
@@ -134,7 +139,16 @@ impl<B: NewBitmap> GuestRegionPrivate<B> {
             shared: parts.shared,
             host: parts.host,
             slot: parts.slot,
+            claim: parts.claim,
         }
+    }
+}
+
+impl<B> GuestRegionPrivate<B> {
+    /// Gives the region's bytes of its guest_memfd back once it left its memory for
+    /// good (not when it is leaked: KVM may still map them).
+    pub(crate) fn release_file_range(&self) {
+        self.claim.release();
     }
 }
 

@@ -116,7 +116,21 @@ pub(crate) fn make_region<B: DirtyBitmap>(
     policy: Option<NumaPolicy>,
 ) -> Result<GuestRegionPrivate<B>> {
     let file_range = PageRange::new(gmem_offset, guest.len())?;
-    gmem.check_range(file_range)?;
+    // Before anything is mapped: a range another region holds (of this memory or
+    // another, bound or not) would show its private pages through this one.
+    let claim = gmem.claim(file_range).map_err(|e| match e {
+        guest_memfd::Error::RangeClaimed { requested, claimed } => Error::Layout {
+            range: ByteRange {
+                start: guest.start(),
+                len: guest.len(),
+            },
+            reason: crate::error::LayoutError::BackingInUse {
+                file_range: requested,
+                claimed,
+            },
+        },
+        other => other.into(),
+    })?;
     let (shared, host) = match strategy {
         Strategy::InPlace => {
             let host = gmem.map_range(file_range)?;
@@ -164,6 +178,7 @@ pub(crate) fn make_region<B: DirtyBitmap>(
         host,
         initial,
         slot,
+        claim,
     }))
 }
 

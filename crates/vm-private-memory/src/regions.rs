@@ -155,9 +155,8 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         let mut engine = self.lock_engine();
         let ours = !self.vmm_binds;
         check_placement(&engine, guest)?;
-        if let Some((gmem, offset)) = &backing {
+        if let Some((gmem, _)) = &backing {
             check_gmem_flags(self.strategy, gmem.flags())?;
-            check_backing_free(&engine, guest, gmem, *offset)?;
         }
         if let Some((file, offset)) = &shared {
             let taken = engine
@@ -420,6 +419,9 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             std::mem::forget(removed);
         } else {
             let _ = engine.slots.free_id(region.slot());
+            // Its file range is free again, even while an old view keeps the region
+            // (locked out above).
+            region.release_file_range();
         }
         Ok((guest, region.gmem().clone(), region.gmem_offset()))
     }
@@ -484,37 +486,6 @@ fn check_placement<B: DirtyBitmap>(engine: &Engine<B>, guest: PageRange) -> Resu
         .find(|r| r.guest_range().intersection(&guest).is_some())
     {
         return refuse(LayoutError::OverlapsRegion(other.guest_range()));
-    }
-    Ok(())
-}
-
-/// Checks that `gmem`'s bytes from `offset` for a region over `guest` lie inside the
-/// file and back no region of the memory: a second guest range over the same pages
-/// would reach the first one's private pages through its own, shared, ones. KVM refuses
-/// such a binding itself, but not where the VMM binds the memslots and this memory
-/// never asks it.
-fn check_backing_free<B: DirtyBitmap>(
-    engine: &Engine<B>,
-    guest: PageRange,
-    gmem: &GuestMemfd,
-    offset: u64,
-) -> Result<()> {
-    let wanted = PageRange::new(offset, guest.len())?;
-    gmem.check_range(wanted)?;
-    let file = file_id(gmem.file())?;
-    for region in engine.current.iter() {
-        let used = PageRange::new(region.gmem_offset(), region.guest_range().len())?;
-        if let Some(both) = used.intersection(&wanted) {
-            if file_id(region.gmem().file())? == file {
-                return Err(Error::Layout {
-                    range: gpa(guest),
-                    reason: LayoutError::BackingInUse {
-                        region: region.guest_range(),
-                        file_range: both,
-                    },
-                });
-            }
-        }
     }
     Ok(())
 }

@@ -102,8 +102,6 @@ fn expected_map(state: &MemoryState, current: &MemoryState) -> Option<Vec<PageSt
 struct Fields {
     version: u32,
     strategy: Strategy,
-    #[serde(default)]
-    origin: u64,
     regions: Vec<RegionState>,
 }
 
@@ -112,7 +110,6 @@ fn rechecksummed(data: &[u8]) -> Option<MemoryState> {
     let mut state = MemoryState {
         version: fields.version,
         strategy: fields.strategy,
-        origin: fields.origin,
         regions: fields.regions,
         checksum: 0,
     };

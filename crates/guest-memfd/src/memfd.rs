@@ -46,6 +46,8 @@ pub struct GuestMemfd {
     flags: GuestMemfdFlags,
     /// The ranges users hold ([`GuestMemfd::claim`]), shared by every clone.
     claims: Claims,
+    /// How many times users changed its pages' state ([`GuestMemfd::note_conversion`]).
+    conversions: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The guest_memfd flags `vm` accepts (`KVM_CAP_GUEST_MEMFD_FLAGS`; none on hosts that
@@ -116,6 +118,7 @@ impl GuestMemfd {
             file: MemoryFile::new(File::from(fd), size),
             flags,
             claims: Claims::default(),
+            conversions: Default::default(),
         })
     }
 
@@ -130,6 +133,20 @@ impl GuestMemfd {
     pub fn claim(&self, range: PageRange) -> Result<RangeClaim> {
         self.check_range(range)?;
         RangeClaim::take(&self.claims, range)
+    }
+
+    /// Counts one change of state (private or shared) of some of the file's pages, made
+    /// by a user of the file; shared by every clone. A saved map records
+    /// [`GuestMemfd::conversions`], so that a restore can tell whether the pages changed
+    /// since.
+    pub fn note_conversion(&self) {
+        self.conversions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many changes of state [`GuestMemfd::note_conversion`] counted, by every clone.
+    pub fn conversions(&self) -> u64 {
+        self.conversions.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The file's size in bytes (fixed at creation: guest_memfd cannot be resized).

@@ -65,18 +65,28 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
 
 impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// The NUMA node whose memory holds the page at `gpa`, as the kernel says; `None` if
-    /// the page is not resident. Private pages included: it reads no content and tells
-    /// what the host kernel knows of any page (see [`guest_memfd::node_of_page`]), so
-    /// placement can be checked without a raw address. With the dual strategy it is the
+    /// the page is not resident. It reads no content and tells what the host kernel
+    /// knows of any page (see [`guest_memfd::node_of_page`]), so placement can be checked
+    /// without a raw address. In place that includes private pages (the host maps them;
+    /// this crate keeps its own accesses off them). With the dual strategy it is the
     /// shared side's page (a private page lives in a guest_memfd with no mapping).
+    ///
+    /// It holds the conversion lock while it asks, so that no conversion or discard
+    /// frees the page between the kernel's two answers (which would allocate it again).
     ///
     /// # Errors
     ///
-    /// [`Error::OutsideGuestMemory`] if no region holds `gpa`; the file layer's
-    /// [`Numa`](guest_memfd::Error::Numa) error (as [`Error::File`]) with the kernel's
-    /// errno (`ENOSYS` on a kernel without NUMA).
+    /// [`Error::Reentrant`] from a listener callback; [`Error::OutsideGuestMemory`] if
+    /// no region holds `gpa`; the file layer's [`Numa`](guest_memfd::Error::Numa) error
+    /// (as [`Error::File`]) with the kernel's errno (`ENOSYS` on a kernel without NUMA).
     pub fn node_of(&self, gpa: u64) -> Result<Option<u32>> {
-        let listed = self.listed();
+        if crate::listener::in_callback() {
+            return Err(Error::Reentrant {
+                range: crate::ByteRange { start: gpa, len: 1 },
+            });
+        }
+        let engine = self.lock_engine();
+        let listed = &engine.current;
         let region = listed
             .find_region(GuestAddress(gpa))
             .ok_or(Error::OutsideGuestMemory {

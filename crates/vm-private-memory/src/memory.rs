@@ -110,9 +110,6 @@ pub struct PrivateMemoryManager<B: DirtyBitmap = ()> {
     /// rather than free memory KVM may still map. Atomic, so that neither the query nor
     /// the release needs the conversion lock (a listener may call them).
     pub(crate) memslots_released: std::sync::atomic::AtomicBool,
-    /// A number drawn when the memory was built, which a state taken of it records
-    /// ([`crate::MemoryState::origin`]).
-    pub(crate) origin: u64,
 }
 
 impl<B: DirtyBitmap> std::fmt::Debug for PrivateMemoryManager<B> {
@@ -181,7 +178,6 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             listeners: Listeners::default(),
             vmm_binds,
             memslots_released: std::sync::atomic::AtomicBool::new(false),
-            origin: draw_origin(),
         }
     }
 
@@ -357,20 +353,6 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             at: range.start(),
         }
     }
-}
-
-/// A number no other memory draws: std's randomly keyed SipHash (seeded from the
-/// system's randomness once per process, then counted up per `RandomState`) over the
-/// time, for identity, not secrecy.
-fn draw_origin() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    hasher.finish()
 }
 
 pub(crate) fn gpa(range: PageRange) -> ByteRange {

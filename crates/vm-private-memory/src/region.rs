@@ -209,6 +209,14 @@ impl<B: Bitmap> GuestRegionPrivate<B> {
     /// in `state`: the bits and the private-page count. Conversion engine only.
     #[inline]
     pub(crate) fn flip(&self, first: u64, count: u64, state: PageState) {
+        self.gmem.note_conversion();
+        self.set_states(first, count, state);
+    }
+
+    /// [`GuestRegionPrivate::flip`], not counted as a conversion of the file's pages: for
+    /// a region leaving its memory, locked out of old views.
+    #[inline]
+    pub(crate) fn set_states(&self, first: u64, count: u64, state: PageState) {
         // The count goes first towards private and last towards shared, so that it is
         // never zero while a page is private.
         match state {

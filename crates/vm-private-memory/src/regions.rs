@@ -380,7 +380,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         let lock_out = |state: PageState| {
             for range in &shared {
                 let first = (range.start() - guest.start()) / guest_memfd::PAGE_SIZE;
-                region.flip(first, range.page_count(), state);
+                region.set_states(first, range.page_count(), state);
             }
         };
         lock_out(PageState::Private);

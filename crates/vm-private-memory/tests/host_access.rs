@@ -306,6 +306,26 @@ fn node_of_tells_placement_without_a_raw_address() {
         .write_obj(1u64, GuestAddress(0x3000))
         .unwrap();
     assert!(memory.node_of(0x3008).unwrap().is_some(), "written");
+    // In place, a private page is reported too (nothing read, nothing allocated).
+    memory
+        .convert_with(
+            pr(0x3000, PAGE_SIZE),
+            PageState::Private,
+            vm_private_memory::ContentMode::Preserve,
+        )
+        .unwrap();
+    assert!(
+        memory.node_of(0x3000).unwrap().is_some(),
+        "private, resident"
+    );
+    memory
+        .convert(pr(0x5000, PAGE_SIZE), PageState::Private)
+        .unwrap();
+    assert_eq!(
+        memory.node_of(0x5000).unwrap(),
+        None,
+        "private, never touched"
+    );
     assert!(matches!(
         memory.node_of(4 << 20),
         Err(vm_private_memory::Error::OutsideGuestMemory { first_outside, .. }) if first_outside == 4 << 20

@@ -204,7 +204,6 @@ pub(super) fn checksum(state: &MemoryState) -> u32 {
         &[
             u64::from(state.version),
             strategy,
-            state.origin,
             state.regions.len() as u64,
         ],
     );
@@ -218,6 +217,7 @@ pub(super) fn checksum(state: &MemoryState) -> u32 {
                 region.gmem_size,
                 region.gmem_file.device,
                 region.gmem_file.inode,
+                region.gmem_conversions,
             ],
         );
         match &region.private {

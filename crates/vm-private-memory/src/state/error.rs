@@ -113,13 +113,13 @@ pub enum StateError {
         /// The memory's file.
         actual: super::FileIdentity,
     },
-    /// [`crate::SharedContent::Keep`] with a state taken of this very memory, which
-    /// would make private pages shared with their content: they hold what the guest
-    /// put there since the state was taken.
-    #[error("the state was taken of this same memory: with SharedContent::Keep it would show the host {first} and any other page private now, holding what the guest wrote since; restore with SharedContent::Empty")]
-    KeepOfTheSameMemory {
-        /// The first run it would make shared.
-        first: PageRange,
+    /// [`crate::SharedContent::Keep`] with a state older than the last conversion of a
+    /// region's guest_memfd pages (by any memory): its private pages may hold what the
+    /// guest wrote since, which keeping content would show the host.
+    #[error("pages of region {region}'s guest_memfd changed state after the state was taken: SharedContent::Keep takes only the last state of those files; restore with SharedContent::Empty")]
+    KeepAfterConversions {
+        /// The first region with converted pages.
+        region: PageRange,
     },
     /// The size of a region's guest_memfd could not be read.
     #[error("region {region}: fstat of its guest_memfd failed: {source}")]

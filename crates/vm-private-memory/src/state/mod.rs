@@ -34,7 +34,7 @@ pub use restore::SharedContent;
 
 /// The version of [`MemoryState`] this crate writes and reads. Version 2 added the
 /// checksum and the bitmap form of the map; version 3 what ties a state to the memory
-/// it was taken of (its origin, each region's file). Older states are refused.
+/// it was taken over (each region's file). Older states are refused.
 pub const STATE_VERSION: u32 = 3;
 
 /// A file's identity, as `fstat` gives it: its device and inode. Clones and
@@ -75,6 +75,11 @@ pub struct RegionState {
     /// Older states have none, and are refused for their version.
     #[serde(default)]
     pub gmem_file: FileIdentity,
+    /// How many changes of state that guest_memfd's pages had seen
+    /// ([`guest_memfd::GuestMemfd::conversions`]): a restore that keeps content takes
+    /// only a state with the count the file has now.
+    #[serde(default)]
+    pub gmem_conversions: u64,
     /// Its private pages, as runs or as a bitmap, whichever is shorter.
     pub private: PrivatePages,
 }
@@ -107,7 +112,7 @@ impl RegionState {
 ///
 /// # Integrity
 ///
-/// `checksum` is the CRC-32 (IEEE, crc32fast) of the version, strategy, origin, every
+/// `checksum` is the CRC-32 (IEEE, crc32fast) of the version, strategy, every
 /// region's place and file (its identity included), and its map in the form written. Deserialization refuses a state
 /// whose version is not [`STATE_VERSION`] (naming both) or whose checksum does not
 /// match, and [`PrivateMemoryManager::restore_state`] checks again. A CRC detects accidental
@@ -122,9 +127,6 @@ pub struct MemoryState {
     pub version: u32,
     /// The backing strategy.
     pub strategy: Strategy,
-    /// The memory the state was taken of: a number drawn when it was built, which no
-    /// other memory shares (in this process or another).
-    pub origin: u64,
     /// Every region, in address order.
     pub regions: Vec<RegionState>,
     /// The CRC-32 of the fields above ([`MemoryState::computed_checksum`]).
@@ -137,8 +139,6 @@ pub struct MemoryState {
 struct UncheckedState {
     version: u32,
     strategy: Strategy,
-    #[serde(default)]
-    origin: u64,
     regions: Vec<RegionState>,
     #[serde(default)]
     checksum: Option<u32>,
@@ -157,7 +157,6 @@ impl TryFrom<UncheckedState> for MemoryState {
         let state = MemoryState {
             version: raw.version,
             strategy: raw.strategy,
-            origin: raw.origin,
             regions: raw.regions,
             checksum: raw.checksum.ok_or(StateError::MissingChecksum)?,
         };
@@ -237,6 +236,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
                 gmem_file: crate::region_setup::file_id(region.gmem().file())
                     .map(|(device, inode)| FileIdentity { device, inode })
                     .unwrap_or_default(),
+                gmem_conversions: region.gmem().conversions(),
                 private: PrivatePages::of(region.attributes()),
             })
             .collect();
@@ -244,7 +244,6 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         let mut state = MemoryState {
             version: STATE_VERSION,
             strategy: self.strategy,
-            origin: self.origin,
             regions,
             checksum: 0,
         };

@@ -36,10 +36,13 @@ pub enum SharedContent {
     /// process's) built over the saved memory's own guest_memfd files (the shared pages'
     /// content, virtio rings and buffers included, is still in them). In-place strategy
     /// only. The state must have been taken over those very files (each region's
-    /// [`super::FileIdentity`]), and not of the memory it is restored into (whose private
-    /// pages hold what the guest wrote since): both are refused. Take the state last,
-    /// once the guest stopped: a state the old process took before later conversions
-    /// cannot be told from its last one.
+    /// [`super::FileIdentity`]), and be the last: no page of those files may have
+    /// changed state since (else private pages may hold what the guest wrote after it
+    /// was taken, [`super::RegionState::gmem_conversions`]); both are refused. Take it
+    /// once the guest stopped. This crate does not yet take a guest_memfd received from
+    /// another process, so today the new memory gets the files within one process
+    /// ([`PrivateMemoryManager::add_region`] with the file
+    /// [`PrivateMemoryManager::remove_region`] handed back).
     Keep,
 }
 
@@ -106,12 +109,6 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             for (region, runs) in current.iter().zip(&targets) {
                 diff(region, runs, &mut retarget)?;
             }
-            if let (true, Some(first)) = (
-                keep && state.origin == self.origin,
-                retarget.to_shared.first(),
-            ) {
-                return Err(StateError::KeepOfTheSameMemory { first: *first }.into());
-            }
             Ok(retarget)
         })
     }
@@ -165,6 +162,12 @@ fn check_layout<B: DirtyBitmap>(
                     index,
                     saved: saved.gmem_file,
                     actual,
+                }
+                .into());
+            }
+            if region.gmem().conversions() != saved.gmem_conversions {
+                return Err(StateError::KeepAfterConversions {
+                    region: region.guest_range(),
                 }
                 .into());
             }

@@ -141,7 +141,7 @@ pub(crate) fn in_callback() -> bool {
 /// Runs `f`, code of the VMM's called with the conversion lock held (a launch step),
 /// marked as a callback: its calls back into the memory fail with
 /// [`crate::Error::Reentrant`] instead of waiting for the lock this thread holds. A
-/// panic in it goes on (the mark is cleared first).
+/// panic in it goes on (the mark is cleared on the way).
 pub(crate) fn as_marked_callback<R>(f: impl FnOnce() -> R) -> R {
     struct Unmark(bool);
     impl Drop for Unmark {
@@ -159,14 +159,18 @@ fn as_callback<R>(f: impl FnOnce() -> R) -> Result<R, ListenerRefusal> {
     IN_CALLBACK.with(|c| c.set(true));
     let result = panic::catch_unwind(AssertUnwindSafe(f));
     IN_CALLBACK.with(|c| c.set(false));
-    result.map_err(|payload| {
-        let what = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic".to_owned());
-        ListenerRefusal::Panicked { message: what }
+    result.map_err(|payload| ListenerRefusal::Panicked {
+        message: panic_message(&*payload),
     })
+}
+
+/// A caught panic's message (`"a panic"` if it was neither a `&str` nor a `String`).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned())
 }
 
 /// A revocation a listener stopped ([`Listeners::discard`]).

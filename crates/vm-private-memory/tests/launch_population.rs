@@ -197,14 +197,32 @@ fn a_launch_step_that_calls_back_into_the_memory_is_refused_not_deadlocked() {
         .unwrap();
 }
 
-/// A launch step that panics leaves no mark behind: the thread's later calls work.
+/// A launch step that panics is a refusal: rolled back (the pages shared again, with
+/// their content), and the thread is left free to call again.
 #[test]
-fn a_panicking_launch_step_leaves_the_thread_free_to_call_again() {
+fn a_panicking_launch_step_is_rolled_back_as_a_refusal() {
     let (m, _vm) = dual(SIZE, PageState::Shared);
-    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _ = m.launch_private(pr(0, PAGE_SIZE), |_| panic!("vendor call failed"));
-    }));
-    assert!(panicked.is_err());
+    let range = pr(0, 2 * PAGE_SIZE);
+    let content = image(range.len() as usize);
+    m.guest_memory()
+        .memory()
+        .write_slice(&content, GuestAddress(0))
+        .unwrap();
+    let err = m
+        .launch_private(range, |_| panic!("vendor call failed"))
+        .expect_err("the step panicked");
+    assert!(
+        matches!(&err, Error::LaunchStep { range: r, .. } if r.start == 0),
+        "{err}"
+    );
+    assert!(err.to_string().contains("vendor call failed"), "{err}");
+    assert_eq!(m.state_of(0), Some(PageState::Shared));
+    let mut back = vec![0u8; content.len()];
+    m.guest_memory()
+        .memory()
+        .read_slice(&mut back, GuestAddress(0))
+        .unwrap();
+    assert_eq!(back, content);
     m.convert(pr(8 * PAGE_SIZE, PAGE_SIZE), PageState::Private)
         .unwrap();
 }

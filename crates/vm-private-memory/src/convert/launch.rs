@@ -15,7 +15,7 @@ use super::{plan_step, ContentMode, Plan, Progress, StepLimit};
 use crate::attributes::PageState;
 use crate::error::{Error, Result};
 use crate::guard::DirtyBitmap;
-use crate::listener::{as_marked_callback, in_callback};
+use crate::listener::{as_marked_callback, in_callback, panic_message};
 use crate::memory::{gpa, PrivateMemoryManager};
 use crate::strategy::{Strategy, UnavailableReason};
 
@@ -47,9 +47,9 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     ///
     /// On real SEV-SNP or TDX the launch measurement already includes the pages stepped
     /// before a failure, so a rolled-back launch usually means tearing the VM down. With
-    /// [`crate::MemoryBuilder::vmm_binds_memslots`], bind the slots before the call. If
-    /// `step` panics, the panic goes on: the pages stay private (in KVM's view too) and
-    /// the shared side still holds the source.
+    /// [`crate::MemoryBuilder::vmm_binds_memslots`], bind the slots before the call. A
+    /// `step` that panics refuses: the panic is caught and the launch rolled back, as
+    /// for [`Error::LaunchStep`] (whose source then names the panic).
     ///
     /// `step` is where the VMM makes its vendor call (`SNP_LAUNCH_UPDATE` with
     /// `uaddr = host_address`, `gfn_start = guest.start() >> 12`; TDX's
@@ -132,9 +132,19 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
                 let host_address =
                     piece.region.host_range().0 as u64 + piece.first_page * PAGE_SIZE;
                 as_marked_callback(|| {
-                    step(LaunchSource {
-                        guest,
-                        host_address,
+                    // A panicking step is a refusal, rolled back as one: the pages go
+                    // back to shared with their content, as for a listener's panic.
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        step(LaunchSource {
+                            guest,
+                            host_address,
+                        })
+                    }))
+                    .unwrap_or_else(|payload| {
+                        Err(
+                            format!("the launch step panicked: {}", panic_message(&*payload))
+                                .into(),
+                        )
                     })
                 })
                 .map_err(|source| Error::LaunchStep {

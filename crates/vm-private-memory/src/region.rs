@@ -65,7 +65,9 @@ type GuestResult<T> = std::result::Result<T, GuestMemoryError>;
 /// [`crate::MemoryBuilder::build_with_bitmap`] and read the bitmap with
 /// [`GuestRegionPrivate::dirty_bitmap`]. It records host writes only: KVM refuses dirty
 /// logging on guest_memfd memslots (`KVM_MEM_LOG_DIRTY_PAGES` with `KVM_MEM_GUEST_MEMFD`
-/// is `EINVAL`), so what the guest writes is not tracked, and conversions mark nothing.
+/// is `EINVAL`), so what the guest writes is not tracked. What changes the bytes the host
+/// sees is marked too: a conversion to shared (the page's bytes are new to the host) and a
+/// balloon's [`crate::PrivateMemoryManager::discard`] of shared pages (they read as zeros).
 /// A page marked dirty may have gone private since: reading it for a migration pass is
 /// refused as any host access to a private page is.
 #[derive(Debug)]
@@ -211,6 +213,14 @@ impl<B: Bitmap> GuestRegionPrivate<B> {
     pub(crate) fn flip(&self, first: u64, count: u64, state: PageState) {
         self.gmem.note_conversion();
         self.set_states(first, count, state);
+        // A page that turns shared shows the host new bytes (zeros, or the content the
+        // guest kept): a migration pass that sent the page before must send it again.
+        if state == PageState::Shared {
+            self.access.dirty_bitmap().mark_dirty(
+                (first * guest_memfd::PAGE_SIZE) as usize,
+                (count * guest_memfd::PAGE_SIZE) as usize,
+            );
+        }
     }
 
     /// [`GuestRegionPrivate::flip`], not counted as a conversion of the file's pages: for

@@ -98,8 +98,8 @@ fn host_writes_through_the_view_mark_exactly_their_pages() {
 }
 
 #[test]
-fn refused_writes_and_conversions_mark_nothing() {
-    if !in_place_or_skip("refused_writes_and_conversions_mark_nothing") {
+fn refused_writes_mark_nothing_and_conversions_to_shared_mark_their_pages() {
+    if !in_place_or_skip("refused_writes_mark_nothing_and_conversions_to_shared_mark_their_pages") {
         return;
     }
     let memory = tracked(Duration::from_millis(100));
@@ -121,7 +121,15 @@ fn refused_writes_and_conversions_mark_nothing() {
         "a refused write marked pages"
     );
 
-    // Conversions both ways, content kept or not, write nothing through the view.
+    // A conversion to private marks nothing; one to shared marks the pages it shows the
+    // host (their bytes are new to it: zeros, or content the guest kept).
+    memory
+        .convert(pr(0x20000, 0x4000), PageState::Private)
+        .unwrap();
+    assert!(
+        take_dirty(&memory).is_empty(),
+        "a conversion to private marked pages"
+    );
     memory
         .convert_with(
             pr(0x10000, 0x2000),
@@ -130,12 +138,20 @@ fn refused_writes_and_conversions_mark_nothing() {
         )
         .unwrap();
     memory
-        .convert(pr(0x20000, 0x4000), PageState::Private)
-        .unwrap();
-    memory
         .convert(pr(0x20000, 0x4000), PageState::Shared)
         .unwrap();
-    assert!(take_dirty(&memory).is_empty(), "a conversion marked pages");
+    assert_eq!(
+        take_dirty(&memory),
+        [
+            (0, 0x10),
+            (0, 0x11),
+            (0, 0x20),
+            (0, 0x21),
+            (0, 0x22),
+            (0, 0x23)
+        ]
+        .into()
+    );
 
     // The page that came back shared is tracked again.
     mem.write_obj(1u64, GuestAddress(0x11000)).unwrap();

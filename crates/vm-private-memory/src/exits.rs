@@ -9,6 +9,7 @@ use guest_memfd::{PageRange, PAGE_SIZE};
 use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
 
 use crate::attributes::PageState;
+use crate::changed_pages::ChangedPages;
 use crate::convert::{without, ContentMode, ConversionReport, StepLimit, Undone};
 use crate::error::{Error, Result};
 use crate::guard::DirtyBitmap;
@@ -206,22 +207,6 @@ fn fits_one_step(range: PageRange) -> bool {
     range.page_count() <= GUEST_RUNS_PER_STEP
 }
 
-/// `runs`, in address order, with runs that touch merged (a step may end inside a run
-/// the next step goes on with).
-fn coalesced(runs: &[PageRange]) -> Vec<PageRange> {
-    let mut merged: Vec<PageRange> = Vec::new();
-    for run in runs {
-        match merged.last_mut() {
-            Some(last) if last.end() == run.start() => {
-                *last = PageRange::new(last.start(), run.end() - last.start())
-                    .expect("adjacent page ranges");
-            }
-            _ => merged.push(*run),
-        }
-    }
-    merged
-}
-
 impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Serves a checked guest request: converts its range in steps of at most
     /// [`GUEST_RUNS_PER_STEP`] changed runs and [`GUEST_BYTES_PER_STEP`] changed bytes,
@@ -237,8 +222,12 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// exit's batch, with the exits before counted as done. So if a step fails, the
     /// steps before it are undone: the pages they changed go back to their old state
     /// (empty, as any conversion leaves them). Served in one step (every exit up to
-    /// 2 MiB) nothing needs undoing; a longer request records the runs its steps change,
-    /// 16 bytes per run, each of which cost a system call to change.
+    /// 4 MiB) nothing needs undoing; a longer request records the pages its steps change,
+    /// one bit per page in chunks of 128 MiB allocated where a step changed any: at most
+    /// 1/32768 of the range it spans. Other conversions (another vCPU's requests, the
+    /// VMM's) may run between its steps; the undo puts back what this request changed,
+    /// also where another changed it again in between (a guest converting one page
+    /// from two vCPUs at once gets one of the outcomes, here the undo's).
     ///
     /// # Errors
     ///
@@ -250,7 +239,8 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         let mut report = ConversionReport::default();
         // A request one step serves is undone by that step's own rollback.
         let recording = !fits_one_step(request.range);
-        let mut changed = Vec::new();
+        let mut changed = ChangedPages::new(request.range.start());
+        let mut step_runs = Vec::new();
         let served = Self::in_steps(request.range, |rest| {
             let started = std::time::Instant::now();
             let (step, next) = self.convert_step(
@@ -258,9 +248,10 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
                 request.to,
                 ContentMode::Discard,
                 StepLimit::GUEST,
-                recording.then_some(&mut changed),
+                recording.then_some(&mut step_runs),
             )?;
             report.absorb(&step, started.elapsed());
+            step_runs.drain(..).for_each(|run| changed.mark(run));
             Ok(next)
         });
         match served {
@@ -270,13 +261,14 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         }
     }
 
-    /// Puts `changed`, the runs the done steps of a request for `to` changed, back to
-    /// the other state, and returns the request's error with what could not be put back.
+    /// Puts the pages `changed` records, which the done steps of a request for `to`
+    /// changed, back to the other state, and returns the request's error with what could
+    /// not be put back.
     #[cold]
-    fn undo_request(&self, changed: &[PageRange], to: PageState, cause: Error) -> Error {
+    fn undo_request(&self, changed: &ChangedPages, to: PageState, cause: Error) -> Error {
         let back = to.flipped();
         let mut undone = Undone::default();
-        for run in coalesced(changed) {
+        for run in changed.runs() {
             let result = Self::in_steps(run, |rest| {
                 self.convert_step(rest, back, ContentMode::Discard, StepLimit::GUEST, None)
                     .map(|(_, next)| next)
@@ -303,6 +295,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         }
         undone.into_error(cause)
     }
+
     /// Serves a `KVM_EXIT_MEMORY_FAULT`: converts the faulting range to what the guest
     /// used. Then re-enter the vCPU.
     ///

@@ -137,6 +137,7 @@ compile_error!(
 mod attributes;
 mod backing;
 mod builder;
+mod changed_pages;
 mod convert;
 mod error;
 mod exits;

@@ -433,10 +433,19 @@ fn rollback_failures(
     parts.join(";")
 }
 
-/// `" (first [a, b))"` for a non-empty list of ranges, for messages.
+/// The ranges of a non-empty list, for messages: `": [a, b), [c, d)"`, the first
+/// eight and how many more (the error's fields hold them all).
 fn first(ranges: &[ByteRange]) -> String {
-    ranges
-        .first()
-        .map(|r| format!(" (first {r})"))
-        .unwrap_or_default()
+    const SHOWN: usize = 8;
+    if ranges.is_empty() {
+        return String::new();
+    }
+    let shown: Vec<String> = ranges.iter().take(SHOWN).map(|r| r.to_string()).collect();
+    let more = ranges.len().saturating_sub(SHOWN);
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    format!(": {}{more}", shown.join(", "))
 }

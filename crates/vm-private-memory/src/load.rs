@@ -70,8 +70,9 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// [`PrivateMemoryManager::launch_private`]); [`Error::OutsideGuestMemory`] and
     /// conversion errors as [`PrivateMemoryManager::convert`]. Whatever fails after the
     /// pages were made shared, they end up private (emptied) and the first error is
-    /// returned; if even that fails, [`Error::RollbackFailed`] names in `kept_shared`
-    /// the runs still shared. The pages are never left shared without saying so.
+    /// returned (pages that were shared before the call end private and empty too); if
+    /// even that fails, [`Error::RollbackFailed`] names in `kept_shared` the runs still
+    /// shared. The pages are never left shared without saying so.
     pub fn load_private(&self, gpa: u64, bytes: &[u8]) -> Result<()> {
         if self.strategy != Strategy::InPlace {
             return Err(Error::StrategyUnavailable {

@@ -167,7 +167,10 @@ impl TryFrom<UncheckedState> for MemoryState {
 
 impl MemoryState {
     /// A builder for memory with this state's layout and strategy (no content): build it,
-    /// then [`PrivateMemoryManager::restore_state`].
+    /// then [`PrivateMemoryManager::restore_state`]. A state holds regions only: add the
+    /// source's reserved ranges ([`MemoryBuilder::reserve`],
+    /// [`MemoryBuilder::x86_mmio_hole`]) and memslot numbers to the builder again, or
+    /// hotplug on the restored memory will not keep out of them.
     pub fn builder(&self, vm: Arc<dyn VmMemoryOps>) -> MemoryBuilder {
         self.regions
             .iter()

@@ -67,8 +67,9 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// The NUMA node whose memory holds the page at `gpa`, as the kernel says; `None` if
     /// the page is not resident. It reads no content and tells what the host kernel
     /// knows of any page (see [`guest_memfd::node_of_page`]), so placement can be checked
-    /// without a raw address. In place that includes private pages (the host maps them;
-    /// this crate keeps its own accesses off them). With the dual strategy it is the
+    /// without a raw address. In place that includes private pages where the kernel lets
+    /// the host map them (Linux 6.18 to 7.x do; this crate keeps its own accesses off
+    /// them); a kernel that refuses answers `EFAULT`. With the dual strategy it is the
     /// shared side's page (a private page lives in a guest_memfd with no mapping).
     ///
     /// It holds the conversion lock while it asks, so that no conversion or discard

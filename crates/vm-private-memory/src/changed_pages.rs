@@ -46,8 +46,13 @@ impl ChangedPages {
                 .or_insert_with(|| Box::new([0; WORDS]));
             let in_chunk = page % CHUNK_PAGES;
             let upto = (in_chunk + (end - page)).min(CHUNK_PAGES);
-            for bit in in_chunk..upto {
-                chunk[(bit / 64) as usize] |= 1 << (bit % 64);
+            let mut bit = in_chunk;
+            while bit < upto {
+                let low = bit % 64;
+                let n = (upto - bit).min(64 - low);
+                let ones = if n == 64 { u64::MAX } else { (1 << n) - 1 };
+                chunk[(bit / 64) as usize] |= ones << low;
+                bit += n;
             }
             page += upto - in_chunk;
         }
@@ -130,6 +135,37 @@ mod tests {
         );
         // Three chunks hold bits, whatever lies between them.
         assert_eq!(changed.chunks.len(), 3);
+    }
+
+    proptest::proptest! {
+        /// Whatever is marked, the runs are the maximal runs of marked pages, in order
+        /// (starts drawn near word and chunk edges as often as anywhere).
+        #[test]
+        fn runs_are_those_of_a_naive_model(
+            marks in proptest::collection::vec(
+                (0u64..4, 0u64..3, 0u64..130, 1u64..300),
+                0..16,
+            )
+        ) {
+            let mut changed = ChangedPages::new(0);
+            let mut model = std::collections::BTreeSet::new();
+            for (chunk, word, bit, pages) in marks {
+                let first = (chunk * CHUNK_PAGES + word * 64 + bit).saturating_sub(64);
+                changed.mark(pr(first, pages));
+                model.extend(first..first + pages);
+            }
+            let mut want: Vec<PageRange> = Vec::new();
+            for page in model {
+                match want.last_mut() {
+                    Some(last) if last.end() == page * PAGE_SIZE => {
+                        *last = pr(last.start() / PAGE_SIZE, last.page_count() + 1);
+                    }
+                    _ => want.push(pr(page, 1)),
+                }
+            }
+            let got: Vec<PageRange> = changed.runs().collect();
+            proptest::prop_assert_eq!(got, want);
+        }
     }
 
     #[test]

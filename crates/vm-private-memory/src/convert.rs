@@ -382,7 +382,12 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         }
         let mut engine = self.lock_engine();
         if let Some(run) = OneRun::of(&engine.current, range, to, limit) {
-            let report = self.convert_one_run(&engine, run, to, mode)?;
+            let region = run.region();
+            let converted = self.convert_one_run(&engine, run, to, mode);
+            if left_changes(&converted) {
+                region.gmem().note_conversion();
+            }
+            let report = converted?;
             if let Some(record) = record {
                 record.push(range);
             }
@@ -435,6 +440,9 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
                 result = Err(self.undo(&plan, done).into_error(e));
                 done = Progress::default();
             }
+        }
+        if !plan.changed.is_empty() && left_changes(&result) {
+            note_conversions(plan.pieces().map(|p| p.region));
         }
         let runs_changed = plan.changed.len() as u64;
         let mut changed = plan.changed;
@@ -548,6 +556,28 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// touching a page that is private now (see the `inflight` module).
     fn wait_for_accesses(&self, engine: &Engine<B>, plan: &Plan<'_, B>) -> Result<()> {
         wait_for_host_accesses(engine, plan.snapshot, plan.requested)
+    }
+}
+
+/// Whether an operation's result leaves pages in another state than before: it
+/// succeeded, or its rollback failed part way. Only such a result counts as a conversion
+/// of their files ([`guest_memfd::GuestMemfd::note_conversion`]): a restore rolled back
+/// whole may be tried again with the same state.
+pub(crate) fn left_changes<T>(result: &Result<T>) -> bool {
+    result.is_ok() || matches!(result, Err(Error::RollbackFailed { .. }))
+}
+
+/// Counts a conversion on the file of each region of `regions`, given in address order
+/// (a region once, however many of its runs changed).
+pub(crate) fn note_conversions<'a, B: DirtyBitmap + 'a>(
+    regions: impl Iterator<Item = &'a GuestRegionPrivate<B>>,
+) {
+    let mut last: Option<&GuestRegionPrivate<B>> = None;
+    for region in regions {
+        if !last.is_some_and(|l| std::ptr::eq(l, region)) {
+            region.gmem().note_conversion();
+        }
+        last = Some(region);
     }
 }
 

@@ -372,20 +372,15 @@ impl<B: DirtyBitmap> Drop for PrivateMemoryManager<B> {
     fn drop(&mut self) {
         let engine = self.lock_engine();
         if !self.vmm_binds {
-            let current = &engine.current;
-            if unbind_regions(&*self.vm, current, current.num_regions()) {
-                // Nothing maps them any more: their file ranges are free, even while
-                // an old view keeps a region.
-                current.iter().for_each(|r| r.release_file_range());
-            }
+            // The regions' file ranges stay held while an old view keeps a region (it
+            // may read its shared pages): they are freed with the last view.
+            unbind_regions(&*self.vm, &engine.current, engine.current.num_regions());
         } else if !self
             .memslots_released
             .load(std::sync::atomic::Ordering::Acquire)
         {
             // The VMM's slots may still use the mappings: keep them, for good.
             std::mem::forget(Arc::clone(&engine.current));
-        } else {
-            engine.current.iter().for_each(|r| r.release_file_range());
         }
     }
 }

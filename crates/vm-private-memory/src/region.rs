@@ -211,7 +211,6 @@ impl<B: Bitmap> GuestRegionPrivate<B> {
     /// in `state`: the bits and the private-page count. Conversion engine only.
     #[inline]
     pub(crate) fn flip(&self, first: u64, count: u64, state: PageState) {
-        self.gmem.note_conversion();
         self.set_states(first, count, state);
         // A page that turns shared shows the host new bytes (zeros, or the content the
         // guest kept): a migration pass that sent the page before must send it again.

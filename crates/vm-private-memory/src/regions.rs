@@ -157,6 +157,11 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         check_placement(&engine, guest)?;
         if let Some((gmem, _)) = &backing {
             check_gmem_flags(self.strategy, gmem.flags())?;
+            // The guest may write private pages of a re-used file at once, without a
+            // conversion: a saved state older than this must not keep content.
+            if initial == PageState::Private {
+                gmem.note_conversion();
+            }
         }
         if let Some((file, offset)) = &shared {
             let taken = engine

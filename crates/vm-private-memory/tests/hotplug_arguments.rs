@@ -271,3 +271,45 @@ fn a_file_range_held_by_another_memory_is_refused() {
         .add_region(pr(64 << 20, MIB2), Some((file, 0)), PageState::Private)
         .unwrap();
 }
+
+/// A dropped memory's file ranges stay held while an old view of it keeps a region (it
+/// may still read that region's shared pages): another memory takes the range once the
+/// view is gone.
+#[test]
+fn a_dropped_memory_s_file_range_stays_held_while_an_old_view_keeps_it() {
+    let vm = vm();
+    let first = in_place(&vm, false);
+    let flags = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+    let file = GuestMemfd::create(&*vm, MIB2, flags).unwrap();
+    first
+        .add_region(
+            pr(16 << 20, MIB2),
+            Some((file.clone(), 0)),
+            PageState::Shared,
+        )
+        .unwrap();
+    let old_view = first.guest_memory().memory();
+    drop(first);
+    let second = in_place(&vm, false);
+    let err = second
+        .add_region(
+            pr(16 << 20, MIB2),
+            Some((file.clone(), 0)),
+            PageState::Private,
+        )
+        .expect_err("an old view still reads the range");
+    assert!(
+        matches!(
+            &err,
+            Error::Layout {
+                reason: LayoutError::BackingInUse { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    drop(old_view);
+    second
+        .add_region(pr(16 << 20, MIB2), Some((file, 0)), PageState::Private)
+        .unwrap();
+}

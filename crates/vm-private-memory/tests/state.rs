@@ -443,7 +443,7 @@ fn a_live_update_over_the_same_files_keeps_shared_content() {
         .initial_state(PageState::Private)
         .build()
         .unwrap();
-    new.add_region(range, Some((file, offset)), PageState::Private)
+    new.add_region(range, Some((file, offset)), PageState::Shared)
         .unwrap();
     new.remove_region(64 * MIB2).unwrap();
     new.restore_state_with(&saved, SharedContent::Keep).unwrap();
@@ -504,4 +504,53 @@ fn keeping_shared_content_is_refused_by_the_dual_strategy() {
         "{err}"
     );
     assert_eq!(states(&m), before);
+}
+
+/// A file re-added private lets the guest write private pages at once: a state taken
+/// before that keeps no content.
+#[test]
+fn keeping_content_after_a_file_was_re_added_private_is_refused() {
+    if !in_place_or_skip("keeping_content_after_a_file_was_re_added_private_is_refused") {
+        return;
+    }
+    let m = common::in_place(MIB2, PageState::Shared);
+    let saved = m.state();
+    let (range, file, offset) = m.remove_region(0).unwrap();
+    m.add_region(range, Some((file, offset)), PageState::Private)
+        .unwrap();
+    let err = m
+        .restore_state_with(&saved, SharedContent::Keep)
+        .expect_err("the guest may have written private pages since");
+    assert!(
+        matches!(
+            err,
+            Error::StateMismatch(StateError::KeepAfterConversions { .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(m.private_pages(), MIB2 / PAGE_SIZE);
+}
+
+/// A restore that keeps content and is rolled back whole (a listener refused) changed
+/// nothing: the same state may be tried again.
+#[test]
+fn a_rolled_back_restore_that_keeps_content_can_be_tried_again() {
+    if !in_place_or_skip("a_rolled_back_restore_that_keeps_content_can_be_tried_again") {
+        return;
+    }
+    let m = common::in_place(MIB2, PageState::Private);
+    let mut target = m.state();
+    target.regions[0].private = runs(&[(4, 508)]);
+    target.update_checksum();
+    let recorder = Arc::new(Recorder::default());
+    *recorder.refuse.lock().unwrap() = true;
+    let subscription = m.subscribe(pr(0, MIB2), recorder.clone());
+    assert!(matches!(
+        m.restore_state_with(&target, SharedContent::Keep),
+        Err(Error::ListenerRefused { .. })
+    ));
+    assert_eq!(m.private_pages(), MIB2 / PAGE_SIZE);
+    drop(subscription);
+    m.restore_state_with(&target, SharedContent::Keep).unwrap();
+    assert_eq!(m.private_pages(), 508);
 }

@@ -4,7 +4,7 @@
 
 use guest_memfd::PageRange;
 
-use super::{ContentMode, Plan, Progress, Undone};
+use super::{left_changes, note_conversions, ContentMode, Plan, Progress, Undone};
 use crate::attributes::PageState;
 use crate::error::{ByteRange, Error, Result};
 use crate::guard::DirtyBitmap;
@@ -68,62 +68,69 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             requested: private.requested,
             changed: to_shared,
         };
-        // A failure, with what the rollback could not put back.
-        let failed = |e: Error, undone: Undone| undone.into_error(e);
-        // Private first: hiding pages never shows the host anything. The dual strategy's
-        // punches wait until the end (`Preserve` here means "not yet").
-        let mut made_private = Progress::default();
-        if !private.changed.is_empty() {
-            let mode = ContentMode::Preserve;
-            if let Err(e) = self.run_steps(
-                &engine,
-                &private,
-                PageState::Private,
-                mode,
-                &mut made_private,
-            ) {
-                let unknown = self.undo(&private, made_private);
-                return Err(failed(e, unknown));
-            }
-        }
-        let mut made_shared = Progress::default();
-        if !shared_plan.changed.is_empty() {
-            // Dual: whatever reached the shared side while these pages were private must
-            // not greet the host (the pages were private, so nothing is lost).
-            if dual {
-                if let Err(e) = shared_plan.pieces().try_for_each(|p| p.clear_shared_side()) {
+        let applied = (|| -> Result<()> {
+            // A failure, with what the rollback could not put back.
+            let failed = |e: Error, undone: Undone| undone.into_error(e);
+            // Private first: hiding pages never shows the host anything. The dual strategy's
+            // punches wait until the end (`Preserve` here means "not yet").
+            let mut made_private = Progress::default();
+            if !private.changed.is_empty() {
+                let mode = ContentMode::Preserve;
+                if let Err(e) = self.run_steps(
+                    &engine,
+                    &private,
+                    PageState::Private,
+                    mode,
+                    &mut made_private,
+                ) {
                     let unknown = self.undo(&private, made_private);
                     return Err(failed(e, unknown));
                 }
             }
-            let mode = if dual { ContentMode::Preserve } else { shared };
-            if let Err(e) = self.run_steps(
-                &engine,
-                &shared_plan,
-                PageState::Shared,
-                mode,
-                &mut made_shared,
-            ) {
-                let mut unknown = self.undo(&shared_plan, made_shared);
-                unknown.extend(self.undo(&private, made_private));
-                return Err(failed(e, unknown));
+            let mut made_shared = Progress::default();
+            if !shared_plan.changed.is_empty() {
+                // Dual: whatever reached the shared side while these pages were private must
+                // not greet the host (the pages were private, so nothing is lost).
+                if dual {
+                    if let Err(e) = shared_plan.pieces().try_for_each(|p| p.clear_shared_side()) {
+                        let unknown = self.undo(&private, made_private);
+                        return Err(failed(e, unknown));
+                    }
+                }
+                let mode = if dual { ContentMode::Preserve } else { shared };
+                if let Err(e) = self.run_steps(
+                    &engine,
+                    &shared_plan,
+                    PageState::Shared,
+                    mode,
+                    &mut made_shared,
+                ) {
+                    let mut unknown = self.undo(&shared_plan, made_shared);
+                    unknown.extend(self.undo(&private, made_private));
+                    return Err(failed(e, unknown));
+                }
             }
-        }
-        if dual {
-            let punched = private
-                .pieces()
-                .try_for_each(|p| p.discard_old_side(PageState::Private).map(drop))
-                .and_then(|()| {
-                    shared_plan
-                        .pieces()
-                        .try_for_each(|p| p.discard_old_side(PageState::Shared).map(drop))
-                });
-            if let Err(e) = punched {
-                let mut unknown = self.undo(&shared_plan, made_shared);
-                unknown.extend(self.undo(&private, made_private));
-                return Err(failed(e, unknown));
+            if dual {
+                let punched = private
+                    .pieces()
+                    .try_for_each(|p| p.discard_old_side(PageState::Private).map(drop))
+                    .and_then(|()| {
+                        shared_plan
+                            .pieces()
+                            .try_for_each(|p| p.discard_old_side(PageState::Shared).map(drop))
+                    });
+                if let Err(e) = punched {
+                    let mut unknown = self.undo(&shared_plan, made_shared);
+                    unknown.extend(self.undo(&private, made_private));
+                    return Err(failed(e, unknown));
+                }
             }
+            Ok(())
+        })();
+        if left_changes(&applied) {
+            note_conversions(private.pieces().map(|p| p.region));
+            note_conversions(shared_plan.pieces().map(|p| p.region));
         }
-        Ok(())
+        applied
     }
 }

@@ -11,7 +11,7 @@
 
 use guest_memfd::{PageRange, PAGE_SIZE};
 
-use super::{plan_step, ContentMode, Plan, Progress, StepLimit};
+use super::{note_conversions, plan_step, ContentMode, Plan, Progress, StepLimit};
 use crate::attributes::PageState;
 use crate::error::{Error, Result};
 use crate::guard::DirtyBitmap;
@@ -49,7 +49,9 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// before a failure, so a rolled-back launch usually means tearing the VM down. With
     /// [`crate::MemoryBuilder::vmm_binds_memslots`], bind the slots before the call. A
     /// `step` that panics refuses: the panic is caught and the launch rolled back, as
-    /// for [`Error::LaunchStep`] (whose source then names the panic).
+    /// for [`Error::LaunchStep`] (whose source then names the panic). A VMM built with
+    /// `panic = "abort"` (Firecracker's release profile) aborts instead, as it does for
+    /// any panic.
     ///
     /// `step` is where the VMM makes its vendor call (`SNP_LAUNCH_UPDATE` with
     /// `uaddr = host_address`, `gfn_start = guest.start() >> 12`; TDX's
@@ -153,14 +155,22 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
                 })
             })
         });
+        // The pages end private (or, where the rollback failed, in either state): a
+        // conversion of their files.
+        let counted = || note_conversions(plan.pieces().map(|p| p.region));
         if let Err(e) = stepped {
             let undone = self.undo(&plan, done);
             // A step may have populated part of the private side: it goes.
             for piece in plan.pieces() {
                 let _ = piece.discard_old_side(PageState::Shared);
             }
-            return Err(undone.into_error(e));
+            let e = undone.into_error(e);
+            if matches!(e, Error::RollbackFailed { .. }) {
+                counted();
+            }
+            return Err(e);
         }
+        counted();
         for piece in plan.pieces() {
             piece.discard_old_side(PageState::Private)?;
         }

@@ -65,6 +65,12 @@ impl<'a, B: DirtyBitmap> OneRun<'a, B> {
             })
     }
 
+    /// The region the run lies in.
+    #[inline]
+    pub(super) fn region(&self) -> &'a GuestRegionPrivate<B> {
+        self.region
+    }
+
     #[inline]
     fn flip(&self, to: PageState) {
         self.region

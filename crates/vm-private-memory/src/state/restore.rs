@@ -39,9 +39,12 @@ pub enum SharedContent {
     /// [`super::FileIdentity`]), and be the last: no page of those files may have
     /// changed state since (else private pages may hold what the guest wrote after it
     /// was taken, [`super::RegionState::gmem_conversions`]); both are refused. Take it
-    /// once the guest stopped. This crate does not yet take a guest_memfd received from
-    /// another process, so today the new memory gets the files within one process
-    /// ([`PrivateMemoryManager::add_region`] with the file
+    /// once the guest stopped. The new memory takes each file shared
+    /// ([`PrivateMemoryManager::add_region`] with [`crate::PageState::Shared`]: the file's
+    /// content is the host's to read then anyway) and restores before the guest runs;
+    /// adding it private counts as a change (the guest could write private pages at
+    /// once). This crate does not yet take a guest_memfd received from another process,
+    /// so today that happens within one process (the file
     /// [`PrivateMemoryManager::remove_region`] handed back).
     Keep,
 }

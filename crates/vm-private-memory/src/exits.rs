@@ -267,7 +267,26 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     #[cold]
     fn undo_request(&self, changed: &ChangedPages, to: PageState, cause: Error) -> Error {
         let back = to.flipped();
-        let mut undone = Undone::default();
+        // The failing step's own rollback may have left pages too: they join the lists
+        // at the top, with the step's cause.
+        let (cause, mut undone) = match cause {
+            Error::RollbackFailed {
+                cause,
+                unknown,
+                listeners_refused,
+                kept_shared,
+                kept_private,
+            } => (
+                *cause,
+                Undone {
+                    unknown: unknown.into_vec(),
+                    listeners_refused: listeners_refused.into_vec(),
+                    kept_shared: kept_shared.into_vec(),
+                    kept_private: kept_private.into_vec(),
+                },
+            ),
+            other => (other, Undone::default()),
+        };
         for run in changed.runs() {
             let result = Self::in_steps(run, |rest| {
                 self.convert_step(rest, back, ContentMode::Discard, StepLimit::GUEST, None)

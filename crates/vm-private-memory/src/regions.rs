@@ -157,12 +157,14 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         check_placement(&engine, guest)?;
         if let Some((gmem, _)) = &backing {
             check_gmem_flags(self.strategy, gmem.flags())?;
-            // The guest may write private pages of a re-used file at once, without a
-            // conversion: a saved state older than this must not keep content.
-            if initial == PageState::Private {
-                gmem.note_conversion();
-            }
         }
+        // A re-used file added private: the guest may write its private pages at once,
+        // without a conversion, so once the region is in, a state older than this must
+        // not keep content (counted only if the addition stays).
+        let reused_private = backing
+            .as_ref()
+            .filter(|_| initial == PageState::Private)
+            .map(|(gmem, _)| gmem.clone());
         if let Some((file, offset)) = &shared {
             let taken = engine
                 .current
@@ -210,6 +212,9 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
             .any(|r| r.guest_range().start() == guest.start());
         if self.vmm_binds && stayed {
             self.memslots_released.store(false, Ordering::Release);
+        }
+        if let (true, Some(gmem)) = (stayed, reused_private) {
+            gmem.note_conversion();
         }
         offered
     }

@@ -248,3 +248,41 @@ fn a_request_towards_private_whose_undo_fails_names_the_pages_left_private() {
     assert_eq!(even_pages_in(&m, pages, PageState::Shared), pages - 1);
     assert_eq!(m.state_of(early.start()), Some(PageState::Private));
 }
+
+/// The failing step's own rollback can leave pages too (a device that cannot let go of
+/// anything): the error's top-level lists name them with those of the earlier steps, so
+/// a VMM that recovers from them misses no page.
+#[test]
+fn the_failing_step_s_own_leftovers_are_named_at_the_top() {
+    let (m, pages, size) = alternating(PageState::Shared);
+    let picky = Arc::new(Picky::default());
+    // A run of the second step is refused; no discard ever succeeds.
+    *picky.refuse_populate.lock().unwrap() =
+        Some(pr(2 * (GUEST_RUNS_PER_STEP + 5) * PAGE_SIZE, PAGE_SIZE));
+    *picky.cling_to.lock().unwrap() = Some(pr(0, size));
+    let _sub = m.subscribe(pr(0, size), picky);
+    let request = ConversionRequest::from_map_gpa_range(0, size / PAGE_SIZE, 0).unwrap();
+    let err = m.serve_request(request).expect_err("a step was refused");
+    let Error::RollbackFailed {
+        cause, kept_shared, ..
+    } = &err
+    else {
+        panic!("not a failed rollback: {err}");
+    };
+    assert!(matches!(**cause, Error::ListenerRefused { .. }), "{err}");
+    let named = |gpa: u64| {
+        kept_shared
+            .iter()
+            .any(|r| r.start <= gpa && gpa < r.start + r.len)
+    };
+    let mut left_shared = 0;
+    for page in 0..pages {
+        let gpa = 2 * page * PAGE_SIZE;
+        if m.state_of(gpa) == Some(PageState::Shared) {
+            left_shared += 1;
+            assert!(named(gpa), "{gpa:#x} stayed shared unnamed");
+        }
+    }
+    // Both steps' pages stayed: more than the first step's.
+    assert!(left_shared > GUEST_RUNS_PER_STEP, "{left_shared}");
+}

@@ -554,3 +554,33 @@ fn a_rolled_back_restore_that_keeps_content_can_be_tried_again() {
     m.restore_state_with(&target, SharedContent::Keep).unwrap();
     assert_eq!(m.private_pages(), 508);
 }
+
+/// A refused addition over a file changes nothing, not even what a saved state of that
+/// file allows: a restore that keeps content still takes it.
+#[test]
+fn a_refused_addition_does_not_stale_a_saved_state() {
+    if !in_place_or_skip("a_refused_addition_does_not_stale_a_saved_state") {
+        return;
+    }
+    let vm = vm();
+    let m = MemoryBuilder::new(vm.clone())
+        .region_at(0, MIB2)
+        .strategy(Strategy::InPlace)
+        .initial_state(PageState::Shared)
+        .build()
+        .unwrap();
+    let flags = guest_memfd::GuestMemfdFlags::MMAP | guest_memfd::GuestMemfdFlags::INIT_SHARED;
+    let file = guest_memfd::GuestMemfd::create(&*vm, MIB2, flags).unwrap();
+    m.add_region(
+        pr(64 * MIB2, MIB2),
+        Some((file.clone(), 0)),
+        PageState::Shared,
+    )
+    .unwrap();
+    let saved = m.state();
+    // The same bytes again, private: refused.
+    assert!(m
+        .add_region(pr(128 * MIB2, MIB2), Some((file, 0)), PageState::Private)
+        .is_err());
+    m.restore_state_with(&saved, SharedContent::Keep).unwrap();
+}

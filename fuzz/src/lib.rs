@@ -7,9 +7,19 @@
 //! - [`Num`]: an `Arbitrary` integer shaped towards the values that matter (page
 //!   multiples, small counts, values near `u64::MAX`), so inputs reach the interesting
 //!   branches more often than raw random `u64`s would.
-//! - [`vm`], [`in_place_memory`], [`dual_memory`]: real memory on `/dev/kvm`. Memslots
-//!   and VMs are limited, so every target builds its VM and memories once per process.
+//! - [`vm`], [`in_place_memory`], [`dual_memory`], [`dual_builder`]: real memory on
+//!   `/dev/kvm`. Memslots and VMs are limited, so every target builds its VM and memories
+//!   once per process.
 //! - [`check_page`]: host readability through vm-memory's `Bytes` against `state_of`.
+//! - [`listener`]: [`ModelListener`], a listener that keeps the pages it holds and
+//!   refuses or cannot let go when told to ([`Fault`]), checked against the shared pages
+//!   ([`shared_set`], as a [`PageSet`]).
+//! - [`page_checks`]: [`page_map`], [`state_map`], [`check_state_of`],
+//!   [`check_all_or_nothing`], [`check_unchanged`]: page states before and after an
+//!   operation, and what the crate promises of them.
+//! - [`hotplug_model`], [`hotplug_subject`], [`hotplug_calls`], [`launch_script`],
+//!   [`hotplug_invariants`]: the parts of the `hotplug_and_launch` target (its file keeps
+//!   the driver and the doc of its model and invariants).
 
 #![deny(missing_docs)]
 #![deny(missing_debug_implementations)]
@@ -24,6 +34,19 @@ use vm_private_memory::VmMemoryOps;
 use vm_private_memory::{
     private_page_refusal, GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemoryManager,
     Strategy,
+};
+
+pub mod hotplug_calls;
+pub mod hotplug_invariants;
+pub mod hotplug_model;
+pub mod hotplug_subject;
+pub mod launch_script;
+pub mod listener;
+pub mod page_checks;
+
+pub use listener::{shared_set, Fault, ModelListener, PageSet};
+pub use page_checks::{
+    check_all_or_nothing, check_state_of, check_unchanged, page_map, pages_of, state_map,
 };
 
 /// A `u64` shaped by its variant: the fuzzer picks the shape, then the value.
@@ -206,6 +229,25 @@ pub struct AttributesRecord {
 }
 
 impl AttributesRecord {
+    /// KVM's view of every page of the recorded window, from its first page.
+    pub fn window(&self) -> Vec<bool> {
+        self.private
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// KVM's view of the page at each of `gpas`, where inside the recorded window.
+    pub fn are_private(&self, gpas: &[u64]) -> Vec<Option<bool>> {
+        let map = self.private.lock().unwrap_or_else(|p| p.into_inner());
+        gpas.iter()
+            .map(|&gpa| {
+                let page = usize::try_from(gpa.checked_sub(self.base)? / PAGE_SIZE).ok()?;
+                map.get(page).copied()
+            })
+            .collect()
+    }
+
     /// KVM's view of the page at `gpa`, if inside the recorded window.
     pub fn is_private(&self, gpa: u64) -> Option<bool> {
         let page = usize::try_from(gpa.checked_sub(self.base)? / PAGE_SIZE).ok()?;
@@ -219,12 +261,7 @@ impl AttributesRecord {
 
 /// Builds dual-strategy memory with `regions` (`(gpa, bytes)`), every page `initial`,
 /// and returns it with the record of what it told KVM about pages in
-/// `[base, base + window_pages * 4 KiB)`.
-///
-/// This host has no `KVM_SET_MEMORY_ATTRIBUTES`, so the dual strategy runs on a stand-in
-/// VM (a `VmMemoryOps` wrapping `vm`) that reports memory attributes and records that call
-/// instead of making it; memslots, files and mappings are real. This is the only
-/// function that knows how that stand-in is built.
+/// `[base, base + window_pages * 4 KiB)`: [`dual_builder`] with those regions.
 ///
 /// # Panics
 ///
@@ -236,6 +273,29 @@ pub fn dual_memory(
     base: u64,
     window_pages: usize,
 ) -> (PrivateMemoryManager, Arc<AttributesRecord>) {
+    let (builder, record) = dual_builder(vm, base, window_pages);
+    let memory = regions
+        .iter()
+        .fold(builder, |b, &(gpa, len)| b.region_at(gpa, len))
+        .initial_state(initial)
+        .build()
+        .expect("dual memory on this host (with the attribute stand-in)");
+    (memory, record)
+}
+
+/// A builder of dual-strategy memory on `vm` (no region yet: add them, and whatever
+/// else the target needs, then build), with the record of what the memory tells KVM
+/// about pages in `[base, base + window_pages * 4 KiB)`.
+///
+/// This host has no `KVM_SET_MEMORY_ATTRIBUTES`, so the dual strategy runs on a stand-in
+/// VM (a `VmMemoryOps` wrapping `vm`) that reports memory attributes and records that call
+/// instead of making it; memslots, files and mappings are real. This is the only
+/// function that knows how that stand-in is built.
+pub fn dual_builder(
+    vm: Arc<dyn VmMemoryOps>,
+    base: u64,
+    window_pages: usize,
+) -> (MemoryBuilder, Arc<AttributesRecord>) {
     use std::os::fd::OwnedFd;
 
     use kvm_bindings::{
@@ -283,12 +343,17 @@ pub fn dual_memory(
                 .private
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            let first = attributes.address.saturating_sub(self.record.base) / PAGE_SIZE;
-            for page in first..first.saturating_add(attributes.size / PAGE_SIZE) {
-                match usize::try_from(page).ok().and_then(|p| map.get_mut(p)) {
+            // Pages below the window are skipped, not counted from its first page.
+            let mut page = attributes.address / PAGE_SIZE;
+            let end = page.saturating_add(attributes.size / PAGE_SIZE);
+            page = page.max(self.record.base / PAGE_SIZE);
+            while page < end {
+                let index = page - self.record.base / PAGE_SIZE;
+                match usize::try_from(index).ok().and_then(|p| map.get_mut(p)) {
                     Some(bit) => *bit = private,
                     None => break,
                 }
+                page += 1;
             }
             Ok(())
         }
@@ -299,20 +364,12 @@ pub fn dual_memory(
         // KVM starts with every page shared.
         private: Mutex::new(vec![false; window_pages]),
     });
-    let memory = regions
-        .iter()
-        .fold(
-            MemoryBuilder::new(Arc::new(Recorder {
-                vm,
-                record: Arc::clone(&record),
-            })),
-            |b, &(gpa, len)| b.region_at(gpa, len),
-        )
-        .strategy(Strategy::Dual)
-        .initial_state(initial)
-        .build()
-        .expect("dual memory on this host (with the attribute stand-in)");
-    (memory, record)
+    let builder = MemoryBuilder::new(Arc::new(Recorder {
+        vm,
+        record: Arc::clone(&record),
+    }))
+    .strategy(Strategy::Dual);
+    (builder, record)
 }
 
 /// Checks that the host can read the page at `gpa` through `view` exactly when

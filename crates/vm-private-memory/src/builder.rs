@@ -177,7 +177,7 @@ impl MemoryBuilder {
     /// [`PrivateMemoryManager::add_region_with_policy`].
     ///
     /// The dual strategy refuses it: its guest_memfd has no mapping to carry a policy
-    /// ([`UnavailableReason::NumaPolicyNeedsInPlace`] says what to do instead). On Linux
+    /// ([`crate::UnavailableReason::NumaPolicyNeedsInPlace`] says what to do instead). On Linux
     /// 7.3 a private-capable VM may create a mappable guest_memfd whose mapping takes a
     /// policy, but KVM then takes the memslot's shared pages from the guest_memfd as
     /// well, bypassing the shared side (the nested lab's test

@@ -48,7 +48,16 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     ///
     /// # Errors
     ///
-    /// [`Error::Layout`] if `guest` overlaps a region, [`Error::NoFreeSlot`] if every
+    /// Before anything is created: [`Error::Layout`] if `guest` overlaps a region
+    /// ([`crate::LayoutError::OverlapsRegion`]) or a range the builder reserved
+    /// ([`crate::LayoutError::OverlapsReserved`]), or reaches past
+    /// [`crate::GUEST_PHYS_LIMIT`] ([`crate::LayoutError::PastLimit`]);
+    /// [`Error::StrategyUnavailable`] if `backing`'s flags do not fit the strategy (dual
+    /// refuses `MMAP` and `INIT_SHARED`, in place needs both). Then [`Error::Layout`] with
+    /// [`crate::LayoutError::BackingInUse`] if another region, of this memory or
+    /// another, holds some of `backing`'s bytes (whoever binds the memslots; a removed
+    /// region's bytes are free again, a dropped memory's once no old view keeps it);
+    /// [`Error::NoFreeSlot`] if every
     /// memslot number this memory may use is taken, and the file layer's or KVM's error
     /// if creating, mapping, binding or (dual) marking the region fails;
     /// [`Error::ListenerRefused`] if a listener refuses the new shared pages (those that

@@ -437,7 +437,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         let mut result = Ok(());
         if !plan.changed.is_empty() {
             if let Err(e) = self.run_steps(engine, &plan, to, mode, &mut done) {
-                result = Err(self.undo(&plan, done).into_error(e));
+                result = Err(self.undo(engine, &plan, done).into_error(e));
                 done = Progress::default();
             }
         }

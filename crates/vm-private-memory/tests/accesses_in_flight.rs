@@ -375,3 +375,88 @@ fn a_conversion_never_waits_without_bound_whatever_patience_is_asked() {
     assert_eq!(memory.state_of(PAGE), Some(PageState::Shared));
     drop(slice);
 }
+
+/// A device that refuses the pages offered to it, after another thread took a slice of
+/// them while they were shared (it holds it for `hold`).
+struct RefusesWhileASliceIsHeld {
+    memory: std::sync::Mutex<Option<Arc<PrivateMemoryManager>>>,
+    hold: Duration,
+    holder: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl vm_private_memory::MemoryListener for RefusesWhileASliceIsHeld {
+    fn discard(&self, _: guest_memfd::PageRange) {}
+
+    fn populate(
+        &self,
+        range: guest_memfd::PageRange,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let memory = self.memory.lock().unwrap().clone().unwrap();
+        let taken = Arc::new(Barrier::new(2));
+        let hold = self.hold;
+        let signal = Arc::clone(&taken);
+        *self.holder.lock().unwrap() = Some(std::thread::spawn(move || {
+            let view = memory.guest_memory().memory();
+            let slice = view.get_slice(GuestAddress(range.start()), 8).unwrap();
+            signal.wait();
+            std::thread::sleep(hold);
+            slice.write_obj(0xdead_u64, 0).unwrap();
+        }));
+        taken.wait();
+        Err("no room for the pages".into())
+    }
+}
+
+/// Undoing a conversion to shared that a device refused waits for host accesses that
+/// took the pages while they were shared, as a conversion to private does; past the
+/// memory's patience the pages stay shared and the error names them, instead of turning
+/// private under a live slice.
+#[test]
+fn an_undone_conversion_to_shared_waits_for_slices_taken_meanwhile() {
+    if !in_place_or_skip("an_undone_conversion_to_shared_waits_for_slices_taken_meanwhile") {
+        return;
+    }
+    for (hold, stays_shared) in [
+        (Duration::from_millis(2), false),
+        (Duration::from_millis(300), true),
+    ] {
+        let memory = Arc::new(shared_memory(Duration::from_millis(100)));
+        memory
+            .convert(pr(PAGE, PAGE_SIZE), PageState::Private)
+            .unwrap();
+        let device = Arc::new(RefusesWhileASliceIsHeld {
+            memory: std::sync::Mutex::new(Some(Arc::clone(&memory))),
+            hold,
+            holder: std::sync::Mutex::new(None),
+        });
+        let subscription = memory.subscribe(pr(0, SIZE), device.clone());
+        let err = memory
+            .convert(pr(PAGE, PAGE_SIZE), PageState::Shared)
+            .expect_err("the device refuses");
+        if stays_shared {
+            match &err {
+                Error::RollbackFailed { kept_shared, .. } => {
+                    assert_eq!(
+                        (kept_shared[0].start, kept_shared[0].len),
+                        (PAGE, PAGE_SIZE)
+                    );
+                }
+                other => panic!("not a failed rollback: {other}"),
+            }
+            assert_eq!(memory.state_of(PAGE), Some(PageState::Shared));
+        } else {
+            assert!(matches!(err, Error::ListenerRefused { .. }), "{err}");
+            assert_eq!(memory.state_of(PAGE), Some(PageState::Private));
+        }
+        device
+            .holder
+            .lock()
+            .unwrap()
+            .take()
+            .unwrap()
+            .join()
+            .unwrap();
+        drop(subscription);
+        device.memory.lock().unwrap().take();
+    }
+}

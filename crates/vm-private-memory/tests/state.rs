@@ -584,3 +584,60 @@ fn a_refused_addition_does_not_stale_a_saved_state() {
         .is_err());
     m.restore_state_with(&saved, SharedContent::Keep).unwrap();
 }
+
+/// A listener that saves the memory's state while it is offered pages (the map is then
+/// half-way through a change).
+struct SavesStateWhenOffered {
+    memory: std::sync::Mutex<Option<Arc<PrivateMemoryManager>>>,
+    saved: std::sync::Mutex<Option<MemoryState>>,
+}
+
+impl vm_private_memory::MemoryListener for SavesStateWhenOffered {
+    fn discard(&self, _: guest_memfd::PageRange) {}
+
+    fn populate(
+        &self,
+        _: guest_memfd::PageRange,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let memory = self.memory.lock().unwrap().clone().unwrap();
+        *self.saved.lock().unwrap() = Some(memory.state());
+        Ok(())
+    }
+}
+
+/// A state taken inside a callback, of a change then rolled back whole, is never taken
+/// by a restore that keeps content: the page it shows shared went back to private and
+/// may hold the guest's secrets since.
+#[test]
+fn a_state_taken_inside_a_callback_is_never_kept() {
+    if !in_place_or_skip("a_state_taken_inside_a_callback_is_never_kept") {
+        return;
+    }
+    let m = Arc::new(common::in_place(MIB2, PageState::Private));
+    let saver = Arc::new(SavesStateWhenOffered {
+        memory: std::sync::Mutex::new(Some(Arc::clone(&m))),
+        saved: std::sync::Mutex::new(None),
+    });
+    let refuser = Arc::new(Recorder::default());
+    *refuser.refuse.lock().unwrap() = true;
+    let _first = m.subscribe(pr(0, MIB2), saver.clone());
+    let _second = m.subscribe(pr(0, MIB2), refuser);
+    assert!(m
+        .convert(pr(PAGE_SIZE, PAGE_SIZE), PageState::Shared)
+        .is_err());
+    assert_eq!(m.state_of(PAGE_SIZE), Some(PageState::Private));
+    let saved = saver
+        .saved
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the saver was offered the page");
+    saver.memory.lock().unwrap().take();
+    assert!(matches!(
+        m.restore_state_with(&saved, SharedContent::Keep),
+        Err(Error::StateMismatch(
+            StateError::KeepAfterConversions { .. }
+        ))
+    ));
+    assert_eq!(m.state_of(PAGE_SIZE), Some(PageState::Private));
+}

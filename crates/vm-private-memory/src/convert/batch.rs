@@ -83,7 +83,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
                     mode,
                     &mut made_private,
                 ) {
-                    let unknown = self.undo(&private, made_private);
+                    let unknown = self.undo(&engine, &private, made_private);
                     return Err(failed(e, unknown));
                 }
             }
@@ -93,7 +93,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
                 // not greet the host (the pages were private, so nothing is lost).
                 if dual {
                     if let Err(e) = shared_plan.pieces().try_for_each(|p| p.clear_shared_side()) {
-                        let unknown = self.undo(&private, made_private);
+                        let unknown = self.undo(&engine, &private, made_private);
                         return Err(failed(e, unknown));
                     }
                 }
@@ -105,8 +105,8 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
                     mode,
                     &mut made_shared,
                 ) {
-                    let mut unknown = self.undo(&shared_plan, made_shared);
-                    unknown.extend(self.undo(&private, made_private));
+                    let mut unknown = self.undo(&engine, &shared_plan, made_shared);
+                    unknown.extend(self.undo(&engine, &private, made_private));
                     return Err(failed(e, unknown));
                 }
             }
@@ -120,8 +120,8 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
                             .try_for_each(|p| p.discard_old_side(PageState::Shared).map(drop))
                     });
                 if let Err(e) = punched {
-                    let mut unknown = self.undo(&shared_plan, made_shared);
-                    unknown.extend(self.undo(&private, made_private));
+                    let mut unknown = self.undo(&engine, &shared_plan, made_shared);
+                    unknown.extend(self.undo(&engine, &private, made_private));
                     return Err(failed(e, unknown));
                 }
             }

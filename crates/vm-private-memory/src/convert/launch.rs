@@ -159,7 +159,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         // conversion of their files.
         let counted = || note_conversions(plan.pieces().map(|p| p.region));
         if let Err(e) = stepped {
-            let undone = self.undo(&plan, done);
+            let undone = self.undo(&engine, &plan, done);
             // A step may have populated part of the private side: it goes.
             for piece in plan.pieces() {
                 let _ = piece.discard_old_side(PageState::Shared);

@@ -140,7 +140,7 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
                 run.flip(PageState::Shared);
                 if listening {
                     if let Err(refusal) = self.listeners.populate(guest) {
-                        return Err(self.undo_one_run(&run, refusal));
+                        return Err(self.undo_one_run(engine, &run, refusal));
                     }
                 }
             }
@@ -160,14 +160,23 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// that accepted it let go of it, and the run turns private again, except the parts
     /// a listener cannot let go of, which stay shared (as in the general path's undo).
     #[cold]
-    fn undo_one_run(&self, run: &OneRun<'_, B>, refusal: Refusal) -> Error {
+    fn undo_one_run(&self, engine: &Engine<B>, run: &OneRun<'_, B>, refusal: Refusal) -> Error {
         let held = Listeners::withdraw(refusal.accepted);
-        let back = without(std::slice::from_ref(&run.guest), &held);
+        let mut back = without(std::slice::from_ref(&run.guest), &held);
         let region_start = run.region.guest_range().start();
-        for part in &back {
-            let first = (part.start() - region_start) / PAGE_SIZE;
-            run.region
-                .flip(first, part.page_count(), PageState::Private);
+        let flip_back = |back: &[PageRange], state: PageState| {
+            for part in back {
+                let first = (part.start() - region_start) / PAGE_SIZE;
+                run.region.flip(first, part.page_count(), state);
+            }
+        };
+        flip_back(&back, PageState::Private);
+        // A host access that passed its check while the run was shared may still touch
+        // it: wait, as a conversion to private does; past the memory's patience the run
+        // stays shared (and is named).
+        if wait_for_host_accesses(engine, &engine.current, gpa(run.guest)).is_err() {
+            flip_back(&back, PageState::Shared);
+            back.clear();
         }
         Undone {
             kept_shared: without(std::slice::from_ref(&run.guest), &back)

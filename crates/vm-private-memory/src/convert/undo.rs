@@ -10,13 +10,13 @@
 
 use guest_memfd::PageRange;
 
-use super::{Piece, Plan, Progress};
+use super::{wait_for_host_accesses, Piece, Plan, Progress};
 use crate::attributes::PageState;
 use crate::error::{ByteRange, Error};
 use crate::guard::DirtyBitmap;
 use crate::kvm_view::set_kvm_view;
 use crate::listener::{Listeners, Revocation};
-use crate::memory::{gpa, PrivateMemoryManager};
+use crate::memory::{gpa, Engine, PrivateMemoryManager};
 use crate::strategy::Strategy;
 
 /// What a rollback could not put back.
@@ -99,10 +99,10 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// Undoes what `done` says was done, newest first, and returns what could not be
     /// put back. Ranges a listener cannot let go of stay shared: bits, KVM's view, and
     /// (dual) their private side punched as a finished conversion would have.
-    pub(super) fn undo(&self, plan: &Plan<'_, B>, done: Progress) -> Undone {
+    pub(super) fn undo(&self, engine: &Engine<B>, plan: &Plan<'_, B>, done: Progress) -> Undone {
         let held = Listeners::withdraw(done.populated);
         // What goes back: everything, or (rarely) everything but what a listener holds.
-        let (owned_back, kept) = if held.is_empty() {
+        let (owned_back, mut kept) = if held.is_empty() {
             (Vec::new(), Vec::new())
         } else {
             let back = without(&plan.changed, &held);
@@ -136,6 +136,20 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
         if let Some(state) = done.bits {
             for range in back {
                 Piece::of(plan.snapshot, *range).set_bits(state.flipped());
+            }
+            // In place, pages going private again may still be touched by a host access
+            // that passed its check while they were shared: wait, as a conversion to
+            // private does. Past the memory's patience they stay shared (and are named).
+            // (Dual: the host's accesses reach the shared side, never private content.)
+            let in_place = self.strategy == Strategy::InPlace;
+            if in_place
+                && state == PageState::Shared
+                && wait_for_host_accesses(engine, plan.snapshot, plan.requested).is_err()
+            {
+                for range in back {
+                    Piece::of(plan.snapshot, *range).set_bits(PageState::Shared);
+                }
+                kept.extend_from_slice(back);
             }
         }
         let mut listeners_refused = Vec::new();

@@ -77,7 +77,8 @@ pub struct RegionState {
     pub gmem_file: FileIdentity,
     /// How many changes of state that guest_memfd's pages had seen
     /// ([`guest_memfd::GuestMemfd::conversions`]): a restore that keeps content takes
-    /// only a state with the count the file has now.
+    /// only a state with the count the file has now. `u64::MAX` in a state taken inside
+    /// a listener callback, whose map may be half-way through a change.
     #[serde(default)]
     pub gmem_conversions: u64,
     /// Its private pages, as runs or as a bitmap, whichever is shorter.
@@ -239,7 +240,14 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
                 gmem_file: crate::region_setup::file_id(region.gmem().file())
                     .map(|(device, inode)| FileIdentity { device, inode })
                     .unwrap_or_default(),
-                gmem_conversions: region.gmem().conversions(),
+                // Inside a callback the map is half-way through a change that may yet
+                // be rolled back (uncounted): a count no file reaches, so that no
+                // restore keeps content by such a state.
+                gmem_conversions: if engine.is_some() {
+                    region.gmem().conversions()
+                } else {
+                    u64::MAX
+                },
                 private: PrivatePages::of(region.attributes()),
             })
             .collect();

@@ -11,14 +11,16 @@
 //! patience runs out, and should subscribe a listener to hear `discard` first.
 //!
 //! Guards are bound to their thread (`VolatileSlice` is neither `Send` nor `Sync`), so
-//! the bookkeeping is thread-local and uses no atomic read-modify-write.
+//! the bookkeeping uses no atomic read-modify-write: a guard points at its thread's
+//! entry, and sharing or ending it is a plain increment or decrement there, inlined into
+//! the access path; only publishing looks up the thread's slot.
 
 use std::cell::Cell;
 use std::marker::PhantomData;
 
 use vm_memory::bitmap::{Bitmap, BitmapSlice, NewBitmap, WithBitmapSlice, BS};
 
-use crate::inflight::{access_barrier, Slot, Tracker, ENTRIES};
+use crate::inflight::{access_barrier, Entry, Slot, Tracker};
 
 /// Every thread's published accesses, process-wide: host address ranges are unique in a
 /// process, so one tracker serves every memory.
@@ -29,10 +31,6 @@ pub(crate) static TRACKER: Tracker = Tracker::new();
 /// point of the thread's life, including while other thread-locals are destroyed.
 struct Local {
     slot: Cell<Option<&'static Slot>>,
-    /// Bit `i` set: entry `i` is in use.
-    used: Cell<u32>,
-    /// Guards sharing each entry (a clone shares its original's entry).
-    refs: [Cell<u64>; ENTRIES],
     /// Set once the thread's slot was given back at exit, or none was left for it: its
     /// accesses are counted without a slot.
     exited: Cell<bool>,
@@ -43,8 +41,6 @@ thread_local! {
     static LOCAL: Local = const {
         Local {
             slot: Cell::new(None),
-            used: Cell::new(0),
-            refs: [const { Cell::new(0) }; ENTRIES],
             exited: Cell::new(false),
         }
     };
@@ -94,21 +90,28 @@ pub(crate) fn current_slot() -> Option<&'static Slot> {
     LOCAL.with(|local| local.slot.get())
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Held {
-    /// Guards nothing (an empty access, or a region's own bitmap).
-    Nothing,
-    /// Entry `i` of the thread's slot.
-    Entry(u8),
-    /// Counted in the slot's overflow, for host addresses `[start, end)`.
-    Overflow {
-        /// First byte.
-        start: usize,
-        /// One past the last byte.
-        end: usize,
-    },
-    /// Counted in the tracker's unregistered accesses.
-    Unregistered,
+/// What a guard holds: nothing (`None`: an empty access, or a region's own bitmap), or
+/// an entry of the thread's slot (its spill entry included), shared with the other
+/// guards of the same access, or [`UNREGISTERED`]. One pointer, so that a slice with a
+/// guard is as small as it can be: vm-memory moves slices by value through its access
+/// path.
+type Held = Option<&'static Entry>;
+
+/// Stands for one count of the tracker's accesses by threads without a slot: a guard
+/// that holds it counts there (an atomic read-modify-write), never in the entry.
+#[cfg(not(loom))]
+static UNREGISTERED: Entry = Entry::UNUSED;
+
+/// Whether `entry` is [`UNREGISTERED`].
+#[inline]
+fn unregistered(entry: &Entry) -> bool {
+    #[cfg(not(loom))]
+    return std::ptr::eq(entry, &UNREGISTERED);
+    #[cfg(loom)]
+    {
+        let _ = entry;
+        false
+    }
 }
 
 /// Publishes a host access for as long as it lives (see the module documentation), and
@@ -139,7 +142,7 @@ impl<S> AccessGuard<S> {
     #[inline]
     pub(crate) fn nothing(inner: S) -> Self {
         AccessGuard {
-            held: Held::Nothing,
+            held: None,
             inner,
             _thread_bound: PhantomData,
         }
@@ -158,34 +161,56 @@ impl<S> AccessGuard<S> {
 }
 
 /// Publishes host addresses `[start, end)` and executes the access side's barrier. Out of
-/// line, like [`share`] and [`end`]: the access path stays small enough for vm-memory's
-/// generic code around it to be inlined.
+/// line: the access path stays small enough for vm-memory's generic code around it to be
+/// inlined. Its own fast path is one read of thread-local storage and a free entry's
+/// three stores.
 #[inline(never)]
 fn publish(start: usize, end: usize) -> Held {
     #[cfg(not(loom))]
-    let held = LOCAL.with(|local| {
-        let Some(slot) = own_slot(local) else {
-            TRACKER.add_unregistered();
-            return Held::Unregistered;
-        };
-        let free = !local.used.get() & ((1u32 << ENTRIES) - 1);
-        if free == 0 {
-            slot.add_overflow(start, end);
-            return Held::Overflow { start, end };
-        }
-        let index = free.trailing_zeros() as usize;
-        local.used.set(local.used.get() | 1 << index);
-        local.refs[index].set(1);
-        slot.publish(index, start, end);
-        Held::Entry(index as u8)
-    });
+    let held = match LOCAL.with(|local| local.slot.get()) {
+        Some(slot) => slot.publish(start, end),
+        None => publish_without_slot(start, end),
+    };
+    #[cfg(not(loom))]
+    let held = Some(held);
     #[cfg(loom)]
     let held = {
         let _ = (start, end);
-        Held::Nothing
+        None
     };
     access_barrier();
     held
+}
+
+/// [`publish`] for a thread without a slot yet: registers one, or counts the access in
+/// the tracker where it cannot (the thread exits, or every slot is taken).
+#[cfg(not(loom))]
+#[cold]
+#[inline(never)]
+fn publish_without_slot(start: usize, end: usize) -> &'static Entry {
+    match LOCAL.with(own_slot) {
+        Some(slot) => slot.publish(start, end),
+        None => {
+            TRACKER.add_unregistered();
+            &UNREGISTERED
+        }
+    }
+}
+
+/// Counts one more access by a thread without a slot (a guard cloned while its thread
+/// exits). Inline, with no call: a guard's clone and drop must not make their callers in
+/// vm-memory's access path set up for unwinding.
+#[inline(always)]
+fn share_unregistered() {
+    #[cfg(not(loom))]
+    TRACKER.add_unregistered();
+}
+
+/// Ends an access counted by the tracker. Inline, as [`share_unregistered`].
+#[inline(always)]
+fn end_unregistered() {
+    #[cfg(not(loom))]
+    TRACKER.remove_unregistered();
 }
 
 impl<S: Clone> Clone for AccessGuard<S> {
@@ -199,8 +224,12 @@ impl<S> AccessGuard<S> {
     /// Another guard of this publication, carrying `inner`.
     #[inline]
     fn with_inner<T>(&self, inner: T) -> AccessGuard<T> {
-        if self.held != Held::Nothing {
-            share(self.held);
+        if let Some(entry) = self.held {
+            if unregistered(entry) {
+                share_unregistered();
+            } else {
+                entry.add_guard();
+            }
         }
         AccessGuard {
             held: self.held,
@@ -210,58 +239,15 @@ impl<S> AccessGuard<S> {
     }
 }
 
-/// Counts one more guard of publication `held`. Out of line, like [`end`]: the access
-/// path stays small enough for vm-memory's generic code around it to be inlined
-/// (measured: `read_obj::<u64>` went from 14 ns to 70 ns with it inlined).
-#[inline(never)]
-fn share(held: Held) {
-    #[cfg(not(loom))]
-    match held {
-        Held::Nothing => {}
-        Held::Entry(i) => LOCAL.with(|local| {
-            let refs = &local.refs[usize::from(i)];
-            refs.set(refs.get() + 1);
-        }),
-        Held::Overflow { start, end } => LOCAL.with(|local| {
-            if let Some(slot) = local.slot.get() {
-                slot.add_overflow(start, end);
-            }
-        }),
-        Held::Unregistered => TRACKER.add_unregistered(),
-    }
-}
-
-/// Ends one guard's share of publication `held`.
-#[inline(never)]
-fn end(held: Held) {
-    #[cfg(not(loom))]
-    match held {
-        Held::Nothing => {}
-        Held::Entry(i) => LOCAL.with(|local| {
-            let i = usize::from(i);
-            let refs = local.refs[i].get() - 1;
-            local.refs[i].set(refs);
-            if refs == 0 {
-                local.used.set(local.used.get() & !(1 << i));
-                if let Some(slot) = local.slot.get() {
-                    slot.withdraw(i);
-                }
-            }
-        }),
-        Held::Overflow { .. } => LOCAL.with(|local| {
-            if let Some(slot) = local.slot.get() {
-                slot.remove_overflow();
-            }
-        }),
-        Held::Unregistered => TRACKER.remove_unregistered(),
-    }
-}
-
 impl<S> Drop for AccessGuard<S> {
     #[inline]
     fn drop(&mut self) {
-        if self.held != Held::Nothing {
-            end(self.held);
+        if let Some(entry) = self.held {
+            if unregistered(entry) {
+                end_unregistered();
+            } else {
+                entry.drop_guard();
+            }
         }
     }
 }

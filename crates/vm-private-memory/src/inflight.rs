@@ -18,22 +18,75 @@
 //!
 //! Each thread publishes into a [`Slot`] of its own (a few entries, one per access it
 //! holds at once: a `VolatileSlice` keeps its entry until dropped); accesses beyond the
-//! entries are counted in the slot's `overflow`, whose range grows to cover all of them
-//! until the count is back to zero.
+//! entries are counted in the slot's spill entry, whose range grows to cover all of them
+//! until their count is back to zero. An entry counts the guards that share it (a
+//! sub-slice shares its slice's entry): only the owning thread changes the count, with a
+//! plain load and store, and a guard reaches its entry through a pointer, so sharing and
+//! ending an access costs no lookup of thread-local storage and no atomic
+//! read-modify-write.
 
 use std::time::Duration;
 
 use crate::sync::{fence, lock, AtomicBool, AtomicPtr, AtomicUsize, Mutex, Ordering};
 
 /// Entries per thread: accesses one thread can hold at once before they are counted
-/// conservatively in its slot's `overflow`, under one range covering them all.
+/// conservatively in its slot's spill entry, under one range covering them all.
 pub(crate) const ENTRIES: usize = 8;
 
 /// One published access: host addresses `[start, end)`; `end == 0` when free.
 #[derive(Debug)]
-struct Entry {
+pub(crate) struct Entry {
     start: AtomicUsize,
     end: AtomicUsize,
+    /// The guards sharing this entry; zero exactly when `end` is. Only the slot's owner
+    /// thread reads or writes it (an atomic only so that the slot can be shared).
+    guards: AtomicUsize,
+}
+
+impl Entry {
+    /// A free entry.
+    #[cfg(not(loom))]
+    pub(crate) const UNUSED: Entry = Entry {
+        start: AtomicUsize::new(0),
+        end: AtomicUsize::new(0),
+        guards: AtomicUsize::new(0),
+    };
+
+    fn new() -> Self {
+        Entry {
+            start: AtomicUsize::new(0),
+            end: AtomicUsize::new(0),
+            guards: AtomicUsize::new(0),
+        }
+    }
+
+    /// Publishes `[start, end)` (`end > start`) in this free entry, for one guard.
+    fn publish(&self, start: usize, end: usize) {
+        // Release on both: a conversion that reads this `end` (Acquire) reads this
+        // `start` too, and one that reads this `start` (Acquire) while still holding an
+        // older `end` knows that the access which used the entry before is over.
+        self.start.store(start, Ordering::Release);
+        self.end.store(end, Ordering::Release);
+        self.guards.store(1, Ordering::Relaxed);
+    }
+
+    /// Counts one more guard of this entry's access. Owner thread only.
+    #[inline]
+    pub(crate) fn add_guard(&self) {
+        let guards = self.guards.load(Ordering::Relaxed);
+        self.guards.store(guards + 1, Ordering::Relaxed);
+    }
+
+    /// Ends one guard's share of this entry; the last one withdraws the access. Owner
+    /// thread only.
+    #[inline]
+    pub(crate) fn drop_guard(&self) {
+        let guards = self.guards.load(Ordering::Relaxed) - 1;
+        self.guards.store(guards, Ordering::Relaxed);
+        if guards == 0 {
+            self.end.store(0, Ordering::Release);
+        }
+    }
 }
 
 /// One thread's accesses in flight, as conversions see them. Only the owning thread
@@ -41,9 +94,8 @@ struct Entry {
 #[derive(Debug)]
 pub(crate) struct Slot {
     entries: [Entry; ENTRIES],
-    /// How many accesses beyond the entries are held; while non-zero, `spill` covers
-    /// all of them.
-    overflow: AtomicUsize,
+    /// The accesses beyond the entries, all under one range that grows to cover each
+    /// new one until none is left.
     spill: Entry,
     /// Whether a live thread owns the slot.
     owned: AtomicBool,
@@ -52,73 +104,46 @@ pub(crate) struct Slot {
 impl Slot {
     fn new() -> Self {
         Slot {
-            entries: std::array::from_fn(|_| Entry {
-                start: AtomicUsize::new(0),
-                end: AtomicUsize::new(0),
-            }),
-            overflow: AtomicUsize::new(0),
-            spill: Entry {
-                start: AtomicUsize::new(0),
-                end: AtomicUsize::new(0),
-            },
+            entries: std::array::from_fn(|_| Entry::new()),
+            spill: Entry::new(),
             owned: AtomicBool::new(true),
         }
     }
 
-    /// Publishes `[start, end)` (`end > start`) in entry `index`. Owner thread only;
-    /// follow it with [`access_barrier`] before checking the page bits.
-    pub(crate) fn publish(&self, index: usize, start: usize, end: usize) {
-        let entry = &self.entries[index];
-        // Release on both: a conversion that reads this `end` (Acquire) reads this
-        // `start` too, and one that reads this `start` (Acquire) while still holding an
-        // older `end` knows that the access which used the entry before is over.
-        entry.start.store(start, Ordering::Release);
-        entry.end.store(end, Ordering::Release);
-    }
-
-    /// Withdraws entry `index`: its access is over.
-    pub(crate) fn withdraw(&self, index: usize) {
-        self.entries[index].end.store(0, Ordering::Release);
-    }
-
-    /// Counts one more access, to `[start, end)`, that has no entry: the spill range
-    /// grows to cover it. Owner thread only; follow it with [`access_barrier`]. (A clone
-    /// of a counted access passes its own range again, already covered.)
-    pub(crate) fn add_overflow(&self, start: usize, end: usize) {
-        let n = self.overflow.load(Ordering::Relaxed);
-        let (old_start, old_end) = if n == 0 {
-            (usize::MAX, 0)
-        } else {
-            (
-                self.spill.start.load(Ordering::Relaxed),
-                self.spill.end.load(Ordering::Relaxed),
-            )
-        };
-        self.overflow.store(n + 1, Ordering::Relaxed);
-        self.publish_spill(start.min(old_start), end.max(old_end));
-    }
-
-    fn publish_spill(&self, start: usize, end: usize) {
-        self.spill.start.store(start, Ordering::Release);
-        self.spill.end.store(end, Ordering::Release);
-    }
-
-    /// Ends one access counted by [`Slot::add_overflow`]. Owner thread only.
-    pub(crate) fn remove_overflow(&self) {
-        let n = self.overflow.load(Ordering::Relaxed).saturating_sub(1);
-        self.overflow.store(n, Ordering::Release);
-        if n == 0 {
-            self.spill.end.store(0, Ordering::Release);
+    /// Publishes `[start, end)` (`end > start`) for one guard, in a free entry or else
+    /// in the spill entry, and returns that entry. Owner thread only; follow it with
+    /// [`access_barrier`] before checking the page bits.
+    pub(crate) fn publish(&self, start: usize, end: usize) -> &Entry {
+        if let Some(entry) = self
+            .entries
+            .iter()
+            .find(|e| e.guards.load(Ordering::Relaxed) == 0)
+        {
+            entry.publish(start, end);
+            return entry;
         }
+        let spill = &self.spill;
+        let guards = spill.guards.load(Ordering::Relaxed);
+        if guards == 0 {
+            spill.publish(start, end);
+        } else {
+            // Only ever widened while in use: a conversion that reads the new `end` with
+            // the old `start`, or the reverse, sees a range covering the old one.
+            let old_start = spill.start.load(Ordering::Relaxed);
+            let old_end = spill.end.load(Ordering::Relaxed);
+            spill.start.store(start.min(old_start), Ordering::Release);
+            spill.end.store(end.max(old_end), Ordering::Release);
+            spill.guards.store(guards + 1, Ordering::Relaxed);
+        }
+        spill
     }
 
     /// Whether nothing is published.
     fn idle(&self) -> bool {
-        self.overflow.load(Ordering::Acquire) == 0
-            && self
-                .entries
-                .iter()
-                .all(|e| e.end.load(Ordering::Acquire) == 0)
+        self.entries
+            .iter()
+            .chain(std::iter::once(&self.spill))
+            .all(|e| e.end.load(Ordering::Acquire) == 0)
     }
 }
 
@@ -339,11 +364,13 @@ impl Tracker {
     }
 
     /// Counts an access by a thread without a slot (a full barrier follows).
+    #[inline(always)]
     pub(crate) fn add_unregistered(&self) {
         self.unregistered.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Ends an access counted by [`Tracker::add_unregistered`].
+    #[inline(always)]
     pub(crate) fn remove_unregistered(&self) {
         self.unregistered.fetch_sub(1, Ordering::Release);
     }
@@ -416,6 +443,9 @@ mod loom_model {
     enum Variant {
         /// Publish, barrier, check, copy, withdraw.
         Plain,
+        /// As `Plain`, but the copy goes through a sub-slice that outlives the slice
+        /// whose guard published the access.
+        SubSlice,
         /// Broken on purpose: check before publishing. The model must catch it.
         CheckFirst,
         /// The entry is used again at once for an access elsewhere, so the conversion
@@ -438,25 +468,29 @@ mod loom_model {
                 let (bits, page) = (Arc::clone(&bits), Arc::clone(&page));
                 loom::thread::spawn(move || {
                     let slot = tracker.register().unwrap();
-                    let shared = if variant == Variant::CheckFirst {
+                    let (entry, shared) = if variant == Variant::CheckFirst {
                         let shared = bits.first_private(0, 0).is_none();
-                        slot.publish(0, host, host + 8);
-                        shared
+                        (slot.publish(host, host + 8), shared)
                     } else {
-                        slot.publish(0, host, host + 8);
+                        let entry = slot.publish(host, host + 8);
                         access_barrier();
-                        bits.first_private(0, 0).is_none()
+                        (entry, bits.first_private(0, 0).is_none())
                     };
+                    if variant == Variant::SubSlice {
+                        // A sub-slice is cut, then the slice it came from is dropped.
+                        entry.add_guard();
+                        entry.drop_guard();
+                    }
                     if shared {
                         // SAFETY: loom checks this write against the conversion's.
                         page.0.with_mut(|p| unsafe { *p = 1 });
                     }
-                    slot.withdraw(0);
+                    entry.drop_guard();
                     match variant {
                         Variant::Reuse => {
-                            slot.publish(0, elsewhere, elsewhere + 8);
+                            let again = slot.publish(elsewhere, elsewhere + 8);
                             access_barrier();
-                            slot.withdraw(0);
+                            again.drop_guard();
                         }
                         Variant::Recycle => {
                             assert!(tracker.release(slot));
@@ -468,9 +502,9 @@ mod loom_model {
             let successor = (variant == Variant::Recycle).then(|| {
                 loom::thread::spawn(move || {
                     let slot = tracker.register().unwrap();
-                    slot.publish(0, elsewhere, elsewhere + 8);
+                    let entry = slot.publish(elsewhere, elsewhere + 8);
                     access_barrier();
-                    slot.withdraw(0);
+                    entry.drop_guard();
                 })
             });
 
@@ -497,6 +531,11 @@ mod loom_model {
     #[test]
     fn an_access_racing_a_conversion_never_touches_the_page_after_it() {
         model(Variant::Plain);
+    }
+
+    #[test]
+    fn an_access_through_a_sub_slice_is_waited_for_until_its_last_guard() {
+        model(Variant::SubSlice);
     }
 
     #[test]

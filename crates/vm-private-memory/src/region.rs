@@ -314,7 +314,11 @@ impl<B: Bitmap> GuestRegionPrivate<B> {
         } else {
             AccessGuard::publish(ptr as usize, ptr as usize + count, dirty)
         };
-        self.check_shared(offset, count)?;
+        // Every page shared (the count of private pages rises before any bit is set, and
+        // falls only after the last is cleared): nothing to look up.
+        if self.private_pages.load(Ordering::Acquire) != 0 {
+            self.check_shared(offset, count)?;
+        }
         // SAFETY: `[offset, end)` lies inside the region, whose mapping is `guest.len()`
         // bytes long and lives as long as `self`, which the slice borrows; guest memory
         // is only ever accessed volatile (by the guest, KVM and vm-memory's slices).

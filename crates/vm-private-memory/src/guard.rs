@@ -100,7 +100,7 @@ type Held = Option<&'static Entry>;
 /// Stands for one count of the tracker's accesses by threads without a slot: a guard
 /// that holds it counts there (an atomic read-modify-write), never in the entry.
 #[cfg(not(loom))]
-static UNREGISTERED: Entry = Entry::UNUSED;
+static UNREGISTERED: Entry = Entry::unused();
 
 /// Whether `entry` is [`UNREGISTERED`].
 #[inline]

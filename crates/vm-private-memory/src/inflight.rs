@@ -44,13 +44,15 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    /// A free entry.
+    /// A free entry, for a `static`.
     #[cfg(not(loom))]
-    pub(crate) const UNUSED: Entry = Entry {
-        start: AtomicUsize::new(0),
-        end: AtomicUsize::new(0),
-        guards: AtomicUsize::new(0),
-    };
+    pub(crate) const fn unused() -> Entry {
+        Entry {
+            start: AtomicUsize::new(0),
+            end: AtomicUsize::new(0),
+            guards: AtomicUsize::new(0),
+        }
+    }
 
     fn new() -> Self {
         Entry {

@@ -132,6 +132,22 @@ impl PageAttributes {
         self.find(first, last - first + 1, PageState::Private)
     }
 
+    /// Whether pages `first..=last` (`last < pages()`) are all shared, answered only
+    /// where they lie in one 64-page word (one load; `None` otherwise). Inline on every
+    /// host access to a region with private pages; [`PageAttributes::first_private`]
+    /// answers the rest.
+    #[inline]
+    pub(crate) fn shared_within_word(&self, first: u64, last: u64) -> Option<bool> {
+        let word = first / 64;
+        if word != last / 64 {
+            return None;
+        }
+        let width = last - first + 1;
+        let mask = (u64::MAX >> (64 - width)) << (first % 64);
+        let bits = self.words.get(word as usize)?.load(Ordering::Acquire);
+        Some((bits ^ self.to_private) & mask == 0)
+    }
+
     /// How many pages.
     pub fn pages(&self) -> u64 {
         self.pages

@@ -315,8 +315,16 @@ impl<B: Bitmap> GuestRegionPrivate<B> {
             AccessGuard::publish(ptr as usize, ptr as usize + count, dirty)
         };
         // Every page shared (the count of private pages rises before any bit is set, and
-        // falls only after the last is cleared): nothing to look up.
-        if self.private_pages.load(Ordering::Acquire) != 0 {
+        // falls only after the last is cleared): nothing to look up. Otherwise an access
+        // within one 64-page word of the map is checked here, with one load; the rest
+        // (and every refusal) out of line.
+        if count != 0
+            && self.private_pages.load(Ordering::Acquire) != 0
+            && self
+                .attributes
+                .shared_within_word(offset / PAGE_SIZE, (offset + count as u64 - 1) / PAGE_SIZE)
+                != Some(true)
+        {
             self.check_shared(offset, count)?;
         }
         // SAFETY: `[offset, end)` lies inside the region, whose mapping is `guest.len()`

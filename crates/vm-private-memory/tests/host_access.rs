@@ -331,3 +331,46 @@ fn node_of_tells_placement_without_a_raw_address() {
         Err(vm_private_memory::Error::OutsideGuestMemory { first_outside, .. }) if first_outside == 4 << 20
     ));
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// An access is served exactly when every page it touches is shared, whatever the
+    /// region holds: no private page (the count answers), an access within one 64-page
+    /// word of the map (checked inline) or across words (checked out of line).
+    #[test]
+    fn an_access_is_served_exactly_when_all_its_pages_are_shared(
+        private in proptest::collection::vec((0u64..256, 1u64..80), 0..4),
+        accesses in proptest::collection::vec((0u64..(256 * PAGE_SIZE), 1usize..(3 * PAGE_SIZE as usize)), 1..24),
+    ) {
+        let m = in_place(256 * PAGE_SIZE, PageState::Shared);
+        let mut model = [false; 256];
+        for (first, count) in private {
+            let count = count.min(256 - first);
+            m.convert(pr(first * PAGE_SIZE, count * PAGE_SIZE), PageState::Private).unwrap();
+            model[first as usize..(first + count) as usize].fill(true);
+        }
+        let view = m.guest_memory();
+        let mem = view.memory();
+        for (start, len) in accesses {
+            let len = len.min((256 * PAGE_SIZE - start) as usize);
+            let pages = start / PAGE_SIZE..=(start + len as u64 - 1) / PAGE_SIZE;
+            let first_private = pages.clone().find(|&p| model[p as usize]);
+            let mut buf = vec![0u8; len];
+            let read = mem.read_slice(&mut buf, GuestAddress(start));
+            let write = mem.write_slice(&buf, GuestAddress(start));
+            match first_private {
+                None => {
+                    proptest::prop_assert!(read.is_ok(), "read {start:#x}+{len:#x}: {read:?}");
+                    proptest::prop_assert!(write.is_ok(), "write {start:#x}+{len:#x}: {write:?}");
+                }
+                Some(page) => {
+                    for result in [read, write] {
+                        let refused = result.as_ref().err().and_then(private_page_refusal);
+                        proptest::prop_assert_eq!(refused.map(|r| r.1), Some(page * PAGE_SIZE));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -63,6 +63,7 @@ impl Entry {
     }
 
     /// Publishes `[start, end)` (`end > start`) in this free entry, for one guard.
+    #[inline]
     fn publish(&self, start: usize, end: usize) {
         // Release on both: a conversion that reads this `end` (Acquire) reads this
         // `start` too, and one that reads this `start` (Acquire) while still holding an
@@ -110,6 +111,18 @@ impl Slot {
             spill: Entry::new(),
             owned: AtomicBool::new(true),
         }
+    }
+
+    /// Publishes `[start, end)` in the first entry if it is free (the usual case: one
+    /// access at a time), for one guard. Owner thread only.
+    #[inline]
+    pub(crate) fn publish_first(&self, start: usize, end: usize) -> Option<&Entry> {
+        let entry = &self.entries[0];
+        if entry.guards.load(Ordering::Relaxed) != 0 {
+            return None;
+        }
+        entry.publish(start, end);
+        Some(entry)
     }
 
     /// Publishes `[start, end)` (`end > start`) for one guard, in a free entry or else

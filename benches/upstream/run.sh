@@ -8,12 +8,13 @@
 #   bash benches/upstream/run.sh [cargo bench arguments...]
 #   bash benches/upstream/run.sh --bench bytes -- --warm-up-time 1 --measurement-time 3
 #
-# vm-memory-single-slice.patch: `Bytes<GuestAddress>` for every `GuestMemory` copies
-# through the first slice directly instead of through `stop_on_error`'s `Peekable` and
-# `try_fold` (most accesses lie in one region), and `VolatileSlice::read` at offset 0
-# copies from the slice itself instead of a sub-slice. With a bitmap slice type that
-# has a destructor (this crate's access guard) the adapters keep the compiler from
-# inlining the access; see BENCHMARKS.md.
+# vm-memory-single-slice.patch: `Bytes<GuestAddress>::read` and `write` (which
+# `read_slice`, `write_slice`, `read_obj` and `write_obj` go through) copy through the
+# first slice directly, from or into the slice itself, instead of through
+# `stop_on_error`'s `Peekable`, `try_fold` and a sub-slice per copy; slices past the
+# first (an access across regions) as before. Most accesses lie in one region. With a
+# bitmap slice type that has a destructor (this crate's access guard) the adapters keep
+# the compiler from inlining the access; see BENCHMARKS.md.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)
 here="$top/benches/upstream"

@@ -38,9 +38,11 @@ pub(crate) const ENTRIES: usize = 8;
 pub(crate) struct Entry {
     start: AtomicUsize,
     end: AtomicUsize,
-    /// The guards sharing this entry; zero exactly when `end` is. Only the slot's owner
-    /// thread reads or writes it (an atomic only so that the slot can be shared).
-    guards: AtomicUsize,
+    /// The guards sharing this entry beyond the first (a sub-slice shares its slice's
+    /// entry). Only the slot's owner thread reads or writes it (an atomic only so that
+    /// the slot can be shared). Counting from the second guard on keeps an access that
+    /// is never shared at two stores to publish and one to withdraw.
+    more_guards: AtomicUsize,
 }
 
 impl Entry {
@@ -50,7 +52,7 @@ impl Entry {
         Entry {
             start: AtomicUsize::new(0),
             end: AtomicUsize::new(0),
-            guards: AtomicUsize::new(0),
+            more_guards: AtomicUsize::new(0),
         }
     }
 
@@ -58,8 +60,14 @@ impl Entry {
         Entry {
             start: AtomicUsize::new(0),
             end: AtomicUsize::new(0),
-            guards: AtomicUsize::new(0),
+            more_guards: AtomicUsize::new(0),
         }
+    }
+
+    /// Whether no access uses this entry. Owner thread only.
+    #[inline]
+    fn free(&self) -> bool {
+        self.end.load(Ordering::Relaxed) == 0
     }
 
     /// Publishes `[start, end)` (`end > start`) in this free entry, for one guard.
@@ -70,24 +78,24 @@ impl Entry {
         // older `end` knows that the access which used the entry before is over.
         self.start.store(start, Ordering::Release);
         self.end.store(end, Ordering::Release);
-        self.guards.store(1, Ordering::Relaxed);
     }
 
     /// Counts one more guard of this entry's access. Owner thread only.
     #[inline]
     pub(crate) fn add_guard(&self) {
-        let guards = self.guards.load(Ordering::Relaxed);
-        self.guards.store(guards + 1, Ordering::Relaxed);
+        let more = self.more_guards.load(Ordering::Relaxed);
+        self.more_guards.store(more + 1, Ordering::Relaxed);
     }
 
     /// Ends one guard's share of this entry; the last one withdraws the access. Owner
     /// thread only.
     #[inline]
     pub(crate) fn drop_guard(&self) {
-        let guards = self.guards.load(Ordering::Relaxed) - 1;
-        self.guards.store(guards, Ordering::Relaxed);
-        if guards == 0 {
+        let more = self.more_guards.load(Ordering::Relaxed);
+        if more == 0 {
             self.end.store(0, Ordering::Release);
+        } else {
+            self.more_guards.store(more - 1, Ordering::Relaxed);
         }
     }
 }
@@ -118,7 +126,7 @@ impl Slot {
     #[inline]
     pub(crate) fn publish_first(&self, start: usize, end: usize) -> Option<&Entry> {
         let entry = &self.entries[0];
-        if entry.guards.load(Ordering::Relaxed) != 0 {
+        if !entry.free() {
             return None;
         }
         entry.publish(start, end);
@@ -129,17 +137,12 @@ impl Slot {
     /// in the spill entry, and returns that entry. Owner thread only; follow it with
     /// [`access_barrier`] before checking the page bits.
     pub(crate) fn publish(&self, start: usize, end: usize) -> &Entry {
-        if let Some(entry) = self
-            .entries
-            .iter()
-            .find(|e| e.guards.load(Ordering::Relaxed) == 0)
-        {
+        if let Some(entry) = self.entries.iter().find(|e| e.free()) {
             entry.publish(start, end);
             return entry;
         }
         let spill = &self.spill;
-        let guards = spill.guards.load(Ordering::Relaxed);
-        if guards == 0 {
+        if spill.free() {
             spill.publish(start, end);
         } else {
             // Only ever widened while in use: a conversion that reads the new `end` with
@@ -148,7 +151,7 @@ impl Slot {
             let old_end = spill.end.load(Ordering::Relaxed);
             spill.start.store(start.min(old_start), Ordering::Release);
             spill.end.store(end.max(old_end), Ordering::Release);
-            spill.guards.store(guards + 1, Ordering::Relaxed);
+            spill.add_guard();
         }
         spill
     }

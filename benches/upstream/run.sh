@@ -26,10 +26,15 @@ registry="${CARGO_HOME:-$HOME/.cargo}/registry/src"
 src=$(find "$registry" -maxdepth 2 -type d -name vm-memory-0.18.0 | head -n 1)
 [ -n "$src" ] || { echo "vm-memory 0.18.0 is not in $registry after cargo fetch" >&2; exit 1; }
 
-rm -rf "$work/vm-memory"
-mkdir -p "$work"
-cp -r "$src" "$work/vm-memory"
-patch --quiet -d "$work/vm-memory" -p1 <"$here/vm-memory-single-slice.patch"
+# The patched copy is made again only when the patch changed (a new copy would make
+# cargo rebuild everything above vm-memory).
+if ! cmp -s "$here/vm-memory-single-slice.patch" "$work/vm-memory.applied" 2>/dev/null; then
+    rm -rf "$work/vm-memory" "$work/vm-memory.applied"
+    mkdir -p "$work"
+    cp -r "$src" "$work/vm-memory"
+    patch --quiet -d "$work/vm-memory" -p1 <"$here/vm-memory-single-slice.patch"
+    cp "$here/vm-memory-single-slice.patch" "$work/vm-memory.applied"
+fi
 
 cp Cargo.lock "$work/Cargo.lock.saved"
 trap 'cp "$work/Cargo.lock.saved" Cargo.lock' EXIT

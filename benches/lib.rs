@@ -171,9 +171,10 @@ fn say_stand_in(bench: &str, lacks: &str) {
 /// because the host lacks `lacks`.
 fn stand_in_line(bench: &str, lacks: &str) -> String {
     format!(
-        "STAND-IN {bench}: this host lacks {lacks}; figures of this crate's own costs are \
-         measured on the stand-in for KVM (memfd-backed), their benchmark ids labelled \
-         `stand-in`: kernel-bound costs (punch, fault) are not in them"
+        "STAND-IN {bench}: this host lacks what it needs: {lacks}; figures of this \
+         crate's own costs are measured on the stand-in for KVM (memfd-backed), their \
+         benchmark ids labelled `stand-in`: kernel-bound costs (punch, fault) are not in \
+         them"
     )
 }
 
@@ -215,7 +216,9 @@ mod tests {
     fn the_stand_in_line_names_what_is_lacking_and_what_is_left_out() {
         let line = stand_in_line("bytes", "KVM_CAP_GUEST_MEMFD (234) is 0 (no guest_memfd)");
         assert!(
-            line.starts_with("STAND-IN bytes: this host lacks KVM_CAP_GUEST_MEMFD (234) is 0"),
+            line.starts_with(
+                "STAND-IN bytes: this host lacks what it needs: KVM_CAP_GUEST_MEMFD (234) is 0"
+            ),
             "{line}"
         );
         assert!(line.contains("stand-in for KVM (memfd-backed)"), "{line}");

@@ -31,13 +31,20 @@ def medians(path):
         elif line and not line.startswith(" ") and "time:" not in line:
             last_id = line.strip()
         if m and last_id:
+            if last_id in out:
+                print(f"{path}: {last_id} twice; the last one counts", file=sys.stderr)
             out[last_id] = float(m.group(1)) * UNITS[m.group(2)]
     return out
 
 
+def ours_at(ident):
+    """Where in `ident` this crate's component is."""
+    return next(k for k, p in enumerate(ident.split("/")) if p.startswith("PrivateMemoryManager"))
+
+
 def peer_of(ours, ids):
     parts = ours.split("/")
-    i = next(k for k, p in enumerate(parts) if p.startswith("PrivateMemoryManager"))
+    i = ours_at(ours)
     fallback = None
     for other in ids:
         q = other.split("/")
@@ -56,9 +63,10 @@ def main():
     runs = [medians(p) for p in sys.argv[1:]]
     if not runs:
         sys.exit(__doc__)
-    ids = [i for i in runs[0] if any(p.startswith("PrivateMemoryManager") for p in i.split("/"))]
+    every = list(dict.fromkeys(i for run in runs for i in run))
+    ids = [i for i in every if any(p.startswith("PrivateMemoryManager") for p in i.split("/"))]
     for ours in ids:
-        peer = peer_of(ours, runs[0])
+        peer = peer_of(ours, every)
         if peer is None:
             continue
         ratios, cells = [], []
@@ -68,7 +76,7 @@ def main():
                 ratios.append(r)
                 cells.append(f"{run[peer]:.1f}/{run[ours]:.1f}={r:.3f}")
         if ratios:
-            print(f"{ours}  vs {peer.split('/')[-1] if peer.count('/') else peer}")
+            print(f"{ours}  vs {peer.split('/')[ours_at(ours)]}")
             print(f"    runs (peer ns/ours ns=ratio): {'  '.join(cells)}")
             print(f"    median time ratio {statistics.median(ratios):.3f}"
                   f"  (throughput ours/peer {1 / statistics.median(ratios):.3f})")

@@ -2,7 +2,8 @@
 
 //! A device's access pattern: a virtio-blk-like device serving write requests from a
 //! split virtqueue (rust-vmm's `virtio-queue`) whose rings and buffers are shared pages,
-//! on a `PrivateMemoryManager` (in-place strategy, and dual where the host has memory
+//! on a `PrivateMemoryManager` (in-place strategy, also with private pages beside the
+//! shared ones as a confidential guest has them, and dual where the host has memory
 //! attributes) against vm-memory's `GuestMemoryMmap` over anonymous memory of the same
 //! size and layout, in the same run.
 //!
@@ -39,6 +40,8 @@ use vm_private_memory::{MemoryBuilder, PageState, Strategy};
 
 /// Guest memory: one region at guest-physical 0.
 const SIZE: u64 = 64 << 20;
+/// Private pages past `SIZE` in the partly private variant.
+const PRIVATE_TAIL: u64 = 2 << 20;
 /// The queue's size (descriptors, and entries of each ring).
 const QUEUE_SIZE: u16 = 256;
 /// Chains posted per batch (three descriptors each: 192 of the 256).
@@ -287,6 +290,30 @@ fn virtio_blk(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("PrivateMemoryManager", "in-place"), |b| {
         b.iter_custom(|iters| blk.timed_batches(&*ours, iters))
     });
+    // As a confidential guest's memory is: the same shared pages, and private ones
+    // beside them (2 MiB past the 64 MiB, never touched), so that every access checks
+    // its pages' bits rather than the region's count of private pages.
+    let partly_private = MemoryBuilder::new(benches::memory_vm("virtio").0)
+        .region_at(0, SIZE + PRIVATE_TAIL)
+        .strategy(Strategy::InPlace)
+        .initial_state(PageState::Shared)
+        .build()
+        .expect("in-place memory (Linux 6.18+, or the stand-in)");
+    partly_private
+        .convert(
+            guest_memfd::PageRange::new(SIZE, PRIVATE_TAIL).unwrap(),
+            PageState::Private,
+        )
+        .expect("the tail private");
+    {
+        let view = partly_private.guest_memory();
+        let ours = view.memory();
+        let mut blk = Blk::new(&*ours);
+        group.bench_function(
+            BenchmarkId::new("PrivateMemoryManager", "in-place-partly-private"),
+            |b| b.iter_custom(|iters| blk.timed_batches(&*ours, iters)),
+        );
+    }
     if let Some(dual) = &dual {
         let view = dual.guest_memory();
         let ours = view.memory();

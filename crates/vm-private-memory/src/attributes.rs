@@ -138,6 +138,7 @@ impl PageAttributes {
     /// answers the rest.
     #[inline]
     pub(crate) fn shared_within_word(&self, first: u64, last: u64) -> Option<bool> {
+        debug_assert!(first <= last && last < self.pages);
         let word = first / 64;
         if word != last / 64 {
             return None;
@@ -295,6 +296,32 @@ fn zeroed_words(count: usize) -> Box<[AtomicU64]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_within_word_agrees_with_first_private() {
+        for initial in [PageState::Private, PageState::Shared] {
+            for pages in [1u64, 63, 64, 65, 130, 200] {
+                let a = PageAttributes::new(pages, initial);
+                for (first, count) in [(3, 1), (62, 5), (64, 64), (130, 9), (199, 1)] {
+                    if first < pages {
+                        a.set(first, count.min(pages - first), initial.flipped());
+                    }
+                }
+                for first in 0..pages {
+                    for last in first..(first + 70).min(pages) {
+                        match a.shared_within_word(first, last) {
+                            Some(shared) => assert_eq!(
+                                shared,
+                                a.first_private(first, last).is_none(),
+                                "{initial:?} {pages} pages, {first}..={last}"
+                            ),
+                            None => assert_ne!(first / 64, last / 64),
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn initial_state_is_exact_at_the_edges() {

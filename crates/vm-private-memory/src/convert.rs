@@ -591,7 +591,7 @@ pub(crate) fn wait_for_host_accesses<B: DirtyBitmap>(
 ) -> Result<()> {
     #[cfg(not(loom))]
     {
-        use crate::inflight::Patience;
+        use crate::inflight::{Patience, QuiesceError};
         let blocked = |start: usize, end: usize| {
             regions
                 .iter()
@@ -603,7 +603,10 @@ pub(crate) fn wait_for_host_accesses<B: DirtyBitmap>(
                 blocked,
                 Patience::new(engine.patience),
             )
-            .map_err(|waited| Error::HostAccessInFlight { range, waited })?;
+            .map_err(|failure| match failure {
+                QuiesceError::TimedOut(waited) => Error::HostAccessInFlight { range, waited },
+                QuiesceError::Barrier(source) => Error::HostAccessBarrier { range, source },
+            })?;
     }
     #[cfg(loom)]
     let _ = (engine, regions, range);

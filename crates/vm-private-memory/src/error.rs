@@ -245,6 +245,19 @@ pub enum Error {
         /// How long the conversion waited.
         waited: std::time::Duration,
     },
+    /// The barrier that makes host accesses in flight visible to a conversion
+    /// (`membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`) failed, after the process had
+    /// registered for it: the conversion could not tell which host accesses still touch
+    /// the pages, so it was rolled back. `EPERM` or `ENOSYS` here usually means a seccomp
+    /// filter installed since the first access: allow `membarrier` (commands 8 and 16)
+    /// in it. A guest's request gets a retryable answer ([`crate::KVM_EAGAIN`]).
+    #[error("converting {range} to private: membarrier failed ({source}), so host accesses in flight could not be waited for; the conversion was rolled back (a seccomp filter must allow membarrier)")]
+    HostAccessBarrier {
+        /// The range asked for.
+        range: ByteRange,
+        /// `membarrier`'s error.
+        source: std::io::Error,
+    },
     /// An operation failed, and so did part of its rollback. KVM's view of `unknown`
     /// may be either state. Listeners refused to take back `listeners_refused`, which
     /// they held before: the bits were put back, and those listeners no longer map them.

@@ -89,7 +89,9 @@ impl Error {
         match self {
             Error::BadRequest(e) => e.hypercall_code(),
             Error::OutsideGuestMemory { .. } | Error::Reentrant { .. } => KVM_EINVAL.wrapping_neg(),
-            Error::HostAccessInFlight { .. } => KVM_EAGAIN.wrapping_neg(),
+            Error::HostAccessInFlight { .. } | Error::HostAccessBarrier { .. } => {
+                KVM_EAGAIN.wrapping_neg()
+            }
             _ => KVM_EFAULT.wrapping_neg(),
         }
     }

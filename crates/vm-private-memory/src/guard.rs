@@ -13,7 +13,15 @@
 //! Guards are bound to their thread (`VolatileSlice` is neither `Send` nor `Sync`), so
 //! the bookkeeping uses no atomic read-modify-write: a guard points at its thread's
 //! entry, and sharing or ending it is a plain increment or decrement there, inlined into
-//! the access path; only publishing looks up the thread's slot.
+//! the access path; only publishing looks up the thread's slot. The exception is a
+//! thread without a slot (one exiting, past its slot's release, or beyond the
+//! tracker's slots): its accesses are counted in one process-wide atomic.
+//!
+//! A thread holds up to `inflight::ENTRIES` accesses in entries of their own; past
+//! that, further ones share one spill entry whose range grows to cover them all until
+//! every one of them has ended. A thread that keeps a slice past eight others therefore
+//! holds, for as long as it keeps it, every page any of its spilled accesses touched:
+//! conversions of those pages fail with `HostAccessInFlight`. Keep slices short-lived.
 
 use std::cell::Cell;
 use std::marker::PhantomData;
@@ -104,7 +112,7 @@ static UNREGISTERED: Entry = Entry::unused();
 
 /// Whether `entry` is [`UNREGISTERED`].
 #[inline]
-fn unregistered(entry: &Entry) -> bool {
+fn is_unregistered(entry: &Entry) -> bool {
     #[cfg(not(loom))]
     return std::ptr::eq(entry, &UNREGISTERED);
     #[cfg(loom)]
@@ -162,7 +170,7 @@ impl<S> AccessGuard<S> {
 
 /// Publishes host addresses `[start, end)` and executes the access side's barrier. The
 /// usual case (the thread has its slot and holds no other access) is inline: one read of
-/// thread-local storage and three stores; the rest out of line.
+/// thread-local storage, one load and two stores; the rest out of line.
 #[inline]
 fn publish(start: usize, end: usize) -> Held {
     #[cfg(not(loom))]
@@ -205,6 +213,10 @@ fn publish_without_slot(start: usize, end: usize) -> &'static Entry {
         Some(slot) => slot.publish(start, end),
         None => {
             TRACKER.add_unregistered();
+            // `access_barrier` may be a compiler barrier only (it pairs with the
+            // conversion's membarrier, which this path may not get: `quiesce` skips it
+            // while no other thread owns a slot and it saw no such access counted).
+            crate::sync::fence(crate::sync::Ordering::SeqCst);
             &UNREGISTERED
         }
     }
@@ -238,7 +250,7 @@ impl<S> AccessGuard<S> {
     #[inline]
     fn with_inner<T>(&self, inner: T) -> AccessGuard<T> {
         if let Some(entry) = self.held {
-            if unregistered(entry) {
+            if is_unregistered(entry) {
                 share_unregistered();
             } else {
                 entry.add_guard();
@@ -256,7 +268,7 @@ impl<S> Drop for AccessGuard<S> {
     #[inline]
     fn drop(&mut self) {
         if let Some(entry) = self.held {
-            if unregistered(entry) {
+            if is_unregistered(entry) {
                 end_unregistered();
             } else {
                 entry.drop_guard();

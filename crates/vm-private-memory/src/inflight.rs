@@ -145,8 +145,9 @@ impl Slot {
         if spill.free() {
             spill.publish(start, end);
         } else {
-            // Only ever widened while in use: a conversion that reads the new `end` with
-            // the old `start`, or the reverse, sees a range covering the old one.
+            // Only ever widened while in use: a conversion that reads the old `end` with
+            // the new `start` sees a range covering the old accesses; the new access is
+            // covered by the barrier pairing, as any newly published one.
             let old_start = spill.start.load(Ordering::Relaxed);
             let old_end = spill.end.load(Ordering::Relaxed);
             spill.start.store(start.min(old_start), Ordering::Release);
@@ -182,28 +183,40 @@ pub(crate) fn access_barrier() {
 }
 
 /// The conversion side's barrier, between changing the bits and reading the slots: every
-/// thread of the process executes a full barrier before it returns.
-fn conversion_barrier() {
+/// thread of the process executes a full barrier before it returns. Fails with the
+/// errno of `membarrier` if the kernel refused it (after a successful registration:
+/// memory pressure, or a seccomp filter installed on this thread since): the access side
+/// then has only a compiler barrier, so no fence here could make up for it, and the
+/// conversion must not go on.
+fn conversion_barrier() -> Result<(), std::io::Error> {
     #[cfg(not(loom))]
     if ASYMMETRIC.load(std::sync::atomic::Ordering::Relaxed) {
-        // SAFETY: membarrier takes integer arguments only; the process registered for
-        // MEMBARRIER_CMD_PRIVATE_EXPEDITED in `decide_barrier`, so the command succeeds.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_membarrier,
-                libc::MEMBARRIER_CMD_PRIVATE_EXPEDITED,
-                0,
-                0,
-            )
-        };
-        if ret == 0 {
-            return;
+        let mut attempts = 0;
+        loop {
+            // SAFETY: membarrier takes integer arguments only; the return value is
+            // checked.
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_membarrier,
+                    libc::MEMBARRIER_CMD_PRIVATE_EXPEDITED,
+                    0,
+                    0,
+                )
+            };
+            if ret == 0 {
+                return Ok(());
+            }
+            let err = std::io::Error::last_os_error();
+            attempts += 1;
+            // ENOMEM (the kernel's CPU mask) may pass; anything else will not.
+            if attempts == 3 || err.raw_os_error() != Some(libc::ENOMEM) {
+                return Err(err);
+            }
+            std::thread::yield_now();
         }
-        // Cannot happen after a successful registration. The access side only has a
-        // compiler barrier, so no fence here could make up for it: the slots read next
-        // may miss an access, which is why the registration is checked up front.
     }
     fence(Ordering::SeqCst);
+    Ok(())
 }
 
 /// Registers the process for expedited private `membarrier`, once; where that fails the
@@ -244,6 +257,15 @@ pub(crate) struct Tracker {
     len: AtomicUsize,
     /// Accesses made by threads without a slot (exiting, or past `MAX_SLOTS`).
     unregistered: AtomicUsize,
+}
+
+/// Why [`Tracker::quiesce`] failed.
+#[derive(Debug)]
+pub(crate) enum QuiesceError {
+    /// An access was still in flight when patience ran out, after this long.
+    TimedOut(Duration),
+    /// The conversion side's barrier (`membarrier`) failed.
+    Barrier(std::io::Error),
 }
 
 /// How long a conversion waits for accesses in flight.
@@ -381,7 +403,8 @@ impl Tracker {
         true
     }
 
-    /// Counts an access by a thread without a slot (a full barrier follows).
+    /// Counts an access by a thread without a slot. The caller executes a full fence
+    /// next: [`access_barrier`] may be a compiler barrier only.
     #[inline(always)]
     pub(crate) fn add_unregistered(&self) {
         self.unregistered.fetch_add(1, Ordering::SeqCst);
@@ -395,15 +418,16 @@ impl Tracker {
 
     /// Waits until no access that may have passed its check is in flight on a range that
     /// `blocked` says is private now. Call it after the bits changed. `own` is the calling
-    /// thread's slot, if it has one: when no other thread owns a slot the barrier is
-    /// skipped, since any thread registering later synchronises through the slot list's
-    /// lock with this call. Fails, with the time waited, once `patience` runs out.
+    /// thread's slot, if it has one: when no other thread owns a slot and no access
+    /// without a slot is counted the barrier is skipped, since a thread registering later
+    /// synchronises with this call through the SeqCst fences here and in
+    /// [`Tracker::register`]. Fails once `patience` runs out, or if the barrier fails.
     pub(crate) fn quiesce(
         &self,
         own: Option<&'static Slot>,
         blocked: impl Fn(usize, usize) -> bool,
         mut patience: Patience,
-    ) -> Result<(), Duration> {
+    ) -> Result<(), QuiesceError> {
         // Pairs with the fence in `register`: either this sees a new thread's slot
         // owned, or that thread's checks see the bits this conversion changed.
         fence(Ordering::SeqCst);
@@ -411,10 +435,10 @@ impl Tracker {
             s.owned.load(Ordering::SeqCst) && !own.is_some_and(|own| std::ptr::eq(own, s))
         });
         if others || self.unregistered.load(Ordering::SeqCst) > 0 {
-            conversion_barrier();
+            conversion_barrier().map_err(QuiesceError::Barrier)?;
         }
         // The clock is read only once something has to be waited for.
-        let timed_out = |patience: &Patience| Err(patience.waited());
+        let timed_out = |patience: &Patience| Err(QuiesceError::TimedOut(patience.waited()));
         for slot in self.slots() {
             for entry in slot.entries.iter().chain(std::iter::once(&slot.spill)) {
                 loop {
@@ -472,18 +496,24 @@ mod loom_model {
         /// The thread gives its slot back (it exits) and another thread takes it over
         /// for an access elsewhere.
         Recycle,
+        /// The access reads the region's count of private pages first, and the bits
+        /// only where it is not zero; the conversion raises the count before it sets
+        /// the bit (and, rolling back, clears the bit before it lowers the count).
+        CountShortcut,
     }
 
     fn model(variant: Variant) {
         loom::model(move || {
             let tracker: &'static Tracker = Box::leak(Box::new(Tracker::new()));
             let bits = Arc::new(PageAttributes::new(1, PageState::Shared));
+            let count = Arc::new(crate::sync::AtomicU64::new(0));
             let page = Arc::new(Page(UnsafeCell::new(0)));
             let host = 0x1000usize;
             let elsewhere = host + 0x10000;
 
             let reader = {
-                let (bits, page) = (Arc::clone(&bits), Arc::clone(&page));
+                let (bits, page, count) =
+                    (Arc::clone(&bits), Arc::clone(&page), Arc::clone(&count));
                 loom::thread::spawn(move || {
                     let slot = tracker.register().unwrap();
                     let (entry, shared) = if variant == Variant::CheckFirst {
@@ -492,7 +522,14 @@ mod loom_model {
                     } else {
                         let entry = slot.publish(host, host + 8);
                         access_barrier();
-                        (entry, bits.first_private(0, 0).is_none())
+                        let shared = if variant == Variant::CountShortcut
+                            && count.load(Ordering::Acquire) == 0
+                        {
+                            true
+                        } else {
+                            bits.first_private(0, 0).is_none()
+                        };
+                        (entry, shared)
                     };
                     if variant == Variant::SubSlice {
                         // A sub-slice is cut, then the slice it came from is dropped.
@@ -526,6 +563,9 @@ mod loom_model {
                 })
             });
 
+            if variant == Variant::CountShortcut {
+                count.fetch_add(1, Ordering::AcqRel);
+            }
             bits.set(0, 1, PageState::Private);
             let done = tracker.quiesce(
                 None,
@@ -538,6 +578,9 @@ mod loom_model {
                 page.0.with_mut(|p| unsafe { *p = 2 });
             } else {
                 bits.set(0, 1, PageState::Shared);
+                if variant == Variant::CountShortcut {
+                    count.fetch_sub(1, Ordering::AcqRel);
+                }
             }
             reader.join().unwrap();
             if let Some(successor) = successor {
@@ -554,6 +597,11 @@ mod loom_model {
     #[test]
     fn an_access_through_a_sub_slice_is_waited_for_until_its_last_guard() {
         model(Variant::SubSlice);
+    }
+
+    #[test]
+    fn an_access_that_finds_no_private_page_counted_is_still_waited_for() {
+        model(Variant::CountShortcut);
     }
 
     #[test]

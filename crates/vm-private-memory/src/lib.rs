@@ -49,7 +49,8 @@
 //!
 //! Every host access path of the vm-memory view (`Bytes`, `get_slice`,
 //! `GuestMemory::get_slices` and the helpers built on them) checks the bits of exactly
-//! the pages it would touch, without locks, and fails with a `PermissionDenied` error
+//! the pages it would touch (or, in a region with no private page, its count of private
+//! pages), without locks, and fails with a `PermissionDenied` error
 //! wrapping [`Error::PrivatePage`] if any is private; memory is not touched.
 //! `get_host_address` answers only while its *whole region* is shared, because rust-vmm
 //! code maps `get_host_address(0)` plus the region's length (VFIO, vhost-user).
@@ -69,11 +70,14 @@
 //! not covered: its holder must subscribe a listener. Accesses never fault the process,
 //! and KVM's own accesses through the host mapping are untouched.
 //!
-//! The cost: the access side publishes with plain stores and a compiler barrier; the
-//! conversion side runs `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` (skipped while no
-//! other thread has accessed memory), which makes every running thread of the process
-//! execute a full barrier (see `BENCHMARKS.md` for both). The protocol is
-//! model-checked with loom (`RUSTFLAGS="--cfg loom"`).
+//! The cost: the access side publishes with two plain stores and a compiler barrier,
+//! and withdraws with one store; the conversion side runs
+//! `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` (skipped while no other thread owns a
+//! slot of the access tracker, that is, has accessed memory and not exited), which makes
+//! every running thread of the process execute a full barrier (see `BENCHMARKS.md` for
+//! both). A VMM that confines its threads with seccomp must allow `membarrier`: where
+//! it fails a conversion to private is refused ([`Error::HostAccessBarrier`]). The
+//! protocol is model-checked with loom (`RUSTFLAGS="--cfg loom"`).
 //!
 //! One vm-memory behaviour to know: an access that spans two regions is done region by
 //! region, and a refusal in the second surfaces as a short access (`PartialBuffer`)

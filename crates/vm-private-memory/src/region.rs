@@ -227,7 +227,14 @@ impl<B: Bitmap> GuestRegionPrivate<B> {
     #[inline]
     pub(crate) fn set_states(&self, first: u64, count: u64, state: PageState) {
         // The count goes first towards private and last towards shared, so that it is
-        // never zero while a page is private.
+        // never zero while a page is private: every host access of a region whose count
+        // is zero skips the bits (`checked_slice`). It stays exact only if every page of
+        // the range is in the other state, which every caller ensures.
+        debug_assert!(
+            self.attributes.all(first, count, state.flipped()),
+            "set_states({first}, {count}, {state:?}) over pages not all {:?}",
+            state.flipped()
+        );
         match state {
             PageState::Private => {
                 self.private_pages.fetch_add(count, Ordering::AcqRel);
@@ -315,7 +322,10 @@ impl<B: Bitmap> GuestRegionPrivate<B> {
             AccessGuard::publish(ptr as usize, ptr as usize + count, dirty)
         };
         // Every page shared (the count of private pages rises before any bit is set, and
-        // falls only after the last is cleared): nothing to look up. Otherwise an access
+        // falls only after the last is cleared: see `set_states`): nothing to look up. A
+        // zero read while a conversion raises the count is harmless for the same reason
+        // a stale bit is: the access published before it read, and the conversion's
+        // barrier pairs with that (see `inflight`). Otherwise an access
         // within one 64-page word of the map is checked here, with one load; the rest
         // (and every refusal) out of line.
         if count != 0

@@ -300,6 +300,8 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// back as above: [`Error::ListenerRefused`] if a listener refuses (or panics in)
     /// `populate`; [`Error::HostAccessInFlight`] if a host access through the vm-memory
     /// view still touches a page going private when the memory's patience runs out;
+    /// [`Error::HostAccessBarrier`] if the barrier that waits for such accesses fails
+    /// (a seccomp filter that refuses `membarrier`);
     /// [`Error::SetAttributes`] (dual) if `KVM_SET_MEMORY_ATTRIBUTES` fails;
     /// [`Error::Punch`] if punching a page fails. [`Error::RollbackFailed`] if, after one
     /// of those, the rollback failed too: KVM's view of the ranges it lists as `unknown`

@@ -245,13 +245,16 @@ pub enum Error {
         /// How long the conversion waited.
         waited: std::time::Duration,
     },
-    /// The barrier that makes host accesses in flight visible to a conversion
-    /// (`membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`) failed, after the process had
-    /// registered for it: the conversion could not tell which host accesses still touch
-    /// the pages, so it was rolled back. `EPERM` or `ENOSYS` here usually means a seccomp
-    /// filter installed since the first access: allow `membarrier` (commands 8 and 16)
-    /// in it. A guest's request gets a retryable answer ([`crate::KVM_EAGAIN`]).
-    #[error("converting {range} to private: membarrier failed ({source}), so host accesses in flight could not be waited for; the conversion was rolled back (a seccomp filter must allow membarrier)")]
+    /// The barrier that makes host accesses in flight visible to a conversion to
+    /// private, or to a region's removal
+    /// (`membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`), failed on the calling thread
+    /// after the process had registered for it: which host accesses still touch the
+    /// pages could not be told, so the operation was rolled back. `EPERM` or `ENOSYS`
+    /// means a seccomp filter on the calling thread refuses `membarrier` (allow command
+    /// 8 there); that will not pass, and a guest's request gets `-KVM_EFAULT`. `ENOMEM`
+    /// (the kernel could not allocate, three times) may pass: a guest's request gets
+    /// the retryable `-KVM_EAGAIN`.
+    #[error("{range}: membarrier failed ({source}), so the host accesses in flight could not be waited for; rolled back (if a seccomp filter on this thread refuses membarrier, allow it)")]
     HostAccessBarrier {
         /// The range asked for.
         range: ByteRange,
@@ -386,6 +389,7 @@ impl Error {
             Error::EnableExits(source) => Some(source.errno()),
             Error::RollbackFailed { cause, .. } => cause.errno(),
             Error::NumaPolicyNotSet { source, .. } => source.errno(),
+            Error::HostAccessBarrier { source, .. } => source.raw_os_error(),
             _ => None,
         }
     }

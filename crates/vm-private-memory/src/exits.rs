@@ -81,15 +81,18 @@ impl RequestError {
 impl Error {
     /// What a guest's `KVM_HC_MAP_GPA_RANGE` returns in `rax` when serving it failed with
     /// this error: `-KVM_EINVAL` for a malformed request or one outside guest memory,
-    /// `-KVM_EAGAIN` if a host access still held the pages (rolled back; the guest may
-    /// retry), `-KVM_ENOSYS` for another hypercall, `-KVM_EFAULT` for anything else (the
+    /// `-KVM_EAGAIN` if a host access still held the pages, or the kernel lacked memory
+    /// for the barrier that waits for them (rolled back; the guest may retry), `-KVM_ENOSYS` for another hypercall, `-KVM_EFAULT` for anything else (the
     /// conversion failed; it was rolled back, except what a [`Error::RollbackFailed`]
     /// names).
     pub fn hypercall_code(&self) -> u64 {
         match self {
             Error::BadRequest(e) => e.hypercall_code(),
             Error::OutsideGuestMemory { .. } | Error::Reentrant { .. } => KVM_EINVAL.wrapping_neg(),
-            Error::HostAccessInFlight { .. } | Error::HostAccessBarrier { .. } => {
+            Error::HostAccessInFlight { .. } => KVM_EAGAIN.wrapping_neg(),
+            Error::HostAccessBarrier { source, .. }
+                if source.raw_os_error() == Some(libc::ENOMEM) =>
+            {
                 KVM_EAGAIN.wrapping_neg()
             }
             _ => KVM_EFAULT.wrapping_neg(),
@@ -416,8 +419,9 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
 
     /// Serves a `KVM_HC_MAP_GPA_RANGE` hypercall and returns the value for the guest's
     /// `rax` (`KVM_EXIT_HYPERCALL`'s `ret`): 0 on success, `-KVM_EINVAL` for a malformed
-    /// or out-of-memory request, `-KVM_EAGAIN` if a host access still held the pages (the
-    /// conversion was rolled back; the guest may retry), `-KVM_EFAULT` if the conversion
+    /// or out-of-memory request, `-KVM_EAGAIN` if a host access still held the pages, or
+    /// the barrier that waits for them was short of memory (the conversion was rolled
+    /// back; the guest may retry), `-KVM_EFAULT` if the conversion
     /// itself failed (it was rolled back, except what a [`Error::RollbackFailed`] names:
     /// [`PrivateMemoryManager::serve_map_gpa_range`] says why).
     pub fn handle_map_gpa_range(&self, gpa: u64, pages: u64, attributes: u64) -> u64 {

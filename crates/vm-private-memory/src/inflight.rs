@@ -185,7 +185,7 @@ pub(crate) fn access_barrier() {
 /// The conversion side's barrier, between changing the bits and reading the slots: every
 /// thread of the process executes a full barrier before it returns. Fails with the
 /// errno of `membarrier` if the kernel refused it (after a successful registration:
-/// memory pressure, or a seccomp filter installed on this thread since): the access side
+/// memory pressure, or a seccomp filter on this thread that refuses it): the access side
 /// then has only a compiler barrier, so no fence here could make up for it, and the
 /// conversion must not go on.
 fn conversion_barrier() -> Result<(), std::io::Error> {

@@ -311,7 +311,8 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// [`Error::NoSuchRegion`] if no region of this memory's list starts at `start`;
     /// [`Error::ListenerRefused`] if a listener cannot let go of its shared pages (it
     /// panicked in `discard`); [`Error::HostAccessInFlight`] if a slice of it was still
-    /// held when the memory's patience ran out; KVM's error if the memslot cannot be
+    /// held when the memory's patience ran out; [`Error::HostAccessBarrier`] if the
+    /// barrier that waits for such slices fails; KVM's error if the memslot cannot be
     /// deleted. On an error listeners get the shared pages back and nothing changed;
     /// [`Error::RollbackFailed`] names in `listeners_refused` what a listener refused
     /// back (it no longer maps those pages; the region stays).

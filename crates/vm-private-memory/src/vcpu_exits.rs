@@ -66,7 +66,8 @@ impl<B: DirtyBitmap> PrivateMemoryManager<B> {
     /// After a hypercall the vCPU goes on either way: the guest has its answer. A memory
     /// fault has no answer: after `Err` the same access faults again, so re-enter only
     /// for [`Error::HostAccessInFlight`] (a host access still held the pages; retry a
-    /// bounded number of times), and otherwise stop the vCPU. A fault served with no
+    /// bounded number of times) or an [`Error::HostAccessBarrier`] whose `errno()` is
+    /// `ENOMEM`, and otherwise stop the vCPU. A fault served with no
     /// page changed that comes back is not a conversion at all (a poisoned page reports
     /// the same exit): stop the vCPU then too.
     ///

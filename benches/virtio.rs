@@ -22,7 +22,7 @@
 //! This crate's own costs: on a host whose KVM lacks in-place guest_memfd, ours is built
 //! on the stand-in for KVM (`benches::memory_vm`, `benches::dual_memory_vm`), and the
 //! group's name ends in `_stand-in`. On real KVM the dual strategy needs memory
-//! attributes with `PRIVATE`; without them it prints a `SKIPPED` line and the group
+//! attributes with `PRIVATE`; without them it prints a `NOT MEASURED` line and the group
 //! measures the in-place strategy alone. Every page of every memory is touched before
 //! any measurement.
 

@@ -101,21 +101,7 @@ fn bytes(c: &mut Criterion) {
     // The same within one 4 KiB page, which stays in the cache: a device's ring indexes
     // and descriptors. Above, every access misses the cache, and a longer access path
     // overlaps fewer of those misses.
-    let mut group = c.benchmark_group(backend.group("read_obj_u64_cached"));
-    let mut addr = 0u64;
-    group.bench_function("GuestMemoryMmap", |b| {
-        b.iter(|| {
-            addr = (addr + 8) % 4096;
-            black_box(peer.read_obj::<u64>(GuestAddress(addr)).unwrap())
-        })
-    });
-    group.bench_function("PrivateMemoryManager", |b| {
-        b.iter(|| {
-            addr = (addr + 8) % 4096;
-            black_box(ours.read_obj::<u64>(GuestAddress(addr)).unwrap())
-        })
-    });
-    group.finish();
+    cached_read_obj(c, &backend.group("read_obj_u64_cached"), &peer, &*ours);
 
     // The same again with a private page in the region (its last, never read here), as
     // a confidential guest's memory has: each access checks its page's bits rather
@@ -126,7 +112,22 @@ fn bytes(c: &mut Criterion) {
             PageState::Private,
         )
         .expect("the last page private");
-    let mut group = c.benchmark_group(backend.group("read_obj_u64_cached_partly_private"));
+    cached_read_obj(
+        c,
+        &backend.group("read_obj_u64_cached_partly_private"),
+        &peer,
+        &*ours,
+    );
+}
+
+/// Group `name`: `read_obj::<u64>` walking one 4 KiB page, on `peer` and on `ours`.
+fn cached_read_obj(
+    c: &mut Criterion,
+    name: &str,
+    peer: &impl Bytes<GuestAddress, E = vm_memory::GuestMemoryError>,
+    ours: &impl Bytes<GuestAddress, E = vm_memory::GuestMemoryError>,
+) {
+    let mut group = c.benchmark_group(name);
     let mut addr = 0u64;
     group.bench_function("GuestMemoryMmap", |b| {
         b.iter(|| {

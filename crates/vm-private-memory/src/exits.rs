@@ -82,7 +82,8 @@ impl Error {
     /// What a guest's `KVM_HC_MAP_GPA_RANGE` returns in `rax` when serving it failed with
     /// this error: `-KVM_EINVAL` for a malformed request or one outside guest memory,
     /// `-KVM_EAGAIN` if a host access still held the pages, or the kernel lacked memory
-    /// for the barrier that waits for them (rolled back; the guest may retry), `-KVM_ENOSYS` for another hypercall, `-KVM_EFAULT` for anything else (the
+    /// for the barrier that waits for them (rolled back; the guest may retry),
+    /// `-KVM_ENOSYS` for another hypercall, `-KVM_EFAULT` for anything else (the
     /// conversion failed; it was rolled back, except what a [`Error::RollbackFailed`]
     /// names).
     pub fn hypercall_code(&self) -> u64 {

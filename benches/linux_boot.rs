@@ -60,9 +60,9 @@ fn boot_to_marker<M: GuestRam>(
                 )
             }
             Ok(run) => panic!(
-                "no marker (stopped {:?}, {} conversions); console:\n{}",
+                "no marker (stopped {:?}, conversions {:?}); console:\n{}",
                 run.exit,
-                run.memory_faults,
+                run.conversions,
                 vm.console().text()
             ),
             Err(Error::Timeout {

@@ -141,6 +141,12 @@ pub enum Error {
         /// The `strategy` the config gave.
         strategy: Option<vm_private_memory::Strategy>,
     },
+    /// A second disk for a [`crate::linux::LinuxVm`], which has one place for it.
+    #[error("the VM already has a disk: one virtio-blk device at DISK_MMIO_BASE")]
+    DiskAttached,
+    /// The disk could not be made.
+    #[error("the virtio-blk disk: {0}")]
+    Disk(#[source] crate::linux::virtio::VirtioError),
 }
 
 /// The harness's result type.

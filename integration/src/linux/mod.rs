@@ -47,33 +47,43 @@
 mod acpi;
 mod boot;
 mod cmos;
+mod conversions;
 mod devices;
+mod disk;
 mod kvm_stats;
+mod run;
 mod vcpu;
+pub mod virtio;
 mod watchdog;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use guest_memfd::PageRange;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
-use vm_private_memory::{MemoryBuilder, PageState, PrivateMemoryManager, Strategy};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
+use vm_private_memory::{
+    GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemoryManager, Strategy,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use acpi::{ACPI_TABLES_ADDR, PM1A_CNT_BLK, PM1A_EVT_BLK, S5_SLEEP_TYPE};
 pub use boot::{
     e820_map, BOOT_STACK, CMDLINE_ADDR, CMDLINE_MAX, HIGH_MEMORY, IDENTITY_MAPPED, ZERO_PAGE_ADDR,
 };
+pub use conversions::ConversionStats;
 pub use devices::{ConsoleLog, LegacyDevices, PortEffect, ResetLatch, COM1, COM1_IRQ};
+pub use disk::{disk_cmdline, DISK_IRQ, DISK_MMIO_BASE};
 pub use kvm_stats::KvmStats;
+pub use run::{LinuxExit, LinuxRun};
 pub use vcpu::guest_cpuid;
 
 use crate::error::{Error, Result};
 use crate::guest::private_memory_vm;
-use watchdog::Watchdog;
 
 /// What the lab's guest init (`fixtures/lab/guest-init`) prints once it runs, followed
 /// by `kernel=`, `total_kib=` and `used_kib=` (MemTotal - MemFree); then it reboots.
@@ -132,7 +142,7 @@ pub fn console_summary(console: &str) -> &str {
 /// converts). The tests boot such a guest again ([`LAB_BOOT_CRASHES_ALLOWED`]); any
 /// other stop without the marker is a failure.
 pub fn lab_cpu_crash<'a>(run: &LinuxRun, console: &'a str) -> Option<&'a str> {
-    if run.exit == LinuxExit::Reset && run.memory_faults == 0 {
+    if run.exit == LinuxExit::Reset && !run.converted() {
         console_fault(console)
     } else {
         None
@@ -191,53 +201,43 @@ pub struct LinuxConfig<'a> {
     pub strategy: Option<Strategy>,
 }
 
-/// Why a guest stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LinuxExit {
-    /// It asked for a reset through the i8042 or the PCI reset register: Linux's
-    /// `reboot` (with `reboot=k` or `reboot=p`), or `panic=-1` after a panic.
-    Reset,
-    /// It powered off through ACPI (S5): Linux's `poweroff`.
-    PowerOff,
-    /// `KVM_EXIT_SHUTDOWN`: a triple fault, Linux's last resort when a reset request is
-    /// not honoured.
-    TripleFault,
-    /// `KVM_EXIT_SYSTEM_EVENT` of the given type (`KVM_SYSTEM_EVENT_SHUTDOWN` = 1,
-    /// `_RESET` = 2, `_CRASH` = 3).
-    SystemEvent(u32),
-}
-
-/// How a run went.
-#[derive(Clone, Copy, Debug)]
-pub struct LinuxRun {
-    /// Why the guest stopped.
-    pub exit: LinuxExit,
-    /// From the first `KVM_RUN` to the stop.
-    pub elapsed: Duration,
-    /// How many exits the vCPU took.
-    pub exits: u64,
-    /// How many `KVM_EXIT_MEMORY_FAULT` exits were served (conversions the guest caused).
-    pub memory_faults: u64,
-}
-
 /// The RAM a [`LinuxVm`] runs on: `vm-private-memory`'s [`PrivateMemoryManager`], or
 /// vm-memory's plain [`GuestMemoryMmap`] on anonymous memory (the ordinary VM, the peer
 /// to compare with). Sealed: these two only.
 pub trait GuestRam: sealed::Sealed + std::fmt::Debug {
+    /// How devices reach the RAM: vm-memory's address space over it.
+    type AddressSpace: GuestAddressSpace;
+
     /// The private memory, which serves `KVM_EXIT_MEMORY_FAULT`; `None` for anonymous
     /// memory, where such an exit is unexpected.
     fn private_memory(&self) -> Option<&PrivateMemoryManager>;
+
+    /// The address space a device reaches the RAM through.
+    fn address_space(&self) -> Self::AddressSpace;
 }
 
 impl GuestRam for Arc<PrivateMemoryManager> {
+    type AddressSpace = GuestMemoryAtomic<GuestMemoryPrivate>;
+
     fn private_memory(&self) -> Option<&PrivateMemoryManager> {
         Some(self)
+    }
+
+    fn address_space(&self) -> Self::AddressSpace {
+        self.guest_memory()
     }
 }
 
 impl GuestRam for GuestMemoryMmap {
+    type AddressSpace = GuestMemoryAtomic<GuestMemoryMmap>;
+
     fn private_memory(&self) -> Option<&PrivateMemoryManager> {
         None
+    }
+
+    fn address_space(&self) -> Self::AddressSpace {
+        // The regions are shared, not copied: the device sees the guest's own RAM.
+        GuestMemoryAtomic::new(self.clone())
     }
 }
 
@@ -251,8 +251,11 @@ mod sealed {
 /// ([`LinuxVm::new`]) or on plain anonymous memory ([`LinuxVm::new_anonymous`]).
 #[derive(Debug)]
 pub struct LinuxVm<M: GuestRam = Arc<PrivateMemoryManager>> {
-    // The vCPU goes before the memory its slot maps.
+    // The vCPU goes before the memory its slot maps, and the disk before the memory
+    // its device holds.
     vcpu: VcpuFd,
+    disk: Option<disk::Disk<M>>,
+    vm: Arc<VmFd>,
     memory: M,
     devices: LegacyDevices,
     console: ConsoleLog,
@@ -320,6 +323,8 @@ impl Machine {
             vm_stats: KvmStats::of_vm(&self.vm).ok(),
             vcpu_stats: KvmStats::of_vcpu(&self.vcpu).ok(),
             vcpu: self.vcpu,
+            disk: None,
+            vm: self.vm,
             memory,
             devices,
             console,
@@ -375,6 +380,9 @@ impl LinuxVm {
         if paravirt_on_dual_private(memory.strategy()) {
             return Err(Error::ParavirtNeedsInPlace);
         }
+        // A converting guest's KVM_HC_MAP_GPA_RANGE comes to us; where the host cannot
+        // forward it, KVM answers the guest -KVM_ENOSYS itself (a stock guest never asks).
+        memory.enable_map_gpa_range_exits()?;
         let images = boot::BootImages::open(config.kernel, config.initrd, config.ram_size)?;
         let host_written = images.host_written()?;
         if config.ram == Ram::Private {
@@ -459,59 +467,6 @@ impl LinuxVm<GuestMemoryMmap> {
 }
 
 impl<M: GuestRam> LinuxVm<M> {
-    /// Runs the vCPU to its next exit and serves it; `Some` when the guest stopped.
-    fn step(&mut self, memory_faults: &mut u64) -> Result<Option<LinuxExit>> {
-        let effect = match self.vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) => self.devices.write(port, data),
-            Ok(VcpuExit::IoIn(port, data)) => {
-                self.devices.read(port, data);
-                PortEffect::None
-            }
-            // No MMIO devices: reads find nothing, writes go nowhere.
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
-                PortEffect::None
-            }
-            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) => PortEffect::None,
-            Ok(VcpuExit::Shutdown) => return Ok(Some(LinuxExit::TripleFault)),
-            Ok(VcpuExit::SystemEvent(kind, _)) => return Ok(Some(LinuxExit::SystemEvent(kind))),
-            Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
-                let Some(memory) = self.memory.private_memory() else {
-                    let exit = format!("MemoryFault {{ flags: {flags:#x}, gpa: {gpa:#x}, size: {size:#x} }} on anonymous memory");
-                    return Err(self.unexpected_exit(exit));
-                };
-                memory.serve_memory_fault(flags, gpa, size)?;
-                *memory_faults += 1;
-                PortEffect::None
-            }
-            Ok(other) => {
-                let exit = format!("{other:?}");
-                return Err(self.unexpected_exit(exit));
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => PortEffect::None,
-            Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
-        };
-        Ok(match effect {
-            PortEffect::Reset => Some(LinuxExit::Reset),
-            PortEffect::PowerOff => Some(LinuxExit::PowerOff),
-            PortEffect::None => None,
-        })
-    }
-
-    fn unexpected_exit(&self, exit: String) -> Error {
-        let rip = self.vcpu.get_regs().map_or(0, |regs| regs.rip);
-        Error::UnexpectedExit { exit, rip }
-    }
-
-    fn timeout(&self, deadline: Duration, exits: u64) -> Error {
-        Error::Timeout {
-            deadline,
-            exits,
-            rip: self.vcpu.get_regs().map_or(0, |regs| regs.rip),
-            console_tail: tail(&self.console.text(), 2000),
-        }
-    }
-
     /// The guest's memory.
     pub fn memory(&self) -> &M {
         &self.memory
@@ -539,42 +494,6 @@ impl<M: GuestRam> LinuxVm<M> {
     /// (`exits`); `None` where the kernel has none.
     pub fn vcpu_stats(&self) -> Option<&KvmStats> {
         self.vcpu_stats.as_ref()
-    }
-
-    /// Runs the guest until it stops or `deadline` passes (then [`Error::Timeout`]).
-    /// `on_line` sees each complete console line as it arrives, while the vCPU waits:
-    /// the moment to look at the guest's memory from the host side.
-    pub fn run(
-        &mut self,
-        deadline: Duration,
-        mut on_line: impl FnMut(&str, &M),
-    ) -> Result<LinuxRun> {
-        let watchdog = Watchdog::start(deadline)?;
-        let start = Instant::now();
-        let (mut exits, mut memory_faults, mut seen) = (0u64, 0u64, 0usize);
-        let exit = loop {
-            if watchdog.expired() {
-                return Err(self.timeout(deadline, exits));
-            }
-            exits += 1;
-            match self.step(&mut memory_faults) {
-                Ok(Some(exit)) => break exit,
-                Ok(None) => {}
-                // Past the deadline the watchdog's signals can interrupt any system
-                // call: whatever failed then, the guest's time is up.
-                Err(_) if watchdog.expired() => return Err(self.timeout(deadline, exits)),
-                Err(e) => return Err(e),
-            }
-            for line in self.console.lines_since(&mut seen) {
-                on_line(&line, &self.memory);
-            }
-        };
-        Ok(LinuxRun {
-            exit,
-            elapsed: start.elapsed(),
-            exits,
-            memory_faults,
-        })
     }
 }
 

@@ -190,12 +190,15 @@ impl BlockDevice {
         log: &mut EventLog,
     ) -> QueueOutcome {
         let mut returned = false;
+        // Whether the last pass found nothing though notifications said more was there.
+        let mut rearmed = false;
         let needs_reset = loop {
             let next = timed(&mut self.stats.queue_time, || {
                 queue.iter(memory).map(|mut chains| chains.next())
             });
             match next {
                 Ok(Some(chain)) => {
+                    rearmed = false;
                     let head = chain.head_index();
                     let used_len = match self.serve(memory, chain, log) {
                         Completion::Answered { used_len } => used_len,
@@ -215,7 +218,19 @@ impl BlockDevice {
                     returned = true;
                 }
                 Ok(None) if !queue.event_idx_enabled() => break false,
+                // The available index says a chain is there, but virtio-queue cannot
+                // read its entry of the ring (the ring's page turned private, say): it
+                // would say so again forever. Nothing more can be served.
+                Ok(None) if rearmed => {
+                    log.push(format!(
+                        "virtio-blk: queue {index}: the available ring announces a chain \
+                         at index {} that cannot be read",
+                        queue.next_avail()
+                    ));
+                    break true;
+                }
                 Ok(None) => {
+                    rearmed = true;
                     // With EVENT_IDX the driver notifies only when the available index
                     // passes `avail_event`: set it, then serve what arrived meanwhile.
                     match timed(&mut self.stats.queue_time, || {

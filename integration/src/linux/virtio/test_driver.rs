@@ -83,6 +83,8 @@ pub fn write_reg<M: GuestAddressSpace, D: VirtioDevice>(
 pub struct TestDriver<M = TestMemory> {
     pub memory: M,
     pub size: u16,
+    /// Where the available ring goes ([`AVAIL_RING`] unless a test moves it).
+    pub avail_ring: u64,
     next_descriptor: u16,
     avail_idx: u16,
 }
@@ -104,6 +106,7 @@ impl<M: GuestAddressSpace> TestDriver<M> {
         TestDriver {
             memory,
             size,
+            avail_ring: AVAIL_RING,
             next_descriptor: 0,
             avail_idx: 0,
         }
@@ -148,7 +151,7 @@ impl<M: GuestAddressSpace> TestDriver<M> {
             (
                 VIRTIO_MMIO_QUEUE_AVAIL_LOW,
                 VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
-                AVAIL_RING,
+                self.avail_ring,
             ),
             (
                 VIRTIO_MMIO_QUEUE_USED_LOW,
@@ -201,17 +204,17 @@ impl<M: GuestAddressSpace> TestDriver<M> {
     /// Puts `head` in the next slot of the available ring and publishes it.
     pub fn make_available(&mut self, head: u16) {
         let memory = self.memory.memory();
-        let slot = AVAIL_RING + 4 + 2 * u64::from(self.avail_idx % self.size);
+        let slot = self.avail_ring + 4 + 2 * u64::from(self.avail_idx % self.size);
         memory.write_obj(head, GuestAddress(slot)).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
         memory
-            .write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2))
+            .write_obj(self.avail_idx, GuestAddress(self.avail_ring + 2))
             .unwrap();
     }
 
     /// Sets the available ring's `used_event` (heeded with EVENT_IDX).
     pub fn set_used_event(&self, value: u16) {
-        let at = AVAIL_RING + 4 + 2 * u64::from(self.size);
+        let at = self.avail_ring + 4 + 2 * u64::from(self.size);
         self.memory
             .memory()
             .write_obj(value, GuestAddress(at))

@@ -15,6 +15,7 @@ use vm_memory::GuestMemoryAtomic;
 use vm_private_memory::{GuestMemoryPrivate, MemoryBuilder, PageState, PrivateMemoryManager};
 
 use super::test_rig::{pattern, rig_header, Rig, HEADER, UNTOUCHED, WITHOUT_EVENT_IDX};
+use super::FEATURES;
 use crate::linux::virtio::test_driver::*;
 
 /// The page the tests make private, right after the first page of buffers.
@@ -112,4 +113,33 @@ fn a_status_byte_in_a_private_page_stops_the_queue_and_the_write_is_not_done() {
     assert_eq!(rig.irq.read().unwrap(), 1);
     let events = rig.events();
     assert!(events.contains("status byte at guest 0x11010"), "{events}");
+}
+
+/// A hostile driver can put its available ring's index on one page and the ring's
+/// entries on the next, then make that page private: the index announces a chain that
+/// cannot be read. The device gives up on the queue (`DEVICE_NEEDS_RESET`), naming it,
+/// instead of asking again forever on the vCPU's thread.
+#[test]
+fn an_announced_chain_whose_ring_entry_is_private_stops_the_queue_instead_of_spinning() {
+    let vm = guest_memfd::stand_in::vm_for_logic_tests();
+    let memory = MemoryBuilder::new(vm)
+        .region_at(0, 2 << 20)
+        .initial_state(PageState::Shared)
+        .build()
+        .expect("private memory");
+    let mut driver = TestDriver::on(memory.guest_memory(), 16);
+    // The flags and index end page 0x4000; the entries start page 0x5000.
+    driver.avail_ring = 0x5000 - 4;
+    let mut rig = Rig::on(driver, &pattern(IMAGE_LEN, 1), FEATURES);
+    rig.submit(VIRTIO_BLK_T_IN, 0, &[writable(BUFFERS, 512)]);
+    let entries = PageRange::new(0x5000, 0x1000).unwrap();
+    memory.convert(entries, PageState::Private).unwrap();
+    rig.driver.notify(&mut rig.transport);
+    assert_eq!(rig.driver.used_idx(), 0);
+    assert_ne!(rig.transport.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    let events = rig.events();
+    assert!(
+        events.contains("announces a chain at index 0 that cannot be read"),
+        "{events}"
+    );
 }

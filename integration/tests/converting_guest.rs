@@ -20,11 +20,9 @@ use std::path::{Path, PathBuf};
 
 use guest_memfd::{Capabilities, PAGE_SIZE};
 use integration::linux::{
-    console_summary, disk_cmdline, lab_guest_images, ConversionStats, LinuxConfig, LinuxExit,
-    LinuxRun, LinuxVm, Ram, LAB_BOOT_ATTEMPTS as ATTEMPTS, LAB_BOOT_DEADLINE as DEADLINE,
-    LAB_CMDLINE,
+    disk_cmdline, lab_guest_images, run_until_line, ConversionStats, LinuxConfig, LinuxExit,
+    LinuxRun, LinuxVm, Ram, LAB_CMDLINE,
 };
-use integration::Error;
 use vm_private_memory::Strategy;
 
 const RAM_SIZE: u64 = 256 << 20;
@@ -94,8 +92,9 @@ fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
 }
 
-/// One boot of the converting guest with `args` on its command line and `image` as its
-/// disk; hung boots (the lab's emulated CPU, one in twenty) are booted again.
+/// The converting guest with `args` on its command line and `image` as its disk, run
+/// until its job is done; hung boots (the lab's emulated CPU, one in twenty) are booted
+/// again.
 fn boot(kernel: &Path, initrd: &Path, image: &Path, args: &str) -> (LinuxVm, LinuxRun, Job) {
     // It reboots (the i8042's reset line): the converting kernel's tiny configuration
     // has ACPI without PCI, and cannot load the tables' PCI region handler to power off.
@@ -113,12 +112,21 @@ fn boot(kernel: &Path, initrd: &Path, image: &Path, args: &str) -> (LinuxVm, Lin
         paravirt: false,
         strategy: None,
     };
-    for attempt in 1..=ATTEMPTS {
-        let mut vm = LinuxVm::new(&config).unwrap();
-        let disk = File::options().read(true).write(true).open(image).unwrap();
-        vm.attach_disk(disk).unwrap();
-        let mut job = Job::default();
-        let run = vm.run(DEADLINE, |line, memory| {
+    let mut job = Job::default();
+    let mut current = 0;
+    let lab = run_until_line(
+        "CONVERTING-GUEST",
+        "PRIVMEM-GUEST-DONE",
+        || {
+            let mut vm = LinuxVm::new(&config)?;
+            let disk = File::options().read(true).write(true).open(image).unwrap();
+            vm.attach_disk(disk)?;
+            Ok(vm)
+        },
+        |attempt, line, memory| {
+            if attempt != current {
+                (current, job) = (attempt, Job::default());
+            }
             if line.contains("PRIVMEM-CONVERSIONS when=end") {
                 let n = |name| field(line, name).and_then(|v| v.parse().ok()).unwrap();
                 job.conversions = Some((n("calls"), n("failed"), n("shared_pages")));
@@ -130,25 +138,12 @@ fn boot(kernel: &Path, initrd: &Path, image: &Path, args: &str) -> (LinuxVm, Lin
                 job.write_says = line.to_owned();
             } else if line.contains("PRIVMEM-PROBE") {
                 job.probe = Some(line.to_owned());
-            } else if line.contains("PRIVMEM-GUEST-DONE") {
-                job.done = true;
             }
-        });
-        match run {
-            Ok(run) if job.done || attempt == ATTEMPTS => return (vm, run, job),
-            Ok(run) => println!(
-                "CONVERTING-GUEST-RETRY attempt={attempt} stopped {:?} before its job ended: {:?}",
-                run.exit,
-                console_summary(&vm.console().text())
-            ),
-            Err(Error::Timeout { console_tail, .. }) if attempt < ATTEMPTS => println!(
-                "CONVERTING-GUEST-HUNG attempt={attempt} console_says={:?}",
-                console_summary(&console_tail)
-            ),
-            Err(e) => panic!("boot {attempt} of {ATTEMPTS}: {e}"),
-        }
-    }
-    unreachable!("the last attempt returns or panics")
+        },
+    )
+    .unwrap_or_else(|e| panic!("the converting guest: {e}"));
+    job.done = lab.reached;
+    (lab.vm, lab.run, job)
 }
 
 fn report(strategy: Strategy, what: &str, run: &LinuxRun, vm: &LinuxVm) {

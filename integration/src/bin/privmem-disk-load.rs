@@ -67,7 +67,7 @@ fn rate(units: f64, since: Instant) -> f64 {
 
 fn run(disk: &File, sequential_mib: u64, random_reads: u64) -> Figures {
     let mut figures = Figures::default();
-    let mut note = |figures: &mut Figures, what: String| {
+    let note = |figures: &mut Figures, what: String| {
         figures.errors += 1;
         figures.first_error.get_or_insert(what);
     };

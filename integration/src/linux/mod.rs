@@ -51,6 +51,7 @@ mod conversions;
 mod devices;
 mod disk;
 mod kvm_stats;
+mod lab_runs;
 mod run;
 mod vcpu;
 pub mod virtio;
@@ -79,6 +80,7 @@ pub use conversions::ConversionStats;
 pub use devices::{ConsoleLog, LegacyDevices, PortEffect, ResetLatch, COM1, COM1_IRQ};
 pub use disk::{disk_cmdline, DISK_IRQ, DISK_MMIO_BASE};
 pub use kvm_stats::KvmStats;
+pub use lab_runs::{run_until_line, LabRun};
 pub use run::{LinuxExit, LinuxRun};
 pub use vcpu::guest_cpuid;
 

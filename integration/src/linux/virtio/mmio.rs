@@ -8,7 +8,12 @@
 //! by guest-physical address, and notifies a queue by writing its index to
 //! `QueueNotify`. The device answers through one interrupt line (an irqfd here), whose
 //! cause `InterruptStatus` gives: bit 0 for used buffers, bit 1 for a configuration
-//! change (which is also how `DEVICE_NEEDS_RESET` reaches the driver).
+//! change (which is also how `DEVICE_NEEDS_RESET` reaches the driver; a Linux driver
+//! ignores it, see [`QueueOutcome::needs_reset`](super::QueueOutcome::needs_reset)).
+//!
+//! The driver sets its queues up before `DRIVER_OK` (virtio 1.2 section 3.1.1): their
+//! registers are frozen from then on, and a queue made ready only after it is refused,
+//! so every queue the device serves had its rings checked at activation.
 
 use std::fmt;
 
@@ -32,9 +37,11 @@ pub const MMIO_REGION_SIZE: u64 = 0x1000;
 const MAGIC: u32 = 0x7472_6976;
 /// `Version`: the modern register layout.
 const VERSION: u32 = 2;
-/// `VendorID` this transport reports: "QEMU" in little-endian, as most VMMs' devices do
-/// (drivers ignore it; nothing matches on it).
-pub const VENDOR_ID: u32 = 0x554d_4551;
+/// `VendorID` this transport reports: 0, no vendor, as Firecracker's virtio-mmio devices
+/// report (QEMU's report "QEMU", 0x554d4551). The specification gives it no meaning a
+/// driver depends on: Linux's virtio-mmio driver copies it into the device's ID, and
+/// its drivers, virtio-blk included, match any vendor.
+pub const VENDOR_ID: u32 = 0;
 /// `QueueReset` (virtio 1.2), absent from virtio-bindings: reads 0, the feature that
 /// gives it meaning (`VIRTIO_F_RING_RESET`) is never offered.
 const QUEUE_RESET: u32 = 0xc0;
@@ -258,12 +265,23 @@ impl<M: GuestAddressSpace, D: VirtioDevice> MmioTransport<M, D> {
 
     fn write_queue_register(&mut self, register: u32, value: u32) {
         // The driver configures a queue before it is ready, and only then.
-        let select = usize::try_from(self.queue_select).ok();
+        let index = self.queue_select;
+        let select = usize::try_from(index).ok();
         let Some(queue) = select.and_then(|index| self.queues.get_mut(index)) else {
             return;
         };
         if register == VIRTIO_MMIO_QUEUE_READY {
-            return queue.set_ready(value == 1);
+            let ready = value == 1;
+            // Its rings were checked at DRIVER_OK, or never will be: a queue made ready
+            // later would be served unchecked. Only VIRTIO_F_RING_RESET, never offered,
+            // lets a driver enable a queue after DRIVER_OK (virtio 1.2 section 2.6.1).
+            // Taking a queue out of service (0) is always allowed.
+            if ready && !queue.ready() && self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+                return self.log.push(format!(
+                    "virtio-mmio: queue {index} made ready after DRIVER_OK: refused, queues are set up before it"
+                ));
+            }
+            return queue.set_ready(ready);
         }
         if queue.ready() || self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             return;
@@ -396,6 +414,11 @@ impl<M: GuestAddressSpace, D: VirtioDevice> MmioTransport<M, D> {
 
     /// Sets `DEVICE_NEEDS_RESET` and, the driver running, tells it with a configuration
     /// change interrupt (virtio 1.2 section 2.1.2); no queue is served until a reset.
+    ///
+    /// What the specification offers, not a way out for a Linux guest: Linux ignores the
+    /// bit and has no timeout that would reset the device, so its disk hangs (see
+    /// [`QueueOutcome::needs_reset`](super::QueueOutcome::needs_reset)). It is set when
+    /// the device has no truthful answer to give.
     fn needs_reset(&mut self, why: String) {
         self.log
             .push(format!("virtio-mmio: DEVICE_NEEDS_RESET: {why}"));

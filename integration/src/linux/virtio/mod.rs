@@ -88,9 +88,18 @@ pub struct QueueOutcome {
     /// Buffers were returned to the used ring and the driver wants to hear of it: raise
     /// the used-buffer interrupt.
     pub interrupt: bool,
-    /// The device cannot go on with this queue (it could not tell the driver the result
-    /// of a request, or the ring itself is unreachable): set `DEVICE_NEEDS_RESET` and
-    /// serve nothing more until the driver resets the device.
+    /// The device cannot go on with this queue (it has no truthful answer to give for a
+    /// request, or the ring itself is unreachable): set `DEVICE_NEEDS_RESET` and serve
+    /// nothing more until the driver resets the device.
+    ///
+    /// This is not a recovery path for a Linux guest. Linux never looks at
+    /// `DEVICE_NEEDS_RESET`: the configuration interrupt that announces it reaches
+    /// virtio-blk's `config_changed`, which only reads the capacity again, and virtio-blk
+    /// has no timeout handler, so the requests the device did not return stay pending
+    /// and the guest's disk hangs. The device stops anyway because every other choice
+    /// is a lie (returning a request whose status it could not write lets the driver
+    /// read a stale status byte, usually 0, `VIRTIO_BLK_S_OK`); the VMM learns why from
+    /// the event log and the status register.
     pub needs_reset: bool,
 }
 

@@ -9,7 +9,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_FEATURES_OK,
 };
 use virtio_bindings::virtio_mmio::*;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -184,8 +184,29 @@ impl<M: GuestAddressSpace> TestDriver<M> {
         head
     }
 
+    /// Makes available a chain of one descriptor that refers to an indirect table at
+    /// `table`, which holds `bufs` chained in order; returns its head.
+    pub fn add_indirect_chain(&mut self, table: u64, bufs: &[Buf]) -> u16 {
+        for (index, buf) in (0u16..).zip(bufs) {
+            let next = (usize::from(index) + 1 < bufs.len()).then_some(index + 1);
+            self.write_descriptor_in(table, index, *buf, next);
+        }
+        let head = self.next_descriptor;
+        self.next_descriptor = (head + 1) % self.size;
+        let len = 16 * bufs.len() as u32;
+        let descriptor = Descriptor::new(table, len, VRING_DESC_F_INDIRECT as u16, 0);
+        self.write_raw(DESC_TABLE, head, descriptor);
+        self.make_available(head);
+        head
+    }
+
     /// Writes descriptor `index`: `buf`, followed by descriptor `next` if any.
     pub fn write_descriptor(&self, index: u16, buf: Buf, next: Option<u16>) {
+        self.write_descriptor_in(DESC_TABLE, index, buf, next);
+    }
+
+    /// Writes descriptor `index` of the table at `table`.
+    fn write_descriptor_in(&self, table: u64, index: u16, buf: Buf, next: Option<u16>) {
         let mut flags = 0;
         if buf.device_writable {
             flags |= VRING_DESC_F_WRITE as u16;
@@ -194,7 +215,11 @@ impl<M: GuestAddressSpace> TestDriver<M> {
             flags |= VRING_DESC_F_NEXT as u16;
         }
         let descriptor = Descriptor::new(buf.addr, buf.len, flags, next.unwrap_or(0));
-        let at = DESC_TABLE + 16 * u64::from(index);
+        self.write_raw(table, index, descriptor);
+    }
+
+    fn write_raw(&self, table: u64, index: u16, descriptor: Descriptor) {
+        let at = table + 16 * u64::from(index);
         self.memory
             .memory()
             .write_obj(RawDescriptor::from(descriptor), GuestAddress(at))

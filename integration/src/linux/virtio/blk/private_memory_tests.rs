@@ -118,9 +118,9 @@ fn a_status_byte_in_a_private_page_stops_the_queue_and_the_write_is_not_done() {
 /// A hostile driver can put its available ring's index on one page and the ring's
 /// entries on the next, then make that page private: the index announces a chain that
 /// cannot be read. The device gives up on the queue (`DEVICE_NEEDS_RESET`), naming it,
-/// instead of asking again forever on the vCPU's thread.
-#[test]
-fn an_announced_chain_whose_ring_entry_is_private_stops_the_queue_instead_of_spinning() {
+/// instead of asking again forever on the vCPU's thread (with EVENT_IDX) or returning
+/// as if nothing were there, leaving the driver waiting (without).
+fn assert_an_unreadable_announced_chain_stops_the_queue(features: u64) {
     let vm = guest_memfd::stand_in::vm_for_logic_tests();
     let memory = MemoryBuilder::new(vm)
         .region_at(0, 2 << 20)
@@ -130,16 +130,28 @@ fn an_announced_chain_whose_ring_entry_is_private_stops_the_queue_instead_of_spi
     let mut driver = TestDriver::on(memory.guest_memory(), 16);
     // The flags and index end page 0x4000; the entries start page 0x5000.
     driver.avail_ring = 0x5000 - 4;
-    let mut rig = Rig::on(driver, &pattern(IMAGE_LEN, 1), FEATURES);
+    let mut rig = Rig::on(driver, &pattern(IMAGE_LEN, 1), features);
     rig.submit(VIRTIO_BLK_T_IN, 0, &[writable(BUFFERS, 512)]);
     let entries = PageRange::new(0x5000, 0x1000).unwrap();
     memory.convert(entries, PageState::Private).unwrap();
     rig.driver.notify(&mut rig.transport);
     assert_eq!(rig.driver.used_idx(), 0);
     assert_ne!(rig.transport.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    assert_eq!(rig.irq.read().unwrap(), 1, "a configuration interrupt");
     let events = rig.events();
     assert!(
-        events.contains("announces a chain at index 0 that cannot be read"),
+        events.contains("queue 0: the available ring announces a chain at index 0 that cannot be read (available index 1)"),
         "{events}"
     );
+    assert_eq!(rig.stats().notifications, 1);
+}
+
+#[test]
+fn an_announced_chain_whose_ring_entry_is_private_stops_the_queue_instead_of_spinning() {
+    assert_an_unreadable_announced_chain_stops_the_queue(FEATURES);
+}
+
+#[test]
+fn an_announced_chain_whose_ring_entry_is_private_stops_the_queue_without_event_idx_too() {
+    assert_an_unreadable_announced_chain_stops_the_queue(WITHOUT_EVENT_IDX);
 }

@@ -8,11 +8,12 @@
 //! between; the status in the last byte of the last descriptor, device-writable (the
 //! bytes before it in that descriptor count as device-writable data, so a read may end
 //! its buffer with the status). A request framed otherwise is answered
-//! `VIRTIO_BLK_S_IOERR`, not guessed at.
+//! `VIRTIO_BLK_S_IOERR`, not guessed at; a chain with no status byte the device can
+//! find and write is not answered at all ([`Completion::Untold`]).
 
 use std::fmt;
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
+use std::io::{ErrorKind, Seek, SeekFrom};
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_blk::{
@@ -20,7 +21,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::bitmap::BitmapSlice;
+use vm_memory::bitmap::{BitmapSlice, BS};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions, ReadVolatile,
     VolatileMemoryError, VolatileSlice, WriteVolatile,
@@ -47,16 +48,46 @@ pub(super) enum Completion {
         /// The used length.
         used_len: u32,
     },
-    /// The chain has no byte a status could go to (no descriptor, a last descriptor that
-    /// is device-readable or empty, a chain cut short or too long to follow): returned
-    /// with used length 0, the driver learns nothing from it.
-    Unanswerable,
-    /// The status byte exists but guest memory refused the device's write (it lies in
-    /// private memory, or outside guest memory). Nothing can tell the driver about this
-    /// request, and returning it unanswered would let the driver read a status the
-    /// device never wrote: the queue stops and the device asks for a reset.
-    StatusUnwritable,
+    /// No status could be written: the chain has no byte a status could go to (no
+    /// descriptor, a last descriptor that is device-readable or empty, a chain cut
+    /// short, looping or too long to follow), or guest memory refused the device's
+    /// write (the byte lies in private memory, or outside guest memory). Returning the
+    /// chain would let the driver read a status the device never wrote: Linux ignores
+    /// the used length and takes the stale byte, usually 0, `VIRTIO_BLK_S_OK`, so a
+    /// request that never ran would complete as a success. It is not returned: the
+    /// queue stops and the device asks for a reset.
+    Untold,
 }
+
+/// The one outcome a request counts in ([`super::BlkStats`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// A read carried out and answered `VIRTIO_BLK_S_OK`, of this many bytes.
+    Read {
+        /// The bytes read from the image.
+        bytes: u64,
+    },
+    /// A write carried out and answered `VIRTIO_BLK_S_OK`, of this many bytes.
+    Write {
+        /// The bytes written to the image.
+        bytes: u64,
+    },
+    /// A flush carried out and answered `VIRTIO_BLK_S_OK`.
+    Flush,
+    /// A get-id carried out and answered `VIRTIO_BLK_S_OK`.
+    GetId,
+    /// Answered `VIRTIO_BLK_S_UNSUPP`.
+    Unsupported,
+    /// Answered `VIRTIO_BLK_S_IOERR`, or not answered at all.
+    Failed,
+}
+
+/// A piece of a data buffer in guest memory: the buffer (for the log) and the slice of
+/// it the data moves through.
+type Piece<'a, Mem> = (
+    Segment,
+    VolatileSlice<'a, BS<'a, <Mem as GuestMemory>::Bitmap>>,
+);
 
 /// A guest buffer as the log names it: `0x1000 bytes at guest 0x12345000`. Formatted
 /// only when a message is, so the requests that succeed allocate nothing for it.
@@ -156,11 +187,9 @@ impl BlockDevice {
         let completion = match walked {
             Ok((count, last)) => self.answer(memory, &descriptors, count, last, log),
             Err(why) => {
-                log.push(format!(
-                    "virtio-blk: request at descriptor {head} not answered: {why}"
-                ));
-                self.stats.failed += 1;
-                Completion::Unanswerable
+                log.push(format!("virtio-blk: request at descriptor {head}: {why}"));
+                self.stats.count(Outcome::Failed);
+                Completion::Untold
             }
         };
         self.descriptors = descriptors;
@@ -168,7 +197,8 @@ impl BlockDevice {
     }
 
     /// Executes a request whose chain has `count` descriptors (the first
-    /// [`MAX_DESCRIPTORS`] in `descriptors`) and ends with `last`, and writes its status.
+    /// [`MAX_DESCRIPTORS`] in `descriptors`) and ends with `last`, writes its status,
+    /// and counts it in its one outcome.
     fn answer<Mem: GuestMemory>(
         &mut self,
         memory: &Mem,
@@ -186,37 +216,36 @@ impl BlockDevice {
                 "virtio-blk: status byte past the end of the guest's address space ({})",
                 GuestRange::new(last.addr(), last.len())
             ));
-            self.stats.failed += 1;
-            return Completion::StatusUnwritable;
+            self.stats.count(Outcome::Failed);
+            return Completion::Untold;
         };
         // Tried first, as an error: a request whose outcome cannot be told is not
         // carried out at all (a write would change the image behind the driver's back).
         if !self.write_status(memory, status_addr, VIRTIO_BLK_S_IOERR as u8, log) {
-            self.stats.failed += 1;
-            return Completion::StatusUnwritable;
+            self.stats.count(Outcome::Failed);
+            return Completion::Untold;
         }
-        let (status, written) = match self.execute(memory, descriptors, count, last) {
-            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+        let (status, written, outcome) = match self.execute(memory, descriptors, count, last) {
+            Ok((outcome, written)) => (VIRTIO_BLK_S_OK as u8, written, outcome),
             Err((failure, written)) => {
                 if let Some(why) = failure.why {
                     log.push(format!("virtio-blk: {why}"));
                 }
-                if failure.status == VIRTIO_BLK_S_UNSUPP as u8 {
-                    self.stats.unsupported += 1;
+                let outcome = if failure.status == VIRTIO_BLK_S_UNSUPP as u8 {
+                    Outcome::Unsupported
                 } else {
-                    self.stats.failed += 1;
-                }
-                (failure.status, written)
+                    Outcome::Failed
+                };
+                (failure.status, written, outcome)
             }
         };
         if !self.write_status(memory, status_addr, status, log) {
-            // Writable a moment ago: the page turned private meanwhile. The request is
-            // done but its outcome untold; a failure already counted stays one.
-            if status != VIRTIO_BLK_S_IOERR as u8 {
-                self.stats.failed += 1;
-            }
-            return Completion::StatusUnwritable;
+            // Writable a moment ago: the page turned private meanwhile. The request ran,
+            // but the driver cannot be told how: a failure, whatever it was.
+            self.stats.count(Outcome::Failed);
+            return Completion::Untold;
         }
+        self.stats.count(outcome);
         Completion::Answered {
             used_len: written.saturating_add(1),
         }
@@ -239,14 +268,15 @@ impl BlockDevice {
         written.is_ok()
     }
 
-    /// Runs the request; the bytes written to guest memory, with the failure if any.
+    /// Runs the request: its outcome and the bytes written to guest memory, or the
+    /// failure and the bytes written before it.
     fn execute<Mem: GuestMemory>(
         &mut self,
         memory: &Mem,
         descriptors: &[Descriptor],
         count: usize,
         last: Descriptor,
-    ) -> Result<u32, (Failure, u32)> {
+    ) -> Result<(Outcome, u32), (Failure, u32)> {
         let (request_type, sector) = self
             .header(memory, descriptors, count)
             .map_err(|f| (f, 0))?;
@@ -273,12 +303,16 @@ impl BlockDevice {
             .chain((tail.len > 0).then_some(tail));
         match request_type {
             VIRTIO_BLK_T_IN => self.transfer(memory, segments, sector, Direction::Read),
+            // Refused before anything is looked at (virtio 1.2 section 5.2.6.2).
+            VIRTIO_BLK_T_OUT if self.read_only => Err((
+                Failure::ioerr("write request: the disk is read-only".into()),
+                0,
+            )),
             VIRTIO_BLK_T_OUT => self.transfer(memory, segments, sector, Direction::Write),
             VIRTIO_BLK_T_FLUSH => {
                 let flushed = timed(&mut self.stats.disk_time, || self.disk.sync_data());
                 flushed.map_err(|e| (Failure::ioerr(format!("flush: {e}")), 0))?;
-                self.stats.flushes += 1;
-                Ok(0)
+                Ok((Outcome::Flush, 0))
             }
             VIRTIO_BLK_T_GET_ID => self.get_id(memory, segments),
             _ => Err((
@@ -325,16 +359,17 @@ impl BlockDevice {
     }
 
     /// Moves a read's or a write's data between the image from `sector` on and the
-    /// segments, in order; the bytes written to guest memory.
+    /// segments, in order: its outcome and the bytes written to guest memory.
     fn transfer<Mem: GuestMemory>(
         &mut self,
         memory: &Mem,
         segments: impl Iterator<Item = Segment> + Clone,
         sector: u64,
         direction: Direction,
-    ) -> Result<u32, (Failure, u32)> {
+    ) -> Result<(Outcome, u32), (Failure, u32)> {
         let op = direction.name();
         let mut total = 0u64;
+        let mut buffers = 0usize;
         for segment in segments.clone() {
             if segment.device_writable != (direction == Direction::Read) {
                 let why = format!(
@@ -349,6 +384,7 @@ impl BlockDevice {
                 return Err((Failure::ioerr(why), 0));
             }
             total += u64::from(segment.len);
+            buffers += 1;
         }
         let fail = |why: String| Err((Failure::ioerr(format!("{op} request: {why}")), 0));
         if total % SECTOR_SIZE != 0 {
@@ -370,18 +406,20 @@ impl BlockDevice {
                 self.capacity
             ));
         }
-        // Every segment checked before anything moves (outside guest memory, or with a
-        // private page): a request refused there leaves the image and guest memory as
-        // they were, whatever the backend does with a range that only starts inside.
+        // Every segment's slices taken before anything moves (outside guest memory, or
+        // with a private page, refused): a request refused there leaves the image and
+        // guest memory as they were. The data then moves through these slices, not a
+        // second lookup, and they hold their pages until it has (see the module's doc).
         let access = match direction {
             Direction::Read => Permissions::Write,
             Direction::Write => Permissions::Read,
         };
-        for segment in segments.clone() {
-            let refused = timed(&mut self.stats.memory_time, || {
-                refusal(memory, segment, access)
+        let mut pieces: Vec<Piece<'_, Mem>> = Vec::with_capacity(buffers);
+        for segment in segments {
+            let taken = timed(&mut self.stats.memory_time, || {
+                take_slices(memory, segment, access, &mut pieces)
             });
-            if let Some(e) = refused {
+            if let Err(e) = taken {
                 return fail(format!("{}: {e}", segment.range()));
             }
         }
@@ -390,62 +428,49 @@ impl BlockDevice {
         });
         seek.map_err(|e| (Failure::ioerr(format!("{op} request: seek: {e}")), 0))?;
         let mut written = 0u32;
-        for segment in segments {
-            self.transfer_segment(memory, segment, direction)
-                .map_err(|why| (Failure::ioerr(format!("{op} request, {why}")), written))?;
+        for (segment, slice) in &pieces {
+            self.transfer_slice(slice, direction).map_err(|why| {
+                let why = format!("{op} request, {}: {why}", segment.range());
+                (Failure::ioerr(why), written)
+            })?;
             if direction == Direction::Read {
-                written += segment.len;
+                // At most a descriptor's length, a u32.
+                written = written.saturating_add(u32::try_from(slice.len()).unwrap_or(u32::MAX));
             }
         }
-        match direction {
-            Direction::Read => {
-                self.stats.reads += 1;
-                self.stats.bytes_read += total;
-            }
-            Direction::Write => {
-                self.stats.writes += 1;
-                self.stats.bytes_written += total;
-            }
-        }
-        Ok(written)
+        let outcome = match direction {
+            Direction::Read => Outcome::Read { bytes: total },
+            Direction::Write => Outcome::Write { bytes: total },
+        };
+        Ok((outcome, written))
     }
 
-    /// One segment's data, between guest memory and the image at its current position.
-    /// On private memory a call is refused whole before a byte moves if any page of its
-    /// range is private, so a failed segment has been neither read nor written.
-    fn transfer_segment<Mem: GuestMemory>(
+    /// One slice's data, between guest memory and the image at its current position,
+    /// whole or failed.
+    fn transfer_slice<B: BitmapSlice>(
         &mut self,
-        memory: &Mem,
-        segment: Segment,
+        slice: &VolatileSlice<'_, B>,
         direction: Direction,
     ) -> Result<(), String> {
-        let len = segment.len as usize;
-        let range = segment.range();
-        let mut done = 0usize;
-        while done < len {
-            let Some(addr) = segment.addr.checked_add(done as u64) else {
-                return Err(format!("{range}: past the end of the address space"));
-            };
-            let mut cursor = DiskCursor {
-                disk: &self.disk,
-                io_time: Duration::ZERO,
-            };
-            let started = Instant::now();
-            // Bytes from the image straight into guest memory, or back: no buffer.
-            let moved = match direction {
-                Direction::Read => memory.read_volatile_from(addr, &mut cursor, len - done),
-                Direction::Write => memory.write_volatile_to(addr, &mut cursor, len - done),
-            };
-            let io_time = cursor.io_time;
-            self.stats.memory_time += started.elapsed().saturating_sub(io_time);
-            self.stats.disk_time += io_time;
-            match moved {
-                Ok(0) => return Err(format!("{range}: the image ended early")),
-                Ok(moved) => done += moved,
-                Err(e) => return Err(format!("{range}: {e}")),
+        let mut cursor = DiskCursor {
+            disk: &self.disk,
+            io_time: Duration::ZERO,
+        };
+        let started = Instant::now();
+        // Bytes from the image straight into guest memory, or back: no buffer.
+        let moved = match direction {
+            Direction::Read => slice.read_exact_volatile_from(0, &mut cursor, slice.len()),
+            Direction::Write => slice.write_all_volatile_to(0, &mut cursor, slice.len()),
+        };
+        let io_time = cursor.io_time;
+        self.stats.memory_time += started.elapsed().saturating_sub(io_time);
+        self.stats.disk_time += io_time;
+        moved.map_err(|e| match e {
+            VolatileMemoryError::IOError(e) if e.kind() == ErrorKind::UnexpectedEof => {
+                "the image ended early".to_string()
             }
-        }
-        Ok(())
+            e => e.to_string(),
+        })
     }
 
     /// Writes the ID into the segments, as much of its 20 bytes as they hold.
@@ -453,7 +478,7 @@ impl BlockDevice {
         &mut self,
         memory: &Mem,
         segments: impl Iterator<Item = Segment> + Clone,
-    ) -> Result<u32, (Failure, u32)> {
+    ) -> Result<(Outcome, u32), (Failure, u32)> {
         if let Some(readable) = segments.clone().find(|s| !s.device_writable) {
             let why = format!(
                 "get-id request: data descriptor of {} is device-readable",
@@ -478,22 +503,22 @@ impl BlockDevice {
             })?;
             written += part.len() as u32;
         }
-        self.stats.get_ids += 1;
-        Ok(written)
+        Ok((Outcome::GetId, written))
     }
 }
 
-/// Why guest memory refuses `access` to a segment, if it does: the first error among
-/// the slices that cover it (none of which is used).
-fn refusal<Mem: GuestMemory>(
-    memory: &Mem,
+/// Appends the slices that cover `segment` for `access` to `pieces`; the memory's
+/// error if it refuses any part of it.
+fn take_slices<'a, Mem: GuestMemory>(
+    memory: &'a Mem,
     segment: Segment,
     access: Permissions,
-) -> Option<GuestMemoryError> {
-    match memory.get_slices(segment.addr, segment.len as usize, access) {
-        Ok(mut slices) => slices.find_map(Result::err),
-        Err(e) => Some(e),
+    pieces: &mut Vec<Piece<'a, Mem>>,
+) -> Result<(), GuestMemoryError> {
+    for slice in memory.get_slices(segment.addr, segment.len as usize, access)? {
+        pieces.push((segment, slice?));
     }
+    Ok(())
 }
 
 /// Which way a request's data goes.

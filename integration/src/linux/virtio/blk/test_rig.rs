@@ -45,12 +45,28 @@ impl Rig {
     }
 }
 
+/// An image file holding `bytes`.
+pub(super) fn image_file(bytes: &[u8]) -> TempFile {
+    let image = TempFile::new().unwrap();
+    image.as_file().write_all_at(bytes, 0).unwrap();
+    image
+}
+
 impl<M: GuestAddressSpace> Rig<M> {
     /// A device on `image_bytes`, started with `features` by `driver`, on its memory.
     pub fn on(driver: TestDriver<M>, image_bytes: &[u8], features: u64) -> Self {
-        let image = TempFile::new().unwrap();
-        image.as_file().write_all_at(image_bytes, 0).unwrap();
+        let image = image_file(image_bytes);
         let device = BlockDevice::new(image.as_file().try_clone().unwrap()).unwrap();
+        Rig::serving(driver, image, device, features)
+    }
+
+    /// `device`, on `image`, started with `features` by `driver`, on its memory.
+    pub fn serving(
+        driver: TestDriver<M>,
+        image: TempFile,
+        device: BlockDevice,
+        features: u64,
+    ) -> Self {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut transport =
             MmioTransport::new(device, driver.memory.clone(), irq.try_clone().unwrap()).unwrap();

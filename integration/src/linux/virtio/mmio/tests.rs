@@ -44,7 +44,8 @@ fn the_device_identifies_itself() {
     assert_eq!(read_reg(&mut t, VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
     assert_eq!(read_reg(&mut t, VIRTIO_MMIO_VERSION), 2);
     assert_eq!(read_reg(&mut t, VIRTIO_MMIO_DEVICE_ID), 2);
-    assert_eq!(read_reg(&mut t, VIRTIO_MMIO_VENDOR_ID), VENDOR_ID);
+    // No vendor.
+    assert_eq!(read_reg(&mut t, VIRTIO_MMIO_VENDOR_ID), 0);
     // One queue of 256 entries; the next index has none.
     write_reg(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
     assert_eq!(read_reg(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
@@ -244,6 +245,55 @@ fn a_queue_outside_guest_memory_needs_a_reset_at_driver_ok() {
     assert_eq!(read_reg(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
     driver.notify(&mut t);
     assert_eq!(t.device().stats().notifications, 0);
+}
+
+#[test]
+fn a_queue_made_ready_after_driver_ok_is_refused() {
+    let (driver, mut t, irq, _image) = transport(8, 0);
+    let all = offered(&t);
+    let status = driver.negotiate(&mut t, all);
+    // Described with its rings outside guest memory, but made ready only after
+    // DRIVER_OK: the activation found no queue to check.
+    write_reg(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+    write_reg(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
+    write_reg(
+        &mut t,
+        VIRTIO_MMIO_QUEUE_DESC_LOW,
+        (RAM_SIZE + 0x1000) as u32,
+    );
+    write_reg(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, AVAIL_RING as u32);
+    write_reg(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, USED_RING as u32);
+    write_reg(
+        &mut t,
+        VIRTIO_MMIO_STATUS,
+        status | VIRTIO_CONFIG_S_DRIVER_OK,
+    );
+    assert_eq!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    write_reg(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+    assert_eq!(read_reg(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
+    let events = t.take_events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("queue 0 made ready after DRIVER_OK: refused")),
+        "{events:?}"
+    );
+    driver.notify(&mut t);
+    assert_eq!(t.device().stats().notifications, 0);
+    assert!(irq.read().is_err(), "no interrupt");
+    // A queue taken out of service after DRIVER_OK cannot come back either.
+    driver.start(&mut t, all);
+    assert_eq!(read_reg(&mut t, VIRTIO_MMIO_QUEUE_READY), 1);
+    write_reg(&mut t, VIRTIO_MMIO_QUEUE_READY, 0);
+    assert_eq!(read_reg(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
+    write_reg(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+    assert_eq!(read_reg(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
+    // A ready queue told again that it is ready stays so, without a word.
+    driver.start(&mut t, all);
+    t.take_events();
+    write_reg(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+    assert_eq!(read_reg(&mut t, VIRTIO_MMIO_QUEUE_READY), 1);
+    assert!(t.take_events().is_empty());
 }
 
 #[test]

@@ -18,10 +18,10 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use guest_memfd::{Capabilities, PAGE_SIZE};
+use guest_memfd::PAGE_SIZE;
 use integration::linux::{
-    disk_cmdline, lab_guest_images, run_until_line, ConversionStats, LinuxConfig, LinuxExit,
-    LinuxRun, LinuxVm, Ram, LAB_CMDLINE,
+    console_field, disk_cmdline, lab_converting_guest, run_until_line, ConversionStats,
+    LinuxConfig, LinuxExit, LinuxRun, LinuxVm, Ram, LAB_CMDLINE,
 };
 use vm_private_memory::Strategy;
 
@@ -33,32 +33,9 @@ const COPY_AT: u64 = 8 << 20;
 
 /// The converting kernel and the guest's initramfs, if this host can boot them.
 fn lab_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
-    let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let vm = integration::private_memory_vm(&kvm).expect("a VM for private memory");
-    let caps = Capabilities::of_vm(&vm);
-    let in_place = std::env::var_os(integration::STRATEGY_VAR).is_some() && caps.in_place_capable();
-    if !caps.dual_capable() && !in_place {
-        println!(
-            "SKIPPED {test}: needs a VM type with KVM_MEMORY_ATTRIBUTE_PRIVATE, or \
-             PRIVMEM_STRATEGY=in-place on a KVM that runs guest kernels natively, and \
-             KVM_HC_MAP_GPA_RANGE exits; of our machines only the nested lab has them \
-             (bash fixtures/lab/run.sh)"
-        );
-        return None;
-    }
-    let kernel = PathBuf::from(
-        std::env::var_os("PRIVMEM_CONVERTING_KERNEL")
-            .unwrap_or_else(|| "/lab/guest/vmlinuz-converting".into()),
-    );
-    let (Some((_, initrd)), true) = (lab_guest_images(), kernel.exists()) else {
-        println!(
-            "SKIPPED {test}: no converting guest kernel at $PRIVMEM_CONVERTING_KERNEL or \
-             /lab/guest/vmlinuz-converting, or no guest initramfs in /lab/guest (the \
-             nested lab builds and puts them there)"
-        );
-        return None;
-    };
-    Some((kernel, initrd))
+    lab_converting_guest()
+        .map_err(|why| println!("SKIPPED {test}: {why}"))
+        .ok()
 }
 
 /// The disk image: a pattern no two nearby sectors share, then zeros.
@@ -78,18 +55,15 @@ fn disk_image(dir: &Path) -> (PathBuf, Vec<u8>) {
 struct Job {
     /// `PRIVMEM-CONVERSIONS when=end`: calls, failed, shared_pages.
     conversions: Option<(u64, u64, u64)>,
-    read: Option<String>,
+    /// The `PRIVMEM-BLK-READ` line: the checksum of what the guest read and what its
+    /// `dd` said.
+    read_says: Option<String>,
     write_status: Option<i32>,
     write_says: String,
     probe: Option<String>,
     done: bool,
     /// Shared pages of the host's memory when the guest reported its count.
     host_shared_pages: u64,
-}
-
-fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
 }
 
 /// The converting guest with `args` on its command line and `image` as its disk, run
@@ -99,7 +73,7 @@ fn boot(kernel: &Path, initrd: &Path, image: &Path, args: &str) -> (LinuxVm, Lin
     // It reboots (the i8042's reset line): the converting kernel's tiny configuration
     // has ACPI without PCI, and cannot load the tables' PCI region handler to power off.
     let cmdline = format!(
-        "{LAB_CMDLINE} {} privmem_job=blk privmem_stop=reboot {args}",
+        "{LAB_CMDLINE} {} privmem_job=blk privmem_stop=reboot nokaslr {args}",
         disk_cmdline()
     );
     let config = LinuxConfig {
@@ -128,13 +102,17 @@ fn boot(kernel: &Path, initrd: &Path, image: &Path, args: &str) -> (LinuxVm, Lin
                 (current, job) = (attempt, Job::default());
             }
             if line.contains("PRIVMEM-CONVERSIONS when=end") {
-                let n = |name| field(line, name).and_then(|v| v.parse().ok()).unwrap();
+                let n = |name| {
+                    console_field(line, name)
+                        .and_then(|v| v.parse().ok())
+                        .unwrap()
+                };
                 job.conversions = Some((n("calls"), n("failed"), n("shared_pages")));
                 job.host_shared_pages = RAM_SIZE / PAGE_SIZE - memory.private_pages();
             } else if line.contains("PRIVMEM-BLK-READ") {
-                job.read = field(line, "sha256").map(str::to_owned);
+                job.read_says = Some(line.to_owned());
             } else if line.contains("PRIVMEM-BLK-WRITE") {
-                job.write_status = field(line, "status").and_then(|v| v.parse().ok());
+                job.write_status = console_field(line, "status").and_then(|v| v.parse().ok());
                 job.write_says = line.to_owned();
             } else if line.contains("PRIVMEM-PROBE") {
                 job.probe = Some(line.to_owned());
@@ -216,6 +194,8 @@ fn a_converting_guest_shares_its_bounce_buffers_and_its_disk_io_works() {
     assert!(changed <= guest_shared && guest_shared - changed <= loaded);
 
     // The disk: the guest read the pattern and copied it where the host finds it.
+    let read = job.read_says.as_deref().expect("the guest's read line");
+    assert!(read.contains("4+0 records in"), "{read}");
     assert_eq!(job.write_status, Some(0), "{}", job.write_says);
     let mut copy = vec![0; PATTERN as usize];
     File::open(&image)
@@ -251,7 +231,14 @@ fn a_request_into_private_memory_gets_an_io_error_and_nothing_else() {
     report(vm.memory().strategy(), "unbounced", &run, &vm);
     assert_eq!(run.exit, LinuxExit::Reset, "job: {job:?}");
     assert!(job.done, "the guest's job did not finish: {job:?}");
-    assert_ne!(job.write_status, Some(0), "{}", job.write_says);
+    // Both of its dd runs failed with an I/O error: the read and the copy.
+    let read = job.read_says.as_deref().expect("the guest's read line");
+    assert!(read.contains("Input/output error"), "{read}");
+    assert!(
+        matches!(job.write_status, Some(status) if status != 0),
+        "{}",
+        job.write_says
+    );
     let mut copy = vec![0xaa; PATTERN as usize];
     File::open(&image)
         .unwrap()
@@ -294,7 +281,7 @@ fn a_conversion_outside_ram_is_refused_and_the_guest_goes_on() {
     );
     report(vm.memory().strategy(), "probed", &run, &vm);
     let probe = job.probe.clone().expect("the guest's probe line");
-    let result: i64 = field(&probe, "result")
+    let result: i64 = console_field(&probe, "result")
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no result in {probe:?}"));
     assert!(result < 0, "the probe was answered {result}: {probe}");

@@ -14,8 +14,9 @@
 //! It prints one line, `PRIVMEM-DISK-LOAD seq_read_mb_s=... seq_write_mb_s=...
 //! rand_read_iops=... errors=...`, to standard output (the init script copies it to the
 //! kernel log) and exits 0 if every request succeeded. The sequential reads cover the
-//! first SEQUENTIAL_MIB MiB of the disk, the writes the next SEQUENTIAL_MIB MiB (they
-//! copy what was read), and the random reads fall anywhere in those 2 * SEQUENTIAL_MIB.
+//! first SEQUENTIAL_MIB MiB of the disk, the writes the next SEQUENTIAL_MIB MiB (each
+//! writes the buffer the reads left, the last MiB read), and the random reads fall
+//! anywhere in those 2 * SEQUENTIAL_MIB.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};

@@ -102,7 +102,8 @@ pub(super) fn serve(
         VcpuExit::MemoryFault { flags, .. } => (false, *flags & (1 << 3) == 0, 0),
         _ => return Served::NotConversion,
     };
-    let what = describe(exit);
+    // Copied, not formatted: a served request costs no allocation.
+    let request = Request::of(exit);
     let begun = Instant::now();
     let served = memory.serve_vcpu_exit(exit);
     let took = begun.elapsed();
@@ -119,24 +120,75 @@ pub(super) fn serve(
         }
         Some(Err(e)) if hypercall => {
             stats.hypercalls_refused += 1;
-            eprintln!("vmm: refused the guest's {what}: {e}");
+            // A guest may ask for bad ranges in a loop: the log stays bounded, the
+            // count does not.
+            if stats.hypercalls_refused <= REFUSALS_LOGGED {
+                let more = if stats.hypercalls_refused == REFUSALS_LOGGED {
+                    " (further refusals are counted, not logged)"
+                } else {
+                    ""
+                };
+                eprintln!("vmm: refused the guest's {request}: {e}{more}");
+            }
             Served::GoOn
         }
         Some(Err(e)) => Served::Stop(e),
     }
 }
 
-/// The request in words, for the log: its range and what it asked.
-fn describe(exit: &VcpuExit<'_>) -> String {
-    match exit {
-        VcpuExit::Hypercall(call) => format!(
-            "KVM_HC_MAP_GPA_RANGE of {} pages at guest {:#x} (attributes {:#x})",
-            call.args[1], call.args[0], call.args[2]
-        ),
-        VcpuExit::MemoryFault { flags, gpa, size } => {
-            format!("memory fault at guest {gpa:#x}, {size:#x} bytes (flags {flags:#x})")
+/// How many refused hypercalls of one run are logged; the rest are only counted.
+const REFUSALS_LOGGED: u64 = 16;
+
+/// A conversion request's arguments, kept to name it in the log if it is refused.
+#[derive(Clone, Copy)]
+enum Request {
+    MapGpaRange {
+        gpa: u64,
+        pages: u64,
+        attributes: u64,
+    },
+    MemoryFault {
+        gpa: u64,
+        size: u64,
+        flags: u64,
+    },
+    Other,
+}
+
+impl Request {
+    fn of(exit: &VcpuExit<'_>) -> Self {
+        match exit {
+            VcpuExit::Hypercall(call) => Request::MapGpaRange {
+                gpa: call.args[0],
+                pages: call.args[1],
+                attributes: call.args[2],
+            },
+            VcpuExit::MemoryFault { flags, gpa, size } => Request::MemoryFault {
+                gpa: *gpa,
+                size: *size,
+                flags: *flags,
+            },
+            _ => Request::Other,
         }
-        _ => String::new(),
+    }
+}
+
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Request::MapGpaRange {
+                gpa,
+                pages,
+                attributes,
+            } => write!(
+                f,
+                "KVM_HC_MAP_GPA_RANGE of {pages} pages at guest {gpa:#x} (attributes {attributes:#x})"
+            ),
+            Request::MemoryFault { gpa, size, flags } => {
+                write!(f, "memory fault at guest {gpa:#x}, {size:#x} bytes (flags {flags:#x})")
+            }
+            Request::Other => f.write_str("request"),
+        }
     }
 }
 

@@ -80,7 +80,7 @@ pub use conversions::ConversionStats;
 pub use devices::{ConsoleLog, LegacyDevices, PortEffect, ResetLatch, COM1, COM1_IRQ};
 pub use disk::{disk_cmdline, DISK_IRQ, DISK_MMIO_BASE};
 pub use kvm_stats::KvmStats;
-pub use lab_runs::{run_until_line, LabRun};
+pub use lab_runs::{console_field, lab_converting_guest, run_until_line, LabRun};
 pub use run::{LinuxExit, LinuxRun};
 pub use vcpu::guest_cpuid;
 

@@ -9,7 +9,7 @@ use kvm_ioctls::VcpuExit;
 
 use super::conversions::{self, ConversionStats, Served};
 use super::disk::{disk_read, disk_write};
-use super::watchdog::Watchdog;
+use super::watchdog::{Progress, Watchdog};
 use super::{tail, GuestRam, LinuxVm, PortEffect};
 use crate::error::{Error, Result};
 
@@ -54,12 +54,24 @@ impl LinuxRun {
 
 impl<M: GuestRam> LinuxVm<M> {
     /// Runs the vCPU to its next exit and serves it; `Some` when the guest stopped.
-    fn step(&mut self, stats: &mut ConversionStats, started: Instant) -> Result<Option<LinuxExit>> {
+    fn step(
+        &mut self,
+        stats: &mut ConversionStats,
+        started: Instant,
+        progress: &Progress,
+    ) -> Result<Option<LinuxExit>> {
         let mut exit = match self.vcpu.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(None),
             Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
         };
+        progress.serving(match &exit {
+            VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _) => *addr,
+            VcpuExit::IoIn(port, _) | VcpuExit::IoOut(port, _) => u64::from(*port),
+            VcpuExit::Hypercall(call) => call.args[0],
+            VcpuExit::MemoryFault { gpa, .. } => *gpa,
+            _ => 0,
+        });
         if let Some(memory) = self.memory.private_memory() {
             match conversions::serve(memory, &mut exit, stats, started) {
                 Served::NotConversion => {}
@@ -82,7 +94,7 @@ impl<M: GuestRam> LinuxVm<M> {
                 PortEffect::None
             }
             VcpuExit::MmioWrite(addr, data) => {
-                disk_write::<M>(&mut self.disk, addr, data);
+                disk_write::<M>(&mut self.disk, &self.vm, addr, data)?;
                 PortEffect::None
             }
             VcpuExit::Hlt => PortEffect::None,
@@ -138,7 +150,9 @@ impl<M: GuestRam> LinuxVm<M> {
                 return Err(self.timeout(deadline, exits));
             }
             exits += 1;
-            match self.step(&mut conversions, start) {
+            let step = self.step(&mut conversions, start, watchdog.progress());
+            watchdog.progress().back();
+            match step {
                 Ok(Some(exit)) => break exit,
                 Ok(None) => {}
                 // Past the deadline the watchdog's signals can interrupt any system

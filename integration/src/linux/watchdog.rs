@@ -2,7 +2,7 @@
 
 //! The deadline of a guest run: a thread that interrupts `KVM_RUN` once it passes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,12 +14,45 @@ use crate::error::{Error, Result};
 /// `KVM_RUN`s is lost. vmm-sys-util registers the handler.
 pub(super) struct Watchdog {
     expired: Arc<AtomicBool>,
+    /// Where the run loop is: what it serves and how many exits it has taken, for the
+    /// one line the watchdog prints if the loop never comes back to notice the deadline.
+    progress: Arc<Progress>,
     done: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Not `Send`: the signals go to the thread that started it, which must also be the
     /// one that drops it (joining the signalling thread before it can exit).
     _on_its_thread: std::marker::PhantomData<*const ()>,
 }
+
+/// What the run loop is doing, as the watchdog sees it from its own thread.
+#[derive(Debug, Default)]
+pub(super) struct Progress {
+    /// Exits taken so far.
+    exits: AtomicU64,
+    /// What the current exit is: [`Progress::IN_KVM_RUN`] or the exit's address (an
+    /// MMIO write's, say), set before it is served.
+    serving: AtomicU64,
+}
+
+impl Progress {
+    /// The loop is inside `KVM_RUN` (or between exits).
+    pub(super) const IN_KVM_RUN: u64 = u64::MAX;
+
+    /// The loop took an exit and serves what is at `what` (an address, or a port).
+    pub(super) fn serving(&self, what: u64) {
+        self.serving.store(what, Ordering::Relaxed);
+    }
+
+    /// The loop is back, about to enter `KVM_RUN` again.
+    pub(super) fn back(&self) {
+        self.serving.store(Self::IN_KVM_RUN, Ordering::Relaxed);
+        self.exits.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How long past the deadline the loop may stay away before the watchdog says where it
+/// is: a device that never returns would otherwise leave a run hung without a word.
+const STUCK_REPORT_AFTER: Duration = Duration::from_secs(10);
 
 extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
@@ -32,10 +65,14 @@ impl Watchdog {
         let target = unsafe { libc::pthread_self() };
         let expired = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(Progress::default());
+        progress.back();
         let thread = {
             let (expired, done) = (Arc::clone(&expired), Arc::clone(&done));
+            let progress = Arc::clone(&progress);
             std::thread::spawn(move || {
                 let end = Instant::now() + deadline;
+                let mut reported = false;
                 while !done.load(Ordering::Acquire) {
                     let now = Instant::now();
                     if now < end {
@@ -44,6 +81,20 @@ impl Watchdog {
                         continue;
                     }
                     expired.store(true, Ordering::Release);
+                    if !reported && now >= end + STUCK_REPORT_AFTER {
+                        reported = true;
+                        let serving = progress.serving.load(Ordering::Relaxed);
+                        let place = if serving == Progress::IN_KVM_RUN {
+                            "inside KVM_RUN".to_owned()
+                        } else {
+                            format!("serving an exit at {serving:#x}")
+                        };
+                        eprintln!(
+                            "watchdog: {STUCK_REPORT_AFTER:?} past the deadline the vCPU's loop \
+                             has not come back: {place}, after {} exits",
+                            progress.exits.load(Ordering::Relaxed)
+                        );
+                    }
                     // SAFETY: `target` is the thread that owns this watchdog; it joins
                     // this thread before it can exit (Drop), so the id is valid, and the
                     // signal has a handler that does nothing.
@@ -54,10 +105,16 @@ impl Watchdog {
         };
         Ok(Watchdog {
             expired,
+            progress,
             done,
             thread: Some(thread),
             _on_its_thread: std::marker::PhantomData,
         })
+    }
+
+    /// Where the run loop reports what it is doing.
+    pub(super) fn progress(&self) -> &Progress {
+        &self.progress
     }
 
     pub(super) fn expired(&self) -> bool {

@@ -74,6 +74,14 @@ pub fn run(out: &mut impl Write) -> Result<Outcome, Box<dyn std::error::Error>> 
             "SOME CHECKS FAILED (see above)."
         }
     )?;
+    writeln!(
+        out,
+        "\nThe same, with a whole Linux guest: the nested lab's converting guest (Linux 7.3 with \
+         kvm_sw_protected) boots all-private, shares its swiotlb pool and virtqueue rings with \
+         KVM_HC_MAP_GPA_RANGE hypercalls this memory serves, and does its virtio-blk I/O through \
+         those bounce buffers: `bash fixtures/lab/run.sh` runs it (integration's converting_guest \
+         test), `bash fixtures/lab/run.sh --bench` measures its disk throughput."
+    )?;
     Ok(Outcome { ok })
 }
 

@@ -288,7 +288,6 @@ impl Machine {
         };
         vm.create_pit2(pit)
             .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
-        pit_without_reinjection(&vm)?;
         // The vCPU comes first: its TSC frequency goes on the command line.
         let vcpu = vm
             .create_vcpu(0)
@@ -513,35 +512,6 @@ fn anonymous_ram(size: u64) -> Result<PageRange> {
         return Ok(PageRange::new(0, size)?);
     };
     Err(Error::RamSize { size, why })
-}
-
-/// `KVM_REINJECT_CONTROL`: `_IO(KVMIO, 0x71)` in `linux/kvm.h`, though it takes a pointer.
-mod reinject_ioctl {
-    vmm_sys_util::ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
-}
-use reinject_ioctl::KVM_REINJECT_CONTROL;
-
-/// Turns the in-kernel PIT's tick reinjection off (`KVM_REINJECT_CONTROL`, which
-/// kvm-ioctls does not wrap), as QEMU's `lost_tick_policy=discard` does: with it on, the
-/// PIT holds every tick until the guest acknowledges the last one, and a guest whose
-/// acknowledgement is lost gets no timer interrupt again; it then sleeps for good at
-/// its first idle, before its local APIC timer takes over.
-fn pit_without_reinjection(vm: &VmFd) -> Result<()> {
-    let control = kvm_bindings::kvm_reinject_control {
-        pit_reinject: 0,
-        ..Default::default()
-    };
-    // SAFETY: KVM_REINJECT_CONTROL reads one `kvm_reinject_control` (32 bytes, the size
-    // kvm-bindings checks) through the pointer and keeps no reference to it; `vm` is a
-    // valid VM fd with a PIT.
-    let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_REINJECT_CONTROL(), &control) };
-    if ret < 0 {
-        return Err(Error::Kvm(
-            "KVM_REINJECT_CONTROL",
-            vmm_sys_util::errno::Error::last(),
-        ));
-    }
-    Ok(())
 }
 
 /// `tsc_early_khz=` with the vCPU's TSC frequency, unless `cmdline` sets it.
